@@ -28,7 +28,7 @@ def _size(arg: Any) -> int:
     return arg if isinstance(arg, int) else ctypes.sizeof(arg)
 
 
-def _IOC(direction: int, ioc_type: int, nr: int, size: int) -> int:  # noqa: N802 - kernel name
+def _IOC(direction: int, ioc_type: int, nr: int, size: int) -> int:
     if size >= 1 << _IOC_SIZEBITS:
         raise ValueError(f"ioctl argument size {size} does not fit the encoding")
     return (
@@ -39,19 +39,19 @@ def _IOC(direction: int, ioc_type: int, nr: int, size: int) -> int:  # noqa: N80
     )
 
 
-def _IO(ioc_type: int, nr: int) -> int:  # noqa: N802
+def _IO(ioc_type: int, nr: int) -> int:
     return _IOC(IOC_NONE, ioc_type, nr, 0)
 
 
-def _IOR(ioc_type: int, nr: int, argtype: Any) -> int:  # noqa: N802
+def _IOR(ioc_type: int, nr: int, argtype: Any) -> int:
     return _IOC(IOC_READ, ioc_type, nr, _size(argtype))
 
 
-def _IOW(ioc_type: int, nr: int, argtype: Any) -> int:  # noqa: N802
+def _IOW(ioc_type: int, nr: int, argtype: Any) -> int:
     return _IOC(IOC_WRITE, ioc_type, nr, _size(argtype))
 
 
-def _IOWR(ioc_type: int, nr: int, argtype: Any) -> int:  # noqa: N802
+def _IOWR(ioc_type: int, nr: int, argtype: Any) -> int:
     return _IOC(IOC_READ | IOC_WRITE, ioc_type, nr, _size(argtype))
 
 
@@ -70,9 +70,9 @@ class IoctlError(OSError):
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc_ioctl = _libc.ioctl
-_libc_ioctl.restype = ctypes.c_int
-_libc_ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+libc_ioctl = _libc.ioctl
+libc_ioctl.restype = ctypes.c_int
+libc_ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 
 _NAMES: dict[int, str] = {}
 
@@ -101,7 +101,7 @@ def ioctl(fd: int, request: int, arg: Any = None, *, name: str | None = None) ->
         argp = ctypes.c_void_p(arg)
     else:
         argp = ctypes.byref(arg)
-    result = _libc_ioctl(fd, request, argp)
+    result = libc_ioctl(fd, request, argp)
     if result < 0:
         err = ctypes.get_errno()
         raise IoctlError(name or request_name(request), err)

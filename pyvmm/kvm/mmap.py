@@ -1,0 +1,65 @@
+"""mmap/munmap through libc, so that pyvmm knows and controls the host address of a mapping.
+
+Python's `mmap.mmap` hides its address and refuses to close while a ctypes view exports it; KVM
+memory slots, VFIO DMA maps and migration all need the raw address, so pyvmm maps memory itself and
+wraps it in a `Mapping` that gives a bounds-checked memoryview.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap as _mmap
+import os
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+_libc.munmap.restype = ctypes.c_int
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+MAP_FAILED = ctypes.c_void_p(-1).value
+MAP_NORESERVE = 0x4000
+
+
+class Mapping:
+    """One mmap'd range of host memory; `view` is a byte memoryview over it."""
+
+    def __init__(
+        self,
+        size: int,
+        fd: int = -1,
+        offset: int = 0,
+        *,
+        prot: int = _mmap.PROT_READ | _mmap.PROT_WRITE,
+        flags: int = _mmap.MAP_SHARED,
+    ) -> None:
+        if fd < 0:
+            flags |= _mmap.MAP_ANONYMOUS
+        addr = _libc.mmap(None, size, prot, flags, fd, offset)
+        if addr in (None, MAP_FAILED):
+            err = ctypes.get_errno()
+            raise OSError(err, f"mmap of {size} bytes failed: {os.strerror(err)}")
+        self.addr: int = addr
+        self.size = size
+        self.view = memoryview((ctypes.c_ubyte * size).from_address(addr)).cast("B")
+
+    def close(self) -> None:
+        """Unmap. Any memoryview taken from `view` must no longer be used."""
+        if self.addr:
+            self.view.release()
+            _libc.munmap(self.addr, self.size)
+            self.addr = 0
+
+    def __enter__(self) -> Mapping:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,102 @@
+"""The KVM system object: /dev/kvm, its capabilities, supported CPUID and MSR lists."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from pyvmm.kvm.errors import KvmUnavailable
+from pyvmm.kvm.flexarray import flexible
+from pyvmm.uapi import kvm as uapi
+from pyvmm.uapi.ioctl import IoctlError, ioctl
+
+if TYPE_CHECKING:
+    from pyvmm.kvm.vm import Vm
+
+KVM_DEVICE = "/dev/kvm"
+
+
+class System:
+    """An open /dev/kvm. Close it (or use it as a context manager) when done."""
+
+    def __init__(self, path: str = KVM_DEVICE) -> None:
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise KvmUnavailable(
+                f"{path} does not exist: load the kvm module or run on a host with KVM"
+            ) from None
+        except PermissionError:
+            raise KvmUnavailable(
+                f"no permission to open {path}: run as root or join the 'kvm' group"
+            ) from None
+        version = ioctl(self.fd, uapi.KVM_GET_API_VERSION)
+        if version != uapi.KVM_API_VERSION:
+            os.close(self.fd)
+            raise KvmUnavailable(f"KVM API version {version}, expected {uapi.KVM_API_VERSION}")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> System:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION: 0 when unsupported, else a capability-specific value."""
+        return ioctl(self.fd, uapi.KVM_CHECK_EXTENSION, int(cap))
+
+    def vcpu_mmap_size(self) -> int:
+        return ioctl(self.fd, uapi.KVM_GET_VCPU_MMAP_SIZE)
+
+    def supported_cpuid(self) -> list[uapi.kvm_cpuid_entry2]:
+        """KVM_GET_SUPPORTED_CPUID, growing the buffer until the kernel's list fits."""
+        count = 64
+        while True:
+            buf = flexible(uapi.kvm_cpuid2, uapi.kvm_cpuid_entry2, count)()
+            buf.header.nent = count
+            try:
+                ioctl(self.fd, uapi.KVM_GET_SUPPORTED_CPUID, buf)
+            except IoctlError as err:
+                if err.errno == errno.E2BIG and count < 4096:
+                    count *= 2
+                    continue
+                raise
+            return [buf.entries[i] for i in range(buf.header.nent)]
+
+    def _msr_list(self, request: int) -> list[int]:
+        probe = uapi.kvm_msr_list(nmsrs=0)
+        try:
+            ioctl(self.fd, request, probe)
+        except IoctlError as err:
+            if err.errno != errno.E2BIG:
+                raise
+        buf = flexible(uapi.kvm_msr_list, ctypes.c_uint32, probe.nmsrs)()
+        buf.header.nmsrs = probe.nmsrs
+        ioctl(self.fd, request, buf)
+        return list(buf.entries[: buf.header.nmsrs])
+
+    def msr_index_list(self) -> list[int]:
+        """KVM_GET_MSR_INDEX_LIST: the MSRs a VMM should save and restore."""
+        return self._msr_list(uapi.KVM_GET_MSR_INDEX_LIST)
+
+    def feature_msr_index_list(self) -> list[int]:
+        """KVM_GET_MSR_FEATURE_INDEX_LIST: MSRs that describe CPU features."""
+        return self._msr_list(uapi.KVM_GET_MSR_FEATURE_INDEX_LIST)
+
+    def create_vm(self) -> Vm:
+        from pyvmm.kvm.vm import Vm
+
+        return Vm(self, ioctl(self.fd, uapi.KVM_CREATE_VM, 0))

@@ -1,0 +1,200 @@
+"""A KVM vCPU fd: KVM_RUN over the mmap'd `struct kvm_run`, register state, and a cross-thread kick.
+
+The exit data in `kvm_run` is read with precompiled `struct` formats from a memoryview of the shared
+page rather than through ctypes attribute chains: this is the hot path of every PIO/MMIO exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import logging
+import os
+import signal
+import struct
+import threading
+from typing import TYPE_CHECKING
+
+from pyvmm.kvm.flexarray import flexible
+from pyvmm.kvm.mmap import Mapping
+from pyvmm.uapi import kvm as uapi
+from pyvmm.uapi.ioctl import IoctlError, ioctl, libc_ioctl
+
+if TYPE_CHECKING:
+    from pyvmm.kvm.vm import Vm
+
+log = logging.getLogger(__name__)
+
+KICK_SIGNAL = signal.SIGRTMIN + 1
+
+_EXIT_REASON = struct.Struct("<I")
+_IO = struct.Struct("<BBHIQ")
+_MMIO = struct.Struct("<Q8sIB")
+_OFF_EXIT_REASON = uapi.kvm_run.exit_reason.offset
+_OFF_IMMEDIATE_EXIT = uapi.kvm_run.immediate_exit.offset
+_OFF_UNION = uapi.kvm_run._exit.offset
+_OFF_MMIO_DATA = _OFF_UNION + uapi._kvm_run_mmio.data.offset
+
+
+def install_kick_handler() -> bool:
+    """Install a no-op handler for the kick signal so that it interrupts KVM_RUN.
+
+    Python can only install handlers from the main thread; returns False when that was not
+    possible and no handler is in place (a kick then waits for the vCPU's next exit).
+    """
+    if signal.getsignal(KICK_SIGNAL) not in (signal.SIG_DFL, None):
+        return True
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+    return True
+
+
+class Vcpu:
+    """One vCPU. `run()` enters the guest until the next exit and returns the exit reason."""
+
+    def __init__(self, vm: Vm, vcpu_id: int, fd: int) -> None:
+        self.vm = vm
+        self.id = vcpu_id
+        self.fd = fd
+        self._run_map = Mapping(vm.system.vcpu_mmap_size(), fd)
+        self.run_page = self._run_map.view
+        self.thread_id: int | None = None
+
+    def close(self) -> None:
+        self._run_map.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    # running
+
+    def run(self) -> int:
+        """KVM_RUN once. Returns the exit reason; a kick or signal gives KvmExit.INTR."""
+        if libc_ioctl(self.fd, uapi.KVM_RUN, None) < 0:
+            err = ctypes.get_errno()
+            if err in (errno.EINTR, errno.EAGAIN):
+                self.run_page[_OFF_IMMEDIATE_EXIT] = 0
+                return uapi.KvmExit.INTR
+            raise IoctlError("KVM_RUN", err)
+        return _EXIT_REASON.unpack_from(self.run_page, _OFF_EXIT_REASON)[0]
+
+    def io_exit(self) -> tuple[int, int, int, int, int]:
+        """(direction, size, port, count, data_offset) of a KVM_EXIT_IO."""
+        return _IO.unpack_from(self.run_page, _OFF_UNION)
+
+    def mmio_exit(self) -> tuple[int, bytes, int, int]:
+        """(phys_addr, data[8], len, is_write) of a KVM_EXIT_MMIO."""
+        return _MMIO.unpack_from(self.run_page, _OFF_UNION)
+
+    def set_mmio_data(self, data: bytes) -> None:
+        self.run_page[_OFF_MMIO_DATA : _OFF_MMIO_DATA + len(data)] = data
+
+    def exit_struct(self) -> uapi.kvm_run:
+        """A ctypes view of kvm_run, for the rare exits whose details are reported to users."""
+        return uapi.kvm_run.from_address(self._run_map.addr)
+
+    def kick(self) -> None:
+        """Make the vCPU leave KVM_RUN soon, from any thread."""
+        self.run_page[_OFF_IMMEDIATE_EXIT] = 1
+        if self.thread_id is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pthread_kill(self.thread_id, KICK_SIGNAL)
+
+    # register state
+
+    def _get(self, request: int, struct_type: type) -> ctypes.Structure:
+        value = struct_type()
+        ioctl(self.fd, request, value)
+        return value
+
+    def get_regs(self) -> uapi.kvm_regs:
+        return self._get(uapi.KVM_GET_REGS, uapi.kvm_regs)
+
+    def set_regs(self, regs: uapi.kvm_regs) -> None:
+        ioctl(self.fd, uapi.KVM_SET_REGS, regs)
+
+    def get_sregs(self) -> uapi.kvm_sregs:
+        return self._get(uapi.KVM_GET_SREGS, uapi.kvm_sregs)
+
+    def set_sregs(self, sregs: uapi.kvm_sregs) -> None:
+        ioctl(self.fd, uapi.KVM_SET_SREGS, sregs)
+
+    def get_fpu(self) -> uapi.kvm_fpu:
+        return self._get(uapi.KVM_GET_FPU, uapi.kvm_fpu)
+
+    def set_fpu(self, fpu: uapi.kvm_fpu) -> None:
+        ioctl(self.fd, uapi.KVM_SET_FPU, fpu)
+
+    def get_xsave(self) -> bytes:
+        """The XSAVE area, KVM_GET_XSAVE2-sized when the kernel says it is larger than 4 KiB."""
+        size = max(self.vm.check_extension(uapi.KvmCap.XSAVE2), ctypes.sizeof(uapi.kvm_xsave))
+        buf = (ctypes.c_uint8 * size)()
+        legacy = size == ctypes.sizeof(uapi.kvm_xsave)
+        request = uapi.KVM_GET_XSAVE if legacy else uapi.KVM_GET_XSAVE2
+        ioctl(self.fd, request, buf)
+        return bytes(buf)
+
+    def set_xsave(self, data: bytes) -> None:
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        ioctl(self.fd, uapi.KVM_SET_XSAVE, buf)
+
+    def get_xcrs(self) -> uapi.kvm_xcrs:
+        return self._get(uapi.KVM_GET_XCRS, uapi.kvm_xcrs)
+
+    def set_xcrs(self, xcrs: uapi.kvm_xcrs) -> None:
+        ioctl(self.fd, uapi.KVM_SET_XCRS, xcrs)
+
+    def get_msrs(self, indices: list[int]) -> dict[int, int]:
+        """Read MSRs; those KVM does not return are left out."""
+        buf = flexible(uapi.kvm_msrs, uapi.kvm_msr_entry, len(indices))()
+        buf.header.nmsrs = len(indices)
+        for entry, index in zip(buf.entries, indices, strict=True):
+            entry.index = index
+        done = ioctl(self.fd, uapi.KVM_GET_MSRS, buf)
+        return {buf.entries[i].index: buf.entries[i].data for i in range(done)}
+
+    def set_msrs(self, values: dict[int, int]) -> None:
+        buf = flexible(uapi.kvm_msrs, uapi.kvm_msr_entry, len(values))()
+        buf.header.nmsrs = len(values)
+        for entry, (index, data) in zip(buf.entries, values.items(), strict=True):
+            entry.index = index
+            entry.data = data
+        done = ioctl(self.fd, uapi.KVM_SET_MSRS, buf)
+        if done != len(values):
+            bad = buf.entries[done].index
+            raise IoctlError("KVM_SET_MSRS", errno.EINVAL, f"MSR {bad:#x} was refused")
+
+    def set_cpuid2(self, entries: list[uapi.kvm_cpuid_entry2]) -> None:
+        buf = flexible(uapi.kvm_cpuid2, uapi.kvm_cpuid_entry2, len(entries))()
+        buf.header.nent = len(entries)
+        for i, entry in enumerate(entries):
+            buf.entries[i] = entry
+        ioctl(self.fd, uapi.KVM_SET_CPUID2, buf)
+
+    def get_lapic(self) -> bytes:
+        state = self._get(uapi.KVM_GET_LAPIC, uapi.kvm_lapic_state)
+        return ctypes.string_at(ctypes.addressof(state), ctypes.sizeof(state))
+
+    def set_lapic(self, data: bytes) -> None:
+        state = uapi.kvm_lapic_state.from_buffer_copy(data)
+        ioctl(self.fd, uapi.KVM_SET_LAPIC, state)
+
+    def get_vcpu_events(self) -> uapi.kvm_vcpu_events:
+        return self._get(uapi.KVM_GET_VCPU_EVENTS, uapi.kvm_vcpu_events)
+
+    def set_vcpu_events(self, events: uapi.kvm_vcpu_events) -> None:
+        ioctl(self.fd, uapi.KVM_SET_VCPU_EVENTS, events)
+
+    def get_mp_state(self) -> int:
+        return self._get(uapi.KVM_GET_MP_STATE, uapi.kvm_mp_state).mp_state
+
+    def set_mp_state(self, state: int) -> None:
+        ioctl(self.fd, uapi.KVM_SET_MP_STATE, uapi.kvm_mp_state(mp_state=state))
+
+    def get_debugregs(self) -> uapi.kvm_debugregs:
+        return self._get(uapi.KVM_GET_DEBUGREGS, uapi.kvm_debugregs)
+
+    def set_debugregs(self, regs: uapi.kvm_debugregs) -> None:
+        ioctl(self.fd, uapi.KVM_SET_DEBUGREGS, regs)

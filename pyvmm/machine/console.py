@@ -1,0 +1,146 @@
+"""Where the guest's serial console goes: stdio, a file, a UNIX socket, or a capture buffer.
+
+`open_console("stdio" | "file:PATH" | "socket:PATH")` parses the CLI's --console option.
+A console may also feed input to the guest: stdio when stdin is a terminal or pipe, and sockets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+from pyvmm.errors import ConfigError
+
+
+class Console:
+    """Output sink for guest console bytes; optionally a source of input bytes."""
+
+    def write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def input_fd(self) -> int | None:
+        """A readable fd whose bytes are guest input, or None."""
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class StdioConsole(Console):
+    def __init__(self, interactive: bool | None = None) -> None:
+        self._out = sys.stdout.buffer
+        if interactive is None:
+            interactive = sys.stdin.isatty()
+        self._interactive = interactive
+
+    def write(self, data: bytes) -> None:
+        self._out.write(data)
+        self._out.flush()
+
+    def input_fd(self) -> int | None:
+        return sys.stdin.fileno() if self._interactive else None
+
+
+class FileConsole(Console):
+    def __init__(self, path: str) -> None:
+        try:
+            self._file = open(path, "ab", buffering=0)  # noqa: SIM115 - closed in close()
+        except OSError as err:
+            raise ConfigError(f"cannot open console file {path}: {err.strerror}") from None
+
+    def write(self, data: bytes) -> None:
+        self._file.write(data)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class SocketConsole(Console):
+    """Connects to a listening UNIX stream socket (e.g. `socat UNIX-LISTEN:PATH -`)."""
+
+    def __init__(self, path: str) -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._sock.connect(path)
+        except OSError as err:
+            self._sock.close()
+            raise ConfigError(
+                f"cannot connect console socket {path}: {err.strerror}; start a listener first, "
+                f"e.g. socat UNIX-LISTEN:{path} -"
+            ) from None
+
+    def write(self, data: bytes) -> None:
+        # If the reader went away, the guest keeps running and its output is dropped.
+        with contextlib.suppress(OSError):
+            self._sock.sendall(data)
+
+    def input_fd(self) -> int | None:
+        return self._sock.fileno()
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class CaptureConsole(Console):
+    """Keeps everything the guest printed; lets a test wait for a line. Optionally tees."""
+
+    def __init__(self, tee: Callable[[bytes], None] | None = None) -> None:
+        self._data = bytearray()
+        self._cond = threading.Condition()
+        self._tee = tee
+        self.line_callbacks: list[Callable[[str], None]] = []
+        self._partial = bytearray()
+
+    def write(self, data: bytes) -> None:
+        with self._cond:
+            self._data += data
+            self._partial += data
+            lines = []
+            while b"\n" in self._partial:
+                line, _, rest = bytes(self._partial).partition(b"\n")
+                self._partial = bytearray(rest)
+                lines.append(line.decode(errors="replace").rstrip("\r"))
+            self._cond.notify_all()
+        for line in lines:
+            for callback in self.line_callbacks:
+                callback(line)
+        if self._tee:
+            self._tee(data)
+
+    @property
+    def text(self) -> str:
+        with self._cond:
+            return self._data.decode(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
+        """Block until `pattern` (a regex) appears in the output; TimeoutError otherwise."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                match = regex.search(self._data.decode(errors="replace"))
+                if match:
+                    return match
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(
+                        f"guest did not print {pattern!r}; output so far:\n{self.text}"
+                    )
+                self._cond.wait(remaining)
+
+
+def open_console(spec: str) -> Console:
+    """Parse a --console value."""
+    if spec == "stdio":
+        return StdioConsole()
+    kind, sep, path = spec.partition(":")
+    if sep and path and kind == "file":
+        return FileConsole(path)
+    if sep and path and kind == "socket":
+        return SocketConsole(path)
+    raise ConfigError(f"bad --console {spec!r}: use stdio, file:PATH or socket:PATH")

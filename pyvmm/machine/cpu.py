@@ -1,0 +1,124 @@
+"""vCPU set-up: CPUID from KVM's supported list, and the 64-bit long-mode entry state
+(GDT, identity-mapped page tables, control registers) that ELF guests and Linux start in."""
+
+from __future__ import annotations
+
+import struct
+
+from pyvmm.kvm.memory import GuestMemory
+from pyvmm.kvm.vcpu import Vcpu
+from pyvmm.machine import layout
+from pyvmm.uapi import kvm as uapi
+
+# GDT: null, 64-bit code (0x08), data (0x10), TSS (0x18).
+GDT_ENTRIES = (0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF, 0x008F8B000000FFFF)
+CODE_SELECTOR = 0x08
+DATA_SELECTOR = 0x10
+TSS_SELECTOR = 0x18
+
+X86_CR0_PE = 1 << 0
+X86_CR0_MP = 1 << 1
+X86_CR0_ET = 1 << 4
+X86_CR0_NE = 1 << 5
+X86_CR0_WP = 1 << 16
+X86_CR0_AM = 1 << 18
+X86_CR0_PG = 1 << 31
+X86_CR4_PAE = 1 << 5
+EFER_LME = 1 << 8
+EFER_LMA = 1 << 10
+
+PTE_PRESENT = 1 << 0
+PTE_WRITE = 1 << 1
+PTE_HUGE = 1 << 7
+
+CPUID_HYPERVISOR_BIT = 1 << 31
+
+
+def guest_cpuid(supported: list[uapi.kvm_cpuid_entry2], vcpu_id: int, vcpus: int) -> list:
+    """KVM's supported CPUID adjusted for one vCPU: its APIC id, the CPU count, and the
+    hypervisor bit so the guest knows it is virtualised."""
+    entries = []
+    for source in supported:
+        entry = uapi.kvm_cpuid_entry2.from_buffer_copy(source)
+        if entry.function == 1:
+            entry.ebx = (entry.ebx & 0x0000FFFF) | (vcpu_id << 24) | (min(vcpus, 255) << 16)
+            entry.ecx |= CPUID_HYPERVISOR_BIT
+        elif entry.function in (0xB, 0x1F):
+            entry.edx = vcpu_id
+        entries.append(entry)
+    return entries
+
+
+def write_boot_tables(memory: GuestMemory) -> None:
+    """The GDT and the page tables identity-mapping the first 4 GiB with 2 MiB pages."""
+    memory.write(layout.BOOT_GDT, struct.pack(f"<{len(GDT_ENTRIES)}Q", *GDT_ENTRIES))
+    memory.write(layout.BOOT_IDT, bytes(8))
+    memory.write(layout.PML4_START, struct.pack("<Q", layout.PDPTE_START | PTE_PRESENT | PTE_WRITE))
+    pdptes = [(layout.PDE_START + i * 0x1000) | PTE_PRESENT | PTE_WRITE for i in range(4)]
+    memory.write(layout.PDPTE_START, struct.pack("<4Q", *pdptes))
+    pdes = [(i << 21) | PTE_PRESENT | PTE_WRITE | PTE_HUGE for i in range(4 * 512)]
+    memory.write(layout.PDE_START, struct.pack(f"<{len(pdes)}Q", *pdes))
+
+
+def _segment(selector: int, gdt_entry: int) -> uapi.kvm_segment:
+    """A kvm_segment decoded from a GDT descriptor, as the CPU would load it."""
+    seg = uapi.kvm_segment()
+    seg.selector = selector
+    seg.base = ((gdt_entry >> 16) & 0xFFFFFF) | (((gdt_entry >> 56) & 0xFF) << 24)
+    limit = (gdt_entry & 0xFFFF) | (((gdt_entry >> 48) & 0xF) << 16)
+    seg.g = (gdt_entry >> 55) & 1
+    seg.limit = (limit << 12) | 0xFFF if seg.g else limit
+    seg.type = (gdt_entry >> 40) & 0xF
+    seg.s = (gdt_entry >> 44) & 1
+    seg.dpl = (gdt_entry >> 45) & 3
+    seg.present = (gdt_entry >> 47) & 1
+    seg.avl = (gdt_entry >> 52) & 1
+    seg.l = (gdt_entry >> 53) & 1
+    seg.db = (gdt_entry >> 54) & 1
+    return seg
+
+
+def enter_long_mode(vcpu: Vcpu, entry: int, *, rdi: int = 0, rsi: int = 0) -> None:
+    """Point a vCPU at `entry` in 64-bit mode on the boot GDT and page tables."""
+    sregs = vcpu.get_sregs()
+    code = _segment(CODE_SELECTOR, GDT_ENTRIES[1])
+    data = _segment(DATA_SELECTOR, GDT_ENTRIES[2])
+    sregs.cs = code
+    sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = data
+    sregs.tr = _segment(TSS_SELECTOR, GDT_ENTRIES[3])
+    sregs.gdt.base = layout.BOOT_GDT
+    sregs.gdt.limit = len(GDT_ENTRIES) * 8 - 1
+    sregs.idt.base = layout.BOOT_IDT
+    sregs.idt.limit = 0
+    sregs.cr3 = layout.PML4_START
+    sregs.cr4 = X86_CR4_PAE
+    sregs.cr0 = (
+        X86_CR0_PE | X86_CR0_MP | X86_CR0_ET | X86_CR0_NE | X86_CR0_WP | X86_CR0_AM | X86_CR0_PG
+    )
+    sregs.efer = EFER_LME | EFER_LMA
+    vcpu.set_sregs(sregs)
+
+    regs = uapi.kvm_regs()
+    regs.rip = entry
+    regs.rflags = 0x2
+    regs.rdi = rdi
+    regs.rsi = rsi
+    vcpu.set_regs(regs)
+
+    fpu = uapi.kvm_fpu()
+    fpu.fcw = 0x37F
+    fpu.mxcsr = 0x1F80
+    vcpu.set_fpu(fpu)
+
+
+def describe_regs(vcpu: Vcpu) -> str:
+    """A one-line summary of where a vCPU is, for error messages."""
+    try:
+        regs = vcpu.get_regs()
+        sregs = vcpu.get_sregs()
+    except OSError as err:
+        return f"(registers unavailable: {err})"
+    return (
+        f"rip={regs.rip:#x} rsp={regs.rsp:#x} rflags={regs.rflags:#x} "
+        f"cr0={sregs.cr0:#x} cr3={sregs.cr3:#x} efer={sregs.efer:#x}"
+    )

@@ -1,0 +1,66 @@
+"""The guest-physical memory map and fixed I/O assignments of a pyvmm machine (x86-64).
+
+0x0000_0000  low RAM: real-mode area; boot structures below 1 MiB (see below)
+0x0010_0000  kernel / ELF images load here (1 MiB)
+...          RAM up to min(memory size, 3 GiB)
+0xC000_0000  PCI MMIO window (32-bit BARs), 512 MiB
+0xE000_0000  PCI ECAM (MMCONFIG), 256 MiB: bus 0-255, 1 MiB each
+0xFEC0_0000  IOAPIC
+0xFEE0_0000  local APIC
+0x1_0000_0000  RAM above 4 GiB, when memory size exceeds 3 GiB
+"""
+
+from __future__ import annotations
+
+from pyvmm.kvm.memory import RamRange
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+# Boot structures below 1 MiB (the same places kvmtool and Firecracker use).
+BOOT_GDT = 0x500
+BOOT_IDT = 0x520
+ZERO_PAGE = 0x7000
+PML4_START = 0x9000
+PDPTE_START = 0xA000
+PDE_START = 0xB000  # four pages: 0xB000-0xEFFF, 2 MiB pages for the first 4 GiB
+CMDLINE_START = 0x20000
+CMDLINE_MAX = 0x10000
+EBDA_START = 0x9FC00
+HIMEM_START = 0x100000
+
+LOW_RAM_LIMIT = 0xC000_0000
+PCI_MMIO_BASE = 0xC000_0000
+PCI_MMIO_SIZE = 0x2000_0000
+PCI_ECAM_BASE = 0xE000_0000
+PCI_ECAM_SIZE = 0x1000_0000
+IOAPIC_BASE = 0xFEC0_0000
+LAPIC_BASE = 0xFEE0_0000
+HIGH_RAM_START = 0x1_0000_0000
+
+# KVM needs three pages for the VMX TSS and one for the identity map, outside RAM and MMIO.
+KVM_IDENTITY_MAP = 0xFFFB_C000
+KVM_TSS = 0xFFFB_D000
+
+PCI_IO_BASE = 0xC000
+PCI_IO_SIZE = 0x4000
+
+# Legacy and pyvmm-specific I/O ports.
+COM1_PORT = 0x3F8
+COM1_IRQ = 4
+I8042_DATA_PORT = 0x60
+I8042_COMMAND_PORT = 0x64
+DEBUG_EXIT_PORT = 0x501
+CHECKPOINT_PORT = 0x502
+BENCH_SINK_PORT = 0x510
+PCI_CONFIG_PORT = 0xCF8
+
+
+def ram_ranges(mem_size: int) -> list[RamRange]:
+    """Where `mem_size` bytes of RAM go: below the PCI hole, the rest above 4 GiB."""
+    low = min(mem_size, LOW_RAM_LIMIT)
+    ranges = [RamRange(0, low)]
+    if mem_size > low:
+        ranges.append(RamRange(HIGH_RAM_START, mem_size - low))
+    return ranges

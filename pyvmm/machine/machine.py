@@ -1,0 +1,397 @@
+"""The Machine: the Python API users script against.
+
+A Machine owns a KVM VM, its RAM, its devices and one thread per vCPU. It boots an image, runs
+until the guest ends it (debug exit, reset, triple fault), the host stops it (`stop()`, Ctrl-C) or
+an error occurs, and then tears everything down in reverse order.
+
+    with Machine(mem_size=64 * MiB) as vm:
+        vm.load_elf("guests/build/hello.elf")
+        result = vm.run()
+    print(result.exit_code)
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import select
+import threading
+from collections import deque
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any
+
+from pyvmm.devices.debug_exit import DebugExit
+from pyvmm.devices.i8042 import I8042
+from pyvmm.devices.serial import Serial8250
+from pyvmm.errors import ConfigError
+from pyvmm.kvm.errors import KvmError
+from pyvmm.kvm.irq import GsiRouting
+from pyvmm.kvm.memory import PAGE_SIZE, GuestMemory, RamRegion
+from pyvmm.kvm.system import System
+from pyvmm.kvm.vcpu import Vcpu, install_kick_handler
+from pyvmm.machine import cpu, layout
+from pyvmm.machine.bus import Bus, BusDevice
+from pyvmm.machine.console import CaptureConsole, Console
+from pyvmm.machine.elf import load_elf, parse_elf
+from pyvmm.uapi import kvm as uapi
+
+log = logging.getLogger(__name__)
+
+KvmExit = uapi.KvmExit
+MIN_MEM = 2 * layout.MiB
+MAX_VCPUS = 64
+
+
+class StopReason(enum.Enum):
+    DEBUG_EXIT = "debug-exit"
+    RESET = "reset"
+    POWEROFF = "poweroff"
+    TRIPLE_FAULT = "triple-fault"
+    STOPPED = "stopped"  # the host asked (stop(), Ctrl-C)
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class MachineExit:
+    """How a run ended. `exit_code` is what `pyvmm run` exits with."""
+
+    reason: StopReason
+    exit_code: int
+    detail: str = ""
+
+
+class Machine:
+    """A VM with RAM, the standard devices (COM1, debug-exit, i8042) and vCPU threads."""
+
+    def __init__(
+        self,
+        mem_size: int = 64 * layout.MiB,
+        vcpus: int = 1,
+        console: Console | None = None,
+        *,
+        trace_exits: bool = False,
+    ) -> None:
+        if mem_size < MIN_MEM or mem_size % PAGE_SIZE:
+            raise ConfigError(
+                f"memory size {mem_size} bytes: give at least 2M, a multiple of 4 KiB (e.g. -m 64M)"
+            )
+        if not 1 <= vcpus <= MAX_VCPUS:
+            raise ConfigError(f"{vcpus} vCPUs: pyvmm supports 1 to {MAX_VCPUS}")
+        self.mem_size = mem_size
+        self.vcpu_count = vcpus
+        self.console = console or CaptureConsole()
+        self.pio = Bus("port I/O")
+        self.mmio = Bus("MMIO")
+        self.memory = GuestMemory()
+        self.vcpus: list[Vcpu] = []
+        self.exit_count = 0
+        self.exit_trace: deque[tuple[int, int]] | None = (
+            deque(maxlen=100_000) if trace_exits else None
+        )
+        self._result: MachineExit | None = None
+        self._done = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._dirty_logging = False
+        self._stack = ExitStack()
+        try:
+            self._build()
+        except BaseException:
+            self._stack.close()
+            raise
+
+    # construction
+
+    def _build(self) -> None:
+        self.system = System()
+        self._stack.callback(self.system.close)
+        self.vm = self.system.create_vm()
+        self._stack.callback(self.vm.close)
+        self._stack.callback(self.memory.close)
+        for slot, ram in enumerate(layout.ram_ranges(self.mem_size)):
+            region = RamRegion(slot, ram.gpa, ram.size)
+            self.memory.add(region)
+            self._register_slot(region)
+        self.vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP)
+        self.vm.set_tss_addr(layout.KVM_TSS)
+        self.vm.create_irqchip()
+        self.vm.create_pit2()
+        self.gsi = GsiRouting(self.vm, self.system.check_extension(uapi.KvmCap.IRQ_ROUTING))
+        self.gsi.commit()
+        supported = self.system.supported_cpuid()
+        for vcpu_id in range(self.vcpu_count):
+            vcpu = self.vm.create_vcpu(vcpu_id)
+            self._stack.callback(vcpu.close)
+            vcpu.set_cpuid2(cpu.guest_cpuid(supported, vcpu_id, self.vcpu_count))
+            self.vcpus.append(vcpu)
+        self._stack.callback(self.console.close)
+        self.serial = Serial8250(self.console.write, self.irq_line(layout.COM1_IRQ))
+        self.add_pio_device(layout.COM1_PORT, 8, self.serial, "COM1")
+        self.add_pio_device(layout.DEBUG_EXIT_PORT, 1, DebugExit(self._debug_exit), "debug-exit")
+        self.add_pio_device(layout.I8042_DATA_PORT, 5, I8042(self._reset), "i8042")
+
+    def _register_slot(self, region: RamRegion) -> None:
+        flags = uapi.KVM_MEM_LOG_DIRTY_PAGES if self._dirty_logging else 0
+        self.vm.set_user_memory_region(
+            region.slot, region.gpa, region.size, region.host_addr, flags
+        )
+
+    # the device-facing API
+
+    def add_pio_device(self, port: int, length: int, device: BusDevice, name: str = "") -> None:
+        self.pio.register(port, length, device, name)
+
+    def add_mmio_device(self, addr: int, length: int, device: BusDevice, name: str = "") -> None:
+        self.mmio.register(addr, length, device, name)
+
+    def irq_line(self, gsi: int) -> Any:
+        """A callable setting the level of an in-kernel irqchip input (ISA-style devices)."""
+
+        def set_level(level: int) -> None:
+            self.vm.irq_line(gsi, level)
+
+        return set_level
+
+    # boot
+
+    def load_elf(self, path: str) -> None:
+        """Load an ELF64 executable and point the boot vCPU at its entry in long mode."""
+        image = parse_elf(path)
+        load_elf(image, self.memory)
+        cpu.write_boot_tables(self.memory)
+        low_ram = min(self.mem_size, layout.LOW_RAM_LIMIT)
+        cpu.enter_long_mode(self.vcpus[0], image.entry, rdi=low_ram, rsi=self.vcpu_count)
+
+    # dirty logging
+
+    def set_dirty_logging(self, enabled: bool) -> None:
+        """Turn KVM dirty-page logging on or off for all RAM slots."""
+        self._dirty_logging = enabled
+        for region in self.memory.regions:
+            self._register_slot(region)
+
+    def dirty_pages(self) -> list[int]:
+        """Guest-physical page addresses written since the last call (or since enabling)."""
+        if not self._dirty_logging:
+            raise KvmError("dirty logging is off; call set_dirty_logging(True) first")
+        pages = []
+        for region in self.memory.regions:
+            bitmap = self.vm.get_dirty_log(region.slot, region.size)
+            for byte_index, byte in enumerate(bitmap):
+                if not byte:
+                    continue
+                for bit in range(8):
+                    if byte >> bit & 1:
+                        pages.append(region.gpa + (byte_index * 8 + bit) * PAGE_SIZE)
+        return pages
+
+    # running
+
+    def run(self, timeout: float | None = None) -> MachineExit:
+        """Run the vCPUs until the machine stops; returns how it ended.
+
+        With `timeout` (seconds) the machine is stopped when it expires. Ctrl-C stops it too.
+        """
+        install_kick_handler()
+        input_stop = self._start_input()
+        for vcpu in self.vcpus:
+            thread = threading.Thread(
+                target=self._vcpu_thread, args=(vcpu,), name=f"vcpu{vcpu.id}", daemon=True
+            )
+            self._threads.append(thread)
+            thread.start()
+        try:
+            if not self._done.wait(timeout):
+                self.stop(StopReason.STOPPED, 124, f"timed out after {timeout} s")
+        except KeyboardInterrupt:
+            self.stop(StopReason.STOPPED, 130, "interrupted")
+        finally:
+            self._kick_all()
+            for thread in self._threads:
+                thread.join()
+            self._threads.clear()
+            if input_stop is not None:
+                input_stop()
+        assert self._result is not None
+        return self._result
+
+    def stop(
+        self, reason: StopReason = StopReason.STOPPED, code: int = 0, detail: str = ""
+    ) -> None:
+        """End the run (from any thread). The first reason given wins."""
+        if self._result is None:
+            self._result = MachineExit(reason, code, detail)
+        self._done.set()
+        self._kick_all()
+
+    def _kick_all(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.kick()
+
+    def _debug_exit(self, code: int) -> None:
+        self.stop(StopReason.DEBUG_EXIT, code)
+
+    def _reset(self) -> None:
+        self.stop(StopReason.RESET, 0, "guest requested a reset")
+
+    def _vcpu_thread(self, vcpu: Vcpu) -> None:
+        vcpu.thread_id = threading.get_ident()
+        try:
+            if self._done.is_set():
+                return
+            self._run_vcpu(vcpu)
+        except Exception as err:  # a bug or a kernel error must still stop the machine
+            log.exception("vcpu%d failed", vcpu.id)
+            self.stop(StopReason.ERROR, 1, f"vcpu{vcpu.id}: {err}")
+        finally:
+            vcpu.thread_id = None
+
+    def _run_vcpu(self, vcpu: Vcpu) -> None:
+        page = vcpu.run_page
+        find_port = self.pio.find
+        find_mmio = self.mmio.find
+        trace = self.exit_trace
+        done = self._done
+        while not done.is_set():
+            reason = vcpu.run()
+            self.exit_count += 1
+            if reason == KvmExit.IO:
+                direction, size, port, count, offset = vcpu.io_exit()
+                if trace is not None:
+                    trace.append((reason, port))
+                found = find_port(port)
+                end = offset + size * count
+                if direction == uapi.KVM_EXIT_IO_OUT:
+                    if found is not None:
+                        for pos in range(offset, end, size):
+                            value = int.from_bytes(page[pos : pos + size], "little")
+                            self._access(found, port - found.base, size, value)
+                else:
+                    for pos in range(offset, end, size):
+                        value = (
+                            self._access(found, port - found.base, size, None)
+                            if found is not None
+                            else (1 << (8 * size)) - 1
+                        )
+                        page[pos : pos + size] = value.to_bytes(size, "little")
+            elif reason == KvmExit.MMIO:
+                addr, data, length, is_write = vcpu.mmio_exit()
+                if trace is not None:
+                    trace.append((reason, addr))
+                if length not in (1, 2, 4, 8):
+                    continue
+                found = find_mmio(addr)
+                if is_write:
+                    if found is not None:
+                        value = int.from_bytes(data[:length], "little")
+                        self._access(found, addr - found.base, length, value)
+                else:
+                    value = (
+                        self._access(found, addr - found.base, length, None)
+                        if found is not None
+                        else (1 << (8 * length)) - 1
+                    )
+                    vcpu.set_mmio_data(value.to_bytes(length, "little"))
+            elif reason == KvmExit.INTR:
+                continue
+            else:
+                self._exit_other(vcpu, reason)
+
+    def _access(self, found: Any, offset: int, size: int, value: int | None) -> int:
+        """One device access. A device that raises is a pyvmm bug, but the guest drove it
+        there: log it, answer all-ones, keep the VM running."""
+        mask = (1 << (8 * size)) - 1
+        try:
+            if value is None:
+                return found.device.read(offset, size) & mask
+            found.device.write(offset, size, value)
+        except Exception:
+            log.exception("%s: access at +%#x (size %d) failed", found.name, offset, size)
+        return mask
+
+    def _exit_other(self, vcpu: Vcpu, reason: int) -> None:
+        if self.exit_trace is not None:
+            self.exit_trace.append((reason, 0))
+        run = vcpu.exit_struct()
+        if reason == KvmExit.SHUTDOWN:
+            self.stop(
+                StopReason.TRIPLE_FAULT,
+                1,
+                f"vcpu{vcpu.id}: guest triple-faulted (reset); {cpu.describe_regs(vcpu)}",
+            )
+        elif reason == KvmExit.SYSTEM_EVENT:
+            kind = run.system_event.type
+            if kind == uapi.KvmSystemEvent.RESET:
+                self._reset()
+            elif kind == uapi.KvmSystemEvent.SHUTDOWN:
+                self.stop(StopReason.POWEROFF, 0, "guest powered off")
+            else:
+                self.stop(StopReason.ERROR, 1, f"vcpu{vcpu.id}: system event {kind}")
+        elif reason == KvmExit.HLT:
+            # Only without an in-kernel LAPIC; pyvmm always has one, so treat as poweroff.
+            self.stop(StopReason.POWEROFF, 0, "guest halted")
+        elif reason == KvmExit.INTERNAL_ERROR:
+            self.stop(
+                StopReason.ERROR,
+                1,
+                f"vcpu{vcpu.id}: KVM internal error, suberror {run.internal.suberror}; "
+                f"{cpu.describe_regs(vcpu)}",
+            )
+        elif reason == KvmExit.FAIL_ENTRY:
+            self.stop(
+                StopReason.ERROR,
+                1,
+                f"vcpu{vcpu.id}: VM entry failed, hardware reason "
+                f"{run.fail_entry.hardware_entry_failure_reason:#x}",
+            )
+        else:
+            name = KvmExit(reason).name if reason in KvmExit._value2member_map_ else str(reason)
+            self.stop(StopReason.ERROR, 1, f"vcpu{vcpu.id}: unhandled KVM exit {name}")
+
+    def _start_input(self) -> Any:
+        """Forward console input to COM1 from a thread; returns a function that stops it."""
+        fd = self.console.input_fd()
+        if fd is None:
+            return None
+        wake_r, wake_w = os.pipe()
+
+        def pump() -> None:
+            pending = b""
+            while True:
+                ready, _, _ = select.select([fd, wake_r], [], [], 0.05 if pending else None)
+                if wake_r in ready:
+                    return
+                if not pending and fd in ready:
+                    pending = os.read(fd, 64)
+                    if not pending:
+                        return
+                if pending:
+                    taken = self.serial.receive(pending)
+                    pending = pending[taken:]
+
+        thread = threading.Thread(target=pump, name="console-input", daemon=True)
+        thread.start()
+
+        def stop_input() -> None:
+            os.write(wake_w, b"x")
+            thread.join()
+            os.close(wake_r)
+            os.close(wake_w)
+
+        return stop_input
+
+    # teardown
+
+    def close(self) -> None:
+        if self._threads:
+            self.stop()
+            for thread in self._threads:
+                thread.join()
+        self._stack.close()
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
