@@ -24,6 +24,8 @@ from typing import Any
 
 from pyvmm.devices.debug_exit import DebugExit
 from pyvmm.devices.i8042 import I8042
+from pyvmm.devices.pci.bus import PciBus
+from pyvmm.devices.pci.host import ConfigPorts, Ecam, HostBridge
 from pyvmm.devices.serial import Serial8250
 from pyvmm.errors import ConfigError
 from pyvmm.kvm.errors import KvmError
@@ -63,7 +65,8 @@ class MachineExit:
 
 
 class Machine:
-    """A VM with RAM, the standard devices (COM1, debug-exit, i8042) and vCPU threads."""
+    """A VM with RAM, the standard devices (COM1, debug-exit, i8042, PCI host bridge on bus 0)
+    and vCPU threads. Add PCI functions with `machine.pci.plug(function)` before `run()`."""
 
     def __init__(
         self,
@@ -130,6 +133,15 @@ class Machine:
         self.add_pio_device(layout.COM1_PORT, 8, self.serial, "COM1")
         self.add_pio_device(layout.DEBUG_EXIT_PORT, 1, DebugExit(self._debug_exit), "debug-exit")
         self.add_pio_device(layout.I8042_DATA_PORT, 5, I8042(self._reset), "i8042")
+        self.pci = PciBus(
+            self.pio,
+            self.mmio,
+            (layout.PCI_MMIO_BASE, layout.PCI_MMIO_BASE + layout.PCI_MMIO_SIZE),
+            (layout.PCI_IO_BASE, layout.PCI_IO_BASE + layout.PCI_IO_SIZE),
+        )
+        self.pci.plug(HostBridge(), slot=0)
+        self.add_pio_device(layout.PCI_CONFIG_PORT, 8, ConfigPorts(self.pci), "pci-config")
+        self.add_mmio_device(layout.PCI_ECAM_BASE, layout.PCI_ECAM_SIZE, Ecam(self.pci), "ecam")
 
     def _register_slot(self, region: RamRegion) -> None:
         flags = uapi.KVM_MEM_LOG_DIRTY_PAGES if self._dirty_logging else 0

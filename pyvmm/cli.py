@@ -1,0 +1,70 @@
+"""The `pyvmm` command.
+
+    pyvmm run GUEST.elf [-m 64M] [-c N] [--console stdio|file:PATH|socket:PATH]
+    pyvmm kvm info
+    pyvmm --version
+
+Each command group lives in its own module and adds its subcommands through
+`add_commands(subparsers)`; a subcommand's `func(args)` returns the process exit code.
+User errors (`PyvmmError`, a failing ioctl) print one line on stderr and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from pyvmm import __version__
+from pyvmm.errors import PyvmmError
+from pyvmm.kvm.errors import KvmError
+from pyvmm.uapi.ioctl import IoctlError
+
+# Modules that contribute command groups, each with add_commands(subparsers).
+COMMAND_MODULES = (
+    "pyvmm.commands.run",
+    "pyvmm.commands.kvm",
+)
+
+_SIZE_SUFFIXES = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """'64M', '1G', '512K' or a plain number of MiB (as kvmtool's -m)."""
+    value = text.strip().upper().removesuffix("B")
+    scale = _SIZE_SUFFIXES.get(value[-1:], 0)
+    digits = value[:-1] if scale else value
+    if not digits.isdigit():
+        raise argparse.ArgumentTypeError(f"bad size {text!r}: use e.g. 64M, 1G or 512K")
+    return int(digits) * (scale or 1 << 20)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pyvmm", description="A minimal virtual machine monitor on KVM, VFIO and iommufd."
+    )
+    parser.add_argument("--version", action="version", version=f"pyvmm {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_commands(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="pyvmm: %(name)s: %(message)s")
+    if not hasattr(args, "func"):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except (PyvmmError, KvmError, IoctlError) as err:
+        print(f"pyvmm: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

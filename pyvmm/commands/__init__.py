@@ -1,0 +1,1 @@
+"""`pyvmm` subcommand groups; each module has add_commands(subparsers)."""
