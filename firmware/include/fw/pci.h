@@ -1,0 +1,44 @@
+/* PCI configuration access through mechanism #1 (0xCF8 address, 0xCFC data) and BAR sizing. */
+#ifndef FW_PCI_H
+#define FW_PCI_H
+
+#include <stdint.h>
+
+#define PCI_CONFIG_ADDRESS 0xCF8
+#define PCI_CONFIG_DATA    0xCFC
+
+#define PCI_VENDOR_ID   0x00
+#define PCI_DEVICE_ID   0x02
+#define PCI_COMMAND     0x04
+#define PCI_STATUS      0x06
+#define PCI_REVISION    0x08   /* class code: 0x09 prog-if, 0x0A subclass, 0x0B base class */
+#define PCI_HEADER_TYPE 0x0E
+#define PCI_BAR0        0x10
+#define PCI_COMMAND_IO     0x1
+#define PCI_COMMAND_MEMORY 0x2
+#define PCI_COMMAND_MASTER 0x4
+
+uint32_t pci_read32(uint8_t bus, uint8_t dev, uint8_t fn, uint16_t off);
+uint16_t pci_read16(uint8_t bus, uint8_t dev, uint8_t fn, uint16_t off);
+uint8_t  pci_read8(uint8_t bus, uint8_t dev, uint8_t fn, uint16_t off);
+void pci_write32(uint8_t bus, uint8_t dev, uint8_t fn, uint16_t off, uint32_t v);
+void pci_write16(uint8_t bus, uint8_t dev, uint8_t fn, uint16_t off, uint16_t v);
+void pci_write8(uint8_t bus, uint8_t dev, uint8_t fn, uint16_t off, uint8_t v);
+
+enum pci_bar_kind { PCI_BAR_NONE = 0, PCI_BAR_IO, PCI_BAR_MEM32, PCI_BAR_MEM64 };
+
+struct pci_bar {
+    enum pci_bar_kind kind;
+    int prefetchable;
+    uint64_t base;
+    uint64_t size;
+};
+
+/* Number of BAR slots in the function's header: 6 (type 0), 2 (type 1 bridge), 0 otherwise. */
+unsigned pci_bar_count(uint8_t bus, uint8_t dev, uint8_t fn);
+/* Reads and sizes BAR idx (writes all ones, reads back, restores) with I/O and memory decode off
+ * in PCI_COMMAND for the duration. Returns the number of slots it used: 2 for a 64-bit memory BAR,
+ * else 1. An unimplemented BAR gives kind PCI_BAR_NONE. */
+unsigned pci_bar_probe(uint8_t bus, uint8_t dev, uint8_t fn, unsigned idx, struct pci_bar *bar);
+
+#endif

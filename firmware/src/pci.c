@@ -1,0 +1,117 @@
+#include <pyvmmfw.h>
+
+static uint32_t cfg_address(uint8_t bus, uint8_t dev, uint8_t fn, uint16_t off)
+{
+    return 0x80000000u | ((uint32_t)bus << 16) | ((uint32_t)(dev & 0x1F) << 11)
+           | ((uint32_t)(fn & 0x7) << 8) | (off & 0xFC);
+}
+
+uint32_t pci_read32(uint8_t bus, uint8_t dev, uint8_t fn, uint16_t off)
+{
+    outl(PCI_CONFIG_ADDRESS, cfg_address(bus, dev, fn, off));
+    return inl(PCI_CONFIG_DATA);
+}
+
+uint16_t pci_read16(uint8_t bus, uint8_t dev, uint8_t fn, uint16_t off)
+{
+    outl(PCI_CONFIG_ADDRESS, cfg_address(bus, dev, fn, off));
+    return inw(PCI_CONFIG_DATA + (off & 2));
+}
+
+uint8_t pci_read8(uint8_t bus, uint8_t dev, uint8_t fn, uint16_t off)
+{
+    outl(PCI_CONFIG_ADDRESS, cfg_address(bus, dev, fn, off));
+    return inb(PCI_CONFIG_DATA + (off & 3));
+}
+
+void pci_write32(uint8_t bus, uint8_t dev, uint8_t fn, uint16_t off, uint32_t v)
+{
+    outl(PCI_CONFIG_ADDRESS, cfg_address(bus, dev, fn, off));
+    outl(PCI_CONFIG_DATA, v);
+}
+
+void pci_write16(uint8_t bus, uint8_t dev, uint8_t fn, uint16_t off, uint16_t v)
+{
+    outl(PCI_CONFIG_ADDRESS, cfg_address(bus, dev, fn, off));
+    outw(PCI_CONFIG_DATA + (off & 2), v);
+}
+
+void pci_write8(uint8_t bus, uint8_t dev, uint8_t fn, uint16_t off, uint8_t v)
+{
+    outl(PCI_CONFIG_ADDRESS, cfg_address(bus, dev, fn, off));
+    outb(PCI_CONFIG_DATA + (off & 3), v);
+}
+
+unsigned pci_bar_count(uint8_t bus, uint8_t dev, uint8_t fn)
+{
+    switch (pci_read8(bus, dev, fn, PCI_HEADER_TYPE) & 0x7F) {
+    case 0:
+        return 6;
+    case 1:
+        return 2;
+    default:
+        return 0;
+    }
+}
+
+/* Writes all ones to the BAR at off, returns what reads back, restores the original. */
+static uint32_t size_probe(uint8_t bus, uint8_t dev, uint8_t fn, uint16_t off, uint32_t orig)
+{
+    pci_write32(bus, dev, fn, off, 0xFFFFFFFFu);
+    uint32_t v = pci_read32(bus, dev, fn, off);
+    pci_write32(bus, dev, fn, off, orig);
+    return v;
+}
+
+unsigned pci_bar_probe(uint8_t bus, uint8_t dev, uint8_t fn, unsigned idx, struct pci_bar *bar)
+{
+    uint16_t off = PCI_BAR0 + 4 * idx;
+    unsigned used = 1;
+
+    bar->kind = PCI_BAR_NONE;
+    bar->prefetchable = 0;
+    bar->base = 0;
+    bar->size = 0;
+
+    uint16_t cmd = pci_read16(bus, dev, fn, PCI_COMMAND);
+    pci_write16(bus, dev, fn, PCI_COMMAND, cmd & ~(PCI_COMMAND_IO | PCI_COMMAND_MEMORY));
+
+    uint32_t lo = pci_read32(bus, dev, fn, off);
+    uint32_t lo_mask = size_probe(bus, dev, fn, off, lo);
+
+    if (lo & 1) {
+        /* I/O BAR. Decoders of only 16 bits read back zeros in the top half. */
+        uint32_t mask = lo_mask & ~0x3u;
+        if ((mask & 0xFFFF0000u) == 0)
+            mask |= 0xFFFF0000u;
+        if (lo_mask & ~0x3u) {
+            bar->kind = PCI_BAR_IO;
+            bar->base = lo & ~0x3u;
+            bar->size = (uint32_t)(~mask + 1);
+        }
+    } else if (((lo >> 1) & 3) == 2 && idx + 1 < 6) {
+        /* 64-bit memory BAR: this slot and the next. */
+        uint16_t off_hi = off + 4;
+        uint32_t hi = pci_read32(bus, dev, fn, off_hi);
+        uint32_t hi_mask = size_probe(bus, dev, fn, off_hi, hi);
+        uint64_t mask = ((uint64_t)hi_mask << 32) | (lo_mask & ~0xFu);
+        used = 2;
+        if (mask) {
+            bar->kind = PCI_BAR_MEM64;
+            bar->prefetchable = (lo >> 3) & 1;
+            bar->base = ((uint64_t)hi << 32) | (lo & ~0xFu);
+            bar->size = ~mask + 1;
+        }
+    } else {
+        uint32_t mask = lo_mask & ~0xFu;
+        if (mask) {
+            bar->kind = PCI_BAR_MEM32;
+            bar->prefetchable = (lo >> 3) & 1;
+            bar->base = lo & ~0xFu;
+            bar->size = (uint32_t)(~mask + 1);
+        }
+    }
+
+    pci_write16(bus, dev, fn, PCI_COMMAND, cmd);
+    return used;
+}
