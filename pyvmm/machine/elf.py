@@ -35,14 +35,6 @@ class ElfImage:
     entry: int
     segments: tuple[Segment, ...]
 
-    @property
-    def span(self) -> tuple[int, int]:
-        """Lowest and highest guest-physical address the image occupies."""
-        return (
-            min(s.paddr for s in self.segments),
-            max(s.paddr + s.memsz for s in self.segments),
-        )
-
 
 def parse_elf(path: str) -> ElfImage:
     """Read and validate an ELF executable's header and program headers."""
@@ -100,10 +92,10 @@ def parse_elf(path: str) -> ElfImage:
 
 def load_elf(image: ElfImage, memory: GuestMemory) -> None:
     """Copy an image's segments into guest RAM (zero-filling .bss), after checking they fit."""
-    low, high = image.span
-    if high - low > memory.size:
+    needed = sum(seg.memsz for seg in image.segments)
+    if needed > memory.size:
         raise BootError(
-            f"{image.path}: image needs {(high - low + MiB - 1) // MiB} MiB but guest RAM is "
+            f"{image.path}: image needs {(needed + MiB - 1) // MiB} MiB but guest RAM is "
             f"{memory.size // MiB} MiB; give more memory with -m"
         )
     for seg in image.segments:

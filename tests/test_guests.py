@@ -1,0 +1,203 @@
+"""Every test guest on this host's KVM: output, exit codes, interrupts, doorbells, dirty log."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import threading
+
+import pytest
+from guestbuild import guest, requires_kvm
+
+from pyvmm.devices.pci.testdev import BARS, PciTestDevice
+from pyvmm.devices.testports import BenchSink, Checkpoint
+from pyvmm.kvm.eventfd import EventFd
+from pyvmm.machine import layout
+from pyvmm.machine.console import CaptureConsole
+from pyvmm.machine.machine import Machine, StopReason
+from pyvmm.uapi.kvm import KvmExit
+
+pytestmark = [pytest.mark.kvm, requires_kvm]
+
+MiB = layout.MiB
+COM1_PORTS = range(layout.COM1_PORT, layout.COM1_PORT + 8)
+
+
+def boot(name: str, *, mem: int = 64 * MiB, cpus: int = 1, **kwargs: object) -> Machine:
+    machine = Machine(mem_size=mem, vcpus=cpus, console=CaptureConsole(), **kwargs)
+    machine.load_elf(str(guest(name)))
+    return machine
+
+
+def test_hello_via_cli() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "pyvmm", "run", str(guest("hello")), "-m", "32M", "-c", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["Hello from pyvmm guest", "ram=32M cpus=2"]
+    assert result.stderr == ""
+
+
+def test_hello_via_api_reports_ram_and_cpus() -> None:
+    with boot("hello", mem=48 * MiB, cpus=3) as machine:
+        result = machine.run(timeout=30)
+        assert result.reason is StopReason.DEBUG_EXIT
+        assert result.exit_code == 0
+        assert machine.console.text.splitlines() == ["Hello from pyvmm guest", "ram=48M cpus=3"]
+
+
+def test_console_to_file(tmp_path) -> None:
+    log = tmp_path / "console.log"
+    result = subprocess.run(
+        [sys.executable, "-m", "pyvmm", "run", str(guest("hello")), "--console", f"file:{log}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    assert log.read_text().startswith("Hello from pyvmm guest\n")
+
+
+def test_pci_probe_lists_host_bridge_and_assigned_bars() -> None:
+    with boot("pci-probe") as machine:
+        testdev = PciTestDevice()
+        slot = machine.pci.plug(testdev)
+        result = machine.run(timeout=60)
+        out = machine.console.text
+    assert result.exit_code == 0, out
+    assert "pci 00:00.0 8086:0d57 class 060000" in out
+    assert f"pci 00:{slot:02x}.0 5056:0001 class ff0000" in out
+    assert "pci: 2 functions" in out
+    printed = {
+        int(m[1]): (m[2], int(m[3], 16), int(m[4], 16))
+        for m in re.finditer(r"bar(\d) (\w+) 0x([0-9a-f]+) size 0x([0-9a-f]+)", out)
+    }
+    kinds = {"mem32": "mem", "io": "io", "mem64": "mem64"}
+    assert set(printed) == {bar.index for bar in BARS}
+    for bar in BARS:
+        kind, base, size = printed[bar.index]
+        assert (kind, size) == (kinds[bar.kind.value], bar.size)
+        assert base == testdev.bar_address(bar.index)
+        assert base % size == 0
+        if kind == "io":
+            assert layout.PCI_IO_BASE <= base < layout.PCI_IO_BASE + layout.PCI_IO_SIZE
+        else:
+            assert layout.PCI_MMIO_BASE <= base < layout.PCI_MMIO_BASE + layout.PCI_MMIO_SIZE
+
+
+def test_interrupts_msi_via_irqfd_and_ioapic_pin_without_python_exits() -> None:
+    """The host raises an MSI (GSI route + irqfd) and an IOAPIC pin (irqfd on GSI 10); the
+    guest's handlers run and no vCPU exit reaches Python between the eventfd write and the
+    guest printing that its handler ran."""
+    with boot("interrupts", trace_exits=True) as machine:
+        console = machine.console
+        assert isinstance(console, CaptureConsole)
+        msi, pin = EventFd(), EventFd()
+        gsi = machine.gsi.allocate_gsi()
+        machine.gsi.set_msi(gsi, layout.LAPIC_BASE, 0x40)
+        machine.vm.irqfd(msi.fd, gsi)
+        machine.vm.irqfd(pin.fd, 10)
+        marks: dict[str, int] = {}
+        errors: list[BaseException] = []
+
+        def host() -> None:
+            try:
+                console.wait_for("interrupts: ready\n", 30)
+                marks["msi"] = machine.exit_count
+                msi.signal()
+                console.wait_for("msi: vector 0x40 count 1\n", 30)
+                marks["pin"] = machine.exit_count
+                pin.signal()
+            except BaseException as err:  # reported by the test thread
+                errors.append(err)
+                machine.stop()
+
+        driver = threading.Thread(target=host)
+        driver.start()
+        result = machine.run(timeout=60)
+        driver.join()
+        msi.close()
+        pin.close()
+        assert not errors, errors
+        assert result.exit_code == 0, console.text
+        assert "ioapic: vector 0x41 count 1" in console.text
+        trace = list(machine.exit_trace or ())
+        for mark in ("msi", "pin"):
+            after = trace[marks[mark] :]
+            # The guest was halted when the eventfd was written; the next exit is its own
+            # console output from the handler's aftermath, never an interrupt-related exit.
+            assert after, "no exits after the interrupt"
+            reason, port = after[0]
+            assert reason == KvmExit.IO and port in COM1_PORTS, after[:5]
+
+
+def test_ioeventfd_doorbell_writes_cause_no_python_exit() -> None:
+    """The exits guest writes N times to port 0x510; with an ioeventfd on that port every write
+    is counted by the eventfd in the kernel and none exits to Python."""
+    iterations = 500
+    with boot("exits", trace_exits=True) as machine:
+        sink = BenchSink(iterations)
+        machine.add_pio_device(layout.BENCH_SINK_PORT, 4, sink, "bench")
+        doorbell = EventFd()
+        machine.vm.ioeventfd(doorbell.fd, layout.BENCH_SINK_PORT, 4, pio=True)
+        result = machine.run(timeout=60)
+        assert result.exit_code == 0
+        assert doorbell.read() == iterations
+        assert sink.writes == 0
+        port_exits = [p for r, p in machine.exit_trace or () if p == layout.BENCH_SINK_PORT]
+        assert port_exits == [layout.BENCH_SINK_PORT]  # only the inl that fetched N
+        doorbell.close()
+
+
+def test_python_handled_port_writes_are_all_seen() -> None:
+    iterations = 300
+    with boot("exits") as machine:
+        sink = BenchSink(iterations)
+        machine.add_pio_device(layout.BENCH_SINK_PORT, 4, sink, "bench")
+        result = machine.run(timeout=60)
+        assert result.exit_code == 0
+        assert sink.writes == iterations
+
+
+def _dirty_set(rule) -> set[int]:
+    region = 0x2000000
+    return {region + i * 4096 for i in range(256) if rule(i)}
+
+
+def test_dirty_log_reports_exactly_the_pages_the_guest_wrote() -> None:
+    region = range(0x2000000, 0x2000000 + 256 * 4096)
+    seen: dict[int, set[int]] = {}
+    with boot("dirty") as machine:
+
+        def checkpoint(phase: int) -> None:
+            seen[phase] = {p for p in machine.dirty_pages() if p in region}
+
+        machine.add_pio_device(layout.CHECKPOINT_PORT, 4, Checkpoint(checkpoint), "checkpoint")
+        machine.set_dirty_logging(True)
+        result = machine.run(timeout=60)
+        out = machine.console.text
+    assert result.exit_code == 0, out
+    phase1 = _dirty_set(lambda i: i % 3 == 0)
+    phase2 = _dirty_set(lambda i: i % 7 == 1 or i == 255)
+    assert f"dirty: phase 1 count {len(phase1)}" in out
+    assert f"dirty: phase 2 count {len(phase2)}" in out
+    assert seen[1] == phase1
+    assert seen[2] == phase2  # reading the log at phase 1 re-armed it
+
+
+def test_triple_fault_is_reported_not_hidden() -> None:
+    """A vCPU whose page tables lie outside RAM cannot fetch an instruction; with no IDT the
+    fault escalates to a triple fault, which must end the run with an error, not exit code 0."""
+    with boot("hello") as machine:
+        sregs = machine.vcpus[0].get_sregs()
+        sregs.cr3 = 0x40000000
+        machine.vcpus[0].set_sregs(sregs)
+        result = machine.run(timeout=30)
+    assert result.reason in (StopReason.TRIPLE_FAULT, StopReason.ERROR)
+    assert result.exit_code != 0
+    assert "vcpu0" in result.detail
