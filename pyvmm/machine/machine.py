@@ -140,7 +140,8 @@ class Machine:
             (layout.PCI_IO_BASE, layout.PCI_IO_BASE + layout.PCI_IO_SIZE),
         )
         self.pci.plug(HostBridge(), slot=0)
-        self.add_pio_device(layout.PCI_CONFIG_PORT, 8, ConfigPorts(self.pci), "pci-config")
+        config_ports = ConfigPorts(self.pci, self._reset)
+        self.add_pio_device(layout.PCI_CONFIG_PORT, 8, config_ports, "pci-config")
         self.add_mmio_device(layout.PCI_ECAM_BASE, layout.PCI_ECAM_SIZE, Ecam(self.pci), "ecam")
 
     def _register_slot(self, region: RamRegion) -> None:

@@ -4,6 +4,7 @@ ECAM (memory-mapped config space, 1 MiB per bus, 4 KiB per function)."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 from pyvmm.devices.pci.bus import PciBus
 from pyvmm.devices.pci.device import PciFunction
@@ -23,11 +24,20 @@ class HostBridge(PciFunction):
         )
 
 
-class ConfigPorts:
-    """CF8 (address, 32-bit) and CFC-CFF (data), registered at 0xCF8 for 8 ports."""
+RESET_CONTROL_OFFSET = 1  # port 0xCF9
+RESET_CONTROL_RESET = 0x04
 
-    def __init__(self, bus: PciBus) -> None:
+
+class ConfigPorts:
+    """CF8 (address, 32-bit) and CFC-CFF (data), registered at 0xCF8 for 8 ports.
+
+    A byte write to 0xCF9, inside the address dword, is the chipset's reset control register
+    (PIIX/ICH): bit 2 resets the machine.
+    """
+
+    def __init__(self, bus: PciBus, on_reset: Callable[[], None]) -> None:
         self._bus = bus
+        self._on_reset = on_reset
         self._address = 0
         self._lock = threading.Lock()
 
@@ -44,6 +54,8 @@ class ConfigPorts:
             if offset == 0 and size == 4:
                 with self._lock:
                     self._address = value & 0x80FFFFFC
+            elif offset == RESET_CONTROL_OFFSET and size == 1 and value & RESET_CONTROL_RESET:
+                self._on_reset()
             return
         target = self._target(offset - 4, size)
         if target is not None:
