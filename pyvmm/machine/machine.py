@@ -34,7 +34,7 @@ from pyvmm.kvm.memory import PAGE_SIZE, GuestMemory, RamRegion
 from pyvmm.kvm.system import System
 from pyvmm.kvm.vcpu import Vcpu, install_kick_handler
 from pyvmm.machine import cpu, layout
-from pyvmm.machine.bus import Bus, BusDevice
+from pyvmm.machine.bus import Bus, BusDevice, Range
 from pyvmm.machine.console import CaptureConsole, Console
 from pyvmm.machine.elf import load_elf, parse_elf
 from pyvmm.uapi import kvm as uapi
@@ -261,57 +261,77 @@ class Machine:
             vcpu.thread_id = None
 
     def _run_vcpu(self, vcpu: Vcpu) -> None:
-        page = vcpu.run_page
-        find_port = self.pio.find
-        find_mmio = self.mmio.find
+        """The exit loop: the hot path of every PIO/MMIO access the kernel does not handle.
+
+        Names are bound to locals and `done` is only checked on KVM_EXIT_INTR (which every
+        `stop()` causes through a kick), to keep per-exit Python work minimal.
+        """
+        run, io_exit, page = vcpu.run, vcpu.io_exit, vcpu.run_page
+        find_port, find_mmio = self.pio.find, self.mmio.find
         trace = self.exit_trace
-        done = self._done
-        while not done.is_set():
-            reason = vcpu.run()
+        exit_io, exit_mmio, exit_intr = int(KvmExit.IO), int(KvmExit.MMIO), int(KvmExit.INTR)
+        io_out = uapi.KVM_EXIT_IO_OUT
+        while True:
+            reason = run()
             self.exit_count += 1
-            if reason == KvmExit.IO:
-                direction, size, port, count, offset = vcpu.io_exit()
+            if reason == exit_io:
+                direction, size, port, count, offset = io_exit()
                 if trace is not None:
                     trace.append((reason, port))
                 found = find_port(port)
-                end = offset + size * count
-                if direction == uapi.KVM_EXIT_IO_OUT:
-                    if found is not None:
-                        for pos in range(offset, end, size):
-                            value = int.from_bytes(page[pos : pos + size], "little")
-                            self._access(found, port - found.base, size, value)
+                if direction == io_out and count == 1 and found is not None:
+                    value = int.from_bytes(page[offset : offset + size], "little")
+                    self._access(found, port - found.base, size, value)
                 else:
-                    for pos in range(offset, end, size):
-                        value = (
-                            self._access(found, port - found.base, size, None)
-                            if found is not None
-                            else (1 << (8 * size)) - 1
-                        )
-                        page[pos : pos + size] = value.to_bytes(size, "little")
-            elif reason == KvmExit.MMIO:
+                    self._port_io(found, direction, size, port, count, offset, page)
+            elif reason == exit_mmio:
                 addr, data, length, is_write = vcpu.mmio_exit()
                 if trace is not None:
                     trace.append((reason, addr))
+                found = find_mmio(addr)
                 if length not in (1, 2, 4, 8):
                     continue
-                found = find_mmio(addr)
                 if is_write:
                     if found is not None:
                         value = int.from_bytes(data[:length], "little")
                         self._access(found, addr - found.base, length, value)
                 else:
-                    value = (
-                        self._access(found, addr - found.base, length, None)
-                        if found is not None
-                        else (1 << (8 * length)) - 1
+                    value = self._access(found, addr - found.base, length, None) if found else -1
+                    vcpu.set_mmio_data(
+                        (value & ((1 << (8 * length)) - 1)).to_bytes(length, "little")
                     )
-                    vcpu.set_mmio_data(value.to_bytes(length, "little"))
-            elif reason == KvmExit.INTR:
-                continue
+            elif reason == exit_intr:
+                if self._done.is_set():
+                    return
             else:
                 self._exit_other(vcpu, reason)
 
-    def _access(self, found: Any, offset: int, size: int, value: int | None) -> int:
+    def _port_io(
+        self,
+        found: Range | None,
+        direction: int,
+        size: int,
+        port: int,
+        count: int,
+        offset: int,
+        page: memoryview,
+    ) -> None:
+        """Port input, and string (rep ins/outs) output: `count` items of `size` bytes."""
+        all_ones = (1 << (8 * size)) - 1
+        for pos in range(offset, offset + size * count, size):
+            if direction == uapi.KVM_EXIT_IO_OUT:
+                if found is not None:
+                    value = int.from_bytes(page[pos : pos + size], "little")
+                    self._access(found, port - found.base, size, value)
+            else:
+                value = (
+                    all_ones
+                    if found is None
+                    else self._access(found, port - found.base, size, None)
+                )
+                page[pos : pos + size] = value.to_bytes(size, "little")
+
+    def _access(self, found: Range, offset: int, size: int, value: int | None) -> int:
         """One device access. A device that raises is a pyvmm bug, but the guest drove it
         there: log it, answer all-ones, keep the VM running."""
         mask = (1 << (8 * size)) - 1
