@@ -1,0 +1,156 @@
+"""The KVM wrappers against the host's /dev/kvm: capabilities, vCPU state, kick, Ctrl-C."""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from guestbuild import guest, requires_kvm
+
+from pyvmm.kvm.system import System
+from pyvmm.machine.console import CaptureConsole
+from pyvmm.machine.machine import Machine, StopReason
+from pyvmm.uapi import kvm as uapi
+
+pytestmark = [pytest.mark.kvm, requires_kvm]
+
+MSR_IA32_TSC = 0x10
+MSR_IA32_SYSENTER_CS = 0x174
+MSR_STAR = 0xC0000081
+
+
+def test_system_reports_what_pyvmm_needs() -> None:
+    with System() as kvm:
+        for cap in (
+            uapi.KvmCap.IRQCHIP,
+            uapi.KvmCap.IRQFD,
+            uapi.KvmCap.IRQFD_RESAMPLE,
+            uapi.KvmCap.IOEVENTFD,
+            uapi.KvmCap.IRQ_ROUTING,
+            uapi.KvmCap.PIT2,
+            uapi.KvmCap.IMMEDIATE_EXIT,
+        ):
+            assert kvm.check_extension(cap), cap.name
+        assert kvm.vcpu_mmap_size() >= ctypes.sizeof(uapi.kvm_run)
+        leaves = {e.function for e in kvm.supported_cpuid()}
+        assert {0, 1, 0x80000000, 0x80000001} <= leaves
+        assert MSR_STAR in kvm.msr_index_list()
+
+
+def test_cli_kvm_info() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "pyvmm", "kvm", "info"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "KVM API version 12" in out
+    assert "irqfd_resample" in out
+
+
+def _fields(struct: ctypes.Structure) -> bytes:
+    return ctypes.string_at(ctypes.addressof(struct), ctypes.sizeof(struct))
+
+
+def test_vcpu_state_round_trips() -> None:
+    """Every piece of vCPU state a snapshot needs can be read, written back, and read again
+    unchanged; and a change written is a change read."""
+    with Machine(mem_size=16 << 20) as machine:
+        machine.load_elf(str(guest("hello")))
+        vcpu = machine.vcpus[0]
+
+        regs = vcpu.get_regs()
+        regs.rbx = 0x1234_5678_9ABC_DEF0
+        vcpu.set_regs(regs)
+        assert vcpu.get_regs().rbx == 0x1234_5678_9ABC_DEF0
+
+        sregs = vcpu.get_sregs()
+        vcpu.set_sregs(sregs)
+        assert _fields(vcpu.get_sregs()) == _fields(sregs)
+        assert sregs.efer & 0x500 == 0x500  # long mode, as the boot set it
+
+        fpu = vcpu.get_fpu()
+        fpu.fcw = 0x27F
+        vcpu.set_fpu(fpu)
+        assert vcpu.get_fpu().fcw == 0x27F
+
+        xsave = vcpu.get_xsave()
+        assert len(xsave) >= 4096
+        vcpu.set_xsave(xsave)
+        assert vcpu.get_xsave()[:512] == xsave[:512]
+
+        xcrs = vcpu.get_xcrs()
+        vcpu.set_xcrs(xcrs)
+        assert vcpu.get_xcrs().xcrs[0].value == xcrs.xcrs[0].value
+
+        vcpu.set_msrs({MSR_IA32_SYSENTER_CS: 0x10, MSR_STAR: 0x0023_0010_0000_0000})
+        msrs = vcpu.get_msrs([MSR_IA32_SYSENTER_CS, MSR_STAR, MSR_IA32_TSC])
+        assert msrs[MSR_IA32_SYSENTER_CS] == 0x10
+        assert msrs[MSR_STAR] == 0x0023_0010_0000_0000
+        assert MSR_IA32_TSC in msrs
+
+        lapic = vcpu.get_lapic()
+        assert len(lapic) == uapi.KVM_APIC_REG_SIZE
+        vcpu.set_lapic(lapic)
+        assert vcpu.get_lapic() == lapic
+
+        events = vcpu.get_vcpu_events()
+        vcpu.set_vcpu_events(events)
+        assert vcpu.get_vcpu_events().sipi_vector == events.sipi_vector
+
+        assert vcpu.get_mp_state() == uapi.KvmMpState.RUNNABLE
+
+        dregs = vcpu.get_debugregs()
+        dregs.db[0] = 0x1000
+        vcpu.set_debugregs(dregs)
+        assert vcpu.get_debugregs().db[0] == 0x1000
+
+        # the VM-wide state a snapshot needs
+        for chip in (uapi.KVM_IRQCHIP_PIC_MASTER, uapi.KVM_IRQCHIP_IOAPIC):
+            state = machine.vm.get_irqchip(chip)
+            machine.vm.set_irqchip(chip, state)
+            assert machine.vm.get_irqchip(chip) == state
+        pit = machine.vm.get_pit2()
+        machine.vm.set_pit2(pit)
+        assert machine.vm.get_clock().clock > 0
+
+
+def test_ap_vcpus_wait_for_sipi() -> None:
+    with Machine(mem_size=16 << 20, vcpus=2) as machine:
+        assert machine.vcpus[1].get_mp_state() == uapi.KvmMpState.UNINITIALIZED
+
+
+def test_stop_from_another_thread_kicks_halted_vcpus() -> None:
+    """The interrupts guest waits in hlt (in the kernel) for an interrupt that never comes; the
+    second vCPU waits for a SIPI. stop() must still end the run promptly."""
+    with Machine(mem_size=16 << 20, vcpus=2, console=CaptureConsole()) as machine:
+        machine.load_elf(str(guest("interrupts")))
+        console = machine.console
+        assert isinstance(console, CaptureConsole)
+        stopper = threading.Thread(
+            target=lambda: (console.wait_for("ready", 30), machine.stop(StopReason.STOPPED, 7))
+        )
+        stopper.start()
+        start = time.monotonic()
+        result = machine.run(timeout=60)
+        stopper.join()
+        assert result == result.__class__(StopReason.STOPPED, 7, "")
+        assert time.monotonic() - start < 30
+
+
+def test_ctrl_c_stops_the_guest_cleanly() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyvmm", "run", str(guest("interrupts"))],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "interrupts: ready\n"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert "Traceback" not in err
+    assert err.strip() == "pyvmm: stopped: interrupted"
