@@ -77,10 +77,19 @@ libc_ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 _NAMES: dict[int, str] = {}
 
 
-def register_names(namespace: dict[str, Any], prefixes: tuple[str, ...]) -> None:
-    """Remember the names of the request numbers in a uAPI module, for error messages."""
+def register_names(namespace: dict[str, Any], prefix: str, ioc_type: int) -> None:
+    """Remember the names of a uAPI module's request numbers, for error messages.
+
+    A request is recognised by its encoded type byte (KVMIO, VFIO_TYPE, IOMMUFD_TYPE), not by
+    its size: most VFIO and iommufd requests are `_IO` numbers below 0x10000.
+    """
     for key, value in namespace.items():
-        if key.startswith(prefixes) and isinstance(value, int) and value > 0xFFFF:
+        if (
+            key.startswith(prefix)
+            and isinstance(value, int)
+            and 0 <= value < 1 << 32
+            and (value >> _IOC_TYPESHIFT) & 0xFF == ioc_type
+        ):
             _NAMES.setdefault(value, key)
 
 

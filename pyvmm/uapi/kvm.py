@@ -231,9 +231,9 @@ class kvm_msr_entry(ctypes.Structure):
 
 
 class kvm_msrs(ctypes.Structure):
-    """Header only; `entries[]` (struct kvm_msr_entry) follows it in memory."""
+    """`entries[]` is a flexible array member: zero-length here, as it sets the alignment."""
 
-    _fields_ = [("nmsrs", c_uint32), ("pad", c_uint32)]
+    _fields_ = [("nmsrs", c_uint32), ("pad", c_uint32), ("entries", kvm_msr_entry * 0)]
 
 
 class kvm_msr_list(ctypes.Structure):
@@ -379,10 +379,46 @@ class kvm_userspace_memory_region(ctypes.Structure):
     ]
 
 
-class _kvm_irqchip_chip(ctypes.Union):
-    """The PIC and IOAPIC states are kept as the kernel's opaque 512 bytes."""
+class kvm_pic_state(ctypes.Structure):
+    _fields_ = [
+        ("last_irr", c_uint8),
+        ("irr", c_uint8),
+        ("imr", c_uint8),
+        ("isr", c_uint8),
+        ("priority_add", c_uint8),
+        ("irq_base", c_uint8),
+        ("read_reg_select", c_uint8),
+        ("poll", c_uint8),
+        ("special_mask", c_uint8),
+        ("init_state", c_uint8),
+        ("auto_eoi", c_uint8),
+        ("rotate_on_auto_eoi", c_uint8),
+        ("special_fully_nested_mode", c_uint8),
+        ("init4", c_uint8),
+        ("elcr", c_uint8),
+        ("elcr_mask", c_uint8),
+    ]
 
-    _fields_ = [("dummy", c_char * 512)]
+
+class _kvm_ioapic_redirtbl(ctypes.Union):
+    """A redirection entry; pyvmm uses the raw 64 bits, not the bitfield view."""
+
+    _fields_ = [("bits", c_uint64)]
+
+
+class kvm_ioapic_state(ctypes.Structure):
+    _fields_ = [
+        ("base_address", c_uint64),
+        ("ioregsel", c_uint32),
+        ("id", c_uint32),
+        ("irr", c_uint32),
+        ("pad", c_uint32),
+        ("redirtbl", _kvm_ioapic_redirtbl * KVM_IOAPIC_NUM_PINS),
+    ]
+
+
+class _kvm_irqchip_chip(ctypes.Union):
+    _fields_ = [("dummy", c_char * 512), ("pic", kvm_pic_state), ("ioapic", kvm_ioapic_state)]
 
 
 class kvm_irqchip(ctypes.Structure):
@@ -420,10 +456,23 @@ class kvm_irq_routing_msi(ctypes.Structure):
     ]
 
 
+class kvm_irq_routing_s390_adapter(ctypes.Structure):
+    """Not used on x86, but part of the routing entry's union (and of its alignment)."""
+
+    _fields_ = [
+        ("ind_addr", c_uint64),
+        ("summary_addr", c_uint64),
+        ("ind_offset", c_uint64),
+        ("summary_offset", c_uint32),
+        ("adapter_id", c_uint32),
+    ]
+
+
 class _kvm_irq_routing_entry_u(ctypes.Union):
     _fields_ = [
         ("irqchip", kvm_irq_routing_irqchip),
         ("msi", kvm_irq_routing_msi),
+        ("adapter", kvm_irq_routing_s390_adapter),
         ("pad", c_uint32 * 8),
     ]
 
@@ -439,9 +488,9 @@ class kvm_irq_routing_entry(ctypes.Structure):
 
 
 class kvm_irq_routing(ctypes.Structure):
-    """Header only; `entries[]` (struct kvm_irq_routing_entry) follows it in memory."""
+    """`entries[]` is a flexible array member: zero-length here, as it sets the alignment."""
 
-    _fields_ = [("nr", c_uint32), ("flags", c_uint32)]
+    _fields_ = [("nr", c_uint32), ("flags", c_uint32), ("entries", kvm_irq_routing_entry * 0)]
 
 
 class kvm_irqfd(ctypes.Structure):
@@ -593,8 +642,14 @@ class _kvm_run_exit(ctypes.Union):
     ]
 
 
+class _kvm_run_s(ctypes.Union):
+    """The sync-regs area (KVM_CAP_SYNC_REGS), unused by pyvmm."""
+
+    _fields_ = [("padding", c_char * 2048)]
+
+
 class kvm_run(ctypes.Structure):
-    """The page KVM shares with userspace; the sync-regs area after `kvm_dirty_regs` is omitted."""
+    """The page KVM shares with userspace (struct kvm_run)."""
 
     _anonymous_ = ("_exit",)
     _fields_ = [
@@ -610,6 +665,7 @@ class kvm_run(ctypes.Structure):
         ("_exit", _kvm_run_exit),
         ("kvm_valid_regs", c_uint64),
         ("kvm_dirty_regs", c_uint64),
+        ("s", _kvm_run_s),
     ]
 
 
@@ -680,4 +736,11 @@ KVM_SET_XCRS = _IOW(KVMIO, 0xA7, kvm_xcrs)
 KVM_GET_TSC_KHZ = _IO(KVMIO, 0xA3)
 KVM_GET_XSAVE2 = _IOR(KVMIO, 0xCF, kvm_xsave)
 
-register_names(globals(), ("KVM_",))
+C_PREFIX: dict[type, str] = {
+    KvmExit: "KVM_EXIT_",
+    KvmSystemEvent: "KVM_SYSTEM_EVENT_",
+    KvmMpState: "KVM_MP_STATE_",
+    KvmCap: "KVM_CAP_",
+}
+
+register_names(globals(), "KVM_", KVMIO)
