@@ -18,6 +18,7 @@ import os
 import select
 import threading
 from collections import deque
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -157,6 +158,11 @@ class Machine:
 
     def add_mmio_device(self, addr: int, length: int, device: BusDevice, name: str = "") -> None:
         self.mmio.register(addr, length, device, name)
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Run `callback` when the machine is closed (before RAM and the VM go away), in
+        reverse order of registration: devices stop their worker threads here."""
+        self._stack.callback(callback)
 
     def irq_line(self, gsi: int) -> Any:
         """A callable setting the level of an in-kernel irqchip input (ISA-style devices)."""
