@@ -1,12 +1,19 @@
-"""`pyvmm run`: boot a guest image and exit with the guest's exit code."""
+"""`pyvmm run`: boot a test guest or a Linux kernel and exit with the guest's exit code.
+
+pyvmm run GUEST.elf [-m 64M] [-c N] [--console stdio|file:PATH|socket:PATH]
+pyvmm run -k bzImage|vmlinux [-i initrd] [-p "console=ttyS0 ..."] [-m 256M] [-c 2]
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from pyvmm.errors import ConfigError
 from pyvmm.machine.console import open_console
 from pyvmm.machine.machine import Machine, StopReason
+
+DEFAULT_CMDLINE = "console=ttyS0 panic=-1"
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -15,11 +22,19 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     run = subparsers.add_parser(
         "run",
         help="boot a guest",
-        description="Boot an ELF64 test guest. Exits with the code the guest writes to the "
-        "debug-exit port (0x501), 0 on guest reset or poweroff, 1 on error.",
+        description="Boot an ELF64 test guest, or Linux (-k: a bzImage, or a vmlinux with a PVH "
+        "note). Exits with the code a test guest writes to the debug-exit port (0x501), 0 when "
+        "the guest powers off or resets, 1 on error, 124 on --timeout, 130 on Ctrl-C.",
     )
-    run.add_argument("image", metavar="GUEST.elf", help="ELF64 x86-64 executable to boot")
-    run.add_argument("-m", "--mem", type=parse_size, default=64 << 20, help="RAM (default 64M)")
+    run.add_argument("image", metavar="GUEST.elf", nargs="?", help="ELF64 test guest to boot")
+    run.add_argument("-k", "--kernel", help="Linux kernel: bzImage, or vmlinux with PVH entry")
+    run.add_argument("-i", "--initrd", help="initramfs for the kernel")
+    run.add_argument(
+        "-p", "--params", default=None, help=f'kernel command line (default "{DEFAULT_CMDLINE}")'
+    )
+    run.add_argument(
+        "-m", "--mem", type=parse_size, default=None, help="RAM (default 64M, 256M with -k)"
+    )
     run.add_argument("-c", "--cpus", type=int, default=1, help="number of vCPUs (default 1)")
     run.add_argument(
         "--console",
@@ -31,9 +46,18 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if (args.image is None) == (args.kernel is None):
+        raise ConfigError("give one thing to boot: a test guest (GUEST.elf) or a kernel (-k)")
+    if args.kernel is None and (args.initrd or args.params is not None):
+        raise ConfigError("-i and -p go with a kernel (-k)")
+    mem = args.mem or ((256 << 20) if args.kernel else (64 << 20))
     console = open_console(args.console)
-    with Machine(mem_size=args.mem, vcpus=args.cpus, console=console) as machine:
-        machine.load_elf(args.image)
+    with Machine(mem_size=mem, vcpus=args.cpus, console=console) as machine:
+        if args.kernel:
+            params = DEFAULT_CMDLINE if args.params is None else args.params
+            machine.load_linux(args.kernel, args.initrd, params)
+        else:
+            machine.load_elf(args.image)
         result = machine.run(timeout=args.timeout)
     if result.reason in (StopReason.ERROR, StopReason.TRIPLE_FAULT, StopReason.STOPPED):
         print(f"pyvmm: {result.reason.value}: {result.detail}", file=sys.stderr)

@@ -34,17 +34,59 @@ PTE_HUGE = 1 << 7
 CPUID_HYPERVISOR_BIT = 1 << 31
 
 
-def guest_cpuid(supported: list[uapi.kvm_cpuid_entry2], vcpu_id: int, vcpus: int) -> list:
-    """KVM's supported CPUID adjusted for one vCPU: its APIC id, the CPU count, and the
-    hypervisor bit so the guest knows it is virtualised."""
+KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1
+CPUID_HT_BIT = 1 << 28
+TOPOLOGY_LEVEL_SMT = 1
+TOPOLOGY_LEVEL_CORE = 2
+
+
+def _topology_leaf(function: int, vcpu_id: int, vcpus: int) -> list[uapi.kvm_cpuid_entry2]:
+    """Leaf 0xB / 0x1F: one thread per core, `vcpus` cores in one package."""
+    core_shift = max(vcpus - 1, 0).bit_length()
+    levels = (
+        (0, 1, TOPOLOGY_LEVEL_SMT),  # (x2APIC id shift, logical CPUs at this level, type)
+        (core_shift, vcpus, TOPOLOGY_LEVEL_CORE),
+    )
+    entries = []
+    for index, (shift, count, level) in enumerate((*levels, (0, 0, 0))):
+        entries.append(
+            uapi.kvm_cpuid_entry2(
+                function=function,
+                index=index,
+                flags=KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+                eax=shift,
+                ebx=count,
+                ecx=(level << 8) | index,
+                edx=vcpu_id,
+            )
+        )
+    return entries
+
+
+def guest_cpuid(
+    supported: list[uapi.kvm_cpuid_entry2], vcpu_id: int, vcpus: int
+) -> list[uapi.kvm_cpuid_entry2]:
+    """KVM's supported CPUID made consistent for one vCPU of a `vcpus`-core, one-thread-per-core
+    package: its APIC id, core counts in leaves 1, 4, 0xB and 0x1F (Linux warns when they
+    disagree), and the hypervisor bit so the guest knows it is virtualised."""
     entries = []
     for source in supported:
         entry = uapi.kvm_cpuid_entry2.from_buffer_copy(source)
         if entry.function == 1:
             entry.ebx = (entry.ebx & 0x0000FFFF) | (vcpu_id << 24) | (min(vcpus, 255) << 16)
             entry.ecx |= CPUID_HYPERVISOR_BIT
+            if vcpus > 1:
+                entry.edx |= CPUID_HT_BIT
+            else:
+                entry.edx &= ~CPUID_HT_BIT
+        elif entry.function == 4 and entry.eax & 0x1F:
+            cache_level = (entry.eax >> 5) & 0x7
+            sharing = vcpus - 1 if cache_level == 3 else 0
+            entry.eax = (entry.eax & 0x3FFF) | (sharing << 14) | (min(vcpus - 1, 63) << 26)
         elif entry.function in (0xB, 0x1F):
-            entry.edx = vcpu_id
+            if entry.index == 0:
+                entries.extend(_topology_leaf(entry.function, vcpu_id, vcpus))
+            continue
         entries.append(entry)
     return entries
 
@@ -60,7 +102,7 @@ def write_boot_tables(memory: GuestMemory) -> None:
     memory.write(layout.PDE_START, struct.pack(f"<{len(pdes)}Q", *pdes))
 
 
-def _segment(selector: int, gdt_entry: int) -> uapi.kvm_segment:
+def segment_from_descriptor(selector: int, gdt_entry: int) -> uapi.kvm_segment:
     """A kvm_segment decoded from a GDT descriptor, as the CPU would load it."""
     seg = uapi.kvm_segment()
     seg.selector = selector
@@ -81,11 +123,11 @@ def _segment(selector: int, gdt_entry: int) -> uapi.kvm_segment:
 def enter_long_mode(vcpu: Vcpu, entry: int, *, rdi: int = 0, rsi: int = 0) -> None:
     """Point a vCPU at `entry` in 64-bit mode on the boot GDT and page tables."""
     sregs = vcpu.get_sregs()
-    code = _segment(CODE_SELECTOR, GDT_ENTRIES[1])
-    data = _segment(DATA_SELECTOR, GDT_ENTRIES[2])
+    code = segment_from_descriptor(CODE_SELECTOR, GDT_ENTRIES[1])
+    data = segment_from_descriptor(DATA_SELECTOR, GDT_ENTRIES[2])
     sregs.cs = code
     sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = data
-    sregs.tr = _segment(TSS_SELECTOR, GDT_ENTRIES[3])
+    sregs.tr = segment_from_descriptor(TSS_SELECTOR, GDT_ENTRIES[3])
     sregs.gdt.base = layout.BOOT_GDT
     sregs.gdt.limit = len(GDT_ENTRIES) * 8 - 1
     sregs.idt.base = layout.BOOT_IDT
@@ -109,6 +151,24 @@ def enter_long_mode(vcpu: Vcpu, entry: int, *, rdi: int = 0, rsi: int = 0) -> No
     fpu.fcw = 0x37F
     fpu.mxcsr = 0x1F80
     vcpu.set_fpu(fpu)
+
+
+MSR_IA32_MISC_ENABLE = 0x1A0
+MSR_MTRR_DEF_TYPE = 0x2FF
+MISC_ENABLE_FAST_STRING = 1 << 0
+MTRR_ENABLE = 1 << 11
+MTRR_TYPE_WRBACK = 6
+
+
+def set_boot_msrs(vcpu: Vcpu) -> None:
+    """What firmware leaves behind for an OS: fast strings on, MTRRs on with write-back as the
+    default memory type (otherwise Linux would treat all RAM as uncached)."""
+    vcpu.set_msrs(
+        {
+            MSR_IA32_MISC_ENABLE: MISC_ENABLE_FAST_STRING,
+            MSR_MTRR_DEF_TYPE: MTRR_ENABLE | MTRR_TYPE_WRBACK,
+        }
+    )
 
 
 def describe_regs(vcpu: Vcpu) -> str:

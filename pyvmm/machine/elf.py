@@ -36,8 +36,20 @@ class ElfImage:
     segments: tuple[Segment, ...]
 
 
-def parse_elf(path: str) -> ElfImage:
-    """Read and validate an ELF executable's header and program headers."""
+def is_elf(path: str) -> bool:
+    """Whether the file starts with the ELF magic (a missing file is not)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"\x7fELF"
+    except OSError:
+        return False
+
+
+def parse_elf(path: str, *, entry_must_be_in_image: bool = True) -> ElfImage:
+    """Read and validate an ELF executable's header and program headers.
+
+    A PVH kernel enters through its ELF note, not e_entry: it passes
+    `entry_must_be_in_image=False`."""
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
@@ -85,7 +97,8 @@ def parse_elf(path: str) -> ElfImage:
         raise BootError(f"{path}: corrupt or truncated ELF image ({err})") from None
     if not segments:
         raise BootError(f"{path}: no loadable (PT_LOAD) segments")
-    if not any(s.executable and s.paddr <= entry < s.paddr + s.memsz for s in segments):
+    inside = any(s.executable and s.paddr <= entry < s.paddr + s.memsz for s in segments)
+    if entry_must_be_in_image and not inside:
         raise BootError(f"{path}: entry point {entry:#x} is not inside an executable segment")
     return ElfImage(path, entry, tuple(segments))
 

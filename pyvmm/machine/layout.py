@@ -57,6 +57,10 @@ BENCH_SINK_PORT = 0x510
 PCI_CONFIG_PORT = 0xCF8
 
 
+E820_RAM = 1
+E820_RESERVED = 2
+
+
 def ram_ranges(mem_size: int) -> list[RamRange]:
     """Where `mem_size` bytes of RAM go: below the PCI hole, the rest above 4 GiB."""
     low = min(mem_size, LOW_RAM_LIMIT)
@@ -64,3 +68,17 @@ def ram_ranges(mem_size: int) -> list[RamRange]:
     if mem_size > low:
         ranges.append(RamRange(HIGH_RAM_START, mem_size - low))
     return ranges
+
+
+def e820_map(mem_size: int) -> list[tuple[int, int, int]]:
+    """(address, size, type) entries describing pyvmm's memory map to the guest."""
+    entries = [
+        (0, EBDA_START, E820_RAM),
+        (EBDA_START, 0xA0000 - EBDA_START, E820_RESERVED),
+        (0xE0000, HIMEM_START - 0xE0000, E820_RESERVED),  # ACPI tables, BIOS area
+    ]
+    for ram in ram_ranges(mem_size):
+        start = max(ram.gpa, HIMEM_START)
+        entries.append((start, ram.end - start, E820_RAM))
+    entries.append((PCI_ECAM_BASE, PCI_ECAM_SIZE, E820_RESERVED))
+    return sorted(entries)

@@ -23,21 +23,24 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
+from pyvmm.devices.acpi_pm import AcpiSleepRegisters
 from pyvmm.devices.debug_exit import DebugExit
 from pyvmm.devices.i8042 import I8042
 from pyvmm.devices.pci.bus import PciBus
 from pyvmm.devices.pci.host import ConfigPorts, Ecam, HostBridge
 from pyvmm.devices.serial import Serial8250
-from pyvmm.errors import ConfigError
+from pyvmm.errors import BootError, ConfigError
 from pyvmm.kvm.errors import KvmError
 from pyvmm.kvm.irq import GsiRouting
 from pyvmm.kvm.memory import PAGE_SIZE, GuestMemory, RamRegion
 from pyvmm.kvm.system import System
 from pyvmm.kvm.vcpu import Vcpu, install_kick_handler
-from pyvmm.machine import cpu, layout
+from pyvmm.machine import acpi, cpu, layout
 from pyvmm.machine.bus import Bus, BusDevice, Range
+from pyvmm.machine.bzimage import LinuxBoot, load_linux, parse_bzimage
 from pyvmm.machine.console import CaptureConsole, Console
-from pyvmm.machine.elf import load_elf, parse_elf
+from pyvmm.machine.elf import is_elf, load_elf, parse_elf
+from pyvmm.machine.pvh import PvhBoot, enter_protected_mode, load_pvh, pvh_entry
 from pyvmm.uapi import kvm as uapi
 
 log = logging.getLogger(__name__)
@@ -141,6 +144,8 @@ class Machine:
             (layout.PCI_IO_BASE, layout.PCI_IO_BASE + layout.PCI_IO_SIZE),
         )
         self.pci.plug(HostBridge(), slot=0)
+        sleep = AcpiSleepRegisters(self._poweroff, acpi.S5_SLEEP_TYPE)
+        self.add_pio_device(acpi.SLEEP_CONTROL_PORT, 2, sleep, "acpi-sleep")
         config_ports = ConfigPorts(self.pci, self._reset)
         self.add_pio_device(layout.PCI_CONFIG_PORT, 8, config_ports, "pci-config")
         self.add_mmio_device(layout.PCI_ECAM_BASE, layout.PCI_ECAM_SIZE, Ecam(self.pci), "ecam")
@@ -173,6 +178,33 @@ class Machine:
         return set_level
 
     # boot
+
+    def load_linux(
+        self, kernel: str, initrd: str | None = None, cmdline: str = ""
+    ) -> LinuxBoot | PvhBoot:
+        """Boot Linux: a bzImage by the x86 boot protocol (64-bit entry), or an uncompressed
+        vmlinux ELF through its PVH entry note. Either way the guest gets ACPI tables (CPUs, PCI
+        root, power-off), the command line and the initrd."""
+        tables = acpi.write_tables(self.memory, self.vcpu_count)
+        for vcpu in self.vcpus:
+            cpu.set_boot_msrs(vcpu)
+        if is_elf(kernel):
+            entry = pvh_entry(kernel)
+            if entry is None:
+                raise BootError(
+                    f"{kernel}: ELF without a PVH entry note; build Linux with CONFIG_PVH=y, "
+                    "or boot its bzImage"
+                )
+            pvh = load_pvh(
+                kernel, entry, self.memory, self.mem_size, cmdline, initrd, tables.rsdp_address
+            )
+            enter_protected_mode(self.memory, self.vcpus[0], pvh)
+            return pvh
+        image = parse_bzimage(kernel)
+        boot = load_linux(image, self.memory, self.mem_size, cmdline, initrd, tables.rsdp_address)
+        cpu.write_boot_tables(self.memory)
+        cpu.enter_long_mode(self.vcpus[0], boot.entry, rsi=boot.zero_page)
+        return boot
 
     def load_elf(self, path: str) -> None:
         """Load an ELF64 executable and point the boot vCPU at its entry in long mode."""
@@ -250,6 +282,9 @@ class Machine:
 
     def _debug_exit(self, code: int) -> None:
         self.stop(StopReason.DEBUG_EXIT, code)
+
+    def _poweroff(self) -> None:
+        self.stop(StopReason.POWEROFF, 0, "guest powered off")
 
     def _reset(self) -> None:
         self.stop(StopReason.RESET, 0, "guest requested a reset")
@@ -364,7 +399,7 @@ class Machine:
             if kind == uapi.KvmSystemEvent.RESET:
                 self._reset()
             elif kind == uapi.KvmSystemEvent.SHUTDOWN:
-                self.stop(StopReason.POWEROFF, 0, "guest powered off")
+                self._poweroff()
             else:
                 self.stop(StopReason.ERROR, 1, f"vcpu{vcpu.id}: system event {kind}")
         elif reason == KvmExit.HLT:

@@ -1,0 +1,183 @@
+"""ACPI tables for Linux guests: how the guest finds its CPUs, the PCI root and power control.
+
+- MADT: one local APIC per vCPU, the IOAPIC, ISA IRQ0 -> GSI 2 (what SMP needs).
+- FADT: *hardware-reduced* ACPI (no PM timer, no SCI, no PM1 blocks): power-off through the
+  sleep control register (an 8-bit port, `pyvmm.devices.acpi_pm`), reset through 0xCF9.
+- DSDT: the PCI root bridge PCI0 (bus 0, its I/O and MMIO windows) and the \\_S5 sleep state.
+- MCFG: ECAM for bus 0.
+
+Why ACPI rather than an MP table: SMP needs either, but an orderly guest power-off needs ACPI,
+and with ACPI present Linux finds PCI roots through the DSDT, so all of it comes together.
+Tables are written below 1 MiB, in the BIOS area Linux scans for the RSDP.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from pyvmm.kvm.memory import GuestMemory
+from pyvmm.machine import aml, layout
+
+OEM_ID = b"PYVMM "
+OEM_TABLE_ID = b"PYVMMACP"
+CREATOR_ID = b"PYVM"
+
+ACPI_TABLES_START = 0xE0000
+ACPI_TABLES_END = 0x100000
+
+SLEEP_CONTROL_PORT = 0x3C0
+SLEEP_STATUS_PORT = 0x3C1
+RESET_PORT = 0xCF9
+RESET_VALUE = 0x06
+S5_SLEEP_TYPE = 5
+
+FADT_HW_REDUCED_ACPI = 1 << 20
+FADT_RESET_REG_SUP = 1 << 10
+FADT_PWR_BUTTON = 1 << 4
+FADT_SLP_BUTTON = 1 << 5
+IAPC_BOOT_ARCH_NO_VGA = 1 << 2
+IAPC_BOOT_ARCH_LEGACY_DEVICES = 1 << 0
+MADT_PCAT_COMPAT = 1
+GAS_SYSTEM_IO = 1
+
+
+def checksum(data: bytes | bytearray) -> int:
+    """The byte that makes `data` sum to zero mod 256."""
+    return (-sum(data)) & 0xFF
+
+
+def _table(signature: bytes, revision: int, body: bytes) -> bytes:
+    length = 36 + len(body)
+    header = bytearray(
+        struct.pack(
+            "<4sIBB6s8sI4sI",
+            signature,
+            length,
+            revision,
+            0,
+            OEM_ID,
+            OEM_TABLE_ID,
+            1,
+            CREATOR_ID,
+            1,
+        )
+    )
+    table = header + body
+    table[9] = checksum(table)
+    return bytes(table)
+
+
+def _gas(port: int, width_bits: int = 8) -> bytes:
+    """A Generic Address Structure for an I/O port."""
+    access_size = {8: 1, 16: 2, 32: 3}[width_bits]
+    return struct.pack("<BBBBQ", GAS_SYSTEM_IO, width_bits, 0, access_size, port)
+
+
+def dsdt() -> bytes:
+    io_low, io_high = 0x0000, 0xFFFF
+    pci0 = aml.device(
+        "PCI0",
+        aml.name("_HID", aml.eisa_id("PNP0A03")),
+        aml.name("_UID", aml.integer(0)),
+        aml.name("_SEG", aml.integer(0)),
+        aml.name("_BBN", aml.integer(0)),
+        aml.name("_ADR", aml.integer(0)),
+        aml.name(
+            "_CRS",
+            aml.resource_template(
+                aml.word_bus_number(0, 0),
+                aml.io_port(layout.PCI_CONFIG_PORT, 8),
+                aml.word_io(io_low, layout.PCI_CONFIG_PORT - 1),
+                aml.word_io(layout.PCI_CONFIG_PORT + 8, io_high),
+                aml.dword_memory(
+                    layout.PCI_MMIO_BASE, layout.PCI_MMIO_BASE + layout.PCI_MMIO_SIZE - 1
+                ),
+            ),
+        ),
+    )
+    body = aml.scope("\\_SB_", pci0) + aml.name(
+        "\\_S5_", aml.package(aml.integer(S5_SLEEP_TYPE), aml.integer(0))
+    )
+    return _table(b"DSDT", 2, body)
+
+
+def fadt(dsdt_address: int) -> bytes:
+    """FADT revision 6 (276 bytes), hardware-reduced."""
+    body = bytearray(276 - 36)
+
+    def put(offset: int, fmt: str, *values: object) -> None:
+        struct.pack_into(fmt, body, offset - 36, *values)
+
+    put(40, "<I", dsdt_address)  # DSDT (32-bit)
+    # No i8042 flag: Linux then skips probing a keyboard controller; it resets via RESET_REG.
+    put(109, "<H", IAPC_BOOT_ARCH_LEGACY_DEVICES | IAPC_BOOT_ARCH_NO_VGA)
+    put(112, "<I", FADT_HW_REDUCED_ACPI | FADT_RESET_REG_SUP | FADT_PWR_BUTTON | FADT_SLP_BUTTON)
+    body[116 - 36 : 128 - 36] = _gas(RESET_PORT)
+    put(128, "<B", RESET_VALUE)
+    put(131, "<B", 5)  # FADT minor version (6.5)
+    put(140, "<Q", dsdt_address)  # X_DSDT
+    body[244 - 36 : 256 - 36] = _gas(SLEEP_CONTROL_PORT)
+    body[256 - 36 : 268 - 36] = _gas(SLEEP_STATUS_PORT)
+    put(268, "<8s", b"PYVMMKVM")  # hypervisor vendor identity
+    return _table(b"FACP", 6, bytes(body))
+
+
+def madt(vcpus: int) -> bytes:
+    body = struct.pack("<II", layout.LAPIC_BASE, MADT_PCAT_COMPAT)
+    for cpu in range(vcpus):
+        body += struct.pack("<BBBBI", 0, 8, cpu, cpu, 1)  # processor local APIC, enabled
+    body += struct.pack("<BBBBII", 1, 12, vcpus, 0, layout.IOAPIC_BASE, 0)  # IOAPIC, GSI 0
+    body += struct.pack("<BBBBIH", 2, 10, 0, 0, 2, 0)  # ISA IRQ0 -> GSI 2
+    body += struct.pack("<BBBHB", 4, 6, 0xFF, 0, 1)  # NMI on LINT1 of every CPU
+    return _table(b"APIC", 4, body)
+
+
+def mcfg() -> bytes:
+    body = bytes(8) + struct.pack("<QHBBI", layout.PCI_ECAM_BASE, 0, 0, 0, 0)
+    return _table(b"MCFG", 1, body)
+
+
+def xsdt(entries: list[int]) -> bytes:
+    return _table(b"XSDT", 1, struct.pack(f"<{len(entries)}Q", *entries))
+
+
+def rsdp(xsdt_address: int) -> bytes:
+    first = bytearray(struct.pack("<8sB6sBI", b"RSD PTR ", 0, OEM_ID, 2, 0))
+    first[8] = checksum(first)
+    whole = bytearray(first + struct.pack("<IQB3s", 36, xsdt_address, 0, bytes(3)))
+    whole[32] = checksum(whole)
+    return bytes(whole)
+
+
+@dataclass(frozen=True)
+class AcpiTables:
+    rsdp_address: int
+    tables: dict[str, int]
+
+
+def write_tables(memory: GuestMemory, vcpus: int) -> AcpiTables:
+    """Build every table, place them from ACPI_TABLES_START (16-byte aligned), return where."""
+    cursor = ACPI_TABLES_START
+    placed: dict[str, int] = {}
+
+    def place(name: str, data: bytes) -> int:
+        nonlocal cursor
+        address = cursor
+        if address + len(data) > ACPI_TABLES_END:
+            raise ValueError("ACPI tables do not fit below 1 MiB")
+        memory.write(address, data)
+        placed[name] = address
+        cursor = (address + len(data) + 15) & ~15
+        return address
+
+    rsdp_slot = place("RSDP", bytes(36))
+    dsdt_address = place("DSDT", dsdt())
+    entries = [
+        place("FACP", fadt(dsdt_address)),
+        place("APIC", madt(vcpus)),
+        place("MCFG", mcfg()),
+    ]
+    xsdt_address = place("XSDT", xsdt(entries))
+    memory.write(rsdp_slot, rsdp(xsdt_address))
+    return AcpiTables(rsdp_slot, placed)
