@@ -12,6 +12,7 @@
 #include <fw/apic.h>
 #include <fw/pic.h>
 #include <fw/pci.h>
+#include <fw/virtio.h>
 
 /* The guest's entry point, called by crt0; its return value is the debug-exit code. */
 int main(void);

@@ -115,3 +115,50 @@ unsigned pci_bar_probe(uint8_t bus, uint8_t dev, uint8_t fn, unsigned idx, struc
     pci_write16(bus, dev, fn, PCI_COMMAND, cmd);
     return used;
 }
+
+uint64_t pci_bar_address(uint8_t bus, uint8_t dev, uint8_t fn, unsigned idx)
+{
+    uint16_t off = PCI_BAR0 + 4 * idx;
+    uint32_t lo = pci_read32(bus, dev, fn, off);
+    if (lo & 1)
+        return 0;
+    uint64_t base = lo & ~0xFu;
+    if (((lo >> 1) & 3) == 2 && idx + 1 < 6)
+        base |= (uint64_t)pci_read32(bus, dev, fn, off + 4) << 32;
+    return base;
+}
+
+uint8_t pci_find_cap(uint8_t bus, uint8_t dev, uint8_t fn, uint8_t id, uint8_t after)
+{
+    if (!(pci_read16(bus, dev, fn, PCI_STATUS) & PCI_STATUS_CAP_LIST))
+        return 0;
+    uint8_t pos = pci_read8(bus, dev, fn, PCI_CAPABILITY_LIST) & 0xFC;
+    for (unsigned hops = 0; pos >= 0x40 && hops < 48; hops++) {
+        if (pos > after && pci_read8(bus, dev, fn, pos) == id)
+            return pos;
+        pos = pci_read8(bus, dev, fn, pos + 1) & 0xFC;
+    }
+    return 0;
+}
+
+uint64_t pci_msix_table(uint8_t bus, uint8_t dev, uint8_t fn, uint8_t cap)
+{
+    uint32_t table = pci_read32(bus, dev, fn, cap + PCI_MSIX_TABLE);
+    return pci_bar_address(bus, dev, fn, table & 7) + (table & ~7u);
+}
+
+void pci_msix_enable(uint8_t bus, uint8_t dev, uint8_t fn, uint8_t cap)
+{
+    uint16_t ctrl = pci_read16(bus, dev, fn, cap + PCI_MSIX_FLAGS);
+    ctrl = (ctrl | PCI_MSIX_FLAGS_ENABLE) & ~PCI_MSIX_FLAGS_MASKALL;
+    pci_write16(bus, dev, fn, cap + PCI_MSIX_FLAGS, ctrl);
+}
+
+void msix_set_vector(uint64_t table, unsigned entry, uint8_t apic_id, uint8_t vector)
+{
+    uintptr_t e = (uintptr_t)table + entry * PCI_MSIX_ENTRY_SIZE;
+    mmio_write32(e + 0, 0xFEE00000u | ((uint32_t)apic_id << 12));
+    mmio_write32(e + 4, 0);
+    mmio_write32(e + 8, vector);
+    mmio_write32(e + 12, 0);             /* unmask */
+}

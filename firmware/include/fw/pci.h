@@ -14,9 +14,14 @@
 #define PCI_REVISION    0x08   /* class code: 0x09 prog-if, 0x0A subclass, 0x0B base class */
 #define PCI_HEADER_TYPE 0x0E
 #define PCI_BAR0        0x10
+#define PCI_CAPABILITY_LIST 0x34
 #define PCI_COMMAND_IO     0x1
 #define PCI_COMMAND_MEMORY 0x2
 #define PCI_COMMAND_MASTER 0x4
+#define PCI_STATUS_CAP_LIST 0x10
+
+#define PCI_CAP_ID_VNDR 0x09
+#define PCI_CAP_ID_MSIX 0x11
 
 uint32_t pci_read32(uint8_t bus, uint8_t dev, uint8_t fn, uint16_t off);
 uint16_t pci_read16(uint8_t bus, uint8_t dev, uint8_t fn, uint16_t off);
@@ -40,5 +45,29 @@ unsigned pci_bar_count(uint8_t bus, uint8_t dev, uint8_t fn);
  * in PCI_COMMAND for the duration. Returns the number of slots it used: 2 for a 64-bit memory BAR,
  * else 1. An unimplemented BAR gives kind PCI_BAR_NONE. */
 unsigned pci_bar_probe(uint8_t bus, uint8_t dev, uint8_t fn, unsigned idx, struct pci_bar *bar);
+/* The memory address BAR idx is programmed with (both halves of a 64-bit BAR), without sizing;
+ * 0 for an I/O BAR. */
+uint64_t pci_bar_address(uint8_t bus, uint8_t dev, uint8_t fn, unsigned idx);
+
+/* Offset of the first capability with ID id whose offset is after `after` (0: from the start of
+ * the list), or 0 if there is none. Stops after 48 hops, so a looping list ends too. */
+uint8_t pci_find_cap(uint8_t bus, uint8_t dev, uint8_t fn, uint8_t id, uint8_t after);
+
+/* MSI-X, for the capability at offset cap (see pci_find_cap). */
+#define PCI_MSIX_FLAGS         2        /* Message Control, 16 bits */
+#define PCI_MSIX_FLAGS_QSIZE   0x07FF   /* table size - 1 */
+#define PCI_MSIX_FLAGS_MASKALL 0x4000
+#define PCI_MSIX_FLAGS_ENABLE  0x8000
+#define PCI_MSIX_TABLE         4        /* BAR index (bits 2:0) | offset */
+#define PCI_MSIX_ENTRY_SIZE    16
+#define PCI_MSIX_ENTRY_CTRL_MASKBIT 1
+
+/* Guest-physical address of the MSI-X table (its BAR's address + offset). */
+uint64_t pci_msix_table(uint8_t bus, uint8_t dev, uint8_t fn, uint8_t cap);
+/* Sets MSI-X Enable and clears Function Mask in Message Control. */
+void pci_msix_enable(uint8_t bus, uint8_t dev, uint8_t fn, uint8_t cap);
+/* Points table entry `entry` at `vector` on the local APIC `apic_id` (fixed delivery, physical
+ * destination, edge) and unmasks it. */
+void msix_set_vector(uint64_t table, unsigned entry, uint8_t apic_id, uint8_t vector);
 
 #endif

@@ -3,7 +3,8 @@
 Config space is bytes plus a write mask; BAR registers are sized by the usual all-ones probe. When
 the guest moves a BAR or toggles memory/I/O decode in PCI_COMMAND, the function's BAR windows are
 re-registered on the machine's MMIO / port buses by the `PciBus` it sits on. A subclass handles
-accesses to its trapped BARs in `bar_read` / `bar_write`.
+accesses to its trapped BARs in `bar_read` / `bar_write`, and adds capabilities (MSI-X,
+vendor-specific) with `add_capability` (see pyvmm.devices.pci.capability).
 """
 
 from __future__ import annotations
@@ -13,20 +14,20 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pyvmm.devices.pci.capability import Capability, CapabilityList
+
 if TYPE_CHECKING:
     from pyvmm.devices.pci.bus import PciBus
 
 PCI_VENDOR_ID = 0x00
 PCI_DEVICE_ID = 0x02
 PCI_COMMAND = 0x04
-PCI_STATUS = 0x06
 PCI_REVISION_ID = 0x08
 PCI_CLASS_PROG = 0x09
 PCI_HEADER_TYPE = 0x0E
 PCI_BASE_ADDRESS_0 = 0x10
 PCI_SUBSYSTEM_VENDOR_ID = 0x2C
 PCI_SUBSYSTEM_ID = 0x2E
-PCI_CAPABILITY_LIST = 0x34
 PCI_INTERRUPT_LINE = 0x3C
 PCI_INTERRUPT_PIN = 0x3D
 
@@ -34,7 +35,6 @@ PCI_COMMAND_IO = 0x1
 PCI_COMMAND_MEMORY = 0x2
 PCI_COMMAND_MASTER = 0x4
 PCI_COMMAND_INTX_DISABLE = 0x400
-PCI_STATUS_CAP_LIST = 0x10
 
 PCI_BASE_ADDRESS_SPACE_IO = 0x1
 PCI_BASE_ADDRESS_MEM_TYPE_64 = 0x4
@@ -85,6 +85,7 @@ class PciFunction:
         self.config = bytearray(PCIE_CONFIG_SPACE_SIZE)
         self.wmask = bytearray(PCIE_CONFIG_SPACE_SIZE)
         self.bars: dict[int, Bar] = {}
+        self.capabilities = CapabilityList(self.config, self.wmask)
         self.bus: PciBus | None = None
         self.devfn = -1
         self._set16(PCI_VENDOR_ID, vendor_id)
@@ -125,11 +126,16 @@ class PciFunction:
         if bar.kind is BarKind.MEM64:
             struct.pack_into("<I", self.wmask, offset + 4, (mask >> 32) & 0xFFFFFFFF)
 
+    def add_capability(self, cap: Capability) -> int:
+        """Append a capability to the list in config space; returns its offset."""
+        return self.capabilities.add(cap)
+
     # the guest's view
 
     def config_read(self, offset: int, size: int) -> int:
         if offset < 0 or offset + size > len(self.config):
             return (1 << (8 * size)) - 1
+        self.capabilities.before_read(offset, size)
         return int.from_bytes(self.config[offset : offset + size], "little")
 
     def config_write(self, offset: int, size: int, value: int) -> None:
@@ -141,6 +147,7 @@ class PciFunction:
             mask = self.wmask[offset + i]
             byte = (value >> (8 * i)) & 0xFF
             self.config[offset + i] = (self.config[offset + i] & ~mask) | (byte & mask)
+        self.capabilities.after_write(offset, size)
         moved = any(self.bar_address(i) != addr for i, addr in old_bars.items())
         if self.bus is not None and (moved or self.command != old_command):
             self.bus.update_bar_mappings(self)
