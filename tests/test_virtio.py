@@ -312,3 +312,33 @@ def test_net_frames_cross_the_tap_both_ways() -> None:
                         return
                 assert time.monotonic() < deadline, "frame sent to the tap never received"
                 time.sleep(0.01)
+
+
+@requires_kvm
+@pytest.mark.kvm
+def test_cli_plugs_virtio_devices(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    def pyvmm_run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pyvmm", "run", *args], capture_output=True, text=True
+        )
+
+    result = pyvmm_run(str(guest("virtio-rng")), "--rng")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"virtio-rng: 16 bytes [0-9a-f]{32}", result.stdout)
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"pyvmm disk sector zero".ljust(512, b"\0") + bytes(511 * 512))
+    result = pyvmm_run(str(guest("virtio-blk")), "--disk", str(disk))
+    assert result.returncode == 0, result.stderr
+    assert "virtio-blk: sector 0 pyvmm disk sector zero" in result.stdout
+    for bad, message in (
+        (("--disk", str(tmp_path / "missing.img")), "cannot open disk image"),
+        (("--disk", f"{disk},rw"), "bad --disk"),
+        (("--net", "bridge:br0"), "bad --net"),
+    ):
+        result = pyvmm_run(str(guest("hello")), *bad)
+        assert result.returncode == 1
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], result.stderr

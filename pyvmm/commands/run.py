@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
 
+from pyvmm.devices.virtio.backend import VirtioBackend
+from pyvmm.devices.virtio.blk import VirtioBlk
+from pyvmm.devices.virtio.net import VirtioNet
+from pyvmm.devices.virtio.pci import plug_virtio
+from pyvmm.devices.virtio.rng import VirtioRng
 from pyvmm.errors import ConfigError
 from pyvmm.machine.console import open_console
 from pyvmm.machine.machine import Machine, StopReason
@@ -41,8 +47,42 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         default="stdio",
         help="where COM1 goes: stdio (default), file:PATH or socket:PATH",
     )
+    run.add_argument(
+        "--disk",
+        action="append",
+        default=[],
+        metavar="FILE[,ro]",
+        help="virtio-blk disk backed by a raw image file (repeatable; ',ro' for read-only)",
+    )
+    run.add_argument("--rng", action="store_true", help="virtio-rng entropy device")
+    run.add_argument(
+        "--net",
+        action="append",
+        default=[],
+        metavar="tap:NAME",
+        help="virtio-net on an existing or new tap interface (repeatable)",
+    )
     run.add_argument("--timeout", type=float, default=None, help="stop the guest after S seconds")
     run.set_defaults(func=cmd_run)
+
+
+def virtio_backends(args: argparse.Namespace) -> Iterator[VirtioBackend]:
+    """The virtio devices the options ask for, in a stable order (disks, rng, nets).
+
+    A generator: each backend is plugged (and so owned by the machine) before the next one is
+    opened, so an error in a later option leaks nothing."""
+    for spec in args.disk:
+        path, _, options = spec.partition(",")
+        if options not in ("", "ro"):
+            raise ConfigError(f"bad --disk {spec!r}: use FILE or FILE,ro")
+        yield VirtioBlk(path, read_only=options == "ro")
+    if args.rng:
+        yield VirtioRng()
+    for spec in args.net:
+        kind, _, name = spec.partition(":")
+        if kind != "tap" or not name:
+            raise ConfigError(f"bad --net {spec!r}: use tap:NAME")
+        yield VirtioNet(name)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -53,6 +93,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     mem = args.mem or ((256 << 20) if args.kernel else (64 << 20))
     console = open_console(args.console)
     with Machine(mem_size=mem, vcpus=args.cpus, console=console) as machine:
+        for backend in virtio_backends(args):
+            plug_virtio(machine, backend)
         if args.kernel:
             params = DEFAULT_CMDLINE if args.params is None else args.params
             machine.load_linux(args.kernel, args.initrd, params)
