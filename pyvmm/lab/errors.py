@@ -1,0 +1,18 @@
+"""The lab's failures that a user sees as one line, without a traceback."""
+
+from __future__ import annotations
+
+
+class LabError(Exception):
+    """The lab could not do what was asked; the message says why in one line."""
+
+
+class LabUnavailable(LabError):
+    """Something the lab needs is missing on this host (QEMU, busybox, a kernel).
+
+    The lab test tier turns this into a skip rather than a failure.
+    """
+
+
+class LabTimeout(LabError):
+    """The command inside the lab did not finish in time; QEMU was stopped."""

@@ -1,0 +1,141 @@
+"""The lab's initramfs: a static busybox and an init that chroots into the host's root.
+
+The init mounts the host's root read-only over 9p, gives the chroot fresh /proc, /sys, /dev,
+/dev/pts, /dev/shm, /tmp and /run, mounts the writable results share at the same path it has on
+the host, and starts the guest agent (`pyvmm.lab.agent`) with the host's own interpreter. When
+the agent returns, or anything before it fails, the init powers the machine off, so QEMU exits.
+
+The archive is written directly in the kernel's "newc" cpio format: a few entries do not justify
+depending on a cpio tool.
+"""
+
+from __future__ import annotations
+
+import shlex
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+#: virtio-9p mount tags, shared with the QEMU command line.
+ROOT_TAG = "hostroot"
+SHARE_TAG = "results"
+
+#: Directories the lab mounts its own filesystems on: what the host has there is hidden.
+LAB_OWN_DIRS = ("/proc", "/sys", "/dev", "/tmp", "/run")
+
+#: Printed by the init before every failure line; the host picks it out of the console.
+FAIL_PREFIX = "pyvmm-lab-init: "
+
+_9P_OPTIONS = "trans=virtio,version=9p2000.L,msize=512000"
+
+_INIT = """\
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+fail() {{ echo "{fail_prefix}$*"; poweroff -f; sleep 60; }}
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t 9p -o ro,cache=loose,{options} {root_tag} /root \\
+    || fail "cannot mount the host's root over 9p (kernel needs CONFIG_9P_FS, CONFIG_NET_9P_VIRTIO)"
+mount -t proc proc /root/proc || fail "no /proc in the host's root"
+mount -t sysfs sysfs /root/sys || fail "no /sys in the host's root"
+mount -t devtmpfs devtmpfs /root/dev || fail "no /dev in the host's root"
+mkdir -p /root/dev/pts /root/dev/shm
+mount -t devpts devpts /root/dev/pts
+mount -t tmpfs tmpfs /root/dev/shm
+mount -t tmpfs tmpfs /root/tmp || fail "no /tmp in the host's root"
+mount -t tmpfs tmpfs /root/run
+mkdir -p /root{share}
+mount -t 9p -o {options} {share_tag} /root{share} || fail "cannot mount the results share"
+PYTHONPATH={pythonpath} PYTHONDONTWRITEBYTECODE=1 chroot /root {python} -m pyvmm.lab.agent \\
+    {share}/spec.json || echo "{fail_prefix}the guest agent failed (status $?)"
+poweroff -f
+sleep 60
+"""
+
+
+@dataclass(frozen=True)
+class InitConfig:
+    """What the init needs to know about the host: paths as they are on the host."""
+
+    python: str  # the interpreter that runs the agent
+    pythonpath: str  # the directory holding the pyvmm package
+    share: str  # the results share; mounted at this same path inside
+
+
+def init_script(config: InitConfig) -> str:
+    return _INIT.format(
+        fail_prefix=FAIL_PREFIX,
+        options=_9P_OPTIONS,
+        root_tag=ROOT_TAG,
+        share_tag=SHARE_TAG,
+        share=shlex.quote(config.share),
+        python=shlex.quote(config.python),
+        pythonpath=shlex.quote(config.pythonpath),
+    )
+
+
+class CpioWriter:
+    """Writes a newc ("070701") cpio archive, the format the kernel unpacks as an initramfs."""
+
+    def __init__(self) -> None:
+        self._data = bytearray()
+        self._ino = 0
+
+    def _entry(
+        self, name: str, mode: int, body: bytes = b"", rdev: tuple[int, int] = (0, 0)
+    ) -> None:
+        self._ino += 1
+        encoded = name.encode() + b"\0"
+        fields = (
+            self._ino,
+            mode,
+            0,  # uid
+            0,  # gid
+            2 if stat.S_ISDIR(mode) else 1,
+            0,  # mtime
+            len(body),
+            0,  # dev major
+            0,  # dev minor
+            rdev[0],
+            rdev[1],
+            len(encoded),
+            0,  # check
+        )
+        self._data += b"070701" + b"".join(b"%08X" % field for field in fields)
+        self._data += encoded
+        self._pad()
+        self._data += body
+        self._pad()
+
+    def _pad(self) -> None:
+        self._data += b"\0" * (-len(self._data) % 4)
+
+    def directory(self, name: str) -> None:
+        self._entry(name, stat.S_IFDIR | 0o755)
+
+    def file(self, name: str, body: bytes, mode: int = 0o644) -> None:
+        self._entry(name, stat.S_IFREG | mode, body)
+
+    def symlink(self, name: str, target: str) -> None:
+        self._entry(name, stat.S_IFLNK | 0o777, target.encode())
+
+    def char_device(self, name: str, major: int, minor: int) -> None:
+        self._entry(name, stat.S_IFCHR | 0o600, rdev=(major, minor))
+
+    def finish(self) -> bytes:
+        self._entry("TRAILER!!!", 0)
+        return bytes(self._data)
+
+
+def build(busybox: Path, config: InitConfig) -> bytes:
+    """The initramfs image for one lab boot."""
+    cpio = CpioWriter()
+    for directory in ("bin", "dev", "proc", "sys", "root", "tmp"):
+        cpio.directory(directory)
+    cpio.char_device("dev/console", 5, 1)
+    cpio.file("bin/busybox", busybox.read_bytes(), 0o755)
+    cpio.symlink("bin/sh", "busybox")
+    cpio.file("init", init_script(config).encode(), 0o755)
+    return cpio.finish()

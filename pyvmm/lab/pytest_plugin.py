@@ -1,0 +1,343 @@
+"""The lab test tier: tests marked `@pytest.mark.lab` run inside the lab, from a plain `pytest`.
+
+On the host, each selected lab test is replaced by a stand-in item with the same node id. The
+first stand-in to run boots the lab once and runs every lab test there with one inner
+`python -m pytest -m lab <node ids>`; that inner session (this plugin again, seeing
+PYVMM_IN_LAB=1) appends one JSON line per test report to a file on the results share, and each
+stand-in then passes, fails with the inner failure text, or skips with the inner reason. When
+QEMU, busybox or a lab kernel is missing, the stand-ins skip and say which.
+
+A test asks for lab hardware with the marker's keywords: `@pytest.mark.lab(devices=("nvme",))`
+adds devices to the one boot (edu is always there); `iommu="virtio"` puts the test in a second
+boot with that IOMMU; `before=callable` is called on the host before the boot, for what must be
+prepared where the files are writable (the host's root is read-only in the lab), such as
+building the test guests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pyvmm.lab import launcher
+from pyvmm.lab.errors import LabError, LabUnavailable
+from pyvmm.lab.protocol import Kind
+
+ENV_IN_LAB = "PYVMM_IN_LAB"
+ENV_RESULTS = "PYVMM_LAB_RESULTS"
+
+DEFAULT_TIMEOUT = 540.0  # the whole tier must stay under 10 minutes
+_OUTPUT_TAIL = 4000
+#: Markers the inner session evaluates; on the host they would judge the wrong machine.
+_INNER_ONLY_MARKERS = frozenset({"skip", "skipif", "xfail", "usefixtures", "parametrize"})
+
+
+def in_lab() -> bool:
+    return os.environ.get(ENV_IN_LAB) == "1"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("pyvmm lab")
+    group.addoption(
+        "--lab-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="S",
+        help="stop a lab boot after S seconds (default %(default)g)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if in_lab():
+        if os.environ.get(ENV_RESULTS):
+            config.pluginmanager.register(ResultWriter(Path(os.environ[ENV_RESULTS])))
+    else:
+        config.pluginmanager.register(LabTier(config), "pyvmm-lab-tier")
+
+
+# -- inside the lab ------------------------------------------------------------------------------
+
+
+class ResultWriter:
+    """Appends each test report to a JSON-lines file, flushed at once (partial runs count)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        record = {
+            "nodeid": report.nodeid,
+            "when": report.when,
+            "outcome": report.outcome,
+            "longrepr": _skip_reason(report) if report.skipped else report.longreprtext,
+            "crash": _crash_message(report),
+            "wasxfail": getattr(report, "wasxfail", None),
+            "sections": report.sections if report.failed else [],
+        }
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _crash_message(report: pytest.TestReport) -> str:
+    crash = getattr(report.longrepr, "reprcrash", None)
+    return crash.message.splitlines()[0] if crash is not None and crash.message else ""
+
+
+def _skip_reason(report: pytest.TestReport) -> str:
+    if isinstance(report.longrepr, tuple):
+        return str(report.longrepr[2]).removeprefix("Skipped: ")
+    return report.longreprtext
+
+
+# -- on the host ---------------------------------------------------------------------------------
+
+
+@dataclass
+class InnerResult:
+    """One test's outcome in the lab, folded from its setup, call and teardown reports."""
+
+    outcome: str = "passed"  # passed, failed, skipped, xfailed
+    text: str = ""
+
+    def add(self, record: dict[str, Any]) -> None:
+        if record["outcome"] == "failed" and self.outcome != "failed":
+            self.outcome = "failed"
+            where = "" if record["when"] == "call" else f" (in {record['when']})"
+            sections = "".join(
+                f"\n{'-' * 10} {title} {'-' * 10}\n{content}"
+                for title, content in record["sections"]
+            )
+            headline = record.get("crash") or "failed"
+            self.text = f"{headline} [in the lab{where}]\n\n{record['longrepr']}{sections}"
+        elif record["outcome"] == "skipped" and self.outcome == "passed":
+            self.outcome = "xfailed" if record["wasxfail"] is not None else "skipped"
+            self.text = record["wasxfail"] or record["longrepr"]
+
+
+def read_results(path: Path) -> dict[str, InnerResult]:
+    results: dict[str, InnerResult] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                results.setdefault(record["nodeid"], InnerResult()).add(record)
+    return results
+
+
+class LabFailure(Exception):
+    """A lab test failed inside the lab; the message is the inner report."""
+
+
+@dataclass
+class LabSession:
+    """One lab boot running a group of lab tests (those sharing an IOMMU)."""
+
+    iommu: str
+    items: list[LabItem] = field(default_factory=list)
+    results: dict[str, InnerResult] | None = None
+    problem: str = ""  # why tests have no result, when the session went wrong
+
+    def prepare(self) -> None:
+        """Run the tests' `before` callables, each once."""
+        done: list[Callable[[], object]] = []
+        for item in self.items:
+            if item.before is not None and item.before not in done:
+                item.before()
+                done.append(item.before)
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        wanted = ["edu"]
+        for item in self.items:
+            wanted += [d for d in item.lab_devices if d not in wanted]
+        return tuple(wanted)
+
+
+class LabTier:
+    """Host side of the tier: swaps lab tests for stand-ins and runs them in the lab."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.sessions: dict[str, LabSession] = {}
+
+    @pytest.hookimpl(trylast=True)  # after -m and -k have deselected
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        if not any(item.get_closest_marker("lab") for item in items):
+            return
+        unavailable = self._unavailable()
+        for index, item in enumerate(items):
+            if not item.get_closest_marker("lab"):
+                continue
+            stand_in = LabItem.from_parent(item.parent, name=item.name, original=item, tier=self)
+            if unavailable:
+                stand_in.skip_reason = f"lab unavailable: {unavailable}"
+            else:
+                session = self.sessions.setdefault(stand_in.iommu, LabSession(stand_in.iommu))
+                session.items.append(stand_in)
+            items[index] = stand_in
+
+    def _unavailable(self) -> str:
+        """Why the lab cannot run on this host (so its tests skip), or "" if it can."""
+        try:
+            launcher.prerequisites(launcher.LabOptions())
+        except LabUnavailable as exc:
+            return str(exc)
+        except LabError:
+            return ""  # a real problem: the tests fail with it when they run
+        return ""
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        """Point a stand-in's skip at the test, not at the stand-in's code."""
+        report = yield
+        if isinstance(item, LabItem) and report.skipped and isinstance(report.longrepr, tuple):
+            path, line, _ = item.reportinfo()
+            report.longrepr = (str(path), (line or 0) + 1, report.longrepr[2])
+        return report
+
+    def result(self, item: LabItem) -> InnerResult:
+        session = self.sessions[item.iommu]
+        if session.results is None:
+            self._run(session)
+        assert session.results is not None
+        found = session.results.get(item.nodeid)
+        if found is None:
+            return InnerResult("failed", f"no result from the lab: {session.problem or 'unknown'}")
+        return found
+
+    def _run(self, session: LabSession) -> None:
+        share = Path(tempfile.mkdtemp(prefix="pyvmm-lab-tier-"))
+        self.config.add_cleanup(lambda: shutil.rmtree(share, ignore_errors=True))
+        results = share / "results.jsonl"
+        command = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-m",
+            "lab",
+            "-p",
+            "no:cacheprovider",  # the host's root is read-only inside
+            "-q",
+            *(item.nodeid for item in session.items),
+        ]
+        options = launcher.LabOptions(
+            iommu=session.iommu,
+            devices=session.devices,
+            timeout=self.config.getoption("--lab-timeout"),
+            env={
+                ENV_RESULTS: str(results),
+                "HYPOTHESIS_STORAGE_DIRECTORY": str(share / "hypothesis"),
+            },
+        )
+        output = _Output(self.config)
+        output.line(
+            f"lab: running {len(session.items)} tests in QEMU "
+            f"(iommu {session.iommu}, devices {', '.join(session.devices)})"
+        )
+        started = time.monotonic()
+        try:
+            session.prepare()
+        except (Exception, pytest.fail.Exception) as exc:
+            session.problem = f"preparing on the host failed: {exc}"
+            session.results = {}
+            return
+        try:
+            result = launcher.run(
+                command, options, cwd=str(self.config.rootpath), output=output.write, share=share
+            )
+        except LabError as exc:
+            session.problem = f"{exc}\n{output.tail()}"
+        else:
+            session.problem = f"inner pytest exited with status {result.exit_code}\n{output.tail()}"
+            output.line(
+                f"lab: booted in {result.boot_seconds:.1f} s, "
+                f"{time.monotonic() - started:.1f} s in all"
+            )
+        session.results = read_results(results)
+
+
+class _Output:
+    """The inner pytest's output: kept for failure reports; live on the terminal with -v."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.live = config.get_verbosity() > 0
+        self.buffer = bytearray()
+
+    def write(self, kind: Kind, data: bytes) -> None:
+        self.buffer += data
+        if self.live:
+            self._terminal(data.decode(errors="replace"))
+
+    def line(self, text: str) -> None:
+        self._terminal(f"\n{text}\n")
+
+    def _terminal(self, text: str) -> None:
+        capture = self.config.pluginmanager.getplugin("capturemanager")
+        reporter = self.config.pluginmanager.getplugin("terminalreporter")
+        if reporter is None:
+            return
+        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+            reporter.write(text)
+            reporter.flush()
+
+    def tail(self) -> str:
+        return self.buffer[-_OUTPUT_TAIL:].decode(errors="replace")
+
+
+class LabItem(pytest.Item):
+    """Stands in on the host for a lab test; its outcome is the one the test had in the lab."""
+
+    def __init__(self, *, original: pytest.Item, tier: LabTier, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.original = original
+        self.tier = tier
+        for mark in original.own_markers:
+            self.own_markers.append(mark)
+            self.keywords[mark.name] = mark
+        marker = original.get_closest_marker("lab")
+        assert marker is not None
+        self.lab_devices: tuple[str, ...] = tuple(marker.kwargs.get("devices", ()))
+        self.iommu: str = marker.kwargs.get("iommu", "intel")
+        self.before: Callable[[], object] | None = marker.kwargs.get("before")
+        self.skip_reason: str | None = None
+
+    def iter_markers_with_node(self, name: str | None = None) -> Iterator[tuple[Any, pytest.Mark]]:
+        """The test's markers, less those only the inner session may judge (skipif, xfail, ...)."""
+        for node, mark in super().iter_markers_with_node(name):
+            if mark.name not in _INNER_ONLY_MARKERS:
+                yield node, mark
+
+    def setup(self) -> None:
+        if self.skip_reason:
+            pytest.skip(self.skip_reason)
+
+    def runtest(self) -> None:
+        result = self.tier.result(self)
+        if result.outcome == "skipped":
+            pytest.skip(result.text)
+        if result.outcome == "xfailed":
+            pytest.xfail(result.text)
+        if result.outcome == "failed":
+            raise LabFailure(result.text)
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException]) -> Any:
+        if isinstance(excinfo.value, LabFailure):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo)
+
+    def reportinfo(self) -> tuple[Any, int | None, str]:
+        return self.original.reportinfo()

@@ -1,0 +1,162 @@
+"""The QEMU command line of the lab machine.
+
+q35 under TCG (`-accel kvm` does not work on the hosts pyvmm is developed on), `-cpu max` for
+nested SVM so that /dev/kvm works inside, an emulated IOMMU, the emulated PCI devices that get
+bound to vfio-pci, the host's root and a results share over virtio-9p, the serial console and
+one virtio-serial port for the guest agent.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyvmm.lab import initramfs
+from pyvmm.lab.errors import LabError, LabUnavailable
+
+QEMU = "qemu-system-x86_64"
+
+#: The virtio-serial port name the agent looks for.
+AGENT_PORT = "pyvmm.agent"
+
+IOMMUS = ("intel", "virtio")
+_REFUSED_IOMMUS = {
+    "amd": "QEMU 10.0's amd-iommu is broken (device DMA data never arrives); use intel or virtio",
+}
+
+
+@dataclass(frozen=True)
+class LabDevice:
+    """An emulated PCI device the lab can hand to vfio-pci."""
+
+    name: str
+    qemu_device: str  # the -device argument; {index} numbers instances
+    vendor: int
+    device: int
+    summary: str
+
+
+DEVICES = {
+    device.name: device
+    for device in (
+        LabDevice("edu", "edu", 0x1234, 0x11E8, "QEMU edu: a DMA engine with MSI"),
+        LabDevice(
+            "nvme",
+            "nvme,serial=pyvmm-lab-{index}",
+            0x1B36,
+            0x0010,
+            "QEMU NVMe controller, no namespace: MSI-X, DMA",
+        ),
+        # romfile= empty: no iPXE option ROM needed (and ipxe-qemu need not be installed).
+        LabDevice("e1000e", "e1000e,romfile=", 0x8086, 0x10D3, "Intel 82574L NIC: MSI-X"),
+    )
+}
+
+
+def find_qemu() -> str:
+    path = shutil.which(QEMU)
+    if path is None:
+        raise LabUnavailable(f"{QEMU} not installed (run scripts/setup-lab)")
+    return path
+
+
+def check_iommu(iommu: str) -> None:
+    if iommu in _REFUSED_IOMMUS:
+        raise LabError(f"--iommu {iommu} is not supported: {_REFUSED_IOMMUS[iommu]}")
+    if iommu not in IOMMUS:
+        raise LabError(f"unknown IOMMU {iommu!r}; choose one of {', '.join(IOMMUS)}")
+
+
+def check_devices(devices: Sequence[str]) -> None:
+    unknown = [name for name in devices if name not in DEVICES]
+    if unknown:
+        raise LabError(f"unknown lab device {unknown[0]!r}; choose from {', '.join(DEVICES)}")
+
+
+def kernel_cmdline(iommu: str, verbose: bool) -> str:
+    args = ["console=ttyS0", "panic=-1", "intel_iommu=on"]
+    if iommu == "virtio":
+        # virtio-iommu has no interrupt remapping; VFIO refuses MSI without this.
+        args += ["vfio_iommu_type1.allow_unsafe_interrupts=1", "iommufd.allow_unsafe_interrupts=1"]
+    if not verbose:
+        args.append("quiet")
+    return " ".join(args)
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    """One lab machine. The chardevs are QEMU backend specs without the id, e.g. "socket,fd=5"."""
+
+    kernel: Path
+    initrd: Path
+    share: Path
+    console: str
+    agent: str
+    iommu: str = "intel"
+    devices: tuple[str, ...] = ("edu",)
+    memory: str = "2G"
+    smp: int = 2
+    verbose: bool = False
+
+
+def command(qemu: str, config: MachineConfig) -> list[str]:
+    """The full QEMU argv for `config`."""
+    check_iommu(config.iommu)
+    check_devices(config.devices)
+    args = [
+        qemu,
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-machine",
+        "q35,kernel-irqchip=split",
+        "-accel",
+        "tcg,thread=multi,tb-size=512",
+        "-cpu",
+        "max",
+        "-m",
+        config.memory,
+        "-smp",
+        str(config.smp),
+        "-kernel",
+        str(config.kernel),
+        "-initrd",
+        str(config.initrd),
+        "-append",
+        kernel_cmdline(config.iommu, config.verbose),
+    ]
+    # The IOMMU comes first: it must exist before the PCI devices it translates.
+    if config.iommu == "intel":
+        args += ["-device", "intel-iommu,intremap=on,caching-mode=on"]
+    else:
+        args += ["-device", "virtio-iommu-pci"]
+    args += ["-chardev", f"{config.console},id=console", "-serial", "chardev:console"]
+    if config.console.startswith("stdio"):
+        args += ["-mon", "chardev=console,mode=readline"]
+    else:
+        args += ["-monitor", "none"]
+    args += [
+        "-device",
+        "virtio-serial-pci,id=vser",
+        "-chardev",
+        f"{config.agent},id=agent",
+        "-device",
+        f"virtserialport,bus=vser.0,chardev=agent,name={AGENT_PORT}",
+    ]
+    # multidevs=remap: the host's root spans several filesystems; keep inode numbers unique.
+    args += [
+        "-virtfs",
+        f"local,path=/,mount_tag={initramfs.ROOT_TAG},security_model=none,readonly=on,"
+        "multidevs=remap",
+        "-virtfs",
+        f"local,path={config.share},mount_tag={initramfs.SHARE_TAG},security_model=none",
+    ]
+    counts: dict[str, int] = {}
+    for name in config.devices:
+        index = counts[name] = counts.get(name, -1) + 1
+        args += ["-device", DEVICES[name].qemu_device.format(index=index)]
+    return args

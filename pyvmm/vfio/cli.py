@@ -1,0 +1,184 @@
+"""`pyvmm vfio list|bind|unbind|mdev ...`: look at and prepare devices for VFIO."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from collections.abc import Callable, Sequence
+
+from pyvmm.vfio.sysfs import PciDevice, Sysfs, SysfsError
+
+#: PCI base class names (PCI Code and ID Assignment Specification), for the CLASS column.
+_BASE_CLASSES = {
+    0x00: "unclassified",
+    0x01: "storage",
+    0x02: "network",
+    0x03: "display",
+    0x04: "multimedia",
+    0x05: "memory",
+    0x06: "bridge",
+    0x07: "communication",
+    0x08: "system",
+    0x09: "input",
+    0x0A: "docking",
+    0x0B: "processor",
+    0x0C: "serial bus",
+    0x0D: "wireless",
+    0x0E: "intelligent I/O",
+    0x0F: "satellite",
+    0x10: "encryption",
+    0x11: "signal processing",
+    0x12: "accelerator",
+    0x13: "instrumentation",
+    0xFF: "unassigned",
+}
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add `vfio ...` to a top-level argparse subparsers object."""
+    vfio = subparsers.add_parser("vfio", help="list PCI devices and bind them to vfio-pci")
+    vfio.add_argument(
+        "--root",
+        default="/",
+        metavar="DIR",
+        help="read sysfs and /dev under DIR instead of / (for tests)",
+    )
+    commands = vfio.add_subparsers(dest="vfio_command", required=True, metavar="COMMAND")
+
+    listing = commands.add_parser(
+        "list", help="PCI devices with their IOMMU group, driver and VFIO nodes"
+    )
+    listing.set_defaults(func=_list)
+
+    bind = commands.add_parser("bind", help="bind a PCI device to vfio-pci (driver_override)")
+    bind.add_argument("bdf", metavar="BDF", help="the device's address, e.g. 0000:00:04.0")
+    bind.set_defaults(func=_bind)
+
+    unbind = commands.add_parser(
+        "unbind", help="release a PCI device from vfio-pci back to its own driver"
+    )
+    unbind.add_argument("bdf", metavar="BDF")
+    unbind.set_defaults(func=_unbind)
+
+    mdev = commands.add_parser("mdev", help="mediated devices").add_subparsers(
+        dest="mdev_command", required=True, metavar="COMMAND"
+    )
+    create = mdev.add_parser("create", help="create an mdev of TYPE; prints its UUID")
+    create.add_argument("type_id", metavar="TYPE", help="an mdev type, e.g. mtty-2")
+    create.add_argument("--parent", help="the parent device, when several offer TYPE")
+    create.add_argument("--uuid", help="the new mdev's UUID (default: a random one)")
+    create.set_defaults(func=_mdev_create)
+    mdev.add_parser("list", help="mdev types and mdevs").set_defaults(func=_mdev_list)
+    remove = mdev.add_parser("remove", help="remove the mdev UUID")
+    remove.add_argument("uuid", metavar="UUID")
+    remove.set_defaults(func=_mdev_remove)
+
+
+def _table(header: Sequence[str], rows: list[Sequence[str]]) -> str:
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    head = "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))
+    return "\n".join(line.rstrip() for line in [head, *lines])
+
+
+def _class(code: int) -> str:
+    return f"{code >> 8:04x} {_BASE_CLASSES.get(code >> 16, '')}".rstrip()
+
+
+def device_row(device: PciDevice) -> list[str]:
+    return [
+        device.bdf,
+        device.ids,
+        _class(device.class_code),
+        device.driver or "-",
+        device.iommu_group or "-",
+        f"/dev/vfio/{device.iommu_group}" if device.group_node else "-",
+        f"/dev/vfio/devices/{device.cdev}" if device.cdev_node else "-",
+        device.name,
+    ]
+
+
+def _present(flag: bool) -> str:
+    return "present" if flag else "absent"
+
+
+def format_list(sysfs: Sysfs) -> str:
+    header = ("BDF", "ID", "CLASS", "DRIVER", "GROUP", "GROUP NODE", "CDEV NODE", "NAME")
+    rows = [device_row(d) for d in sysfs.pci_devices()]
+    body = _table(header, rows) if rows else "no PCI devices"
+    return (
+        f"{body}\n"
+        f"/dev/iommu (iommufd): {_present(sysfs.iommufd)}; "
+        f"/dev/vfio/vfio (container): {_present(sysfs.vfio_container)}; "
+        f"/dev/vfio/devices (cdevs): {_present(sysfs.vfio_cdevs)}"
+    )
+
+
+def format_mdevs(sysfs: Sysfs) -> str:
+    types = [
+        (t.parent, t.type_id, t.name, str(t.available), t.device_api) for t in sysfs.mdev_types()
+    ]
+    mdevs = [
+        (
+            m.uuid,
+            m.parent,
+            m.type_id,
+            m.iommu_group or "-",
+            f"/dev/vfio/devices/{m.cdev}" if m.cdev_node else "-",
+        )
+        for m in sysfs.mdevs()
+    ]
+    parts = [
+        _table(("PARENT", "TYPE", "NAME", "AVAILABLE", "API"), types) if types else "no mdev types",
+        _table(("UUID", "PARENT", "TYPE", "GROUP", "CDEV NODE"), mdevs) if mdevs else "no mdevs",
+    ]
+    return "\n\n".join(parts)
+
+
+def _command(action: Callable[[Sysfs, argparse.Namespace], None]) -> Callable[..., int]:
+    """Make `action` an argparse `func`: user errors become one line and exit status 1."""
+
+    @functools.wraps(action)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            action(Sysfs(args.root), args)
+        except (SysfsError, OSError) as exc:
+            print(f"pyvmm vfio: {exc}", file=sys.stderr)
+            return 1
+        return 0
+
+    return run
+
+
+@_command
+def _list(sysfs: Sysfs, args: argparse.Namespace) -> None:
+    print(format_list(sysfs))
+
+
+@_command
+def _bind(sysfs: Sysfs, args: argparse.Namespace) -> None:
+    device = sysfs.bind_vfio(args.bdf)
+    node = f"/dev/vfio/{device.iommu_group}" if device.group_node else "no group node"
+    print(f"{device.bdf}: vfio-pci (IOMMU group {device.iommu_group}, {node})")
+
+
+@_command
+def _unbind(sysfs: Sysfs, args: argparse.Namespace) -> None:
+    device = sysfs.unbind(args.bdf)
+    print(f"{device.bdf}: {device.driver or 'no driver'}")
+
+
+@_command
+def _mdev_create(sysfs: Sysfs, args: argparse.Namespace) -> None:
+    print(sysfs.create_mdev(args.type_id, args.parent, args.uuid))
+
+
+@_command
+def _mdev_list(sysfs: Sysfs, args: argparse.Namespace) -> None:
+    print(format_mdevs(sysfs))
+
+
+@_command
+def _mdev_remove(sysfs: Sysfs, args: argparse.Namespace) -> None:
+    sysfs.remove_mdev(args.uuid)

@@ -1,0 +1,7 @@
+"""Shared pytest set-up: the lab test tier (`pyvmm.lab.pytest_plugin`).
+
+Tests marked `@pytest.mark.lab` run inside the lab; on the host they are stand-ins for the
+results of one lab boot per session.
+"""
+
+pytest_plugins = ["pyvmm.lab.pytest_plugin"]

@@ -1,0 +1,36 @@
+"""The lab gives what it promises: KVM, iommufd, VFIO cdevs and the edu device on vfio-pci."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pyvmm.vfio.sysfs import VFIO_PCI, Sysfs
+
+pytestmark = pytest.mark.lab
+
+
+def test_device_nodes_exist() -> None:
+    for node in ("/dev/kvm", "/dev/iommu", "/dev/vfio/vfio", "/dev/vfio/devices"):
+        assert os.path.exists(node), node
+
+
+def test_edu_is_bound_to_vfio_pci(lab_devices: dict[str, str], sysfs: Sysfs) -> None:
+    edu = sysfs.pci_device(lab_devices["edu"])
+    assert (edu.vendor, edu.device) == (0x1234, 0x11E8)
+    assert edu.driver == VFIO_PCI
+    assert edu.iommu_group is not None and edu.group_node
+    assert edu.cdev is not None and edu.cdev_node
+
+
+def test_the_host_checkout_is_visible_read_only() -> None:
+    here = Path(__file__)
+    assert here.is_file()
+    assert os.statvfs(here).f_flag & os.ST_RDONLY
+
+
+def test_kvm_opens() -> None:
+    fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    os.close(fd)

@@ -1,0 +1,51 @@
+"""`pyvmm vfio` against the real sysfs of the lab kernel."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from pyvmm.vfio import cli
+from pyvmm.vfio.sysfs import Sysfs
+
+pytestmark = pytest.mark.lab
+
+
+def run_cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="pyvmm")
+    cli.add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["vfio", *argv])
+    return args.func(args)
+
+
+def test_list_shows_edu_on_vfio_pci(
+    lab_devices: dict[str, str], sysfs: Sysfs, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_cli("list") == 0
+    out = capsys.readouterr().out
+    edu = sysfs.pci_device(lab_devices["edu"])
+    row = next(line for line in out.splitlines() if line.startswith(edu.bdf))
+    assert "1234:11e8" in row
+    assert "vfio-pci" in row
+    assert f"/dev/vfio/{edu.iommu_group}" in row
+    assert f"/dev/vfio/devices/{edu.cdev}" in row
+    assert "/dev/iommu (iommufd): present" in out
+
+
+@pytest.mark.lab(devices=("nvme",))
+def test_unbind_and_bind_a_device_with_a_kernel_driver(
+    lab_devices: dict[str, str], sysfs: Sysfs, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bdf = lab_devices["nvme"]
+    assert run_cli("unbind", bdf) == 0
+    assert sysfs.pci_device(bdf).driver == "nvme"
+    assert run_cli("bind", bdf) == 0
+    assert sysfs.pci_device(bdf).driver == "vfio-pci"
+    assert f"{bdf}: vfio-pci" in capsys.readouterr().out
+
+
+def test_bind_of_a_missing_device_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli("bind", "0000:00:1e.7") == 1
+    err = capsys.readouterr().err
+    assert err == "pyvmm vfio: no PCI device 0000:00:1e.7\n"

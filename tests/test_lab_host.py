@@ -1,0 +1,606 @@
+"""The lab's host side without QEMU: kernel lookup and checks, QEMU's command line, the
+initramfs, the agent protocol, the launcher against a fake QEMU, the CLI's errors, and how the
+test tier folds inner results."""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import lzma
+import os
+import stat
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+
+from pyvmm.lab import cli, initramfs, kernel, launcher, protocol, qemu
+from pyvmm.lab.errors import LabError, LabTimeout, LabUnavailable
+from pyvmm.lab.protocol import Kind
+from pyvmm.lab.pytest_plugin import InnerResult, read_results
+
+# -- kernel lookup ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> dict[str, str]:
+    return {"HOME": str(tmp_path / "home")}
+
+
+def test_kernel_lookup_order(tmp_path: Path, home: dict[str, str]) -> None:
+    cached = kernel.cached_kernel(home)
+    cached.parent.mkdir(parents=True)
+    cached.touch()
+    from_env = tmp_path / "env-bzImage"
+    from_env.touch()
+    explicit = tmp_path / "explicit-bzImage"
+    explicit.touch()
+    env = {**home, "PYVMM_LAB_KERNEL": str(from_env)}
+    assert kernel.find_kernel(str(explicit), env) == explicit
+    assert kernel.find_kernel(None, env) == from_env
+    assert kernel.find_kernel(None, home) == cached
+    assert cached == tmp_path / "home/.cache/pyvmm/lab/bzImage"
+
+
+def test_cache_dir_follows_pyvmm_cache_then_xdg() -> None:
+    assert kernel.cache_dir({"PYVMM_CACHE": "/c", "XDG_CACHE_HOME": "/x"}) == Path("/c")
+    assert kernel.cache_dir({"XDG_CACHE_HOME": "/x", "HOME": "/h"}) == Path("/x/pyvmm")
+    assert kernel.cache_dir({"HOME": "/h"}) == Path("/h/.cache/pyvmm")
+
+
+def test_missing_kernels_say_where_to_get_one(tmp_path: Path, home: dict[str, str]) -> None:
+    with pytest.raises(LabUnavailable, match=r"lab kernel /nope \(--kernel\) does not exist"):
+        kernel.find_kernel("/nope", home)
+    with pytest.raises(LabUnavailable, match=r"/nope \(\$PYVMM_LAB_KERNEL\) does not exist"):
+        kernel.find_kernel(None, {**home, "PYVMM_LAB_KERNEL": "/nope"})
+    with pytest.raises(LabUnavailable) as excinfo:
+        kernel.find_kernel(None, home)
+    assert str(excinfo.value) == (
+        "no lab kernel: pass --kernel, set $PYVMM_LAB_KERNEL, or build one with "
+        f"scripts/build-lab-kernel (into {tmp_path}/home/.cache/pyvmm/lab/bzImage)"
+    )
+
+
+def fake_bzimage(path: Path, config: str | None, compress: str = "gzip") -> Path:
+    """A bzImage as far as the setup header and the compressed payload go."""
+    vmlinux = b"\x90" * 64
+    if config is not None:
+        vmlinux += b"IKCFG_ST" + gzip.compress(config.encode()) + b"IKCFG_ED"
+    vmlinux += b"\x90" * 64
+    if compress == "gzip":
+        payload = gzip.compress(vmlinux) + struct.pack("<I", len(vmlinux))
+    else:
+        payload = lzma.compress(vmlinux, format=lzma.FORMAT_XZ)
+    setup_sects = 2
+    header = bytearray((setup_sects + 1) * 512)
+    header[0x1F1] = setup_sects
+    header[0x202:0x206] = b"HdrS"
+    struct.pack_into("<II", header, 0x248, 8, len(payload))
+    path.write_bytes(bytes(header) + b"\0" * 8 + payload)
+    return path
+
+
+FULL_CONFIG = "\n".join(
+    [
+        "# comment",
+        *(f"{name}=y" for name in kernel.REQUIRED_OPTIONS),
+        *(f"{name}=y" for name in kernel.IOMMU_OPTIONS.values()),
+        'CONFIG_LOCALVERSION="-lab"',
+        "# CONFIG_MODULES is not set",
+    ]
+)
+
+
+@pytest.mark.parametrize("compress", ["gzip", "xz"])
+def test_read_ikconfig(tmp_path: Path, compress: str) -> None:
+    config = kernel.read_ikconfig(fake_bzimage(tmp_path / "bzImage", FULL_CONFIG, compress))
+    assert config is not None
+    assert config["CONFIG_IOMMUFD"] == "y"
+    assert config["CONFIG_LOCALVERSION"] == '"-lab"'
+    assert "CONFIG_MODULES" not in config
+
+
+def test_kernels_whose_config_cannot_be_read_pass(tmp_path: Path) -> None:
+    no_ikconfig = fake_bzimage(tmp_path / "plain", None)
+    not_a_kernel = tmp_path / "junk"
+    not_a_kernel.write_bytes(b"junk" * 300)
+    for path in (no_ikconfig, not_a_kernel):
+        assert kernel.read_ikconfig(path) is None
+        kernel.check_kernel(path, "intel")
+
+
+def test_kernel_without_iommufd_is_refused(tmp_path: Path) -> None:
+    config = FULL_CONFIG.replace("CONFIG_IOMMUFD=y", "# CONFIG_IOMMUFD is not set")
+    config = config.replace("CONFIG_VIRTIO_IOMMU=y", "CONFIG_VIRTIO_IOMMU=m")
+    image = fake_bzimage(tmp_path / "bzImage", config)
+    with pytest.raises(LabError, match=r"lacks CONFIG_IOMMUFD \(=y\); build one with scripts/"):
+        kernel.check_kernel(image, "intel")
+    with pytest.raises(LabError, match="lacks CONFIG_IOMMUFD, CONFIG_VIRTIO_IOMMU"):
+        kernel.check_kernel(image, "virtio")
+
+
+# -- QEMU's command line ---------------------------------------------------------------------------
+
+
+def machine(**overrides: object) -> qemu.MachineConfig:
+    fields: dict[str, object] = {
+        "kernel": Path("/k/bzImage"),
+        "initrd": Path("/t/initrd.cpio"),
+        "share": Path("/t/share"),
+        "console": "socket,fd=5",
+        "agent": "socket,fd=6",
+    }
+    fields.update(overrides)
+    return qemu.MachineConfig(**fields)  # type: ignore[arg-type]
+
+
+def option_values(argv: list[str], option: str) -> list[str]:
+    return [argv[i + 1] for i, arg in enumerate(argv) if arg == option]
+
+
+def test_command_line_is_the_tcg_recipe() -> None:
+    argv = qemu.command("/usr/bin/qemu-system-x86_64", machine())
+    assert argv[0] == "/usr/bin/qemu-system-x86_64"
+    assert option_values(argv, "-machine") == ["q35,kernel-irqchip=split"]
+    assert option_values(argv, "-accel") == ["tcg,thread=multi,tb-size=512"]
+    assert option_values(argv, "-cpu") == ["max"]
+    assert (option_values(argv, "-m"), option_values(argv, "-smp")) == (["2G"], ["2"])
+    assert option_values(argv, "-kernel") == ["/k/bzImage"]
+    assert option_values(argv, "-initrd") == ["/t/initrd.cpio"]
+    assert "-no-reboot" in argv
+    append = option_values(argv, "-append")[0]
+    assert append.split() == ["console=ttyS0", "panic=-1", "intel_iommu=on", "quiet"]
+    chardevs = option_values(argv, "-chardev")
+    assert chardevs[:2] == ["socket,fd=5,id=console", "socket,fd=6,id=agent"]
+    virtfs = option_values(argv, "-virtfs")
+    assert virtfs[0].startswith("local,path=/,mount_tag=hostroot,")
+    assert "readonly=on" in virtfs[0]
+    assert virtfs[1].startswith("local,path=/t/share,mount_tag=results,")
+
+
+def test_iommu_comes_before_the_devices() -> None:
+    devices = option_values(qemu.command("qemu", machine(devices=("edu", "nvme"))), "-device")
+    assert devices[0] == "intel-iommu,intremap=on,caching-mode=on"
+    assert devices[-2:] == ["edu", "nvme,serial=pyvmm-lab-0"]
+
+
+def test_virtio_iommu_allows_unsafe_interrupts_and_verbose_is_not_quiet() -> None:
+    argv = qemu.command("qemu", machine(iommu="virtio", verbose=True))
+    assert option_values(argv, "-device")[0] == "virtio-iommu-pci"
+    append = option_values(argv, "-append")[0].split()
+    assert "vfio_iommu_type1.allow_unsafe_interrupts=1" in append
+    assert "iommufd.allow_unsafe_interrupts=1" in append
+    assert "quiet" not in append
+
+
+def test_repeated_devices_are_numbered() -> None:
+    devices = option_values(
+        qemu.command("q", machine(devices=("nvme", "e1000e", "nvme"))), "-device"
+    )
+    assert devices[-3:] == ["nvme,serial=pyvmm-lab-0", "e1000e,romfile=", "nvme,serial=pyvmm-lab-1"]
+
+
+def test_shell_console_is_muxed_with_the_monitor() -> None:
+    argv = qemu.command("q", machine(console="stdio,mux=on,signal=off", agent="null"))
+    assert option_values(argv, "-mon") == ["chardev=console,mode=readline"]
+    assert "-monitor" not in argv
+
+
+def test_amd_iommu_and_unknown_devices_are_refused() -> None:
+    with pytest.raises(LabError, match=r"--iommu amd is not supported: QEMU 10\.0's amd-iommu"):
+        qemu.command("q", machine(iommu="amd"))
+    with pytest.raises(LabError, match="unknown IOMMU 'smmu'"):
+        qemu.check_iommu("smmu")
+    with pytest.raises(LabError, match="unknown lab device 'gpu'; choose from edu, nvme, e1000e"):
+        qemu.command("q", machine(devices=("edu", "gpu")))
+
+
+# -- initramfs -------------------------------------------------------------------------------------
+
+
+def read_cpio(data: bytes) -> dict[str, tuple[int, bytes, tuple[int, int]]]:
+    """{name: (mode, body, (rdev major, minor))} from a newc archive."""
+    entries = {}
+    offset = 0
+    while True:
+        assert data[offset : offset + 6] == b"070701"
+        fields = [int(data[offset + 6 + 8 * i : offset + 14 + 8 * i], 16) for i in range(13)]
+        mode, size, rmajor, rminor, namesize = (
+            fields[1],
+            fields[6],
+            fields[9],
+            fields[10],
+            fields[11],
+        )
+        offset += 110
+        name = data[offset : offset + namesize - 1].decode()
+        offset += namesize + (-(110 + namesize) % 4)
+        body = data[offset : offset + size]
+        offset += size + (-size % 4)
+        if name == "TRAILER!!!":
+            return entries
+        entries[name] = (mode, body, (rmajor, rminor))
+
+
+def test_initramfs_layout(tmp_path: Path) -> None:
+    busybox = tmp_path / "busybox"
+    busybox.write_bytes(b"\x7fELF busybox")
+    config = initramfs.InitConfig(
+        python="/opt/py/bin/python3", pythonpath="/src/pyvmm co", share="/tmp/x y/share"
+    )
+    entries = read_cpio(initramfs.build(busybox, config))
+    assert {"bin", "dev", "proc", "sys", "root", "tmp", "init", "bin/sh"} <= entries.keys()
+    mode, body, _ = entries["bin/busybox"]
+    assert body == b"\x7fELF busybox" and mode & 0o111
+    mode, _, rdev = entries["dev/console"]
+    assert stat.S_ISCHR(mode) and rdev == (5, 1)
+    mode, body, _ = entries["bin/sh"]
+    assert stat.S_ISLNK(mode) and body == b"busybox"
+    mode, init, _ = entries["init"]
+    assert mode & 0o111 and init.startswith(b"#!/bin/busybox sh\n")
+    script = init.decode()
+    assert "results /root'/tmp/x y/share'" in script
+    assert "PYTHONPATH='/src/pyvmm co'" in script
+    assert "chroot /root /opt/py/bin/python3 -m pyvmm.lab.agent" in script
+    assert "poweroff -f" in script
+
+
+# -- protocol --------------------------------------------------------------------------------------
+
+
+def test_frames_survive_any_chunking() -> None:
+    stream = (
+        protocol.encode_json(Kind.HELLO, {"uptime": 1.5})
+        + protocol.encode(Kind.STDOUT, b"x" * 1000)
+        + protocol.encode(Kind.STDERR, b"")
+        + protocol.encode_json(Kind.EXIT, {"code": 3})
+    )
+    reader = protocol.FrameReader()
+    frames = [frame for byte in stream for frame in reader.feed(bytes([byte]))]
+    assert frames == [
+        (Kind.HELLO, b'{"uptime": 1.5}'),
+        (Kind.STDOUT, b"x" * 1000),
+        (Kind.STDERR, b""),
+        (Kind.EXIT, b'{"code": 3}'),
+    ]
+    assert reader.pending == 0
+
+
+def test_oversized_frames_are_refused() -> None:
+    with pytest.raises(ValueError, match="exceeds"):
+        protocol.encode(Kind.STDOUT, b"x" * (protocol.MAX_PAYLOAD + 1))
+
+
+# -- prerequisites and the command's environment ---------------------------------------------------
+
+
+def elf(path: Path, interp: bool) -> Path:
+    """A minimal 64-bit ELF header with one program header: PT_INTERP (3) or PT_LOAD (1)."""
+    header = bytearray(64)
+    header[:5] = b"\x7fELF\x02"
+    struct.pack_into("<QHH", header, 32, 64, 0, 0)
+    struct.pack_into("<HH", header, 54, 56, 1)
+    program = struct.pack("<I", 3 if interp else 1) + bytes(52)
+    path.write_bytes(bytes(header) + program)
+    return path
+
+
+def test_static_elf_detection(tmp_path: Path) -> None:
+    assert launcher.is_static_elf(elf(tmp_path / "static", interp=False))
+    assert not launcher.is_static_elf(elf(tmp_path / "dynamic", interp=True))
+    (tmp_path / "script").write_text("#!/bin/sh\n")
+    assert not launcher.is_static_elf(tmp_path / "script")
+
+
+def test_missing_qemu_says_run_setup_lab(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(LabUnavailable) as excinfo:
+        launcher.prerequisites(launcher.LabOptions())
+    assert str(excinfo.value) == "qemu-system-x86_64 not installed (run scripts/setup-lab)"
+
+
+def test_missing_busybox_says_run_setup_lab(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(launcher, "_BUSYBOX_CANDIDATES", ())
+    with pytest.raises(LabUnavailable, match=r"no static busybox .* scripts/setup-lab"):
+        launcher.find_busybox()
+
+
+def test_guest_env_passes_only_what_the_command_needs(tmp_path: Path) -> None:
+    host = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": "/root",
+        "LC_ALL": "C.UTF-8",
+        "PYVMM_LAB_KERNEL": "/k",
+        "PYTHONPATH": "/extra",
+        "API_TOKEN": "secret",
+        "SSH_AUTH_SOCK": "/run/agent",
+    }
+    env = launcher.guest_env(host, tmp_path, {"FOO": "bar"})
+    assert env["PATH"] == f"{Path(sys.executable).parent}:/usr/bin:/bin"
+    assert env["PYTHONPATH"] == f"{launcher.package_root()}:/extra"
+    assert (env["PYVMM_IN_LAB"], env["PYVMM_LAB_SHARE"]) == ("1", str(tmp_path))
+    assert (env["HOME"], env["LC_ALL"], env["PYVMM_LAB_KERNEL"], env["FOO"]) == (
+        "/root",
+        "C.UTF-8",
+        "/k",
+        "bar",
+    )
+    assert "API_TOKEN" not in env and "SSH_AUTH_SOCK" not in env
+
+
+def test_paths_the_lab_hides_are_refused() -> None:
+    launcher.check_visible({"pyvmm": Path("/work/main"), "x": Path("/tmpfoo/y")})
+    with pytest.raises(LabError, match="the interpreter /tmp/venv/bin/python is under /tmp"):
+        launcher.check_visible({"the interpreter": Path("/tmp/venv/bin/python")})
+    with pytest.raises(LabError, match="under /run"):
+        launcher.check_visible({"pyvmm": Path("/run")})
+
+
+def test_package_root_holds_pyvmm() -> None:
+    assert (launcher.package_root() / "pyvmm" / "lab" / "agent.py").is_file()
+
+
+# -- the launcher against a fake QEMU --------------------------------------------------------------
+
+FAKE_QEMU = """\
+#!{python}
+import json, os, re, sys, time
+from pathlib import Path
+from pyvmm.lab import protocol
+from pyvmm.lab.protocol import Kind
+
+fds = {{}}
+for arg in sys.argv:
+    match = re.fullmatch(r"socket,fd=(\\d+),id=(\\w+)", arg)
+    if match:
+        fds[match.group(2)] = int(match.group(1))
+share = Path(next(a for a in sys.argv if "mount_tag=results" in a).split("path=")[1].split(",")[0])
+spec = json.loads((share / "spec.json").read_text())
+record = {{"argv": sys.argv, "pid": os.getpid(), "spec": spec}}
+Path(os.environ["FAKE_QEMU_RECORD"]).write_text(json.dumps(record))
+mode = os.environ["FAKE_QEMU_MODE"]
+
+def agent(kind, payload):
+    os.write(fds["agent"], protocol.encode(kind, payload))
+
+os.write(fds["console"], b"[    0.000000] Linux version 7.3.4-lab\\n")
+if mode == "qemu-error":
+    sys.stderr.write("qemu-system-x86_64: -device edu: something broke\\n")
+    sys.exit(1)
+if mode == "init-fails":
+    os.write(fds["console"], b"{fail}cannot mount the host's root over 9p\\n")
+    sys.exit(0)
+agent(Kind.HELLO, b'{{"uptime": 2.5}}')
+if mode == "ok":
+    agent(Kind.STDOUT, b"out\\n")
+    agent(Kind.STDERR, b"err\\n")
+    agent(Kind.STDOUT, b"more out\\n")
+    agent(Kind.EXIT, b'{{"code": 3}}')
+elif mode == "agent-error":
+    agent(Kind.ERROR, b"the lab has no nvme device")
+elif mode == "hang":
+    time.sleep(60)
+"""
+
+
+class FakeLab:
+    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.tmp_path = tmp_path
+        self.record_path = tmp_path / "record.json"
+        script = tmp_path / "qemu-system-x86_64"
+        script.write_text(FAKE_QEMU.format(python=sys.executable, fail=initramfs.FAIL_PREFIX))
+        script.chmod(0o755)
+        busybox = tmp_path / "busybox"
+        busybox.write_bytes(b"busybox")
+        self.kernel = tmp_path / "bzImage"
+        self.kernel.write_bytes(b"not a real kernel")
+        monkeypatch.setattr(qemu, "find_qemu", lambda: str(script))
+        monkeypatch.setattr(launcher, "find_busybox", lambda: busybox)
+        monkeypatch.setenv("PYTHONPATH", str(launcher.package_root()))
+        monkeypatch.setenv("FAKE_QEMU_RECORD", str(self.record_path))
+        self.monkeypatch = monkeypatch
+        self.output: list[tuple[Kind, bytes]] = []
+
+    def run(self, mode: str, **options: object) -> launcher.LabResult:
+        self.monkeypatch.setenv("FAKE_QEMU_MODE", mode)
+        lab_options = launcher.LabOptions(kernel=str(self.kernel), **options)  # type: ignore[arg-type]
+        return launcher.run(
+            ["pytest", "-q"],
+            lab_options,
+            cwd="/work",
+            output=lambda kind, data: self.output.append((kind, data)),
+        )
+
+    @property
+    def record(self) -> dict[str, object]:
+        return json.loads(self.record_path.read_text())
+
+
+@pytest.fixture
+def fake_lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeLab:
+    return FakeLab(tmp_path, monkeypatch)
+
+
+def test_run_streams_output_and_returns_the_exit_status(fake_lab: FakeLab) -> None:
+    result = fake_lab.run("ok", devices=("edu", "nvme"))
+    assert result.exit_code == 3
+    assert result.boot_seconds <= result.seconds
+    assert fake_lab.output == [
+        (Kind.STDOUT, b"out\n"),
+        (Kind.STDERR, b"err\n"),
+        (Kind.STDOUT, b"more out\n"),
+    ]
+    spec = fake_lab.record["spec"]
+    assert isinstance(spec, dict)
+    assert (spec["mode"], spec["command"], spec["cwd"]) == ("run", ["pytest", "-q"], "/work")
+    assert spec["port"] == qemu.AGENT_PORT
+    assert spec["env"]["PYVMM_IN_LAB"] == "1"
+    assert spec["devices"] == [
+        {"name": "edu", "vendor": 0x1234, "device": 0x11E8},
+        {"name": "nvme", "vendor": 0x1B36, "device": 0x0010},
+    ]
+
+
+def test_the_temporary_files_are_removed(fake_lab: FakeLab) -> None:
+    fake_lab.run("ok")
+    argv = fake_lab.record["argv"]
+    assert isinstance(argv, list)
+    initrd = Path(option_values(argv, "-initrd")[0])
+    assert not initrd.parent.exists()
+
+
+def test_an_init_failure_is_reported_in_one_line(fake_lab: FakeLab) -> None:
+    with pytest.raises(LabError) as excinfo:
+        fake_lab.run("init-fails")
+    assert str(excinfo.value) == (
+        "the lab stopped before the command finished: cannot mount the host's root over 9p "
+        "(rerun with --verbose to see its console)"
+    )
+
+
+def test_a_qemu_error_is_reported_in_one_line(fake_lab: FakeLab) -> None:
+    with pytest.raises(LabError, match="qemu-system-x86_64: -device edu: something broke"):
+        fake_lab.run("qemu-error")
+
+
+def test_an_agent_error_is_reported_as_is(fake_lab: FakeLab) -> None:
+    with pytest.raises(LabError) as excinfo:
+        fake_lab.run("agent-error")
+    assert str(excinfo.value) == "the lab has no nvme device"
+
+
+def test_a_timeout_stops_qemu(fake_lab: FakeLab) -> None:
+    with pytest.raises(LabTimeout, match=r"timed out after 1.5 s; QEMU stopped"):
+        fake_lab.run("hang", timeout=1.5)
+    pid = fake_lab.record["pid"]
+    assert isinstance(pid, int)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_an_exception_in_the_output_sink_stops_qemu(
+    fake_lab: FakeLab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def explode(kind: Kind, data: bytes) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setenv("FAKE_QEMU_MODE", "ok")
+    with pytest.raises(KeyboardInterrupt):
+        launcher.run(["x"], launcher.LabOptions(kernel=str(fake_lab.kernel)), output=explode)
+    pid = fake_lab.record["pid"]
+    assert isinstance(pid, int)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+# -- the CLI ---------------------------------------------------------------------------------------
+
+
+def run_cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="pyvmm")
+    cli.add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["lab", *argv])
+    return args.func(args)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ("run", "--iommu", "amd", "--", "true"),
+            "--iommu amd is not supported: QEMU 10.0's amd-iommu is broken (device DMA data "
+            "never arrives); use intel or virtio",
+        ),
+        (("run", "--"), "no command given (use: pyvmm lab run -- CMD ...)"),
+        (("run", "--env", "NOVALUE", "--", "true"), "--env 'NOVALUE': expected NAME=VALUE"),
+    ],
+)
+def test_cli_errors_are_one_line(
+    capsys: pytest.CaptureFixture[str], argv: tuple[str, ...], message: str
+) -> None:
+    assert run_cli(*argv) == 1
+    assert capsys.readouterr().err == f"pyvmm lab: {message}\n"
+
+
+def test_cli_without_qemu(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert run_cli("run", "--", "true") == 1
+    assert capsys.readouterr().err == (
+        "pyvmm lab: qemu-system-x86_64 not installed (run scripts/setup-lab)\n"
+    )
+
+
+def test_cli_passes_the_exit_status_through(
+    fake_lab: FakeLab, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    fake_lab.monkeypatch.setenv("FAKE_QEMU_MODE", "ok")
+    assert run_cli("run", "--kernel", str(fake_lab.kernel), "--", "true") == 3
+    captured = capsysbinary.readouterr()
+    assert (captured.out, captured.err) == (b"out\nmore out\n", b"err\n")
+
+
+def test_cli_timeout_exits_124(fake_lab: FakeLab, capsys: pytest.CaptureFixture[str]) -> None:
+    fake_lab.monkeypatch.setenv("FAKE_QEMU_MODE", "hang")
+    assert run_cli("run", "--kernel", str(fake_lab.kernel), "--timeout", "1", "--", "x") == 124
+    assert capsys.readouterr().err == "pyvmm lab: timed out after 1 s; QEMU stopped\n"
+
+
+# -- the test tier's folding of inner reports ------------------------------------------------------
+
+
+def record(when: str, outcome: str, **extra: object) -> dict[str, object]:
+    base = {"nodeid": "t.py::x", "when": when, "outcome": outcome, "longrepr": "", "crash": ""}
+    base.update({"wasxfail": None, "sections": []})
+    base.update(extra)
+    return base
+
+
+def fold(*records: dict[str, object]) -> InnerResult:
+    result = InnerResult()
+    for item in records:
+        result.add(item)
+    return result
+
+
+def test_inner_results_fold_like_pytest() -> None:
+    passed = fold(record("setup", "passed"), record("call", "passed"), record("teardown", "passed"))
+    assert passed == InnerResult("passed", "")
+    skipped = fold(record("setup", "skipped", longrepr="no nvme"), record("teardown", "passed"))
+    assert skipped == InnerResult("skipped", "no nvme")
+    xfailed = fold(record("setup", "passed"), record("call", "skipped", wasxfail="known bug"))
+    assert xfailed == InnerResult("xfailed", "known bug")
+    failed = fold(
+        record("setup", "passed"),
+        record(
+            "call",
+            "failed",
+            longrepr="E assert 1 == 2",
+            crash="assert 1 == 2",
+            sections=[["Captured stdout call", "hi\n"]],
+        ),
+        record("teardown", "failed", longrepr="teardown broke"),
+    )
+    assert failed.outcome == "failed"
+    assert failed.text.startswith("assert 1 == 2 [in the lab]\n\nE assert 1 == 2\n")
+    assert "Captured stdout call" in failed.text and "teardown broke" not in failed.text
+    setup_error = fold(record("setup", "failed", longrepr="boom", crash="RuntimeError: boom"))
+    assert setup_error.text.startswith("RuntimeError: boom [in the lab (in setup)]")
+
+
+def test_read_results(tmp_path: Path) -> None:
+    path = tmp_path / "results.jsonl"
+    assert read_results(path) == {}
+    lines = [
+        record("call", "passed"),
+        record("call", "failed", longrepr="x"),
+        {**record("call", "passed"), "nodeid": "t.py::y"},
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    results = read_results(path)
+    assert results["t.py::x"].outcome == "failed"
+    assert results["t.py::y"].outcome == "passed"

@@ -1,0 +1,406 @@
+"""pyvmm.vfio.sysfs and the `pyvmm vfio` commands against a fake sysfs tree in a temp dir."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from pyvmm.vfio import cli
+from pyvmm.vfio.sysfs import (
+    DeviceBusy,
+    NoSuchDevice,
+    NotPermitted,
+    Sysfs,
+    SysfsError,
+    _error,
+    _parse_pci_ids,
+    normalize_bdf,
+)
+
+EDU = "0000:00:04.0"
+NVME = "0000:00:05.0"
+
+
+class FakeTree:
+    """The sysfs and /dev files the module reads, laid out as Linux lays them out."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.pci = root / "sys/bus/pci"
+        (self.pci / "devices").mkdir(parents=True)
+        (self.pci / "drivers_probe").touch()
+        (root / "dev/vfio/devices").mkdir(parents=True)
+        (root / "sys/kernel/iommu_groups").mkdir(parents=True)
+
+    def driver(self, name: str) -> Path:
+        path = self.pci / "drivers" / name
+        path.mkdir(parents=True, exist_ok=True)
+        for attr in ("bind", "unbind"):
+            (path / attr).touch()
+        return path
+
+    def device(
+        self,
+        bdf: str,
+        ids: tuple[int, int],
+        class_code: int = 0x00FF00,
+        driver: str | None = None,
+        group: str | None = None,
+    ) -> Path:
+        path = self.pci / "devices" / bdf
+        path.mkdir()
+        (path / "vendor").write_text(f"{ids[0]:#06x}\n")
+        (path / "device").write_text(f"{ids[1]:#06x}\n")
+        (path / "class").write_text(f"{class_code:#08x}\n")
+        (path / "driver_override").write_text("(null)\n")
+        if driver:
+            self.bind(bdf, driver)
+        if group:
+            (self.root / "sys/kernel/iommu_groups" / group).mkdir(exist_ok=True)
+            (path / "iommu_group").symlink_to(f"../../../../kernel/iommu_groups/{group}")
+        return path
+
+    def bind(self, bdf: str, driver: str) -> None:
+        (self.pci / "devices" / bdf / "driver").symlink_to(self.driver(driver))
+
+    def mdev_type(self, parent: str, type_id: str, name: str, available: int) -> Path:
+        parent_dir = self.root / "sys/devices/virtual" / parent / parent
+        type_dir = parent_dir / "mdev_supported_types" / type_id
+        type_dir.mkdir(parents=True)
+        (type_dir / "name").write_text(f"{name}\n")
+        (type_dir / "available_instances").write_text(f"{available}\n")
+        (type_dir / "device_api").write_text("vfio-pci\n")
+        (type_dir / "create").touch()
+        bus = self.root / "sys/class/mdev_bus"
+        bus.mkdir(parents=True, exist_ok=True)
+        if not (bus / parent).exists():
+            (bus / parent).symlink_to(parent_dir)
+        return type_dir
+
+
+class FakeKernel(Sysfs):
+    """Sysfs whose writes also have the effects the kernel would give them."""
+
+    def __init__(self, tree: FakeTree, default_drivers: dict[str, str]) -> None:
+        super().__init__(tree.root)
+        self.tree = tree
+        self.default_drivers = default_drivers
+        self.overrides: dict[str, str] = {}
+        self.writes: list[tuple[str, str]] = []
+        self.next_cdev = 0
+
+    def _write(self, path: Path, text: str) -> None:
+        super()._write(path, text)
+        self.writes.append((str(path.relative_to(self.root)), text))
+        device = path.parent.name
+        if path.name == "driver_override":
+            self.overrides[device] = text.strip()
+        elif path.name == "unbind":
+            (self.tree.pci / "devices" / text / "driver").unlink()
+        elif path.name == "drivers_probe":
+            self._probe(text)
+        elif path.name == "create":
+            self._create_mdev(path.parent, text)
+        elif path.name == "remove":
+            target = path.parent.resolve()
+            path.parent.unlink()
+            for entry in target.iterdir():
+                if entry.is_symlink():
+                    entry.unlink()
+                elif entry.is_dir():
+                    os.rmdir(entry)
+                else:
+                    entry.unlink()
+            target.rmdir()
+
+    def _probe(self, bdf: str) -> None:
+        driver = self.overrides.get(bdf) or self.default_drivers.get(bdf)
+        device = self.tree.pci / "devices" / bdf
+        if driver is None or not (self.tree.pci / "drivers" / driver).is_dir():
+            return
+        if driver == "vfio-pci" and not (device / "iommu_group").exists():
+            return  # vfio-pci's probe fails without an IOMMU group
+        self.tree.bind(bdf, driver)
+        if driver == "vfio-pci":
+            group = os.readlink(device / "iommu_group").rsplit("/", 1)[1]
+            (self.root / "dev/vfio" / group).touch()
+            cdev = f"vfio{self.next_cdev}"
+            self.next_cdev += 1
+            (device / "vfio-dev" / cdev).mkdir(parents=True)
+            (self.root / "dev/vfio/devices" / cdev).touch()
+
+    def _create_mdev(self, type_dir: Path, uuid: str) -> None:
+        parent_dir = type_dir.parent.parent
+        mdev = parent_dir / uuid
+        mdev.mkdir()
+        (mdev / "mdev_type").symlink_to(type_dir)
+        (mdev / "remove").touch()
+        (mdev / "iommu_group").symlink_to(self.root / "sys/kernel/iommu_groups")
+        bus = self.root / "sys/bus/mdev/devices"
+        bus.mkdir(parents=True, exist_ok=True)
+        (bus / uuid).symlink_to(mdev)
+        count = type_dir / "available_instances"
+        count.write_text(f"{int(count.read_text()) - 1}\n")
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> FakeTree:
+    tree = FakeTree(tmp_path)
+    tree.driver("vfio-pci")
+    tree.device(EDU, (0x1234, 0x11E8), group="4")
+    tree.device(NVME, (0x1B36, 0x0010), class_code=0x010802, driver="nvme", group="5")
+    tree.device("0000:00:1f.0", (0x8086, 0x2918), class_code=0x060100)
+    return tree
+
+
+@pytest.fixture
+def kernel(tree: FakeTree) -> FakeKernel:
+    return FakeKernel(tree, {NVME: "nvme"})
+
+
+def run_cli(root: Path, *argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="pyvmm")
+    cli.add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["vfio", "--root", str(root), *argv])
+    return args.func(args)
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [("00:04.0", EDU), ("0000:00:04.0", EDU), ("0001:3A:1f.7", "0001:3a:1f.7")],
+)
+def test_normalize_bdf(given: str, expected: str) -> None:
+    assert normalize_bdf(given) == expected
+
+
+@pytest.mark.parametrize("bad", ["", "4.0", "00:04", "0000:00:04.8", "xx:00.0"])
+def test_normalize_bdf_refuses_non_addresses(bad: str) -> None:
+    with pytest.raises(NoSuchDevice, match="not a PCI address"):
+        normalize_bdf(bad)
+
+
+def test_pci_devices_reads_ids_driver_and_group(tree: FakeTree) -> None:
+    devices = {d.bdf: d for d in Sysfs(tree.root).pci_devices()}
+    assert list(devices) == [EDU, NVME, "0000:00:1f.0"]
+    nvme = devices[NVME]
+    assert (nvme.vendor, nvme.device, nvme.class_code) == (0x1B36, 0x0010, 0x010802)
+    assert (nvme.driver, nvme.iommu_group, nvme.group_node, nvme.cdev) == ("nvme", "5", False, None)
+    assert devices[EDU].driver is None
+    assert devices["0000:00:1f.0"].iommu_group is None
+
+
+def test_no_pci_bus_means_no_devices(tmp_path: Path) -> None:
+    assert Sysfs(tmp_path).pci_devices() == []
+
+
+def test_vfio_cdev_directory_without_a_dev_node(tree: FakeTree) -> None:
+    """vfio-dev/ exists in sysfs even without CONFIG_VFIO_DEVICE_CDEV: the node decides."""
+    (tree.pci / "devices" / EDU / "vfio-dev" / "vfio0").mkdir(parents=True)
+    edu = Sysfs(tree.root).pci_device(EDU)
+    assert (edu.cdev, edu.cdev_node) == ("vfio0", False)
+    (tree.root / "dev/vfio/devices/vfio0").touch()
+    assert Sysfs(tree.root).pci_device(EDU).cdev_node
+
+
+def test_global_nodes(tree: FakeTree) -> None:
+    sysfs = Sysfs(tree.root)
+    assert (sysfs.iommufd, sysfs.vfio_container, sysfs.vfio_cdevs) == (False, False, True)
+    (tree.root / "dev/iommu").touch()
+    (tree.root / "dev/vfio/vfio").touch()
+    assert (sysfs.iommufd, sysfs.vfio_container) == (True, True)
+
+
+def test_find_by_ids(tree: FakeTree) -> None:
+    assert [d.bdf for d in Sysfs(tree.root).find(0x1234, 0x11E8)] == [EDU]
+    assert Sysfs(tree.root).find(0x1234, 0x0001) == []
+
+
+def test_names_come_from_pci_ids(tree: FakeTree) -> None:
+    ids = tree.root / "usr/share/misc/pci.ids"
+    ids.parent.mkdir(parents=True)
+    ids.write_text(
+        "# comment\n1234  Technical Corp.\n\t11e8  Edu device\n\t\t1234 0001  a subsystem\n"
+        "1b36  Red Hat, Inc.\n\t0010  QEMU NVM Express Controller\nC 00  Unclassified\n"
+    )
+    names = {d.bdf: d.name for d in Sysfs(tree.root).pci_devices()}
+    assert names[EDU] == "Technical Corp. Edu device"
+    assert names[NVME] == "Red Hat, Inc. QEMU NVM Express Controller"
+    assert names["0000:00:1f.0"] == ""
+
+
+def test_parse_pci_ids_stops_at_the_class_list() -> None:
+    lines = ["1234  V", "C 12  Accelerator", "\t00  Processing accelerators"]
+    assert _parse_pci_ids(lines, {(0x1234, 0x0000)}) == {}
+
+
+def test_bind_device_without_driver(kernel: FakeKernel) -> None:
+    edu = kernel.bind_vfio("00:04.0")
+    assert (edu.driver, edu.group_node, edu.cdev, edu.cdev_node) == (
+        "vfio-pci",
+        True,
+        "vfio0",
+        True,
+    )
+    assert kernel.writes == [
+        (f"sys/bus/pci/devices/{EDU}/driver_override", "vfio-pci"),
+        ("sys/bus/pci/drivers_probe", EDU),
+    ]
+
+
+def test_bind_releases_the_current_driver_first(kernel: FakeKernel) -> None:
+    assert kernel.bind_vfio(NVME).driver == "vfio-pci"
+    assert kernel.writes == [
+        (f"sys/bus/pci/devices/{NVME}/driver_override", "vfio-pci"),
+        (f"sys/bus/pci/devices/{NVME}/driver/unbind", NVME),
+        ("sys/bus/pci/drivers_probe", NVME),
+    ]
+
+
+def test_bind_of_a_bound_device_writes_nothing(kernel: FakeKernel) -> None:
+    kernel.bind_vfio(EDU)
+    kernel.writes.clear()
+    assert kernel.bind_vfio(EDU).driver == "vfio-pci"
+    assert kernel.writes == []
+
+
+def test_unbind_gives_the_device_back_to_its_driver(kernel: FakeKernel) -> None:
+    kernel.bind_vfio(NVME)
+    kernel.writes.clear()
+    assert kernel.unbind(NVME).driver == "nvme"
+    assert kernel.writes == [
+        (f"sys/bus/pci/devices/{NVME}/driver_override", "\n"),
+        (f"sys/bus/pci/devices/{NVME}/driver/unbind", NVME),
+        ("sys/bus/pci/drivers_probe", NVME),
+    ]
+
+
+def test_bind_without_iommu_group_says_so(tree: FakeTree) -> None:
+    tree.device("0000:00:06.0", (0x8086, 0x10D3))
+    with pytest.raises(SysfsError, match=r"did not take the device \(it has no IOMMU group"):
+        FakeKernel(tree, {}).bind_vfio("0000:00:06.0")
+
+
+def test_bind_without_vfio_pci_driver(tmp_path: Path) -> None:
+    tree = FakeTree(tmp_path)
+    tree.device(EDU, (0x1234, 0x11E8), group="4")
+    with pytest.raises(SysfsError, match="vfio-pci driver is not available"):
+        Sysfs(tmp_path).bind_vfio(EDU)
+
+
+def test_missing_device(kernel: FakeKernel) -> None:
+    with pytest.raises(NoSuchDevice, match=r"no PCI device 0000:00:09\.0"):
+        kernel.bind_vfio("00:09.0")
+
+
+@pytest.mark.parametrize(
+    ("code", "kind", "hint"),
+    [
+        (errno.EACCES, NotPermitted, "needs root"),
+        (errno.EPERM, NotPermitted, "needs root"),
+        (errno.EBUSY, DeviceBusy, "in use"),
+        (errno.ENOENT, NoSuchDevice, ""),
+        (errno.EINVAL, SysfsError, ""),
+    ],
+)
+def test_write_errors_are_one_line(code: int, kind: type[SysfsError], hint: str) -> None:
+    error = _error(Path("/sys/x/remove"), "1", OSError(code, os.strerror(code)))
+    assert type(error) is kind
+    assert str(error).startswith("writing '1' to /sys/x/remove: ")
+    assert hint in str(error) and "\n" not in str(error)
+
+
+def test_write_to_a_missing_attribute(tmp_path: Path) -> None:
+    with pytest.raises(NoSuchDevice, match="No such file"):
+        Sysfs(tmp_path)._write(tmp_path / "nope", "1")
+
+
+@pytest.fixture
+def mtty(tree: FakeTree) -> FakeTree:
+    tree.mdev_type("mtty", "mtty-1", "Single port serial", 24)
+    tree.mdev_type("mtty", "mtty-2", "Dual port serial", 12)
+    return tree
+
+
+def test_mdev_types(mtty: FakeTree) -> None:
+    types = Sysfs(mtty.root).mdev_types()
+    assert [(t.parent, t.type_id, t.name, t.available, t.device_api) for t in types] == [
+        ("mtty", "mtty-1", "Single port serial", 24, "vfio-pci"),
+        ("mtty", "mtty-2", "Dual port serial", 12, "vfio-pci"),
+    ]
+
+
+def test_mdev_create_list_remove(mtty: FakeTree) -> None:
+    kernel = FakeKernel(mtty, {})
+    uuid = kernel.create_mdev("mtty-2", uuid="83b8f4f2-509f-382f-3c1e-e6bfe0fa1001")
+    assert uuid == "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"
+    [mdev] = kernel.mdevs()
+    assert (mdev.uuid, mdev.parent, mdev.type_id) == (uuid, "mtty", "mtty-2")
+    kernel.remove_mdev(uuid)
+    assert kernel.mdevs() == []
+
+
+def test_mdev_create_picks_a_random_uuid(mtty: FakeTree) -> None:
+    kernel = FakeKernel(mtty, {})
+    uuid = kernel.create_mdev("mtty-1", parent="mtty")
+    assert len(uuid) == 36 and [m.uuid for m in kernel.mdevs()] == [uuid]
+
+
+def test_mdev_errors(mtty: FakeTree) -> None:
+    sysfs = Sysfs(mtty.root)
+    with pytest.raises(NoSuchDevice, match="no mdev type mtty-3"):
+        sysfs.create_mdev("mtty-3")
+    with pytest.raises(NoSuchDevice, match="under parent other"):
+        sysfs.create_mdev("mtty-2", parent="other")
+    with pytest.raises(NoSuchDevice, match="no mdev 1234"):
+        sysfs.remove_mdev("1234")
+    mtty.mdev_type("mtty9", "mtty-2", "Dual port serial", 0)
+    with pytest.raises(SysfsError, match="exists under mtty, mtty9: choose with --parent"):
+        sysfs.create_mdev("mtty-2")
+    with pytest.raises(DeviceBusy, match="no instances left"):
+        sysfs.create_mdev("mtty-2", parent="mtty9")
+
+
+def test_cli_list(tree: FakeTree, capsys: pytest.CaptureFixture[str]) -> None:
+    (tree.root / "dev/iommu").touch()
+    assert run_cli(tree.root, "list") == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = ["BDF", "ID", "CLASS", "DRIVER", "GROUP", "GROUP", "NODE", "CDEV", "NODE", "NAME"]
+    assert lines[0].split() == header
+    assert lines[2].split() == [NVME, "1b36:0010", "0108", "storage", "nvme", "5", "-", "-"]
+    assert lines[-1].startswith("/dev/iommu (iommufd): present; /dev/vfio/vfio (container): absent")
+
+
+def test_cli_list_without_pci(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(tmp_path, "list") == 0
+    assert capsys.readouterr().out.startswith("no PCI devices\n")
+
+
+def test_cli_mdev_list(mtty: FakeTree, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(mtty.root, "mdev", "list") == 0
+    out = capsys.readouterr().out
+    assert "mtty    mtty-2  Dual port serial    12" in out
+    assert out.rstrip().endswith("no mdevs")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("bind", "00:09.0"), "no PCI device 0000:00:09.0"),
+        (
+            ("bind", "nonsense"),
+            "'nonsense' is not a PCI address (expected DDDD:BB:SS.F or BB:SS.F)",
+        ),
+        (("unbind", "00:1f.1"), "no PCI device 0000:00:1f.1"),
+        (("mdev", "create", "mtty-2"), "no mdev type mtty-2"),
+        (("mdev", "remove", "42"), "no mdev 42"),
+    ],
+)
+def test_cli_user_errors_are_one_line(
+    tree: FakeTree, capsys: pytest.CaptureFixture[str], argv: tuple[str, ...], message: str
+) -> None:
+    assert run_cli(tree.root, *argv) == 1
+    assert capsys.readouterr().err == f"pyvmm vfio: {message}\n"
