@@ -2,6 +2,8 @@
 
     pyvmm run GUEST.elf [-m 64M] [-c N] [--console stdio|file:PATH|socket:PATH]
     pyvmm kvm info
+    pyvmm vfio list | bind BDF | unbind BDF | mdev ...
+    pyvmm lab run [--iommu intel|virtio] [--device edu ...] -- CMD ...   |   pyvmm lab shell
     pyvmm --version
 
 Each command group lives in its own module and adds its subcommands through
@@ -26,6 +28,8 @@ from pyvmm.uapi.ioctl import IoctlError
 COMMAND_MODULES = (
     "pyvmm.commands.run",
     "pyvmm.commands.kvm",
+    "pyvmm.vfio.cli",
+    "pyvmm.lab.cli",
 )
 
 _SIZE_SUFFIXES = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
