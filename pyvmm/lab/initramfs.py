@@ -5,16 +5,16 @@ The init mounts the host's root read-only over 9p, gives the chroot fresh /proc,
 the host, and starts the guest agent (`pyvmm.lab.agent`) with the host's own interpreter. When
 the agent returns, or anything before it fails, the init powers the machine off, so QEMU exits.
 
-The archive is written directly in the kernel's "newc" cpio format: a few entries do not justify
-depending on a cpio tool.
+The archive is written by pyvmm.initramfs.CpioWriter.
 """
 
 from __future__ import annotations
 
 import shlex
-import stat
 from dataclasses import dataclass
 from pathlib import Path
+
+from pyvmm.initramfs import CpioWriter
 
 #: virtio-9p mount tags, shared with the QEMU command line.
 ROOT_TAG = "hostroot"
@@ -74,59 +74,6 @@ def init_script(config: InitConfig) -> str:
         python=shlex.quote(config.python),
         pythonpath=shlex.quote(config.pythonpath),
     )
-
-
-class CpioWriter:
-    """Writes a newc ("070701") cpio archive, the format the kernel unpacks as an initramfs."""
-
-    def __init__(self) -> None:
-        self._data = bytearray()
-        self._ino = 0
-
-    def _entry(
-        self, name: str, mode: int, body: bytes = b"", rdev: tuple[int, int] = (0, 0)
-    ) -> None:
-        self._ino += 1
-        encoded = name.encode() + b"\0"
-        fields = (
-            self._ino,
-            mode,
-            0,  # uid
-            0,  # gid
-            2 if stat.S_ISDIR(mode) else 1,
-            0,  # mtime
-            len(body),
-            0,  # dev major
-            0,  # dev minor
-            rdev[0],
-            rdev[1],
-            len(encoded),
-            0,  # check
-        )
-        self._data += b"070701" + b"".join(b"%08X" % field for field in fields)
-        self._data += encoded
-        self._pad()
-        self._data += body
-        self._pad()
-
-    def _pad(self) -> None:
-        self._data += b"\0" * (-len(self._data) % 4)
-
-    def directory(self, name: str) -> None:
-        self._entry(name, stat.S_IFDIR | 0o755)
-
-    def file(self, name: str, body: bytes, mode: int = 0o644) -> None:
-        self._entry(name, stat.S_IFREG | mode, body)
-
-    def symlink(self, name: str, target: str) -> None:
-        self._entry(name, stat.S_IFLNK | 0o777, target.encode())
-
-    def char_device(self, name: str, major: int, minor: int) -> None:
-        self._entry(name, stat.S_IFCHR | 0o600, rdev=(major, minor))
-
-    def finish(self) -> bytes:
-        self._entry("TRAILER!!!", 0)
-        return bytes(self._data)
 
 
 def build(busybox: Path, config: InitConfig) -> bytes:
