@@ -10,6 +10,7 @@ half. So a boot may be retried, but only after exactly that failure: any other e
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -45,7 +46,18 @@ poweroff -f
 """
 
 
-ATTEMPTS = 4
+ATTEMPTS = 3
+# A lab session of their own (the lab tier boots one per distinct IOMMU): these boots are long,
+# and within the default session they would eat the time of every lab test after them.
+LINUX_SESSION = [
+    pytest.mark.lab(iommu="virtio"),
+    # Each boot takes 1-4 minutes under the lab's nested TCG: more than the lab tier's budget in
+    # CI allows, until pyvmm boots faster (issue 4). Run them with PYVMM_LAB_LINUX=1.
+    pytest.mark.skipif(
+        os.environ.get("PYVMM_LAB_LINUX") != "1",
+        reason="Linux boots in the lab take minutes; set PYVMM_LAB_LINUX=1 to run them",
+    ),
+]
 LAB_SMP_FAULT = "pyvmm: triple-fault: vcpu"
 
 
@@ -95,13 +107,15 @@ def check(result: subprocess.CompletedProcess[str], disk: Path, cpus: int) -> No
     assert disk.read_bytes()[512 : 512 + len(WRITTEN)] == WRITTEN.encode()
 
 
-@pytest.mark.lab
+@LINUX_SESSION[0]
+@LINUX_SESSION[1]
 def test_bzimage_boots_with_smp_virtio_and_powers_off(tmp_path: Path) -> None:
     result, disk = boot(lab_kernel(), tmp_path, cpus=2)
     check(result, disk, cpus=2)
 
 
-@pytest.mark.lab
+@LINUX_SESSION[0]
+@LINUX_SESSION[1]
 def test_pvh_vmlinux_boots_with_virtio_and_powers_off(tmp_path: Path) -> None:
     """One vCPU: SMP is proven above, and the lab's SMP fault would cost retries the lab tier's
     time budget does not have. SMP through PVH is checked on the host (tests/test_linux_boot.py:
