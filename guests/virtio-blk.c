@@ -80,13 +80,9 @@ int main(void)
 
     if (virtio_find(&d, VIRTIO_ID_BLOCK) < 0 || !d.msix_cap || !d.device)
         return fail("finding the device");
-    if (virtio_negotiate(&d, 0) < 0)
-        return fail("feature negotiation");
-    msix_set_vector(pci_msix_table(0, d.dev, 0, d.msix_cap), 0, (uint8_t)lapic_id(), VECTOR);
-    pci_msix_enable(0, d.dev, 0, d.msix_cap);
-    if (virtq_setup(&d, &q, 0, QUEUE_SIZE, ring, 0) < 0)
-        return fail("queue set-up");
-    virtio_driver_ok(&d);
+    const char *failed = virtio_start_one_queue(&d, &q, QUEUE_SIZE, ring, VECTOR);
+    if (failed)
+        return fail(failed);
 
     uint64_t capacity = mmio_read64(d.device);
     printf("virtio-blk: capacity %lu sectors\n", capacity);

@@ -36,13 +36,9 @@ int main(void)
 
     if (virtio_find(&d, VIRTIO_ID_RNG) < 0 || !d.msix_cap)
         return fail("finding the device");
-    if (virtio_negotiate(&d, 0) < 0)
-        return fail("feature negotiation");
-    msix_set_vector(pci_msix_table(0, d.dev, 0, d.msix_cap), 0, (uint8_t)lapic_id(), VECTOR);
-    pci_msix_enable(0, d.dev, 0, d.msix_cap);
-    if (virtq_setup(&d, &q, 0, QUEUE_SIZE, ring, 0) < 0)
-        return fail("queue set-up");
-    virtio_driver_ok(&d);
+    const char *failed = virtio_start_one_queue(&d, &q, QUEUE_SIZE, ring, VECTOR);
+    if (failed)
+        return fail(failed);
 
     struct virtq_buf buf = { entropy, REQUEST, 1 };
     uint16_t head = virtq_post(&q, &buf, 1);

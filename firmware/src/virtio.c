@@ -169,3 +169,16 @@ int virtq_get_used(struct virtq *q, uint32_t *len)
     q->free_head = head;
     return head;
 }
+
+const char *virtio_start_one_queue(struct virtio_dev *d, struct virtq *q, uint16_t size, void *mem,
+                                   uint8_t idt_vector)
+{
+    if (virtio_negotiate(d, 0) < 0)
+        return "feature negotiation";
+    msix_set_vector(pci_msix_table(0, d->dev, 0, d->msix_cap), 0, (uint8_t)lapic_id(), idt_vector);
+    pci_msix_enable(0, d->dev, 0, d->msix_cap);
+    if (virtq_setup(d, q, 0, size, mem, 0) < 0)
+        return "queue set-up";
+    virtio_driver_ok(d);
+    return 0;
+}

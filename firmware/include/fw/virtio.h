@@ -66,6 +66,11 @@ int virtio_negotiate(struct virtio_dev *d, uint64_t wanted);
  * Returns 0, or -1 if the queue does not exist, is too small, or the vector was refused. */
 int virtq_setup(struct virtio_dev *d, struct virtq *q, uint16_t index, uint16_t size, void *mem,
                 uint16_t vector);
+/* The usual bring-up of a one-queue device: negotiate (VERSION_1 only), route MSI-X entry 0 to
+ * IDT vector `idt_vector` on this CPU, set up queue 0 in `mem` with that entry, set DRIVER_OK.
+ * Returns NULL, or what failed ("feature negotiation", "queue set-up"). */
+const char *virtio_start_one_queue(struct virtio_dev *d, struct virtq *q, uint16_t size, void *mem,
+                                   uint8_t idt_vector);
 /* Sets DRIVER_OK. */
 void virtio_driver_ok(struct virtio_dev *d);
 uint8_t virtio_status(struct virtio_dev *d);
