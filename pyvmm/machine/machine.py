@@ -99,6 +99,7 @@ class Machine:
         )
         self._result: MachineExit | None = None
         self._done = threading.Event()
+        self._stop_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._dirty_logging = False
         self._stack = ExitStack()
@@ -271,8 +272,9 @@ class Machine:
         self, reason: StopReason = StopReason.STOPPED, code: int = 0, detail: str = ""
     ) -> None:
         """End the run (from any thread). The first reason given wins."""
-        if self._result is None:
-            self._result = MachineExit(reason, code, detail)
+        with self._stop_lock:
+            if self._result is None:
+                self._result = MachineExit(reason, code, detail)
         self._done.set()
         self._kick_all()
 
