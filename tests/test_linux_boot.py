@@ -8,6 +8,7 @@ found in our e820 map, ACPI tables and start info. Those reports are what these 
 
 from __future__ import annotations
 
+import re
 import struct
 import subprocess
 import sys
@@ -174,7 +175,12 @@ def test_acpi_tables_decompile_cleanly_with_iasl(tmp_path: Path) -> None:
         assert result.returncode == 0, result.stdout + result.stderr
     dsl = (tmp_path / "dsdt.dsl").read_text()
     assert "Device (PCI0)" in dsl and "PNP0A03" in dsl and "Name (\\_S5" in dsl
-    assert "Hardware Reduced (V5) : 1" in (tmp_path / "facp.dsl").read_text()
+    assert "Device (RTC)" in dsl and "PNP0B00" in dsl and "0x0070" in dsl
+    assert "Device (COM1)" in dsl and "PNP0501" in dsl
+    assert re.search(r"IRQNoFlags \(\)\s*\{4\}", dsl), dsl
+    facp = (tmp_path / "facp.dsl").read_text()
+    assert "Hardware Reduced (V5) : 1" in facp
+    assert re.search(r"RTC Century Index : 32", facp), facp
 
 
 # The real kernel on this host's KVM.

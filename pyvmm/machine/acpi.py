@@ -16,6 +16,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from pyvmm.devices import rtc
 from pyvmm.kvm.memory import GuestMemory
 from pyvmm.machine import aml, layout
 
@@ -96,7 +97,27 @@ def dsdt() -> bytes:
             ),
         ),
     )
-    body = aml.scope("\\_SB_", pci0) + aml.name(
+    # The CMOS RTC, so Linux's rtc-cmos binds to it; with no IRQ in _CRS it claims no alarm
+    # (the device raises no interrupts).
+    cmos_rtc = aml.device(
+        "RTC_",
+        aml.name("_HID", aml.eisa_id("PNP0B00")),
+        aml.name("_CRS", aml.resource_template(aml.io_port(layout.RTC_PORT, 2))),
+    )
+    # COM1, so Linux's 8250 gets its interrupt: in hardware-reduced ACPI, ISA IRQs are mapped
+    # only for devices that declare them, and without one the UART is polled on a timer.
+    com1 = aml.device(
+        "COM1",
+        aml.name("_HID", aml.eisa_id("PNP0501")),
+        aml.name("_UID", aml.integer(1)),
+        aml.name(
+            "_CRS",
+            aml.resource_template(
+                aml.io_port(layout.COM1_PORT, 8), aml.irq_no_flags(layout.COM1_IRQ)
+            ),
+        ),
+    )
+    body = aml.scope("\\_SB_", pci0, cmos_rtc, com1) + aml.name(
         "\\_S5_", aml.package(aml.integer(S5_SLEEP_TYPE), aml.integer(0))
     )
     return _table(b"DSDT", 2, body)
@@ -111,6 +132,7 @@ def fadt(dsdt_address: int) -> bytes:
 
     put(40, "<I", dsdt_address)  # DSDT (32-bit)
     # No i8042 flag: Linux then skips probing a keyboard controller; it resets via RESET_REG.
+    put(108, "<B", rtc.CENTURY)  # the CMOS RTC's century register
     put(109, "<H", IAPC_BOOT_ARCH_LEGACY_DEVICES | IAPC_BOOT_ARCH_NO_VGA)
     put(112, "<I", FADT_HW_REDUCED_ACPI | FADT_RESET_REG_SUP | FADT_PWR_BUTTON | FADT_SLP_BUTTON)
     body[116 - 36 : 128 - 36] = _gas(RESET_PORT)

@@ -158,6 +158,16 @@ def io_port(base: int, length: int) -> bytes:
     return struct.pack("<BBHHBB", 0x47, 0x01, base, base, 1, length)
 
 
+def irq_no_flags(*irqs: int) -> bytes:
+    """ISA IRQs, edge-triggered and active-high (the short IRQ descriptor)."""
+    mask = 0
+    for irq in irqs:
+        if not 0 <= irq < 16:
+            raise ValueError(f"ISA IRQ {irq} is not in 0-15")
+        mask |= 1 << irq
+    return struct.pack("<BH", 0x22, mask)
+
+
 def end_tag() -> bytes:
     return bytes((0x79, 0x00))
 
