@@ -169,6 +169,32 @@ def _dirty_set(rule) -> set[int]:
     return {region + i * 4096 for i in range(256) if rule(i)}
 
 
+def test_exit_stats_count_every_exit_by_device_and_offset() -> None:
+    """`pyvmm run --exit-stats`: the exits guest's 300 bench-port writes (no ioeventfd) show up
+    as one row, named by the device, beside the debug-exit row."""
+    iterations = 300
+    with boot("exits", trace_exits=True) as machine:
+        machine.add_pio_device(layout.BENCH_SINK_PORT, 4, BenchSink(iterations), "bench")
+        assert machine.run(timeout=60).exit_code == 0
+        rows = {(kind, where): count for kind, where, count in machine.exit_summary()}
+    assert rows["pio", "bench+0x0"] == iterations + 1  # and the inl that fetched N
+    assert rows["pio", "debug-exit+0x0"] == 1
+    assert sum(rows.values()) == machine.exit_count
+
+
+def test_exit_stats_from_the_cli() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "pyvmm", "run", str(guest("hello")), "--exit-stats"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert re.fullmatch(r"pyvmm: \d+ exits to pyvmm, by kind and place:", lines[0])
+    assert re.search(r"^\s+1\s+[\d.]+%\s+pio\s+debug-exit\+0x0$", result.stderr, re.M)
+
+
 def test_dirty_log_reports_exactly_the_pages_the_guest_wrote() -> None:
     region = range(0x2000000, 0x2000000 + 256 * 4096)
     seen: dict[int, set[int]] = {}

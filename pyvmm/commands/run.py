@@ -63,6 +63,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="virtio-net on an existing or new tap interface (repeatable)",
     )
     run.add_argument("--timeout", type=float, default=None, help="stop the guest after S seconds")
+    run.add_argument(
+        "--exit-stats",
+        action="store_true",
+        help="on exit, print to stderr the exits that reached pyvmm, by device and offset",
+    )
     run.set_defaults(func=cmd_run)
 
 
@@ -92,7 +97,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError("-i and -p go with a kernel (-k)")
     mem = args.mem or ((256 << 20) if args.kernel else (64 << 20))
     console = open_console(args.console)
-    with Machine(mem_size=mem, vcpus=args.cpus, console=console) as machine:
+    with Machine(
+        mem_size=mem, vcpus=args.cpus, console=console, trace_exits=args.exit_stats
+    ) as machine:
         for backend in virtio_backends(args):
             plug_virtio(machine, backend)
         if args.kernel:
@@ -101,6 +108,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         else:
             machine.load_elf(args.image)
         result = machine.run(timeout=args.timeout)
+        if args.exit_stats:
+            print_exit_stats(machine)
     if result.reason in (StopReason.ERROR, StopReason.TRIPLE_FAULT, StopReason.STOPPED):
         print(f"pyvmm: {result.reason.value}: {result.detail}", file=sys.stderr)
     return result.exit_code
+
+
+def print_exit_stats(machine: Machine) -> None:
+    rows = machine.exit_summary()
+    total = max(sum(count for _, _, count in rows), 1)
+    print(f"pyvmm: {total} exits to pyvmm, by kind and place:", file=sys.stderr)
+    for kind, where, count in rows:
+        print(f"{count:>10} {100 * count / total:5.1f}%  {kind:5} {where}", file=sys.stderr)

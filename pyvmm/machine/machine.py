@@ -17,7 +17,7 @@ import logging
 import os
 import select
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -28,6 +28,7 @@ from pyvmm.devices.debug_exit import DebugExit
 from pyvmm.devices.i8042 import I8042
 from pyvmm.devices.pci.bus import PciBus
 from pyvmm.devices.pci.host import ConfigPorts, Ecam, HostBridge
+from pyvmm.devices.rtc import CmosRtc
 from pyvmm.devices.serial import Serial8250
 from pyvmm.errors import BootError, ConfigError
 from pyvmm.kvm.errors import KvmError
@@ -94,9 +95,12 @@ class Machine:
         self.memory = GuestMemory()
         self.vcpus: list[Vcpu] = []
         self.exit_count = 0
+        # With trace_exits: the last 100k exits in order, and a count of every exit by
+        # (reason, port or address) for exit_summary().
         self.exit_trace: deque[tuple[int, int]] | None = (
             deque(maxlen=100_000) if trace_exits else None
         )
+        self.exit_counts: Counter[tuple[int, int]] = Counter()
         self._result: MachineExit | None = None
         self._done = threading.Event()
         self._stop_lock = threading.Lock()
@@ -138,6 +142,8 @@ class Machine:
         self.add_pio_device(layout.COM1_PORT, 8, self.serial, "COM1")
         self.add_pio_device(layout.DEBUG_EXIT_PORT, 1, DebugExit(self._debug_exit), "debug-exit")
         self.add_pio_device(layout.I8042_DATA_PORT, 5, I8042(self._reset), "i8042")
+        self.rtc = CmosRtc()
+        self.add_pio_device(layout.RTC_PORT, 2, self.rtc, "rtc")
         self.pci = PciBus(
             self.pio,
             self.mmio,
@@ -239,6 +245,27 @@ class Machine:
         return pages
 
     # running
+    # exit statistics
+
+    def exit_summary(self) -> list[tuple[str, str, int]]:
+        """With trace_exits: (kind, where, count) for every kind of exit seen, most frequent
+        first. `where` names the device range and the offset in it (`COM1+0x5`), or the bare
+        address when no device claims it: the map of what a guest makes pyvmm do in Python."""
+        totals: Counter[tuple[str, str]] = Counter()
+        for (reason, where), count in self.exit_counts.items():
+            if reason == KvmExit.IO:
+                totals["pio", self._describe(self.pio, where)] += count
+            elif reason == KvmExit.MMIO:
+                totals["mmio", self._describe(self.mmio, where)] += count
+            else:
+                name = KvmExit(reason).name if reason in KvmExit._value2member_map_ else reason
+                totals[str(name).lower(), ""] += count
+        return [(kind, where, count) for (kind, where), count in totals.most_common()]
+
+    @staticmethod
+    def _describe(bus: Bus, addr: int) -> str:
+        found = bus.find(addr)
+        return f"{addr:#x}" if found is None else f"{found.name}+{addr - found.base:#x}"
 
     def run(self, timeout: float | None = None) -> MachineExit:
         """Run the vCPUs until the machine stops; returns how it ended.
@@ -311,7 +338,7 @@ class Machine:
         """
         run, io_exit, page = vcpu.run, vcpu.io_exit, vcpu.run_page
         find_port, find_mmio = self.pio.find, self.mmio.find
-        trace = self.exit_trace
+        trace, counts = self.exit_trace, self.exit_counts
         exit_io, exit_mmio, exit_intr = int(KvmExit.IO), int(KvmExit.MMIO), int(KvmExit.INTR)
         io_out = uapi.KVM_EXIT_IO_OUT
         while True:
@@ -321,6 +348,7 @@ class Machine:
                 direction, size, port, count, offset = io_exit()
                 if trace is not None:
                     trace.append((reason, port))
+                    counts[reason, port] += 1
                 found = find_port(port)
                 if direction == io_out and count == 1 and found is not None:
                     value = int.from_bytes(page[offset : offset + size], "little")
@@ -331,6 +359,7 @@ class Machine:
                 addr, data, length, is_write = vcpu.mmio_exit()
                 if trace is not None:
                     trace.append((reason, addr))
+                    counts[reason, addr] += 1
                 found = find_mmio(addr)
                 if length not in (1, 2, 4, 8):
                     continue
@@ -344,6 +373,8 @@ class Machine:
                         (value & ((1 << (8 * length)) - 1)).to_bytes(length, "little")
                     )
             elif reason == exit_intr:
+                if trace is not None:
+                    counts[reason, 0] += 1
                 if self._done.is_set():
                     return
             else:
@@ -389,6 +420,7 @@ class Machine:
     def _exit_other(self, vcpu: Vcpu, reason: int) -> None:
         if self.exit_trace is not None:
             self.exit_trace.append((reason, 0))
+            self.exit_counts[reason, 0] += 1
         run = vcpu.exit_struct()
         if reason == KvmExit.SHUTDOWN:
             self.stop(
