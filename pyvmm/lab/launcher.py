@@ -10,6 +10,7 @@ without cleaning up.
 
 from __future__ import annotations
 
+import compileall
 import contextlib
 import ctypes
 import json
@@ -231,6 +232,10 @@ def _prepare(
     share: Path | None,
 ) -> Iterator[_Lab]:
     check_visible({"the interpreter": Path(sys.executable), "pyvmm": package_root()})
+    # Byte-compile pyvmm here: inside, the checkout is read-only, and every Python process
+    # there would compile each module it imports again (over a second per process under TCG).
+    # A read-only checkout on the host only means the lab compiles, as before.
+    compileall.compile_dir(package_root() / "pyvmm", quiet=2)
     with tempfile.TemporaryDirectory(prefix="pyvmm-lab-") as tmp:
         workdir = Path(tmp)
         share = share or workdir / "share"

@@ -9,9 +9,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
-
 from pyvmm.errors import BootError
 from pyvmm.kvm.memory import GuestMemory, GuestMemoryError
 from pyvmm.machine.layout import HIMEM_START, MiB
@@ -50,6 +47,11 @@ def parse_elf(path: str, *, entry_must_be_in_image: bool = True) -> ElfImage:
 
     A PVH kernel enters through its ELF note, not e_entry: it passes
     `entry_must_be_in_image=False`."""
+    # Imported here, not at the top: pyelftools costs a second of start-up in the lab (nested
+    # KVM under TCG), and bzImage boots never need it.
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.elffile import ELFFile
+
     try:
         with open(path, "rb") as f:
             magic = f.read(4)

@@ -12,9 +12,6 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
-
 from pyvmm.errors import BootError
 from pyvmm.kvm.memory import GuestMemory
 from pyvmm.kvm.vcpu import Vcpu
@@ -45,6 +42,11 @@ class PvhBoot:
 
 def pvh_entry(path: str) -> int | None:
     """The PHYS32_ENTRY address from an ELF's Xen notes, or None when it has none."""
+    # Imported here, not at the top: pyelftools costs a second of start-up in the lab (nested
+    # KVM under TCG), and bzImage boots never need it.
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.elffile import ELFFile
+
     try:
         with open(path, "rb") as f:
             elf = ELFFile(f)
