@@ -20,7 +20,7 @@ from guestbuild import requires_kvm
 from linuxkernel import lab_kernel, lab_vmlinux
 
 from pyvmm.errors import BootError
-from pyvmm.kvm.memory import GuestMemory, RamRegion
+from pyvmm.kvm.memory import GuestMemory, GuestMemoryError, RamRegion
 from pyvmm.machine import acpi, bzimage, layout
 from pyvmm.machine.console import CaptureConsole
 from pyvmm.machine.machine import Machine
@@ -63,6 +63,7 @@ def make_memory(size: int = 256 * MiB) -> GuestMemory:
 def fake_bzimage(tmp_path: Path, **overrides: int) -> Path:
     """A syntactically valid bzImage header in front of a small 'kernel'."""
     data = bytearray(0x2000)
+    data[0xA00:] = bytes(range(256)) * ((0x2000 - 0xA00) // 256)  # the 'kernel' after setup
     fields = {
         "setup_sects": (bzimage.HDR_SETUP_SECTS, "<B", 4),
         "boot_flag": (bzimage.HDR_BOOT_FLAG, "<H", bzimage.BOOT_FLAG),
@@ -92,6 +93,8 @@ def test_zero_page_carries_header_cmdline_initrd_e820_and_rsdp(tmp_path: Path) -
     boot = bzimage.load_linux(image, memory, 256 * MiB, "console=ttyS0", str(initrd), 0xE0000)
     assert boot.kernel_address == 0x1000000
     assert boot.entry == 0x1000200
+    kernel = (tmp_path / "bzImage").read_bytes()[image.kernel_offset :]
+    assert memory.read(boot.kernel_address, len(kernel)) == kernel
     zp = memory.read(layout.ZERO_PAGE, 4096)
     assert zp[bzimage.HDR_BOOT_FLAG : bzimage.HDR_BOOT_FLAG + 2] == b"\x55\xaa"
     assert zp[bzimage.HDR_TYPE_OF_LOADER] == 0xFF
@@ -107,6 +110,20 @@ def test_zero_page_carries_header_cmdline_initrd_e820_and_rsdp(tmp_path: Path) -
     assert e820 == layout.e820_map(256 * MiB)
     ram = [(a, s) for a, s, t in e820 if t == layout.E820_RAM]
     assert sum(s for _, s in ram) == 256 * MiB - (layout.HIMEM_START - layout.EBDA_START)
+
+
+def test_fill_from_reads_files_straight_into_ram(tmp_path: Path) -> None:
+    memory = make_memory(1 * MiB)
+    data = tmp_path / "data"
+    data.write_bytes(b"abc" * 1000)
+    with data.open("rb") as f:
+        assert memory.fill_from(0x1000, f, 3000) == 3000
+    assert memory.read(0x1000, 3000) == b"abc" * 1000
+    with data.open("rb") as f:  # a short file: fewer bytes, the rest of RAM untouched
+        assert memory.fill_from(0x10000, f, 5000) == 3000
+    assert memory.read(0x10000 + 3000, 2000) == bytes(2000)
+    with data.open("rb") as f, pytest.raises(GuestMemoryError):
+        memory.fill_from(1 * MiB - 100, f, 3000)
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from pyvmm.kvm.mmap import Mapping
 
@@ -93,6 +94,18 @@ class GuestMemory:
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         self.slice(gpa, len(data))[:] = data
+
+    def fill_from(self, gpa: int, file: BinaryIO, length: int) -> int:
+        """Read up to `length` bytes of `file` straight into RAM at `gpa` (no copy through a
+        bytes object: kernels are megabytes); returns how many bytes the file had."""
+        view = self.slice(gpa, length)
+        done = 0
+        while done < length:
+            count = file.readinto(view[done:])
+            if not count:
+                break
+            done += count
+        return done
 
     @property
     def size(self) -> int:

@@ -149,10 +149,8 @@ def place_initrd(path: str | None, low: int, high: int, mem_size: int) -> tuple[
 
 def load_initrd(memory: GuestMemory, path: str, address: int, size: int) -> None:
     with open(path, "rb") as f:
-        data = f.read(size + 1)
-    if len(data) != size:
-        raise BootError(f"{path}: changed while being read")
-    memory.write(address, data)
+        if memory.fill_from(address, f, size) != size or f.read(1):
+            raise BootError(f"{path}: changed while being read")
 
 
 def load_linux(
@@ -186,7 +184,8 @@ def load_linux(
     )
     with open(image.path, "rb") as f:
         f.seek(image.kernel_offset)
-        memory.write(kernel_address, f.read(image.kernel_size))
+        if memory.fill_from(kernel_address, f, image.kernel_size) != image.kernel_size:
+            raise BootError(f"{image.path}: changed while being read")
     if initrd_path is not None:
         load_initrd(memory, initrd_path, initrd_address, initrd_size)
     memory.write(layout.CMDLINE_START, encoded_cmdline)
