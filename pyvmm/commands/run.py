@@ -8,13 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator
 
-from pyvmm.devices.virtio.backend import VirtioBackend
-from pyvmm.devices.virtio.blk import VirtioBlk
-from pyvmm.devices.virtio.net import VirtioNet
-from pyvmm.devices.virtio.pci import plug_virtio
-from pyvmm.devices.virtio.rng import VirtioRng
 from pyvmm.errors import ConfigError
 from pyvmm.machine.console import open_console
 from pyvmm.machine.machine import Machine, StopReason
@@ -71,23 +65,31 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     run.set_defaults(func=cmd_run)
 
 
-def virtio_backends(args: argparse.Namespace) -> Iterator[VirtioBackend]:
-    """The virtio devices the options ask for, in a stable order (disks, rng, nets).
+def plug_virtio_devices(machine: Machine, args: argparse.Namespace) -> None:
+    """Plug the virtio devices the options ask for, in a stable order (disks, rng, nets).
 
-    A generator: each backend is plugged (and so owned by the machine) before the next one is
-    opened, so an error in a later option leaks nothing."""
+    Each backend is plugged (and so owned by the machine) before the next one is opened, so an
+    error in a later option leaks nothing."""
+    if not (args.disk or args.rng or args.net):
+        return
+    # Imported only when asked for: start-up time counts (a third of a second in the lab).
+    from pyvmm.devices.virtio.blk import VirtioBlk
+    from pyvmm.devices.virtio.net import VirtioNet
+    from pyvmm.devices.virtio.pci import plug_virtio
+    from pyvmm.devices.virtio.rng import VirtioRng
+
     for spec in args.disk:
         path, _, options = spec.partition(",")
         if options not in ("", "ro"):
             raise ConfigError(f"bad --disk {spec!r}: use FILE or FILE,ro")
-        yield VirtioBlk(path, read_only=options == "ro")
+        plug_virtio(machine, VirtioBlk(path, read_only=options == "ro"))
     if args.rng:
-        yield VirtioRng()
+        plug_virtio(machine, VirtioRng())
     for spec in args.net:
         kind, _, name = spec.partition(":")
         if kind != "tap" or not name:
             raise ConfigError(f"bad --net {spec!r}: use tap:NAME")
-        yield VirtioNet(name)
+        plug_virtio(machine, VirtioNet(name))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -100,8 +102,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     with Machine(
         mem_size=mem, vcpus=args.cpus, console=console, trace_exits=args.exit_stats
     ) as machine:
-        for backend in virtio_backends(args):
-            plug_virtio(machine, backend)
+        plug_virtio_devices(machine, args)
         if args.kernel:
             params = DEFAULT_CMDLINE if args.params is None else args.params
             machine.load_linux(args.kernel, args.initrd, params)
