@@ -96,11 +96,49 @@ def test_writing_one_field_of_a_running_clock() -> None:
     assert time_registers(dev)[:3] == [0x07, 0x05, 0x13]
 
 
-def test_nonsense_time_leaves_the_clock_alone() -> None:
+@pytest.mark.parametrize(
+    ("mode", "index", "value"),
+    [
+        (rtc.REG_B_24H, rtc.MONTH, 0x13),  # month 13
+        (rtc.REG_B_24H, rtc.HOURS, 0xAA),  # not BCD
+        (rtc.REG_B_24H, rtc.HOURS, 0x24),
+        (rtc.REG_B_24H, rtc.DAY_OF_MONTH, 0x31),  # 31 November
+        (rtc.REG_B_24H, rtc.DAY_OF_MONTH, 0x00),
+        (rtc.REG_B_24H, rtc.MINUTES, 0x60),
+        (rtc.REG_B_24H, rtc.SECONDS, 0x99),
+        (rtc.REG_B_24H | rtc.REG_B_BINARY, rtc.HOURS, 0x85),  # a PM bit in 24-hour mode
+        (0, rtc.HOURS, 0x00),  # 12-hour mode has no hour 0
+        (0, rtc.HOURS, 0x13 | rtc.HOUR_PM),
+    ],
+)
+def test_a_time_that_does_not_exist_leaves_the_clock_alone(mode: int, index: int, value: int):
     dev = rtc.CmosRtc(Clock())
-    write(dev, rtc.MONTH, 0x13)  # month 13
-    write(dev, rtc.HOURS, 0xAA)  # not BCD
-    assert time_registers(dev) == [0x07, 0x45, 0x13, 0x07, 0x21, 0x11, 0x26, 0x20]
+    write(dev, rtc.REG_B, mode)
+    before = time_registers(dev)
+    write(dev, index, value)
+    assert time_registers(dev) == before
+
+
+def test_the_first_tick_after_setting_comes_half_a_second_later() -> None:
+    """As on the real part, and as Linux assumes: it writes second N half a second early."""
+    clock = Clock(NOW + 0.25)
+    dev = rtc.CmosRtc(clock)
+    write(dev, rtc.REG_B, rtc.REG_B_SET | rtc.REG_B_24H)
+    write(dev, rtc.SECONDS, 0x30)
+    write(dev, rtc.REG_B, rtc.REG_B_24H)
+    clock.now += 0.49
+    assert read(dev, rtc.SECONDS) == 0x30
+    clock.now += 0.02
+    assert read(dev, rtc.SECONDS) == 0x31
+
+
+def test_a_word_access_at_0x70_covers_index_and_data() -> None:
+    dev = rtc.CmosRtc(Clock())
+    dev.write(0, 2, 0x5A << 8 | 0x40)  # outw 0x70: index 0x40, data 0x5A
+    assert read(dev, 0x40) == 0x5A
+    dev.write(0, 1, rtc.MINUTES)
+    assert dev.read(0, 2) == 0x45 << 8 | 0xFF  # inw 0x70: nothing, then the minutes
+    assert dev.read(1, 2) == 0xFF << 8 | 0x45  # past 0x71 nothing answers
 
 
 def test_cmos_ram_keeps_bytes_and_status_registers_are_read_only() -> None:
@@ -149,11 +187,14 @@ def test_restore_refuses_a_wrong_size() -> None:
         rtc.CmosRtc().restore(rtc.RtcState(cmos=bytes(10)))
 
 
-@given(st.lists(st.tuples(st.integers(0, 1), st.integers(0, 0xFFFF)), max_size=200))
-def test_hostile_writes_never_break_the_device(accesses: list[tuple[int, int]]) -> None:
+ACCESS = st.tuples(st.integers(0, 1), st.sampled_from([1, 2, 4]), st.integers(0, 2**32 - 1))
+
+
+@given(st.lists(ACCESS, max_size=200))
+def test_hostile_writes_never_break_the_device(accesses: list[tuple[int, int, int]]) -> None:
     dev = rtc.CmosRtc(Clock())
-    for port, value in accesses:
-        dev.write(port, 1, value)
-        assert 0 <= dev.read(1, 1) <= 0xFF
+    for port, size, value in accesses:
+        dev.write(port, size, value)
+        assert 0 <= dev.read(port, size) < 1 << (8 * size)
     for index in range(rtc.CMOS_SIZE):
         assert 0 <= read(dev, index) <= 0xFF

@@ -1,11 +1,12 @@
 """MC146818 CMOS real-time clock at ports 0x70 (index) and 0x71 (data).
 
 The guest's clock is the host's UTC clock plus an offset the guest sets by writing the time
-registers, so it keeps running with the host's time, across a snapshot too. The device updates
-instantly, so the update-in-progress bit (register A, bit 7) always reads 0: without a clock
-Linux waits a second for UIP to clear on every read of the time (`mc146818_avoid_UIP`), which
-made boots ~20 s longer in the lab. No interrupts are raised on IRQ 8 (no periodic, alarm or
-update-ended interrupt); the enable bits in register B are kept, and register C reads 0.
+registers, so it keeps running with the host's time (and `state()` carries the offset into a
+snapshot). The device updates instantly, so the update-in-progress bit (register A, bit 7)
+always reads 0. Without an RTC the ports read 0xFF, UIP looks stuck, and Linux waited a second
+for it on every read of the time (`mc146818_avoid_UIP`): boots were ~20 s longer in the lab. No
+interrupts are raised on IRQ 8 (no periodic, alarm or update-ended interrupt); the enable bits in
+register B are kept, and register C reads 0.
 """
 
 from __future__ import annotations
@@ -55,6 +56,12 @@ class RtcState:
     offset: float = 0.0
 
 
+def _check(value: int, low: int, high: int) -> int:
+    if not low <= value <= high:
+        raise ValueError(f"{value} is not in {low}..{high}")
+    return value
+
+
 class CmosRtc:
     """The RTC and its 128 bytes of CMOS RAM, registered on 2 I/O ports."""
 
@@ -73,19 +80,23 @@ class CmosRtc:
     # bus device
 
     def read(self, offset: int, size: int) -> int:
-        if offset == INDEX_PORT_OFFSET:
-            return 0xFF  # the index register is write-only
+        """A wider access covers both ports a byte each (an inw at 0x70 reads 0x70 and 0x71)."""
+        value = 0
         with self._lock:
-            return self._read(self._index)
+            for i, port in enumerate(range(offset, offset + size)):
+                byte = self._read(self._index) if port == DATA_PORT_OFFSET else 0xFF
+                value |= byte << (8 * i)  # the index register is write-only; past 0x71: nothing
+        return value
 
     def write(self, offset: int, size: int, value: int) -> None:
-        value &= 0xFF
         with self._lock:
-            if offset == INDEX_PORT_OFFSET:
-                self._index = value & 0x7F
-                self._nmi_disabled = bool(value & NMI_DISABLE)
-            else:
-                self._write(self._index, value)
+            for i, port in enumerate(range(offset, offset + size)):
+                byte = value >> (8 * i) & 0xFF
+                if port == INDEX_PORT_OFFSET:
+                    self._index = byte & 0x7F
+                    self._nmi_disabled = bool(byte & NMI_DISABLE)
+                elif port == DATA_PORT_OFFSET:
+                    self._write(self._index, byte)
 
     # registers
 
@@ -143,27 +154,29 @@ class CmosRtc:
         ]
 
     def _set_time(self, fields: list[int]) -> None:
-        """Move the guest's clock to what the registers say. Nonsense (month 13, a BCD digit
-        over 9) leaves the clock where it was."""
+        """Move the guest's clock to what the registers say. A time that does not exist (month
+        13, 25 o'clock, 31 April, a BCD digit over 9) leaves the clock where it was.
+
+        The first tick comes half a second later, as on the real part after SET clears: Linux
+        writes the time half a second before the second it names (`set_offset_nsec`)."""
         seconds, minutes, hours_reg, _, mday, month, year, century = fields
         try:
-            hours = self._decode(hours_reg & ~HOUR_PM)
-            if not self._cmos[REG_B] & REG_B_24H:
+            if self._cmos[REG_B] & REG_B_24H:
+                hours = self._decode(hours_reg)
+                _check(hours, 0, 23)
+            else:
+                hours = self._decode(hours_reg & ~HOUR_PM)
+                _check(hours, 1, 12)
                 hours = hours % 12 + (12 if hours_reg & HOUR_PM else 0)
-            wanted = calendar.timegm(
-                (
-                    self._decode(century) * 100 + self._decode(year),
-                    self._decode(month),
-                    self._decode(mday),
-                    hours,
-                    self._decode(minutes),
-                    self._decode(seconds),
-                )
-            )
-            time.gmtime(wanted)
-        except (ValueError, OverflowError, OSError):
+            full_year = self._decode(century) * 100 + self._decode(year)
+            month = _check(self._decode(month), 1, 12)
+            mday = _check(self._decode(mday), 1, calendar.monthrange(full_year, month)[1])
+            minutes = _check(self._decode(minutes), 0, 59)
+            seconds = _check(self._decode(seconds), 0, 59)
+            wanted = calendar.timegm((full_year, month, mday, hours, minutes, seconds))
+        except ValueError:
             return
-        self._offset = wanted - int(self._clock())
+        self._offset = wanted + 0.5 - self._clock()
 
     def _encode(self, value: int) -> int:
         if self._cmos[REG_B] & REG_B_BINARY:

@@ -97,8 +97,9 @@ def dsdt() -> bytes:
             ),
         ),
     )
-    # The CMOS RTC, so Linux's rtc-cmos binds to it; with no IRQ in _CRS it claims no alarm
-    # (the device raises no interrupts).
+    # The CMOS RTC, so Linux's rtc-cmos binds to it. With no IRQ in _CRS it offers no alarms
+    # (the device raises no interrupts); that holds because the FADT is hardware-reduced: with
+    # legacy IRQs, rtc-cmos would assume IRQ 8 and wait for interrupts that never come.
     cmos_rtc = aml.device(
         "RTC_",
         aml.name("_HID", aml.eisa_id("PNP0B00")),
