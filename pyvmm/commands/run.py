@@ -118,7 +118,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def print_exit_stats(machine: Machine) -> None:
     rows = machine.exit_summary()
-    total = max(sum(count for _, _, count in rows), 1)
+    total = sum(count for _, _, count in rows)
     print(f"pyvmm: {total} exits to pyvmm, by kind and place:", file=sys.stderr)
     for kind, where, count in rows:
         print(f"{count:>10} {100 * count / total:5.1f}%  {kind:5} {where}", file=sys.stderr)

@@ -172,6 +172,7 @@ def set_boot_msrs(vcpu: Vcpu) -> None:
 
 
 RESET_RIP = 0xFFF0  # where a vCPU starts after RESET or INIT, in real mode
+RESET_CS_BASE = 0xFFFF_0000
 
 
 def describe_regs(vcpu: Vcpu) -> str:
@@ -181,12 +182,22 @@ def describe_regs(vcpu: Vcpu) -> str:
         sregs = vcpu.get_sregs()
     except OSError as err:
         return f"(registers unavailable: {err})"
-    where = (
+    return (
         f"rip={regs.rip:#x} rsp={regs.rsp:#x} rflags={regs.rflags:#x} "
         f"cr0={sregs.cr0:#x} cr3={sregs.cr3:#x} efer={sregs.efer:#x}"
     )
-    if regs.rip == RESET_RIP and not sregs.cr0 & X86_CR0_PE and not sregs.efer:
-        # On AMD, KVM re-initialises a vCPU when it reports a shutdown (the VMCB is undefined
-        # after one), so the state at the fault is gone.
-        where += " (the vCPU's reset state: KVM on AMD discards the state at a triple fault)"
-    return where
+
+
+def in_reset_state(vcpu: Vcpu) -> bool:
+    """Whether a vCPU sits at the reset vector in real mode, as after RESET or INIT."""
+    try:
+        regs = vcpu.get_regs()
+        sregs = vcpu.get_sregs()
+    except OSError:
+        return False
+    return (
+        regs.rip == RESET_RIP
+        and sregs.cs.base == RESET_CS_BASE
+        and not sregs.cr0 & X86_CR0_PE
+        and not sregs.efer
+    )

@@ -49,6 +49,25 @@ log = logging.getLogger(__name__)
 KvmExit = uapi.KvmExit
 MIN_MEM = 2 * layout.MiB
 MAX_VCPUS = 64
+# exit_summary() names at most this many places per vCPU; a guest probing more addresses
+# (unclaimed MMIO, say) has the rest counted together, so tracing memory stays bounded.
+MAX_COUNTED_PLACES = 4096
+OTHER_PLACES = -1
+
+
+def _exit_kind(reason: int) -> str:
+    if reason == KvmExit.IO:
+        return "pio"
+    if reason in KvmExit._value2member_map_:
+        return KvmExit(reason).name.lower()
+    return str(reason)
+
+
+def _count(counts: Counter[tuple[int, int]], reason: int, where: int) -> None:
+    key = (reason, where)
+    if key not in counts and len(counts) >= MAX_COUNTED_PLACES:
+        key = (reason, OTHER_PLACES)
+    counts[key] += 1
 
 
 class StopReason(enum.Enum):
@@ -95,12 +114,12 @@ class Machine:
         self.memory = GuestMemory()
         self.vcpus: list[Vcpu] = []
         self.exit_count = 0
-        # With trace_exits: the last 100k exits in order, and a count of every exit by
-        # (reason, port or address) for exit_summary().
+        # With trace_exits: the last 100k exits in order, and per vCPU (so no thread loses a
+        # count) a count of every exit by (reason, port or address), for exit_summary().
         self.exit_trace: deque[tuple[int, int]] | None = (
             deque(maxlen=100_000) if trace_exits else None
         )
-        self.exit_counts: Counter[tuple[int, int]] = Counter()
+        self._exit_counts: list[Counter[tuple[int, int]]] = [Counter() for _ in range(vcpus)]
         self._result: MachineExit | None = None
         self._done = threading.Event()
         self._stop_lock = threading.Lock()
@@ -244,28 +263,27 @@ class Machine:
                         pages.append(region.gpa + (byte_index * 8 + bit) * PAGE_SIZE)
         return pages
 
-    # running
     # exit statistics
 
     def exit_summary(self) -> list[tuple[str, str, int]]:
         """With trace_exits: (kind, where, count) for every kind of exit seen, most frequent
         first. `where` names the device range and the offset in it (`COM1+0x5`), or the bare
         address when no device claims it: the map of what a guest makes pyvmm do in Python."""
+        buses = {int(KvmExit.IO): self.pio, int(KvmExit.MMIO): self.mmio}
         totals: Counter[tuple[str, str]] = Counter()
-        for (reason, where), count in self.exit_counts.items():
-            if reason == KvmExit.IO:
-                totals["pio", self._describe(self.pio, where)] += count
-            elif reason == KvmExit.MMIO:
-                totals["mmio", self._describe(self.mmio, where)] += count
+        for (reason, where), count in sum(self._exit_counts, Counter()).items():
+            bus = buses.get(reason)
+            if where == OTHER_PLACES:
+                place = "(other places)"
+            elif bus is not None:
+                found = bus.find(where)
+                place = f"{where:#x}" if found is None else f"{found.name}+{where - found.base:#x}"
             else:
-                name = KvmExit(reason).name if reason in KvmExit._value2member_map_ else reason
-                totals[str(name).lower(), ""] += count
+                place = ""
+            totals[_exit_kind(reason), place] += count
         return [(kind, where, count) for (kind, where), count in totals.most_common()]
 
-    @staticmethod
-    def _describe(bus: Bus, addr: int) -> str:
-        found = bus.find(addr)
-        return f"{addr:#x}" if found is None else f"{found.name}+{addr - found.base:#x}"
+    # running
 
     def run(self, timeout: float | None = None) -> MachineExit:
         """Run the vCPUs until the machine stops; returns how it ended.
@@ -338,7 +356,7 @@ class Machine:
         """
         run, io_exit, page = vcpu.run, vcpu.io_exit, vcpu.run_page
         find_port, find_mmio = self.pio.find, self.mmio.find
-        trace, counts = self.exit_trace, self.exit_counts
+        trace, counts = self.exit_trace, self._exit_counts[vcpu.id]
         exit_io, exit_mmio, exit_intr = int(KvmExit.IO), int(KvmExit.MMIO), int(KvmExit.INTR)
         io_out = uapi.KVM_EXIT_IO_OUT
         while True:
@@ -348,7 +366,7 @@ class Machine:
                 direction, size, port, count, offset = io_exit()
                 if trace is not None:
                     trace.append((reason, port))
-                    counts[reason, port] += 1
+                    _count(counts, reason, port)
                 found = find_port(port)
                 if direction == io_out and count == 1 and found is not None:
                     value = int.from_bytes(page[offset : offset + size], "little")
@@ -359,7 +377,7 @@ class Machine:
                 addr, data, length, is_write = vcpu.mmio_exit()
                 if trace is not None:
                     trace.append((reason, addr))
-                    counts[reason, addr] += 1
+                    _count(counts, reason, addr)
                 found = find_mmio(addr)
                 if length not in (1, 2, 4, 8):
                     continue
@@ -374,7 +392,7 @@ class Machine:
                     )
             elif reason == exit_intr:
                 if trace is not None:
-                    counts[reason, 0] += 1
+                    _count(counts, reason, 0)
                 if self._done.is_set():
                     return
             else:
@@ -420,13 +438,16 @@ class Machine:
     def _exit_other(self, vcpu: Vcpu, reason: int) -> None:
         if self.exit_trace is not None:
             self.exit_trace.append((reason, 0))
-            self.exit_counts[reason, 0] += 1
+            _count(self._exit_counts[vcpu.id], reason, 0)
         run = vcpu.exit_struct()
         if reason == KvmExit.SHUTDOWN:
+            where = cpu.describe_regs(vcpu)
+            if cpu.in_reset_state(vcpu):
+                # KVM on AMD re-initialises a vCPU when it reports a shutdown (the VMCB is
+                # undefined after one), so the state at the fault is gone.
+                where += " (the reset state: KVM on AMD discards the state at a triple fault)"
             self.stop(
-                StopReason.TRIPLE_FAULT,
-                1,
-                f"vcpu{vcpu.id}: guest triple-faulted (reset); {cpu.describe_regs(vcpu)}",
+                StopReason.TRIPLE_FAULT, 1, f"vcpu{vcpu.id}: guest triple-faulted (reset); {where}"
             )
         elif reason == KvmExit.SYSTEM_EVENT:
             kind = run.system_event.type
