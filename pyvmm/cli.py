@@ -55,7 +55,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pyvmm {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    # The first word that is not an option; help before it wants every command listed.
+    command = next((a for a in argv if not a.startswith("-") or a in ("-h", "--help")), None)
     for name, module in COMMAND_MODULES.items():
         if command not in COMMAND_MODULES or command == name:
             importlib.import_module(module).add_commands(subparsers)
