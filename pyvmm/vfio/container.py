@@ -1,0 +1,196 @@
+"""The legacy VFIO backend: a container (/dev/vfio/vfio) holding IOMMU groups (/dev/vfio/N).
+
+A device is reached through its group; the group joins a container, whose Type1 v2 IOMMU holds
+the DMA mappings (IOVA -> process memory) for every device in it. The first group added decides
+the IOMMU model, as the uAPI requires (VFIO_SET_IOMMU needs a group attached).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from dataclasses import dataclass
+
+from pyvmm.uapi import vfio as uapi
+from pyvmm.uapi.ioctl import IoctlError, ioctl
+from pyvmm.vfio.device import VfioDevice, capability_chain, read_capability
+from pyvmm.vfio.errors import VfioError
+
+CONTAINER_PATH = "/dev/vfio/vfio"
+GROUP_DIR = "/dev/vfio"
+
+
+@dataclass(frozen=True)
+class IommuInfo:
+    page_sizes: int  # bitmap of the IOMMU page sizes
+    iova_ranges: tuple[tuple[int, int], ...]  # usable (start, end inclusive); () if unreported
+    dma_mappings_available: int | None  # how many more MAP_DMAs the kernel allows, if told
+
+
+def _open(path: str, what: str, hint: str) -> int:
+    try:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise VfioError(f"{what}: {path} does not exist; {hint}") from None
+    except PermissionError:
+        raise VfioError(f"{what}: no permission to open {path}; run as root") from None
+    except OSError as err:
+        if err.errno == errno.EBUSY:
+            raise VfioError(f"{what}: {path} is in use by another process") from None
+        raise VfioError(f"{what}: cannot open {path}: {err.strerror}") from None
+
+
+class Group:
+    """An IOMMU group opened through the legacy interface; owns its fd."""
+
+    def __init__(self, number: int | str) -> None:
+        self.number = str(number)
+        self.path = os.path.join(GROUP_DIR, self.number)
+        self.fd = _open(
+            self.path,
+            f"VFIO group {self.number}",
+            "bind the group's devices to vfio-pci (pyvmm vfio bind BDF)",
+        )
+        self.container: Container | None = None
+
+    def status(self) -> uapi.VfioGroupFlag:
+        status = uapi.vfio_group_status(argsz=ctypes.sizeof(uapi.vfio_group_status))
+        ioctl(self.fd, uapi.VFIO_GROUP_GET_STATUS, status)
+        return uapi.VfioGroupFlag(status.flags)
+
+    def check_viable(self) -> None:
+        if not self.status() & uapi.VfioGroupFlag.VIABLE:
+            raise VfioError(
+                f"VFIO group {self.number} is not viable: every device in IOMMU group "
+                f"{self.number} must be bound to vfio-pci or to no driver (see pyvmm vfio list)"
+            )
+
+    def open_device(self, bdf: str) -> VfioDevice:
+        """The device fd of `bdf` (e.g. 0000:00:04.0); the group must be in a container."""
+        if self.container is None:
+            raise VfioError(f"VFIO group {self.number}: add it to a container first")
+        name = ctypes.create_string_buffer(bdf.encode())
+        try:
+            fd = ioctl(self.fd, uapi.VFIO_GROUP_GET_DEVICE_FD, ctypes.addressof(name))
+        except IoctlError as err:
+            raise VfioError(f"{bdf}: not a device of VFIO group {self.number} ({err})") from None
+        return VfioDevice(fd, bdf)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # also leaves the container
+            self.fd = -1
+
+    def __enter__(self) -> Group:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Container:
+    """A VFIO container with a Type1 v2 IOMMU; owns its fd."""
+
+    def __init__(self) -> None:
+        self.fd = _open(CONTAINER_PATH, "VFIO container", "the kernel needs CONFIG_VFIO_CONTAINER")
+        try:
+            version = ioctl(self.fd, uapi.VFIO_GET_API_VERSION)
+            if version != uapi.VFIO_API_VERSION:
+                raise VfioError(f"VFIO API version {version}, pyvmm speaks version 0")
+            if not self.check_extension(uapi.VfioExtension.TYPE1v2_IOMMU):
+                raise VfioError("the VFIO container has no Type1 v2 IOMMU (no IOMMU driver?)")
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.iommu_set = False
+
+    def check_extension(self, extension: uapi.VfioExtension) -> bool:
+        return ioctl(self.fd, uapi.VFIO_CHECK_EXTENSION, int(extension)) > 0
+
+    def add_group(self, group: Group) -> None:
+        """Put a viable group in this container; the first one also sets the IOMMU model."""
+        group.check_viable()
+        container_fd = ctypes.c_int32(self.fd)
+        ioctl(group.fd, uapi.VFIO_GROUP_SET_CONTAINER, container_fd)
+        group.container = self
+        if not self.iommu_set:
+            ioctl(self.fd, uapi.VFIO_SET_IOMMU, int(uapi.VfioExtension.TYPE1v2_IOMMU))
+            self.iommu_set = True
+
+    def iommu_info(self) -> IommuInfo:
+        struct = uapi.vfio_iommu_type1_info
+        argsz = ctypes.sizeof(struct)
+        for _ in range(2):
+            buffer = (ctypes.c_ubyte * argsz)()
+            info = struct.from_buffer(buffer)
+            info.argsz = argsz
+            ioctl(self.fd, uapi.VFIO_IOMMU_GET_INFO, buffer)
+            if info.argsz <= argsz:
+                break
+            argsz = info.argsz
+        data = bytes(buffer)
+        ranges: tuple[tuple[int, int], ...] = ()
+        available = None
+        if info.flags & uapi.VfioIommuInfoFlag.CAPS:
+            for cap_id, offset in capability_chain(data, info.cap_offset):
+                if cap_id == uapi.VfioIommuType1InfoCap.CAP_IOVA_RANGE:
+                    ranges = self._iova_ranges(data, offset)
+                elif cap_id == uapi.VfioIommuType1InfoCap.DMA_AVAIL:
+                    cap = read_capability(uapi.vfio_iommu_type1_info_dma_avail, data, offset)
+                    available = cap.avail
+        return IommuInfo(info.iova_pgsizes, ranges, available)
+
+    @staticmethod
+    def _iova_ranges(data: bytes, offset: int) -> tuple[tuple[int, int], ...]:
+        cap_type = uapi.vfio_iommu_type1_info_cap_iova_range
+        cap = read_capability(cap_type, data, offset)
+        entry = ctypes.sizeof(uapi.vfio_iova_range)
+        first = offset + cap_type.iova_ranges.offset
+        if first + cap.nr_iovas * entry > len(data):
+            raise VfioError("malformed VFIO IOVA-range capability")
+        return tuple(
+            (r.start, r.end)
+            for r in (
+                uapi.vfio_iova_range.from_buffer_copy(data, first + i * entry)
+                for i in range(cap.nr_iovas)
+            )
+        )
+
+    def map_dma(self, iova: int, vaddr: int, size: int, *, writable: bool = True) -> None:
+        """Let the container's devices reach `size` bytes of this process at `vaddr` through
+        bus addresses iova..iova+size (pinned by the kernel until unmapped)."""
+        flags = uapi.VfioDmaMapFlag.READ | (uapi.VfioDmaMapFlag.WRITE if writable else 0)
+        request = uapi.vfio_iommu_type1_dma_map(
+            argsz=ctypes.sizeof(uapi.vfio_iommu_type1_dma_map),
+            flags=flags,
+            vaddr=vaddr,
+            iova=iova,
+            size=size,
+        )
+        try:
+            ioctl(self.fd, uapi.VFIO_IOMMU_MAP_DMA, request)
+        except IoctlError as err:
+            raise VfioError(
+                f"DMA map of {size:#x} bytes at IOVA {iova:#x} failed: {err.strerror}"
+                + (" (locked-memory limit? see ulimit -l)" if err.errno == errno.ENOMEM else "")
+            ) from None
+
+    def unmap_dma(self, iova: int, size: int) -> int:
+        """Remove mappings in iova..iova+size; returns how many bytes were unmapped."""
+        request = uapi.vfio_iommu_type1_dma_unmap(
+            argsz=ctypes.sizeof(uapi.vfio_iommu_type1_dma_unmap), iova=iova, size=size
+        )
+        ioctl(self.fd, uapi.VFIO_IOMMU_UNMAP_DMA, request)
+        return request.size
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Container:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,195 @@
+"""The legacy VFIO backend (container + group + device fd) against the lab's kernel and IOMMU,
+driving QEMU's `edu` device: config space, BAR0 through the fd and through mmap, DMA into and out
+of memory mapped by the container's IOMMU (and not after the unmap), INTx with an unmask
+eventfd, MSI.
+
+edu's registers (BAR0, 32-bit unless noted): 0x00 id 0x010000ed; 0x04 liveness (reads back the
+complement); 0x24 interrupt status; 0x60 raise interrupt; 0x64 acknowledge; 0x80/0x88/0x90 DMA
+source, destination, count (64-bit); 0x98 DMA command (bit 0 start, bit 1 edu-to-RAM, clears
+when done). Its DMA buffer is at 0x40000 in its own address space; bus addresses must fit in
+28 bits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import select
+import struct
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from pyvmm.kvm.eventfd import EventFd
+from pyvmm.kvm.mmap import Mapping
+from pyvmm.uapi import vfio as uapi
+from pyvmm.vfio.container import Container, Group
+from pyvmm.vfio.device import RegionFlag, VfioDevice
+from pyvmm.vfio.errors import VfioError
+from pyvmm.vfio.sysfs import Sysfs
+
+pytestmark = pytest.mark.lab
+
+EDU_ID = 0x010000ED
+EDU_BUFFER = 0x40000
+PCI_COMMAND = 0x04
+PCI_COMMAND_MEMORY = 1 << 1
+PCI_COMMAND_MASTER = 1 << 2
+IOVA = 0x100000
+DMA_SIZE = 0x10000
+
+
+@pytest.fixture
+def edu(lab_devices: dict[str, str], sysfs: Sysfs) -> Iterator[tuple[Container, VfioDevice]]:
+    device = sysfs.pci_device(lab_devices["edu"])
+    with Container() as container, Group(device.iommu_group or "") as group:
+        container.add_group(group)
+        with group.open_device(device.bdf) as vfio_device:
+            config = vfio_device.region(uapi.VfioPciRegion.CONFIG)
+            command = struct.unpack("<H", vfio_device.read(config, PCI_COMMAND, 2))[0]
+            command |= PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER
+            vfio_device.write(config, PCI_COMMAND, struct.pack("<H", command))
+            yield container, vfio_device
+
+
+def bar0(device: VfioDevice) -> tuple[int, int]:
+    """(read32, write32) on edu's BAR0 through an mmap: real 4-byte loads and stores."""
+    region = device.region(uapi.VfioPciRegion.BAR0)
+    mapping = device.mmap(region, 0, region.size)
+    return mapping.addr, region.size
+
+
+def read32(addr: int, offset: int) -> int:
+    return ctypes.c_uint32.from_address(addr + offset).value
+
+
+def write32(addr: int, offset: int, value: int) -> None:
+    ctypes.c_uint32.from_address(addr + offset).value = value
+
+
+def write64(addr: int, offset: int, value: int) -> None:
+    ctypes.c_uint64.from_address(addr + offset).value = value
+
+
+def dma(addr: int, src: int, dst: int, count: int, to_ram: bool) -> None:
+    write64(addr, 0x80, src)
+    write64(addr, 0x88, dst)
+    write64(addr, 0x90, count)
+    write32(addr, 0x98, 1 | (2 if to_ram else 0))
+    deadline = time.monotonic() + 10
+    while read32(addr, 0x98) & 1:
+        assert time.monotonic() < deadline, "edu DMA never finished"
+        time.sleep(0.01)
+
+
+def wait_for(event: EventFd, timeout: float = 5) -> int:
+    ready, _, _ = select.select([event.fd], [], [], timeout)
+    return event.read() if ready else 0
+
+
+def test_device_info_config_space_and_regions(edu: tuple[Container, VfioDevice]) -> None:
+    container, device = edu
+    info = device.info()
+    assert info.flags & uapi.VfioDeviceFlag.PCI  # (no RESET: edu has neither FLR nor PM reset)
+    assert info.num_regions >= uapi.VfioPciRegion.CONFIG + 1
+    assert info.num_irqs >= uapi.VfioPciIrq.MSIX + 1
+    config = device.region(uapi.VfioPciRegion.CONFIG)
+    assert struct.unpack("<HH", device.read(config, 0, 4)) == (0x1234, 0x11E8)
+    bar = device.region(uapi.VfioPciRegion.BAR0)
+    assert bar.size == 1 << 20
+    assert bar.flags & RegionFlag.MMAP and bar.mmap_areas == ((0, 1 << 20),)
+    assert device.region(uapi.VfioPciRegion.BAR1).size == 0  # edu has one BAR
+    iommu = container.iommu_info()
+    assert iommu.page_sizes & 0x1000
+    assert any(start <= IOVA < IOVA + DMA_SIZE <= end + 1 for start, end in iommu.iova_ranges)
+    with pytest.raises(VfioError, match="outside region"):
+        device.read(config, config.size - 2, 4)
+
+
+def test_bar0_through_the_fd_and_through_mmap(edu: tuple[Container, VfioDevice]) -> None:
+    _, device = edu
+    region = device.region(uapi.VfioPciRegion.BAR0)
+    assert struct.unpack("<I", device.read(region, 0, 4))[0] == EDU_ID
+    addr, _ = bar0(device)
+    assert read32(addr, 0) == EDU_ID
+    write32(addr, 0x04, 0x12345678)
+    assert read32(addr, 0x04) == 0x12345678 ^ 0xFFFFFFFF
+    device.write(region, 0x04, struct.pack("<I", 0x0F0F0F0F))
+    assert read32(addr, 0x04) == 0xF0F0F0F0
+
+
+def test_dma_reaches_only_what_the_container_maps(edu: tuple[Container, VfioDevice]) -> None:
+    container, device = edu
+    addr, _ = bar0(device)
+    with Mapping(DMA_SIZE, flags=0x02) as memory:  # MAP_PRIVATE anonymous
+        pattern = bytes(range(256)) * 4
+        memory.view[: len(pattern)] = pattern
+        container.map_dma(IOVA, memory.addr, DMA_SIZE)
+        dma(addr, IOVA, EDU_BUFFER, len(pattern), to_ram=False)  # RAM -> edu
+        dma(addr, EDU_BUFFER, IOVA + 0x1000, len(pattern), to_ram=True)  # edu -> RAM
+        assert bytes(memory.view[0x1000 : 0x1000 + len(pattern)]) == pattern
+        assert container.unmap_dma(IOVA, DMA_SIZE) == DMA_SIZE
+        dma(addr, EDU_BUFFER, IOVA + 0x2000, len(pattern), to_ram=True)  # now an IOMMU fault
+        assert bytes(memory.view[0x2000 : 0x2000 + len(pattern)]) == bytes(len(pattern))
+
+
+def test_intx_signals_an_eventfd_and_is_unmasked_by_another(
+    edu: tuple[Container, VfioDevice],
+) -> None:
+    _, device = edu
+    addr, _ = bar0(device)
+    info = device.irq(uapi.VfioPciIrq.INTX)
+    assert info.count == 1
+    wanted = uapi.VfioIrqInfoFlag.EVENTFD | uapi.VfioIrqInfoFlag.AUTOMASKED
+    assert info.flags & wanted == wanted
+    with EventFd() as trigger, EventFd() as unmask:
+        device.set_irq_eventfds(uapi.VfioPciIrq.INTX, [trigger.fd])
+        device.set_irq_unmask_eventfd(uapi.VfioPciIrq.INTX, unmask.fd)
+        for round_ in range(3):
+            write32(addr, 0x60, 1)  # raise: INTx goes high
+            assert wait_for(trigger) == 1, f"no interrupt in round {round_}"
+            assert read32(addr, 0x24) == 1
+            write32(addr, 0x64, 1)  # acknowledge: the line goes low
+            unmask.signal()  # what KVM's resamplefd does at the guest's EOI
+            time.sleep(0.05)
+        device.disable_irqs(uapi.VfioPciIrq.INTX)
+        write32(addr, 0x60, 1)
+        assert wait_for(trigger, 0.5) == 0
+        write32(addr, 0x64, 1)
+
+
+def test_msi_signals_an_eventfd(edu: tuple[Container, VfioDevice]) -> None:
+    _, device = edu
+    addr, _ = bar0(device)
+    assert device.irq(uapi.VfioPciIrq.MSI).count >= 1
+    with EventFd() as vector:
+        device.set_irq_eventfds(uapi.VfioPciIrq.MSI, [vector.fd])
+        try:
+            for _ in range(3):
+                write32(addr, 0x60, 1)
+                assert wait_for(vector) == 1
+                write32(addr, 0x64, 1)
+        finally:
+            device.disable_irqs(uapi.VfioPciIrq.MSI)
+
+
+def test_mmap_outside_the_mmap_areas_is_refused(edu: tuple[Container, VfioDevice]) -> None:
+    _, device = edu
+    config = device.region(uapi.VfioPciRegion.CONFIG)
+    with pytest.raises(VfioError, match="may not be mmap"):
+        device.mmap(config, 0, 4096)
+
+
+def test_group_errors_say_what_to_do(lab_devices: dict[str, str], sysfs: Sysfs) -> None:
+    with pytest.raises(VfioError, match=r"/dev/vfio/999 does not exist; bind"):
+        Group(999)
+    group_number = sysfs.pci_device(lab_devices["edu"]).iommu_group or ""
+    with Group(group_number) as group:
+        with pytest.raises(VfioError, match="add it to a container first"):
+            group.open_device(lab_devices["edu"])
+        with pytest.raises(VfioError, match="in use by another process"):
+            Group(group_number)  # a group is opened once
+        with Container() as container:
+            container.add_group(group)
+            with pytest.raises(VfioError, match="not a device of VFIO group"):
+                group.open_device("0000:00:1f.7")
