@@ -1,5 +1,7 @@
 """The legacy VFIO backend: a container (/dev/vfio/vfio) holding IOMMU groups (/dev/vfio/N).
 
+The container is a `DmaSpace` (pyvmm.vfio.dma), as the iommufd backend's IOAS is.
+
 A device is reached through its group; the group joins a container, whose Type1 v2 IOMMU holds
 the DMA mappings (IOVA -> process memory) for every device in it. The first group added decides
 the IOMMU model, as the uAPI requires (VFIO_SET_IOMMU needs a group attached).
@@ -157,7 +159,7 @@ class Container:
             )
         )
 
-    def map_dma(self, iova: int, vaddr: int, size: int, *, writable: bool = True) -> None:
+    def map(self, iova: int, vaddr: int, size: int, *, writable: bool = True) -> None:
         """Let the container's devices reach `size` bytes of this process at `vaddr` through
         bus addresses iova..iova+size (pinned by the kernel until unmapped)."""
         flags = uapi.VfioDmaMapFlag.READ | (uapi.VfioDmaMapFlag.WRITE if writable else 0)
@@ -176,13 +178,16 @@ class Container:
                 + (" (locked-memory limit? see ulimit -l)" if err.errno == errno.ENOMEM else "")
             ) from None
 
-    def unmap_dma(self, iova: int, size: int) -> int:
+    def unmap(self, iova: int, size: int) -> int:
         """Remove mappings in iova..iova+size; returns how many bytes were unmapped."""
         request = uapi.vfio_iommu_type1_dma_unmap(
             argsz=ctypes.sizeof(uapi.vfio_iommu_type1_dma_unmap), iova=iova, size=size
         )
         ioctl(self.fd, uapi.VFIO_IOMMU_UNMAP_DMA, request)
         return request.size
+
+    def iova_ranges(self) -> tuple[tuple[int, int], ...]:
+        return self.iommu_info().iova_ranges
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -1,7 +1,7 @@
-"""The legacy VFIO backend (container + group + device fd) against the lab's kernel and IOMMU,
-driving QEMU's `edu` device: config space, BAR0 through the fd and through mmap, DMA into and out
-of memory mapped by the container's IOMMU (and not after the unmap), INTx with an unmask
-eventfd, MSI.
+"""Both VFIO backends against the lab's kernel and IOMMU, each test run once through the legacy
+container (group + device fd) and once through iommufd (cdev bound to /dev/iommu, attached to an
+IOAS), driving QEMU's `edu` device: config space, BAR0 through the fd and through mmap, DMA into
+and out of memory the backend maps (and not after the unmap), INTx with an unmask eventfd, MSI.
 
 edu's registers (BAR0, 32-bit unless noted): 0x00 id 0x010000ed; 0x04 liveness (reads back the
 complement); 0x24 interrupt status; 0x60 raise interrupt; 0x64 acknowledge; 0x80/0x88/0x90 DMA
@@ -12,6 +12,7 @@ when done). Its DMA buffer is at 0x40000 in its own address space; bus addresses
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import select
 import struct
@@ -23,9 +24,13 @@ import pytest
 from pyvmm.kvm.eventfd import EventFd
 from pyvmm.kvm.mmap import Mapping
 from pyvmm.uapi import vfio as uapi
+from pyvmm.uapi.ioctl import IoctlError
+from pyvmm.vfio import iommufd
 from pyvmm.vfio.container import Container, Group
 from pyvmm.vfio.device import RegionFlag, VfioDevice
+from pyvmm.vfio.dma import DmaSpace
 from pyvmm.vfio.errors import VfioError
+from pyvmm.vfio.iommufd import Iommufd, open_cdev
 from pyvmm.vfio.sysfs import Sysfs
 
 pytestmark = pytest.mark.lab
@@ -39,17 +44,31 @@ IOVA = 0x100000
 DMA_SIZE = 0x10000
 
 
-@pytest.fixture
-def edu(lab_devices: dict[str, str], sysfs: Sysfs) -> Iterator[tuple[Container, VfioDevice]]:
+@pytest.fixture(params=["container", "iommufd"])
+def edu(
+    request: pytest.FixtureRequest, lab_devices: dict[str, str], sysfs: Sysfs
+) -> Iterator[tuple[DmaSpace, VfioDevice]]:
+    """edu opened through one backend, with memory decoding and bus mastering on."""
     device = sysfs.pci_device(lab_devices["edu"])
-    with Container() as container, Group(device.iommu_group or "") as group:
-        container.add_group(group)
-        with group.open_device(device.bdf) as vfio_device:
-            config = vfio_device.region(uapi.VfioPciRegion.CONFIG)
-            command = struct.unpack("<H", vfio_device.read(config, PCI_COMMAND, 2))[0]
-            command |= PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER
-            vfio_device.write(config, PCI_COMMAND, struct.pack("<H", command))
-            yield container, vfio_device
+    with contextlib.ExitStack() as stack:
+        space: DmaSpace
+        if request.param == "container":
+            container = stack.enter_context(Container())
+            group = stack.enter_context(Group(device.iommu_group or ""))
+            container.add_group(group)
+            vfio_device = stack.enter_context(group.open_device(device.bdf))
+            space = container
+        else:
+            fd = stack.enter_context(Iommufd())
+            vfio_device = stack.enter_context(open_cdev(device.cdev or ""))
+            iommufd.bind(vfio_device, fd)
+            space = fd.alloc_ioas()
+            assert iommufd.attach(vfio_device, space.id) != space.id  # the HWPT made for it
+        config = vfio_device.region(uapi.VfioPciRegion.CONFIG)
+        command = struct.unpack("<H", vfio_device.read(config, PCI_COMMAND, 2))[0]
+        command |= PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER
+        vfio_device.write(config, PCI_COMMAND, struct.pack("<H", command))
+        yield space, vfio_device
 
 
 def bar0(device: VfioDevice) -> tuple[int, int]:
@@ -87,8 +106,8 @@ def wait_for(event: EventFd, timeout: float = 5) -> int:
     return event.read() if ready else 0
 
 
-def test_device_info_config_space_and_regions(edu: tuple[Container, VfioDevice]) -> None:
-    container, device = edu
+def test_device_info_config_space_and_regions(edu: tuple[DmaSpace, VfioDevice]) -> None:
+    space, device = edu
     info = device.info()
     assert info.flags & uapi.VfioDeviceFlag.PCI  # (no RESET: edu has neither FLR nor PM reset)
     assert info.num_regions >= uapi.VfioPciRegion.CONFIG + 1
@@ -99,14 +118,12 @@ def test_device_info_config_space_and_regions(edu: tuple[Container, VfioDevice])
     assert bar.size == 1 << 20
     assert bar.flags & RegionFlag.MMAP and bar.mmap_areas == ((0, 1 << 20),)
     assert device.region(uapi.VfioPciRegion.BAR1).size == 0  # edu has one BAR
-    iommu = container.iommu_info()
-    assert iommu.page_sizes & 0x1000
-    assert any(start <= IOVA < IOVA + DMA_SIZE <= end + 1 for start, end in iommu.iova_ranges)
+    assert any(start <= IOVA < IOVA + DMA_SIZE <= last + 1 for start, last in space.iova_ranges())
     with pytest.raises(VfioError, match="outside region"):
         device.read(config, config.size - 2, 4)
 
 
-def test_bar0_through_the_fd_and_through_mmap(edu: tuple[Container, VfioDevice]) -> None:
+def test_bar0_through_the_fd_and_through_mmap(edu: tuple[DmaSpace, VfioDevice]) -> None:
     _, device = edu
     region = device.region(uapi.VfioPciRegion.BAR0)
     assert struct.unpack("<I", device.read(region, 0, 4))[0] == EDU_ID
@@ -118,23 +135,23 @@ def test_bar0_through_the_fd_and_through_mmap(edu: tuple[Container, VfioDevice])
     assert read32(addr, 0x04) == 0xF0F0F0F0
 
 
-def test_dma_reaches_only_what_the_container_maps(edu: tuple[Container, VfioDevice]) -> None:
-    container, device = edu
+def test_dma_reaches_only_what_the_container_maps(edu: tuple[DmaSpace, VfioDevice]) -> None:
+    space, device = edu
     addr, _ = bar0(device)
     with Mapping(DMA_SIZE, flags=0x02) as memory:  # MAP_PRIVATE anonymous
         pattern = bytes(range(256)) * 4
         memory.view[: len(pattern)] = pattern
-        container.map_dma(IOVA, memory.addr, DMA_SIZE)
+        space.map(IOVA, memory.addr, DMA_SIZE)
         dma(addr, IOVA, EDU_BUFFER, len(pattern), to_ram=False)  # RAM -> edu
         dma(addr, EDU_BUFFER, IOVA + 0x1000, len(pattern), to_ram=True)  # edu -> RAM
         assert bytes(memory.view[0x1000 : 0x1000 + len(pattern)]) == pattern
-        assert container.unmap_dma(IOVA, DMA_SIZE) == DMA_SIZE
+        assert space.unmap(IOVA, DMA_SIZE) == DMA_SIZE
         dma(addr, EDU_BUFFER, IOVA + 0x2000, len(pattern), to_ram=True)  # now an IOMMU fault
         assert bytes(memory.view[0x2000 : 0x2000 + len(pattern)]) == bytes(len(pattern))
 
 
 def test_intx_signals_an_eventfd_and_is_unmasked_by_another(
-    edu: tuple[Container, VfioDevice],
+    edu: tuple[DmaSpace, VfioDevice],
 ) -> None:
     _, device = edu
     addr, _ = bar0(device)
@@ -158,7 +175,7 @@ def test_intx_signals_an_eventfd_and_is_unmasked_by_another(
         write32(addr, 0x64, 1)
 
 
-def test_msi_signals_an_eventfd(edu: tuple[Container, VfioDevice]) -> None:
+def test_msi_signals_an_eventfd(edu: tuple[DmaSpace, VfioDevice]) -> None:
     _, device = edu
     addr, _ = bar0(device)
     assert device.irq(uapi.VfioPciIrq.MSI).count >= 1
@@ -173,7 +190,7 @@ def test_msi_signals_an_eventfd(edu: tuple[Container, VfioDevice]) -> None:
             device.disable_irqs(uapi.VfioPciIrq.MSI)
 
 
-def test_mmap_outside_the_mmap_areas_is_refused(edu: tuple[Container, VfioDevice]) -> None:
+def test_mmap_outside_the_mmap_areas_is_refused(edu: tuple[DmaSpace, VfioDevice]) -> None:
     _, device = edu
     config = device.region(uapi.VfioPciRegion.CONFIG)
     with pytest.raises(VfioError, match="may not be mmap"):
@@ -193,3 +210,32 @@ def test_group_errors_say_what_to_do(lab_devices: dict[str, str], sysfs: Sysfs) 
             container.add_group(group)
             with pytest.raises(VfioError, match="not a device of VFIO group"):
                 group.open_device("0000:00:1f.7")
+
+
+def test_iommufd_errors_say_what_to_do(lab_devices: dict[str, str], sysfs: Sysfs) -> None:
+    with pytest.raises(VfioError, match=r"/dev/vfio/devices/vfio999 does not exist; bind"):
+        open_cdev("vfio999")
+    edu = sysfs.pci_device(lab_devices["edu"])
+    with Group(edu.iommu_group or "") as group, Container() as container:
+        container.add_group(group)
+        with (
+            group.open_device(edu.bdf),
+            Iommufd() as fd,
+            open_cdev(edu.cdev or "") as cdev,
+            pytest.raises(VfioError, match=r"in use, e\.g\. through its VFIO group"),
+        ):
+            iommufd.bind(cdev, fd)
+
+
+def test_iommufd_detach_then_attach_to_another_ioas(lab_devices: dict[str, str], sysfs: Sysfs):
+    edu = sysfs.pci_device(lab_devices["edu"])
+    with Iommufd() as fd, open_cdev(edu.cdev or "") as cdev:
+        assert iommufd.bind(cdev, fd) > 0
+        first, second = fd.alloc_ioas(), fd.alloc_ioas()
+        iommufd.attach(cdev, first.id)
+        with pytest.raises(IoctlError, match=r"IOMMU_DESTROY failed: Device or resource busy"):
+            first.close()  # an IOAS in use cannot go
+        iommufd.detach(cdev)
+        iommufd.attach(cdev, second.id)
+        first.close()
+        assert second.iova_ranges()

@@ -1,0 +1,160 @@
+"""The iommufd VFIO backend: /dev/iommu, I/O address spaces (IOAS), and VFIO device cdevs
+(/dev/vfio/devices/vfioN) bound to the iommufd and attached to an IOAS.
+
+Where the legacy backend maps DMA on a container shared by groups, here each object has an id in
+the iommufd: an IOAS holds the mappings, a device is bound (getting a device id) and attached to
+the IOAS (the kernel then makes, or reuses, a hardware page table for it, and reports its id).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+
+from pyvmm.uapi import iommufd as uapi
+from pyvmm.uapi import vfio as vfio_uapi
+from pyvmm.uapi.ioctl import IoctlError, ioctl
+from pyvmm.vfio.device import VfioDevice
+from pyvmm.vfio.errors import VfioError
+
+IOMMUFD_PATH = "/dev/iommu"
+CDEV_DIR = "/dev/vfio/devices"
+
+
+class Iommufd:
+    """An open /dev/iommu; owns its fd. Objects made in it go when it is closed."""
+
+    def __init__(self) -> None:
+        try:
+            self.fd = os.open(IOMMUFD_PATH, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise VfioError(
+                f"iommufd: {IOMMUFD_PATH} does not exist; the kernel needs CONFIG_IOMMUFD"
+            ) from None
+        except OSError as err:
+            raise VfioError(f"iommufd: cannot open {IOMMUFD_PATH}: {err.strerror}") from None
+
+    def alloc_ioas(self) -> IoAddressSpace:
+        request = uapi.iommu_ioas_alloc(size=ctypes.sizeof(uapi.iommu_ioas_alloc))
+        ioctl(self.fd, uapi.IOMMU_IOAS_ALLOC, request)
+        return IoAddressSpace(self, request.out_ioas_id)
+
+    def destroy(self, object_id: int) -> None:
+        request = uapi.iommu_destroy(size=ctypes.sizeof(uapi.iommu_destroy), id=object_id)
+        ioctl(self.fd, uapi.IOMMU_DESTROY, request)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Iommufd:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class IoAddressSpace:
+    """An IOAS: the IOVA -> process-memory mappings that attached devices DMA through (a
+    `DmaSpace`, as the legacy container is)."""
+
+    def __init__(self, iommufd: Iommufd, ioas_id: int) -> None:
+        self.iommufd = iommufd
+        self.id = ioas_id
+
+    def map(self, iova: int, vaddr: int, size: int, *, writable: bool = True) -> None:
+        """Let attached devices reach `size` bytes of this process at `vaddr` through bus
+        addresses iova..iova+size (pinned until unmapped)."""
+        flags = uapi.IommuIoasMapFlag.FIXED_IOVA | uapi.IommuIoasMapFlag.READABLE
+        if writable:
+            flags |= uapi.IommuIoasMapFlag.WRITEABLE
+        request = uapi.iommu_ioas_map(
+            size=ctypes.sizeof(uapi.iommu_ioas_map),
+            flags=flags,
+            ioas_id=self.id,
+            user_va=vaddr,
+            length=size,
+            iova=iova,
+        )
+        try:
+            ioctl(self.iommufd.fd, uapi.IOMMU_IOAS_MAP, request)
+        except IoctlError as err:
+            raise VfioError(
+                f"IOAS {self.id}: map of {size:#x} bytes at IOVA {iova:#x} failed: {err.strerror}"
+            ) from None
+
+    def unmap(self, iova: int, size: int) -> int:
+        """Remove the mappings in iova..iova+size; returns how many bytes were unmapped."""
+        request = uapi.iommu_ioas_unmap(
+            size=ctypes.sizeof(uapi.iommu_ioas_unmap), ioas_id=self.id, iova=iova, length=size
+        )
+        ioctl(self.iommufd.fd, uapi.IOMMU_IOAS_UNMAP, request)
+        return request.length
+
+    def iova_ranges(self) -> tuple[tuple[int, int], ...]:
+        """The usable IOVA ranges, (start, last inclusive), for the devices now attached."""
+        count = 8
+        while True:
+            ranges = (uapi.iommu_iova_range * count)()
+            request = uapi.iommu_ioas_iova_ranges(
+                size=ctypes.sizeof(uapi.iommu_ioas_iova_ranges),
+                ioas_id=self.id,
+                num_iovas=count,
+                allowed_iovas=ctypes.addressof(ranges),
+            )
+            try:
+                ioctl(self.iommufd.fd, uapi.IOMMU_IOAS_IOVA_RANGES, request)
+            except IoctlError as err:
+                if err.errno == errno.EMSGSIZE and request.num_iovas > count:
+                    count = request.num_iovas
+                    continue
+                raise
+            return tuple((r.start, r.last) for r in ranges[: request.num_iovas])
+
+    def close(self) -> None:
+        self.iommufd.destroy(self.id)
+
+
+def open_cdev(cdev: str) -> VfioDevice:
+    """Open a VFIO device cdev (`vfioN` or a path); it is usable once bound to an iommufd."""
+    path = cdev if "/" in cdev else os.path.join(CDEV_DIR, cdev)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise VfioError(
+            f"VFIO cdev {path} does not exist; bind the device to vfio-pci (pyvmm vfio bind BDF)"
+        ) from None
+    except OSError as err:
+        raise VfioError(f"VFIO cdev {path}: cannot open: {err.strerror}") from None
+    return VfioDevice(fd, os.path.basename(path))
+
+
+def bind(device: VfioDevice, iommufd: Iommufd) -> int:
+    """Bind a cdev-opened device to the iommufd; returns its device id there."""
+    request = vfio_uapi.vfio_device_bind_iommufd(
+        argsz=ctypes.sizeof(vfio_uapi.vfio_device_bind_iommufd), iommufd=iommufd.fd
+    )
+    try:
+        ioctl(device.fd, vfio_uapi.VFIO_DEVICE_BIND_IOMMUFD, request)
+    except IoctlError as err:
+        hint = " (it is in use, e.g. through its VFIO group)" if err.errno == errno.EBUSY else ""
+        raise VfioError(f"{device.name}: bind to iommufd failed: {err.strerror}{hint}") from None
+    return request.out_devid
+
+
+def attach(device: VfioDevice, pt_id: int) -> int:
+    """Attach a bound device to an IOAS or hardware page table; returns the HWPT id used."""
+    request = vfio_uapi.vfio_device_attach_iommufd_pt(
+        argsz=ctypes.sizeof(vfio_uapi.vfio_device_attach_iommufd_pt), pt_id=pt_id
+    )
+    ioctl(device.fd, vfio_uapi.VFIO_DEVICE_ATTACH_IOMMUFD_PT, request)
+    return request.pt_id
+
+
+def detach(device: VfioDevice) -> None:
+    request = vfio_uapi.vfio_device_detach_iommufd_pt(
+        argsz=ctypes.sizeof(vfio_uapi.vfio_device_detach_iommufd_pt)
+    )
+    ioctl(device.fd, vfio_uapi.VFIO_DEVICE_DETACH_IOMMUFD_PT, request)
