@@ -9,7 +9,8 @@ import struct
 import pytest
 
 from pyvmm.uapi import vfio as uapi
-from pyvmm.vfio.device import capability_chain, sparse_mmap_areas
+from pyvmm.vfio import device as device_module
+from pyvmm.vfio.device import Region, VfioDevice, capability_chain, sparse_mmap_areas
 from pyvmm.vfio.errors import VfioError
 
 HEADER = struct.Struct("<HHI")  # vfio_info_cap_header: id, version, next
@@ -59,3 +60,70 @@ def test_sparse_mmap_areas_inside_the_region_only() -> None:
 
 def test_header_layout_matches_the_struct() -> None:
     assert ctypes.sizeof(uapi.vfio_info_cap_header) == HEADER.size
+
+
+class FakeRegionInfo:
+    """Answers VFIO_DEVICE_GET_REGION_INFO as the kernel does: with the size it needs when the
+    buffer is too small, else with the info and its capability chain."""
+
+    def __init__(self, flags: int, size: int, caps: bytes, needed: int | None = None) -> None:
+        self.flags, self.size, self.caps = flags, size, caps
+        self.needed = needed if needed is not None else 32 + len(caps)
+        self.calls = 0
+
+    def __call__(self, fd: int, request: int, buffer: ctypes.Array) -> int:  # type: ignore[type-arg]
+        assert request == uapi.VFIO_DEVICE_GET_REGION_INFO
+        self.calls += 1
+        info = uapi.vfio_region_info.from_buffer(buffer)
+        if info.argsz < self.needed:
+            info.argsz = self.needed
+            return 0
+        info.flags, info.size, info.offset = self.flags, self.size, 0x70000000000
+        if self.caps:
+            info.flags |= uapi.VfioRegionInfoFlag.CAPS
+            info.cap_offset = 32
+            ctypes.memmove(ctypes.addressof(buffer) + 32, self.caps, len(self.caps))
+        return 0
+
+
+def region_with(monkeypatch: pytest.MonkeyPatch, fake: FakeRegionInfo) -> Region:
+    monkeypatch.setattr(device_module, "ioctl", fake)
+    return VfioDevice(-1, "fake").region(0)
+
+
+READ_WRITE_MMAP = (
+    uapi.VfioRegionInfoFlag.READ | uapi.VfioRegionInfoFlag.WRITE | uapi.VfioRegionInfoFlag.MMAP
+)
+
+
+def test_region_info_is_asked_again_with_the_size_the_kernel_needs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    body = struct.pack("<II", 1, 0) + struct.pack("<QQ", 0x2000, 0x1000)
+    caps = chain((0, int(uapi.VfioRegionInfoCap.SPARSE_MMAP), body))
+    fake = FakeRegionInfo(READ_WRITE_MMAP, 0x10000, caps)
+    region = region_with(monkeypatch, fake)
+    assert fake.calls == 2
+    assert region.mmap_areas == ((0x2000, 0x1000),)
+    assert region.offset == 0x70000000000
+
+
+def test_no_mmap_flag_means_nothing_may_be_mapped_whatever_the_caps_say(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    body = struct.pack("<II", 1, 0) + struct.pack("<QQ", 0, 0x1000)
+    caps = chain((0, int(uapi.VfioRegionInfoCap.SPARSE_MMAP), body))
+    flags = uapi.VfioRegionInfoFlag.READ
+    assert region_with(monkeypatch, FakeRegionInfo(flags, 0x10000, caps)).mmap_areas == ()
+    empty = chain((0, int(uapi.VfioRegionInfoCap.SPARSE_MMAP), struct.pack("<II", 0, 0)))
+    fake = FakeRegionInfo(READ_WRITE_MMAP, 0x10000, empty)
+    assert region_with(monkeypatch, fake).mmap_areas == ()  # a sparse cap with no areas
+    whole = FakeRegionInfo(READ_WRITE_MMAP, 0x10000, b"")
+    assert region_with(monkeypatch, whole).mmap_areas == ((0, 0x10000),)
+
+
+def test_an_implausible_info_size_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeRegionInfo(READ_WRITE_MMAP, 0x10000, b"", needed=1 << 30)
+    with pytest.raises(VfioError, match="implausible"):
+        region_with(monkeypatch, fake)
+    assert fake.calls == 1

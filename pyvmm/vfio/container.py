@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 from pyvmm.uapi import vfio as uapi
 from pyvmm.uapi.ioctl import IoctlError, ioctl
-from pyvmm.vfio.device import VfioDevice, capability_chain, read_capability
-from pyvmm.vfio.errors import VfioError
+from pyvmm.vfio.device import VfioDevice, capability_chain, info_with_caps, read_capability
+from pyvmm.vfio.errors import VfioError, dma_map_error, open_node
 
 CONTAINER_PATH = "/dev/vfio/vfio"
 GROUP_DIR = "/dev/vfio"
@@ -30,26 +30,13 @@ class IommuInfo:
     dma_mappings_available: int | None  # how many more MAP_DMAs the kernel allows, if told
 
 
-def _open(path: str, what: str, hint: str) -> int:
-    try:
-        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise VfioError(f"{what}: {path} does not exist; {hint}") from None
-    except PermissionError:
-        raise VfioError(f"{what}: no permission to open {path}; run as root") from None
-    except OSError as err:
-        if err.errno == errno.EBUSY:
-            raise VfioError(f"{what}: {path} is in use by another process") from None
-        raise VfioError(f"{what}: cannot open {path}: {err.strerror}") from None
-
-
 class Group:
     """An IOMMU group opened through the legacy interface; owns its fd."""
 
     def __init__(self, number: int | str) -> None:
         self.number = str(number)
         self.path = os.path.join(GROUP_DIR, self.number)
-        self.fd = _open(
+        self.fd = open_node(
             self.path,
             f"VFIO group {self.number}",
             "bind the group's devices to vfio-pci (pyvmm vfio bind BDF)",
@@ -76,13 +63,18 @@ class Group:
         try:
             fd = ioctl(self.fd, uapi.VFIO_GROUP_GET_DEVICE_FD, ctypes.addressof(name))
         except IoctlError as err:
-            raise VfioError(f"{bdf}: not a device of VFIO group {self.number} ({err})") from None
+            if err.errno == errno.ENODEV:
+                raise VfioError(f"{bdf}: not a device of VFIO group {self.number}") from None
+            raise VfioError(f"{bdf}: cannot open it: {os.strerror(err.errno)}") from None
         return VfioDevice(fd, bdf)
 
     def close(self) -> None:
         if self.fd >= 0:
-            os.close(self.fd)  # also leaves the container
+            os.close(self.fd)  # the kernel takes the group out of its container
             self.fd = -1
+        if self.container is not None:
+            self.container.group_closed(self)
+            self.container = None
 
     def __enter__(self) -> Group:
         return self
@@ -95,7 +87,9 @@ class Container:
     """A VFIO container with a Type1 v2 IOMMU; owns its fd."""
 
     def __init__(self) -> None:
-        self.fd = _open(CONTAINER_PATH, "VFIO container", "the kernel needs CONFIG_VFIO_CONTAINER")
+        self.fd = open_node(
+            CONTAINER_PATH, "VFIO container", "the kernel needs CONFIG_VFIO_CONTAINER"
+        )
         try:
             version = ioctl(self.fd, uapi.VFIO_GET_API_VERSION)
             if version != uapi.VFIO_API_VERSION:
@@ -105,33 +99,34 @@ class Container:
         except BaseException:
             os.close(self.fd)
             raise
-        self.iommu_set = False
+        self.groups: list[Group] = []
 
     def check_extension(self, extension: uapi.VfioExtension) -> bool:
         return ioctl(self.fd, uapi.VFIO_CHECK_EXTENSION, int(extension)) > 0
 
     def add_group(self, group: Group) -> None:
-        """Put a viable group in this container; the first one also sets the IOMMU model."""
+        """Put a viable group in this container; the first one also sets the IOMMU model (the
+        kernel drops it again when the last group leaves)."""
         group.check_viable()
-        container_fd = ctypes.c_int32(self.fd)
-        ioctl(group.fd, uapi.VFIO_GROUP_SET_CONTAINER, container_fd)
+        ioctl(group.fd, uapi.VFIO_GROUP_SET_CONTAINER, ctypes.c_int32(self.fd))
+        if not self.groups:
+            try:
+                ioctl(self.fd, uapi.VFIO_SET_IOMMU, int(uapi.VfioExtension.TYPE1v2_IOMMU))
+            except IoctlError as err:
+                ioctl(group.fd, uapi.VFIO_GROUP_UNSET_CONTAINER)
+                raise VfioError(
+                    f"VFIO group {group.number}: the Type1 v2 IOMMU cannot be set up: "
+                    f"{os.strerror(err.errno)}"
+                ) from None
         group.container = self
-        if not self.iommu_set:
-            ioctl(self.fd, uapi.VFIO_SET_IOMMU, int(uapi.VfioExtension.TYPE1v2_IOMMU))
-            self.iommu_set = True
+        self.groups.append(group)
+
+    def group_closed(self, group: Group) -> None:
+        self.groups.remove(group)
 
     def iommu_info(self) -> IommuInfo:
-        struct = uapi.vfio_iommu_type1_info
-        argsz = ctypes.sizeof(struct)
-        for _ in range(2):
-            buffer = (ctypes.c_ubyte * argsz)()
-            info = struct.from_buffer(buffer)
-            info.argsz = argsz
-            ioctl(self.fd, uapi.VFIO_IOMMU_GET_INFO, buffer)
-            if info.argsz <= argsz:
-                break
-            argsz = info.argsz
-        data = bytes(buffer)
+        data = info_with_caps(self.fd, uapi.VFIO_IOMMU_GET_INFO, uapi.vfio_iommu_type1_info)
+        info = uapi.vfio_iommu_type1_info.from_buffer_copy(data)
         ranges: tuple[tuple[int, int], ...] = ()
         available = None
         if info.flags & uapi.VfioIommuInfoFlag.CAPS:
@@ -174,8 +169,7 @@ class Container:
             ioctl(self.fd, uapi.VFIO_IOMMU_MAP_DMA, request)
         except IoctlError as err:
             raise VfioError(
-                f"DMA map of {size:#x} bytes at IOVA {iova:#x} failed: {err.strerror}"
-                + (" (locked-memory limit? see ulimit -l)" if err.errno == errno.ENOMEM else "")
+                f"DMA map of {size:#x} bytes at IOVA {iova:#x} failed: {dma_map_error(err)}"
             ) from None
 
     def unmap(self, iova: int, size: int) -> int:

@@ -8,7 +8,9 @@ twice when the kernel asks for a bigger buffer, and their chains are walked with
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import mmap
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ from typing import TypeVar
 
 from pyvmm.kvm.mmap import Mapping
 from pyvmm.uapi import vfio as uapi
-from pyvmm.uapi.ioctl import ioctl
+from pyvmm.uapi.ioctl import IoctlError, ioctl, request_name
 from pyvmm.vfio.errors import VfioError
 
 RegionFlag = uapi.VfioRegionInfoFlag
@@ -71,6 +73,30 @@ def capability_chain(buffer: bytes, first: int) -> Iterator[tuple[int, int]]:
         offset = header.next
 
 
+MAX_INFO_SIZE = 1 << 16  # an info struct with its capabilities is a few hundred bytes
+
+
+def info_with_caps(
+    fd: int, request: int, struct: type[ctypes.Structure], index: int | None = None
+) -> bytes:
+    """An info struct (argsz first) and its capability chain: asked once with the bare struct,
+    again with the size the kernel says it needs."""
+    argsz = ctypes.sizeof(struct)
+    for _ in range(2):
+        buffer = (ctypes.c_ubyte * argsz)()
+        info = struct.from_buffer(buffer)
+        info.argsz = argsz  # type: ignore[attr-defined]
+        if index is not None:
+            info.index = index  # type: ignore[attr-defined]
+        ioctl(fd, request, buffer)
+        if info.argsz <= argsz:  # type: ignore[attr-defined]
+            return bytes(buffer)
+        argsz = info.argsz  # type: ignore[attr-defined]
+        if argsz > MAX_INFO_SIZE:
+            break
+    raise VfioError(f"{request_name(request)}: the kernel asks for an implausible {argsz} bytes")
+
+
 def read_capability(struct: type[CapT], buffer: bytes, offset: int) -> CapT:
     """A capability struct at `offset`, which must fit in the buffer."""
     if offset + ctypes.sizeof(struct) > len(buffer):
@@ -110,7 +136,7 @@ class VfioDevice:
 
     def region(self, index: int) -> Region:
         request, struct = uapi.VFIO_DEVICE_GET_REGION_INFO, uapi.vfio_region_info
-        buffer = self._info_with_caps(request, struct, index)
+        buffer = info_with_caps(self.fd, request, struct, index)
         info = uapi.vfio_region_info.from_buffer_copy(buffer)
         flags = RegionFlag(info.flags)
         areas: tuple[tuple[int, int], ...] = ((0, info.size),) if flags & RegionFlag.MMAP else ()
@@ -131,20 +157,6 @@ class VfioDevice:
         info = uapi.vfio_irq_info(argsz=ctypes.sizeof(uapi.vfio_irq_info), index=index)
         ioctl(self.fd, uapi.VFIO_DEVICE_GET_IRQ_INFO, info)
         return IrqInfo(index, IrqFlag(info.flags), info.count)
-
-    def _info_with_caps(self, request: int, struct: type[ctypes.Structure], index: int) -> bytes:
-        """An info struct and its capability chain: asked once with the bare struct, again with
-        the size the kernel says it needs."""
-        argsz = ctypes.sizeof(struct)
-        for _ in range(2):
-            buffer = (ctypes.c_ubyte * argsz)()
-            info = struct.from_buffer(buffer)
-            info.argsz, info.index = argsz, index  # type: ignore[attr-defined]
-            ioctl(self.fd, request, buffer)
-            if info.argsz <= argsz:  # type: ignore[attr-defined]
-                return bytes(buffer)
-            argsz = info.argsz  # type: ignore[attr-defined]
-        raise VfioError(f"{self.name}: the info for index {index} keeps growing")
 
     # region access
 
@@ -169,13 +181,22 @@ class VfioDevice:
                 f"{self.name}: region {region.index} +{offset:#x} ({size:#x} bytes) may not be "
                 "mmap()ed: access it through read()/write()"
             )
-        mapping = Mapping(size, self.fd, region.offset + offset)
+        prot = (mmap.PROT_READ if region.flags & RegionFlag.READ else 0) | (
+            mmap.PROT_WRITE if region.flags & RegionFlag.WRITE else 0
+        )
+        try:
+            mapping = Mapping(size, self.fd, region.offset + offset, prot=prot)
+        except OSError as err:
+            raise VfioError(
+                f"{self.name}: mmap of region {region.index} +{offset:#x} failed: {err.strerror}"
+            ) from None
         self._mappings.append(mapping)
         return mapping
 
     def _check(self, region: Region, offset: int, size: int, needed: RegionFlag) -> None:
         if not region.flags & needed:
-            raise VfioError(f"{self.name}: region {region.index} is not {needed.name.lower()}able")
+            what = "readable" if needed == RegionFlag.READ else "writable"
+            raise VfioError(f"{self.name}: region {region.index} is not {what}")
         if offset < 0 or size < 0 or offset + size > region.size:
             raise VfioError(
                 f"{self.name}: {offset:#x}+{size:#x} is outside region {region.index} "
@@ -191,9 +212,6 @@ class VfioDevice:
     def set_irq_unmask_eventfd(self, index: int, fd: int) -> None:
         """A level-triggered index (INTx) is unmasked by a write to `fd`: KVM's resamplefd."""
         self._set_irqs(index, IrqSetFlag.DATA_EVENTFD | IrqSetFlag.ACTION_UNMASK, 0, [fd])
-
-    def unmask_irq(self, index: int) -> None:
-        self._set_irqs(index, IrqSetFlag.DATA_NONE | IrqSetFlag.ACTION_UNMASK, 0, [], count=1)
 
     def disable_irqs(self, index: int) -> None:
         self._set_irqs(index, IrqSetFlag.DATA_NONE | IrqSetFlag.ACTION_TRIGGER, 0, [])
@@ -216,15 +234,22 @@ class VfioDevice:
     # lifetime
 
     def reset(self) -> None:
-        ioctl(self.fd, uapi.VFIO_DEVICE_RESET)
+        if not self.info().flags & uapi.VfioDeviceFlag.RESET:
+            raise VfioError(f"{self.name}: the device has no reset (no FLR, PM or bus reset)")
+        try:
+            ioctl(self.fd, uapi.VFIO_DEVICE_RESET)
+        except IoctlError as err:
+            raise VfioError(f"{self.name}: reset failed: {os.strerror(err.errno)}") from None
 
     def close(self) -> None:
-        for mapping in self._mappings:
-            mapping.close()
-        self._mappings.clear()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        """Unmap every mapping, then close the fd, whatever fails on the way."""
+        with contextlib.ExitStack() as stack:
+            if self.fd >= 0:
+                stack.callback(os.close, self.fd)
+                self.fd = -1
+            for mapping in self._mappings:
+                stack.callback(mapping.close)
+            self._mappings.clear()
 
     def __enter__(self) -> VfioDevice:
         return self

@@ -16,7 +16,8 @@ class DmaSpace(Protocol):
         """Let the devices reach `size` bytes at `vaddr` through IOVAs iova..iova+size."""
 
     def unmap(self, iova: int, size: int) -> int:
-        """Remove the mappings in iova..iova+size; returns the bytes unmapped."""
+        """Remove the mappings in iova..iova+size; returns the bytes unmapped (0 if none)."""
 
     def iova_ranges(self) -> tuple[tuple[int, int], ...]:
-        """The usable IOVA ranges, (start, last inclusive)."""
+        """The usable IOVA ranges, (start, last inclusive); () when the kernel reports none
+        (old Type1 drivers did not: then nothing is known, not nothing usable)."""

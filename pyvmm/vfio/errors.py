@@ -2,8 +2,38 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 from pyvmm.errors import PyvmmError
 
 
 class VfioError(PyvmmError):
     """A VFIO device, group or container cannot be used as asked; the message says why."""
+
+
+def open_node(path: str, what: str, missing_hint: str) -> int:
+    """Open a VFIO or iommufd device node read-write, with a one-line error that says what to do
+    when it cannot be."""
+    if not path or path.endswith("/"):
+        raise VfioError(f"{what}: no device node given")
+    try:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise VfioError(f"{what}: {path} does not exist; {missing_hint}") from None
+    except PermissionError:
+        raise VfioError(f"{what}: no permission to open {path}; run as root") from None
+    except OSError as err:
+        if err.errno == errno.EBUSY:
+            raise VfioError(
+                f"{what}: {path} is busy: already open (in this process or another), or its "
+                "device is open through another interface"
+            ) from None
+        raise VfioError(f"{what}: cannot open {path}: {err.strerror}") from None
+
+
+def dma_map_error(err: OSError) -> str:
+    """Why a DMA map failed, with the usual cause of ENOMEM: pinned pages count against
+    RLIMIT_MEMLOCK, in both backends."""
+    hint = " (the locked-memory limit? see ulimit -l)" if err.errno == errno.ENOMEM else ""
+    return f"{os.strerror(err.errno or 0)}{hint}"

@@ -16,24 +16,18 @@ from pyvmm.uapi import iommufd as uapi
 from pyvmm.uapi import vfio as vfio_uapi
 from pyvmm.uapi.ioctl import IoctlError, ioctl
 from pyvmm.vfio.device import VfioDevice
-from pyvmm.vfio.errors import VfioError
+from pyvmm.vfio.errors import VfioError, dma_map_error, open_node
 
 IOMMUFD_PATH = "/dev/iommu"
 CDEV_DIR = "/dev/vfio/devices"
+MAX_IOVA_RANGES = 4096  # a handful in practice (reserved regions split the space)
 
 
 class Iommufd:
     """An open /dev/iommu; owns its fd. Objects made in it go when it is closed."""
 
     def __init__(self) -> None:
-        try:
-            self.fd = os.open(IOMMUFD_PATH, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise VfioError(
-                f"iommufd: {IOMMUFD_PATH} does not exist; the kernel needs CONFIG_IOMMUFD"
-            ) from None
-        except OSError as err:
-            raise VfioError(f"iommufd: cannot open {IOMMUFD_PATH}: {err.strerror}") from None
+        self.fd = open_node(IOMMUFD_PATH, "iommufd", "the kernel needs CONFIG_IOMMUFD")
 
     def alloc_ioas(self) -> IoAddressSpace:
         request = uapi.iommu_ioas_alloc(size=ctypes.sizeof(uapi.iommu_ioas_alloc))
@@ -42,7 +36,14 @@ class Iommufd:
 
     def destroy(self, object_id: int) -> None:
         request = uapi.iommu_destroy(size=ctypes.sizeof(uapi.iommu_destroy), id=object_id)
-        ioctl(self.fd, uapi.IOMMU_DESTROY, request)
+        try:
+            ioctl(self.fd, uapi.IOMMU_DESTROY, request)
+        except IoctlError as err:
+            if err.errno == errno.EBUSY:
+                raise VfioError(
+                    f"iommufd object {object_id} is in use: detach its devices first"
+                ) from None
+            raise
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -82,7 +83,8 @@ class IoAddressSpace:
             ioctl(self.iommufd.fd, uapi.IOMMU_IOAS_MAP, request)
         except IoctlError as err:
             raise VfioError(
-                f"IOAS {self.id}: map of {size:#x} bytes at IOVA {iova:#x} failed: {err.strerror}"
+                f"IOAS {self.id}: map of {size:#x} bytes at IOVA {iova:#x} failed: "
+                f"{dma_map_error(err)}"
             ) from None
 
     def unmap(self, iova: int, size: int) -> int:
@@ -90,13 +92,18 @@ class IoAddressSpace:
         request = uapi.iommu_ioas_unmap(
             size=ctypes.sizeof(uapi.iommu_ioas_unmap), ioas_id=self.id, iova=iova, length=size
         )
-        ioctl(self.iommufd.fd, uapi.IOMMU_IOAS_UNMAP, request)
+        try:
+            ioctl(self.iommufd.fd, uapi.IOMMU_IOAS_UNMAP, request)
+        except IoctlError as err:
+            if err.errno == errno.ENOENT:  # nothing mapped there: as the legacy backend, 0
+                return 0
+            raise
         return request.length
 
     def iova_ranges(self) -> tuple[tuple[int, int], ...]:
         """The usable IOVA ranges, (start, last inclusive), for the devices now attached."""
         count = 8
-        while True:
+        for _ in range(2):
             ranges = (uapi.iommu_iova_range * count)()
             request = uapi.iommu_ioas_iova_ranges(
                 size=ctypes.sizeof(uapi.iommu_ioas_iova_ranges),
@@ -107,27 +114,30 @@ class IoAddressSpace:
             try:
                 ioctl(self.iommufd.fd, uapi.IOMMU_IOAS_IOVA_RANGES, request)
             except IoctlError as err:
-                if err.errno == errno.EMSGSIZE and request.num_iovas > count:
+                if err.errno == errno.EMSGSIZE and count < request.num_iovas <= MAX_IOVA_RANGES:
                     count = request.num_iovas
                     continue
                 raise
             return tuple((r.start, r.last) for r in ranges[: request.num_iovas])
+        raise VfioError(f"IOAS {self.id}: the number of IOVA ranges keeps changing")
 
     def close(self) -> None:
-        self.iommufd.destroy(self.id)
+        """Destroy the IOAS (once: iommufd reuses freed ids)."""
+        if self.id:
+            self.iommufd.destroy(self.id)
+            self.id = 0
+
+    def __enter__(self) -> IoAddressSpace:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def open_cdev(cdev: str) -> VfioDevice:
     """Open a VFIO device cdev (`vfioN` or a path); it is usable once bound to an iommufd."""
     path = cdev if "/" in cdev else os.path.join(CDEV_DIR, cdev)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise VfioError(
-            f"VFIO cdev {path} does not exist; bind the device to vfio-pci (pyvmm vfio bind BDF)"
-        ) from None
-    except OSError as err:
-        raise VfioError(f"VFIO cdev {path}: cannot open: {err.strerror}") from None
+    fd = open_node(path, "VFIO cdev", "bind the device to vfio-pci (pyvmm vfio bind BDF)")
     return VfioDevice(fd, os.path.basename(path))
 
 
@@ -140,7 +150,9 @@ def bind(device: VfioDevice, iommufd: Iommufd) -> int:
         ioctl(device.fd, vfio_uapi.VFIO_DEVICE_BIND_IOMMUFD, request)
     except IoctlError as err:
         hint = " (it is in use, e.g. through its VFIO group)" if err.errno == errno.EBUSY else ""
-        raise VfioError(f"{device.name}: bind to iommufd failed: {err.strerror}{hint}") from None
+        raise VfioError(
+            f"{device.name}: bind to iommufd failed: {os.strerror(err.errno)}{hint}"
+        ) from None
     return request.out_devid
 
 

@@ -24,14 +24,13 @@ import pytest
 from pyvmm.kvm.eventfd import EventFd
 from pyvmm.kvm.mmap import Mapping
 from pyvmm.uapi import vfio as uapi
-from pyvmm.uapi.ioctl import IoctlError
 from pyvmm.vfio import iommufd
 from pyvmm.vfio.container import Container, Group
 from pyvmm.vfio.device import RegionFlag, VfioDevice
 from pyvmm.vfio.dma import DmaSpace
 from pyvmm.vfio.errors import VfioError
 from pyvmm.vfio.iommufd import Iommufd, open_cdev
-from pyvmm.vfio.sysfs import Sysfs
+from pyvmm.vfio.sysfs import PciDevice, Sysfs
 
 pytestmark = pytest.mark.lab
 
@@ -49,18 +48,18 @@ def edu(
     request: pytest.FixtureRequest, lab_devices: dict[str, str], sysfs: Sysfs
 ) -> Iterator[tuple[DmaSpace, VfioDevice]]:
     """edu opened through one backend, with memory decoding and bus mastering on."""
-    device = sysfs.pci_device(lab_devices["edu"])
+    device = edu_device(lab_devices, sysfs)
     with contextlib.ExitStack() as stack:
         space: DmaSpace
         if request.param == "container":
             container = stack.enter_context(Container())
-            group = stack.enter_context(Group(device.iommu_group or ""))
+            group = stack.enter_context(Group(device.iommu_group))
             container.add_group(group)
             vfio_device = stack.enter_context(group.open_device(device.bdf))
             space = container
         else:
             fd = stack.enter_context(Iommufd())
-            vfio_device = stack.enter_context(open_cdev(device.cdev or ""))
+            vfio_device = stack.enter_context(open_cdev(device.cdev))
             iommufd.bind(vfio_device, fd)
             space = fd.alloc_ioas()
             assert iommufd.attach(vfio_device, space.id) != space.id  # the HWPT made for it
@@ -69,6 +68,12 @@ def edu(
         command |= PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER
         vfio_device.write(config, PCI_COMMAND, struct.pack("<H", command))
         yield space, vfio_device
+
+
+def edu_device(lab_devices: dict[str, str], sysfs: Sysfs) -> PciDevice:
+    device = sysfs.pci_device(lab_devices["edu"])
+    assert device.iommu_group and device.cdev, f"edu has no IOMMU group or VFIO cdev: {device}"
+    return device
 
 
 def bar0(device: VfioDevice) -> tuple[int, int]:
@@ -200,11 +205,11 @@ def test_mmap_outside_the_mmap_areas_is_refused(edu: tuple[DmaSpace, VfioDevice]
 def test_group_errors_say_what_to_do(lab_devices: dict[str, str], sysfs: Sysfs) -> None:
     with pytest.raises(VfioError, match=r"/dev/vfio/999 does not exist; bind"):
         Group(999)
-    group_number = sysfs.pci_device(lab_devices["edu"]).iommu_group or ""
+    group_number = edu_device(lab_devices, sysfs).iommu_group
     with Group(group_number) as group:
         with pytest.raises(VfioError, match="add it to a container first"):
             group.open_device(lab_devices["edu"])
-        with pytest.raises(VfioError, match="in use by another process"):
+        with pytest.raises(VfioError, match=r"is busy: already open \(in this process"):
             Group(group_number)  # a group is opened once
         with Container() as container:
             container.add_group(group)
@@ -215,27 +220,51 @@ def test_group_errors_say_what_to_do(lab_devices: dict[str, str], sysfs: Sysfs) 
 def test_iommufd_errors_say_what_to_do(lab_devices: dict[str, str], sysfs: Sysfs) -> None:
     with pytest.raises(VfioError, match=r"/dev/vfio/devices/vfio999 does not exist; bind"):
         open_cdev("vfio999")
-    edu = sysfs.pci_device(lab_devices["edu"])
-    with Group(edu.iommu_group or "") as group, Container() as container:
+    edu = edu_device(lab_devices, sysfs)
+    with Group(edu.iommu_group) as group, Container() as container:
         container.add_group(group)
         with (
             group.open_device(edu.bdf),
             Iommufd() as fd,
-            open_cdev(edu.cdev or "") as cdev,
+            open_cdev(edu.cdev) as cdev,
             pytest.raises(VfioError, match=r"in use, e\.g\. through its VFIO group"),
         ):
             iommufd.bind(cdev, fd)
 
 
-def test_iommufd_detach_then_attach_to_another_ioas(lab_devices: dict[str, str], sysfs: Sysfs):
-    edu = sysfs.pci_device(lab_devices["edu"])
-    with Iommufd() as fd, open_cdev(edu.cdev or "") as cdev:
+def test_iommufd_detach_then_attach_to_another_ioas(
+    lab_devices: dict[str, str], sysfs: Sysfs
+) -> None:
+    edu = edu_device(lab_devices, sysfs)
+    with Iommufd() as fd, open_cdev(edu.cdev) as cdev:
         assert iommufd.bind(cdev, fd) > 0
         first, second = fd.alloc_ioas(), fd.alloc_ioas()
         iommufd.attach(cdev, first.id)
-        with pytest.raises(IoctlError, match=r"IOMMU_DESTROY failed: Device or resource busy"):
+        with pytest.raises(VfioError, match="in use: detach its devices first"):
             first.close()  # an IOAS in use cannot go
         iommufd.detach(cdev)
         iommufd.attach(cdev, second.id)
         first.close()
+        first.close()  # once only: the id may already belong to something else
         assert second.iova_ranges()
+        assert second.unmap(IOVA, DMA_SIZE) == 0  # nothing there: 0, as in the legacy backend
+
+
+def test_reset_is_refused_for_a_device_without_one(edu: tuple[DmaSpace, VfioDevice]) -> None:
+    _, device = edu
+    with pytest.raises(VfioError, match="has no reset"):
+        device.reset()
+
+
+def test_a_container_takes_a_group_again_after_its_last_one_left(
+    lab_devices: dict[str, str], sysfs: Sysfs
+) -> None:
+    """The kernel drops the container's IOMMU with its last group: it must be set again."""
+    number = edu_device(lab_devices, sysfs).iommu_group
+    with Container() as container, Mapping(DMA_SIZE, flags=0x02) as memory:
+        for _ in range(2):
+            with Group(number) as group:
+                container.add_group(group)
+                container.map(IOVA, memory.addr, DMA_SIZE)
+                assert container.unmap(IOVA, DMA_SIZE) == DMA_SIZE
+        assert container.groups == []
