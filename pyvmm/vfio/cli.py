@@ -1,12 +1,20 @@
-"""`pyvmm vfio list|bind|unbind|mdev ...`: look at and prepare devices for VFIO."""
+"""`pyvmm vfio list|bind|unbind|info|mdev ...`: look at and prepare devices for VFIO."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import enum
+import errno
 import functools
 import sys
 from collections.abc import Callable, Sequence
 
+from pyvmm.uapi.ioctl import IoctlError
+from pyvmm.vfio.backends import BACKENDS, DEFAULT_BACKEND
+from pyvmm.vfio.device import VfioDevice
+from pyvmm.vfio.dma import DmaSpace
+from pyvmm.vfio.errors import VfioError
 from pyvmm.vfio.sysfs import PciDevice, Sysfs, SysfsError
 
 #: PCI base class names (PCI Code and ID Assignment Specification), for the CLASS column.
@@ -60,6 +68,18 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     unbind.add_argument("bdf", metavar="BDF")
     unbind.set_defaults(func=_unbind)
+
+    info = commands.add_parser(
+        "info", help="open a device through a VFIO backend and show its regions and IRQs"
+    )
+    info.add_argument("bdf", metavar="BDF", help="a device bound to vfio-pci")
+    info.add_argument(
+        "--backend",
+        choices=sorted(BACKENDS),
+        default=DEFAULT_BACKEND,
+        help=f"how to open it (default {DEFAULT_BACKEND})",
+    )
+    info.set_defaults(func=_info)
 
     mdev = commands.add_parser("mdev", help="mediated devices").add_subparsers(
         dest="mdev_command", required=True, metavar="COMMAND"
@@ -136,6 +156,58 @@ def format_mdevs(sysfs: Sysfs) -> str:
     return "\n\n".join(parts)
 
 
+_PCI_REGIONS = ("BAR0", "BAR1", "BAR2", "BAR3", "BAR4", "BAR5", "ROM", "CONFIG", "VGA")
+_PCI_IRQS = ("INTx", "MSI", "MSI-X", "ERR", "REQ")
+
+
+def _flag_names(flags: enum.Flag) -> str:
+    return ",".join(f.name.lower() for f in type(flags) if f in flags and f.name) or "-"
+
+
+def format_device_info(device: VfioDevice, space: DmaSpace, backend: str) -> str:
+    """A device as VFIO shows it: flags, every region with its mmap areas, every IRQ index, and
+    the IOVA ranges DMA can use."""
+    info = device.info()
+    regions = []
+    for index in range(info.num_regions):
+        try:
+            region = device.region(index)
+        except IoctlError as err:
+            if err.errno != errno.EINVAL:
+                raise
+            continue  # an index the device does not implement (VGA on a non-VGA function)
+        if not region.size:
+            continue
+        areas = " ".join(f"{a:#x}+{s:#x}" for a, s in region.mmap_areas) or "-"
+        regions.append(
+            (
+                str(index),
+                _PCI_REGIONS[index] if index < len(_PCI_REGIONS) else "",
+                f"{region.size:#x}",
+                _flag_names(region.flags),
+                areas,
+                f"{region.type[0]:#x}:{region.type[1]:#x}" if region.type else "-",
+            )
+        )
+    irqs = []
+    for index in range(info.num_irqs):
+        irq = device.irq(index)
+        name = _PCI_IRQS[index] if index < len(_PCI_IRQS) else ""
+        irqs.append((str(index), name, str(irq.count), _flag_names(irq.flags)))
+    ranges = " ".join(f"{start:#x}-{last:#x}" for start, last in space.iova_ranges()) or "-"
+    return "\n".join(
+        [
+            f"{device.name} through {backend}: {_flag_names(info.flags)}",
+            "",
+            _table(("REGION", "NAME", "SIZE", "FLAGS", "MMAP AREAS", "TYPE"), regions),
+            "",
+            _table(("IRQ", "NAME", "COUNT", "FLAGS"), irqs),
+            "",
+            f"usable IOVA ranges: {ranges}",
+        ]
+    )
+
+
 def _command(action: Callable[[Sysfs, argparse.Namespace], None]) -> Callable[..., int]:
     """Make `action` an argparse `func`: user errors become one line and exit status 1."""
 
@@ -143,7 +215,7 @@ def _command(action: Callable[[Sysfs, argparse.Namespace], None]) -> Callable[..
     def run(args: argparse.Namespace) -> int:
         try:
             action(Sysfs(args.root), args)
-        except (SysfsError, OSError) as exc:
+        except (SysfsError, VfioError, OSError) as exc:
             print(f"pyvmm vfio: {exc}", file=sys.stderr)
             return 1
         return 0
@@ -182,3 +254,10 @@ def _mdev_list(sysfs: Sysfs, args: argparse.Namespace) -> None:
 @_command
 def _mdev_remove(sysfs: Sysfs, args: argparse.Namespace) -> None:
     sysfs.remove_mdev(args.uuid)
+
+
+@_command
+def _info(sysfs: Sysfs, args: argparse.Namespace) -> None:
+    with contextlib.ExitStack() as stack:
+        space, device = BACKENDS[args.backend](sysfs.pci_device(args.bdf), stack)
+        print(format_device_info(device, space, args.backend))

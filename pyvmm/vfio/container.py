@@ -9,6 +9,7 @@ the IOMMU model, as the uAPI requires (VFIO_SET_IOMMU needs a group attached).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -18,6 +19,7 @@ from pyvmm.uapi import vfio as uapi
 from pyvmm.uapi.ioctl import IoctlError, ioctl
 from pyvmm.vfio.device import VfioDevice, capability_chain, info_with_caps, read_capability
 from pyvmm.vfio.errors import VfioError, dma_map_error, open_node
+from pyvmm.vfio.sysfs import PciDevice
 
 CONTAINER_PATH = "/dev/vfio/vfio"
 GROUP_DIR = "/dev/vfio"
@@ -193,3 +195,13 @@ class Container:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def open_pci(device: PciDevice, stack: contextlib.ExitStack) -> tuple[Container, VfioDevice]:
+    """Open a vfio-pci device through a container of its own (closed by `stack`)."""
+    if not device.iommu_group:
+        raise VfioError(f"{device.bdf}: no IOMMU group; is it bound to vfio-pci?")
+    container = stack.enter_context(Container())
+    group = stack.enter_context(Group(device.iommu_group))
+    container.add_group(group)
+    return container, stack.enter_context(group.open_device(device.bdf))

@@ -8,6 +8,7 @@ the IOAS (the kernel then makes, or reuses, a hardware page table for it, and re
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -17,6 +18,7 @@ from pyvmm.uapi import vfio as vfio_uapi
 from pyvmm.uapi.ioctl import IoctlError, ioctl
 from pyvmm.vfio.device import VfioDevice
 from pyvmm.vfio.errors import VfioError, dma_map_error, open_node
+from pyvmm.vfio.sysfs import PciDevice
 
 IOMMUFD_PATH = "/dev/iommu"
 CDEV_DIR = "/dev/vfio/devices"
@@ -134,11 +136,12 @@ class IoAddressSpace:
         self.close()
 
 
-def open_cdev(cdev: str) -> VfioDevice:
-    """Open a VFIO device cdev (`vfioN` or a path); it is usable once bound to an iommufd."""
+def open_cdev(cdev: str, name: str | None = None) -> VfioDevice:
+    """Open a VFIO device cdev (`vfioN` or a path); it is usable once bound to an iommufd.
+    `name` (its BDF, say) names it in messages; by default the cdev's."""
     path = cdev if "/" in cdev else os.path.join(CDEV_DIR, cdev)
     fd = open_node(path, "VFIO cdev", "bind the device to vfio-pci (pyvmm vfio bind BDF)")
-    return VfioDevice(fd, os.path.basename(path))
+    return VfioDevice(fd, name or os.path.basename(path))
 
 
 def bind(device: VfioDevice, iommufd: Iommufd) -> int:
@@ -170,3 +173,16 @@ def detach(device: VfioDevice) -> None:
         argsz=ctypes.sizeof(vfio_uapi.vfio_device_detach_iommufd_pt)
     )
     ioctl(device.fd, vfio_uapi.VFIO_DEVICE_DETACH_IOMMUFD_PT, request)
+
+
+def open_pci(device: PciDevice, stack: contextlib.ExitStack) -> tuple[IoAddressSpace, VfioDevice]:
+    """Open a vfio-pci device through its cdev, bound to an iommufd of its own and attached to
+    a new IOAS (all closed by `stack`)."""
+    if not device.cdev:
+        raise VfioError(f"{device.bdf}: no VFIO cdev; is it bound to vfio-pci?")
+    iommufd = stack.enter_context(Iommufd())
+    vfio_device = stack.enter_context(open_cdev(device.cdev, device.bdf))
+    bind(vfio_device, iommufd)
+    ioas = iommufd.alloc_ioas()  # goes with the iommufd, after the device (unbound on close)
+    attach(vfio_device, ioas.id)
+    return ioas, vfio_device

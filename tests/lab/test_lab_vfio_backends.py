@@ -25,6 +25,7 @@ from pyvmm.kvm.eventfd import EventFd
 from pyvmm.kvm.mmap import Mapping
 from pyvmm.uapi import vfio as uapi
 from pyvmm.vfio import iommufd
+from pyvmm.vfio.backends import BACKENDS
 from pyvmm.vfio.container import Container, Group
 from pyvmm.vfio.device import RegionFlag, VfioDevice
 from pyvmm.vfio.dma import DmaSpace
@@ -43,26 +44,13 @@ IOVA = 0x100000
 DMA_SIZE = 0x10000
 
 
-@pytest.fixture(params=["container", "iommufd"])
+@pytest.fixture(params=sorted(BACKENDS))
 def edu(
     request: pytest.FixtureRequest, lab_devices: dict[str, str], sysfs: Sysfs
 ) -> Iterator[tuple[DmaSpace, VfioDevice]]:
     """edu opened through one backend, with memory decoding and bus mastering on."""
-    device = edu_device(lab_devices, sysfs)
     with contextlib.ExitStack() as stack:
-        space: DmaSpace
-        if request.param == "container":
-            container = stack.enter_context(Container())
-            group = stack.enter_context(Group(device.iommu_group))
-            container.add_group(group)
-            vfio_device = stack.enter_context(group.open_device(device.bdf))
-            space = container
-        else:
-            fd = stack.enter_context(Iommufd())
-            vfio_device = stack.enter_context(open_cdev(device.cdev))
-            iommufd.bind(vfio_device, fd)
-            space = fd.alloc_ioas()
-            assert iommufd.attach(vfio_device, space.id) != space.id  # the HWPT made for it
+        space, vfio_device = BACKENDS[request.param](edu_device(lab_devices, sysfs), stack)
         config = vfio_device.region(uapi.VfioPciRegion.CONFIG)
         command = struct.unpack("<H", vfio_device.read(config, PCI_COMMAND, 2))[0]
         command |= PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER

@@ -49,3 +49,27 @@ def test_bind_of_a_missing_device_is_one_line(capsys: pytest.CaptureFixture[str]
     assert run_cli("bind", "0000:00:1e.7") == 1
     err = capsys.readouterr().err
     assert err == "pyvmm vfio: no PCI device 0000:00:1e.7\n"
+
+
+@pytest.mark.parametrize("backend", ["iommufd", "container"])
+def test_info_shows_regions_and_irqs_through_either_backend(
+    lab_devices: dict[str, str], capsys: pytest.CaptureFixture[str], backend: str
+) -> None:
+    assert run_cli("info", lab_devices["edu"], "--backend", backend) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{lab_devices['edu']} through {backend}: pci\n")
+    bar0 = next(line for line in out.splitlines() if line.startswith("0 "))
+    assert bar0.split() == ["0", "BAR0", "0x100000", "read,write,mmap", "0x0+0x100000", "-"]
+    config = next(line for line in out.splitlines() if line.startswith("7 "))
+    assert config.split()[:5] == ["7", "CONFIG", "0x100", "read,write", "-"]  # conventional PCI
+    intx = next(line for line in out.splitlines() if line.startswith("0 ") and "INTx" in line)
+    assert intx.split() == ["0", "INTx", "1", "eventfd,maskable,automasked"]
+    assert "usable IOVA ranges: 0x0-" in out
+
+
+def test_info_of_a_device_not_on_vfio_is_one_line(
+    lab_devices: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_cli("info", "0000:00:00.0") == 1  # the host bridge: no VFIO group node
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("pyvmm vfio: ")
