@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import re
 import subprocess
 import sys
@@ -193,6 +194,20 @@ def test_exit_stats_from_the_cli() -> None:
     lines = result.stderr.splitlines()
     assert re.fullmatch(r"pyvmm: \d+ exits to pyvmm, by kind and place:", lines[0])
     assert re.search(r"^\s+1\s+[\d.]+%\s+pio\s+debug-exit\+0x0$", result.stderr, re.M)
+
+
+def test_rtc_guest_reads_the_host_clock_through_the_cmos_ports() -> None:
+    before = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    with boot("rtc") as machine:
+        result = machine.run(timeout=30)
+        text = machine.console.text
+    after = datetime.datetime.now(datetime.UTC)
+    assert result.exit_code == 0, text
+    stamp = re.search(r"rtc: (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\n", text)
+    assert stamp, text
+    read = datetime.datetime.fromisoformat(stamp[1]).replace(tzinfo=datetime.UTC)
+    assert before <= read <= after
+    assert "rtc: regB=0x2 regD=0x80\n" in text  # 24-hour BCD; valid RAM and time
 
 
 def test_dirty_log_reports_exactly_the_pages_the_guest_wrote() -> None:
