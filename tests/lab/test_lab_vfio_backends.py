@@ -22,13 +22,14 @@ from collections.abc import Iterator
 import pytest
 
 from pyvmm.kvm.eventfd import EventFd
+from pyvmm.kvm.memory import GuestMemory, RamRegion
 from pyvmm.kvm.mmap import Mapping
 from pyvmm.uapi import vfio as uapi
 from pyvmm.vfio import iommufd
 from pyvmm.vfio.backends import BACKENDS
 from pyvmm.vfio.container import Container, Group
 from pyvmm.vfio.device import RegionFlag, VfioDevice
-from pyvmm.vfio.dma import DmaSpace
+from pyvmm.vfio.dma import DmaSpace, map_guest_memory
 from pyvmm.vfio.errors import VfioError
 from pyvmm.vfio.iommufd import Iommufd, open_cdev
 from pyvmm.vfio.sysfs import PciDevice, Sysfs
@@ -256,3 +257,25 @@ def test_a_container_takes_a_group_again_after_its_last_one_left(
                 container.map(IOVA, memory.addr, DMA_SIZE)
                 assert container.unmap(IOVA, DMA_SIZE) == DMA_SIZE
         assert container.groups == []
+
+
+def test_guest_ram_is_mapped_for_dma_at_its_physical_addresses(
+    edu: tuple[DmaSpace, VfioDevice],
+) -> None:
+    """memfd-backed guest RAM, as a Machine has it, mapped IOVA = GPA: the device reads and
+    writes guest-physical addresses, and nothing outside guest RAM."""
+    space, device = edu
+    addr, _ = bar0(device)
+    memory = GuestMemory()
+    memory.add(RamRegion(0, 0, 32 << 20))
+    try:
+        assert map_guest_memory(space, memory) == [(0, 32 << 20)]
+        pattern = bytes(range(255, -1, -1)) * 2
+        memory.write(0x100000, pattern)
+        dma(addr, 0x100000, EDU_BUFFER, len(pattern), to_ram=False)
+        dma(addr, EDU_BUFFER, 0x101000, len(pattern), to_ram=True)
+        assert memory.read(0x101000, len(pattern)) == pattern
+        dma(addr, EDU_BUFFER, 64 << 20, len(pattern), to_ram=True)  # past the end of RAM
+        assert space.unmap(0, 32 << 20) == 32 << 20
+    finally:
+        memory.close()
