@@ -205,6 +205,29 @@ def test_pci_config_reads_of_empty_slots_and_other_buses_are_all_ones() -> None:
     assert ecam.read(0xFFE, 4) == 0xFFFF_FFFF  # straddles the function's 4 KiB
 
 
+def test_pci_state_round_trip_moves_bar_windows_and_keeps_the_cf8_latch() -> None:
+    """A snapshot taken after the guest moved BAR0 and wrote a scratch register, restored into
+    a fresh machine: the window is where the guest put it, with the data behind it."""
+    _, _, mmio, ports, dev = make_pci()
+    assigned = dev.bar_address(0)
+    cf8(ports, 3, PCI_BASE_ADDRESS_0)
+    ports.write(4, 4, 0xD000_0000)
+    mmio.find(0xD000_0010).device.write(0x10, 4, 0xCAFE)
+    cf8(ports, 3, PCI_COMMAND)  # the guest is between its CF8 and CFC accesses
+    saved, latch = dev.state(), ports.state()
+
+    _, _, new_mmio, new_ports, new_dev = make_pci()
+    new_dev.restore(saved)
+    new_ports.restore(latch)
+    assert new_dev.bar_address(0) == 0xD000_0000
+    assert new_mmio.find(assigned) is None
+    assert new_mmio.find(0xD000_0010).device.read(0x10, 4) == 0xCAFE
+    assert new_ports.read(4, 2) == dev.command  # CFC reads the latched register
+    assert new_dev.state() == saved
+    with pytest.raises(ValueError, match="not of a PCI test device"):
+        new_dev.restore(HostBridge().state())
+
+
 def test_pci_reset_control_register() -> None:
     pio, mmio = Bus("pio"), Bus("mmio")
     resets: list[bool] = []

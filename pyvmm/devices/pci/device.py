@@ -66,6 +66,13 @@ class Bar:
         return bits | (PCI_BASE_ADDRESS_MEM_PREFETCH if self.prefetchable else 0)
 
 
+@dataclass
+class PciFunctionState:
+    """A function's config space: BAR addresses, command register, capabilities' registers."""
+
+    config: bytes
+
+
 class PciFunction:
     """Config space and BARs of one PCI function; subclass for a device."""
 
@@ -186,3 +193,16 @@ class PciFunction:
 
     def bar_write(self, index: int, offset: int, size: int, value: int) -> None:
         pass
+
+    # snapshot (a device with more state extends these)
+
+    def state(self) -> PciFunctionState:
+        return PciFunctionState(bytes(self.config))
+
+    def restore(self, state: PciFunctionState) -> None:
+        """Config space as saved, and the BAR windows where it puts them."""
+        if len(state.config) != len(self.config):
+            raise ValueError(f"{self.name}: saved config space has {len(state.config)} bytes")
+        self.config[:] = state.config
+        if self.bus is not None:
+            self.bus.update_bar_mappings(self)

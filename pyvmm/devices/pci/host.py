@@ -61,6 +61,15 @@ class ConfigPorts:
         if target is not None:
             self._bus.config_write(*target, size, value)
 
+    def state(self) -> int:
+        """The address latch (CF8): a guest may be between its address and data accesses."""
+        with self._lock:
+            return self._address
+
+    def restore(self, address: int) -> None:
+        with self._lock:
+            self._address = address & 0x80FFFFFC
+
     def _target(self, data_offset: int, size: int) -> tuple[int, int] | None:
         with self._lock:
             address = self._address

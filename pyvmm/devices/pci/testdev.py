@@ -6,7 +6,9 @@ BAR accesses. IDs 0x5056:0x0001 ("PV") are pyvmm's own, not assigned to any hard
 
 from __future__ import annotations
 
-from pyvmm.devices.pci.device import Bar, BarKind, PciFunction
+from dataclasses import dataclass
+
+from pyvmm.devices.pci.device import Bar, BarKind, PciFunction, PciFunctionState
 
 TESTDEV_VENDOR = 0x5056
 TESTDEV_DEVICE = 0x0001
@@ -17,6 +19,11 @@ BARS = (
     Bar(1, BarKind.IO, 0x100),
     Bar(2, BarKind.MEM64, 0x100000, prefetchable=True),
 )
+
+
+@dataclass
+class PciTestDeviceState(PciFunctionState):
+    scratch: dict[int, bytes]
 
 
 class PciTestDevice(PciFunction):
@@ -38,3 +45,14 @@ class PciTestDevice(PciFunction):
         area = self.scratch[index]
         if offset + size <= len(area):
             area[offset : offset + size] = value.to_bytes(size, "little")
+
+    def state(self) -> PciTestDeviceState:
+        scratch = {index: bytes(area) for index, area in self.scratch.items()}
+        return PciTestDeviceState(bytes(self.config), scratch)
+
+    def restore(self, state: PciFunctionState) -> None:
+        if not isinstance(state, PciTestDeviceState) or state.scratch.keys() != self.scratch.keys():
+            raise ValueError(f"{self.name}: the state is not of a PCI test device")
+        super().restore(state)
+        for index, data in state.scratch.items():
+            self.scratch[index][:] = data

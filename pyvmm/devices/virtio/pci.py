@@ -39,6 +39,7 @@ from pyvmm.devices.pci.device import (
     Bar,
     BarKind,
     PciFunction,
+    PciFunctionState,
 )
 from pyvmm.devices.pci.msix import Msix, MsixState
 from pyvmm.devices.virtio.backend import (
@@ -164,10 +165,9 @@ class PciCfgCapability(Capability):
 
 
 @dataclass
-class VirtioPciState:
+class VirtioPciState(PciFunctionState):
     """The transport's state for snapshots (the backend's own state is its file or tap)."""
 
-    config: bytes
     status: int
     device_feature_select: int
     driver_feature_select: int
