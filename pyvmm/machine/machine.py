@@ -55,12 +55,13 @@ MAX_COUNTED_PLACES = 4096
 OTHER_PLACES = -1
 
 
+def _exit_name(reason: int) -> str:
+    """KVM_EXIT_<name> for a known exit reason, else the number."""
+    return KvmExit(reason).name if reason in KvmExit._value2member_map_ else str(reason)
+
+
 def _exit_kind(reason: int) -> str:
-    if reason == KvmExit.IO:
-        return "pio"
-    if reason in KvmExit._value2member_map_:
-        return KvmExit(reason).name.lower()
-    return str(reason)
+    return "pio" if reason == KvmExit.IO else _exit_name(reason).lower()
 
 
 def _count(counts: Counter[tuple[int, int]], reason: int, where: int) -> None:
@@ -441,11 +442,7 @@ class Machine:
             _count(self._exit_counts[vcpu.id], reason, 0)
         run = vcpu.exit_struct()
         if reason == KvmExit.SHUTDOWN:
-            where = cpu.describe_regs(vcpu)
-            if cpu.in_reset_state(vcpu):
-                # KVM on AMD re-initialises a vCPU when it reports a shutdown (the VMCB is
-                # undefined after one), so the state at the fault is gone.
-                where += " (the reset state: KVM on AMD discards the state at a triple fault)"
+            where = cpu.describe_regs(vcpu, after_shutdown=True)
             self.stop(
                 StopReason.TRIPLE_FAULT, 1, f"vcpu{vcpu.id}: guest triple-faulted (reset); {where}"
             )
@@ -475,8 +472,9 @@ class Machine:
                 f"{run.fail_entry.hardware_entry_failure_reason:#x}",
             )
         else:
-            name = KvmExit(reason).name if reason in KvmExit._value2member_map_ else str(reason)
-            self.stop(StopReason.ERROR, 1, f"vcpu{vcpu.id}: unhandled KVM exit {name}")
+            self.stop(
+                StopReason.ERROR, 1, f"vcpu{vcpu.id}: unhandled KVM exit {_exit_name(reason)}"
+            )
 
     def _start_input(self) -> Any:
         """Forward console input to COM1 from a thread; returns a function that stops it."""
