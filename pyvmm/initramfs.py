@@ -67,7 +67,7 @@ class CpioWriter:
 def busybox_initramfs(busybox: Path, init: str) -> bytes:
     """An initramfs holding a static busybox and `init` (a busybox sh script) as /init."""
     cpio = CpioWriter()
-    for directory in ("bin", "dev", "proc", "sys", "tmp", "mnt"):
+    for directory in ("bin", "dev", "proc", "sys", "tmp", "mnt", "root"):
         cpio.directory(directory)
     cpio.char_device("dev/console", 5, 1)
     cpio.file("bin/busybox", busybox.read_bytes(), 0o755)

@@ -5,7 +5,7 @@ The init mounts the host's root read-only over 9p, gives the chroot fresh /proc,
 the host, and starts the guest agent (`pyvmm.lab.agent`) with the host's own interpreter. When
 the agent returns, or anything before it fails, the init powers the machine off, so QEMU exits.
 
-The archive is written by pyvmm.initramfs.CpioWriter.
+The image is pyvmm.initramfs.busybox_initramfs with this init.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyvmm.initramfs import CpioWriter
+from pyvmm.initramfs import busybox_initramfs
 
 #: virtio-9p mount tags, shared with the QEMU command line.
 ROOT_TAG = "hostroot"
@@ -78,11 +78,4 @@ def init_script(config: InitConfig) -> str:
 
 def build(busybox: Path, config: InitConfig) -> bytes:
     """The initramfs image for one lab boot."""
-    cpio = CpioWriter()
-    for directory in ("bin", "dev", "proc", "sys", "root", "tmp"):
-        cpio.directory(directory)
-    cpio.char_device("dev/console", 5, 1)
-    cpio.file("bin/busybox", busybox.read_bytes(), 0o755)
-    cpio.symlink("bin/sh", "busybox")
-    cpio.file("init", init_script(config).encode(), 0o755)
-    return cpio.finish()
+    return busybox_initramfs(busybox, init_script(config))  # /root: the chroot's mount point

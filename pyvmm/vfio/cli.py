@@ -10,6 +10,7 @@ import functools
 import sys
 from collections.abc import Callable, Sequence
 
+from pyvmm.uapi import vfio as uapi
 from pyvmm.uapi.ioctl import IoctlError
 from pyvmm.vfio.backends import BACKENDS, DEFAULT_BACKEND
 from pyvmm.vfio.device import VfioDevice
@@ -156,8 +157,13 @@ def format_mdevs(sysfs: Sysfs) -> str:
     return "\n\n".join(parts)
 
 
-_PCI_REGIONS = ("BAR0", "BAR1", "BAR2", "BAR3", "BAR4", "BAR5", "ROM", "CONFIG", "VGA")
-_PCI_IRQS = ("INTx", "MSI", "MSI-X", "ERR", "REQ")
+# How the PCI spec writes these; other indexes go by their uAPI names.
+_IRQ_SPELLING = {uapi.VfioPciIrq.INTX: "INTx", uapi.VfioPciIrq.MSIX: "MSI-X"}
+
+
+def _index_name(enum_type: type[enum.IntEnum], index: int) -> str:
+    """The uAPI's name for a region or IRQ index ("" for a device-specific one)."""
+    return enum_type(index).name if index in enum_type._value2member_map_ else ""
 
 
 def _flag_names(flags: enum.Flag) -> str:
@@ -182,7 +188,7 @@ def format_device_info(device: VfioDevice, space: DmaSpace, backend: str) -> str
         regions.append(
             (
                 str(index),
-                _PCI_REGIONS[index] if index < len(_PCI_REGIONS) else "",
+                _index_name(uapi.VfioPciRegion, index),
                 f"{region.size:#x}",
                 _flag_names(region.flags),
                 areas,
@@ -192,7 +198,7 @@ def format_device_info(device: VfioDevice, space: DmaSpace, backend: str) -> str
     irqs = []
     for index in range(info.num_irqs):
         irq = device.irq(index)
-        name = _PCI_IRQS[index] if index < len(_PCI_IRQS) else ""
+        name = _IRQ_SPELLING.get(index) or _index_name(uapi.VfioPciIrq, index)
         irqs.append((str(index), name, str(irq.count), _flag_names(irq.flags)))
     ranges = " ".join(f"{start:#x}-{last:#x}" for start, last in space.iova_ranges()) or "-"
     return "\n".join(

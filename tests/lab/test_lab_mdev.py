@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import pytest
 
-from pyvmm.vfio import cli
+from pyvmm.cli import main
 from pyvmm.vfio.sysfs import Sysfs
 
 pytestmark = pytest.mark.lab
 
 
 def run_cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="pyvmm")
-    cli.add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["vfio", *argv])
-    return args.func(args)
+    """`pyvmm vfio ARGV...`, in this process (so capsys sees its output)."""
+    return main(["vfio", *argv])
 
 
 def available(sysfs: Sysfs, type_id: str) -> int:

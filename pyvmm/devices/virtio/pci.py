@@ -546,8 +546,8 @@ class VirtioPciDevice(PciFunction):
         """Bring the device back as saved (the machine is paused, the backend is the same)."""
         if len(state.queues) != len(self.queues) or len(state.config) != len(self.config):
             raise ValueError(f"{self.name}: snapshot is of a different device")
+        super().restore(state)  # config space, and the BAR windows where it puts them
         with self._lock:
-            self.config[:] = state.config
             for name in (
                 "status",
                 "device_feature_select",
@@ -561,8 +561,6 @@ class VirtioPciDevice(PciFunction):
             for queue, queue_state in zip(self.queues, state.queues, strict=True):
                 queue.restore(queue_state)
         self.msix.restore(state.msix)
-        if self.bus is not None:
-            self.bus.update_bar_mappings(self)
         with self._lock:
             self._sync_ioeventfds()
             if self.status & STATUS_DRIVER_OK:
