@@ -20,10 +20,10 @@ from guestbuild import requires_kvm
 from linuxkernel import lab_kernel, lab_vmlinux
 
 from pyvmm.errors import BootError
-from pyvmm.kvm.memory import GuestMemory, GuestMemoryError, RamRegion
 from pyvmm.machine import acpi, bzimage, layout
 from pyvmm.machine.console import CaptureConsole
 from pyvmm.machine.machine import Machine
+from pyvmm.machine.memory import GuestMemory, GuestMemoryError, RamRegion
 
 MiB = layout.MiB
 CMDLINE = "console=ttyS0 earlyprintk=serial,ttyS0,115200 nokaslr pyvmm.test=1"
@@ -56,7 +56,7 @@ def run_until(machine: Machine, pattern: str, timeout: float) -> str:
 
 def make_memory(size: int = 256 * MiB) -> GuestMemory:
     memory = GuestMemory()
-    memory.add(RamRegion(0, 0, size))
+    memory.add(RamRegion(0, size))
     return memory
 
 

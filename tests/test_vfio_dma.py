@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pyvmm.kvm.memory import GuestMemory, RamRegion
+from pyvmm.machine.memory import GuestMemory, RamRegion
 from pyvmm.vfio.dma import map_guest_memory
 from pyvmm.vfio.errors import VfioError
 
@@ -34,8 +34,8 @@ class RecordingSpace:
 @pytest.fixture
 def memory() -> Iterator[GuestMemory]:
     mem = GuestMemory()
-    mem.add(RamRegion(0, 0, 4 * MiB))
-    mem.add(RamRegion(1, 1 << 32, 2 * MiB))
+    mem.add(RamRegion(0, 4 * MiB))
+    mem.add(RamRegion(1 << 32, 2 * MiB))
     yield mem
     mem.close()
 

@@ -35,8 +35,8 @@ from pyvmm.devices.virtio.queue import (
     VirtqueueError,
 )
 from pyvmm.devices.virtio.rng import VirtioRng
-from pyvmm.kvm.memory import GuestMemory, RamRegion
 from pyvmm.machine.bus import Bus
+from pyvmm.machine.memory import GuestMemory, RamRegion
 
 MiB = 1 << 20
 LOW = (0, 1 * MiB)  # RAM at [0, 1 MiB) and [256 MiB, +64 KiB), a hole between
@@ -48,8 +48,8 @@ W, N, IND = VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_INDIRECT
 @contextlib.contextmanager
 def guest_memory(*ranges: tuple[int, int]) -> Iterator[GuestMemory]:
     memory = GuestMemory()
-    for slot, (gpa, size) in enumerate(ranges or (LOW, HIGH)):
-        memory.add(RamRegion(slot, gpa, size))
+    for gpa, size in ranges or (LOW, HIGH):
+        memory.add(RamRegion(gpa, size))
     try:
         yield memory
     finally:
@@ -738,7 +738,7 @@ class FakeMachine:
 
     def __init__(self) -> None:
         self.memory = GuestMemory()
-        self.memory.add(RamRegion(0, 0, 4 * MiB))
+        self.memory.add(RamRegion(0, 4 * MiB))
         self.vm = FakeVm()
         self.gsi = FakeGsi()
         self.mmio = Bus("mmio")

@@ -25,8 +25,8 @@ _libc.mmap.argtypes = [
 _libc.munmap.restype = ctypes.c_int
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 
+PAGE_SIZE = 4096  # x86-64's base page: KVM slots, dirty-log bits and DMA maps count in it
 MAP_FAILED = ctypes.c_void_p(-1).value
-MAP_NORESERVE = 0x4000
 
 
 class Mapping:

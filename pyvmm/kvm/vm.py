@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from pyvmm.kvm.flexarray import flexible
-from pyvmm.kvm.memory import PAGE_SIZE
+from pyvmm.kvm.mmap import PAGE_SIZE
 from pyvmm.uapi import kvm as uapi
 from pyvmm.uapi.ioctl import ioctl
 

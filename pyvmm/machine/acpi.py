@@ -17,8 +17,8 @@ import struct
 from dataclasses import dataclass
 
 from pyvmm.devices import rtc
-from pyvmm.kvm.memory import GuestMemory
 from pyvmm.machine import aml, layout
+from pyvmm.machine.memory import GuestMemory
 
 OEM_ID = b"PYVMM "
 OEM_TABLE_ID = b"PYVMMACP"

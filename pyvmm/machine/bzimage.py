@@ -17,8 +17,8 @@ import struct
 from dataclasses import dataclass
 
 from pyvmm.errors import BootError
-from pyvmm.kvm.memory import GuestMemory
 from pyvmm.machine import layout
+from pyvmm.machine.memory import GuestMemory
 
 SETUP_HEADER_OFFSET = 0x1F1
 BOOT_FLAG = 0xAA55

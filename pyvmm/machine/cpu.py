@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import struct
 
-from pyvmm.kvm.memory import GuestMemory
 from pyvmm.kvm.vcpu import Vcpu
 from pyvmm.machine import layout
+from pyvmm.machine.memory import GuestMemory
 from pyvmm.uapi import kvm as uapi
 
 # GDT: null, 64-bit code (0x08), data (0x10), TSS (0x18).

@@ -10,8 +10,8 @@ import os
 from dataclasses import dataclass
 
 from pyvmm.errors import BootError
-from pyvmm.kvm.memory import GuestMemory, GuestMemoryError
 from pyvmm.machine.layout import HIMEM_START, MiB
+from pyvmm.machine.memory import GuestMemory, GuestMemoryError
 
 PT_LOAD = "PT_LOAD"
 PF_X = 1

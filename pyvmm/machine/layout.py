@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from pyvmm.kvm.memory import RamRange
+from dataclasses import dataclass
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -60,6 +60,18 @@ PCI_CONFIG_PORT = 0xCF8
 
 E820_RAM = 1
 E820_RESERVED = 2
+
+
+@dataclass(frozen=True)
+class RamRange:
+    """A guest-physical range of RAM."""
+
+    gpa: int
+    size: int
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
 
 
 def ram_ranges(mem_size: int) -> list[RamRange]:

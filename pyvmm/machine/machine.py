@@ -33,7 +33,6 @@ from pyvmm.devices.serial import Serial8250
 from pyvmm.errors import BootError, ConfigError
 from pyvmm.kvm.errors import KvmError
 from pyvmm.kvm.irq import GsiRouting
-from pyvmm.kvm.memory import PAGE_SIZE, GuestMemory, RamRegion
 from pyvmm.kvm.system import System
 from pyvmm.kvm.vcpu import Vcpu, install_kick_handler
 from pyvmm.machine import acpi, cpu, layout
@@ -41,6 +40,7 @@ from pyvmm.machine.bus import Bus, BusDevice, Range
 from pyvmm.machine.bzimage import LinuxBoot, load_linux, parse_bzimage
 from pyvmm.machine.console import CaptureConsole, Console
 from pyvmm.machine.elf import is_elf, load_elf, parse_elf
+from pyvmm.machine.memory import PAGE_SIZE, GuestMemory, RamRegion
 from pyvmm.machine.pvh import PvhBoot, enter_protected_mode, load_pvh, pvh_entry
 from pyvmm.uapi import kvm as uapi
 
@@ -142,7 +142,8 @@ class Machine:
         self._stack.callback(self.vm.close)
         self._stack.callback(self.memory.close)
         for slot, ram in enumerate(layout.ram_ranges(self.mem_size)):
-            region = RamRegion(slot, ram.gpa, ram.size)
+            region = RamRegion(ram.gpa, ram.size)
+            region.slot = slot
             self.memory.add(region)
             self._register_slot(region)
         self.vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP)

@@ -13,11 +13,11 @@ import struct
 from dataclasses import dataclass
 
 from pyvmm.errors import BootError
-from pyvmm.kvm.memory import GuestMemory
 from pyvmm.kvm.vcpu import Vcpu
 from pyvmm.machine import cpu, layout
 from pyvmm.machine.bzimage import load_initrd, place_initrd
 from pyvmm.machine.elf import ElfImage, load_elf, parse_elf
+from pyvmm.machine.memory import GuestMemory
 
 XEN_ELFNOTE_PHYS32_ENTRY = 18
 HVM_START_MAGIC = 0x336EC578

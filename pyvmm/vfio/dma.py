@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from pyvmm.kvm.memory import GuestMemory
+from pyvmm.machine.memory import GuestMemory
 from pyvmm.vfio.errors import VfioError
 
 

@@ -22,8 +22,8 @@ from collections.abc import Iterator
 import pytest
 
 from pyvmm.kvm.eventfd import EventFd
-from pyvmm.kvm.memory import GuestMemory, RamRegion
 from pyvmm.kvm.mmap import Mapping
+from pyvmm.machine.memory import GuestMemory, RamRegion
 from pyvmm.uapi import vfio as uapi
 from pyvmm.vfio import iommufd
 from pyvmm.vfio.backends import BACKENDS
@@ -267,7 +267,7 @@ def test_guest_ram_is_mapped_for_dma_at_its_physical_addresses(
     space, device = edu
     addr, _ = bar0(device)
     memory = GuestMemory()
-    memory.add(RamRegion(0, 0, 32 << 20))
+    memory.add(RamRegion(0, 32 << 20))
     try:
         assert map_guest_memory(space, memory) == [(0, 32 << 20)]
         pattern = bytes(range(255, -1, -1)) * 2

@@ -50,7 +50,7 @@ from pyvmm.devices.virtio.backend import (
 )
 from pyvmm.devices.virtio.queue import NO_VECTOR, QueueState, Virtqueue, VirtqueueError
 from pyvmm.kvm.eventfd import EventFd
-from pyvmm.kvm.memory import GuestMemoryError
+from pyvmm.machine.memory import GuestMemoryError
 
 if TYPE_CHECKING:
     from pyvmm.machine.machine import Machine

@@ -21,7 +21,7 @@ import struct
 import threading
 from dataclasses import dataclass, field
 
-from pyvmm.kvm.memory import GuestMemory, GuestMemoryError
+from pyvmm.machine.memory import GuestMemory, GuestMemoryError
 
 log = logging.getLogger(__name__)
 

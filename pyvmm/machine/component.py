@@ -1,0 +1,172 @@
+"""The parts of a machine that hold state or run threads, and what the machine asks of them.
+
+Two small protocols, stacked by what a part can do (cloud-hypervisor's Pausable/Snapshottable):
+
+- `Pausable`: `pause()` returns once the part has stopped touching the guest (a device worker
+  parks between requests, finishing the one in flight); `resume()` lets it go on.
+- `Stateful`: `save()` returns the part's state as a versioned dataclass (`state_type`, with a
+  `VERSION` class attribute; see pyvmm.machine.state) and `restore(state)` puts it back into a
+  part built the same way (Firecracker's persist modules: state is plain data, the part is
+  rebuilt from the machine's configuration, then given its state).
+
+The Machine registers every such part in one `Components` registry under a stable id (`vcpu0`,
+`rtc`, `pci/00:03.0`), in the order that restore needs: the VM-wide KVM state, then the vCPUs,
+then the devices. `save_all()` is the sum of the parts' states, each wrapped in a `SavedState`
+that names its id, kind and version; `restore_all()` checks every one of them (id, kind,
+version, shape) before it touches any part, so a stream that does not fit leaves the machine as
+it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from pyvmm.machine.state import StateError, from_plain, to_plain
+
+
+@runtime_checkable
+class Pausable(Protocol):
+    def pause(self) -> None:
+        """Stop touching the guest (its memory, interrupts, device registers) until resume()."""
+
+    def resume(self) -> None: ...
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    state_type: ClassVar[type]
+
+    def save(self) -> Any:
+        """The part's state, an instance of `state_type`."""
+
+    def restore(self, state: Any) -> None:
+        """Take `state` (as `save()` returned it, here or in another process)."""
+
+
+@dataclass(frozen=True)
+class SavedState:
+    """One part's state as plain data, with what a reader checks before using it."""
+
+    component: str
+    kind: str
+    version: int
+    data: Any
+
+
+def state_version(state_type: type) -> int:
+    version = getattr(state_type, "VERSION", None)
+    if not isinstance(version, int):
+        raise TypeError(f"state type {state_type.__name__} has no integer VERSION")
+    return version
+
+
+class Components:
+    """A machine's pausable and stateful parts by id, in registration order."""
+
+    def __init__(self) -> None:
+        self._parts: dict[str, object] = {}
+
+    def add(self, component_id: str, part: object) -> None:
+        if component_id in self._parts:
+            raise ValueError(f"component id {component_id!r} is taken")
+        if not isinstance(part, Pausable | Stateful):
+            raise TypeError(
+                f"{component_id}: {type(part).__name__} is neither Pausable nor Stateful"
+            )
+        if isinstance(part, Stateful):
+            state_version(part.state_type)
+        self._parts[component_id] = part
+
+    def remove(self, component_id: str) -> None:
+        del self._parts[component_id]
+
+    def __getitem__(self, component_id: str) -> object:
+        return self._parts[component_id]
+
+    def __contains__(self, component_id: object) -> bool:
+        return component_id in self._parts
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._parts))
+
+    def _pausable(self) -> list[Pausable]:
+        return [part for part in self._parts.values() if isinstance(part, Pausable)]
+
+    def _stateful(self) -> dict[str, Stateful]:
+        return {cid: part for cid, part in self._parts.items() if isinstance(part, Stateful)}
+
+    # pause
+
+    def pause_all(self) -> None:
+        """Pause every pausable part in order; if one fails, resume those already paused."""
+        paused: list[Pausable] = []
+        try:
+            for part in self._pausable():
+                part.pause()
+                paused.append(part)
+        except BaseException:
+            for part in reversed(paused):
+                part.resume()
+            raise
+
+    def resume_all(self) -> None:
+        for part in reversed(self._pausable()):
+            part.resume()
+
+    # save and restore
+
+    def save_all(self) -> list[SavedState]:
+        saved = []
+        for component_id, part in self._stateful().items():
+            state = part.save()
+            if type(state) is not part.state_type:
+                raise TypeError(f"{component_id}: save() gave a {type(state).__name__}")
+            saved.append(
+                SavedState(
+                    component_id,
+                    part.state_type.__name__,
+                    state_version(part.state_type),
+                    to_plain(state),
+                )
+            )
+        return saved
+
+    def decode(self, saved: list[SavedState]) -> dict[str, Any]:
+        """Check saved states against the parts (all of them, nothing else) and rebuild each
+        part's state; StateError naming the first that does not fit."""
+        parts = self._stateful()
+        by_id: dict[str, SavedState] = {}
+        for item in saved:
+            if item.component in by_id:
+                raise StateError(f"the saved state has component {item.component} twice")
+            by_id[item.component] = item
+        unknown = [cid for cid in by_id if cid not in parts]
+        if unknown:
+            raise StateError(
+                f"the saved state has {', '.join(unknown)}, which this machine does not have "
+                "(was it saved from a machine with other devices?)"
+            )
+        missing = [cid for cid in parts if cid not in by_id]
+        if missing:
+            raise StateError(f"the saved state lacks {', '.join(missing)}")
+        decoded = {}
+        for component_id, part in parts.items():
+            item = by_id[component_id]
+            kind, version = part.state_type.__name__, state_version(part.state_type)
+            if item.kind != kind:
+                raise StateError(f"{component_id}: saved state is a {item.kind}, not a {kind}")
+            if item.version != version:
+                raise StateError(
+                    f"{component_id}: saved {kind} is version {item.version}; this pyvmm reads "
+                    f"version {version} only"
+                )
+            decoded[component_id] = from_plain(part.state_type, item.data, component_id)
+        return decoded
+
+    def restore_all(self, saved: list[SavedState]) -> None:
+        """Restore every stateful part, in registration order, once all have been checked."""
+        decoded = self.decode(saved)
+        for component_id, part in self._stateful().items():
+            part.restore(decoded[component_id])

@@ -1,0 +1,153 @@
+"""Dirty-page tracking of guest RAM: KVM's dirty log merged with the pages pyvmm wrote itself.
+
+KVM logs the pages the guest's vCPUs write (KVM_MEM_LOG_DIRTY_PAGES on each RAM slot). It never
+sees pyvmm's own writes into guest RAM through the mapping: virtqueue used rings, block reads
+landing in guest buffers, the loaders. Those reach `DirtyLog.mark` through GuestMemory's
+`on_write` and are kept in a second bitmap per RAM region, as Firecracker keeps one. `collect()`
+reads and clears both and returns one `DirtyBitmap` per RAM region: the bitmaps themselves, not
+a Python object per page.
+
+The log follows the address space: a RAM region added while logging is on is logged from then
+on (and reported dirty in full, since nothing of it was ever collected).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from pyvmm.kvm.mmap import PAGE_SIZE
+from pyvmm.machine.address_space import AddressSpace
+from pyvmm.machine.memory import MemoryRegion, RegionKind
+
+
+def _bits_to_bytes(bits: int, pages: int) -> bytes:
+    return bits.to_bytes((pages + 7) // 8, "little")
+
+
+@dataclass(frozen=True)
+class DirtyBitmap:
+    """The dirty pages of one RAM region: bit i of `kvm` (a vCPU wrote page i) or of `vmm`
+    (pyvmm wrote it), little-endian as KVM's log is; page i is at gpa + i * 4096."""
+
+    gpa: int
+    pages: int
+    kvm: bytes
+    vmm: bytes
+
+    @property
+    def bitmap(self) -> bytes:
+        """Both sources merged: every page written since the last collect."""
+        merged = int.from_bytes(self.kvm, "little") | int.from_bytes(self.vmm, "little")
+        return _bits_to_bytes(merged, self.pages)
+
+    def count(self) -> int:
+        return int.from_bytes(self.bitmap, "little").bit_count()
+
+    def __contains__(self, gpa: object) -> bool:
+        if not isinstance(gpa, int) or not self.gpa <= gpa < self.gpa + self.pages * PAGE_SIZE:
+            return False
+        page = (gpa - self.gpa) // PAGE_SIZE
+        return bool(self.bitmap[page // 8] >> (page % 8) & 1)
+
+    def addresses(self, which: str = "both") -> Iterator[int]:
+        """Guest-physical addresses of the dirty pages, ascending; `which` is "kvm", "vmm" or
+        "both". For tests and reports: a migration sends `ranges()`."""
+        data = {"kvm": self.kvm, "vmm": self.vmm, "both": self.bitmap}[which]
+        for index, byte in enumerate(data):
+            while byte:
+                low = byte & -byte
+                yield self.gpa + (index * 8 + low.bit_length() - 1) * PAGE_SIZE
+                byte ^= low
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """(gpa, size) of each run of consecutive dirty pages."""
+        runs: list[tuple[int, int]] = []
+        for address in self.addresses():
+            if runs and runs[-1][0] + runs[-1][1] == address:
+                runs[-1] = (runs[-1][0], runs[-1][1] + PAGE_SIZE)
+            else:
+                runs.append((address, PAGE_SIZE))
+        return runs
+
+
+class DirtyLog:
+    """Dirty logging of every RAM region of an address space (a listener of it)."""
+
+    def __init__(self, space: AddressSpace) -> None:
+        self._space = space
+        self._lock = threading.Lock()
+        self._vmm: dict[MemoryRegion, bytearray] = {}  # while active
+        self.active = False
+        space.listen(self)
+
+    def start(self) -> None:
+        """Log from now on: KVM's log on every RAM slot, and pyvmm's own writes."""
+        with self._lock:
+            if self.active:
+                return
+            self.active = True
+        for region in self._space.regions(RegionKind.RAM):
+            self._log(region, full=False)
+        self._space.memory.on_write = self.mark
+
+    def stop(self) -> None:
+        self._space.memory.on_write = None
+        with self._lock:
+            self.active = False
+            regions = list(self._vmm)
+            self._vmm.clear()
+        for region in regions:
+            self._space.set_dirty_logging(region, False)
+
+    def _log(self, region: MemoryRegion, *, full: bool) -> None:
+        pages = region.size // PAGE_SIZE
+        bitmap = bytearray(_bits_to_bytes((1 << pages) - 1 if full else 0, pages))
+        self._space.set_dirty_logging(region, True)
+        with self._lock:
+            self._vmm[region] = bitmap
+
+    # the address space's listener
+
+    def region_added(self, region: MemoryRegion) -> None:
+        if self.active and region.kind is RegionKind.RAM:
+            self._log(region, full=True)
+
+    def region_removed(self, region: MemoryRegion) -> None:
+        with self._lock:
+            self._vmm.pop(region, None)
+
+    # pyvmm's writes
+
+    def mark(self, gpa: int, length: int) -> None:
+        """pyvmm wrote guest RAM at gpa..gpa+length (any thread)."""
+        if length <= 0:
+            return
+        with self._lock:
+            for region, bitmap in self._vmm.items():
+                if region.gpa <= gpa < region.end:
+                    first = (gpa - region.gpa) // PAGE_SIZE
+                    last = (min(gpa + length, region.end) - 1 - region.gpa) // PAGE_SIZE
+                    for page in range(first, last + 1):
+                        bitmap[page >> 3] |= 1 << (page & 7)
+                    return
+
+    # the query
+
+    def collect(self) -> list[DirtyBitmap]:
+        """Read and clear both logs: one DirtyBitmap per RAM region, in address order."""
+        if not self.active:
+            raise RuntimeError("dirty logging is off; call start() first")
+        result = []
+        for region in self._space.regions(RegionKind.RAM):
+            kvm = self._space.get_dirty_log(region)
+            pages = region.size // PAGE_SIZE
+            with self._lock:
+                vmm = self._vmm.get(region)
+                if vmm is None:
+                    continue
+                self._vmm[region] = bytearray(len(vmm))
+            size = (pages + 7) // 8
+            result.append(DirtyBitmap(region.gpa, pages, kvm[:size], bytes(vmm)))
+        return result

@@ -1,0 +1,97 @@
+"""Component state as plain data: dataclasses in, nested dicts and lists of plain values out.
+
+Every stateful part of a machine describes its state as a dataclass with a `VERSION` class
+attribute (Firecracker's per-device persist types). `to_plain` turns such a state into plain
+data (dict, list, int, float, bool, str, bytes, None) that a snapshot or migration stream can
+carry without knowing any component; `from_plain` rebuilds the dataclass from it, checking every
+value against the field's declared type, so a corrupt or hostile stream gives a `StateError`
+naming the field, never a half-built component.
+
+Supported field types: int, float, bool, str, bytes, nested state dataclasses, `list[T]`,
+`tuple[T, ...]`, `dict[K, V]` with int or str keys, and `T | None`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import types
+import typing
+from typing import Any, TypeVar
+
+from pyvmm.errors import PyvmmError
+
+T = TypeVar("T")
+
+_SCALARS: tuple[type, ...] = (int, float, bool, str, bytes)
+
+
+class StateError(PyvmmError):
+    """Saved state cannot be used: unknown component or version, or malformed data."""
+
+
+def to_plain(state: Any) -> Any:
+    """Plain data for a state dataclass (or any supported value)."""
+    if dataclasses.is_dataclass(state) and not isinstance(state, type):
+        return {f.name: to_plain(getattr(state, f.name)) for f in dataclasses.fields(state)}
+    if isinstance(state, list | tuple):
+        return [to_plain(item) for item in state]
+    if isinstance(state, dict):
+        return {key: to_plain(value) for key, value in state.items()}
+    if state is None or isinstance(state, _SCALARS):
+        return state
+    raise TypeError(f"{type(state).__name__} is not plain state data")
+
+
+def from_plain(cls: type[T], data: Any, where: str = "") -> T:
+    """Rebuild a `cls` dataclass from `to_plain` output; StateError if it does not fit."""
+    return _decode(cls, data, where or cls.__name__)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _decode(kind: Any, data: Any, where: str) -> Any:
+    origin = typing.get_origin(kind)
+    if origin in (types.UnionType, typing.Union):
+        options = typing.get_args(kind)
+        if data is None and type(None) in options:
+            return None
+        real = [option for option in options if option is not type(None)]
+        if len(real) != 1:
+            raise TypeError(f"{where}: only `T | None` unions are supported")
+        return _decode(real[0], data, where)
+    if dataclasses.is_dataclass(kind):
+        if not isinstance(data, dict):
+            raise StateError(f"{where}: expected a record, got {type(data).__name__}")
+        hints = _hints(kind)
+        names = [f.name for f in dataclasses.fields(kind) if f.init]
+        missing = [name for name in names if name not in data]
+        unknown = sorted(set(data) - set(names), key=str)
+        if missing or unknown:
+            problems = [f"missing {', '.join(missing)}"] if missing else []
+            problems += [f"unknown {', '.join(map(str, unknown))}"] if unknown else []
+            raise StateError(f"{where}: fields {'; '.join(problems)}")
+        return kind(**{name: _decode(hints[name], data[name], f"{where}.{name}") for name in names})
+    if origin in (list, tuple):
+        if not isinstance(data, list | tuple):
+            raise StateError(f"{where}: expected a list, got {type(data).__name__}")
+        (item,) = typing.get_args(kind)[:1]
+        items = [_decode(item, value, f"{where}[{i}]") for i, value in enumerate(data)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(data, dict):
+            raise StateError(f"{where}: expected a mapping, got {type(data).__name__}")
+        key_type, value_type = typing.get_args(kind)
+        return {
+            _decode(key_type, key, f"{where} key"): _decode(value_type, value, f"{where}[{key!r}]")
+            for key, value in data.items()
+        }
+    if kind in _SCALARS:
+        # bool is an int in Python; a state field of type int must not take True, nor the reverse
+        if type(data) is not kind and not (kind is float and type(data) is int):
+            raise StateError(f"{where}: expected {kind.__name__}, got {type(data).__name__}")
+        return kind(data)
+    raise TypeError(f"{where}: field type {kind!r} is not supported in state")
