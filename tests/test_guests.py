@@ -109,10 +109,10 @@ def test_interrupts_msi_via_irqfd_and_ioapic_pin_without_python_exits() -> None:
         def host() -> None:
             try:
                 console.wait_for("interrupts: ready\n", 30)
-                marks["msi"] = machine.exit_count
+                marks["msi"] = machine.exits.count
                 msi.signal()
                 console.wait_for("msi: vector 0x40 count 1\n", 30)
-                marks["pin"] = machine.exit_count
+                marks["pin"] = machine.exits.count
                 pin.signal()
             except BaseException as err:  # reported by the test thread
                 errors.append(err)
@@ -127,7 +127,7 @@ def test_interrupts_msi_via_irqfd_and_ioapic_pin_without_python_exits() -> None:
         assert not errors, errors
         assert result.exit_code == 0, console.text
         assert "ioapic: vector 0x41 count 1" in console.text
-        trace = list(machine.exit_trace or ())
+        trace = list(machine.exits.trace or ())
         for mark in ("msi", "pin"):
             after = trace[marks[mark] :]
             # The guest was halted when the eventfd was written; the next exit is its own
@@ -143,14 +143,14 @@ def test_ioeventfd_doorbell_writes_cause_no_python_exit() -> None:
     iterations = 500
     with boot("exits", trace_exits=True) as machine:
         sink = BenchSink(iterations)
-        machine.add_pio_device(layout.BENCH_SINK_PORT, 4, sink, "bench")
+        machine.pio.register(layout.BENCH_SINK_PORT, 4, sink, "bench")
         doorbell = EventFd()
         machine.vm.ioeventfd(doorbell.fd, layout.BENCH_SINK_PORT, 4, pio=True)
         result = machine.run(timeout=60)
         assert result.exit_code == 0
         assert doorbell.read() == iterations
         assert sink.writes == 0
-        port_exits = [p for r, p in machine.exit_trace or () if p == layout.BENCH_SINK_PORT]
+        port_exits = [p for r, p in machine.exits.trace or () if p == layout.BENCH_SINK_PORT]
         assert port_exits == [layout.BENCH_SINK_PORT]  # only the inl that fetched N
         doorbell.close()
 
@@ -159,7 +159,7 @@ def test_python_handled_port_writes_are_all_seen() -> None:
     iterations = 300
     with boot("exits") as machine:
         sink = BenchSink(iterations)
-        machine.add_pio_device(layout.BENCH_SINK_PORT, 4, sink, "bench")
+        machine.pio.register(layout.BENCH_SINK_PORT, 4, sink, "bench")
         result = machine.run(timeout=60)
         assert result.exit_code == 0
         assert sink.writes == iterations
@@ -175,12 +175,12 @@ def test_exit_stats_count_every_exit_by_device_and_offset() -> None:
     as one row, named by the device, beside the debug-exit row."""
     iterations = 300
     with boot("exits", trace_exits=True) as machine:
-        machine.add_pio_device(layout.BENCH_SINK_PORT, 4, BenchSink(iterations), "bench")
+        machine.pio.register(layout.BENCH_SINK_PORT, 4, BenchSink(iterations), "bench")
         assert machine.run(timeout=60).exit_code == 0
-        rows = {(kind, where): count for kind, where, count in machine.exit_summary()}
+        rows = {(kind, where): count for kind, where, count in machine.exits.summary()}
     assert rows["pio", "bench+0x0"] == iterations + 1  # and the inl that fetched N
     assert rows["pio", "debug-exit+0x0"] == 1
-    assert sum(rows.values()) == machine.exit_count
+    assert sum(rows.values()) == machine.exits.count
 
 
 def test_exit_stats_from_the_cli() -> None:
@@ -213,13 +213,16 @@ def test_rtc_guest_reads_the_host_clock_through_the_cmos_ports() -> None:
 def test_dirty_log_reports_exactly_the_pages_the_guest_wrote() -> None:
     region = range(0x2000000, 0x2000000 + 256 * 4096)
     seen: dict[int, set[int]] = {}
+    by_vmm: dict[int, set[int]] = {}
     with boot("dirty") as machine:
 
         def checkpoint(phase: int) -> None:
-            seen[phase] = {p for p in machine.dirty_pages() if p in region}
+            bitmaps = machine.dirty.collect()
+            seen[phase] = {p for b in bitmaps for p in b.addresses() if p in region}
+            by_vmm[phase] = {p for b in bitmaps for p in b.addresses("vmm") if p in region}
 
-        machine.add_pio_device(layout.CHECKPOINT_PORT, 4, Checkpoint(checkpoint), "checkpoint")
-        machine.set_dirty_logging(True)
+        machine.pio.register(layout.CHECKPOINT_PORT, 4, Checkpoint(checkpoint), "checkpoint")
+        machine.dirty.start()
         result = machine.run(timeout=60)
         out = machine.console.text
     assert result.exit_code == 0, out
@@ -229,6 +232,7 @@ def test_dirty_log_reports_exactly_the_pages_the_guest_wrote() -> None:
     assert f"dirty: phase 2 count {len(phase2)}" in out
     assert seen[1] == phase1
     assert seen[2] == phase2  # reading the log at phase 1 re-armed it
+    assert by_vmm == {1: set(), 2: set()}  # the guest wrote them, not pyvmm
 
 
 def test_triple_fault_is_reported_not_hidden() -> None:

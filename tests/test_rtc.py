@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pyvmm.devices import rtc
+from pyvmm.machine.state import StateError
 
 # Saturday 2026-11-21 13:45:07 UTC
 NOW = calendar.timegm((2026, 11, 21, 13, 45, 7))
@@ -161,13 +162,13 @@ def test_state_round_trip_keeps_ram_mode_and_offset() -> None:
     write(a, rtc.REG_B, rtc.REG_B_BINARY | rtc.REG_B_24H)
     write(a, rtc.YEAR, 30)  # five years ahead
     write(a, 0x50, 0x77)
-    state = a.state()
+    state = a.save()
     b = rtc.CmosRtc(clock)
     b.restore(state)
     assert time_registers(b) == time_registers(a)
     assert read(b, rtc.YEAR) == 30
     assert read(b, 0x50) == 0x77
-    assert b.state() == state
+    assert b.save() == state
 
 
 def test_state_mid_set_keeps_the_half_set_time() -> None:
@@ -176,14 +177,14 @@ def test_state_mid_set_keeps_the_half_set_time() -> None:
     write(a, rtc.REG_B, rtc.REG_B_SET | rtc.REG_B_24H)
     write(a, rtc.HOURS, 0x02)
     b = rtc.CmosRtc(clock)
-    b.restore(a.state())
+    b.restore(a.save())
     clock.now += 10
     assert read(b, rtc.HOURS) == 0x02
     assert read(b, rtc.SECONDS) == 0x07  # still frozen
 
 
 def test_restore_refuses_a_wrong_size() -> None:
-    with pytest.raises(ValueError, match="CMOS"):
+    with pytest.raises(StateError, match="CMOS"):
         rtc.CmosRtc().restore(rtc.RtcState(cmos=bytes(10)))
 
 

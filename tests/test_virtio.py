@@ -23,8 +23,7 @@ from test_virtqueue import HostDriver, virtio_device
 from pyvmm.devices.pci.msix import Msix
 from pyvmm.devices.virtio import blk as vblk
 from pyvmm.devices.virtio import net as vnet
-from pyvmm.devices.virtio.pci import NOTIFY_OFFSET, VirtioPciDevice, plug_virtio
-from pyvmm.devices.virtio.rng import VirtioRng
+from pyvmm.devices.virtio.pci import NOTIFY_OFFSET, VirtioPciDevice
 from pyvmm.errors import ConfigError
 from pyvmm.kvm.irq import MsiRoute
 from pyvmm.machine import layout
@@ -42,7 +41,7 @@ def boot(name: str, **kwargs: object) -> Machine:
 
 
 def mmio_exits(machine: Machine, start: int, end: int) -> list[int]:
-    return [a for r, a in machine.exit_trace or () if r == KvmExit.MMIO and start <= a < end]
+    return [a for r, a in machine.exits.trace or () if r == KvmExit.MMIO and start <= a < end]
 
 
 def watch_threads(device: VirtioPciDevice) -> list[str]:
@@ -62,7 +61,8 @@ def watch_threads(device: VirtioPciDevice) -> list[str]:
 @requires_kvm
 def test_virtio_rng_guest_gets_entropy_through_ioeventfd_and_msix_irqfd() -> None:
     with boot("virtio-rng", trace_exits=True) as machine:
-        device = plug_virtio(machine, VirtioRng())
+        device = machine.add_device("virtio-rng")
+        assert isinstance(device, VirtioPciDevice)
         threads = watch_threads(device)
 
         def no_signal_msi(address: int, data: int) -> int:
@@ -96,7 +96,7 @@ def test_virtio_blk_guest_reads_writes_and_flushes_a_host_file(tmp_path: Path) -
     disk = tmp_path / "disk.img"
     disk.write_bytes(b"pyvmm sector zero\0".ljust(16 * 512, b"\xee"))
     with boot("virtio-blk", trace_exits=True) as machine:
-        device = plug_virtio(machine, vblk.VirtioBlk(str(disk), serial="pyvmm-disk-0"))
+        device = machine.add_device("virtio-blk", path=str(disk), serial="pyvmm-disk-0")
         result = machine.run(timeout=60)
         out = machine.console.text
         doorbell = device.bar_address(0) + NOTIFY_OFFSET
@@ -120,7 +120,7 @@ def test_virtio_blk_read_only_disk_refuses_the_write(tmp_path: Path) -> None:
     disk = tmp_path / "ro.img"
     disk.write_bytes(bytes(4 * 512))
     with boot("virtio-blk") as machine:
-        plug_virtio(machine, vblk.VirtioBlk(str(disk), read_only=True))
+        machine.add_device("virtio-blk", path=str(disk), read_only=True)
         result = machine.run(timeout=60)
         out = machine.console.text
     assert result.exit_code == 1, out

@@ -35,7 +35,9 @@ from pyvmm.devices.virtio.queue import (
     VirtqueueError,
 )
 from pyvmm.devices.virtio.rng import VirtioRng
+from pyvmm.machine.address_space import AddressSpace
 from pyvmm.machine.bus import Bus
+from pyvmm.machine.dma import IdentityDma
 from pyvmm.machine.memory import GuestMemory, RamRegion
 
 MiB = 1 << 20
@@ -77,7 +79,7 @@ def put_desc(
 def make_queue(
     mem: GuestMemory, size: int = 8, *, indirect: bool = True, event_idx: bool = False
 ) -> Virtqueue:
-    queue = Virtqueue(mem, 256)
+    queue = Virtqueue(IdentityDma(mem), 256)
     queue.size, queue.desc, queue.driver, queue.device = size, DESC, AVAIL, USED
     queue.indirect, queue.event_idx = indirect, event_idx
     queue.activate()
@@ -117,7 +119,7 @@ def test_chain_of_readable_then_writable_buffers(memory: GuestMemory) -> None:
     assert chain.read(4, 6) == b"456789"
     assert chain.write(98, b"xyz!") == 3  # spans the two writable buffers, one byte too many
     assert memory.read(0x10100 + 98, 2) == b"xy" and memory.read(HIGH[0], 1) == b"z"
-    queue.push(chain.head, 101)
+    queue.push(chain, 101)
     assert used_ring(memory, queue)[0] == 1
     assert used_ring(memory, queue)[1][0] == (3, 101)
 
@@ -146,7 +148,7 @@ def test_ring_wraps_around_the_16_bit_index(memory: GuestMemory) -> None:
         offer(memory, queue, 0)
         chain = queue.pop()
         assert chain is not None
-        queue.push(chain.head, 1)
+        queue.push(chain, 1)
     assert queue.next_avail == 2 and used_ring(memory, queue)[0] == 2
 
 
@@ -155,12 +157,12 @@ def test_interrupt_suppression_flag_and_event_idx(memory: GuestMemory) -> None:
     put_desc(memory, DESC, 0, 0x10000, 1, W)
     assert not queue.needs_interrupt()  # nothing used yet
     offer(memory, queue, 0)
-    queue.push(queue.pop().head, 1)  # type: ignore[union-attr]
+    queue.push(queue.pop(), 1)  # type: ignore[arg-type]
     memory.write(AVAIL, struct.pack("<H", VIRTQ_AVAIL_F_NO_INTERRUPT))
     assert not queue.needs_interrupt()
     memory.write(AVAIL, struct.pack("<H", 0))
     offer(memory, queue, 0)
-    queue.push(queue.pop().head, 1)  # type: ignore[union-attr]
+    queue.push(queue.pop(), 1)  # type: ignore[arg-type]
     assert queue.needs_interrupt()
 
     queue = make_queue(memory, event_idx=True)
@@ -168,12 +170,12 @@ def test_interrupt_suppression_flag_and_event_idx(memory: GuestMemory) -> None:
     memory.write(used_event, struct.pack("<H", 1))  # interrupt once used idx passes 1
     memory.write(AVAIL + 2, struct.pack("<H", 0))
     offer(memory, queue, 0)
-    queue.push(queue.pop().head, 1)  # type: ignore[union-attr]
+    queue.push(queue.pop(), 1)  # type: ignore[arg-type]
     avail_event = struct.unpack("<H", memory.read(USED + 4 + 8 * queue.size, 2))[0]
     assert avail_event == 1  # the device asks to hear about the next buffer
     assert not queue.needs_interrupt()  # used idx 1: not past used_event yet
     offer(memory, queue, 0)
-    queue.push(queue.pop().head, 1)  # type: ignore[union-attr]
+    queue.push(queue.pop(), 1)  # type: ignore[arg-type]
     assert queue.needs_interrupt()  # used idx 2 stepped past 1
 
 
@@ -353,7 +355,7 @@ def test_chain_bytes_must_fit_a_used_length() -> None:
 def test_ring_geometry_is_checked(
     memory: GuestMemory, size: int, desc: int, avail: int, used: int
 ) -> None:
-    queue = Virtqueue(memory, 256)
+    queue = Virtqueue(IdentityDma(memory), 256)
     queue.size, queue.desc, queue.driver, queue.device = size, desc, avail, used
     with pytest.raises(VirtqueueError):
         queue.activate()
@@ -364,11 +366,11 @@ def test_queue_state_round_trip(memory: GuestMemory) -> None:
     queue = make_queue(memory, event_idx=True)
     put_desc(memory, DESC, 0, 0x10000, 1, W)
     offer(memory, queue, 0, 0)
-    queue.push(queue.pop().head, 1)  # type: ignore[union-attr]
-    saved = queue.state()
-    other = Virtqueue(memory, 256)
+    queue.push(queue.pop(), 1)  # type: ignore[arg-type]
+    saved = queue.save()
+    other = Virtqueue(IdentityDma(memory), 256)
     other.restore(saved)
-    assert other.state() == saved
+    assert other.save() == saved
     assert other.pop() is not None  # carries on where the first left off
     saved.desc = LOW[1]  # a snapshot whose ring is no longer in RAM
     other.restore(saved)
@@ -447,7 +449,7 @@ def test_any_ring_yields_chains_inside_ram_or_virtqueue_error(
                 mem.region_for(buf.gpa, buf.length)  # raises if outside RAM
             assert len(chain.read(0, 4096)) == min(chain.readable_len, 4096)
             chain.write(0, b"\xaa" * min(chain.writable_len, 64))
-            queue.push(chain.head, chain.writable_len)
+            queue.push(chain, chain.writable_len)
             queue.needs_interrupt()
 
 
@@ -520,7 +522,7 @@ def test_valid_rings_round_trip_and_mutated_ones_fail_cleanly(
                     mem.region_for(buf.gpa, buf.length)
                 bufs = [(b.gpa, b.length, False) for b in popped.readable]
                 got.append((popped.head, bufs + [(b.gpa, b.length, True) for b in popped.writable]))
-                queue.push(popped.head, 0)
+                queue.push(popped, 0)
         except VirtqueueError:
             assert mutations, "a well-formed ring was refused"
             return
@@ -554,6 +556,14 @@ class FakeVm:
 
     def ioeventfd_remove(self, fd: int, addr: int, length: int) -> None:
         assert self.ioeventfds.pop((addr, length)) == fd
+
+    def set_user_memory_region(
+        self, slot: int, gpa: int, size: int, host_addr: int, flags: int = 0
+    ) -> None:
+        """No KVM here: memory slots are the address space's bookkeeping only."""
+
+    def get_dirty_log(self, slot: int, size: int) -> bytes:
+        return bytes((size // 4096 + 63) // 64 * 8)
 
 
 class FakeGsi:
@@ -705,7 +715,7 @@ def test_msix_survives_any_guest_traffic(ops: list[tuple[str, int, int, int]]) -
                 msix.pba_read(offset, size)
             else:
                 msix.signal(offset)
-        state = msix.state()
+        state = msix.save()
         for v in range(msix.vectors):
             ctrl = msix.table_read(16 * v + 12, 4)
             assert ctrl in (0, 1)  # reserved bits stay zero
@@ -721,11 +731,11 @@ def test_msix_state_round_trip_keeps_pending_vectors() -> None:
         msix.table_write(24, 4, 0x33)
         set_control(msix, config, 0x8000)
         msix.signal(1)
-        saved = msix.state()
+        saved = msix.save()
         assert saved.pending == [1] and saved.enabled
         with msix_table() as (other, vm, gsi, _):
             other.restore(saved)
-            assert other.state() == saved
+            assert other.save() == saved
             other.table_write(28, 4, 0)
             assert gsi.routes[vm.irqfds[other.eventfds[1].fd]] == (0xFEE0_0000, 0x33)
 
@@ -734,23 +744,23 @@ def test_msix_state_round_trip_keeps_pending_vectors() -> None:
 
 
 class FakeMachine:
-    """What VirtioPciDevice uses of a Machine: RAM, the VM, GSI routing, PCI bus 0, on_close."""
+    """What VirtioPciDevice uses of a Machine: the DMA view of RAM, the VM, GSI routing, and
+    PCI bus 0 (whose BARs land in an address space over the fake VM)."""
 
     def __init__(self) -> None:
-        self.memory = GuestMemory()
-        self.memory.add(RamRegion(0, 4 * MiB))
         self.vm = FakeVm()
+        self.address_space = AddressSpace(self.vm, 32)
+        self.memory = self.address_space.memory
+        self.address_space.add(RamRegion(0, 4 * MiB))
+        self.dma = IdentityDma(self.memory)
         self.gsi = FakeGsi()
         self.mmio = Bus("mmio")
-        self.pci = PciBus(Bus("pio"), self.mmio, (0xC000_0000, 0xE000_0000), (0xC000, 0x10000))
-        self._closers: list[Callable[[], None]] = []
-
-    def on_close(self, callback: Callable[[], None]) -> None:
-        self._closers.append(callback)
+        self.pci = PciBus(
+            Bus("pio"), self.mmio, self.address_space, (0xC000_0000, 0xE000_0000), (0xC000, 0x10000)
+        )
 
     def close(self) -> None:
-        for callback in reversed(self._closers):
-            callback()
+        self.pci.close()
         self.memory.close()
 
 
@@ -870,7 +880,8 @@ def virtio_device(
 ) -> Iterator[tuple[FakeMachine, vpci.VirtioPciDevice, HostDriver]]:
     machine = FakeMachine()
     try:
-        device = vpci.plug_virtio(machine, backend or VirtioRng())  # type: ignore[arg-type]
+        device = vpci.VirtioPciDevice(machine, backend or VirtioRng())  # type: ignore[arg-type]
+        machine.pci.plug(device)
         yield machine, device, HostDriver(machine, device)
     finally:
         machine.close()
@@ -1056,11 +1067,11 @@ def test_transport_state_round_trip() -> None:
         driver.post(0, [(0x200000, 8, True)])
         driver.notify(0)
         driver.wait_used(0, 1)
-        saved = device.state()
+        saved = device.save()
         with virtio_device() as (machine2, other, driver2):
             machine2.memory.write(0, driver.mem.read(0, 4 * MiB))
             other.restore(saved)
-            assert other.state() == saved
+            assert other.save() == saved
             assert len(machine2.vm.ioeventfds) == 1
             assert other.msix.eventfds[0].fd in machine2.vm.irqfds
             driver2.avail[0], driver2.free[0], driver2.sizes[0] = 1, 1, 8

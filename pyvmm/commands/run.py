@@ -65,31 +65,21 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     run.set_defaults(func=cmd_run)
 
 
-def plug_virtio_devices(machine: Machine, args: argparse.Namespace) -> None:
-    """Plug the virtio devices the options ask for, in a stable order (disks, rng, nets).
-
-    Each backend is plugged (and so owned by the machine) before the next one is opened, so an
-    error in a later option leaks nothing."""
-    if not (args.disk or args.rng or args.net):
-        return
-    # Imported only when asked for: start-up time counts (a third of a second in the lab).
-    from pyvmm.devices.virtio.blk import VirtioBlk
-    from pyvmm.devices.virtio.net import VirtioNet
-    from pyvmm.devices.virtio.pci import plug_virtio
-    from pyvmm.devices.virtio.rng import VirtioRng
-
+def add_devices(machine: Machine, args: argparse.Namespace) -> None:
+    """Add the devices the options ask for, in a stable order (disks, rng, nets). Each is
+    owned by the machine once added, so an error in a later option leaks nothing."""
     for spec in args.disk:
         path, _, options = spec.partition(",")
         if options not in ("", "ro"):
             raise ConfigError(f"bad --disk {spec!r}: use FILE or FILE,ro")
-        plug_virtio(machine, VirtioBlk(path, read_only=options == "ro"))
+        machine.add_device("virtio-blk", path=path, read_only=options == "ro")
     if args.rng:
-        plug_virtio(machine, VirtioRng())
+        machine.add_device("virtio-rng")
     for spec in args.net:
         kind, _, name = spec.partition(":")
         if kind != "tap" or not name:
             raise ConfigError(f"bad --net {spec!r}: use tap:NAME")
-        plug_virtio(machine, VirtioNet(name))
+        machine.add_device("virtio-net", tap=name)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -102,7 +92,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     with Machine(
         mem_size=mem, vcpus=args.cpus, console=console, trace_exits=args.exit_stats
     ) as machine:
-        plug_virtio_devices(machine, args)
+        add_devices(machine, args)
         if args.kernel:
             params = DEFAULT_CMDLINE if args.params is None else args.params
             machine.load_linux(args.kernel, args.initrd, params)
@@ -117,7 +107,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def print_exit_stats(machine: Machine) -> None:
-    rows = machine.exit_summary()
+    rows = machine.exits.summary()
     total = sum(count for _, _, count in rows)
     print(f"pyvmm: {total} exits to pyvmm, by kind and place:", file=sys.stderr)
     for kind, where, count in rows:

@@ -1,7 +1,7 @@
 """MC146818 CMOS real-time clock at ports 0x70 (index) and 0x71 (data).
 
 The guest's clock is the host's UTC clock plus an offset the guest sets by writing the time
-registers, so it keeps running with the host's time (and `state()` carries the offset into a
+registers, so it keeps running with the host's time (and `save()` carries the offset into a
 snapshot). The device updates instantly, so the update-in-progress bit (register A, bit 7)
 always reads 0. Without an RTC the ports read 0xFF, UIP looks stuck, and Linux waited a second
 for it on every read of the time (`mc146818_avoid_UIP`): boots were ~20 s longer in the lab. No
@@ -16,6 +16,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
+
+from pyvmm.machine.state import StateError
 
 INDEX_PORT_OFFSET = 0
 DATA_PORT_OFFSET = 1
@@ -50,6 +53,8 @@ class RtcState:
     """Everything a snapshot needs: the registers and RAM, and the guest clock's offset from
     the host's UTC clock."""
 
+    VERSION: ClassVar[int] = 1
+
     index: int = 0
     nmi_disabled: bool = False
     cmos: bytes = field(default_factory=lambda: bytes(CMOS_SIZE))
@@ -64,6 +69,8 @@ def _check(value: int, low: int, high: int) -> int:
 
 class CmosRtc:
     """The RTC and its 128 bytes of CMOS RAM, registered on 2 I/O ports."""
+
+    state_type: ClassVar[type] = RtcState
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
@@ -191,9 +198,9 @@ class CmosRtc:
             raise ValueError(f"not BCD: {value:#x}")
         return tens * 10 + ones
 
-    # snapshot
+    # state
 
-    def state(self) -> RtcState:
+    def save(self) -> RtcState:
         with self._lock:
             cmos = bytearray(self._cmos)
             if self._frozen is not None:  # a snapshot mid-set keeps the half-set time
@@ -201,9 +208,12 @@ class CmosRtc:
                     cmos[index] = value
             return RtcState(self._index, self._nmi_disabled, bytes(cmos), self._offset)
 
-    def restore(self, state: RtcState) -> None:
+    def check(self, state: RtcState) -> None:
         if len(state.cmos) != CMOS_SIZE:
-            raise ValueError(f"RTC state has {len(state.cmos)} bytes of CMOS, not {CMOS_SIZE}")
+            raise StateError(f"RTC state has {len(state.cmos)} bytes of CMOS, not {CMOS_SIZE}")
+
+    def restore(self, state: RtcState) -> None:
+        self.check(state)
         with self._lock:
             self._index = state.index & 0x7F
             self._nmi_disabled = state.nmi_disabled

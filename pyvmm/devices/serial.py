@@ -11,6 +11,9 @@ import collections
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
+
+from pyvmm.machine.state import StateError
 
 # Register offsets
 RBR_THR_DLL = 0
@@ -51,6 +54,8 @@ RX_FIFO_SIZE = 64
 class SerialState:
     """Everything a snapshot needs to bring the UART back as it was."""
 
+    VERSION: ClassVar[int] = 1
+
     dll: int = 0x0C
     dlm: int = 0
     ier: int = 0
@@ -67,11 +72,13 @@ class SerialState:
 class Serial8250:
     """A 16550A-compatible UART registered on 8 consecutive I/O ports."""
 
+    state_type: ClassVar[type] = SerialState
+
     def __init__(self, output: Callable[[bytes], None], irq: Callable[[int], None]) -> None:
         self._output = output
         self._irq = irq
         self._lock = threading.Lock()
-        self._s = SerialState()
+        self._regs = SerialState()
         self._rx: collections.deque[int] = collections.deque()
         self._irq_level = 0
 
@@ -98,97 +105,98 @@ class Serial8250:
             self._update_irq()
             return min(room, len(data))
 
-    def rx_room(self) -> int:
-        with self._lock:
-            return RX_FIFO_SIZE - len(self._rx)
-
     # registers
 
     def _read(self, offset: int) -> int:
-        s = self._s
+        regs = self._regs
         if offset == RBR_THR_DLL:
-            if s.lcr & LCR_DLAB:
-                return s.dll
+            if regs.lcr & LCR_DLAB:
+                return regs.dll
             return self._rx.popleft() if self._rx else 0
         if offset == IER_DLM:
-            return s.dlm if s.lcr & LCR_DLAB else s.ier
+            return regs.dlm if regs.lcr & LCR_DLAB else regs.ier
         if offset == IIR_FCR:
             iir = self._iir()
             if iir == IIR_THRI:
-                s.thri_pending = False  # reading IIR acknowledges THRE
-            return iir | (IIR_FIFO_ENABLED if s.fcr & FCR_ENABLE_FIFO else 0)
+                regs.thri_pending = False  # reading IIR acknowledges THRE
+            return iir | (IIR_FIFO_ENABLED if regs.fcr & FCR_ENABLE_FIFO else 0)
         if offset == LCR:
-            return s.lcr
+            return regs.lcr
         if offset == MCR:
-            return s.mcr
+            return regs.mcr
         if offset == LSR:
-            return s.lsr | (LSR_DR if self._rx else 0)
+            return regs.lsr | (LSR_DR if self._rx else 0)
         if offset == MSR:
-            if s.mcr & MCR_LOOP:
+            if regs.mcr & MCR_LOOP:
                 return (
-                    (MSR_CTS if s.mcr & MCR_RTS else 0)
-                    | (MSR_DSR if s.mcr & MCR_DTR else 0)
-                    | (MSR_RI if s.mcr & MCR_OUT1 else 0)
-                    | (MSR_DCD if s.mcr & MCR_OUT2 else 0)
+                    (MSR_CTS if regs.mcr & MCR_RTS else 0)
+                    | (MSR_DSR if regs.mcr & MCR_DTR else 0)
+                    | (MSR_RI if regs.mcr & MCR_OUT1 else 0)
+                    | (MSR_DCD if regs.mcr & MCR_OUT2 else 0)
                 )
-            return s.msr
-        return s.scr
+            return regs.msr
+        return regs.scr
 
     def _write(self, offset: int, value: int) -> bytes | None:
-        s = self._s
+        regs = self._regs
         if offset == RBR_THR_DLL:
-            if s.lcr & LCR_DLAB:
-                s.dll = value
+            if regs.lcr & LCR_DLAB:
+                regs.dll = value
                 return None
-            s.thri_pending = True  # the byte leaves at once: THR is empty again
-            if s.mcr & MCR_LOOP:
+            regs.thri_pending = True  # the byte leaves at once: THR is empty again
+            if regs.mcr & MCR_LOOP:
                 if len(self._rx) < RX_FIFO_SIZE:
                     self._rx.append(value)
                 return None
             return bytes((value,))
         if offset == IER_DLM:
-            if s.lcr & LCR_DLAB:
-                s.dlm = value
+            if regs.lcr & LCR_DLAB:
+                regs.dlm = value
             else:
-                if value & IER_THRI and not s.ier & IER_THRI:
-                    s.thri_pending = True
-                s.ier = value & 0x0F
+                if value & IER_THRI and not regs.ier & IER_THRI:
+                    regs.thri_pending = True
+                regs.ier = value & 0x0F
         elif offset == IIR_FCR:
-            s.fcr = value & (FCR_ENABLE_FIFO | 0xC0)
+            regs.fcr = value & (FCR_ENABLE_FIFO | 0xC0)
             if value & FCR_CLEAR_RCVR:
                 self._rx.clear()
         elif offset == LCR:
-            s.lcr = value
+            regs.lcr = value
         elif offset == MCR:
-            s.mcr = value & 0x1F
+            regs.mcr = value & 0x1F
         elif offset == SCR:
-            s.scr = value
+            regs.scr = value
         return None
 
     def _iir(self) -> int:
-        s = self._s
-        if s.ier & IER_RDI and self._rx:
+        regs = self._regs
+        if regs.ier & IER_RDI and self._rx:
             return IIR_RDI
-        if s.ier & IER_THRI and s.thri_pending:
+        if regs.ier & IER_THRI and regs.thri_pending:
             return IIR_THRI
         return IIR_NO_INT
 
     def _update_irq(self) -> None:
-        level = 0 if self._iir() == IIR_NO_INT or not self._s.mcr & MCR_OUT2 else 1
+        level = 0 if self._iir() == IIR_NO_INT or not self._regs.mcr & MCR_OUT2 else 1
         if level != self._irq_level:
             self._irq_level = level
             self._irq(level)
 
-    # snapshot
+    # state
 
-    def state(self) -> SerialState:
+    def save(self) -> SerialState:
         with self._lock:
-            self._s.rx = bytes(self._rx)
-            return SerialState(**vars(self._s))
+            self._regs.rx = bytes(self._rx)
+            return SerialState(**vars(self._regs))
+
+    def check(self, state: SerialState) -> None:
+        if len(state.rx) > RX_FIFO_SIZE:
+            raise StateError(f"COM1: saved receive FIFO holds {len(state.rx)} bytes")
 
     def restore(self, state: SerialState) -> None:
+        self.check(state)
         with self._lock:
-            self._s = SerialState(**vars(state))
+            self._regs = SerialState(**vars(state))
             self._rx = collections.deque(state.rx)
             self._irq_level = 0
             self._update_irq()

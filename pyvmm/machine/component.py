@@ -7,7 +7,9 @@ Two small protocols, stacked by what a part can do (cloud-hypervisor's Pausable/
 - `Stateful`: `save()` returns the part's state as a versioned dataclass (`state_type`, with a
   `VERSION` class attribute; see pyvmm.machine.state) and `restore(state)` puts it back into a
   part built the same way (Firecracker's persist modules: state is plain data, the part is
-  rebuilt from the machine's configuration, then given its state).
+  rebuilt from the machine's configuration, then given its state). A part may also have
+  `check(state)`, raising StateError when a well-formed state still does not fit it (another
+  number of queues, another kernel's struct sizes).
 
 The Machine registers every such part in one `Components` registry under a stable id (`vcpu0`,
 `rtc`, `pci/00:03.0`), in the order that restore needs: the VM-wide KVM state, then the vCPUs,
@@ -134,8 +136,8 @@ class Components:
         return saved
 
     def decode(self, saved: list[SavedState]) -> dict[str, Any]:
-        """Check saved states against the parts (all of them, nothing else) and rebuild each
-        part's state; StateError naming the first that does not fit."""
+        """Check saved states against the parts (all of them, nothing else), rebuild each part's
+        state and let the part `check` it; StateError naming the first that does not fit."""
         parts = self._stateful()
         by_id: dict[str, SavedState] = {}
         for item in saved:
@@ -162,7 +164,11 @@ class Components:
                     f"{component_id}: saved {kind} is version {item.version}; this pyvmm reads "
                     f"version {version} only"
                 )
-            decoded[component_id] = from_plain(part.state_type, item.data, component_id)
+            state = from_plain(part.state_type, item.data, component_id)
+            check = getattr(part, "check", None)
+            if check is not None:
+                check(state)
+            decoded[component_id] = state
         return decoded
 
     def restore_all(self, saved: list[SavedState]) -> None:

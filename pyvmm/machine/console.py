@@ -7,7 +7,9 @@ A console may also feed input to the guest: stdio when stdin is a terminal or pi
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import select
 import socket
 import sys
 import threading
@@ -132,6 +134,57 @@ class CaptureConsole(Console):
                         f"guest did not print {pattern!r}; output so far:\n{self.text}"
                     )
                 self._cond.wait(remaining)
+
+
+class ConsoleInput:
+    """Forwards a console's input bytes to the guest's UART (`receive`, which says how many
+    it took) from a thread of its own, holding back what does not fit yet.
+
+    Pausable: while paused nothing is handed to the UART, so a paused machine's state stays
+    as it was; input waits in the console's fd meanwhile."""
+
+    def __init__(self, fd: int, receive: Callable[[bytes], int]) -> None:
+        self._fd = fd
+        self._receive = receive
+        self._lock = threading.Lock()
+        self._paused = False
+        self._wake_r, self._wake_w = os.pipe()
+        self._thread = threading.Thread(target=self._pump, name="console-input", daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        pending = b""
+        while True:
+            waiting = bool(pending) or self._paused
+            ready, _, _ = select.select(
+                [self._wake_r] if self._paused else [self._fd, self._wake_r],
+                [],
+                [],
+                0.05 if waiting else None,
+            )
+            if self._wake_r in ready:
+                return
+            if not pending and self._fd in ready:
+                pending = os.read(self._fd, 64)
+                if not pending:
+                    return
+            with self._lock:
+                if pending and not self._paused:
+                    pending = pending[self._receive(pending) :]
+
+    def pause(self) -> None:
+        with self._lock:  # waits for a hand-over in progress
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._lock:
+            self._paused = False
+
+    def close(self) -> None:
+        os.write(self._wake_w, b"x")
+        self._thread.join()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
 
 
 def open_console(spec: str) -> Console:

@@ -43,6 +43,15 @@ HIGH_RAM_START = 0x1_0000_0000
 KVM_IDENTITY_MAP = 0xFFFB_C000
 KVM_TSS = 0xFFFB_D000
 
+# Guest-physical ranges that no RAM or device memory (a BAR a guest moves there) may cover: the
+# address space holds them as RESERVED regions.
+RESERVED_RANGES = (
+    (PCI_ECAM_BASE, PCI_ECAM_SIZE, "ecam"),
+    (IOAPIC_BASE, 0x1000, "ioapic"),
+    (LAPIC_BASE, 0x1000, "lapic"),
+    (KVM_IDENTITY_MAP, 0x4000, "kvm-tss"),  # the identity-map page and the three TSS pages
+)
+
 PCI_IO_BASE = 0xC000
 PCI_IO_SIZE = 0x4000
 

@@ -1,97 +1,80 @@
 """The Machine: the Python API users script against.
 
-A Machine owns a KVM VM, its RAM, its devices and one thread per vCPU. It boots an image, runs
-until the guest ends it (debug exit, reset, triple fault), the host stops it (`stop()`, Ctrl-C) or
-an error occurs, and then tears everything down in reverse order.
+A Machine is a KVM VM with RAM, the standard devices, the optional devices its configuration
+names and one thread per vCPU. It boots an image, runs until the guest ends it (debug exit,
+reset, power-off, triple fault), the host stops it (`stop()`, Ctrl-C, a timeout) or an error
+occurs, can be paused and resumed in between, and tears everything down in reverse order.
 
-    with Machine(mem_size=64 * MiB) as vm:
-        vm.load_elf("guests/build/hello.elf")
-        result = vm.run()
+    with Machine(mem_size=64 * MiB) as machine:
+        machine.load_elf("guests/build/hello.elf")
+        result = machine.run()
     print(result.exit_code)
+
+This module only puts the pieces together; each job has a module of its own:
+
+    address_space.py  memory.py   guest-physical map, KVM slots, RAM and device memory
+    dirty.py          dma.py      dirty log (KVM's + pyvmm's writes); devices' view of memory
+    devices.py        boot.py     device wiring by kind; loading ELF guests and Linux
+    vcpus.py          exits.py    vCPU threads, run states, the exit loop; exit statistics
+    component.py      state.py    pause/save/restore protocol; state as plain data
+    config.py                     the machine's configuration as data
 """
 
 from __future__ import annotations
 
-import enum
 import logging
-import os
-import select
-import threading
-from collections import Counter, deque
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pyvmm.devices.acpi_pm import AcpiSleepRegisters
-from pyvmm.devices.debug_exit import DebugExit
-from pyvmm.devices.i8042 import I8042
-from pyvmm.devices.pci.bus import PciBus
-from pyvmm.devices.pci.host import ConfigPorts, Ecam, HostBridge
-from pyvmm.devices.rtc import CmosRtc
-from pyvmm.devices.serial import Serial8250
-from pyvmm.errors import BootError, ConfigError
-from pyvmm.kvm.errors import KvmError
+from pyvmm.devices.pci.device import PciFunction
+from pyvmm.errors import ConfigError
 from pyvmm.kvm.irq import GsiRouting
+from pyvmm.kvm.mmap import PAGE_SIZE
 from pyvmm.kvm.system import System
-from pyvmm.kvm.vcpu import Vcpu, install_kick_handler
-from pyvmm.machine import acpi, cpu, layout
-from pyvmm.machine.bus import Bus, BusDevice, Range
-from pyvmm.machine.bzimage import LinuxBoot, load_linux, parse_bzimage
-from pyvmm.machine.console import CaptureConsole, Console
-from pyvmm.machine.elf import is_elf, load_elf, parse_elf
-from pyvmm.machine.memory import PAGE_SIZE, GuestMemory, RamRegion
-from pyvmm.machine.pvh import PvhBoot, enter_protected_mode, load_pvh, pvh_entry
+from pyvmm.kvm.vcpu import Vcpu
+from pyvmm.machine import boot, cpu, layout
+from pyvmm.machine.address_space import AddressSpace
+from pyvmm.machine.bus import Bus
+from pyvmm.machine.bzimage import LinuxBoot
+from pyvmm.machine.component import Components, SavedState
+from pyvmm.machine.config import DeviceConfig, MachineConfig
+from pyvmm.machine.console import CaptureConsole, Console, ConsoleInput
+from pyvmm.machine.devices import create_device, wire_platform
+from pyvmm.machine.dirty import DirtyLog
+from pyvmm.machine.dma import IdentityDma
+from pyvmm.machine.exits import ExitStats
+from pyvmm.machine.memory import MemoryRegion, RamRegion, RegionKind
+from pyvmm.machine.pvh import PvhBoot
+from pyvmm.machine.state import StateError
+from pyvmm.machine.vcpus import MachineExit, RunState, StopReason, VcpuThreads
 from pyvmm.uapi import kvm as uapi
+
+if TYPE_CHECKING:
+    from pyvmm.vfio.context import VfioContext
 
 log = logging.getLogger(__name__)
 
-KvmExit = uapi.KvmExit
 MIN_MEM = 2 * layout.MiB
 MAX_VCPUS = 64
-# exit_summary() names at most this many places per vCPU; a guest probing more addresses
-# (unclaimed MMIO, say) has the rest counted together, so tracing memory stays bounded.
-MAX_COUNTED_PLACES = 4096
-OTHER_PLACES = -1
+DEFAULT_MEMORY_SLOTS = 32  # KVM's minimum; KVM_CAP_NR_MEMSLOTS says how many there are
 
-
-def _exit_name(reason: int) -> str:
-    """KVM_EXIT_<name> for a known exit reason, else the number."""
-    return KvmExit(reason).name if reason in KvmExit._value2member_map_ else str(reason)
-
-
-def _exit_kind(reason: int) -> str:
-    return "pio" if reason == KvmExit.IO else _exit_name(reason).lower()
-
-
-def _count(counts: Counter[tuple[int, int]], reason: int, where: int) -> None:
-    key = (reason, where)
-    if key not in counts and len(counts) >= MAX_COUNTED_PLACES:
-        key = (reason, OTHER_PLACES)
-    counts[key] += 1
-
-
-class StopReason(enum.Enum):
-    DEBUG_EXIT = "debug-exit"
-    RESET = "reset"
-    POWEROFF = "poweroff"
-    TRIPLE_FAULT = "triple-fault"
-    STOPPED = "stopped"  # the host asked (stop(), Ctrl-C)
-    ERROR = "error"
+__all__ = ["Machine", "MachineExit", "RunState", "SavedMachine", "StopReason"]
 
 
 @dataclass(frozen=True)
-class MachineExit:
-    """How a run ended. `exit_code` is what `pyvmm run` exits with."""
+class SavedMachine:
+    """A paused machine's configuration and the state of each of its components."""
 
-    reason: StopReason
-    exit_code: int
-    detail: str = ""
+    config: MachineConfig
+    components: list[SavedState]
 
 
 class Machine:
-    """A VM with RAM, the standard devices (COM1, debug-exit, i8042, PCI host bridge on bus 0)
-    and vCPU threads. Add PCI functions with `machine.pci.plug(function)` before `run()`."""
+    """A VM with RAM, the standard devices (COM1, RTC, debug-exit, i8042, ACPI sleep registers,
+    PCI host bridge on bus 0) and vCPU threads. Add devices with `add_device(kind, ...)` (or PCI
+    functions with `machine.pci.plug(function)`) before the machine starts."""
 
     def __init__(
         self,
@@ -108,44 +91,59 @@ class Machine:
         if not 1 <= vcpus <= MAX_VCPUS:
             raise ConfigError(f"{vcpus} vCPUs: pyvmm supports 1 to {MAX_VCPUS}")
         self.mem_size = mem_size
-        self.vcpu_count = vcpus
         self.console = console or CaptureConsole()
         self.pio = Bus("port I/O")
         self.mmio = Bus("MMIO")
-        self.memory = GuestMemory()
+        self.components = Components()
         self.vcpus: list[Vcpu] = []
-        self.exit_count = 0
-        # With trace_exits: the last 100k exits in order, and per vCPU (so no thread loses a
-        # count) a count of every exit by (reason, port or address), for exit_summary().
-        self.exit_trace: deque[tuple[int, int]] | None = (
-            deque(maxlen=100_000) if trace_exits else None
-        )
-        self._exit_counts: list[Counter[tuple[int, int]]] = [Counter() for _ in range(vcpus)]
-        self._result: MachineExit | None = None
-        self._done = threading.Event()
-        self._stop_lock = threading.Lock()
-        self._threads: list[threading.Thread] = []
-        self._dirty_logging = False
+        self._devices: list[DeviceConfig] = []
+        self._vfio: VfioContext | None = None
+        self._input: ConsoleInput | None = None
+        self._components_paused = False
         self._stack = ExitStack()
         try:
-            self._build()
+            self._build(vcpus, trace_exits)
         except BaseException:
             self._stack.close()
             raise
 
+    @classmethod
+    def from_config(
+        cls, config: MachineConfig, console: Console | None = None, *, trace_exits: bool = False
+    ) -> Machine:
+        """A machine built as `config` says (another's `config`, say): same RAM, vCPUs and
+        devices in the same slots."""
+        machine = cls(config.mem_size, config.vcpus, console, trace_exits=trace_exits)
+        try:
+            for device in config.devices:
+                machine.add_device(device.kind, slot=device.slot, **device.options)
+        except BaseException:
+            machine.close()
+            raise
+        return machine
+
     # construction
 
-    def _build(self) -> None:
+    def _build(self, vcpu_count: int, trace_exits: bool) -> None:
         self.system = System()
         self._stack.callback(self.system.close)
         self.vm = self.system.create_vm()
         self._stack.callback(self.vm.close)
+        slots = self.vm.check_extension(uapi.KvmCap.NR_MEMSLOTS) or DEFAULT_MEMORY_SLOTS
+        self.address_space = AddressSpace(self.vm, slots)
+        self.memory = self.address_space.memory
         self._stack.callback(self.memory.close)
-        for slot, ram in enumerate(layout.ram_ranges(self.mem_size)):
-            region = RamRegion(ram.gpa, ram.size)
-            region.slot = slot
-            self.memory.add(region)
-            self._register_slot(region)
+        for number, ram in enumerate(layout.ram_ranges(self.mem_size)):
+            region = RamRegion(ram.gpa, ram.size, name=f"ram{number}")
+            try:
+                self.address_space.add(region)
+            except BaseException:
+                region.close()
+                raise
+        for gpa, size, name in layout.RESERVED_RANGES:
+            self.address_space.add(MemoryRegion(RegionKind.RESERVED, gpa, size, name=name))
+        self.dma = IdentityDma(self.memory)
+        self.dirty = DirtyLog(self.address_space)
         self.vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP)
         self.vm.set_tss_addr(layout.KVM_TSS)
         self.vm.create_irqchip()
@@ -153,51 +151,40 @@ class Machine:
         self.gsi = GsiRouting(self.vm, self.system.check_extension(uapi.KvmCap.IRQ_ROUTING))
         self.gsi.commit()
         supported = self.system.supported_cpuid()
-        for vcpu_id in range(self.vcpu_count):
+        for vcpu_id in range(vcpu_count):
             vcpu = self.vm.create_vcpu(vcpu_id)
             self._stack.callback(vcpu.close)
-            vcpu.set_cpuid2(cpu.guest_cpuid(supported, vcpu_id, self.vcpu_count))
+            vcpu.set_cpuid2(cpu.guest_cpuid(supported, vcpu_id, vcpu_count))
             self.vcpus.append(vcpu)
+        self.exits = ExitStats(vcpu_count, self.pio, self.mmio, trace=trace_exits)
+        self._run_control = VcpuThreads(self.vcpus, self.pio, self.mmio, self.exits)
         self._stack.callback(self.console.close)
-        self.serial = Serial8250(self.console.write, self.irq_line(layout.COM1_IRQ))
-        self.add_pio_device(layout.COM1_PORT, 8, self.serial, "COM1")
-        self.add_pio_device(layout.DEBUG_EXIT_PORT, 1, DebugExit(self._debug_exit), "debug-exit")
-        self.add_pio_device(layout.I8042_DATA_PORT, 5, I8042(self._reset), "i8042")
-        self.rtc = CmosRtc()
-        self.add_pio_device(layout.RTC_PORT, 2, self.rtc, "rtc")
-        self.pci = PciBus(
-            self.pio,
-            self.mmio,
-            (layout.PCI_MMIO_BASE, layout.PCI_MMIO_BASE + layout.PCI_MMIO_SIZE),
-            (layout.PCI_IO_BASE, layout.PCI_IO_BASE + layout.PCI_IO_SIZE),
-        )
-        self.pci.plug(HostBridge(), slot=0)
-        sleep = AcpiSleepRegisters(self._poweroff, acpi.S5_SLEEP_TYPE)
-        self.add_pio_device(acpi.SLEEP_CONTROL_PORT, 2, sleep, "acpi-sleep")
-        config_ports = ConfigPorts(self.pci, self._reset)
-        self.add_pio_device(layout.PCI_CONFIG_PORT, 8, config_ports, "pci-config")
-        self.add_mmio_device(layout.PCI_ECAM_BASE, layout.PCI_ECAM_SIZE, Ecam(self.pci), "ecam")
+        platform = wire_platform(self)
+        self.serial, self.rtc, self.pci = platform.serial, platform.rtc, platform.pci
+        self._stack.callback(self.pci.close)  # device workers and BAR slots, before RAM goes
 
-    def _register_slot(self, region: RamRegion) -> None:
-        flags = uapi.KVM_MEM_LOG_DIRTY_PAGES if self._dirty_logging else 0
-        self.vm.set_user_memory_region(
-            region.slot, region.gpa, region.size, region.host_addr, flags
-        )
+    @property
+    def config(self) -> MachineConfig:
+        return MachineConfig(self.mem_size, len(self.vcpus), tuple(self._devices))
 
-    # the device-facing API
+    # devices
 
-    def add_pio_device(self, port: int, length: int, device: BusDevice, name: str = "") -> None:
-        self.pio.register(port, length, device, name)
+    def add_device(self, kind: str, *, slot: int | None = None, **options: Any) -> PciFunction:
+        """Add an optional device (a kind in pyvmm.machine.devices.DEVICE_KINDS: virtio-blk,
+        virtio-net, virtio-rng, pci-testdev) with its options, at `slot` or the first free
+        one; recorded in `config`."""
+        if self.state is not RunState.CREATED:
+            raise ConfigError(f"{kind}: devices are added before the machine starts")
+        function = create_device(self, kind, options)
+        try:
+            slot = self.pci.plug(function, slot)
+        except ValueError as err:
+            function.close()
+            raise ConfigError(f"{kind}: {err}") from None
+        self._devices.append(DeviceConfig(kind, dict(options), slot))
+        return function
 
-    def add_mmio_device(self, addr: int, length: int, device: BusDevice, name: str = "") -> None:
-        self.mmio.register(addr, length, device, name)
-
-    def on_close(self, callback: Callable[[], None]) -> None:
-        """Run `callback` when the machine is closed (before RAM and the VM go away), in
-        reverse order of registration: devices stop their worker threads here."""
-        self._stack.callback(callback)
-
-    def irq_line(self, gsi: int) -> Any:
+    def irq_line(self, gsi: int) -> Callable[[int], None]:
         """A callable setting the level of an in-kernel irqchip input (ISA-style devices)."""
 
         def set_level(level: int) -> None:
@@ -205,317 +192,122 @@ class Machine:
 
         return set_level
 
+    def vfio(self, backend: str | None = None) -> VfioContext:
+        """The machine's one IOMMU context, made on first use: every assigned device shares
+        it (`backend` "iommufd" or "container"; by default what the host supports)."""
+        from pyvmm.vfio.context import open_context
+
+        if self._vfio is None:
+            self._vfio = open_context(backend, self.vm, self.address_space)
+            self._stack.callback(self._vfio.close)
+        elif backend is not None and backend != self._vfio.backend:
+            raise ConfigError(
+                f"this machine's assigned devices use the {self._vfio.backend} backend; all of "
+                f"them share one IOMMU context, so {backend} cannot be added"
+            )
+        return self._vfio
+
     # boot
 
     def load_linux(
         self, kernel: str, initrd: str | None = None, cmdline: str = ""
     ) -> LinuxBoot | PvhBoot:
-        """Boot Linux: a bzImage by the x86 boot protocol (64-bit entry), or an uncompressed
-        vmlinux ELF through its PVH entry note. Either way the guest gets ACPI tables (CPUs, PCI
-        root, power-off), the command line and the initrd."""
-        tables = acpi.write_tables(self.memory, self.vcpu_count)
-        for vcpu in self.vcpus:
-            cpu.set_boot_msrs(vcpu)
-        if is_elf(kernel):
-            entry = pvh_entry(kernel)
-            if entry is None:
-                raise BootError(
-                    f"{kernel}: ELF without a PVH entry note; build Linux with CONFIG_PVH=y, "
-                    "or boot its bzImage"
-                )
-            pvh = load_pvh(
-                kernel, entry, self.memory, self.mem_size, cmdline, initrd, tables.rsdp_address
-            )
-            enter_protected_mode(self.memory, self.vcpus[0], pvh)
-            return pvh
-        image = parse_bzimage(kernel)
-        boot = load_linux(image, self.memory, self.mem_size, cmdline, initrd, tables.rsdp_address)
-        cpu.write_boot_tables(self.memory)
-        cpu.enter_long_mode(self.vcpus[0], boot.entry, rsi=boot.zero_page)
-        return boot
+        """Boot Linux: a bzImage, or a vmlinux with a PVH entry note (see pyvmm.machine.boot)."""
+        return boot.boot_linux(self.memory, self.vcpus, kernel, initrd, cmdline)
 
     def load_elf(self, path: str) -> None:
-        """Load an ELF64 executable and point the boot vCPU at its entry in long mode."""
-        image = parse_elf(path)
-        load_elf(image, self.memory)
-        cpu.write_boot_tables(self.memory)
-        low_ram = min(self.mem_size, layout.LOW_RAM_LIMIT)
-        cpu.enter_long_mode(self.vcpus[0], image.entry, rdi=low_ram, rsi=self.vcpu_count)
-
-    # dirty logging
-
-    def set_dirty_logging(self, enabled: bool) -> None:
-        """Turn KVM dirty-page logging on or off for all RAM slots."""
-        self._dirty_logging = enabled
-        for region in self.memory.regions:
-            self._register_slot(region)
-
-    def dirty_pages(self) -> list[int]:
-        """Guest-physical page addresses written since the last call (or since enabling)."""
-        if not self._dirty_logging:
-            raise KvmError("dirty logging is off; call set_dirty_logging(True) first")
-        pages = []
-        for region in self.memory.regions:
-            bitmap = self.vm.get_dirty_log(region.slot, region.size)
-            for byte_index, byte in enumerate(bitmap):
-                if not byte:
-                    continue
-                for bit in range(8):
-                    if byte >> bit & 1:
-                        pages.append(region.gpa + (byte_index * 8 + bit) * PAGE_SIZE)
-        return pages
-
-    # exit statistics
-
-    def exit_summary(self) -> list[tuple[str, str, int]]:
-        """With trace_exits: (kind, where, count) for every kind of exit seen, most frequent
-        first. `where` names the device range and the offset in it (`COM1+0x5`), or the bare
-        address when no device claims it: the map of what a guest makes pyvmm do in Python."""
-        buses = {int(KvmExit.IO): self.pio, int(KvmExit.MMIO): self.mmio}
-        totals: Counter[tuple[str, str]] = Counter()
-        for (reason, where), count in sum(self._exit_counts, Counter()).items():
-            bus = buses.get(reason)
-            if where == OTHER_PLACES:
-                place = "(other places)"
-            elif bus is not None:
-                found = bus.find(where)
-                place = f"{where:#x}" if found is None else f"{found.name}+{where - found.base:#x}"
-            else:
-                place = ""
-            totals[_exit_kind(reason), place] += count
-        return [(kind, where, count) for (kind, where), count in totals.most_common()]
+        """Load an ELF64 test guest and point the boot vCPU at its entry in long mode."""
+        boot.boot_elf(self.memory, self.vcpus, path)
 
     # running
 
-    def run(self, timeout: float | None = None) -> MachineExit:
-        """Run the vCPUs until the machine stops; returns how it ended.
+    @property
+    def state(self) -> RunState:
+        return self._run_control.state
 
-        With `timeout` (seconds) the machine is stopped when it expires. Ctrl-C stops it too.
-        """
-        install_kick_handler()
-        input_stop = self._start_input()
-        for vcpu in self.vcpus:
-            thread = threading.Thread(
-                target=self._vcpu_thread, args=(vcpu,), name=f"vcpu{vcpu.id}", daemon=True
-            )
-            self._threads.append(thread)
-            thread.start()
+    def start(self) -> None:
+        """Start the vCPU threads (and console input) and return; see `wait()`."""
+        fd = self.console.input_fd()
+        if fd is not None:
+            self._input = ConsoleInput(fd, self.serial.receive)
+            if self._components_paused:
+                self._input.pause()
+            self.components.add("console-input", self._input)
+        self._run_control.start()
+
+    def wait(self, timeout: float | None = None) -> MachineExit:
+        """Wait until the machine stops; returns how it ended. With `timeout` (seconds) it is
+        stopped when that expires; Ctrl-C stops it too."""
         try:
-            if not self._done.wait(timeout):
+            if not self._run_control.done.wait(timeout):
                 self.stop(StopReason.STOPPED, 124, f"timed out after {timeout} s")
         except KeyboardInterrupt:
             self.stop(StopReason.STOPPED, 130, "interrupted")
         finally:
-            self._kick_all()
-            for thread in self._threads:
-                thread.join()
-            self._threads.clear()
-            if input_stop is not None:
-                input_stop()
-        assert self._result is not None
-        return self._result
+            self._run_control.join()
+            self._stop_input()
+        assert self._run_control.result is not None
+        return self._run_control.result
+
+    def run(self, timeout: float | None = None) -> MachineExit:
+        """Run the vCPUs until the machine stops; returns how it ended (`start` + `wait`)."""
+        self.start()
+        return self.wait(timeout)
+
+    def pause(self) -> bool:
+        """From any thread but a vCPU's: return once no vCPU is in the guest and every device
+        has stopped touching it; the machine's state can then be read and written. False if
+        the machine stopped instead."""
+        if not self._run_control.pause():
+            return False
+        if not self._components_paused:
+            self.components.pause_all()
+            self._components_paused = True
+        return True
+
+    def resume(self) -> None:
+        """Carry on after `pause()`."""
+        if self._components_paused:
+            self.components.resume_all()
+            self._components_paused = False
+        self._run_control.resume()
 
     def stop(
         self, reason: StopReason = StopReason.STOPPED, code: int = 0, detail: str = ""
     ) -> None:
         """End the run (from any thread). The first reason given wins."""
-        with self._stop_lock:
-            if self._result is None:
-                self._result = MachineExit(reason, code, detail)
-        self._done.set()
-        self._kick_all()
+        self._run_control.stop(reason, code, detail)
 
-    def _kick_all(self) -> None:
-        for vcpu in self.vcpus:
-            vcpu.kick()
+    def _stop_input(self) -> None:
+        if self._input is not None:
+            self.components.remove("console-input")
+            self._input.close()
+            self._input = None
 
-    def _debug_exit(self, code: int) -> None:
-        self.stop(StopReason.DEBUG_EXIT, code)
+    # state
 
-    def _poweroff(self) -> None:
-        self.stop(StopReason.POWEROFF, 0, "guest powered off")
+    def save(self) -> SavedMachine:
+        """The configuration and every component's state (the machine must not be running)."""
+        if self.state is RunState.RUNNING:
+            raise RuntimeError("pause the machine before saving its state")
+        return SavedMachine(self.config, self.components.save_all())
 
-    def _reset(self) -> None:
-        self.stop(StopReason.RESET, 0, "guest requested a reset")
-
-    def _vcpu_thread(self, vcpu: Vcpu) -> None:
-        vcpu.thread_id = threading.get_ident()
-        try:
-            if self._done.is_set():
-                return
-            self._run_vcpu(vcpu)
-        except Exception as err:  # a bug or a kernel error must still stop the machine
-            log.exception("vcpu%d failed", vcpu.id)
-            self.stop(StopReason.ERROR, 1, f"vcpu{vcpu.id}: {err}")
-        finally:
-            vcpu.thread_id = None
-
-    def _run_vcpu(self, vcpu: Vcpu) -> None:
-        """The exit loop: the hot path of every PIO/MMIO access the kernel does not handle.
-
-        Names are bound to locals and `done` is only checked on KVM_EXIT_INTR (which every
-        `stop()` causes through a kick), to keep per-exit Python work minimal.
-        """
-        run, io_exit, page = vcpu.run, vcpu.io_exit, vcpu.run_page
-        find_port, find_mmio = self.pio.find, self.mmio.find
-        trace, counts = self.exit_trace, self._exit_counts[vcpu.id]
-        exit_io, exit_mmio, exit_intr = int(KvmExit.IO), int(KvmExit.MMIO), int(KvmExit.INTR)
-        io_out = uapi.KVM_EXIT_IO_OUT
-        while True:
-            reason = run()
-            self.exit_count += 1
-            if reason == exit_io:
-                direction, size, port, count, offset = io_exit()
-                if trace is not None:
-                    trace.append((reason, port))
-                    _count(counts, reason, port)
-                found = find_port(port)
-                if direction == io_out and count == 1 and found is not None:
-                    value = int.from_bytes(page[offset : offset + size], "little")
-                    self._access(found, port - found.base, size, value)
-                else:
-                    self._port_io(found, direction, size, port, count, offset, page)
-            elif reason == exit_mmio:
-                addr, data, length, is_write = vcpu.mmio_exit()
-                if trace is not None:
-                    trace.append((reason, addr))
-                    _count(counts, reason, addr)
-                found = find_mmio(addr)
-                if length not in (1, 2, 4, 8):
-                    continue
-                if is_write:
-                    if found is not None:
-                        value = int.from_bytes(data[:length], "little")
-                        self._access(found, addr - found.base, length, value)
-                else:
-                    value = self._access(found, addr - found.base, length, None) if found else -1
-                    vcpu.set_mmio_data(
-                        (value & ((1 << (8 * length)) - 1)).to_bytes(length, "little")
-                    )
-            elif reason == exit_intr:
-                if trace is not None:
-                    _count(counts, reason, 0)
-                if self._done.is_set():
-                    return
-            else:
-                self._exit_other(vcpu, reason)
-
-    def _port_io(
-        self,
-        found: Range | None,
-        direction: int,
-        size: int,
-        port: int,
-        count: int,
-        offset: int,
-        page: memoryview,
-    ) -> None:
-        """Port input, and string (rep ins/outs) output: `count` items of `size` bytes."""
-        all_ones = (1 << (8 * size)) - 1
-        for pos in range(offset, offset + size * count, size):
-            if direction == uapi.KVM_EXIT_IO_OUT:
-                if found is not None:
-                    value = int.from_bytes(page[pos : pos + size], "little")
-                    self._access(found, port - found.base, size, value)
-            else:
-                value = (
-                    all_ones
-                    if found is None
-                    else self._access(found, port - found.base, size, None)
-                )
-                page[pos : pos + size] = value.to_bytes(size, "little")
-
-    def _access(self, found: Range, offset: int, size: int, value: int | None) -> int:
-        """One device access. A device that raises is a pyvmm bug, but the guest drove it
-        there: log it, answer all-ones, keep the VM running."""
-        mask = (1 << (8 * size)) - 1
-        try:
-            if value is None:
-                return found.device.read(offset, size) & mask
-            found.device.write(offset, size, value)
-        except Exception:
-            log.exception("%s: access at +%#x (size %d) failed", found.name, offset, size)
-        return mask
-
-    def _exit_other(self, vcpu: Vcpu, reason: int) -> None:
-        if self.exit_trace is not None:
-            self.exit_trace.append((reason, 0))
-            _count(self._exit_counts[vcpu.id], reason, 0)
-        run = vcpu.exit_struct()
-        if reason == KvmExit.SHUTDOWN:
-            where = cpu.describe_regs(vcpu, after_shutdown=True)
-            self.stop(
-                StopReason.TRIPLE_FAULT, 1, f"vcpu{vcpu.id}: guest triple-faulted (reset); {where}"
-            )
-        elif reason == KvmExit.SYSTEM_EVENT:
-            kind = run.system_event.type
-            if kind == uapi.KvmSystemEvent.RESET:
-                self._reset()
-            elif kind == uapi.KvmSystemEvent.SHUTDOWN:
-                self._poweroff()
-            else:
-                self.stop(StopReason.ERROR, 1, f"vcpu{vcpu.id}: system event {kind}")
-        elif reason == KvmExit.HLT:
-            # Only without an in-kernel LAPIC; pyvmm always has one, so treat as poweroff.
-            self.stop(StopReason.POWEROFF, 0, "guest halted")
-        elif reason == KvmExit.INTERNAL_ERROR:
-            self.stop(
-                StopReason.ERROR,
-                1,
-                f"vcpu{vcpu.id}: KVM internal error, suberror {run.internal.suberror}; "
-                f"{cpu.describe_regs(vcpu)}",
-            )
-        elif reason == KvmExit.FAIL_ENTRY:
-            self.stop(
-                StopReason.ERROR,
-                1,
-                f"vcpu{vcpu.id}: VM entry failed, hardware reason "
-                f"{run.fail_entry.hardware_entry_failure_reason:#x}",
-            )
-        else:
-            self.stop(
-                StopReason.ERROR, 1, f"vcpu{vcpu.id}: unhandled KVM exit {_exit_name(reason)}"
-            )
-
-    def _start_input(self) -> Any:
-        """Forward console input to COM1 from a thread; returns a function that stops it."""
-        fd = self.console.input_fd()
-        if fd is None:
-            return None
-        wake_r, wake_w = os.pipe()
-
-        def pump() -> None:
-            pending = b""
-            while True:
-                ready, _, _ = select.select([fd, wake_r], [], [], 0.05 if pending else None)
-                if wake_r in ready:
-                    return
-                if not pending and fd in ready:
-                    pending = os.read(fd, 64)
-                    if not pending:
-                        return
-                if pending:
-                    taken = self.serial.receive(pending)
-                    pending = pending[taken:]
-
-        thread = threading.Thread(target=pump, name="console-input", daemon=True)
-        thread.start()
-
-        def stop_input() -> None:
-            os.write(wake_w, b"x")
-            thread.join()
-            os.close(wake_r)
-            os.close(wake_w)
-
-        return stop_input
+    def restore(self, saved: SavedMachine) -> None:
+        """Take a saved machine's state; everything is checked before anything changes."""
+        if self.state is RunState.RUNNING:
+            raise RuntimeError("pause the machine before restoring a state into it")
+        differences = saved.config.differences(self.config)
+        if differences:
+            raise StateError(f"the saved machine differs from this one: {'; '.join(differences)}")
+        self.components.restore_all(saved.components)
 
     # teardown
 
     def close(self) -> None:
-        if self._threads:
+        if self.state in (RunState.RUNNING, RunState.PAUSED):
             self.stop()
-            for thread in self._threads:
-                thread.join()
+        self._run_control.join()
+        self._stop_input()
         self._stack.close()
 
     def __enter__(self) -> Machine:

@@ -8,7 +8,8 @@ value against the field's declared type, so a corrupt or hostile stream gives a 
 naming the field, never a half-built component.
 
 Supported field types: int, float, bool, str, bytes, nested state dataclasses, `list[T]`,
-`tuple[T, ...]`, `dict[K, V]` with int or str keys, and `T | None`.
+`tuple[T, ...]`, `dict[K, V]` with int or str keys, `T | None`, and `Any` for a value that is
+itself plain data (checked to be, not trusted).
 """
 
 from __future__ import annotations
@@ -53,7 +54,23 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _check_plain(data: Any, where: str) -> Any:
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if not isinstance(key, int | str):
+                raise StateError(f"{where}: key {key!r} is not plain data")
+            _check_plain(value, f"{where}[{key!r}]")
+    elif isinstance(data, list | tuple):
+        for i, value in enumerate(data):
+            _check_plain(value, f"{where}[{i}]")
+    elif data is not None and not isinstance(data, _SCALARS):
+        raise StateError(f"{where}: a {type(data).__name__} is not plain data")
+    return data
+
+
 def _decode(kind: Any, data: Any, where: str) -> Any:
+    if kind is Any:
+        return _check_plain(data, where)
     origin = typing.get_origin(kind)
     if origin in (types.UnionType, typing.Union):
         options = typing.get_args(kind)

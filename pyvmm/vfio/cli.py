@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import enum
 import errno
 import functools
@@ -12,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 from pyvmm.uapi import vfio as uapi
 from pyvmm.uapi.ioctl import IoctlError
-from pyvmm.vfio.backends import BACKENDS, DEFAULT_BACKEND
+from pyvmm.vfio.context import backends, default_backend, open_context
 from pyvmm.vfio.device import VfioDevice
 from pyvmm.vfio.dma import DmaSpace
 from pyvmm.vfio.errors import VfioError
@@ -76,9 +75,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     info.add_argument("bdf", metavar="BDF", help="a device bound to vfio-pci")
     info.add_argument(
         "--backend",
-        choices=sorted(BACKENDS),
-        default=DEFAULT_BACKEND,
-        help=f"how to open it (default {DEFAULT_BACKEND})",
+        choices=sorted(backends()),
+        help="how to open it (default: iommufd where /dev/iommu and VFIO cdevs exist)",
     )
     info.set_defaults(func=_info)
 
@@ -264,6 +262,7 @@ def _mdev_remove(sysfs: Sysfs, args: argparse.Namespace) -> None:
 
 @_command
 def _info(sysfs: Sysfs, args: argparse.Namespace) -> None:
-    with contextlib.ExitStack() as stack:
-        space, device = BACKENDS[args.backend](sysfs.pci_device(args.bdf), stack)
-        print(format_device_info(device, space, args.backend))
+    backend = args.backend or default_backend()
+    with open_context(backend) as context:
+        device = context.open_pci(sysfs.pci_device(args.bdf))
+        print(format_device_info(device, context.dma, backend))

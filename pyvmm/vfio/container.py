@@ -1,6 +1,7 @@
 """The legacy VFIO backend: a container (/dev/vfio/vfio) holding IOMMU groups (/dev/vfio/N).
 
-The container is a `DmaSpace` (pyvmm.vfio.dma), as the iommufd backend's IOAS is.
+The container is a `DmaSpace` (pyvmm.vfio.dma), as the iommufd backend's IOAS is, and
+`ContainerContext` is this backend's IOMMU context for a VM (pyvmm.vfio.context).
 
 A device is reached through its group; the group joins a container, whose Type1 v2 IOMMU holds
 the DMA mappings (IOVA -> process memory) for every device in it. The first group added decides
@@ -14,12 +15,18 @@ import ctypes
 import errno
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pyvmm.uapi import vfio as uapi
 from pyvmm.uapi.ioctl import IoctlError, ioctl
+from pyvmm.vfio.context import VfioContext
 from pyvmm.vfio.device import VfioDevice, capability_chain, info_with_caps, read_capability
 from pyvmm.vfio.errors import VfioError, dma_map_error, open_node
 from pyvmm.vfio.sysfs import PciDevice
+
+if TYPE_CHECKING:
+    from pyvmm.kvm.vm import Vm
+    from pyvmm.machine.address_space import AddressSpace
 
 CONTAINER_PATH = "/dev/vfio/vfio"
 GROUP_DIR = "/dev/vfio"
@@ -197,11 +204,30 @@ class Container:
         self.close()
 
 
-def open_pci(device: PciDevice, stack: contextlib.ExitStack) -> tuple[Container, VfioDevice]:
-    """Open a vfio-pci device through a container of its own (closed by `stack`)."""
-    if not device.iommu_group:
-        raise VfioError(f"{device.bdf}: no IOMMU group; is it bound to vfio-pci?")
-    container = stack.enter_context(Container())
-    group = stack.enter_context(Group(device.iommu_group))
-    container.add_group(group)
-    return container, stack.enter_context(group.open_device(device.bdf))
+class ContainerContext(VfioContext):
+    """The legacy backend's IOMMU context: one container, and each IOMMU group in it once
+    (devices of one group share its fd, as the uAPI wants)."""
+
+    backend = "container"
+
+    def __init__(self, vm: Vm | None = None, address_space: AddressSpace | None = None) -> None:
+        super().__init__(vm, address_space)
+        self.container = self._stack.enter_context(Container())
+        self.groups: dict[str, Group] = {}
+
+    @property
+    def dma(self) -> Container:
+        return self.container
+
+    def _open(self, device: PciDevice, stack: contextlib.ExitStack) -> VfioDevice:
+        if not device.iommu_group:
+            raise VfioError(f"{device.bdf}: no IOMMU group; is it bound to vfio-pci?")
+        group = self.groups.get(device.iommu_group)
+        if group is None:
+            with contextlib.ExitStack() as group_stack:
+                group = group_stack.enter_context(Group(device.iommu_group))
+                self.container.add_group(group)
+                self.tell_kvm(group.fd, group_stack)
+                self._stack.push(group_stack.pop_all())  # lives as long as the context
+            self.groups[device.iommu_group] = group
+        return stack.enter_context(group.open_device(device.bdf))

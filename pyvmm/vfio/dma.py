@@ -1,14 +1,18 @@
-"""What both VFIO backends offer for DMA: the legacy container and an iommufd IOAS.
+"""DMA for assigned devices: what both VFIO backends offer (the legacy container and an iommufd
+IOAS are each a `DmaSpace`), and the listener that keeps guest RAM mapped in one.
 
-Passthrough code maps guest RAM for device DMA through this, whichever backend opened the
-device.
+`GuestRamMapper` follows a machine's address space (pyvmm.machine.address_space): every RAM
+region is mapped at IOVA = guest-physical address while it is in the map, as a guest that
+programs a device with its physical addresses expects (no vIOMMU), and unmapped when it goes.
+Device memory (a BAR put into the guest) and reserved ranges are never mapped. A RAM region
+outside the IOVA ranges the IOMMU allows is refused with the range named.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
-from pyvmm.machine.memory import GuestMemory
+from pyvmm.machine.memory import MemoryRegion, RegionKind
 from pyvmm.vfio.errors import VfioError
 
 
@@ -26,24 +30,27 @@ class DmaSpace(Protocol):
         (old Type1 drivers did not: then nothing is known, not nothing usable)."""
 
 
-def map_guest_memory(space: DmaSpace, memory: GuestMemory) -> list[tuple[int, int]]:
-    """Map all guest RAM for device DMA at IOVA = guest-physical address, as a guest that
-    programs a device with its physical addresses expects (no vIOMMU). Returns the (iova, size)
-    ranges mapped; on failure nothing stays mapped."""
-    usable = space.iova_ranges()
-    mapped: list[tuple[int, int]] = []
-    try:
-        for region in memory.regions:
-            last = region.gpa + region.size - 1
-            if usable and not any(lo <= region.gpa and last <= hi for lo, hi in usable):
-                raise VfioError(
-                    f"guest RAM {region.gpa:#x}-{last:#x} is outside the IOVA ranges the IOMMU "
-                    "allows (reserved regions); give the guest less memory"
-                )
-            space.map(region.gpa, region.host_addr, region.size)
-            mapped.append((region.gpa, region.size))
-    except BaseException:
-        for iova, size in mapped:
-            space.unmap(iova, size)
-        raise
-    return mapped
+class GuestRamMapper:
+    """An address-space listener mapping RAM regions into `space` at IOVA = GPA."""
+
+    def __init__(self, space: DmaSpace) -> None:
+        self._space = space
+        self.mapped: dict[int, int] = {}  # iova -> size
+
+    def region_added(self, region: MemoryRegion) -> None:
+        if region.kind is not RegionKind.RAM:
+            return
+        last = region.gpa + region.size - 1
+        usable = self._space.iova_ranges()
+        if usable and not any(lo <= region.gpa and last <= hi for lo, hi in usable):
+            allowed = ", ".join(f"{lo:#x}-{hi:#x}" for lo, hi in usable)
+            raise VfioError(
+                f"guest RAM {region.gpa:#x}-{last:#x} is outside the IOVA ranges the IOMMU "
+                f"allows ({allowed}); give the guest less memory"
+            )
+        self._space.map(region.gpa, region.host_addr, region.size)
+        self.mapped[region.gpa] = region.size
+
+    def region_removed(self, region: MemoryRegion) -> None:
+        if region.kind is RegionKind.RAM and self.mapped.pop(region.gpa, None) is not None:
+            self._space.unmap(region.gpa, region.size)

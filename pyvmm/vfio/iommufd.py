@@ -4,6 +4,7 @@
 Where the legacy backend maps DMA on a container shared by groups, here each object has an id in
 the iommufd: an IOAS holds the mappings, a device is bound (getting a device id) and attached to
 the IOAS (the kernel then makes, or reuses, a hardware page table for it, and reports its id).
+`IommufdContext` is this backend's IOMMU context for a VM (pyvmm.vfio.context).
 """
 
 from __future__ import annotations
@@ -12,13 +13,19 @@ import contextlib
 import ctypes
 import errno
 import os
+from typing import TYPE_CHECKING
 
 from pyvmm.uapi import iommufd as uapi
 from pyvmm.uapi import vfio as vfio_uapi
 from pyvmm.uapi.ioctl import IoctlError, ioctl
+from pyvmm.vfio.context import VfioContext
 from pyvmm.vfio.device import VfioDevice
 from pyvmm.vfio.errors import VfioError, dma_map_error, open_node
 from pyvmm.vfio.sysfs import PciDevice
+
+if TYPE_CHECKING:
+    from pyvmm.kvm.vm import Vm
+    from pyvmm.machine.address_space import AddressSpace
 
 IOMMUFD_PATH = "/dev/iommu"
 CDEV_DIR = "/dev/vfio/devices"
@@ -175,14 +182,39 @@ def detach(device: VfioDevice) -> None:
     ioctl(device.fd, vfio_uapi.VFIO_DEVICE_DETACH_IOMMUFD_PT, request)
 
 
-def open_pci(device: PciDevice, stack: contextlib.ExitStack) -> tuple[IoAddressSpace, VfioDevice]:
-    """Open a vfio-pci device through its cdev, bound to an iommufd of its own and attached to
-    a new IOAS (all closed by `stack`)."""
-    if not device.cdev:
-        raise VfioError(f"{device.bdf}: no VFIO cdev; is it bound to vfio-pci?")
-    iommufd = stack.enter_context(Iommufd())
-    vfio_device = stack.enter_context(open_cdev(device.cdev, device.bdf))
-    bind(vfio_device, iommufd)
-    ioas = iommufd.alloc_ioas()  # goes with the iommufd, after the device (unbound on close)
-    attach(vfio_device, ioas.id)
-    return ioas, vfio_device
+class IommufdContext(VfioContext):
+    """The iommufd backend's IOMMU context: one iommufd and one IOAS holding guest RAM; each
+    device's cdev is bound to the iommufd and attached to the IOAS."""
+
+    backend = "iommufd"
+
+    def __init__(self, vm: Vm | None = None, address_space: AddressSpace | None = None) -> None:
+        super().__init__(vm, address_space)
+        self.iommufd = self._stack.enter_context(Iommufd())
+        self.ioas = self.iommufd.alloc_ioas()
+        self._stack.callback(self.ioas.close)  # after the devices that are attached to it
+        self.hwpt_ids: dict[str, int] = {}  # the page table each device got, by BDF
+
+    @property
+    def dma(self) -> IoAddressSpace:
+        return self.ioas
+
+    def _open(self, device: PciDevice, stack: contextlib.ExitStack) -> VfioDevice:
+        if not device.cdev:
+            raise VfioError(f"{device.bdf}: no VFIO cdev; is it bound to vfio-pci?")
+        vfio_device = stack.enter_context(open_cdev(device.cdev, device.bdf))
+        bind(vfio_device, self.iommufd)
+        try:
+            self.hwpt_ids[device.bdf] = attach(vfio_device, self.ioas.id)
+            stack.callback(self.hwpt_ids.pop, device.bdf, None)
+        except IoctlError as err:
+            raise VfioError(
+                f"{device.bdf}: cannot attach it to the VM's IOAS: {os.strerror(err.errno)}"
+                + (
+                    " (its reserved IOVA ranges clash with guest RAM?)"
+                    if err.errno == errno.EADDRINUSE
+                    else ""
+                )
+            ) from None
+        self.tell_kvm(vfio_device.fd, stack)
+        return vfio_device

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from pyvmm.kvm.system import System
+from pyvmm.uapi import kvm as uapi
 from pyvmm.vfio.sysfs import VFIO_PCI, Sysfs
 
 pytestmark = pytest.mark.lab
@@ -31,6 +33,18 @@ def test_the_host_checkout_is_visible_read_only() -> None:
     assert os.statvfs(here).f_flag & os.ST_RDONLY
 
 
-def test_kvm_opens() -> None:
-    fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-    os.close(fd)
+def test_the_labs_kvm_has_what_pyvmm_needs() -> None:
+    """The nested KVM runs pyvmm's machines: its API version and the capabilities pyvmm
+    relies on (irqfd with resample, ioeventfd, GSI routing, the KVM-VFIO device)."""
+    with System() as kvm:
+        for cap in (
+            uapi.KvmCap.IRQCHIP,
+            uapi.KvmCap.IRQFD,
+            uapi.KvmCap.IRQFD_RESAMPLE,
+            uapi.KvmCap.IOEVENTFD,
+            uapi.KvmCap.IRQ_ROUTING,
+            uapi.KvmCap.IMMEDIATE_EXIT,
+            uapi.KvmCap.DEVICE_CTRL,
+        ):
+            assert kvm.check_extension(cap), cap.name
+        assert kvm.check_extension(uapi.KvmCap.NR_MEMSLOTS) >= 32

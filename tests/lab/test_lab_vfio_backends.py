@@ -2,97 +2,57 @@
 container (group + device fd) and once through iommufd (cdev bound to /dev/iommu, attached to an
 IOAS), driving QEMU's `edu` device: config space, BAR0 through the fd and through mmap, DMA into
 and out of memory the backend maps (and not after the unmap), INTx with an unmask eventfd, MSI.
+(A machine's shared IOMMU context is in test_lab_iommu_context.py.)
 
-edu's registers (BAR0, 32-bit unless noted): 0x00 id 0x010000ed; 0x04 liveness (reads back the
-complement); 0x24 interrupt status; 0x60 raise interrupt; 0x64 acknowledge; 0x80/0x88/0x90 DMA
-source, destination, count (64-bit); 0x98 DMA command (bit 0 start, bit 1 edu-to-RAM, clears
-when done). Its DMA buffer is at 0x40000 in its own address space; bus addresses must fit in
-28 bits.
+edu's registers are described in lab_edu.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import select
 import struct
 import time
 from collections.abc import Iterator
 
 import pytest
+from lab_edu import (
+    EDU_BUFFER,
+    EDU_ID,
+    bar0,
+    dma,
+    enable_dma,
+    lab_pci_device,
+    read32,
+    write32,
+)
 
 from pyvmm.kvm.eventfd import EventFd
 from pyvmm.kvm.mmap import Mapping
-from pyvmm.machine.memory import GuestMemory, RamRegion
 from pyvmm.uapi import vfio as uapi
 from pyvmm.vfio import iommufd
-from pyvmm.vfio.backends import BACKENDS
 from pyvmm.vfio.container import Container, Group
+from pyvmm.vfio.context import backends, open_context
 from pyvmm.vfio.device import RegionFlag, VfioDevice
-from pyvmm.vfio.dma import DmaSpace, map_guest_memory
+from pyvmm.vfio.dma import DmaSpace
 from pyvmm.vfio.errors import VfioError
 from pyvmm.vfio.iommufd import Iommufd, open_cdev
-from pyvmm.vfio.sysfs import PciDevice, Sysfs
+from pyvmm.vfio.sysfs import Sysfs
 
 pytestmark = pytest.mark.lab
 
-EDU_ID = 0x010000ED
-EDU_BUFFER = 0x40000
-PCI_COMMAND = 0x04
-PCI_COMMAND_MEMORY = 1 << 1
-PCI_COMMAND_MASTER = 1 << 2
 IOVA = 0x100000
 DMA_SIZE = 0x10000
 
 
-@pytest.fixture(params=sorted(BACKENDS))
+@pytest.fixture(params=sorted(backends()))
 def edu(
     request: pytest.FixtureRequest, lab_devices: dict[str, str], sysfs: Sysfs
 ) -> Iterator[tuple[DmaSpace, VfioDevice]]:
     """edu opened through one backend, with memory decoding and bus mastering on."""
-    with contextlib.ExitStack() as stack:
-        space, vfio_device = BACKENDS[request.param](edu_device(lab_devices, sysfs), stack)
-        config = vfio_device.region(uapi.VfioPciRegion.CONFIG)
-        command = struct.unpack("<H", vfio_device.read(config, PCI_COMMAND, 2))[0]
-        command |= PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER
-        vfio_device.write(config, PCI_COMMAND, struct.pack("<H", command))
-        yield space, vfio_device
-
-
-def edu_device(lab_devices: dict[str, str], sysfs: Sysfs) -> PciDevice:
-    device = sysfs.pci_device(lab_devices["edu"])
-    assert device.iommu_group and device.cdev, f"edu has no IOMMU group or VFIO cdev: {device}"
-    return device
-
-
-def bar0(device: VfioDevice) -> tuple[int, int]:
-    """(read32, write32) on edu's BAR0 through an mmap: real 4-byte loads and stores."""
-    region = device.region(uapi.VfioPciRegion.BAR0)
-    mapping = device.mmap(region, 0, region.size)
-    return mapping.addr, region.size
-
-
-def read32(addr: int, offset: int) -> int:
-    return ctypes.c_uint32.from_address(addr + offset).value
-
-
-def write32(addr: int, offset: int, value: int) -> None:
-    ctypes.c_uint32.from_address(addr + offset).value = value
-
-
-def write64(addr: int, offset: int, value: int) -> None:
-    ctypes.c_uint64.from_address(addr + offset).value = value
-
-
-def dma(addr: int, src: int, dst: int, count: int, to_ram: bool) -> None:
-    write64(addr, 0x80, src)
-    write64(addr, 0x88, dst)
-    write64(addr, 0x90, count)
-    write32(addr, 0x98, 1 | (2 if to_ram else 0))
-    deadline = time.monotonic() + 10
-    while read32(addr, 0x98) & 1:
-        assert time.monotonic() < deadline, "edu DMA never finished"
-        time.sleep(0.01)
+    with open_context(request.param) as context:
+        vfio_device = context.open_pci(lab_pci_device(lab_devices, sysfs, "edu"))
+        enable_dma(vfio_device)
+        yield context.dma, vfio_device
 
 
 def wait_for(event: EventFd, timeout: float = 5) -> int:
@@ -121,7 +81,7 @@ def test_bar0_through_the_fd_and_through_mmap(edu: tuple[DmaSpace, VfioDevice]) 
     _, device = edu
     region = device.region(uapi.VfioPciRegion.BAR0)
     assert struct.unpack("<I", device.read(region, 0, 4))[0] == EDU_ID
-    addr, _ = bar0(device)
+    addr = bar0(device)
     assert read32(addr, 0) == EDU_ID
     write32(addr, 0x04, 0x12345678)
     assert read32(addr, 0x04) == 0x12345678 ^ 0xFFFFFFFF
@@ -131,7 +91,7 @@ def test_bar0_through_the_fd_and_through_mmap(edu: tuple[DmaSpace, VfioDevice]) 
 
 def test_dma_reaches_only_what_the_container_maps(edu: tuple[DmaSpace, VfioDevice]) -> None:
     space, device = edu
-    addr, _ = bar0(device)
+    addr = bar0(device)
     with Mapping(DMA_SIZE, flags=0x02) as memory:  # MAP_PRIVATE anonymous
         pattern = bytes(range(256)) * 4
         memory.view[: len(pattern)] = pattern
@@ -148,7 +108,7 @@ def test_intx_signals_an_eventfd_and_is_unmasked_by_another(
     edu: tuple[DmaSpace, VfioDevice],
 ) -> None:
     _, device = edu
-    addr, _ = bar0(device)
+    addr = bar0(device)
     info = device.irq(uapi.VfioPciIrq.INTX)
     assert info.count == 1
     wanted = uapi.VfioIrqInfoFlag.EVENTFD | uapi.VfioIrqInfoFlag.AUTOMASKED
@@ -171,7 +131,7 @@ def test_intx_signals_an_eventfd_and_is_unmasked_by_another(
 
 def test_msi_signals_an_eventfd(edu: tuple[DmaSpace, VfioDevice]) -> None:
     _, device = edu
-    addr, _ = bar0(device)
+    addr = bar0(device)
     assert device.irq(uapi.VfioPciIrq.MSI).count >= 1
     with EventFd() as vector:
         device.set_irq_eventfds(uapi.VfioPciIrq.MSI, [vector.fd])
@@ -194,7 +154,7 @@ def test_mmap_outside_the_mmap_areas_is_refused(edu: tuple[DmaSpace, VfioDevice]
 def test_group_errors_say_what_to_do(lab_devices: dict[str, str], sysfs: Sysfs) -> None:
     with pytest.raises(VfioError, match=r"/dev/vfio/999 does not exist; bind"):
         Group(999)
-    group_number = edu_device(lab_devices, sysfs).iommu_group
+    group_number = lab_pci_device(lab_devices, sysfs, "edu").iommu_group
     with Group(group_number) as group:
         with pytest.raises(VfioError, match="add it to a container first"):
             group.open_device(lab_devices["edu"])
@@ -209,7 +169,7 @@ def test_group_errors_say_what_to_do(lab_devices: dict[str, str], sysfs: Sysfs) 
 def test_iommufd_errors_say_what_to_do(lab_devices: dict[str, str], sysfs: Sysfs) -> None:
     with pytest.raises(VfioError, match=r"/dev/vfio/devices/vfio999 does not exist; bind"):
         open_cdev("vfio999")
-    edu = edu_device(lab_devices, sysfs)
+    edu = lab_pci_device(lab_devices, sysfs, "edu")
     with Group(edu.iommu_group) as group, Container() as container:
         container.add_group(group)
         with (
@@ -224,7 +184,7 @@ def test_iommufd_errors_say_what_to_do(lab_devices: dict[str, str], sysfs: Sysfs
 def test_iommufd_detach_then_attach_to_another_ioas(
     lab_devices: dict[str, str], sysfs: Sysfs
 ) -> None:
-    edu = edu_device(lab_devices, sysfs)
+    edu = lab_pci_device(lab_devices, sysfs, "edu")
     with Iommufd() as fd, open_cdev(edu.cdev) as cdev:
         assert iommufd.bind(cdev, fd) > 0
         first, second = fd.alloc_ioas(), fd.alloc_ioas()
@@ -249,7 +209,7 @@ def test_a_container_takes_a_group_again_after_its_last_one_left(
     lab_devices: dict[str, str], sysfs: Sysfs
 ) -> None:
     """The kernel drops the container's IOMMU with its last group: it must be set again."""
-    number = edu_device(lab_devices, sysfs).iommu_group
+    number = lab_pci_device(lab_devices, sysfs, "edu").iommu_group
     with Container() as container, Mapping(DMA_SIZE, flags=0x02) as memory:
         for _ in range(2):
             with Group(number) as group:
@@ -257,25 +217,3 @@ def test_a_container_takes_a_group_again_after_its_last_one_left(
                 container.map(IOVA, memory.addr, DMA_SIZE)
                 assert container.unmap(IOVA, DMA_SIZE) == DMA_SIZE
         assert container.groups == []
-
-
-def test_guest_ram_is_mapped_for_dma_at_its_physical_addresses(
-    edu: tuple[DmaSpace, VfioDevice],
-) -> None:
-    """memfd-backed guest RAM, as a Machine has it, mapped IOVA = GPA: the device reads and
-    writes guest-physical addresses, and nothing outside guest RAM."""
-    space, device = edu
-    addr, _ = bar0(device)
-    memory = GuestMemory()
-    memory.add(RamRegion(0, 32 << 20))
-    try:
-        assert map_guest_memory(space, memory) == [(0, 32 << 20)]
-        pattern = bytes(range(255, -1, -1)) * 2
-        memory.write(0x100000, pattern)
-        dma(addr, 0x100000, EDU_BUFFER, len(pattern), to_ram=False)
-        dma(addr, EDU_BUFFER, 0x101000, len(pattern), to_ram=True)
-        assert memory.read(0x101000, len(pattern)) == pattern
-        dma(addr, EDU_BUFFER, 64 << 20, len(pattern), to_ram=True)  # past the end of RAM
-        assert space.unmap(0, 32 << 20) == 32 << 20
-    finally:
-        memory.close()

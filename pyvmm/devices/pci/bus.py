@@ -1,30 +1,38 @@
-"""PCI bus 0: function slots, BAR assignment from the machine's windows, and keeping each BAR's
-window registered on the port/MMIO bus at the address the guest programmed."""
+"""PCI bus 0: its slots, the configuration address latch (CF8), and BAR assignment.
+
+At plug time the bus hands each BAR an address from the machine's windows, as firmware would,
+and turns decoding on; from then on the guest owns the BARs and each function maps its own (see
+PciFunction.place_bar), on the port and MMIO buses and in the address space the bus was given.
+The bus is a component: its state is the CF8 latch (a guest may be between its address and data
+accesses) and the functions it holds, which a restore checks rather than trusts.
+"""
 
 from __future__ import annotations
 
-import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 from pyvmm.devices.pci.device import (
     PCI_COMMAND,
     PCI_COMMAND_IO,
     PCI_COMMAND_MEMORY,
-    Bar,
     BarKind,
     PciFunction,
+    bdf,
 )
+from pyvmm.machine.address_space import AddressSpace
 from pyvmm.machine.bus import Bus
-
-log = logging.getLogger(__name__)
+from pyvmm.machine.state import StateError
 
 MAX_DEVICES = 32
+CONFIG_ADDRESS_MASK = 0x80FFFFFC  # enable, bus, device, function, dword register
 
 
 @dataclass
-class _Window:
-    """An address range handed out upwards, naturally aligned (what firmware does)."""
+class _Allocator:
+    """Hands out naturally aligned addresses upwards from `base` (what firmware does)."""
 
     base: int
     end: int
@@ -37,31 +45,36 @@ class _Window:
         return address
 
 
-class _BarWindow:
-    """Bus adapter: forwards accesses in a BAR's range to its function."""
+@dataclass
+class PciBusState:
+    VERSION: ClassVar[int] = 1
 
-    def __init__(self, function: PciFunction, index: int) -> None:
-        self.function = function
-        self.index = index
-
-    def read(self, offset: int, size: int) -> int:
-        return self.function.bar_read(self.index, offset, size)
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        self.function.bar_write(self.index, offset, size, value)
+    config_address: int
+    functions: dict[int, str]  # devfn -> function name
 
 
 class PciBus:
+    state_type: ClassVar[type] = PciBusState
+
     def __init__(
-        self, pio: Bus, mmio: Bus, mmio_window: tuple[int, int], io_window: tuple[int, int]
+        self,
+        pio: Bus,
+        mmio: Bus,
+        address_space: AddressSpace,
+        mmio_window: tuple[int, int],
+        io_window: tuple[int, int],
+        *,
+        on_plug: Callable[[PciFunction], None] | None = None,
     ) -> None:
-        self._pio = pio
-        self._mmio = mmio
-        self._mmio_window = _Window(*mmio_window)
-        self._io_window = _Window(*io_window)
+        self.pio = pio
+        self.mmio = mmio
+        self.address_space = address_space
+        self._mmio_window = _Allocator(*mmio_window)
+        self._io_window = _Allocator(*io_window)
         self._lock = threading.RLock()
         self.functions: dict[int, PciFunction] = {}
-        self._mapped: dict[tuple[int, int], tuple[Bus, int]] = {}
+        self._config_address = 0
+        self._on_plug = on_plug
 
     def plug(self, function: PciFunction, slot: int | None = None) -> int:
         """Add a single-function device at `slot` (or the first free one); assigns its BARs
@@ -71,12 +84,16 @@ class PciBus:
                 slot = next((s for s in range(MAX_DEVICES) if s << 3 not in self.functions), None)
                 if slot is None:
                     raise ValueError("PCI bus 0 is full")
+            if not 0 <= slot < MAX_DEVICES:
+                raise ValueError(f"PCI slot {slot} does not exist (0 to {MAX_DEVICES - 1})")
             devfn = slot << 3
             if devfn in self.functions:
                 raise ValueError(f"PCI slot {slot} is taken by {self.functions[devfn].name}")
             function.bus = self
             function.devfn = devfn
             self.functions[devfn] = function
+            if self._on_plug is not None:
+                self._on_plug(function)
             command = 0
             for bar in sorted(function.bars.values(), key=lambda b: -b.size):
                 window = self._io_window if bar.kind is BarKind.IO else self._mmio_window
@@ -85,6 +102,18 @@ class PciBus:
             if command:
                 function.config_write(PCI_COMMAND, 2, function.command | command)
             return slot
+
+    # configuration mechanism #1's address latch
+
+    @property
+    def config_address(self) -> int:
+        return self._config_address
+
+    @config_address.setter
+    def config_address(self, value: int) -> None:
+        self._config_address = value & CONFIG_ADDRESS_MASK
+
+    # config space accesses, from CF8/CFC and ECAM
 
     def config_read(self, devfn: int, offset: int, size: int) -> int:
         function = self.functions.get(devfn)
@@ -99,26 +128,26 @@ class PciBus:
             with self._lock:
                 function.config_write(offset, size, value)
 
-    def update_bar_mappings(self, function: PciFunction) -> None:
-        """Re-register the function's BAR windows where the guest put them."""
-        with self._lock:
-            for bar in function.bars.values():
-                self._remap(function, bar)
+    # state
 
-    def _remap(self, function: PciFunction, bar: Bar) -> None:
-        key = (function.devfn, bar.index)
-        current = self._mapped.pop(key, None)
-        if current is not None:
-            bus, base = current
-            bus.unregister(base)
-        address = function.bar_address(bar.index)
-        if not function.decodes(bar) or address == 0:
-            return
-        bus = self._pio if bar.kind is BarKind.IO else self._mmio
-        try:
-            bus.register(address, bar.size, _BarWindow(function, bar.index), function.name)
-        except ValueError as err:
-            # The guest may program overlapping BARs; real hardware decodes garbage then.
-            log.warning("%s BAR%d not mapped: %s", function.name, bar.index, err)
-            return
-        self._mapped[key] = (bus, address)
+    def save(self) -> PciBusState:
+        with self._lock:
+            names = {devfn: function.name for devfn, function in self.functions.items()}
+            return PciBusState(self._config_address, names)
+
+    def check(self, state: PciBusState) -> None:
+        """The saved bus must hold the same functions in the same slots."""
+        have = {devfn: function.name for devfn, function in self.functions.items()}
+        if state.functions != have:
+            saved = ", ".join(f"{bdf(d)} {n}" for d, n in sorted(state.functions.items()))
+            raise StateError(f"PCI bus 0: saved with {saved or 'no functions'}, not these")
+
+    def restore(self, state: PciBusState) -> None:
+        self.check(state)
+        self.config_address = state.config_address
+
+    def close(self) -> None:
+        """Unmap every function's BARs and close the functions (before RAM and the VM go)."""
+        with self._lock:
+            for function in reversed(list(self.functions.values())):
+                function.close()

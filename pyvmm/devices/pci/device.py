@@ -1,23 +1,47 @@
-"""A PCI function as seen by the guest: a type-0 config space with BARs.
+"""A PCI function as seen by the guest: a type-0 config space, its capabilities, and BARs that
+the function maps itself.
 
-Config space is bytes plus a write mask; BAR registers are sized by the usual all-ones probe. When
-the guest moves a BAR or toggles memory/I/O decode in PCI_COMMAND, the function's BAR windows are
-re-registered on the machine's MMIO / port buses by the `PciBus` it sits on. A subclass handles
-accesses to its trapped BARs in `bar_read` / `bar_write`, and adds capabilities (MSI-X,
-vendor-specific) with `add_capability` (see pyvmm.devices.pci.capability).
+Config space is 4 KiB of bytes with four masks over it, as QEMU keeps them:
+
+- `wmask`: the bits a guest write may change;
+- `w1cmask`: the bits a guest clears by writing 1 (the error bits of PCI_STATUS);
+- `emulated`: the bits served from `config`; the others belong to the device behind the
+  function (a passed-through device), read through `device_config_read` and written through
+  `device_config_write`. An emulated function emulates every bit.
+
+Standard capabilities sit in 0x40-0xFF, extended ones from 0x100 (see pyvmm.devices.pci.capability).
+
+BARs: the guest programs a BAR's address and turns decoding on or off in PCI_COMMAND; each
+time the result changes the function is told with `place_bar(index, address or None)`, and maps
+the BAR itself (cloud-hypervisor's `move_bar`). By default it maps `bar_areas(index)`: pieces of
+the BAR that are either trapped (accesses exit to `bar_read` / `bar_write`) or backed by host
+memory (a DEVICE region in the address space: a KVM slot, no exits). The default is one trapped
+area covering the BAR; a passed-through BAR is mostly host memory with trapped holes (MSI-X).
 """
 
 from __future__ import annotations
 
 import enum
+import logging
 import struct
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
 
-from pyvmm.devices.pci.capability import Capability, CapabilityList
+from pyvmm.devices.pci.capability import (
+    PCI_STATUS,
+    Capability,
+    CapabilityList,
+    ExtendedCapability,
+)
+from pyvmm.machine.address_space import AddressSpaceError
+from pyvmm.machine.bus import Bus, BusConflict
+from pyvmm.machine.memory import MemoryRegion, RegionKind
+from pyvmm.machine.state import StateError
 
 if TYPE_CHECKING:
     from pyvmm.devices.pci.bus import PciBus
+
+log = logging.getLogger(__name__)
 
 PCI_VENDOR_ID = 0x00
 PCI_DEVICE_ID = 0x02
@@ -35,6 +59,8 @@ PCI_COMMAND_IO = 0x1
 PCI_COMMAND_MEMORY = 0x2
 PCI_COMMAND_MASTER = 0x4
 PCI_COMMAND_INTX_DISABLE = 0x400
+# PCI_STATUS bits the guest clears by writing 1: parity, signalled/received aborts, SERR.
+PCI_STATUS_W1C = 0xF900
 
 PCI_BASE_ADDRESS_SPACE_IO = 0x1
 PCI_BASE_ADDRESS_MEM_TYPE_64 = 0x4
@@ -43,6 +69,12 @@ PCI_BASE_ADDRESS_MEM_PREFETCH = 0x8
 CONFIG_SPACE_SIZE = 256
 PCIE_CONFIG_SPACE_SIZE = 4096
 NUM_BARS = 6
+PAGE_SIZE = 4096
+
+
+def bdf(devfn: int) -> str:
+    """`00:03.0` for devfn 0x18 on bus 0."""
+    return f"00:{devfn >> 3:02x}.{devfn & 7}"
 
 
 class BarKind(enum.Enum):
@@ -66,15 +98,53 @@ class Bar:
         return bits | (PCI_BASE_ADDRESS_MEM_PREFETCH if self.prefetchable else 0)
 
 
+@dataclass(frozen=True)
+class BarArea:
+    """A piece of a BAR: `size` bytes from `offset`, trapped (`host_addr` None) or backed by
+    host memory at `host_addr` (page aligned, a memory BAR only)."""
+
+    offset: int
+    size: int
+    host_addr: int | None = None
+
+
 @dataclass
 class PciFunctionState:
     """A function's config space: BAR addresses, command register, capabilities' registers."""
 
+    VERSION: ClassVar[int] = 1
+
     config: bytes
+
+
+@dataclass
+class _PlacedBar:
+    """Where a BAR is mapped now, and what maps it."""
+
+    address: int
+    windows: list[tuple[Bus, int]] = field(default_factory=list)
+    regions: dict[int, MemoryRegion] = field(default_factory=dict)  # by area offset
+
+
+class _BarWindow:
+    """Bus adapter: forwards accesses in a trapped BAR area to its function."""
+
+    def __init__(self, function: PciFunction, index: int, offset: int) -> None:
+        self.function = function
+        self.index = index
+        self.offset = offset
+
+    def read(self, offset: int, size: int) -> int:
+        return self.function.bar_read(self.index, self.offset + offset, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.function.bar_write(self.index, self.offset + offset, size, value)
 
 
 class PciFunction:
     """Config space and BARs of one PCI function; subclass for a device."""
+
+    state_type: ClassVar[type] = PciFunctionState
 
     def __init__(
         self,
@@ -91,10 +161,14 @@ class PciFunction:
         self.name = name or type(self).__name__
         self.config = bytearray(PCIE_CONFIG_SPACE_SIZE)
         self.wmask = bytearray(PCIE_CONFIG_SPACE_SIZE)
+        self.w1cmask = bytearray(PCIE_CONFIG_SPACE_SIZE)
+        self.emulated = bytearray(b"\xff" * PCIE_CONFIG_SPACE_SIZE)
         self.bars: dict[int, Bar] = {}
         self.capabilities = CapabilityList(self.config, self.wmask)
+        self.extended_capabilities = CapabilityList(self.config, self.wmask, extended=True)
         self.bus: PciBus | None = None
         self.devfn = -1
+        self._placed: dict[int, _PlacedBar] = {}
         self._set16(PCI_VENDOR_ID, vendor_id)
         self._set16(PCI_DEVICE_ID, device_id)
         self.config[PCI_REVISION_ID] = revision
@@ -109,9 +183,14 @@ class PciFunction:
             | PCI_COMMAND_MASTER
             | PCI_COMMAND_INTX_DISABLE,
         )
+        struct.pack_into("<H", self.w1cmask, PCI_STATUS, PCI_STATUS_W1C)
         self.wmask[PCI_INTERRUPT_LINE] = 0xFF
         for bar in bars:
             self._add_bar(bar)
+
+    @property
+    def bdf(self) -> str:
+        return bdf(self.devfn)
 
     def _set16(self, offset: int, value: int, *, wmask: int = 0) -> None:
         struct.pack_into("<H", self.config, offset, value)
@@ -134,30 +213,57 @@ class PciFunction:
             struct.pack_into("<I", self.wmask, offset + 4, (mask >> 32) & 0xFFFFFFFF)
 
     def add_capability(self, cap: Capability) -> int:
-        """Append a capability to the list in config space; returns its offset."""
+        """Append a capability to the right list in config space; returns its offset."""
+        if isinstance(cap, ExtendedCapability):
+            return self.extended_capabilities.add(cap)
         return self.capabilities.add(cap)
 
-    # the guest's view
+    # the guest's view of config space
 
     def config_read(self, offset: int, size: int) -> int:
         if offset < 0 or offset + size > len(self.config):
             return (1 << (8 * size)) - 1
         self.capabilities.before_read(offset, size)
-        return int.from_bytes(self.config[offset : offset + size], "little")
+        self.extended_capabilities.before_read(offset, size)
+        value = int.from_bytes(self.config[offset : offset + size], "little")
+        emulated = int.from_bytes(self.emulated[offset : offset + size], "little")
+        full = (1 << (8 * size)) - 1
+        if emulated != full:
+            value = (value & emulated) | (self.device_config_read(offset, size) & ~emulated & full)
+        return value
 
     def config_write(self, offset: int, size: int, value: int) -> None:
         if offset < 0 or offset + size > len(self.config):
             return
         old_command = self.command
         old_bars = {i: self.bar_address(i) for i in self.bars}
+        forward = 0
         for i in range(size):
-            mask = self.wmask[offset + i]
+            pos = offset + i
             byte = (value >> (8 * i)) & 0xFF
-            self.config[offset + i] = (self.config[offset + i] & ~mask) | (byte & mask)
+            writable, clear = self.wmask[pos], self.w1cmask[pos]
+            merged = (self.config[pos] & ~writable) | (byte & writable)
+            self.config[pos] = merged & ~(byte & clear)
+            forward |= ((writable | clear) & ~self.emulated[pos]) << (8 * i)
+        if forward:
+            self.device_config_write(offset, size, value, forward)
         self.capabilities.after_write(offset, size)
+        self.extended_capabilities.after_write(offset, size)
         moved = any(self.bar_address(i) != addr for i, addr in old_bars.items())
-        if self.bus is not None and (moved or self.command != old_command):
-            self.bus.update_bar_mappings(self)
+        if moved or self.command != old_command:
+            self.update_bars()
+
+    # the device behind a function that does not emulate every bit (passthrough overrides)
+
+    def device_config_read(self, offset: int, size: int) -> int:
+        """The device's own config bytes, for the bits `emulated` leaves to it."""
+        return (1 << (8 * size)) - 1
+
+    def device_config_write(self, offset: int, size: int, value: int, mask: int) -> None:
+        """A guest write reaching the device: only the bits in `mask` (writable and not
+        emulated) are the guest's to change."""
+
+    # BARs
 
     @property
     def command(self) -> int:
@@ -186,6 +292,76 @@ class PciFunction:
         flag = PCI_COMMAND_IO if bar.kind is BarKind.IO else PCI_COMMAND_MEMORY
         return bool(self.command & flag)
 
+    def update_bars(self) -> None:
+        """Tell `place_bar` about every BAR whose decoded address changed."""
+        if self.bus is None:
+            return
+        for index, bar in self.bars.items():
+            address = self.bar_address(index)
+            wanted = address if address and self.decodes(bar) else None
+            placed = self._placed.get(index)
+            if (placed.address if placed else None) != wanted:
+                self.place_bar(index, wanted)
+
+    def bar_areas(self, index: int) -> list[BarArea]:
+        """How BAR `index` is mapped: by default one trapped area over all of it."""
+        return [BarArea(0, self.bars[index].size)]
+
+    def place_bar(self, index: int, address: int | None) -> None:
+        """The guest put BAR `index` at `address` (None: not decoded). Maps `bar_areas`
+        there: trapped areas on the port or MMIO bus, host memory as DEVICE regions (moved,
+        keeping their KVM slots, when the BAR moves). A hostile guest may program overlapping
+        BARs: what cannot be mapped stays unmapped, with a warning, as garbage decodes on
+        real hardware."""
+        assert self.bus is not None
+        bar = self.bars[index]
+        old = self._placed.pop(index, None)
+        if old is not None:
+            for bus, base in old.windows:
+                bus.unregister(base)
+        if address is None:
+            for region in old.regions.values() if old else ():
+                self._remove_region(region)
+            return
+        placed = _PlacedBar(address)
+        self._placed[index] = placed
+        bus = self.bus.pio if bar.kind is BarKind.IO else self.bus.mmio
+        for area in self.bar_areas(index):
+            where = address + area.offset
+            region = old.regions.pop(area.offset, None) if old else None
+            try:
+                if area.host_addr is None:
+                    bus.register(where, area.size, _BarWindow(self, index, area.offset), self.name)
+                    placed.windows.append((bus, where))
+                elif region is not None:
+                    self.bus.address_space.move(region, where)
+                    placed.regions[area.offset] = region
+                else:
+                    region = MemoryRegion(
+                        RegionKind.DEVICE,
+                        where,
+                        area.size,
+                        host_addr=area.host_addr,
+                        name=f"{self.name} BAR{index}+{area.offset:#x}",
+                    )
+                    self.bus.address_space.add(region)
+                    placed.regions[area.offset] = region
+            except (BusConflict, AddressSpaceError) as err:
+                log.warning("%s BAR%d area +%#x not mapped: %s", self.name, index, area.offset, err)
+                if region is not None and area.offset not in placed.regions:
+                    self._remove_region(region)
+        for region in old.regions.values() if old else ():  # areas the BAR no longer has
+            self._remove_region(region)
+
+    def _remove_region(self, region: MemoryRegion) -> None:
+        assert self.bus is not None
+        if region.slot is not None:  # still in the address space
+            self.bus.address_space.remove(region)
+
+    def unplace_bars(self) -> None:
+        for index in list(self._placed):
+            self.place_bar(index, None)
+
     # BAR accesses (trapped); subclasses override
 
     def bar_read(self, index: int, offset: int, size: int) -> int:
@@ -194,15 +370,28 @@ class PciFunction:
     def bar_write(self, index: int, offset: int, size: int, value: int) -> None:
         pass
 
-    # snapshot (a device with more state extends these)
+    # state (a device with more state has a state type of its own holding this one)
 
-    def state(self) -> PciFunctionState:
+    def save(self) -> PciFunctionState:
         return PciFunctionState(bytes(self.config))
 
     def restore(self, state: PciFunctionState) -> None:
-        """Config space as saved, and the BAR windows where it puts them."""
+        self.restore_config(state)
+
+    def check(self, state: PciFunctionState) -> None:
+        self.check_config(state)
+
+    def check_config(self, state: PciFunctionState) -> None:
         if len(state.config) != len(self.config):
-            raise ValueError(f"{self.name}: saved config space has {len(state.config)} bytes")
+            raise StateError(f"{self.name}: saved config space has {len(state.config)} bytes")
+
+    def restore_config(self, state: PciFunctionState) -> None:
+        """Config space as saved, and the BARs mapped where it puts them."""
+        self.check_config(state)
         self.config[:] = state.config
+        self.update_bars()
+
+    def close(self) -> None:
+        """Unmap the BARs and release what the function holds (the bus calls this)."""
         if self.bus is not None:
-            self.bus.update_bar_mappings(self)
+            self.unplace_bars()

@@ -3,7 +3,6 @@ ECAM (memory-mapped config space, 1 MiB per bus, 4 KiB per function)."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 
 from pyvmm.devices.pci.bus import PciBus
@@ -38,12 +37,10 @@ class ConfigPorts:
     def __init__(self, bus: PciBus, on_reset: Callable[[], None]) -> None:
         self._bus = bus
         self._on_reset = on_reset
-        self._address = 0
-        self._lock = threading.Lock()
 
     def read(self, offset: int, size: int) -> int:
         if offset < 4:
-            return self._address if offset == 0 and size == 4 else (1 << (8 * size)) - 1
+            return self._bus.config_address if offset == 0 and size == 4 else (1 << (8 * size)) - 1
         target = self._target(offset - 4, size)
         if target is None:
             return (1 << (8 * size)) - 1
@@ -52,8 +49,7 @@ class ConfigPorts:
     def write(self, offset: int, size: int, value: int) -> None:
         if offset < 4:
             if offset == 0 and size == 4:
-                with self._lock:
-                    self._address = value & 0x80FFFFFC
+                self._bus.config_address = value
             elif offset == RESET_CONTROL_OFFSET and size == 1 and value & RESET_CONTROL_RESET:
                 self._on_reset()
             return
@@ -61,18 +57,8 @@ class ConfigPorts:
         if target is not None:
             self._bus.config_write(*target, size, value)
 
-    def state(self) -> int:
-        """The address latch (CF8): a guest may be between its address and data accesses."""
-        with self._lock:
-            return self._address
-
-    def restore(self, address: int) -> None:
-        with self._lock:
-            self._address = address & 0x80FFFFFC
-
     def _target(self, data_offset: int, size: int) -> tuple[int, int] | None:
-        with self._lock:
-            address = self._address
+        address = self._bus.config_address
         if not address & CONFIG_ENABLE or (address >> 16) & 0xFF != 0:
             return None  # only bus 0 exists
         register = (address & 0xFC) + data_offset

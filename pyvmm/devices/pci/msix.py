@@ -258,7 +258,7 @@ class Msix:
 
     # snapshot
 
-    def state(self) -> MsixState:
+    def save(self) -> MsixState:
         with self._lock:
             return MsixState(
                 enabled=self._enabled,

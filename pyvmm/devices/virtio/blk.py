@@ -2,7 +2,7 @@
 
 A request is a 16-byte header (type, reserved, sector) in device-readable buffers, data (read:
 writable, write: readable), and a one-byte status at the very end of the writable buffers. Data
-moves between the file and guest RAM with preadv/pwritev straight into `GuestMemory` views.
+moves between the file and guest memory with preadv/pwritev straight into views from the DMA view.
 Whatever the guest sends, the answer is a status: a request outside the disk, of a length that is
 not whole sectors, or a write to a read-only disk gets VIRTIO_BLK_S_IOERR, an unknown type
 VIRTIO_BLK_S_UNSUPP; a chain too short to hold a header and a status byte is returned unused.
@@ -13,10 +13,15 @@ from __future__ import annotations
 import logging
 import os
 import struct
+from typing import TYPE_CHECKING
 
 from pyvmm.devices.virtio.backend import VIRTIO_ID_BLOCK, VirtioBackend
+from pyvmm.devices.virtio.pci import VirtioPciDevice
 from pyvmm.devices.virtio.queue import DescriptorChain
 from pyvmm.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pyvmm.machine.machine import Machine
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +88,7 @@ class VirtioBlk(VirtioBackend):
     def process(self, index: int) -> None:
         queue = self.queues[index]
         while (chain := queue.pop()) is not None:
-            queue.push(chain.head, self._request(chain))
+            queue.push(chain, self._request(chain))
 
     def _request(self, chain: DescriptorChain) -> int:
         """Carry out one request; returns the bytes written into the chain (data + status)."""
@@ -169,3 +174,10 @@ class VirtioBlk(VirtioBackend):
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def create(
+    machine: Machine, path: str, read_only: bool = False, serial: str | None = None
+) -> VirtioPciDevice:
+    """A virtio-blk PCI function on the raw image `path` (device kind "virtio-blk")."""
+    return VirtioPciDevice(machine, VirtioBlk(path, read_only=read_only, serial=serial))

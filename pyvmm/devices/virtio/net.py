@@ -13,9 +13,14 @@ import fcntl
 import logging
 import os
 import struct
+from typing import TYPE_CHECKING
 
 from pyvmm.devices.virtio.backend import VIRTIO_ID_NET, VirtioBackend
+from pyvmm.devices.virtio.pci import VirtioPciDevice
 from pyvmm.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pyvmm.machine.machine import Machine
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +103,7 @@ class VirtioNet(VirtioBackend):
                     os.write(self._tap, chain.read(NET_HDR.size, length))
                 except OSError as err:  # the tap is down or full: the frame is lost
                     log.debug("%s: frame dropped: %s", self.tap_name, err)
-            tx.push(chain.head, 0)
+            tx.push(chain, 0)
 
     def _receive(self) -> None:
         rx = self.queues[RX]
@@ -117,13 +122,31 @@ class VirtioNet(VirtioBackend):
                 return
             if chain.writable_len < NET_HDR.size + len(frame):
                 log.debug("%s: %d-byte frame does not fit; dropped", self.tap_name, len(frame))
-                rx.push(chain.head, 0)
+                rx.push(chain, 0)
                 continue
             chain.write(0, RX_HEADER)
             chain.write(NET_HDR.size, frame)
-            rx.push(chain.head, NET_HDR.size + len(frame))
+            rx.push(chain, NET_HDR.size + len(frame))
 
     def close(self) -> None:
         if self._tap >= 0:
             os.close(self._tap)
             self._tap = -1
+
+
+def create(machine: Machine, tap: str, mac: str | None = None) -> VirtioPciDevice:
+    """A virtio-net PCI function on tap `tap`, with MAC address `mac` ("52:54:00:12:34:56"; by
+    default a random one) (device kind "virtio-net")."""
+    return VirtioPciDevice(machine, VirtioNet(tap, parse_mac(mac) if mac else None))
+
+
+def parse_mac(text: str) -> bytes:
+    parts = text.split(":")
+    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+        raise ConfigError(
+            f"virtio-net: bad MAC address {text!r}: use six hex bytes, e.g. 52:54:00:12:34:56"
+        )
+    try:
+        return bytes(int(p, 16) for p in parts)
+    except ValueError:
+        raise ConfigError(f"virtio-net: bad MAC address {text!r}: use six hex bytes") from None

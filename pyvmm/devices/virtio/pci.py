@@ -14,9 +14,12 @@ The hot paths never run on a vCPU thread:
 - Interrupt: after processing, the worker raises the queue's MSI-X vector, which is one eventfd
   write into a KVM irqfd (see pyvmm.devices.pci.msix).
 
-The worker thread (one per device) polls the queue eventfds, a stop eventfd and whatever the
+The worker thread (one per device) polls the queue eventfds, a wake-up eventfd and whatever the
 backend waits on (a tap). vCPU-side register accesses and the worker share `_lock`, so a reset
-or a queue change never happens in the middle of processing. The worker stops on machine close.
+or a queue change never happens in the middle of processing. `pause()` parks the worker between
+two rounds of processing, so every request it took is completed (its used element written and
+its interrupt raised) before pause returns; doorbells rung meanwhile wait in their eventfds and
+are served after `resume()`. The worker stops when the device is closed (with its bus).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import threading
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from pyvmm.devices.pci.capability import PCI_CAP_ID_VNDR, Capability
 from pyvmm.devices.pci.device import (
@@ -51,6 +54,7 @@ from pyvmm.devices.virtio.backend import (
 from pyvmm.devices.virtio.queue import NO_VECTOR, QueueState, Virtqueue, VirtqueueError
 from pyvmm.kvm.eventfd import EventFd
 from pyvmm.machine.memory import GuestMemoryError
+from pyvmm.machine.state import StateError
 
 if TYPE_CHECKING:
     from pyvmm.machine.machine import Machine
@@ -165,9 +169,12 @@ class PciCfgCapability(Capability):
 
 
 @dataclass
-class VirtioPciState(PciFunctionState):
+class VirtioPciState:
     """The transport's state for snapshots (the backend's own state is its file or tap)."""
 
+    VERSION: ClassVar[int] = 1
+
+    function: PciFunctionState
     status: int
     device_feature_select: int
     driver_feature_select: int
@@ -180,8 +187,11 @@ class VirtioPciState(PciFunctionState):
 
 
 class VirtioPciDevice(PciFunction):
-    """A virtio device (`backend`) on PCI. Plug it with `machine.pci.plug(device)` or
-    `plug_virtio(machine, backend)`; it stops its worker when the machine closes."""
+    """A virtio device (`backend`) on PCI: `machine.add_device("virtio-rng")` and the like
+    make one, or `machine.pci.plug(VirtioPciDevice(machine, backend))`; it stops its worker
+    when its bus closes it."""
+
+    state_type: ClassVar[type] = VirtioPciState
 
     def __init__(self, machine: Machine, backend: VirtioBackend) -> None:
         nqueues = len(backend.queue_sizes)
@@ -203,7 +213,7 @@ class VirtioPciDevice(PciFunction):
         self.offered_features = (
             backend.features | VIRTIO_F_VERSION_1 | VIRTIO_F_EVENT_IDX | VIRTIO_F_INDIRECT_DESC
         )
-        self.queues = [Virtqueue(machine.memory, size) for size in backend.queue_sizes]
+        self.queues = [Virtqueue(machine.dma, size) for size in backend.queue_sizes]
         self._vm = machine.vm
         self._lock = threading.Lock()
         self._stack = ExitStack()
@@ -217,18 +227,21 @@ class VirtioPciDevice(PciFunction):
             )
             self._stack.callback(self.msix.close)
             self._notify = [self._stack.enter_context(EventFd()) for _ in range(nqueues)]
-            self._stop = self._stack.enter_context(EventFd())
+            self._wake = self._stack.enter_context(EventFd())
         except BaseException:
             self._stack.close()
             raise
         self._stack.callback(backend.close)
         self._ioeventfds: dict[int, int] = {}  # queue -> registered doorbell address
+        self._park = threading.Condition()
+        self._pausing = False
+        self._parked = False
+        self._stopping = False
         self._reset_registers()
         self._add_capabilities()
         self._worker = threading.Thread(target=self._work, name=f"{backend.name}-worker")
         self._worker.daemon = True
         self._worker.start()
-        machine.on_close(self.close)
 
     def _reset_registers(self) -> None:
         self.status = 0
@@ -480,7 +493,7 @@ class VirtioPciDevice(PciFunction):
     def _work(self) -> None:
         poller = select.poll()
         queue_of = {eventfd.fd: index for index, eventfd in enumerate(self._notify)}
-        for fd in (self._stop.fd, *queue_of):
+        for fd in (self._wake.fd, *queue_of):
             poller.register(fd, select.POLLIN)
         watched: set[int] = set()
         while True:
@@ -492,8 +505,11 @@ class VirtioPciDevice(PciFunction):
                 poller.register(fd, select.POLLIN)
             watched = set(wanted)
             ready = [fd for fd, _ in poller.poll()]
-            if self._stop.fd in ready:
-                return
+            if self._wake.fd in ready:
+                self._wake.read()
+                if not self._park_while_paused():
+                    return
+                continue  # poll again: what is ready was not taken
             with self._lock:
                 for fd in ready:
                     index = queue_of.get(fd)
@@ -503,6 +519,32 @@ class VirtioPciDevice(PciFunction):
                     elif fd in wanted:
                         self._guarded(wanted[fd], self.backend.input_ready, fd)
                 self._raise_used_interrupts()
+
+    def _park_while_paused(self) -> bool:
+        """Wait here, between requests, while paused; False when the worker is to stop."""
+        with self._park:
+            while self._pausing and not self._stopping:
+                self._parked = True
+                self._park.notify_all()
+                self._park.wait()
+            self._parked = False
+            return not self._stopping
+
+    # pause (the component protocol)
+
+    def pause(self) -> None:
+        """Return once the worker is parked with no request half done."""
+        with self._park:
+            self._pausing = True
+        self._wake.signal()
+        with self._park:
+            while not self._parked and self._worker.is_alive():
+                self._park.wait(0.1)
+
+    def resume(self) -> None:
+        with self._park:
+            self._pausing = False
+            self._park.notify_all()
 
     def _guarded(self, index: int, work: Callable[[int], None], arg: int) -> None:
         """Run backend work that feeds queue `index`, if it may run; a bad ring (or a backend
@@ -525,12 +567,12 @@ class VirtioPciDevice(PciFunction):
                 if queue.msix_vector != NO_VECTOR:
                     self.msix.signal(queue.msix_vector)
 
-    # snapshot
+    # state
 
-    def state(self) -> VirtioPciState:
+    def save(self) -> VirtioPciState:
         with self._lock:
             return VirtioPciState(
-                config=bytes(self.config),
+                function=super().save(),
                 status=self.status,
                 device_feature_select=self.device_feature_select,
                 driver_feature_select=self.driver_feature_select,
@@ -538,15 +580,24 @@ class VirtioPciDevice(PciFunction):
                 config_msix_vector=self.config_msix_vector,
                 queue_select=self.queue_select,
                 isr=self.isr,
-                queues=[queue.state() for queue in self.queues],
-                msix=self.msix.state(),
+                queues=[queue.save() for queue in self.queues],
+                msix=self.msix.save(),
             )
+
+    def check(self, state: VirtioPciState) -> None:
+        self.check_config(state.function)
+        if len(state.queues) != len(self.queues):
+            raise StateError(
+                f"{self.name}: saved with {len(state.queues)} queues, this device has "
+                f"{len(self.queues)}"
+            )
+        if len(state.msix.table) != self.msix.table_size:
+            raise StateError(f"{self.name}: saved MSI-X table is of another size")
 
     def restore(self, state: VirtioPciState) -> None:
         """Bring the device back as saved (the machine is paused, the backend is the same)."""
-        if len(state.queues) != len(self.queues) or len(state.config) != len(self.config):
-            raise ValueError(f"{self.name}: snapshot is of a different device")
-        super().restore(state)  # config space, and the BAR windows where it puts them
+        self.check(state)
+        self.restore_config(state.function)  # config space, and the BARs where it puts them
         with self._lock:
             for name in (
                 "status",
@@ -570,21 +621,17 @@ class VirtioPciDevice(PciFunction):
     # teardown
 
     def close(self) -> None:
-        """Stop the worker, remove the doorbells and irqfds, release the backend."""
+        """Stop the worker, remove the doorbells and irqfds, unmap the BAR, release the
+        backend."""
         if self._worker.is_alive():
-            self._stop.signal()
+            with self._park:
+                self._stopping = True
+                self._park.notify_all()
+            self._wake.signal()
             self._worker.join()
         with self._lock:
             for queue in self.queues:
                 queue.ready = False
             self._sync_ioeventfds()
+        super().close()
         self._stack.close()
-
-
-def plug_virtio(
-    machine: Machine, backend: VirtioBackend, slot: int | None = None
-) -> VirtioPciDevice:
-    """Create a virtio-pci device for `backend` and plug it into bus 0."""
-    device = VirtioPciDevice(machine, backend)
-    machine.pci.plug(device, slot)
-    return device

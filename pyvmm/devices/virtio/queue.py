@@ -1,5 +1,6 @@
 """The split virtqueue (virtio 1.2 §2.7): descriptor table, available ring and used ring in guest
-RAM, read and written through `GuestMemory` only.
+memory, read and written through the device's DMA view only (pyvmm.machine.dma), so addresses
+are bus addresses, translated in that one place once a virtual IOMMU exists.
 
 Everything the driver put in guest memory is hostile. `activate` checks the ring geometry, and
 `pop` checks each chain as it walks it: every buffer must lie inside one RAM region, the head and
@@ -8,7 +9,10 @@ how a loop is caught), an indirect table must be a non-zero multiple of 16 bytes
 `MAX_INDIRECT`, may not be nested or chained with NEXT, writable buffers must follow readable
 ones, and a chain's byte count must fit the used ring's 32-bit length. Any violation raises
 `VirtqueueError`; the transport then marks the device DEVICE_NEEDS_RESET and stops using the
-queue. Nothing here accesses memory outside a RAM region (GuestMemory refuses to).
+queue. Nothing here accesses memory outside a RAM region (the DMA view refuses to).
+
+Writes into a chain's buffers are reported to the view again when the chain is pushed back, so
+that the dirty log marks a page after the device finished writing it, not only before.
 
 A queue is not thread-safe: the transport serialises the vCPU thread (configuration) and the
 device worker (processing) with its own lock.
@@ -21,7 +25,8 @@ import struct
 import threading
 from dataclasses import dataclass, field
 
-from pyvmm.machine.memory import GuestMemory, GuestMemoryError
+from pyvmm.machine.dma import DmaView
+from pyvmm.machine.memory import GuestMemoryError
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +76,7 @@ class DescriptorChain:
     Byte offsets below are into the concatenation of the readable (or writable) buffers.
     """
 
-    memory: GuestMemory
+    dma: DmaView
     head: int
     readable: list[Buffer] = field(default_factory=list)
     writable: list[Buffer] = field(default_factory=list)
@@ -84,7 +89,10 @@ class DescriptorChain:
     def writable_len(self) -> int:
         return sum(b.length for b in self.writable)
 
-    def _views(self, buffers: list[Buffer], offset: int, length: int) -> list[memoryview]:
+    def _views(
+        self, buffers: list[Buffer], offset: int, length: int, *, write: bool
+    ) -> list[memoryview]:
+        view_of = self.dma.writable if write else self.dma.readable
         views = []
         for buf in buffers:
             if length <= 0:
@@ -93,7 +101,7 @@ class DescriptorChain:
                 offset -= buf.length
                 continue
             take = min(buf.length - offset, length)
-            views.append(self.memory.slice(buf.gpa + offset, take))
+            views.append(view_of(buf.gpa + offset, take))
             length -= take
             offset = 0
         return views
@@ -101,11 +109,13 @@ class DescriptorChain:
     def readable_views(self, offset: int = 0, length: int | None = None) -> list[memoryview]:
         """Views of guest RAM covering readable bytes [offset, offset + length)."""
         total = self.readable_len
-        return self._views(self.readable, offset, total - offset if length is None else length)
+        length = total - offset if length is None else length
+        return self._views(self.readable, offset, length, write=False)
 
     def writable_views(self, offset: int = 0, length: int | None = None) -> list[memoryview]:
         total = self.writable_len
-        return self._views(self.writable, offset, total - offset if length is None else length)
+        length = total - offset if length is None else length
+        return self._views(self.writable, offset, length, write=True)
 
     def read(self, offset: int = 0, length: int | None = None) -> bytes:
         """Readable bytes [offset, offset + length), fewer if the chain is shorter."""
@@ -143,10 +153,10 @@ class Virtqueue:
     `msix_vector` from the driver's writes, the negotiated `event_idx` / `indirect` features,
     then calls `activate()`."""
 
-    def __init__(self, memory: GuestMemory, max_size: int) -> None:
+    def __init__(self, dma: DmaView, max_size: int) -> None:
         if not 1 <= max_size <= MAX_QUEUE_SIZE or max_size & (max_size - 1):
             raise ValueError(f"queue size {max_size} is not a power of two up to 32768")
-        self.memory = memory
+        self.dma = dma
         self.max_size = max_size
         self.reset()
 
@@ -183,14 +193,14 @@ class Virtqueue:
 
     def _check_ram(self, what: str, addr: int, length: int) -> None:
         try:
-            self.memory.region_for(addr, length)
+            self.dma.check(addr, length)
         except GuestMemoryError as err:
             raise VirtqueueError(f"{what}: {err}") from None
 
     # driver -> device
 
     def _u16(self, gpa: int) -> int:
-        return _U16.unpack(self.memory.slice(gpa, 2))[0]
+        return _U16.unpack(self.dma.readable(gpa, 2))[0]
 
     def _avail_idx(self) -> int:
         return self._u16(self.driver + 2)
@@ -215,20 +225,20 @@ class Virtqueue:
         self.next_avail = (self.next_avail + 1) & 0xFFFF
         if self.event_idx:
             # avail_event: ask for a notification as soon as the driver adds anything.
-            self.memory.write(self.device + 4 + 8 * self.size, _U16.pack(self.next_avail))
+            self.dma.write(self.device + 4 + 8 * self.size, _U16.pack(self.next_avail))
         return chain
 
     def _walk(self, head: int) -> DescriptorChain:
         if head >= self.size:
             raise VirtqueueError(f"head index {head} is outside a queue of {self.size}")
-        chain = DescriptorChain(self.memory, head)
+        chain = DescriptorChain(self.dma, head)
         table, table_len, index = self.desc, self.size, head
         in_indirect = False
         seen = 0
         total = 0
         while True:
             addr, length, flags, next_index = _DESC.unpack(
-                self.memory.slice(table + DESC_SIZE * index, DESC_SIZE)
+                self.dma.readable(table + DESC_SIZE * index, DESC_SIZE)
             )
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if not self.indirect:
@@ -265,15 +275,22 @@ class Virtqueue:
 
     # device -> driver
 
-    def push(self, head: int, length: int) -> None:
-        """Return chain `head` to the driver with `length` bytes written into it."""
+    def push(self, chain: DescriptorChain, length: int) -> None:
+        """Return `chain` to the driver with `length` bytes written into it."""
+        head = chain.head
         if not 0 <= head < self.size or not 0 <= length <= MAX_CHAIN_BYTES:
             raise ValueError(f"used element ({head}, {length}) is invalid")
+        remaining = length
+        for buf in chain.writable:
+            if remaining <= 0:
+                break
+            self.dma.written(buf.gpa, min(buf.length, remaining))
+            remaining -= buf.length
         slot = self.device + 4 + 8 * (self.next_used % self.size)
-        self.memory.write(slot, _USED_ELEM.pack(head, length))
+        self.dma.write(slot, _USED_ELEM.pack(head, length))
         # The element is visible before the index that publishes it (x86 keeps stores in order).
         self.next_used = (self.next_used + 1) & 0xFFFF
-        self.memory.write(self.device + 2, _U16.pack(self.next_used))
+        self.dma.write(self.device + 2, _U16.pack(self.next_used))
 
     def needs_interrupt(self) -> bool:
         """Whether the driver wants an interrupt for what was pushed since the last call:
@@ -291,7 +308,7 @@ class Virtqueue:
 
     # snapshot
 
-    def state(self) -> QueueState:
+    def save(self) -> QueueState:
         return QueueState(
             size=self.size,
             ready=self.ready,

@@ -4,8 +4,13 @@ with entropy from the host (os.urandom, i.e. getrandom(2))."""
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from pyvmm.devices.virtio.backend import VIRTIO_ID_RNG, VirtioBackend
+from pyvmm.devices.virtio.pci import VirtioPciDevice
+
+if TYPE_CHECKING:
+    from pyvmm.machine.machine import Machine
 
 QUEUE_SIZE = 256
 # Bytes given per request at most: the spec lets the device fill less than offered, and a guest
@@ -23,4 +28,9 @@ class VirtioRng(VirtioBackend):
         while (chain := queue.pop()) is not None:
             length = min(chain.writable_len, MAX_REQUEST)
             written = chain.write(0, os.urandom(length))
-            queue.push(chain.head, written)
+            queue.push(chain, written)
+
+
+def create(machine: Machine) -> VirtioPciDevice:
+    """A virtio-rng PCI function (device kind "virtio-rng")."""
+    return VirtioPciDevice(machine, VirtioRng())

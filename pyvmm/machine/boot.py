@@ -1,0 +1,54 @@
+"""Booting: putting an image into guest RAM and the boot vCPU at its entry.
+
+Two kinds of image: an ELF64 test guest (entered in long mode, with RAM size and vCPU count in
+RDI/RSI: the contract in firmware/README.md), and Linux, as a bzImage by the x86 boot protocol
+(64-bit entry) or as an uncompressed vmlinux through its PVH entry note. Linux also gets ACPI
+tables (CPUs, PCI root, power-off), its command line and its initrd.
+"""
+
+from __future__ import annotations
+
+from pyvmm.errors import BootError
+from pyvmm.kvm.vcpu import Vcpu
+from pyvmm.machine import acpi, cpu, layout
+from pyvmm.machine.bzimage import LinuxBoot, load_linux, parse_bzimage
+from pyvmm.machine.elf import is_elf, load_elf, parse_elf
+from pyvmm.machine.memory import GuestMemory
+from pyvmm.machine.pvh import PvhBoot, enter_protected_mode, load_pvh, pvh_entry
+
+
+def boot_linux(
+    memory: GuestMemory,
+    vcpus: list[Vcpu],
+    kernel: str,
+    initrd: str | None = None,
+    cmdline: str = "",
+) -> LinuxBoot | PvhBoot:
+    """Load Linux (bzImage, or vmlinux with a PVH note) and its initrd; set up the BSP."""
+    tables = acpi.write_tables(memory, len(vcpus))
+    for vcpu in vcpus:
+        cpu.set_boot_msrs(vcpu)
+    if is_elf(kernel):
+        entry = pvh_entry(kernel)
+        if entry is None:
+            raise BootError(
+                f"{kernel}: ELF without a PVH entry note; build Linux with CONFIG_PVH=y, "
+                "or boot its bzImage"
+            )
+        pvh = load_pvh(kernel, entry, memory, memory.size, cmdline, initrd, tables.rsdp_address)
+        enter_protected_mode(memory, vcpus[0], pvh)
+        return pvh
+    image = parse_bzimage(kernel)
+    boot = load_linux(image, memory, memory.size, cmdline, initrd, tables.rsdp_address)
+    cpu.write_boot_tables(memory)
+    cpu.enter_long_mode(vcpus[0], boot.entry, rsi=boot.zero_page)
+    return boot
+
+
+def boot_elf(memory: GuestMemory, vcpus: list[Vcpu], path: str) -> None:
+    """Load an ELF64 test guest and point the BSP at its entry in long mode."""
+    image = parse_elf(path)
+    load_elf(image, memory)
+    cpu.write_boot_tables(memory)
+    low_ram = min(memory.size, layout.LOW_RAM_LIMIT)
+    cpu.enter_long_mode(vcpus[0], image.entry, rdi=low_ram, rsi=len(vcpus))

@@ -1,0 +1,297 @@
+"""vCPU threads, their run states, and the exit loop.
+
+One thread per vCPU runs KVM_RUN and handles the exits the kernel hands to userspace: port and
+MMIO accesses go to the device registered for the address; everything else ends the run with a
+reason. The machine is in one of four run states (Firecracker's VcpuRunState, machine-wide):
+
+    CREATED --start()--> RUNNING --pause()--> PAUSED --resume()--> RUNNING
+                            \\-----------stop() (any state)-----------> STOPPED
+
+`pause()` and `stop()` work from any thread but a vCPU's own: they set a flag and kick every
+vCPU out of KVM_RUN (immediate_exit plus a signal, so a halted vCPU or one waiting for its SIPI
+leaves too); the exit loop looks at the flag only on KVM_EXIT_INTR, which every kick causes, so
+the hot path pays nothing for it. A vCPU pauses only there: KVM has then completed the I/O of
+the previous exit (KVM_RUN finishes pending MMIO/PIO before it honours immediate_exit), so a
+paused vCPU's registers are consistent and can be read and written. `pause()` returns once
+every vCPU thread is parked (or gone); `resume()` lets them re-enter the guest.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from dataclasses import dataclass
+
+from pyvmm.kvm.vcpu import Vcpu, install_kick_handler
+from pyvmm.machine import cpu
+from pyvmm.machine.bus import Bus, Range
+from pyvmm.machine.exits import ExitStats, exit_name
+from pyvmm.uapi import kvm as uapi
+
+log = logging.getLogger(__name__)
+
+KvmExit = uapi.KvmExit
+
+
+class RunState(enum.Enum):
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+
+
+class StopReason(enum.Enum):
+    DEBUG_EXIT = "debug-exit"
+    RESET = "reset"
+    POWEROFF = "poweroff"
+    TRIPLE_FAULT = "triple-fault"
+    STOPPED = "stopped"  # the host asked (stop(), Ctrl-C, a timeout)
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class MachineExit:
+    """How a run ended. `exit_code` is what `pyvmm run` exits with."""
+
+    reason: StopReason
+    exit_code: int
+    detail: str = ""
+
+
+class VcpuThreads:
+    """The vCPU threads of one machine and the run state they share."""
+
+    def __init__(self, vcpus: list[Vcpu], pio: Bus, mmio: Bus, exits: ExitStats) -> None:
+        self.vcpus = vcpus
+        self._pio = pio
+        self._mmio = mmio
+        self.exits = exits
+        self.state = RunState.CREATED
+        self.result: MachineExit | None = None
+        self.done = threading.Event()
+        self._cond = threading.Condition()
+        self._interrupt = False  # the exit loop's one check: stop or pause asked for
+        self._pausing = False
+        self._parked: set[int] = set()
+        self._threads: dict[int, threading.Thread] = {}
+
+    # control (any thread but a vCPU's)
+
+    def start(self) -> None:
+        with self._cond:
+            if self.state is not RunState.CREATED:
+                raise RuntimeError(f"the machine is {self.state.value}; it starts only once")
+            self.state = RunState.PAUSED if self._pausing else RunState.RUNNING
+            install_kick_handler()
+            for vcpu in self.vcpus:
+                thread = threading.Thread(
+                    target=self._thread, args=(vcpu,), name=f"vcpu{vcpu.id}", daemon=True
+                )
+                self._threads[vcpu.id] = thread
+                thread.start()
+
+    def stop(self, reason: StopReason, code: int = 0, detail: str = "") -> None:
+        """End the run, from any thread (a vCPU's too). The first reason given wins."""
+        with self._cond:
+            if self.result is None:
+                self.result = MachineExit(reason, code, detail)
+            self.state = RunState.STOPPED
+            self._interrupt = True
+            self._cond.notify_all()
+        self.done.set()
+        self._kick_all()
+
+    def pause(self) -> bool:
+        """Park every vCPU; True once all are parked, False if the machine stopped instead.
+        Pausing a machine that has not started makes it start paused."""
+        if threading.current_thread() in self._threads.values():
+            raise RuntimeError("pause() on a vCPU thread would wait for itself")
+        with self._cond:
+            if self.state in (RunState.PAUSED, RunState.STOPPED):
+                return self.state is RunState.PAUSED
+            self._pausing = True
+            if self.state is RunState.CREATED:
+                return True
+            self._interrupt = True
+        self._kick_all()
+        with self._cond:
+            while self.state is RunState.RUNNING and self._parked != self._live():
+                self._cond.wait()
+            if self.state is RunState.RUNNING:
+                self.state = RunState.PAUSED
+            return self.state is RunState.PAUSED
+
+    def resume(self) -> None:
+        with self._cond:
+            if self.state is RunState.STOPPED:
+                return
+            self._pausing = False
+            self._interrupt = False
+            if self.state is RunState.PAUSED and self._threads:
+                self.state = RunState.RUNNING
+            elif self.state is RunState.PAUSED:
+                self.state = RunState.CREATED  # paused before it ever started
+            self._cond.notify_all()
+
+    def join(self) -> None:
+        for thread in self._threads.values():
+            thread.join()
+
+    def _live(self) -> set[int]:
+        return {vid for vid, thread in self._threads.items() if thread.is_alive()}
+
+    def _kick_all(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.kick()
+
+    # the vCPU thread
+
+    def _thread(self, vcpu: Vcpu) -> None:
+        vcpu.thread_id = threading.get_ident()
+        try:
+            while self._park(vcpu):
+                self._run(vcpu)
+        except Exception as err:  # a bug or a kernel error must still stop the machine
+            log.exception("vcpu%d failed", vcpu.id)
+            self.stop(StopReason.ERROR, 1, f"vcpu{vcpu.id}: {err}")
+        finally:
+            vcpu.thread_id = None
+            with self._cond:
+                self._cond.notify_all()  # a pause waiting for this thread must look again
+
+    def _park(self, vcpu: Vcpu) -> bool:
+        """Wait while paused; False when the machine has stopped."""
+        with self._cond:
+            while self._pausing and self.state is not RunState.STOPPED:
+                self._parked.add(vcpu.id)
+                self._cond.notify_all()
+                self._cond.wait()
+            self._parked.discard(vcpu.id)
+            return self.state is not RunState.STOPPED
+
+    def _run(self, vcpu: Vcpu) -> None:
+        """The exit loop: the hot path of every PIO/MMIO access the kernel does not handle.
+        Returns on KVM_EXIT_INTR when a stop or pause was asked for.
+
+        Names are bound to locals and the request flag is only checked on KVM_EXIT_INTR (which
+        every kick causes), to keep per-exit Python work minimal.
+        """
+        run, io_exit, page = vcpu.run, vcpu.io_exit, vcpu.run_page
+        find_port, find_mmio = self._pio.find, self._mmio.find
+        stats = self.exits
+        trace, counts, record = stats.trace, stats.per_vcpu[vcpu.id], stats.record
+        exit_io, exit_mmio, exit_intr = int(KvmExit.IO), int(KvmExit.MMIO), int(KvmExit.INTR)
+        io_out = uapi.KVM_EXIT_IO_OUT
+        while True:
+            reason = run()
+            stats.count += 1
+            if reason == exit_io:
+                direction, size, port, count, offset = io_exit()
+                if trace is not None:
+                    trace.append((reason, port))
+                    record(counts, reason, port)
+                found = find_port(port)
+                if direction == io_out and count == 1 and found is not None:
+                    value = int.from_bytes(page[offset : offset + size], "little")
+                    _access(found, port - found.base, size, value)
+                else:
+                    _port_io(found, direction, size, port, count, offset, page)
+            elif reason == exit_mmio:
+                addr, data, length, is_write = vcpu.mmio_exit()
+                if trace is not None:
+                    trace.append((reason, addr))
+                    record(counts, reason, addr)
+                found = find_mmio(addr)
+                if length not in (1, 2, 4, 8):
+                    continue
+                if is_write:
+                    if found is not None:
+                        value = int.from_bytes(data[:length], "little")
+                        _access(found, addr - found.base, length, value)
+                else:
+                    value = _access(found, addr - found.base, length, None) if found else -1
+                    vcpu.set_mmio_data(
+                        (value & ((1 << (8 * length)) - 1)).to_bytes(length, "little")
+                    )
+            elif reason == exit_intr:
+                if trace is not None:
+                    record(counts, reason, 0)
+                if self._interrupt:
+                    return
+            else:
+                self._exit_other(vcpu, reason)
+                if self.state is RunState.STOPPED:
+                    return
+
+    def _exit_other(self, vcpu: Vcpu, reason: int) -> None:
+        if self.exits.trace is not None:
+            self.exits.trace.append((reason, 0))
+            ExitStats.record(self.exits.per_vcpu[vcpu.id], reason, 0)
+        run = vcpu.exit_struct()
+        if reason == KvmExit.SHUTDOWN:
+            where = cpu.describe_regs(vcpu, after_shutdown=True)
+            self.stop(
+                StopReason.TRIPLE_FAULT, 1, f"vcpu{vcpu.id}: guest triple-faulted (reset); {where}"
+            )
+        elif reason == KvmExit.SYSTEM_EVENT:
+            kind = run.system_event.type
+            if kind == uapi.KvmSystemEvent.RESET:
+                self.stop(StopReason.RESET, 0, "guest requested a reset")
+            elif kind == uapi.KvmSystemEvent.SHUTDOWN:
+                self.stop(StopReason.POWEROFF, 0, "guest powered off")
+            else:
+                self.stop(StopReason.ERROR, 1, f"vcpu{vcpu.id}: system event {kind}")
+        elif reason == KvmExit.HLT:
+            # Only without an in-kernel LAPIC; pyvmm always has one, so treat as poweroff.
+            self.stop(StopReason.POWEROFF, 0, "guest halted")
+        elif reason == KvmExit.INTERNAL_ERROR:
+            self.stop(
+                StopReason.ERROR,
+                1,
+                f"vcpu{vcpu.id}: KVM internal error, suberror {run.internal.suberror}; "
+                f"{cpu.describe_regs(vcpu)}",
+            )
+        elif reason == KvmExit.FAIL_ENTRY:
+            self.stop(
+                StopReason.ERROR,
+                1,
+                f"vcpu{vcpu.id}: VM entry failed, hardware reason "
+                f"{run.fail_entry.hardware_entry_failure_reason:#x}",
+            )
+        else:
+            self.stop(StopReason.ERROR, 1, f"vcpu{vcpu.id}: unhandled KVM exit {exit_name(reason)}")
+
+
+def _port_io(
+    found: Range | None,
+    direction: int,
+    size: int,
+    port: int,
+    count: int,
+    offset: int,
+    page: memoryview,
+) -> None:
+    """Port input, and string (rep ins/outs) output: `count` items of `size` bytes."""
+    all_ones = (1 << (8 * size)) - 1
+    for pos in range(offset, offset + size * count, size):
+        if direction == uapi.KVM_EXIT_IO_OUT:
+            if found is not None:
+                value = int.from_bytes(page[pos : pos + size], "little")
+                _access(found, port - found.base, size, value)
+        else:
+            value = all_ones if found is None else _access(found, port - found.base, size, None)
+            page[pos : pos + size] = value.to_bytes(size, "little")
+
+
+def _access(found: Range, offset: int, size: int, value: int | None) -> int:
+    """One device access. A device that raises is a pyvmm bug, but the guest drove it there:
+    log it, answer all-ones, keep the VM running."""
+    mask = (1 << (8 * size)) - 1
+    try:
+        if value is None:
+            return found.device.read(offset, size) & mask
+        found.device.write(offset, size, value)
+    except Exception:
+        log.exception("%s: access at +%#x (size %d) failed", found.name, offset, size)
+    return mask

@@ -1,0 +1,120 @@
+"""One IOMMU context per VM, shared by every device assigned to it.
+
+A context is the VM's DMA space (the legacy backend's container, or an iommufd with one IOAS),
+the device fds opened through it, and what the VM must know about them:
+
+- guest RAM is DMA-mapped into it at IOVA = GPA by following the machine's address space (a
+  `GuestRamMapper` listener, registered when the first device is in: the legacy container has
+  no IOMMU model before a group joins it, and an IOAS knows its usable IOVA ranges only once a
+  device is attached), so RAM that comes or goes later is mapped or unmapped with it;
+- the KVM-VFIO pseudo device is told about every group fd (legacy) or device cdev fd
+  (iommufd), which KVM needs for devices whose DMA must stay coherent with the guest's caches
+  (KVM_DEV_VFIO_FILE_ADD; QEMU does the same).
+
+`Machine.vfio()` makes the machine's context; a context without a VM or an address space (for
+tools and tests that only want device fds) skips those two jobs. The backends are classes in
+their own modules; `BACKENDS` names them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import ExitStack
+from typing import TYPE_CHECKING, ClassVar
+
+from pyvmm.errors import ConfigError
+from pyvmm.vfio.dma import DmaSpace, GuestRamMapper
+from pyvmm.vfio.errors import VfioError
+
+if TYPE_CHECKING:
+    from pyvmm.kvm.vm import Vm
+    from pyvmm.machine.address_space import AddressSpace
+    from pyvmm.vfio.device import VfioDevice
+    from pyvmm.vfio.sysfs import PciDevice
+
+log = logging.getLogger(__name__)
+
+
+class VfioContext:
+    """A VM's DMA space and the devices opened through it (a backend subclasses this)."""
+
+    backend: ClassVar[str]
+
+    def __init__(self, vm: Vm | None = None, address_space: AddressSpace | None = None) -> None:
+        self._vm = vm
+        self._address_space = address_space
+        self._stack = ExitStack()
+        self._mapper: GuestRamMapper | None = None
+        self.devices: dict[str, VfioDevice] = {}
+
+    @property
+    def dma(self) -> DmaSpace:
+        raise NotImplementedError
+
+    def _open(self, device: PciDevice, stack: ExitStack) -> VfioDevice:
+        """Open `device` in this context; what needs closing goes on `stack`."""
+        raise NotImplementedError
+
+    def open_pci(self, device: PciDevice) -> VfioDevice:
+        """Open a vfio-pci device in this context; the first one also maps guest RAM."""
+        if device.bdf in self.devices:
+            raise VfioError(f"{device.bdf} is already assigned to this machine")
+        with ExitStack() as stack:
+            vfio_device = self._open(device, stack)
+            if self._mapper is None and self._address_space is not None:
+                mapper = GuestRamMapper(self.dma)
+                self._address_space.listen(mapper)  # maps all RAM, or nothing and raises
+                self._mapper = mapper
+            self._stack.push(stack.pop_all())
+        self.devices[device.bdf] = vfio_device
+        return vfio_device
+
+    def tell_kvm(self, fd: int, stack: ExitStack) -> None:
+        """Tell the VM's KVM-VFIO device about a VFIO file, and forget it with `stack`."""
+        if self._vm is not None:
+            self._vm.vfio_file_add(fd)
+            stack.callback(self._vm.vfio_file_del, fd)
+
+    def close(self) -> None:
+        """Unmap guest RAM, close the devices, release the DMA space."""
+        if self._mapper is not None:
+            assert self._address_space is not None
+            self._address_space.unlisten(self._mapper)
+            self._mapper = None
+        self.devices.clear()
+        self._stack.close()
+
+    def __enter__(self) -> VfioContext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def backends() -> dict[str, type[VfioContext]]:
+    """The backends by name (imported here, not at the top: each module subclasses this)."""
+    from pyvmm.vfio.container import ContainerContext
+    from pyvmm.vfio.iommufd import IommufdContext
+
+    return {"iommufd": IommufdContext, "container": ContainerContext}
+
+
+def default_backend() -> str:
+    """iommufd where the kernel has /dev/iommu and VFIO device cdevs, else the container."""
+    from pyvmm.vfio.iommufd import CDEV_DIR, IOMMUFD_PATH
+
+    return "iommufd" if os.path.exists(IOMMUFD_PATH) and os.path.isdir(CDEV_DIR) else "container"
+
+
+def open_context(
+    backend: str | None = None, vm: Vm | None = None, address_space: AddressSpace | None = None
+) -> VfioContext:
+    """A new IOMMU context of `backend` (by default what this host supports, logged)."""
+    if backend is None:
+        backend = default_backend()
+        log.info("VFIO backend: %s (the default on this host)", backend)
+    known = backends()
+    if backend not in known:
+        raise ConfigError(f"unknown VFIO backend {backend!r}: use {' or '.join(known)}")
+    return known[backend](vm, address_space)

@@ -1,0 +1,245 @@
+"""The address space against a recording slot table (real KVM slots are tested in
+test_machine_layer.py): slot numbers, overlaps, moves, listeners, and the listeners pyvmm has —
+DMA mapping of guest RAM for assigned devices and the dirty log of pyvmm's own writes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pyvmm.kvm.mmap import Mapping
+from pyvmm.machine.address_space import AddressSpace, AddressSpaceError
+from pyvmm.machine.dirty import DirtyLog
+from pyvmm.machine.memory import MemoryRegion, RamRegion, RegionKind
+from pyvmm.uapi import kvm as uapi
+from pyvmm.vfio.dma import GuestRamMapper
+from pyvmm.vfio.errors import VfioError
+
+MiB = 1 << 20
+PAGE = 4096
+
+
+class RecordingSlots:
+    """KVM's memory slots as KVM_SET_USER_MEMORY_REGION leaves them (a size of 0 deletes),
+    with a dirty bitmap a test can set."""
+
+    def __init__(self) -> None:
+        self.slots: dict[int, tuple[int, int, int, int]] = {}  # slot -> gpa, size, host, flags
+        self.dirty: dict[int, set[int]] = {}  # slot -> page numbers KVM would report
+
+    def set_user_memory_region(
+        self, slot: int, gpa: int, size: int, host_addr: int, flags: int = 0
+    ) -> None:
+        if size == 0:
+            del self.slots[slot]
+            return
+        for other, (ogpa, osize, _, _) in self.slots.items():
+            assert other == slot or not (ogpa < gpa + size and gpa < ogpa + osize), "overlap"
+        self.slots[slot] = (gpa, size, host_addr, flags)
+
+    def get_dirty_log(self, slot: int, size: int) -> bytes:
+        assert self.slots[slot][3] & uapi.KVM_MEM_LOG_DIRTY_PAGES
+        pages = self.dirty.pop(slot, set())
+        bits = sum(1 << page for page in pages)
+        return bits.to_bytes((size // PAGE + 63) // 64 * 8, "little")
+
+
+class RecordingDma:
+    def __init__(self, ranges: tuple[tuple[int, int], ...] = (), fail_at: int | None = None):
+        self.ranges = ranges
+        self.fail_at = fail_at
+        self.mapped: dict[int, tuple[int, int]] = {}
+
+    def map(self, iova: int, vaddr: int, size: int, *, writable: bool = True) -> None:
+        if iova == self.fail_at:
+            raise VfioError("no more mappings")
+        self.mapped[iova] = (vaddr, size)
+
+    def unmap(self, iova: int, size: int) -> int:
+        return self.mapped.pop(iova)[1]
+
+    def iova_ranges(self) -> tuple[tuple[int, int], ...]:
+        return self.ranges
+
+
+@pytest.fixture
+def space() -> Iterator[tuple[AddressSpace, RecordingSlots]]:
+    slots = RecordingSlots()
+    space = AddressSpace(slots, 8)
+    space.add(RamRegion(0, 4 * MiB, name="low"))
+    space.add(RamRegion(1 << 32, 2 * MiB, name="high"))
+    yield space, slots
+    space.memory.close()
+
+
+@pytest.fixture
+def bar() -> Iterator[Mapping]:
+    with Mapping(4 * PAGE) as mapping:
+        yield mapping
+
+
+def device(mapping: Mapping, gpa: int) -> MemoryRegion:
+    return MemoryRegion(RegionKind.DEVICE, gpa, mapping.size, host_addr=mapping.addr, name="bar")
+
+
+def test_slots_are_allocated_lowest_first_and_reused(space, bar: Mapping) -> None:
+    space, slots = space
+    assert sorted(slots.slots) == [0, 1]
+    first = device(bar, 0xC000_0000)
+    space.add(first)
+    assert first.slot == 2 and slots.slots[2] == (0xC000_0000, 4 * PAGE, bar.addr, 0)
+    space.add(MemoryRegion(RegionKind.RESERVED, 0xFEC0_0000, PAGE, name="ioapic"))
+    assert sorted(slots.slots) == [0, 1, 2]  # a reserved range has no slot
+    space.remove(first)
+    assert first.slot is None and 2 not in slots.slots
+    second = device(bar, 0xD000_0000)
+    space.add(second)
+    assert second.slot == 2
+
+
+def test_overlaps_are_refused_reserved_ranges_included(space, bar: Mapping) -> None:
+    space, slots = space
+    space.add(MemoryRegion(RegionKind.RESERVED, 0xFEE0_0000, PAGE, name="lapic"))
+    before = dict(slots.slots)
+    with pytest.raises(AddressSpaceError, match="overlaps ram region low"):
+        space.add(device(bar, 3 * MiB))
+    with pytest.raises(AddressSpaceError, match="overlaps reserved region lapic"):
+        space.add(device(bar, 0xFEDF_E000))
+    assert slots.slots == before
+
+
+def test_running_out_of_slots_is_an_error() -> None:
+    space = AddressSpace(RecordingSlots(), 1)
+    space.add(RamRegion(0, MiB))
+    with pytest.raises(AddressSpaceError, match="no KVM memory slot left"):
+        space.add(RamRegion(2 * MiB, MiB))
+    space.memory.close()
+
+
+def test_a_device_region_moves_with_its_slot(space, bar: Mapping) -> None:
+    space, slots = space
+    region = device(bar, 0xC000_0000)
+    space.add(region)
+    slot = region.slot
+    space.move(region, 0xD000_0000)
+    assert region.slot == slot and slots.slots[slot][0] == 0xD000_0000
+    assert space.find(0xD000_1000) is region and space.find(0xC000_1000) is None
+    with pytest.raises(AddressSpaceError, match="overlaps"):
+        space.move(region, 2 * MiB)
+    assert region.gpa == 0xD000_0000
+    with pytest.raises(AddressSpaceError, match="only device memory moves"):
+        space.move(space.regions(RegionKind.RAM)[0], 0x1000_0000)
+
+
+def test_guest_ram_is_dma_mapped_at_its_physical_addresses_and_nothing_else(
+    space, bar: Mapping
+) -> None:
+    space, _ = space
+    dma = RecordingDma(((0, (1 << 48) - 1),))
+    space.listen(GuestRamMapper(dma))
+    assert dma.mapped == {r.gpa: (r.host_addr, r.size) for r in space.regions(RegionKind.RAM)}
+    region = device(bar, 0xC000_0000)
+    space.add(region)
+    space.move(region, 0xD000_0000)
+    assert set(dma.mapped) == {0, 1 << 32}  # device memory is never DMA-mapped
+    late = RamRegion(8 * MiB, MiB)
+    space.add(late)
+    assert dma.mapped[8 * MiB] == (late.host_addr, MiB)  # the mapping follows the map
+    space.remove(late)
+    late.close()
+    assert 8 * MiB not in dma.mapped
+
+
+def test_ram_outside_the_usable_iovas_is_refused_and_nothing_stays_mapped(space) -> None:
+    space, _ = space
+    dma = RecordingDma(((0, 0xFEDFFFFF),))  # the high region is beyond it
+    mapper = GuestRamMapper(dma)
+    with pytest.raises(VfioError, match=r"guest RAM 0x100000000-0x1001fffff is outside"):
+        space.listen(mapper)
+    assert dma.mapped == {}
+    space.add(RamRegion(8 * MiB, MiB))  # the refused listener does not follow the map
+    assert dma.mapped == {}
+
+
+def test_a_failed_map_undoes_the_earlier_ones(space) -> None:
+    space, _ = space
+    dma = RecordingDma((), fail_at=1 << 32)  # no ranges reported: nothing is known
+    with pytest.raises(VfioError, match="no more mappings"):
+        space.listen(GuestRamMapper(dma))
+    assert dma.mapped == {}
+
+
+def test_a_listener_refusing_a_region_undoes_the_add(space, bar: Mapping) -> None:
+    space, slots = space
+    dma = RecordingDma(((0, 0xFFFF_FFFF), (1 << 32, (1 << 33) - 1)))
+    space.listen(GuestRamMapper(dma))
+    before = dict(slots.slots)
+    with pytest.raises(VfioError, match="outside the IOVA ranges"):
+        space.add(RamRegion(1 << 40, MiB))
+    assert slots.slots == before and len(space.regions(RegionKind.RAM)) == 2
+
+
+def test_unlisten_unmaps_everything(space) -> None:
+    space, _ = space
+    dma = RecordingDma()
+    mapper = GuestRamMapper(dma)
+    space.listen(mapper)
+    space.unlisten(mapper)
+    assert dma.mapped == {}
+
+
+def test_dirty_log_merges_kvm_and_pyvmm_writes_in_bitmaps(space, bar: Mapping) -> None:
+    space, slots = space
+    log = DirtyLog(space)
+    space.add(device(bar, 0xC000_0000))
+    with pytest.raises(RuntimeError, match="dirty logging is off"):
+        log.collect()
+    space.memory.write(0x5000, b"before logging")  # not tracked
+    log.start()
+    low, high = space.regions(RegionKind.RAM)
+    assert all(slots.slots[r.slot][3] & uapi.KVM_MEM_LOG_DIRTY_PAGES for r in (low, high))
+    device_slot = next(r for r in space.regions(RegionKind.DEVICE)).slot
+    assert not slots.slots[device_slot][3] & uapi.KVM_MEM_LOG_DIRTY_PAGES
+    slots.dirty[low.slot] = {3, 7}  # what the vCPUs wrote
+    space.memory.write(0x7FFE, b"span")  # pyvmm: pages 7 and 8
+    space.memory.writable((1 << 32) + PAGE, 1)[0] = 1
+    low_map, high_map = log.collect()
+    assert list(low_map.addresses("kvm")) == [3 * PAGE, 7 * PAGE]
+    assert list(low_map.addresses("vmm")) == [7 * PAGE, 8 * PAGE]
+    assert list(low_map.addresses()) == [3 * PAGE, 7 * PAGE, 8 * PAGE]
+    assert low_map.ranges() == [(3 * PAGE, PAGE), (7 * PAGE, 2 * PAGE)]
+    assert low_map.count() == 3 and 8 * PAGE in low_map and 9 * PAGE not in low_map
+    assert list(high_map.addresses("vmm")) == [(1 << 32) + PAGE]
+    assert len(low_map.bitmap) == (4 * MiB // PAGE) // 8
+    assert [b.count() for b in log.collect()] == [0, 0]  # read and cleared
+    late = RamRegion(16 * MiB, 2 * PAGE)
+    space.add(late)
+    assert [b.count() for b in log.collect()] == [0, 2, 0]  # never collected: all dirty
+    log.stop()
+    assert not any(flags & uapi.KVM_MEM_LOG_DIRTY_PAGES for *_, flags in slots.slots.values())
+    space.memory.write(0x9000, b"after")
+    assert space.memory.on_write is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4 * MiB - 1), st.integers(1, 3 * PAGE)), max_size=20))
+def test_every_byte_pyvmm_writes_is_in_a_dirty_page(writes: list[tuple[int, int]]) -> None:
+    slots = RecordingSlots()
+    space = AddressSpace(slots, 4)
+    space.add(RamRegion(0, 4 * MiB))
+    try:
+        log = DirtyLog(space)
+        log.start()
+        expected: set[int] = set()
+        for gpa, length in writes:
+            length = min(length, 4 * MiB - gpa)
+            space.memory.write(gpa, bytes(length))
+            expected |= {page * PAGE for page in range(gpa // PAGE, (gpa + length - 1) // PAGE + 1)}
+        (bitmap,) = log.collect()
+        assert set(bitmap.addresses()) == expected
+        assert set(bitmap.addresses("kvm")) == set()
+    finally:
+        space.memory.close()
