@@ -42,6 +42,32 @@ void pci_write8(uint8_t bus, uint8_t dev, uint8_t fn, uint16_t off, uint8_t v)
     outb(PCI_CONFIG_DATA + (off & 3), v);
 }
 
+uintptr_t pci_ecam_address(uint8_t bus, uint8_t dev, uint8_t fn, uint16_t off)
+{
+    return PCI_ECAM_BASE + ((uintptr_t)bus << 20 | (uintptr_t)(dev & 0x1F) << 15
+                            | (uintptr_t)(fn & 0x7) << 12 | (off & 0xFFC));
+}
+
+uint32_t pci_ecam_read32(uint8_t bus, uint8_t dev, uint8_t fn, uint16_t off)
+{
+    return mmio_read32(pci_ecam_address(bus, dev, fn, off));
+}
+
+void pci_ecam_write32(uint8_t bus, uint8_t dev, uint8_t fn, uint16_t off, uint32_t v)
+{
+    mmio_write32(pci_ecam_address(bus, dev, fn, off), v);
+}
+
+int pci_find_device(uint16_t vendor, uint16_t device)
+{
+    uint32_t want = vendor | (uint32_t)device << 16;
+    for (int dev = 0; dev < 32; dev++) {
+        if (pci_read32(0, dev, 0, PCI_VENDOR_ID) == want)
+            return dev;
+    }
+    return -1;
+}
+
 unsigned pci_bar_count(uint8_t bus, uint8_t dev, uint8_t fn)
 {
     switch (pci_read8(bus, dev, fn, PCI_HEADER_TYPE) & 0x7F) {

@@ -1,4 +1,5 @@
-/* PCI configuration access through mechanism #1 (0xCF8 address, 0xCFC data) and BAR sizing. */
+/* PCI configuration access through mechanism #1 (0xCF8 address, 0xCFC data) and ECAM
+ * (memory-mapped, at 0xE0000000), finding a function, BAR sizing, capability lists. */
 #ifndef FW_PCI_H
 #define FW_PCI_H
 
@@ -23,12 +24,31 @@
 #define PCI_CAP_ID_VNDR 0x09
 #define PCI_CAP_ID_MSIX 0x11
 
+/* ECAM (enhanced configuration access, "MMCONFIG"): 4 KiB of config space per function at
+ * PCI_ECAM_BASE + (bus << 20 | dev << 15 | fn << 12) + offset. The only way to reach offsets
+ * 0x100-0xFFF, where the extended capability list lives. */
+#define PCI_ECAM_BASE 0xE0000000UL
+#define PCI_EXT_CAP_START 0x100
+/* An extended capability header: bits 15:0 ID, 19:16 version, 31:20 next offset (0 ends). */
+#define PCI_EXT_CAP_ID(header)   ((header) & 0xFFFFu)
+#define PCI_EXT_CAP_VER(header)  (((header) >> 16) & 0xFu)
+#define PCI_EXT_CAP_NEXT(header) (((header) >> 20) & 0xFFFu)
+
 uint32_t pci_read32(uint8_t bus, uint8_t dev, uint8_t fn, uint16_t off);
 uint16_t pci_read16(uint8_t bus, uint8_t dev, uint8_t fn, uint16_t off);
 uint8_t  pci_read8(uint8_t bus, uint8_t dev, uint8_t fn, uint16_t off);
 void pci_write32(uint8_t bus, uint8_t dev, uint8_t fn, uint16_t off, uint32_t v);
 void pci_write16(uint8_t bus, uint8_t dev, uint8_t fn, uint16_t off, uint16_t v);
 void pci_write8(uint8_t bus, uint8_t dev, uint8_t fn, uint16_t off, uint8_t v);
+
+/* ECAM accesses: one 32-bit mov each; off is masked to 0xFFC (dword aligned, below 4 KiB). */
+uintptr_t pci_ecam_address(uint8_t bus, uint8_t dev, uint8_t fn, uint16_t off);
+uint32_t pci_ecam_read32(uint8_t bus, uint8_t dev, uint8_t fn, uint16_t off);
+void pci_ecam_write32(uint8_t bus, uint8_t dev, uint8_t fn, uint16_t off, uint32_t v);
+
+/* The device number of the first device on bus 0 whose function 0 has this vendor:device id
+ * (through 0xCF8/0xCFC, devices 0-31 in order), or -1 if there is none. */
+int pci_find_device(uint16_t vendor, uint16_t device);
 
 enum pci_bar_kind { PCI_BAR_NONE = 0, PCI_BAR_IO, PCI_BAR_MEM32, PCI_BAR_MEM64 };
 
