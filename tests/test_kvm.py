@@ -77,13 +77,13 @@ def test_vcpu_state_round_trips() -> None:
         assert vcpu.get_fpu().fcw == 0x27F
 
         xsave = vcpu.get_xsave()
-        assert len(xsave) >= 4096
+        assert len(xsave) == vcpu.xsave_size() >= 4096
         vcpu.set_xsave(xsave)
-        assert vcpu.get_xsave()[:512] == xsave[:512]
+        assert vcpu.get_xsave() == xsave
 
         xcrs = vcpu.get_xcrs()
         vcpu.set_xcrs(xcrs)
-        assert vcpu.get_xcrs().xcrs[0].value == xcrs.xcrs[0].value
+        assert _fields(vcpu.get_xcrs()) == _fields(xcrs)
 
         vcpu.set_msrs({MSR_IA32_SYSENTER_CS: 0x10, MSR_STAR: 0x0023_0010_0000_0000})
         msrs = vcpu.get_msrs([MSR_IA32_SYSENTER_CS, MSR_STAR, MSR_IA32_TSC])
@@ -97,8 +97,10 @@ def test_vcpu_state_round_trips() -> None:
         assert vcpu.get_lapic() == lapic
 
         events = vcpu.get_vcpu_events()
+        assert not events.nmi.masked
+        events.nmi.masked = 1
         vcpu.set_vcpu_events(events)
-        assert vcpu.get_vcpu_events().sipi_vector == events.sipi_vector
+        assert _fields(vcpu.get_vcpu_events()) == _fields(events)
 
         assert vcpu.get_mp_state() == uapi.KvmMpState.RUNNABLE
 
@@ -113,8 +115,16 @@ def test_vcpu_state_round_trips() -> None:
             machine.vm.set_irqchip(chip, state)
             assert machine.vm.get_irqchip(chip) == state
         pit = machine.vm.get_pit2()
+        speaker = pit.channels[2]
+        assert (speaker.count, speaker.mode) == (0x10000, 0xFF)  # KVM's reset state
+        speaker.count, speaker.mode, speaker.rw_mode = 1193, 3, 3  # a 1 kHz square wave
         machine.vm.set_pit2(pit)
-        assert machine.vm.get_clock().clock > 0
+        speaker = machine.vm.get_pit2().channels[2]
+        assert (speaker.count, speaker.mode, speaker.rw_mode) == (1193, 3, 3)
+
+        ns = 1_000_000_000
+        machine.vm.set_clock(uapi.kvm_clock_data(clock=3600 * ns))
+        assert 3600 * ns <= machine.vm.get_clock().clock < 3601 * ns
 
 
 def test_ap_vcpus_wait_for_sipi() -> None:

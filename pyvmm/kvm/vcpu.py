@@ -127,9 +127,15 @@ class Vcpu:
     def set_fpu(self, fpu: uapi.kvm_fpu) -> None:
         ioctl(self.fd, uapi.KVM_SET_FPU, fpu)
 
+    def xsave_size(self) -> int:
+        """Bytes in this kernel's XSAVE area: KVM_CAP_XSAVE2's answer, at least the legacy 4 KiB.
+
+        KVM_SET_XSAVE reads that many bytes whatever its ioctl number says."""
+        return max(self.vm.check_extension(uapi.KvmCap.XSAVE2), ctypes.sizeof(uapi.kvm_xsave))
+
     def get_xsave(self) -> bytes:
         """The XSAVE area, KVM_GET_XSAVE2-sized when the kernel says it is larger than 4 KiB."""
-        size = max(self.vm.check_extension(uapi.KvmCap.XSAVE2), ctypes.sizeof(uapi.kvm_xsave))
+        size = self.xsave_size()
         buf = (ctypes.c_uint8 * size)()
         legacy = size == ctypes.sizeof(uapi.kvm_xsave)
         request = uapi.KVM_GET_XSAVE if legacy else uapi.KVM_GET_XSAVE2
@@ -192,6 +198,14 @@ class Vcpu:
 
     def set_mp_state(self, state: int) -> None:
         ioctl(self.fd, uapi.KVM_SET_MP_STATE, uapi.kvm_mp_state(mp_state=state))
+
+    def get_tsc_khz(self) -> int:
+        """The guest's TSC frequency in kHz (0 when KVM does not know it)."""
+        return ioctl(self.fd, uapi.KVM_GET_TSC_KHZ)
+
+    def set_tsc_khz(self, khz: int) -> None:
+        """Run the guest's TSC at `khz` (needs KVM_CAP_TSC_CONTROL: hardware TSC scaling)."""
+        ioctl(self.fd, uapi.KVM_SET_TSC_KHZ, khz)
 
     def get_debugregs(self) -> uapi.kvm_debugregs:
         return self._get(uapi.KVM_GET_DEBUGREGS, uapi.kvm_debugregs)

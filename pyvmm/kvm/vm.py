@@ -110,6 +110,10 @@ class Vm:
 
     def set_irqchip(self, chip_id: int, state: bytes) -> None:
         chip = uapi.kvm_irqchip(chip_id=chip_id)
+        if len(state) > ctypes.sizeof(chip.chip):
+            raise ValueError(
+                f"irqchip state of {len(state)} bytes; KVM holds {ctypes.sizeof(chip.chip)}"
+            )
         ctypes.memmove(ctypes.addressof(chip.chip), state, len(state))
         ioctl(self.fd, uapi.KVM_SET_IRQCHIP, chip)
 
@@ -126,8 +130,10 @@ class Vm:
         ioctl(self.fd, uapi.KVM_GET_CLOCK, data)
         return data
 
-    def set_clock(self, clock: int) -> None:
-        ioctl(self.fd, uapi.KVM_SET_CLOCK, uapi.kvm_clock_data(clock=clock))
+    def set_clock(self, data: uapi.kvm_clock_data) -> None:
+        """KVM_SET_CLOCK: `data.clock`, advanced by the time since `data.realtime` when
+        `data.flags` has KVM_CLOCK_REALTIME."""
+        ioctl(self.fd, uapi.KVM_SET_CLOCK, data)
 
     # eventfds
 

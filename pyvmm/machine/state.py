@@ -112,3 +112,18 @@ def _decode(kind: Any, data: Any, where: str) -> Any:
             raise StateError(f"{where}: expected {kind.__name__}, got {type(data).__name__}")
         return kind(data)
     raise TypeError(f"{where}: field type {kind!r} is not supported in state")
+
+
+def require_size(what: str, blob: bytes, size: int, struct: str) -> None:
+    """StateError unless `blob` (a kernel struct's raw bytes) is as long as this kernel's."""
+    if len(blob) != size:
+        raise StateError(
+            f"{what} is {len(blob)} bytes, but this kernel's {struct} is {size} "
+            "(saved by another kernel, or corrupt)"
+        )
+
+
+def require_uint(what: str, value: int, bits: int) -> None:
+    """StateError unless `value` fits the kernel's unsigned field of `bits` bits."""
+    if not 0 <= value < 1 << bits:
+        raise StateError(f"{what} is {value}, which does not fit in {bits} unsigned bits")
