@@ -21,6 +21,9 @@ struct blk_header {
 
 static uint8_t ring[VIRTQ_MEM_SIZE(QUEUE_SIZE)] __attribute__((aligned(4096)));
 static uint8_t data[SECTOR];
+/* Sector 0 is read into a page of its own that the guest itself never writes (crt0 zeroes it
+ * before main), so the host can tell the device's write from the guest's in the dirty log. */
+static uint8_t sector0[4096] __attribute__((aligned(4096)));
 static struct blk_header header;
 static volatile uint8_t status;
 static volatile uint32_t irqs;
@@ -33,9 +36,10 @@ static void on_irq(struct int_frame *f)
     lapic_eoi();
 }
 
-/* One request: header, then `len` bytes of data (none if 0), then the status byte. Returns the
+/* One request: header, then `len` bytes at `buf` (none if 0), then the status byte. Returns the
  * status, or -1 if the device returned something else. */
-static int request(uint32_t type, uint64_t sector, uint32_t len, int device_writes)
+static int request_into(uint8_t *buf, uint32_t type, uint64_t sector, uint32_t len,
+                        int device_writes)
 {
     struct virtq_buf bufs[3];
     unsigned n = 0;
@@ -45,7 +49,7 @@ static int request(uint32_t type, uint64_t sector, uint32_t len, int device_writ
     status = 0xFF;
     bufs[n++] = (struct virtq_buf){ &header, sizeof(header), 0 };
     if (len)
-        bufs[n++] = (struct virtq_buf){ data, len, device_writes };
+        bufs[n++] = (struct virtq_buf){ buf, len, device_writes };
     bufs[n++] = (struct virtq_buf){ (const void *)&status, 1, 1 };
 
     uint32_t seen = irqs;
@@ -61,6 +65,11 @@ static int request(uint32_t type, uint64_t sector, uint32_t len, int device_writ
     if (virtq_get_used(&q, &used) != head)
         return -1;
     return status;
+}
+
+static int request(uint32_t type, uint64_t sector, uint32_t len, int device_writes)
+{
+    return request_into(data, type, sector, len, device_writes);
 }
 
 static int fail(const char *what)
@@ -92,8 +101,11 @@ int main(void)
     data[20] = 0;
     printf("virtio-blk: id %s\n", (const char *)data);
 
-    if (request(VIRTIO_BLK_T_IN, 0, SECTOR, 1) != 0)
+    fw_checkpoint(1);
+    if (request_into(sector0, VIRTIO_BLK_T_IN, 0, SECTOR, 1) != 0)
         return fail("reading sector 0");
+    fw_checkpoint(2);
+    memcpy(data, sector0, 64);
     data[64] = 0;
     printf("virtio-blk: sector 0 %s\n", (const char *)data);
 

@@ -17,6 +17,7 @@ This module only puts the pieces together; each job has a module of its own:
     devices.py        boot.py     device wiring by kind; loading ELF guests and Linux
     vcpus.py          exits.py    vCPU threads, run states, the exit loop; exit statistics
     component.py      state.py    pause/save/restore protocol; state as plain data
+    vcpu_state.py     vm_state.py the KVM state of a vCPU; of the VM (irqchip, PIT, clock)
     config.py                     the machine's configuration as data
 """
 
@@ -48,7 +49,9 @@ from pyvmm.machine.exits import ExitStats
 from pyvmm.machine.memory import MemoryRegion, RamRegion, RegionKind
 from pyvmm.machine.pvh import PvhBoot
 from pyvmm.machine.state import StateError
+from pyvmm.machine.vcpu_state import VcpuComponent
 from pyvmm.machine.vcpus import MachineExit, RunState, StopReason, VcpuThreads
+from pyvmm.machine.vm_state import ClockComponent, IrqchipComponent, PitComponent
 from pyvmm.uapi import kvm as uapi
 
 if TYPE_CHECKING:
@@ -148,6 +151,9 @@ class Machine:
         self.vm.set_tss_addr(layout.KVM_TSS)
         self.vm.create_irqchip()
         self.vm.create_pit2()
+        self.components.add("irqchip", IrqchipComponent(self.vm))
+        self.components.add("pit", PitComponent(self.vm))
+        self.components.add("clock", ClockComponent(self.vm))
         self.gsi = GsiRouting(self.vm, self.system.check_extension(uapi.KvmCap.IRQ_ROUTING))
         self.gsi.commit()
         supported = self.system.supported_cpuid()
@@ -156,6 +162,7 @@ class Machine:
             self._stack.callback(vcpu.close)
             vcpu.set_cpuid2(cpu.guest_cpuid(supported, vcpu_id, vcpu_count))
             self.vcpus.append(vcpu)
+            self.components.add(f"vcpu{vcpu_id}", VcpuComponent(vcpu))
         self.exits = ExitStats(vcpu_count, self.pio, self.mmio, trace=trace_exits)
         self._run_control = VcpuThreads(self.vcpus, self.pio, self.mmio, self.exits)
         self._stack.callback(self.console.close)
@@ -173,7 +180,7 @@ class Machine:
         """Add an optional device (a kind in pyvmm.machine.devices.DEVICE_KINDS: virtio-blk,
         virtio-net, virtio-rng, pci-testdev) with its options, at `slot` or the first free
         one; recorded in `config`."""
-        if self.state is not RunState.CREATED:
+        if self._run_control.started:
             raise ConfigError(f"{kind}: devices are added before the machine starts")
         function = create_device(self, kind, options)
         try:

@@ -78,9 +78,13 @@ class VcpuThreads:
 
     # control (any thread but a vCPU's)
 
+    @property
+    def started(self) -> bool:
+        return bool(self._threads)
+
     def start(self) -> None:
         with self._cond:
-            if self.state is not RunState.CREATED:
+            if self._threads or self.state is RunState.STOPPED:
                 raise RuntimeError(f"the machine is {self.state.value}; it starts only once")
             self.state = RunState.PAUSED if self._pausing else RunState.RUNNING
             install_kick_handler()
@@ -112,6 +116,7 @@ class VcpuThreads:
                 return self.state is RunState.PAUSED
             self._pausing = True
             if self.state is RunState.CREATED:
+                self.state = RunState.PAUSED  # its threads will park as they start
                 return True
             self._interrupt = True
         self._kick_all()

@@ -24,7 +24,7 @@ from __future__ import annotations
 import enum
 import logging
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from pyvmm.devices.pci.capability import (
@@ -117,15 +117,6 @@ class PciFunctionState:
     config: bytes
 
 
-@dataclass
-class _PlacedBar:
-    """Where a BAR is mapped now, and what maps it."""
-
-    address: int
-    windows: list[tuple[Bus, int]] = field(default_factory=list)
-    regions: dict[int, MemoryRegion] = field(default_factory=dict)  # by area offset
-
-
 class _BarWindow:
     """Bus adapter: forwards accesses in a trapped BAR area to its function."""
 
@@ -168,7 +159,9 @@ class PciFunction:
         self.extended_capabilities = CapabilityList(self.config, self.wmask, extended=True)
         self.bus: PciBus | None = None
         self.devfn = -1
-        self._placed: dict[int, _PlacedBar] = {}
+        self._placed: dict[int, int] = {}  # BAR index -> where it is mapped now
+        self._windows: dict[int, list[tuple[Bus, int]]] = {}  # its trapped areas on a bus
+        self._regions: dict[tuple[int, int], MemoryRegion] = {}  # (BAR, offset) -> memory
         self._set16(PCI_VENDOR_ID, vendor_id)
         self._set16(PCI_DEVICE_ID, device_id)
         self.config[PCI_REVISION_ID] = revision
@@ -299,8 +292,7 @@ class PciFunction:
         for index, bar in self.bars.items():
             address = self.bar_address(index)
             wanted = address if address and self.decodes(bar) else None
-            placed = self._placed.get(index)
-            if (placed.address if placed else None) != wanted:
+            if self._placed.get(index) != wanted:
                 self.place_bar(index, wanted)
 
     def bar_areas(self, index: int) -> list[BarArea]:
@@ -309,34 +301,33 @@ class PciFunction:
 
     def place_bar(self, index: int, address: int | None) -> None:
         """The guest put BAR `index` at `address` (None: not decoded). Maps `bar_areas`
-        there: trapped areas on the port or MMIO bus, host memory as DEVICE regions (moved,
-        keeping their KVM slots, when the BAR moves). A hostile guest may program overlapping
-        BARs: what cannot be mapped stays unmapped, with a warning, as garbage decodes on
-        real hardware."""
+        there: trapped areas on the port or MMIO bus, host memory as DEVICE regions of the
+        address space (the same region each time, moved with its KVM slot when the BAR moves
+        while decoded). A hostile guest may program overlapping BARs: what cannot be mapped
+        stays unmapped, with a warning, as garbage decodes on real hardware."""
         assert self.bus is not None
-        bar = self.bars[index]
-        old = self._placed.pop(index, None)
-        if old is not None:
-            for bus, base in old.windows:
-                bus.unregister(base)
+        for bus, base in self._windows.pop(index, ()):
+            bus.unregister(base)
         if address is None:
-            for region in old.regions.values() if old else ():
-                self._remove_region(region)
+            self._placed.pop(index, None)
+            for area in self.bar_areas(index):
+                region = self._regions.get((index, area.offset))
+                if region is not None and region.slot is not None:
+                    self.bus.address_space.remove(region)
             return
-        placed = _PlacedBar(address)
-        self._placed[index] = placed
-        bus = self.bus.pio if bar.kind is BarKind.IO else self.bus.mmio
+        self._placed[index] = address
+        bus = self.bus.pio if self.bars[index].kind is BarKind.IO else self.bus.mmio
+        windows: list[tuple[Bus, int]] = []
         for area in self.bar_areas(index):
             where = address + area.offset
-            region = old.regions.pop(area.offset, None) if old else None
+            region = None
             try:
                 if area.host_addr is None:
                     bus.register(where, area.size, _BarWindow(self, index, area.offset), self.name)
-                    placed.windows.append((bus, where))
-                elif region is not None:
-                    self.bus.address_space.move(region, where)
-                    placed.regions[area.offset] = region
-                else:
+                    windows.append((bus, where))
+                    continue
+                region = self._regions.get((index, area.offset))
+                if region is None:
                     region = MemoryRegion(
                         RegionKind.DEVICE,
                         where,
@@ -344,19 +335,17 @@ class PciFunction:
                         host_addr=area.host_addr,
                         name=f"{self.name} BAR{index}+{area.offset:#x}",
                     )
+                    self._regions[index, area.offset] = region
+                if region.slot is None:
+                    region.gpa = where
                     self.bus.address_space.add(region)
-                    placed.regions[area.offset] = region
+                else:
+                    self.bus.address_space.move(region, where)
             except (BusConflict, AddressSpaceError) as err:
                 log.warning("%s BAR%d area +%#x not mapped: %s", self.name, index, area.offset, err)
-                if region is not None and area.offset not in placed.regions:
-                    self._remove_region(region)
-        for region in old.regions.values() if old else ():  # areas the BAR no longer has
-            self._remove_region(region)
-
-    def _remove_region(self, region: MemoryRegion) -> None:
-        assert self.bus is not None
-        if region.slot is not None:  # still in the address space
-            self.bus.address_space.remove(region)
+                if region is not None and region.slot is not None:
+                    self.bus.address_space.remove(region)
+        self._windows[index] = windows
 
     def unplace_bars(self) -> None:
         for index in list(self._placed):
