@@ -246,3 +246,19 @@ def test_triple_fault_is_reported_not_hidden() -> None:
     assert result.reason in (StopReason.TRIPLE_FAULT, StopReason.ERROR)
     assert result.exit_code != 0
     assert "vcpu0" in result.detail
+
+
+def test_a_console_reader_that_goes_away_costs_the_guest_nothing() -> None:
+    """`pyvmm run GUEST | head -1`: once the reader is gone, the guest's output is dropped
+    without a traceback and the guest's exit code still comes through."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyvmm", "run", str(guest("counter")), "--timeout", "3"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline() == b"counter: at 0x1f00000 in r12\n"
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(30) == 124
+    assert err.strip() == "pyvmm: stopped: timed out after 3.0 s"

@@ -9,8 +9,11 @@ import gzip
 import json
 import lzma
 import os
+import re
+import shutil
 import stat
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -140,24 +143,75 @@ def option_values(argv: list[str], option: str) -> list[str]:
     return [argv[i + 1] for i, arg in enumerate(argv) if arg == option]
 
 
-def test_command_line_is_the_tcg_recipe() -> None:
+def options(spec: str) -> dict[str, str]:
+    """A QEMU option value as key=value pairs; a leading bare word is the "type"."""
+    found = {}
+    for n, item in enumerate(spec.split(",")):
+        key, sep, value = item.partition("=")
+        found[key if sep or n else "type"] = value if sep else key
+    return found
+
+
+def test_command_line_has_what_the_lab_needs() -> None:
+    """Each property the lab relies on, and why, rather than the strings that give it."""
     argv = qemu.command("/usr/bin/qemu-system-x86_64", machine())
     assert argv[0] == "/usr/bin/qemu-system-x86_64"
-    assert option_values(argv, "-machine") == ["q35,kernel-irqchip=split"]
-    assert option_values(argv, "-accel") == ["tcg,thread=multi,tb-size=512"]
+    # intel-iommu's interrupt remapping needs the split irqchip, which needs q35
+    assert options(option_values(argv, "-machine")[0]) == {"type": "q35", "kernel-irqchip": "split"}
+    # TCG on both cores, with -cpu max for nested SVM (the lab's /dev/kvm)
+    accel = options(option_values(argv, "-accel")[0])
+    assert accel["type"] == "tcg" and accel["thread"] == "multi"
     assert option_values(argv, "-cpu") == ["max"]
     assert (option_values(argv, "-m"), option_values(argv, "-smp")) == (["2G"], ["2"])
-    assert option_values(argv, "-kernel") == ["/k/bzImage"]
-    assert option_values(argv, "-initrd") == ["/t/initrd.cpio"]
-    assert "-no-reboot" in argv
-    append = option_values(argv, "-append")[0]
-    assert append.split() == ["console=ttyS0", "panic=-1", "intel_iommu=on", "quiet"]
-    chardevs = option_values(argv, "-chardev")
-    assert chardevs[:2] == ["socket,fd=5,id=console", "socket,fd=6,id=agent"]
-    virtfs = option_values(argv, "-virtfs")
-    assert virtfs[0].startswith("local,path=/,mount_tag=hostroot,")
-    assert "readonly=on" in virtfs[0]
-    assert virtfs[1].startswith("local,path=/t/share,mount_tag=results,")
+    assert (option_values(argv, "-kernel"), option_values(argv, "-initrd")) == (
+        ["/k/bzImage"],
+        ["/t/initrd.cpio"],
+    )
+    assert "-no-reboot" in argv  # a guest panic ends QEMU (panic=-1 reboots)
+    assert {"console=ttyS0", "panic=-1", "intel_iommu=on"} <= set(
+        option_values(argv, "-append")[0].split()
+    )
+    chardevs = {options(c)["id"]: options(c) for c in option_values(argv, "-chardev")}
+    assert chardevs["console"]["fd"] == "5" and chardevs["agent"]["fd"] == "6"
+    shares = {options(v)["mount_tag"]: options(v) for v in option_values(argv, "-virtfs")}
+    assert shares["hostroot"]["path"] == "/" and shares["hostroot"]["readonly"] == "on"
+    assert shares["results"]["path"] == "/t/share" and "readonly" not in shares["results"]
+
+
+@pytest.mark.parametrize("iommu", ["intel", "virtio"])
+def test_qemu_accepts_the_command_line(tmp_path: Path, iommu: str) -> None:
+    """The real QEMU takes the whole command line, every lab device on it: it checks every
+    option and device at start-up, before the guest runs (-S keeps it from running)."""
+    binary = shutil.which(qemu.QEMU)
+    if binary is None:
+        pytest.skip(f"{qemu.QEMU} is not installed (scripts/setup-lab installs it)")
+    try:
+        bzimage = kernel.find_kernel(None)
+    except LabError as err:
+        pytest.skip(f"no lab kernel: {err}")
+    initrd = tmp_path / "initrd.cpio"
+    initrd.write_bytes(bytes(512))
+    config = machine(
+        kernel=bzimage,
+        initrd=initrd,
+        share=tmp_path,
+        console="null",
+        agent="null",
+        iommu=iommu,
+        devices=tuple(qemu.DEVICES),
+    )
+    proc = subprocess.Popen(
+        [*qemu.command(binary, config), "-S"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        proc.wait(timeout=3)
+    except subprocess.TimeoutExpired:
+        pass  # still up: every option was taken
+    else:
+        raise AssertionError(f"QEMU refused the command line: {proc.stderr.read().decode()}")
+    finally:
+        proc.kill()
+        proc.communicate()
 
 
 def test_iommu_comes_before_the_devices() -> None:
@@ -604,3 +658,33 @@ def test_read_results(tmp_path: Path) -> None:
     results = read_results(path)
     assert results["t.py::x"].outcome == "failed"
     assert results["t.py::y"].outcome == "passed"
+
+
+# -- the lab kernel's configuration ----------------------------------------------------------------
+
+SHARED_LAB = Path(__file__).resolve().parents[2] / "shared" / "lab"
+
+
+def config_options(text: str) -> dict[str, str]:
+    """CONFIG_X -> value, with "n" for `# CONFIG_X is not set`."""
+    options = {}
+    for line in text.splitlines():
+        if match := re.fullmatch(r"# (CONFIG_\w+) is not set", line):
+            options[match[1]] = "n"
+        elif line.startswith("CONFIG_"):
+            name, _, value = line.partition("=")
+            options[name] = value
+    return options
+
+
+def test_the_kernel_fragment_builds_the_shared_lab_kernel() -> None:
+    """scripts/lab-kernel.config carries the options of the lab kernel CI boots
+    (../shared/lab/lab.config), and the full .config that kernel was built with has each."""
+    if not (SHARED_LAB / "lab.config").is_file():
+        pytest.skip(f"no shared lab kernel at {SHARED_LAB}")
+    ours = config_options((Path(__file__).parents[1] / "scripts" / "lab-kernel.config").read_text())
+    assert ours == config_options((SHARED_LAB / "lab.config").read_text())
+    built = config_options((SHARED_LAB / "config").read_text())
+    for name, value in ours.items():
+        assert built.get(name, "n") == value, name
+    assert ours["CONFIG_LOCALVERSION"] == '"-lab2"'

@@ -36,13 +36,25 @@ class Console:
 class StdioConsole(Console):
     def __init__(self, interactive: bool | None = None) -> None:
         self._out = sys.stdout.buffer
+        self._reader_gone = False
         if interactive is None:
             interactive = sys.stdin.isatty()
         self._interactive = interactive
 
     def write(self, data: bytes) -> None:
-        self._out.write(data)
-        self._out.flush()
+        if self._reader_gone:
+            return
+        try:
+            self._out.write(data)
+            self._out.flush()
+        except BrokenPipeError:
+            # The reader went away (`pyvmm run ... | head`): the guest keeps running and its
+            # output is dropped. stdout now points at /dev/null, so that the buffered rest is
+            # not flushed into the broken pipe again at exit.
+            self._reader_gone = True
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
 
     def input_fd(self) -> int | None:
         return sys.stdin.fileno() if self._interactive else None
