@@ -15,7 +15,6 @@ NAME_OP = 0x08
 BYTE_PREFIX = 0x0A
 WORD_PREFIX = 0x0B
 DWORD_PREFIX = 0x0C
-STRING_PREFIX = 0x0D
 QWORD_PREFIX = 0x0E
 SCOPE_OP = 0x10
 BUFFER_OP = 0x11
@@ -73,10 +72,6 @@ def integer(value: int) -> bytes:
         if 0 <= value <= limit:
             return bytes((prefix,)) + struct.pack(fmt, value)
     raise ValueError(f"AML integer {value} out of range")
-
-
-def string(text: str) -> bytes:
-    return bytes((STRING_PREFIX,)) + text.encode("ascii") + b"\0"
 
 
 def eisa_id(text: str) -> bytes:
