@@ -18,6 +18,20 @@ if TYPE_CHECKING:
 
 KVM_DEVICE = "/dev/kvm"
 
+# What a pyvmm machine cannot do without: the in-kernel irqchip and PIT, interrupts and doorbells
+# that never pass through Python (irqfd with resample, ioeventfd, GSI routing), kicking a vCPU
+# out of KVM_RUN (immediate_exit), and the KVM-VFIO device (device control).
+REQUIRED_CAPABILITIES = (
+    uapi.KvmCap.IRQCHIP,
+    uapi.KvmCap.PIT2,
+    uapi.KvmCap.IRQFD,
+    uapi.KvmCap.IRQFD_RESAMPLE,
+    uapi.KvmCap.IOEVENTFD,
+    uapi.KvmCap.IRQ_ROUTING,
+    uapi.KvmCap.IMMEDIATE_EXIT,
+    uapi.KvmCap.DEVICE_CTRL,
+)
+
 
 class System:
     """An open /dev/kvm. Close it (or use it as a context manager) when done."""
@@ -57,6 +71,12 @@ class System:
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION: 0 when unsupported, else a capability-specific value."""
         return ioctl(self.fd, uapi.KVM_CHECK_EXTENSION, int(cap))
+
+    def check_required(self) -> None:
+        """KvmUnavailable naming what this KVM lacks of REQUIRED_CAPABILITIES."""
+        missing = [cap.name for cap in REQUIRED_CAPABILITIES if not self.check_extension(cap)]
+        if missing:
+            raise KvmUnavailable(f"this KVM lacks {', '.join(missing)}, which pyvmm needs")
 
     def vcpu_mmap_size(self) -> int:
         return ioctl(self.fd, uapi.KVM_GET_VCPU_MMAP_SIZE)

@@ -44,6 +44,20 @@ class AddressSpaceError(ValueError):
     """A region cannot go where it was asked to."""
 
 
+def _announce(pairs: list[tuple[AddressSpaceListener, MemoryRegion]]) -> None:
+    """Tell each listener of its region, in order; if one refuses, tell those already told of
+    the removal, in reverse, and raise."""
+    told: list[tuple[AddressSpaceListener, MemoryRegion]] = []
+    try:
+        for listener, region in pairs:
+            listener.region_added(region)
+            told.append((listener, region))
+    except BaseException:
+        for listener, region in reversed(told):
+            listener.region_removed(region)
+        raise
+
+
 class AddressSpace:
     """Regions by address, their KVM slots, and the listeners that follow them."""
 
@@ -96,14 +110,9 @@ class AddressSpace:
             bisect.insort(self._regions, region, key=lambda r: r.gpa)
             if isinstance(region, RamRegion):
                 self.memory.add(region)
-            told: list[AddressSpaceListener] = []
             try:
-                for listener in self._listeners:
-                    listener.region_added(region)
-                    told.append(listener)
+                _announce([(listener, region) for listener in self._listeners])
             except BaseException:
-                for listener in reversed(told):
-                    listener.region_removed(region)
                 self._drop(region)
                 raise
 
@@ -166,15 +175,7 @@ class AddressSpace:
     def listen(self, listener: AddressSpaceListener) -> None:
         """Follow the map from now on; told first of every region already in it."""
         with self._lock:
-            told: list[MemoryRegion] = []
-            try:
-                for region in self._regions:
-                    listener.region_added(region)
-                    told.append(region)
-            except BaseException:
-                for region in reversed(told):
-                    listener.region_removed(region)
-                raise
+            _announce([(listener, region) for region in self._regions])
             self._listeners.append(listener)
 
     def unlisten(self, listener: AddressSpaceListener) -> None:

@@ -130,6 +130,7 @@ class Machine:
     def _build(self, vcpu_count: int, trace_exits: bool) -> None:
         self.system = System()
         self._stack.callback(self.system.close)
+        self.system.check_required()
         self.vm = self.system.create_vm()
         self._stack.callback(self.vm.close)
         slots = self.vm.check_extension(uapi.KvmCap.NR_MEMSLOTS) or DEFAULT_MEMORY_SLOTS
