@@ -4,19 +4,27 @@ DMA mapping of guest RAM for assigned devices and the dirty log of pyvmm's own w
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
+from contextlib import ExitStack
+from typing import cast
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pyvmm.devices.virtio.queue import VIRTQ_DESC_F_WRITE, Virtqueue
 from pyvmm.kvm.mmap import Mapping
 from pyvmm.machine.address_space import AddressSpace, AddressSpaceError
 from pyvmm.machine.dirty import DirtyLog
+from pyvmm.machine.dma import IdentityDma
 from pyvmm.machine.memory import MemoryRegion, RamRegion, RegionKind
 from pyvmm.uapi import kvm as uapi
+from pyvmm.vfio.context import VfioContext
+from pyvmm.vfio.device import VfioDevice
 from pyvmm.vfio.dma import GuestRamMapper
 from pyvmm.vfio.errors import VfioError
+from pyvmm.vfio.sysfs import PciDevice
 
 MiB = 1 << 20
 PAGE = 4096
@@ -243,3 +251,116 @@ def test_every_byte_pyvmm_writes_is_in_a_dirty_page(writes: list[tuple[int, int]
         assert set(bitmap.addresses("kvm")) == set()
     finally:
         space.memory.close()
+
+
+def test_a_device_write_spanning_a_collect_is_reported_again_when_the_chain_is_pushed(
+    space,
+) -> None:
+    """The device takes a view to write into (marked then), the dirty log is read and cleared,
+    then the write lands: pushing the chain marks the page again, so the next read has it."""
+    space, _ = space
+    log = DirtyLog(space)
+    log.start()
+    memory = space.memory
+    queue = Virtqueue(IdentityDma(memory), 8)
+    queue.size, queue.desc, queue.driver, queue.device = 8, 0x10000, 0x11000, 0x12000
+    queue.activate()
+    memory.write(0x10000, struct.pack("<QIHH", 0x30000, 64, VIRTQ_DESC_F_WRITE, 0))
+    memory.write(0x11000 + 4, struct.pack("<H", 0))
+    memory.write(0x11000 + 2, struct.pack("<H", 1))
+    chain = queue.pop()
+    assert chain is not None
+    (view,) = chain.writable_views()
+    log.collect()  # a migration round reads the log here
+    view[:5] = b"later"
+    queue.push(chain, 5)
+    dirty = {a for b in log.collect() for a in b.addresses("vmm")}
+    assert 0x30000 in dirty and 0x12000 in dirty  # the buffer and the used ring
+
+
+class FailingSlots(RecordingSlots):
+    def __init__(self) -> None:
+        super().__init__()
+        self.refuse_gpa: int | None = None
+
+    def set_user_memory_region(
+        self, slot: int, gpa: int, size: int, host_addr: int, flags: int = 0
+    ) -> None:
+        if gpa == self.refuse_gpa and size:
+            raise OSError(22, "KVM said no")
+        super().set_user_memory_region(slot, gpa, size, host_addr, flags)
+
+
+class Told:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int]] = []
+
+    def region_added(self, region: MemoryRegion) -> None:
+        self.events.append(("added", region.gpa))
+
+    def region_removed(self, region: MemoryRegion) -> None:
+        self.events.append(("removed", region.gpa))
+
+
+def test_a_move_kvm_refuses_leaves_the_region_where_it_was(bar: Mapping) -> None:
+    slots = FailingSlots()
+    space = AddressSpace(slots, 4)
+    region = device(bar, 0xC000_0000)
+    space.add(region)
+    told = Told()
+    space.listen(told)
+    slots.refuse_gpa = 0xD000_0000
+    with pytest.raises(OSError, match="KVM said no"):
+        space.move(region, 0xD000_0000)
+    assert region.gpa == 0xC000_0000 and slots.slots[region.slot][0] == 0xC000_0000
+    assert space.find(0xC000_0000) is region
+    assert told.events == [("added", 0xC000_0000), ("removed", 0xC000_0000), ("added", 0xC000_0000)]
+
+
+def test_a_listener_failing_on_removal_does_not_keep_the_others_from_hearing(bar: Mapping) -> None:
+    class Grumpy(Told):
+        def region_removed(self, region: MemoryRegion) -> None:
+            raise RuntimeError("no")
+
+    space = AddressSpace(RecordingSlots(), 4)
+    region = device(bar, 0xC000_0000)
+    space.add(region)
+    first, grumpy = Told(), Grumpy()
+    space.listen(first)
+    space.listen(grumpy)
+    with pytest.raises(RuntimeError, match="no"):
+        space.remove(region)
+    assert first.events[-1] == ("removed", 0xC000_0000)
+    assert space.regions() == [] and region.slot is None
+
+
+class HalfwayContext(VfioContext):
+    """A backend whose device opens fine but whose DMA space refuses guest RAM."""
+
+    backend = "test"
+
+    def __init__(self, address_space: AddressSpace) -> None:
+        super().__init__(None, address_space)
+        self.space = RecordingDma(((0, 0xFFFF),))  # far too small for the RAM
+        self.closed: list[str] = []
+
+    @property
+    def dma(self) -> RecordingDma:
+        return self.space
+
+    def _open(self, device: PciDevice, stack: ExitStack) -> VfioDevice:
+        stack.callback(self.closed.append, device.bdf)
+        return cast(VfioDevice, object())
+
+
+def test_a_device_whose_context_cannot_map_guest_ram_leaves_nothing_behind(space) -> None:
+    space, _ = space
+    context = HalfwayContext(space)
+    device_info = PciDevice("0000:00:04.0", 0x1234, 0x11E8, 0, "vfio-pci", "5", True, None, False)
+    with pytest.raises(VfioError, match="outside the IOVA ranges the IOMMU allows"):
+        context.open_pci(device_info)
+    assert context.closed == ["0000:00:04.0"] and context.devices == {}
+    assert context.space.mapped == {}
+    space.add(RamRegion(8 * MiB, MiB))  # the context does not follow the map
+    assert context.space.mapped == {}
+    context.close()

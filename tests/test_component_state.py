@@ -1,10 +1,13 @@
-"""Component state without KVM: each emulated device's save -> plain data -> restore into a new
+"""Components without KVM: each emulated device's save -> plain data -> restore into a new
 device -> save gives the same state, whatever the guest did to it first (hypothesis); the
 plain-data codec refuses what does not fit; the registry checks every state before it restores
-any and undoes a half-done pause."""
+any and undoes a half-done pause; the parts with threads of their own pause between requests."""
 
 from __future__ import annotations
 
+import os
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -13,9 +16,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_pci import Pci
+from test_virtqueue import virtio_device
 
 from pyvmm.devices import rtc, serial
+from pyvmm.devices.virtio import pci as vpci
 from pyvmm.machine.component import Components, SavedState
+from pyvmm.machine.console import ConsoleInput
 from pyvmm.machine.state import StateError, from_plain, to_plain
 
 ACCESSES = st.lists(
@@ -232,3 +238,55 @@ def test_a_failed_pause_resumes_the_parts_already_paused() -> None:
         parts.add("a", Part("a", log))
     with pytest.raises(TypeError, match="neither Pausable nor Stateful"):
         parts.add("d", object())
+
+
+# pausing the parts with threads of their own
+
+
+def test_a_paused_virtio_worker_serves_a_doorbell_only_after_resume() -> None:
+    with virtio_device() as (machine, device, driver):
+        driver.start(0)
+        doorbell = machine.vm.ioeventfds[(device.bar_address(0) + vpci.NOTIFY_OFFSET, 2)]
+        device.pause()
+        device.pause()  # twice is once
+        driver.post(0, [(0x200000, 16, True)])
+        os.eventfd_write(doorbell, 1)  # what KVM does on the guest's doorbell write
+        time.sleep(0.1)
+        assert driver.used(0) == []
+        device.resume()
+        assert len(driver.wait_used(0, 1)) == 1
+        device.pause()
+        driver.post(0, [(0x200100, 16, True)])
+        os.eventfd_write(doorbell, 1)
+    # closed while paused: the worker is gone, the request never served
+    assert not device._worker.is_alive()
+
+
+def test_a_paused_console_input_hands_nothing_to_the_uart() -> None:
+    received = bytearray()
+    got = threading.Event()
+
+    def receive(data: bytes) -> int:
+        received.extend(data)
+        got.set()
+        return len(data)
+
+    read_end, write_end = os.pipe()
+    pump = ConsoleInput(read_end, receive)
+    try:
+        os.write(write_end, b"a")
+        assert got.wait(5) and received == b"a"
+        got.clear()
+        pump.pause()
+        os.write(write_end, b"bc")
+        time.sleep(0.2)
+        assert received == b"a"
+        pump.resume()
+        deadline = time.monotonic() + 5
+        while received != b"abc":
+            assert time.monotonic() < deadline, received
+            time.sleep(0.01)
+    finally:
+        pump.close()
+        os.close(read_end)
+        os.close(write_end)

@@ -103,13 +103,10 @@ def fresh() -> Iterator[Machine]:
 
 
 def components(machine: Machine) -> Components:
-    """The KVM state of `machine`, registered in restore order."""
+    """The KVM state of `machine` as the machine registers it, in restore order."""
     parts = Components()
-    parts.add("irqchip", IrqchipComponent(machine.vm))
-    parts.add("pit", PitComponent(machine.vm))
-    parts.add("clock", ClockComponent(machine.vm))
-    for vcpu in machine.vcpus:
-        parts.add(f"vcpu{vcpu.id}", VcpuComponent(vcpu))
+    for cid in ("irqchip", "pit", "clock", *(f"vcpu{vcpu.id}" for vcpu in machine.vcpus)):
+        parts.add(cid, machine.components[cid])
     return parts
 
 

@@ -21,6 +21,7 @@ from pyvmm.devices.pci.device import (
     PCI_BASE_ADDRESS_0,
     PCI_COMMAND,
     Bar,
+    BarArea,
     BarKind,
     PciFunction,
 )
@@ -32,12 +33,14 @@ from pyvmm.devices.pci.testdev import (
     VSEC_IDS,
     PciTestDevice,
 )
+from pyvmm.kvm.mmap import Mapping
 from pyvmm.machine.address_space import AddressSpace
 from pyvmm.machine.bus import Bus
-from pyvmm.machine.memory import MemoryRegion, RegionKind
+from pyvmm.machine.memory import MemoryRegion, RamRegion, RegionKind
 from pyvmm.machine.state import StateError, from_plain, to_plain
 
 PCI_STATUS = 0x06
+MiB = 1 << 20
 
 
 class Pci:
@@ -47,6 +50,7 @@ class Pci:
         self.pio, self.mmio = Bus("pio"), Bus("mmio")
         self.slots = RecordingSlots()
         self.space = AddressSpace(self.slots, 16)
+        self.space.add(RamRegion(0, 16 * MiB, name="ram"))
         self.bus = PciBus(
             self.pio, self.mmio, self.space, (0xC000_0000, 0xE000_0000), (0xC000, 0x10000)
         )
@@ -63,6 +67,7 @@ class Pci:
 
     def close(self) -> None:
         self.bus.close()
+        self.space.memory.close()
 
 
 @pytest.fixture
@@ -136,17 +141,52 @@ def test_a_bar_of_device_memory_with_a_trapped_page(pci: Pci) -> None:
     assert pci.device_regions()[0].gpa == 0xD100_0000 + MAPPED_OFFSET
 
 
-def test_device_memory_is_never_placed_over_reserved_ranges(pci: Pci) -> None:
+def test_device_memory_is_never_placed_over_ram_or_reserved_ranges(pci: Pci) -> None:
     pci.space.add(MemoryRegion(RegionKind.RESERVED, 0xFEC0_0000, 0x10_0000, name="apics"))
     pci.cf8(3, PCI_BASE_ADDRESS_0 + 4 * MAPPED_BAR)
-    pci.ports.write(4, 4, 0xFEC0_0000)  # its device memory would be inside the reserved range
-    assert pci.device_regions() == []
-    assert [r.name for r in pci.space.regions()] == ["apics"]
+    for hostile in (0xFEC0_0000, 0x0010_0000):  # inside the reserved range; over guest RAM
+        pci.ports.write(4, 4, hostile)
+        assert pci.device_regions() == []
+        assert [r.name for r in pci.space.regions()] == ["ram", "apics"]
+    pci.ports.write(4, 4, 0xD000_0000)  # somewhere free again: mapped again
+    assert [r.gpa for r in pci.device_regions()] == [0xD000_0000 + MAPPED_OFFSET]
+
+
+def test_a_bar_beyond_the_physical_address_space_maps_nothing_and_leaks_nothing() -> None:
+    """A 64-bit BAR whose high dword the guest sets to all-ones: beyond MAXPHYADDR, which KVM
+    would refuse; nothing is mapped there and moving it back maps it again, once."""
+
+    class Mapped64(PciFunction):
+        def __init__(self, memory: Mapping) -> None:
+            super().__init__(0x1234, 0x1, 0, bars=(Bar(0, BarKind.MEM64, 0x2000),))
+            self.memory = memory
+
+        def bar_areas(self, index: int) -> list[BarArea]:
+            return [BarArea(0, 0x1000), BarArea(0x1000, 0x1000, self.memory.addr)]
+
+    pci = Pci()
+    try:
+        with Mapping(0x1000) as memory:
+            function = Mapped64(memory)
+            pci.bus.plug(function, slot=5)
+            base = function.bar_address(0)
+            for _ in range(3):
+                function.config_write(PCI_BASE_ADDRESS_0 + 4, 4, 0xFFFF_FFFF)
+                assert [r for r in pci.device_regions() if r.host_addr == memory.addr] == []
+                function.config_write(PCI_BASE_ADDRESS_0 + 4, 4, 0)
+                assert [r.gpa for r in pci.device_regions() if r.host_addr == memory.addr] == [
+                    base + 0x1000
+                ]
+            windows = [r for r in pci.mmio.ranges() if r.device.function is function]
+            assert [w.base for w in windows] == [base]  # no stale window left behind
+            pci.bus.close()
+    finally:
+        pci.space.memory.close()
 
 
 def test_closing_the_bus_unmaps_every_bar(pci: Pci) -> None:
     pci.bus.close()
-    assert pci.device_regions() == [] and pci.slots.slots == {}
+    assert pci.device_regions() == [] and list(pci.slots.slots) == [0]  # RAM's only
     assert pci.mmio.ranges() == [] and pci.pio.ranges() == []
 
 
@@ -302,18 +342,33 @@ def test_guest_writes_change_only_writable_bits_and_bars_follow_config(
         for pos, (old, new) in enumerate(zip(before, dev.config, strict=True)):
             assert (old ^ new) & ~changeable[pos] == 0, f"read-only bits changed at {pos:#x}"
         assert pci.bus.config_read(3 << 3, 0, 4) == 0x0001_5056
+        # Every BAR the guest left decoded at an address of its own is mapped there (the
+        # trapped part on its bus, BAR4's memory in the address space); no BAR is mapped
+        # anywhere else.
+        spans = {
+            i: (dev.bar_address(i), dev.bar_address(i) + bar.size)
+            for i, bar in dev.bars.items()
+            if dev.bar_address(i) and dev.decodes(bar)
+        }
         for index, bar in dev.bars.items():
-            address = dev.bar_address(index)
             bus = pci.pio if bar.kind is BarKind.IO else pci.mmio
-            mapped = address and dev.decodes(bar)
-            found = bus.find(address)
-            if not mapped:
-                assert (
-                    found is None or found.device.function is not dev or found.device.index != index
-                )
+            mine = [r for r in bus.ranges() if r.device.function is dev and r.device.index == index]
+            assert all(r.base == spans[index][0] for r in mine) if mine else True
+            if index not in spans:
+                assert mine == []
+                continue
+            lo, hi = spans[index]
+            same_bus = [
+                j for j in spans if (dev.bars[j].kind is BarKind.IO) == (bar.kind is BarKind.IO)
+            ]
+            alone = all(j == index or spans[j][1] <= lo or hi <= spans[j][0] for j in same_bus)
+            below_ram = bar.kind is BarKind.IO or lo >= 16 * MiB
+            if alone and below_ram and hi <= 1 << 48:
+                assert mine, f"BAR{index} at {lo:#x} is not mapped"
         regions = pci.device_regions()
-        assert len(regions) <= 1
-        if regions:
-            assert regions[0].gpa == dev.bar_address(MAPPED_BAR) + MAPPED_OFFSET
+        if MAPPED_BAR in spans and regions:
+            assert regions[0].gpa == spans[MAPPED_BAR][0] + MAPPED_OFFSET
+        if MAPPED_BAR not in spans:
+            assert regions == []
     finally:
         pci.close()

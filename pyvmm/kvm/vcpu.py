@@ -37,13 +37,18 @@ _OFF_UNION = uapi.kvm_run._exit.offset
 _OFF_MMIO_DATA = _OFF_UNION + uapi._kvm_run_mmio.data.offset
 
 
+def kick_handler_installed() -> bool:
+    return signal.getsignal(KICK_SIGNAL) not in (signal.SIG_DFL, None)
+
+
 def install_kick_handler() -> bool:
     """Install a no-op handler for the kick signal so that it interrupts KVM_RUN.
 
     Python can only install handlers from the main thread; returns False when that was not
-    possible and no handler is in place (a kick then waits for the vCPU's next exit).
+    possible and no handler is in place. Without one the signal is never sent (its default
+    action would end the process), so a kick waits for the vCPU's next exit.
     """
-    if signal.getsignal(KICK_SIGNAL) not in (signal.SIG_DFL, None):
+    if kick_handler_installed():
         return True
     if threading.current_thread() is not threading.main_thread():
         return False
@@ -98,7 +103,7 @@ class Vcpu:
     def kick(self) -> None:
         """Make the vCPU leave KVM_RUN soon, from any thread."""
         self.run_page[_OFF_IMMEDIATE_EXIT] = 1
-        if self.thread_id is not None:
+        if self.thread_id is not None and kick_handler_installed():
             with contextlib.suppress(ProcessLookupError):
                 signal.pthread_kill(self.thread_id, KICK_SIGNAL)
 

@@ -18,6 +18,7 @@ import heapq
 import threading
 from typing import Protocol
 
+from pyvmm.kvm.mmap import PAGE_SIZE
 from pyvmm.machine.memory import GuestMemory, MemoryRegion, RamRegion, RegionKind
 from pyvmm.uapi import kvm as uapi
 
@@ -61,8 +62,9 @@ def _announce(pairs: list[tuple[AddressSpaceListener, MemoryRegion]]) -> None:
 class AddressSpace:
     """Regions by address, their KVM slots, and the listeners that follow them."""
 
-    def __init__(self, vm: SlotTable, max_slots: int) -> None:
+    def __init__(self, vm: SlotTable, max_slots: int, *, phys_bits: int = 48) -> None:
         self._vm = vm
+        self.limit = 1 << phys_bits  # guest-physical addresses end here (the CPU's MAXPHYADDR)
         self._lock = threading.RLock()
         self._regions: list[MemoryRegion] = []  # sorted by gpa
         self._free_slots = list(range(max_slots))  # a heap: lowest first
@@ -84,6 +86,10 @@ class AddressSpace:
             return None
 
     def _check_free(self, gpa: int, size: int, moving: MemoryRegion | None = None) -> None:
+        if gpa + size > self.limit:
+            raise AddressSpaceError(
+                f"{gpa:#x}+{size:#x} is beyond the guest's physical address space ({self.limit:#x})"
+            )
         for other in self._regions:
             if other is not moving and other.gpa < gpa + size and gpa < other.end:
                 raise AddressSpaceError(
@@ -122,9 +128,10 @@ class AddressSpace:
         with self._lock:
             if region not in self._regions:
                 raise AddressSpaceError(f"{region.name} is not in the address space")
-            for listener in reversed(self._listeners):
-                listener.region_removed(region)
-            self._drop(region)
+            try:
+                self._tell_removed(region)
+            finally:
+                self._drop(region)
 
     def _drop(self, region: MemoryRegion) -> None:
         self._regions.remove(region)
@@ -144,11 +151,10 @@ class AddressSpace:
                 raise AddressSpaceError(f"only device memory moves, not {region.name}")
             if region not in self._regions:
                 raise AddressSpaceError(f"{region.name} is not in the address space")
-            if gpa % 4096:
+            if gpa % PAGE_SIZE:
                 raise AddressSpaceError(f"{region.name}: {gpa:#x} is not page aligned")
             self._check_free(gpa, region.size, moving=region)
-            for listener in reversed(self._listeners):
-                listener.region_removed(region)
+            self._tell_removed(region)
             old = region.gpa
             region.gpa = gpa
             try:
@@ -158,8 +164,23 @@ class AddressSpace:
                 raise
             finally:
                 self._regions.sort(key=lambda r: r.gpa)
-                for listener in self._listeners:
-                    listener.region_added(region)
+                try:
+                    _announce([(listener, region) for listener in self._listeners])
+                except BaseException:
+                    self._drop(region)  # a listener refused it where it is now: it goes
+                    raise
+
+    def _tell_removed(self, region: MemoryRegion) -> None:
+        """Tell every listener (the last registered first), even when one of them raises;
+        then raise the first error."""
+        errors = []
+        for listener in reversed(self._listeners):
+            try:
+                listener.region_removed(region)
+            except Exception as err:
+                errors.append(err)
+        if errors:
+            raise errors[0]
 
     def _install(self, region: MemoryRegion) -> None:
         assert region.slot is not None

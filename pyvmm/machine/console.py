@@ -153,7 +153,9 @@ class ConsoleInput:
     it took) from a thread of its own, holding back what does not fit yet.
 
     Pausable: while paused nothing is handed to the UART, so a paused machine's state stays
-    as it was; input waits in the console's fd meanwhile."""
+    as it was; input waits in the console's fd meanwhile. What was read from the fd but not yet
+    taken by the UART (at most one read of 64 bytes) stays here: it is the host console's,
+    not part of the machine's saved state."""
 
     def __init__(self, fd: int, receive: Callable[[bytes], int]) -> None:
         self._fd = fd

@@ -91,6 +91,13 @@ def guest_cpuid(
     return entries
 
 
+def phys_bits(supported: list[uapi.kvm_cpuid_entry2]) -> int:
+    """The guest's physical address width (CPUID 0x80000008 EAX[7:0]; 36 when absent, as the
+    SDM says for processors without the leaf)."""
+    leaf = next((e for e in supported if e.function == 0x80000008), None)
+    return (leaf.eax & 0xFF) if leaf is not None and leaf.eax & 0xFF else 36
+
+
 def write_boot_tables(memory: GuestMemory) -> None:
     """The GDT and the page tables identity-mapping the first 4 GiB with 2 MiB pages."""
     memory.write(layout.BOOT_GDT, struct.pack(f"<{len(GDT_ENTRIES)}Q", *GDT_ENTRIES))

@@ -13,6 +13,7 @@ on (and reported dirty in full, since nothing of it was ever collected).
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ class DirtyBitmap:
     kvm: bytes
     vmm: bytes
 
-    @property
+    @functools.cached_property
     def bitmap(self) -> bytes:
         """Both sources merged: every page written since the last collect."""
         merged = int.from_bytes(self.kvm, "little") | int.from_bytes(self.vmm, "little")

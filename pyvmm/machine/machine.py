@@ -24,8 +24,9 @@ This module only puts the pieces together; each job has a module of its own:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from contextlib import ExitStack
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +35,7 @@ from pyvmm.errors import ConfigError
 from pyvmm.kvm.irq import GsiRouting
 from pyvmm.kvm.mmap import PAGE_SIZE
 from pyvmm.kvm.system import System
-from pyvmm.kvm.vcpu import Vcpu
+from pyvmm.kvm.vcpu import Vcpu, install_kick_handler
 from pyvmm.machine import boot, cpu, layout
 from pyvmm.machine.address_space import AddressSpace
 from pyvmm.machine.bus import Bus
@@ -103,6 +104,7 @@ class Machine:
         self._vfio: VfioContext | None = None
         self._input: ConsoleInput | None = None
         self._components_paused = False
+        self._control = threading.RLock()  # one pause, resume, save or restore at a time
         self._stack = ExitStack()
         try:
             self._build(vcpus, trace_exits)
@@ -131,10 +133,12 @@ class Machine:
         self.system = System()
         self._stack.callback(self.system.close)
         self.system.check_required()
+        install_kick_handler()  # now, while on the main thread most likely (vcpus.py says why)
         self.vm = self.system.create_vm()
         self._stack.callback(self.vm.close)
+        supported = self.system.supported_cpuid()
         slots = self.vm.check_extension(uapi.KvmCap.NR_MEMSLOTS) or DEFAULT_MEMORY_SLOTS
-        self.address_space = AddressSpace(self.vm, slots)
+        self.address_space = AddressSpace(self.vm, slots, phys_bits=cpu.phys_bits(supported))
         self.memory = self.address_space.memory
         self._stack.callback(self.memory.close)
         for number, ram in enumerate(layout.ram_ranges(self.mem_size)):
@@ -157,7 +161,6 @@ class Machine:
         self.components.add("clock", ClockComponent(self.vm))
         self.gsi = GsiRouting(self.vm, self.system.check_extension(uapi.KvmCap.IRQ_ROUTING))
         self.gsi.commit()
-        supported = self.system.supported_cpuid()
         for vcpu_id in range(vcpu_count):
             vcpu = self.vm.create_vcpu(vcpu_id)
             self._stack.callback(vcpu.close)
@@ -167,6 +170,9 @@ class Machine:
         self.exits = ExitStats(vcpu_count, self.pio, self.mmio, trace=trace_exits)
         self._run_control = VcpuThreads(self.vcpus, self.pio, self.mmio, self.exits)
         self._stack.callback(self.console.close)
+        # Closed after the PCI functions (an assigned device's BAR slots go before its fd)
+        # and before RAM (DMA unmapped before the memory goes).
+        self._stack.callback(self._close_vfio)
         platform = wire_platform(self)
         self.serial, self.rtc, self.pci = platform.serial, platform.rtc, platform.pci
         self._stack.callback(self.pci.close)  # device workers and BAR slots, before RAM goes
@@ -207,13 +213,17 @@ class Machine:
 
         if self._vfio is None:
             self._vfio = open_context(backend, self.vm, self.address_space)
-            self._stack.callback(self._vfio.close)
         elif backend is not None and backend != self._vfio.backend:
             raise ConfigError(
                 f"this machine's assigned devices use the {self._vfio.backend} backend; all of "
                 f"them share one IOMMU context, so {backend} cannot be added"
             )
         return self._vfio
+
+    def _close_vfio(self) -> None:
+        if self._vfio is not None:
+            self._vfio.close()
+            self._vfio = None
 
     # boot
 
@@ -266,19 +276,21 @@ class Machine:
         """From any thread but a vCPU's: return once no vCPU is in the guest and every device
         has stopped touching it; the machine's state can then be read and written. False if
         the machine stopped instead."""
-        if not self._run_control.pause():
-            return False
-        if not self._components_paused:
-            self.components.pause_all()
-            self._components_paused = True
-        return True
+        with self._control:
+            if not self._run_control.pause():
+                return False
+            if not self._components_paused:
+                self.components.pause_all()
+                self._components_paused = True
+            return True
 
     def resume(self) -> None:
         """Carry on after `pause()`."""
-        if self._components_paused:
-            self.components.resume_all()
-            self._components_paused = False
-        self._run_control.resume()
+        with self._control:
+            if self._components_paused:
+                self.components.resume_all()
+                self._components_paused = False
+            self._run_control.resume()
 
     def stop(
         self, reason: StopReason = StopReason.STOPPED, code: int = 0, detail: str = ""
@@ -295,19 +307,33 @@ class Machine:
     # state
 
     def save(self) -> SavedMachine:
-        """The configuration and every component's state (the machine must not be running)."""
-        if self.state is RunState.RUNNING:
-            raise RuntimeError("pause the machine before saving its state")
-        return SavedMachine(self.config, self.components.save_all())
+        """The configuration and every component's state. The machine must not be running;
+        device workers of a machine not paused (not started, or stopped) are paused meanwhile."""
+        with self._control, self._quiet_components("saving"):
+            return SavedMachine(self.config, self.components.save_all())
 
     def restore(self, saved: SavedMachine) -> None:
         """Take a saved machine's state; everything is checked before anything changes."""
+        with self._control, self._quiet_components("restoring a state into it"):
+            differences = saved.config.differences(self.config)
+            if differences:
+                raise StateError(
+                    f"the saved machine differs from this one: {'; '.join(differences)}"
+                )
+            self.components.restore_all(saved.components)
+
+    @contextmanager
+    def _quiet_components(self, doing: str) -> Iterator[None]:
         if self.state is RunState.RUNNING:
-            raise RuntimeError("pause the machine before restoring a state into it")
-        differences = saved.config.differences(self.config)
-        if differences:
-            raise StateError(f"the saved machine differs from this one: {'; '.join(differences)}")
-        self.components.restore_all(saved.components)
+            raise RuntimeError(f"pause the machine before {doing}")
+        if self._components_paused:
+            yield
+            return
+        self.components.pause_all()
+        try:
+            yield
+        finally:
+            self.components.resume_all()
 
     # teardown
 

@@ -159,6 +159,7 @@ class GuestMemory:
             if not count:
                 break
             done += count
+        self.written(gpa, done)
         return done
 
     @property

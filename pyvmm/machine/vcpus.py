@@ -7,13 +7,18 @@ reason. The machine is in one of four run states (Firecracker's VcpuRunState, ma
     CREATED --start()--> RUNNING --pause()--> PAUSED --resume()--> RUNNING
                             \\-----------stop() (any state)-----------> STOPPED
 
-`pause()` and `stop()` work from any thread but a vCPU's own: they set a flag and kick every
-vCPU out of KVM_RUN (immediate_exit plus a signal, so a halted vCPU or one waiting for its SIPI
-leaves too); the exit loop looks at the flag only on KVM_EXIT_INTR, which every kick causes, so
-the hot path pays nothing for it. A vCPU pauses only there: KVM has then completed the I/O of
-the previous exit (KVM_RUN finishes pending MMIO/PIO before it honours immediate_exit), so a
-paused vCPU's registers are consistent and can be read and written. `pause()` returns once
-every vCPU thread is parked (or gone); `resume()` lets them re-enter the guest.
+`stop()` works from any thread, `pause()` from any thread but a vCPU's own: they set a flag and
+kick every vCPU out of KVM_RUN (immediate_exit plus a signal, so a halted vCPU or one waiting for
+its SIPI leaves too); the exit loop looks at the flag only on KVM_EXIT_INTR, which every kick
+causes, so the hot path pays nothing for it. A vCPU pauses only there: KVM has then completed
+the I/O of the previous exit (KVM_RUN finishes pending MMIO/PIO before it honours
+immediate_exit), so a paused vCPU's registers are consistent and can be read and written.
+`pause()` returns once every vCPU thread is parked (or gone); `resume()` lets them re-enter the
+guest. A resume that overtakes a pause still waiting cancels it (pause() then returns False):
+each resume starts a new generation.
+
+The kick is a signal with a no-op handler, which Python installs only from the main thread:
+the first machine of a process is built there (or start() says so).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import logging
 import threading
 from dataclasses import dataclass
 
+from pyvmm.kvm.errors import KvmError
 from pyvmm.kvm.vcpu import Vcpu, install_kick_handler
 from pyvmm.machine import cpu
 from pyvmm.machine.bus import Bus, Range
@@ -73,6 +79,7 @@ class VcpuThreads:
         self._cond = threading.Condition()
         self._interrupt = False  # the exit loop's one check: stop or pause asked for
         self._pausing = False
+        self._generation = 0  # resume() counts up: a pause older than that was cancelled
         self._parked: set[int] = set()
         self._threads: dict[int, threading.Thread] = {}
 
@@ -86,8 +93,12 @@ class VcpuThreads:
         with self._cond:
             if self._threads or self.state is RunState.STOPPED:
                 raise RuntimeError(f"the machine is {self.state.value}; it starts only once")
+            if not install_kick_handler():
+                raise KvmError(
+                    "pyvmm kicks vCPUs with a signal whose handler only the main thread can "
+                    "install: build (or start) the first machine from the main thread"
+                )
             self.state = RunState.PAUSED if self._pausing else RunState.RUNNING
-            install_kick_handler()
             for vcpu in self.vcpus:
                 thread = threading.Thread(
                     target=self._thread, args=(vcpu,), name=f"vcpu{vcpu.id}", daemon=True
@@ -119,10 +130,17 @@ class VcpuThreads:
                 self.state = RunState.PAUSED  # its threads will park as they start
                 return True
             self._interrupt = True
+            generation = self._generation
         self._kick_all()
         with self._cond:
-            while self.state is RunState.RUNNING and self._parked != self._live():
+            while (
+                self.state is RunState.RUNNING
+                and generation == self._generation
+                and self._parked != self._live()
+            ):
                 self._cond.wait()
+            if generation != self._generation:
+                return False  # a resume() came first
             if self.state is RunState.RUNNING:
                 self.state = RunState.PAUSED
             return self.state is RunState.PAUSED
@@ -131,6 +149,7 @@ class VcpuThreads:
         with self._cond:
             if self.state is RunState.STOPPED:
                 return
+            self._generation += 1
             self._pausing = False
             self._interrupt = False
             if self.state is RunState.PAUSED and self._threads:

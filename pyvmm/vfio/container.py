@@ -224,10 +224,11 @@ class ContainerContext(VfioContext):
             raise VfioError(f"{device.bdf}: no IOMMU group; is it bound to vfio-pci?")
         group = self.groups.get(device.iommu_group)
         if group is None:
-            with contextlib.ExitStack() as group_stack:
-                group = group_stack.enter_context(Group(device.iommu_group))
-                self.container.add_group(group)
-                self.tell_kvm(group.fd, group_stack)
-                self._stack.push(group_stack.pop_all())  # lives as long as the context
+            # A new group lives on this device's stack: if the device cannot be assigned, the
+            # group leaves the container again; if it can, it lives as long as the context.
+            group = stack.enter_context(Group(device.iommu_group))
+            self.container.add_group(group)
             self.groups[device.iommu_group] = group
+            stack.callback(self.groups.pop, device.iommu_group)
+            self._tell_kvm(group.fd, stack)
         return stack.enter_context(group.open_device(device.bdf))

@@ -13,7 +13,7 @@ the device fds opened through it, and what the VM must know about them:
 
 `Machine.vfio()` makes the machine's context; a context without a VM or an address space (for
 tools and tests that only want device fds) skips those two jobs. The backends are classes in
-their own modules; `BACKENDS` names them.
+their own modules; `backends()` names them.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class VfioContext:
         self.devices[device.bdf] = vfio_device
         return vfio_device
 
-    def tell_kvm(self, fd: int, stack: ExitStack) -> None:
+    def _tell_kvm(self, fd: int, stack: ExitStack) -> None:
         """Tell the VM's KVM-VFIO device about a VFIO file, and forget it with `stack`."""
         if self._vm is not None:
             self._vm.vfio_file_add(fd)
@@ -78,12 +78,14 @@ class VfioContext:
 
     def close(self) -> None:
         """Unmap guest RAM, close the devices, release the DMA space."""
-        if self._mapper is not None:
-            assert self._address_space is not None
-            self._address_space.unlisten(self._mapper)
-            self._mapper = None
-        self.devices.clear()
-        self._stack.close()
+        try:
+            if self._mapper is not None:
+                assert self._address_space is not None
+                mapper, self._mapper = self._mapper, None
+                self._address_space.unlisten(mapper)
+        finally:
+            self.devices.clear()
+            self._stack.close()
 
     def __enter__(self) -> VfioContext:
         return self

@@ -191,7 +191,11 @@ class IommufdContext(VfioContext):
     def __init__(self, vm: Vm | None = None, address_space: AddressSpace | None = None) -> None:
         super().__init__(vm, address_space)
         self.iommufd = self._stack.enter_context(Iommufd())
-        self.ioas = self.iommufd.alloc_ioas()
+        try:
+            self.ioas = self.iommufd.alloc_ioas()
+        except BaseException:
+            self._stack.close()
+            raise
         self._stack.callback(self.ioas.close)  # after the devices that are attached to it
         self.hwpt_ids: dict[str, int] = {}  # the page table each device got, by BDF
 
@@ -216,5 +220,5 @@ class IommufdContext(VfioContext):
                     else ""
                 )
             ) from None
-        self.tell_kvm(vfio_device.fd, stack)
+        self._tell_kvm(vfio_device.fd, stack)
         return vfio_device

@@ -89,16 +89,29 @@ class PciBus:
             devfn = slot << 3
             if devfn in self.functions:
                 raise ValueError(f"PCI slot {slot} is taken by {self.functions[devfn].name}")
-            function.bus = self
-            function.devfn = devfn
-            self.functions[devfn] = function
-            if self._on_plug is not None:
-                self._on_plug(function)
+            windows = (self._mmio_window, self._io_window)
+            bases = [window.base for window in windows]
+            try:
+                addresses = {}
+                for bar in sorted(function.bars.values(), key=lambda b: -b.size):
+                    window = self._io_window if bar.kind is BarKind.IO else self._mmio_window
+                    addresses[bar.index] = window.allocate(bar.size)
+                function.bus = self
+                function.devfn = devfn
+                self.functions[devfn] = function
+                if self._on_plug is not None:
+                    self._on_plug(function)
+            except BaseException:  # nothing plugged, nothing allocated
+                self.functions.pop(devfn, None)
+                function.bus = None
+                for window, base in zip(windows, bases, strict=True):
+                    window.base = base
+                raise
             command = 0
-            for bar in sorted(function.bars.values(), key=lambda b: -b.size):
-                window = self._io_window if bar.kind is BarKind.IO else self._mmio_window
-                function.set_bar_address(bar.index, window.allocate(bar.size))
-                command |= PCI_COMMAND_IO if bar.kind is BarKind.IO else PCI_COMMAND_MEMORY
+            for index, address in addresses.items():
+                function.set_bar_address(index, address)
+                kind = function.bars[index].kind
+                command |= PCI_COMMAND_IO if kind is BarKind.IO else PCI_COMMAND_MEMORY
             if command:
                 function.config_write(PCI_COMMAND, 2, function.command | command)
             return slot

@@ -69,7 +69,6 @@ PCI_BASE_ADDRESS_MEM_PREFETCH = 0x8
 CONFIG_SPACE_SIZE = 256
 PCIE_CONFIG_SPACE_SIZE = 4096
 NUM_BARS = 6
-PAGE_SIZE = 4096
 
 
 def bdf(devfn: int) -> str:
@@ -318,6 +317,7 @@ class PciFunction:
         self._placed[index] = address
         bus = self.bus.pio if self.bars[index].kind is BarKind.IO else self.bus.mmio
         windows: list[tuple[Bus, int]] = []
+        self._windows[index] = windows  # filled as they are registered, whatever fails later
         for area in self.bar_areas(index):
             where = address + area.offset
             region = None
@@ -341,11 +341,10 @@ class PciFunction:
                     self.bus.address_space.add(region)
                 else:
                     self.bus.address_space.move(region, where)
-            except (BusConflict, AddressSpaceError) as err:
+            except (BusConflict, AddressSpaceError, OSError) as err:
                 log.warning("%s BAR%d area +%#x not mapped: %s", self.name, index, area.offset, err)
                 if region is not None and region.slot is not None:
                     self.bus.address_space.remove(region)
-        self._windows[index] = windows
 
     def unplace_bars(self) -> None:
         for index in list(self._placed):
@@ -371,8 +370,18 @@ class PciFunction:
         self.check_config(state)
 
     def check_config(self, state: PciFunctionState) -> None:
+        """The saved config space must be this function's: the same size, and the same in
+        every bit the guest cannot write (IDs, BAR types, capability headers...)."""
         if len(state.config) != len(self.config):
             raise StateError(f"{self.name}: saved config space has {len(state.config)} bytes")
+        for pos, (saved, now, writable, clear) in enumerate(
+            zip(state.config, self.config, self.wmask, self.w1cmask, strict=True)
+        ):
+            if (saved ^ now) & ~(writable | clear) & self.emulated[pos]:
+                raise StateError(
+                    f"{self.name}: saved config space differs at {pos:#x} in bits the guest "
+                    "cannot write: it is another device's"
+                )
 
     def restore_config(self, state: PciFunctionState) -> None:
         """Config space as saved, and the BARs mapped where it puts them."""

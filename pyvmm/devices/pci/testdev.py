@@ -16,14 +16,13 @@ from typing import TYPE_CHECKING, ClassVar
 
 from pyvmm.devices.pci.capability import PCI_EXT_CAP_ID_VNDR, ExtendedCapability
 from pyvmm.devices.pci.device import (
-    PAGE_SIZE,
     Bar,
     BarArea,
     BarKind,
     PciFunction,
     PciFunctionState,
 )
-from pyvmm.kvm.mmap import Mapping
+from pyvmm.kvm.mmap import PAGE_SIZE, Mapping
 from pyvmm.machine.state import StateError
 
 if TYPE_CHECKING:

@@ -188,8 +188,10 @@ class VirtioPciState:
 
 class VirtioPciDevice(PciFunction):
     """A virtio device (`backend`) on PCI: `machine.add_device("virtio-rng")` and the like
-    make one, or `machine.pci.plug(VirtioPciDevice(machine, backend))`; it stops its worker
-    when its bus closes it."""
+    make one (recorded in the machine's configuration), or
+    `machine.pci.plug(VirtioPciDevice(machine, backend))` for a backend of your own (not
+    recorded: a machine built from the configuration lacks it). It stops its worker when its
+    bus closes it."""
 
     state_type: ClassVar[type] = VirtioPciState
 
@@ -497,28 +499,34 @@ class VirtioPciDevice(PciFunction):
             poller.register(fd, select.POLLIN)
         watched: set[int] = set()
         while True:
-            with self._lock:
-                wanted = self.backend.input_fds() if self._running() else {}
-            for fd in watched - wanted.keys():
-                poller.unregister(fd)
-            for fd in wanted.keys() - watched:
-                poller.register(fd, select.POLLIN)
-            watched = set(wanted)
-            ready = [fd for fd, _ in poller.poll()]
-            if self._wake.fd in ready:
-                self._wake.read()
-                if not self._park_while_paused():
-                    return
-                continue  # poll again: what is ready was not taken
-            with self._lock:
-                for fd in ready:
-                    index = queue_of.get(fd)
-                    if index is not None:
-                        self._notify[index].read()
-                        self._guarded(index, self.backend.process, index)
-                    elif fd in wanted:
-                        self._guarded(wanted[fd], self.backend.input_ready, fd)
-                self._raise_used_interrupts()
+            try:
+                with self._lock:
+                    wanted = self.backend.input_fds() if self._running() else {}
+                for fd in watched - wanted.keys():
+                    poller.unregister(fd)
+                for fd in wanted.keys() - watched:
+                    poller.register(fd, select.POLLIN)
+                watched = set(wanted)
+                ready = [fd for fd, _ in poller.poll()]
+                if self._wake.fd in ready:
+                    self._wake.read()
+                    if not self._park_while_paused():
+                        return
+                    continue  # poll again: what is ready was not taken
+                with self._lock:
+                    for fd in ready:
+                        index = queue_of.get(fd)
+                        if index is not None:
+                            self._notify[index].read()
+                            self._guarded(index, self.backend.process, index)
+                        elif fd in wanted:
+                            self._guarded(wanted[fd], self.backend.input_ready, fd)
+                    self._raise_used_interrupts()
+            except Exception as err:  # a pyvmm bug: the device stops, the worker does not
+                log.exception("%s: worker failed", self.name)
+                with self._lock:
+                    for index in range(len(self.queues)):
+                        self._fail(index, err)
 
     def _park_while_paused(self) -> bool:
         """Wait here, between requests, while paused; False when the worker is to stop."""
@@ -533,12 +541,15 @@ class VirtioPciDevice(PciFunction):
     # pause (the component protocol)
 
     def pause(self) -> None:
-        """Return once the worker is parked with no request half done."""
+        """Return once the worker is parked with no request half done (or a resume() came
+        first)."""
+        if threading.current_thread() is self._worker:
+            raise RuntimeError(f"{self.name}: pause() on its own worker would wait for itself")
         with self._park:
             self._pausing = True
         self._wake.signal()
         with self._park:
-            while not self._parked and self._worker.is_alive():
+            while self._pausing and not self._parked and self._worker.is_alive():
                 self._park.wait(0.1)
 
     def resume(self) -> None:
@@ -593,6 +604,16 @@ class VirtioPciDevice(PciFunction):
             )
         if len(state.msix.table) != self.msix.table_size:
             raise StateError(f"{self.name}: saved MSI-X table is of another size")
+        if any(not 0 <= vector < self.msix.vectors for vector in state.msix.pending):
+            raise StateError(f"{self.name}: saved MSI-X pending vectors {state.msix.pending}")
+        for index, (queue, saved) in enumerate(zip(self.queues, state.queues, strict=True)):
+            size = saved.size
+            if not 1 <= size <= queue.max_size or size & (size - 1):
+                raise StateError(f"{self.name}: queue {index} saved with size {size}")
+            if saved.msix_vector != NO_VECTOR and saved.msix_vector >= self.msix.vectors:
+                raise StateError(
+                    f"{self.name}: queue {index} saved with vector {saved.msix_vector}"
+                )
 
     def restore(self, state: VirtioPciState) -> None:
         """Bring the device back as saved (the machine is paused, the backend is the same)."""

@@ -11,8 +11,9 @@ ones, and a chain's byte count must fit the used ring's 32-bit length. Any viola
 `VirtqueueError`; the transport then marks the device DEVICE_NEEDS_RESET and stops using the
 queue. Nothing here accesses memory outside a RAM region (the DMA view refuses to).
 
-Writes into a chain's buffers are reported to the view again when the chain is pushed back, so
-that the dirty log marks a page after the device finished writing it, not only before.
+Every piece of a chain handed out for writing is reported to the view again when the chain is
+pushed back, so the dirty log marks a page after the device finished writing it, not only
+before (a dirty-log read in between would otherwise lose the write).
 
 A queue is not thread-safe: the transport serialises the vCPU thread (configuration) and the
 device worker (processing) with its own lock.
@@ -80,6 +81,8 @@ class DescriptorChain:
     head: int
     readable: list[Buffer] = field(default_factory=list)
     writable: list[Buffer] = field(default_factory=list)
+    # the (gpa, length) pieces handed out to write into, reported again when pushed
+    written: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def readable_len(self) -> int:
@@ -102,6 +105,8 @@ class DescriptorChain:
                 continue
             take = min(buf.length - offset, length)
             views.append(view_of(buf.gpa + offset, take))
+            if write:
+                self.written.append((buf.gpa + offset, take))
             length -= take
             offset = 0
         return views
@@ -280,12 +285,8 @@ class Virtqueue:
         head = chain.head
         if not 0 <= head < self.size or not 0 <= length <= MAX_CHAIN_BYTES:
             raise ValueError(f"used element ({head}, {length}) is invalid")
-        remaining = length
-        for buf in chain.writable:
-            if remaining <= 0:
-                break
-            self.dma.written(buf.gpa, min(buf.length, remaining))
-            remaining -= buf.length
+        for gpa, written in chain.written:  # the device is done writing them now
+            self.dma.written(gpa, written)
         slot = self.device + 4 + 8 * (self.next_used % self.size)
         self.dma.write(slot, _USED_ELEM.pack(head, length))
         # The element is visible before the index that publishes it (x86 keeps stores in order).
