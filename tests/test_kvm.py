@@ -169,3 +169,30 @@ def test_ctrl_c_stops_the_guest_cleanly() -> None:
     assert proc.returncode == 130
     assert "Traceback" not in err
     assert err.strip() == "pyvmm: stopped: interrupted"
+
+
+def test_a_machine_first_started_off_the_main_thread_says_why_it_cannot_start() -> None:
+    """Only the main thread can install the kick signal's handler; without it a kick would end
+    the process (the signal's default action), so start() refuses in one line instead."""
+    script = f"""
+import threading
+from pyvmm.machine.machine import Machine
+from pyvmm.kvm.errors import KvmError
+
+def off_main():
+    with Machine(mem_size=16 << 20) as machine:
+        machine.load_elf({str(guest("hello"))!r})
+        try:
+            machine.run(timeout=30)
+        except KvmError as err:
+            print("refused:", err)
+
+thread = threading.Thread(target=off_main)
+thread.start()
+thread.join()
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("refused: pyvmm kicks vCPUs with a signal"), result.stdout
