@@ -13,6 +13,7 @@ from pyvmm.machine.machine import Machine
 from pyvmm.machine.memory import MemoryRegion, RegionKind
 from pyvmm.uapi.ioctl import IoctlError
 from pyvmm.vfio.container import ContainerContext
+from pyvmm.vfio.context import backends
 from pyvmm.vfio.errors import VfioError
 from pyvmm.vfio.iommufd import IommufdContext
 from pyvmm.vfio.sysfs import Sysfs
@@ -20,7 +21,7 @@ from pyvmm.vfio.sysfs import Sysfs
 pytestmark = pytest.mark.lab(devices=("nvme",))
 
 MiB = 1 << 20
-BACKENDS = ("iommufd", "container")
+BACKENDS = sorted(backends())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
