@@ -20,7 +20,7 @@ from pyvmm.machine.dirty import DirtyLog
 from pyvmm.machine.dma import IdentityDma
 from pyvmm.machine.memory import MemoryRegion, RamRegion, RegionKind
 from pyvmm.uapi import kvm as uapi
-from pyvmm.vfio.context import VfioContext
+from pyvmm.vfio.context import HostDevice, VfioContext
 from pyvmm.vfio.device import VfioDevice
 from pyvmm.vfio.dma import GuestRamMapper
 from pyvmm.vfio.errors import VfioError
@@ -348,8 +348,8 @@ class HalfwayContext(VfioContext):
     def dma(self) -> RecordingDma:
         return self.space
 
-    def _open(self, device: PciDevice, stack: ExitStack) -> VfioDevice:
-        stack.callback(self.closed.append, device.bdf)
+    def _open(self, device: HostDevice, stack: ExitStack) -> VfioDevice:
+        stack.callback(self.closed.append, device.name)
         return cast(VfioDevice, object())
 
 

@@ -195,6 +195,16 @@ def test_acpi_tables_decompile_cleanly_with_iasl(tmp_path: Path) -> None:
     assert "Device (RTC)" in dsl and "PNP0B00" in dsl and "0x0070" in dsl
     assert "Device (COM1)" in dsl and "PNP0501" in dsl
     assert re.search(r"IRQNoFlags \(\)\s*\{4\}", dsl), dsl
+    # INTx routing: slot 3's INTB# is GSI 16 + (3 + 2 - 1) % 8 = 20, slot 31's INTD# 16 + 34 % 8
+    prt = re.findall(
+        r"Package \(0x04\)\s*\{\s*(0x[0-9A-F]+),\s*(\w+),\s*(\w+),\s*(0x[0-9A-F]+)", dsl
+    )
+    routes = {
+        (int(a, 16) >> 16, 0 if p == "Zero" else 1 if p == "One" else int(p, 16)): int(g, 16)
+        for a, p, _, g in prt
+    }
+    assert len(routes) == 128
+    assert routes[3, 1] == 20 and routes[31, 3] == 16 + 34 % 8
     facp = (tmp_path / "facp.dsl").read_text()
     assert "Hardware Reduced (V5) : 1" in facp
     assert re.search(r"RTC Century Index : 32", facp), facp

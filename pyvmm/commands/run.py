@@ -56,6 +56,28 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         metavar="tap:NAME",
         help="virtio-net on an existing or new tap interface (repeatable)",
     )
+    run.add_argument(
+        "--vfio-pci",
+        action="append",
+        default=[],
+        metavar="BDF",
+        help="pass a host PCI device bound to vfio-pci through to the guest (repeatable)",
+    )
+    run.add_argument(
+        "--vfio-dev",
+        action="append",
+        default=[],
+        metavar="SYSFSPATH",
+        help="pass a VFIO device through by its sysfs path, e.g. an mdev "
+        "/sys/bus/mdev/devices/UUID (repeatable)",
+    )
+    run.add_argument(
+        "--vfio-backend",
+        choices=("iommufd", "container"),
+        default=None,
+        help="how devices are opened (default: iommufd where /dev/iommu and the device's "
+        "cdev exist, else the legacy container)",
+    )
     run.add_argument("--timeout", type=float, default=None, help="stop the guest after S seconds")
     run.add_argument(
         "--exit-stats",
@@ -66,8 +88,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_devices(machine: Machine, args: argparse.Namespace) -> None:
-    """Add the devices the options ask for, in a stable order (disks, rng, nets). Each is
-    owned by the machine once added, so an error in a later option leaks nothing."""
+    """Add the devices the options ask for, in a stable order (disks, rng, nets, assigned
+    devices). Each is owned by the machine once added, so an error in a later option leaks
+    nothing."""
     for spec in args.disk:
         path, _, options = spec.partition(",")
         if options not in ("", "ro"):
@@ -80,6 +103,8 @@ def add_devices(machine: Machine, args: argparse.Namespace) -> None:
         if kind != "tap" or not name:
             raise ConfigError(f"bad --net {spec!r}: use tap:NAME")
         machine.add_device("virtio-net", tap=name)
+    for host in (*args.vfio_pci, *args.vfio_dev):
+        machine.add_device("vfio-pci", host=host, backend=args.vfio_backend)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -69,10 +69,30 @@ def _table(signature: bytes, revision: int, body: bytes) -> bytes:
     return bytes(table)
 
 
+PCI_SLOTS = 32
+
+
 def _gas(port: int, width_bits: int = 8) -> bytes:
     """A Generic Address Structure for an I/O port."""
     access_size = {8: 1, 16: 2, 32: 3}[width_bits]
     return struct.pack("<BBBBQ", GAS_SYSTEM_IO, width_bits, 0, access_size, port)
+
+
+def pci_routing_table() -> bytes:
+    """_PRT: where INTA#-INTD# of every slot of bus 0 go, as GSIs (no link devices): the
+    swizzle of pyvmm.machine.layout.pci_intx_gsi. Entries are (slot << 16 | 0xFFFF, pin 0-3,
+    source 0, GSI)."""
+    entries = [
+        aml.package(
+            aml.integer(slot << 16 | 0xFFFF),
+            aml.integer(pin),
+            aml.integer(0),
+            aml.integer(layout.pci_intx_gsi(slot, pin + 1)),
+        )
+        for slot in range(PCI_SLOTS)
+        for pin in range(4)
+    ]
+    return aml.name("_PRT", aml.package(*entries))
 
 
 def dsdt() -> bytes:
@@ -84,6 +104,7 @@ def dsdt() -> bytes:
         aml.name("_SEG", aml.integer(0)),
         aml.name("_BBN", aml.integer(0)),
         aml.name("_ADR", aml.integer(0)),
+        pci_routing_table(),
         aml.name(
             "_CRS",
             aml.resource_template(

@@ -33,6 +33,7 @@ HIMEM_START = 0x100000
 LOW_RAM_LIMIT = 0xC000_0000
 PCI_MMIO_BASE = 0xC000_0000
 PCI_MMIO_SIZE = 0x2000_0000
+PCI_MMIO64_BASE = 0x10_0000_0000  # 64 GiB up to the CPU's limit: where 64-bit BARs may go too
 PCI_ECAM_BASE = 0xE000_0000
 PCI_ECAM_SIZE = 0x1000_0000
 IOAPIC_BASE = 0xFEC0_0000
@@ -51,6 +52,17 @@ RESERVED_RANGES = (
     (LAPIC_BASE, 0x1000, "lapic"),
     (KVM_IDENTITY_MAP, 0x4000, "kvm-tss"),  # the identity-map page and the three TSS pages
 )
+
+# INTx: pin p (1 = INTA# .. 4 = INTD#) of a function in slot s of bus 0 is wired to IOAPIC input
+# 16 + (s + p - 1) mod 8, the usual swizzle (the DSDT's _PRT says the same to Linux).
+PCI_INTX_GSI_BASE = 16
+PCI_INTX_GSIS = 8
+
+
+def pci_intx_gsi(slot: int, pin: int) -> int:
+    """The GSI that INTx `pin` (1-4) of the function in `slot` raises."""
+    return PCI_INTX_GSI_BASE + (slot + pin - 1) % PCI_INTX_GSIS
+
 
 PCI_IO_BASE = 0xC000
 PCI_IO_SIZE = 0x4000

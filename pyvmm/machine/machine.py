@@ -185,8 +185,8 @@ class Machine:
 
     def add_device(self, kind: str, *, slot: int | None = None, **options: Any) -> PciFunction:
         """Add an optional device (a kind in pyvmm.machine.devices.DEVICE_KINDS: virtio-blk,
-        virtio-net, virtio-rng, pci-testdev) with its options, at `slot` or the first free
-        one; recorded in `config`."""
+        virtio-net, virtio-rng, vfio-pci, pci-testdev) with its options, at `slot` or the first
+        free one; recorded in `config`."""
         if self._run_control.started:
             raise ConfigError(f"{kind}: devices are added before the machine starts")
         function = create_device(self, kind, options)
@@ -219,6 +219,11 @@ class Machine:
                 f"them share one IOMMU context, so {backend} cannot be added"
             )
         return self._vfio
+
+    @property
+    def vfio_backend(self) -> str | None:
+        """The backend of the machine's IOMMU context, once it has one."""
+        return self._vfio.backend if self._vfio is not None else None
 
     def _close_vfio(self) -> None:
         if self._vfio is not None:

@@ -19,10 +19,9 @@ from typing import TYPE_CHECKING
 
 from pyvmm.uapi import vfio as uapi
 from pyvmm.uapi.ioctl import IoctlError, ioctl
-from pyvmm.vfio.context import VfioContext
+from pyvmm.vfio.context import HostDevice, VfioContext
 from pyvmm.vfio.device import VfioDevice, capability_chain, info_with_caps, read_capability
 from pyvmm.vfio.errors import VfioError, dma_map_error, open_node
-from pyvmm.vfio.sysfs import PciDevice
 
 if TYPE_CHECKING:
     from pyvmm.kvm.vm import Vm
@@ -219,9 +218,9 @@ class ContainerContext(VfioContext):
     def dma(self) -> Container:
         return self.container
 
-    def _open(self, device: PciDevice, stack: contextlib.ExitStack) -> VfioDevice:
+    def _open(self, device: HostDevice, stack: contextlib.ExitStack) -> VfioDevice:
         if not device.iommu_group:
-            raise VfioError(f"{device.bdf}: no IOMMU group; is it bound to vfio-pci?")
+            raise VfioError(f"{device.name}: no IOMMU group; is it bound to vfio-pci?")
         group = self.groups.get(device.iommu_group)
         if group is None:
             # A new group lives on this device's stack: if the device cannot be assigned, the
@@ -231,4 +230,4 @@ class ContainerContext(VfioContext):
             self.groups[device.iommu_group] = group
             stack.callback(self.groups.pop, device.iommu_group)
             self._tell_kvm(group.fd, stack)
-        return stack.enter_context(group.open_device(device.bdf))
+        return stack.enter_context(group.open_device(device.name))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import ExitStack
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from pyvmm.errors import ConfigError
@@ -34,6 +35,16 @@ if TYPE_CHECKING:
     from pyvmm.vfio.sysfs import PciDevice
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HostDevice:
+    """A host device as VFIO opens it: `name` is what its group knows it by (a PCI address,
+    or an mdev's UUID), `iommu_group` its IOMMU group, `cdev` its VFIO cdev (vfioN) if any."""
+
+    name: str
+    iommu_group: str | None
+    cdev: str | None
 
 
 class VfioContext:
@@ -52,14 +63,18 @@ class VfioContext:
     def dma(self) -> DmaSpace:
         raise NotImplementedError
 
-    def _open(self, device: PciDevice, stack: ExitStack) -> VfioDevice:
+    def _open(self, device: HostDevice, stack: ExitStack) -> VfioDevice:
         """Open `device` in this context; what needs closing goes on `stack`."""
         raise NotImplementedError
 
     def open_pci(self, device: PciDevice) -> VfioDevice:
-        """Open a vfio-pci device in this context; the first one also maps guest RAM."""
-        if device.bdf in self.devices:
-            raise VfioError(f"{device.bdf} is already assigned to this machine")
+        """Open a vfio-pci device in this context (see `open`)."""
+        return self.open(HostDevice(device.bdf, device.iommu_group, device.cdev))
+
+    def open(self, device: HostDevice) -> VfioDevice:
+        """Open a VFIO device in this context; the first one also maps guest RAM."""
+        if device.name in self.devices:
+            raise VfioError(f"{device.name} is already assigned to this machine")
         with ExitStack() as stack:
             vfio_device = self._open(device, stack)
             if self._mapper is None and self._address_space is not None:
@@ -67,7 +82,7 @@ class VfioContext:
                 self._address_space.listen(mapper)  # maps all RAM, or nothing and raises
                 self._mapper = mapper
             self._stack.push(stack.pop_all())
-        self.devices[device.bdf] = vfio_device
+        self.devices[device.name] = vfio_device
         return vfio_device
 
     def _tell_kvm(self, fd: int, stack: ExitStack) -> None:

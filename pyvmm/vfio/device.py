@@ -213,6 +213,10 @@ class VfioDevice:
         """A level-triggered index (INTx) is unmasked by a write to `fd`: KVM's resamplefd."""
         self._set_irqs(index, IrqSetFlag.DATA_EVENTFD | IrqSetFlag.ACTION_UNMASK, 0, [fd])
 
+    def unmask_irq(self, index: int) -> None:
+        """Unmask a level-triggered index (INTx) from here, when no unmask eventfd is set."""
+        self._set_irqs(index, IrqSetFlag.DATA_NONE | IrqSetFlag.ACTION_UNMASK, 0, [], count=1)
+
     def disable_irqs(self, index: int) -> None:
         self._set_irqs(index, IrqSetFlag.DATA_NONE | IrqSetFlag.ACTION_TRIGGER, 0, [])
 

@@ -18,10 +18,9 @@ from typing import TYPE_CHECKING
 from pyvmm.uapi import iommufd as uapi
 from pyvmm.uapi import vfio as vfio_uapi
 from pyvmm.uapi.ioctl import IoctlError, ioctl
-from pyvmm.vfio.context import VfioContext
+from pyvmm.vfio.context import HostDevice, VfioContext
 from pyvmm.vfio.device import VfioDevice
 from pyvmm.vfio.errors import VfioError, dma_map_error, open_node
-from pyvmm.vfio.sysfs import PciDevice
 
 if TYPE_CHECKING:
     from pyvmm.kvm.vm import Vm
@@ -203,17 +202,17 @@ class IommufdContext(VfioContext):
     def dma(self) -> IoAddressSpace:
         return self.ioas
 
-    def _open(self, device: PciDevice, stack: contextlib.ExitStack) -> VfioDevice:
+    def _open(self, device: HostDevice, stack: contextlib.ExitStack) -> VfioDevice:
         if not device.cdev:
-            raise VfioError(f"{device.bdf}: no VFIO cdev; is it bound to vfio-pci?")
-        vfio_device = stack.enter_context(open_cdev(device.cdev, device.bdf))
+            raise VfioError(f"{device.name}: no VFIO cdev; is it bound to vfio-pci?")
+        vfio_device = stack.enter_context(open_cdev(device.cdev, device.name))
         bind(vfio_device, self.iommufd)
         try:
-            self.hwpt_ids[device.bdf] = attach(vfio_device, self.ioas.id)
-            stack.callback(self.hwpt_ids.pop, device.bdf, None)
+            self.hwpt_ids[device.name] = attach(vfio_device, self.ioas.id)
+            stack.callback(self.hwpt_ids.pop, device.name, None)
         except IoctlError as err:
             raise VfioError(
-                f"{device.bdf}: cannot attach it to the VM's IOAS: {os.strerror(err.errno)}"
+                f"{device.name}: cannot attach it to the VM's IOAS: {os.strerror(err.errno)}"
                 + (
                     " (its reserved IOVA ranges clash with guest RAM?)"
                     if err.errno == errno.EADDRINUSE

@@ -128,6 +128,23 @@ class Sysfs:
             raise NoSuchDevice(f"no PCI device {bdf}")
         return self._read_pci(bdf)
 
+    def group_members(self, group: str) -> list[PciDevice]:
+        """The PCI devices of IOMMU group `group`, in address order."""
+        directory = self.root / "sys/kernel/iommu_groups" / group / "devices"
+        if not directory.is_dir():
+            return []
+        return [
+            self._read_pci(entry.name)
+            for entry in sorted(directory.iterdir())
+            if _BDF.match(entry.name)
+        ]
+
+    def mdev(self, uuid: str) -> Mdev:
+        for mdev in self.mdevs():
+            if mdev.uuid == uuid:
+                return mdev
+        raise NoSuchDevice(f"no mdev {uuid} (see pyvmm vfio mdev list)")
+
     def find(self, vendor: int, device: int) -> list[PciDevice]:
         """Devices with these IDs, in address order."""
         return [d for d in self.pci_devices() if (d.vendor, d.device) == (vendor, device)]

@@ -1,8 +1,10 @@
 """PCI bus 0: its slots, the configuration address latch (CF8), and BAR assignment.
 
 At plug time the bus hands each BAR an address from the machine's windows, as firmware would,
-and turns decoding on; from then on the guest owns the BARs and each function maps its own (see
-PciFunction.place_bar), on the port and MMIO buses and in the address space the bus was given.
+writes the GSI its INTx pin is wired to into PCI_INTERRUPT_LINE (pyvmm.machine.layout), tells
+the function with `plugged()`, and turns decoding on; from then on the guest owns the BARs and
+each function maps its own (see PciFunction.place_bar), on the port and MMIO buses and in the
+address space the bus was given.
 The bus is a component: its state is the CF8 latch (a guest may be between its address and data
 accesses) and the functions it holds, which a restore checks rather than trusts.
 """
@@ -18,10 +20,13 @@ from pyvmm.devices.pci.device import (
     PCI_COMMAND,
     PCI_COMMAND_IO,
     PCI_COMMAND_MEMORY,
+    PCI_INTERRUPT_LINE,
+    PCI_INTERRUPT_PIN,
     BarKind,
     PciFunction,
     bdf,
 )
+from pyvmm.machine import layout
 from pyvmm.machine.address_space import AddressSpace
 from pyvmm.machine.bus import Bus
 from pyvmm.machine.state import StateError
@@ -70,6 +75,9 @@ class PciBus:
         self.mmio = mmio
         self.address_space = address_space
         self._mmio_window = _Allocator(*mmio_window)
+        # Where device memory (a BAR in a KVM slot) may be: never elsewhere, whatever a guest
+        # writes into a BAR (a trapped area anywhere is harmless; a slot is guest memory).
+        self.memory_windows = (mmio_window, (layout.PCI_MMIO64_BASE, address_space.limit))
         self._io_window = _Allocator(*io_window)
         self._lock = threading.RLock()
         self.functions: dict[int, PciFunction] = {}
@@ -107,6 +115,10 @@ class PciBus:
                 for window, base in zip(windows, bases, strict=True):
                     window.base = base
                 raise
+            pin = function.config[PCI_INTERRUPT_PIN]
+            if 1 <= pin <= 4:
+                function.config[PCI_INTERRUPT_LINE] = layout.pci_intx_gsi(slot, pin)
+            function.plugged()
             command = 0
             for index, address in addresses.items():
                 function.set_bar_address(index, address)

@@ -114,16 +114,21 @@ class CapabilityList:
         self._caps: list[Capability] = []
         self._next_free = self._start
 
-    def add(self, cap: Capability) -> int:
-        """Place `cap` after the last one (dword aligned), link it and return its offset."""
+    def add(self, cap: Capability, offset: int | None = None) -> int:
+        """Place `cap` after the last one (dword aligned), or at `offset` (a passed-through
+        device's capabilities stay where the device has them), link it from the previous one
+        and return its offset."""
         if isinstance(cap, ExtendedCapability) != self._extended:
             raise TypeError(f"capability {cap.cap_id:#x} is of the other kind for this list")
-        offset = self._next_free
+        if offset is None:
+            offset = self._next_free
         end = offset + cap.length
-        if end > self._end:
+        if offset < self._start or offset % 4 or end > self._end:
             raise ValueError(
                 f"capability {cap.cap_id:#x} ({cap.length} bytes) does not fit in config space"
             )
+        if any(other.offset < end and offset < other.offset + other.length for other in self._caps):
+            raise ValueError(f"capability {cap.cap_id:#x} at {offset:#x} overlaps another")
         cap.attach(self._config, offset)
         cap.link(0)
         self._config[offset + cap.HEADER_SIZE : end] = cap.body
@@ -135,8 +140,10 @@ class CapabilityList:
             self._config[PCI_CAPABILITY_LIST] = offset
             status = struct.unpack_from("<H", self._config, PCI_STATUS)[0]
             struct.pack_into("<H", self._config, PCI_STATUS, status | PCI_STATUS_CAP_LIST)
+        elif offset != EXT_CAP_START:
+            raise ValueError("the first extended capability must be at 0x100")
         self._caps.append(cap)
-        self._next_free = (end + 3) & ~3
+        self._next_free = max(self._next_free, (end + 3) & ~3)
         return offset
 
     def find(self, cap_id: int) -> Capability | None:
@@ -146,7 +153,7 @@ class CapabilityList:
         return iter(list(self._caps))
 
     def _overlapping(self, offset: int, size: int) -> list[tuple[Capability, int, int]]:
-        if offset + size <= self._start or offset >= self._next_free:
+        if offset + size <= self._start or offset >= self._next_free or not self._caps:
             return []
         hits = []
         for cap in self._caps:

@@ -204,11 +204,16 @@ class PciFunction:
         if bar.kind is BarKind.MEM64:
             struct.pack_into("<I", self.wmask, offset + 4, (mask >> 32) & 0xFFFFFFFF)
 
-    def add_capability(self, cap: Capability) -> int:
-        """Append a capability to the right list in config space; returns its offset."""
+    def plugged(self) -> None:
+        """The bus gave the function its slot (`devfn`, `bdf`) and its INTx line; BARs come
+        next. A function wiring anything to its slot does it here."""
+
+    def add_capability(self, cap: Capability, offset: int | None = None) -> int:
+        """Append a capability to the right list in config space (at `offset`, or after the
+        last); returns its offset."""
         if isinstance(cap, ExtendedCapability):
-            return self.extended_capabilities.add(cap)
-        return self.capabilities.add(cap)
+            return self.extended_capabilities.add(cap, offset)
+        return self.capabilities.add(cap, offset)
 
     # the guest's view of config space
 
@@ -302,8 +307,9 @@ class PciFunction:
         """The guest put BAR `index` at `address` (None: not decoded). Maps `bar_areas`
         there: trapped areas on the port or MMIO bus, host memory as DEVICE regions of the
         address space (the same region each time, moved with its KVM slot when the BAR moves
-        while decoded). A hostile guest may program overlapping BARs: what cannot be mapped
-        stays unmapped, with a warning, as garbage decodes on real hardware."""
+        while decoded), inside the bus's memory windows only. A hostile guest may program
+        overlapping BARs: what cannot be mapped stays unmapped, with a warning, as garbage
+        decodes on real hardware."""
         assert self.bus is not None
         for bus, base in self._windows.pop(index, ()):
             bus.unregister(base)
@@ -327,6 +333,9 @@ class PciFunction:
                     windows.append((bus, where))
                     continue
                 region = self._regions.get((index, area.offset))
+                windows = self.bus.memory_windows
+                if not any(lo <= where and where + area.size <= hi for lo, hi in windows):
+                    raise AddressSpaceError(f"{where:#x} is outside the PCI memory windows")
                 if region is None:
                     region = MemoryRegion(
                         RegionKind.DEVICE,

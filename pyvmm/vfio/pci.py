@@ -1,0 +1,416 @@
+"""A passed-through PCI function: the device's config space, virtualized, and its BARs.
+
+The guest sees the device's identity and registers, but pyvmm decides what it may touch. The
+rules, by config-space range (QEMU's hw/vfio/pci.c draws the same lines):
+
+- IDs, class, revision, subsystem IDs, cache line size, latency timer, interrupt pin: the
+  device's, read-only (taken once at attach). The header type says single-function.
+- Command register: the device's own (read live), the guest may write I/O and memory decode,
+  bus mastering, parity and SERR reporting and INTx disable; nothing else is forwarded.
+- Status register: the device's, live; its error bits are the guest's to clear (write 1).
+- BARs: shadowed by pyvmm, sized from the VFIO regions; the ROM BAR reads 0 (hidden).
+  Interrupt line: emulated, the GSI of the slot's INTx (pyvmm.machine.layout).
+- Capabilities: only PM, PCI Express, MSI and MSI-X stay in the list, at the device's offsets
+  (others are unlinked, and their bytes read 0). MSI and MSI-X are emulated entirely
+  (pyvmm.vfio.interrupts). PM's control/status and PCIe's device control/status registers are
+  the device's (live, writable bits forwarded; FLR and power states handled by vfio-pci); the
+  PCIe link registers are emulated as a trained x1 2.5 GT/s link, since the guest's link is not
+  the host's.
+- Extended capabilities (0x100-0xFFF): all hidden (0 at 0x100), AER, ACS, SR-IOV and the rest
+  being the host's business.
+
+BARs: each memory BAR of at least a page is mapped by pieces (`bar_areas`): the region's mmap
+areas (sparse mmap honoured) as device memory in KVM slots, minus the pages of the MSI-X table
+and PBA, which stay trapped with whatever else cannot be mapped; trapped accesses go to the
+emulated MSI-X table and PBA, or to the device with pread/pwrite. I/O BARs and BARs smaller
+than a page are trapped whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from typing import TYPE_CHECKING
+
+from pyvmm.devices.pci.capability import (
+    CAP_START,
+    PCI_CAP_ID_EXP,
+    PCI_CAP_ID_MSI,
+    PCI_CAP_ID_MSIX,
+    PCI_CAP_ID_PM,
+    PCI_CAPABILITY_LIST,
+    PCI_STATUS,
+    Capability,
+)
+from pyvmm.devices.pci.device import (
+    NUM_BARS,
+    PCI_BASE_ADDRESS_0,
+    PCI_COMMAND,
+    PCI_HEADER_TYPE,
+    PCI_INTERRUPT_PIN,
+    Bar,
+    BarArea,
+    BarKind,
+    PciFunction,
+    PciFunctionState,
+)
+from pyvmm.devices.pci.msi import MSI_FLAGS_64BIT, MSI_FLAGS_MASKBIT, MSI_FLAGS_QMASK, Msi
+from pyvmm.devices.pci.msix import Msix
+from pyvmm.kvm.mmap import PAGE_SIZE
+from pyvmm.machine.state import StateError
+from pyvmm.uapi import vfio as uapi
+from pyvmm.vfio.device import Region, VfioDevice
+from pyvmm.vfio.errors import VfioError
+from pyvmm.vfio.interrupts import VfioInterrupts
+
+if TYPE_CHECKING:
+    from pyvmm.machine.machine import Machine
+
+log = logging.getLogger(__name__)
+
+# The command bits the guest may change on the device.
+COMMAND_WRITABLE = 0x0547  # I/O, memory, bus master, parity, SERR, INTx disable
+STATUS_CAP_LIST = 0x0010
+PCI_CACHE_LINE_SIZE = 0x0C
+MAX_CAPS = 48  # a capability list longer than this loops
+
+# PM: power management control/status at +4: power state (1:0) and PME enable (8) writable,
+# PME status (15) write-1-to-clear.
+PM_CTRL = 4
+PM_CTRL_WRITABLE = 0x0103
+PM_CTRL_W1C = 0x8000
+PM_LENGTH = 8
+# PCI Express: device control at +8 (writable), device status at +0xA (error bits W1C), link
+# capabilities +0xC, link control +0x10, link status +0x12; device control 2 at +0x28.
+EXP_DEVCTL, EXP_DEVSTA, EXP_LNKCAP, EXP_LNKCTL, EXP_LNKSTA = 8, 10, 12, 16, 18
+EXP_DEVCAP2, EXP_DEVCTL2 = 0x24, 0x28
+EXP_LENGTH = 0x3C
+EXP_LENGTH_V1 = 0x24
+EXP_LNKCAP_X1_2_5GT = 0x0000_0011  # max link speed 2.5 GT/s, max width x1
+EXP_LNKSTA_X1_2_5GT = 0x0011  # current speed 2.5 GT/s, negotiated width x1
+# MSI-X: message control at +2 (table size - 1 in 10:0), table and PBA BIR|offset at +4, +8.
+MSIX_TABLE_SIZE_MASK = 0x07FF
+
+
+# A field of a passed-through capability that is the device's (read live, written through):
+# (offset in the capability, size, bits the guest may write, bits it clears by writing 1).
+LiveField = tuple[int, int, int, int]
+
+
+class VfioPciFunction(PciFunction):
+    """A VFIO device as a PCI function of the guest; plug it into the machine's bus 0."""
+
+    def __init__(self, machine: Machine, device: VfioDevice, name: str) -> None:
+        self.device = device
+        self._config_region = device.region(uapi.VfioPciRegion.CONFIG)
+        size = min(self._config_region.size, 4096)
+        raw = device.read(self._config_region, 0, size)
+        self._vfio_regions: dict[int, Region] = {}
+        bars = self._bars(raw)
+        vendor, device_id = struct.unpack_from("<HH", raw, 0)
+        super().__init__(
+            vendor,
+            device_id,
+            int.from_bytes(raw[9:12], "little"),
+            revision=raw[8],
+            bars=bars,
+            subsystem_vendor_id=struct.unpack_from("<H", raw, 0x2C)[0],
+            subsystem_id=struct.unpack_from("<H", raw, 0x2E)[0],
+            name=name,
+        )
+        self._vm = machine.vm
+        self.interrupts = VfioInterrupts(machine.vm, device)
+        self.msi: Msi | None = None
+        self.msix: Msix | None = None
+        try:
+            self._virtualize_header(raw)
+            self._virtualize_capabilities(machine, raw)
+            self._mappings = self._map_bars()
+        except BaseException:
+            self._close_interrupts()
+            raise
+
+    # set-up
+
+    def _bars(self, raw: bytes) -> tuple[Bar, ...]:
+        """BAR kinds from the device's registers, sizes from its regions."""
+        bars = []
+        index = 0
+        while index < NUM_BARS:
+            region = self.device.region(uapi.VfioPciRegion.BAR0 + index)
+            low = struct.unpack_from("<I", raw, PCI_BASE_ADDRESS_0 + 4 * index)[0]
+            if region.size == 0:
+                index += 1
+                continue
+            if region.size & (region.size - 1):
+                raise VfioError(f"{self.device.name}: BAR{index} of {region.size:#x} bytes")
+            self._vfio_regions[index] = region
+            if low & 1:
+                bars.append(Bar(index, BarKind.IO, max(region.size, 4)))
+                index += 1
+                continue
+            is_64 = (low >> 1) & 3 == 2
+            kind = BarKind.MEM64 if is_64 else BarKind.MEM32
+            bars.append(Bar(index, kind, max(region.size, 16), prefetchable=bool(low & 8)))
+            index += 2 if is_64 else 1
+        return tuple(bars)
+
+    def _virtualize_header(self, raw: bytes) -> None:
+        self.config[PCI_CACHE_LINE_SIZE : PCI_CACHE_LINE_SIZE + 2] = raw[0x0C:0x0E]
+        self.config[PCI_HEADER_TYPE] = raw[PCI_HEADER_TYPE] & 0x7F  # single-function
+        self.config[PCI_INTERRUPT_PIN] = (
+            raw[PCI_INTERRUPT_PIN] if raw[PCI_INTERRUPT_PIN] <= 4 else 0
+        )
+        self.config[0x3E:0x40] = raw[0x3E:0x40]  # min grant, max latency
+        # command: the device's, and the bits the guest may write go to it
+        self.emulated[PCI_COMMAND : PCI_COMMAND + 2] = bytes(2)
+        struct.pack_into("<H", self.wmask, PCI_COMMAND, COMMAND_WRITABLE)
+        # status: the device's, but for the capability-list bit, which is this list's
+        struct.pack_into("<H", self.emulated, PCI_STATUS, STATUS_CAP_LIST)
+
+    def _device_capabilities(self, raw: bytes) -> list[tuple[int, int]]:
+        """(id, offset) of the device's standard capabilities, loops and bad offsets refused."""
+        found = []
+        if not struct.unpack_from("<H", raw, PCI_STATUS)[0] & STATUS_CAP_LIST:
+            return found
+        offset = raw[PCI_CAPABILITY_LIST] & ~3
+        seen = set()
+        while offset:
+            if offset < CAP_START or offset + 2 > 0x100 or offset in seen or len(seen) > MAX_CAPS:
+                log.warning("%s: capability list broken at %#x", self.device.name, offset)
+                break
+            seen.add(offset)
+            found.append((raw[offset], offset))
+            offset = raw[offset + 1] & ~3
+        return found
+
+    def _virtualize_capabilities(self, machine: Machine, raw: bytes) -> None:
+        found = self._device_capabilities(raw)
+        starts = sorted(offset for _, offset in found)
+        for cap_id, offset in found:
+            # a capability ends where the next one starts, at the latest
+            room = next((o for o in starts if o > offset), 0x100) - offset
+            if cap_id == PCI_CAP_ID_PM:
+                live = ((PM_CTRL, 2, PM_CTRL_WRITABLE, PM_CTRL_W1C),)
+                self._add_passthrough(cap_id, raw, offset, min(PM_LENGTH, room), live)
+            elif cap_id == PCI_CAP_ID_EXP:
+                self._add_express(raw, offset, room)
+            elif cap_id == PCI_CAP_ID_MSI and self.msi is None:
+                self._add_msi(machine, raw, offset)
+            elif cap_id == PCI_CAP_ID_MSIX and self.msix is None:
+                self._add_msix(machine, raw, offset)
+            else:
+                log.debug("%s: capability %#x at %#x hidden", self.device.name, cap_id, offset)
+
+    def _add_passthrough(
+        self,
+        cap_id: int,
+        raw: bytes,
+        offset: int,
+        length: int,
+        live: tuple[LiveField, ...],
+    ) -> Capability:
+        """The device's capability as it was at attach, read-only but for its `live` fields
+        (those that fit in `length`)."""
+        cap = Capability(cap_id, raw[offset + 2 : offset + length])
+        self.add_capability(cap, offset)
+        for field, size, writable, clear in live:
+            if field + size > length:
+                continue
+            at = offset + field
+            self.emulated[at : at + size] = bytes(size)
+            self.wmask[at : at + size] = writable.to_bytes(size, "little")
+            self.w1cmask[at : at + size] = clear.to_bytes(size, "little")
+        return cap
+
+    def _add_express(self, raw: bytes, offset: int, room: int) -> None:
+        version = raw[offset + 2] & 0xF  # a version 1 capability ends after the slot fields
+        length = min(EXP_LENGTH if version >= 2 else EXP_LENGTH_V1, room)
+        live = (
+            (EXP_DEVCTL, 2, 0xFFFF, 0),
+            (EXP_DEVSTA, 2, 0, 0x000F),
+            (EXP_DEVCTL2, 2, 0xFFFF, 0),
+        )
+        cap = self._add_passthrough(PCI_CAP_ID_EXP, raw, offset, length, live)
+        if length >= EXP_LNKSTA + 2:  # the link the guest sees: one trained lane
+            cap.put(EXP_LNKCAP, 4, EXP_LNKCAP_X1_2_5GT)
+            cap.put(EXP_LNKCTL, 2, 0)
+            cap.put(EXP_LNKSTA, 2, EXP_LNKSTA_X1_2_5GT)
+        for field in range(0x14, length - 3, 4):  # slot, root and link 2 registers: none
+            if field not in (EXP_DEVCAP2, EXP_DEVCTL2):  # device capabilities 2 and control 2
+                cap.put(field, 4, 0)
+
+    def _add_msi(self, machine: Machine, raw: bytes, offset: int) -> None:
+        control = struct.unpack_from("<H", raw, offset + 2)[0]
+        offered = 1 << ((control & MSI_FLAGS_QMASK) >> 1)
+        offered = min(offered, max(1, self.device.irq(uapi.VfioPciIrq.MSI).count))
+        self.msi = Msi(
+            machine.vm,
+            machine.gsi,
+            1 << (offered.bit_length() - 1),
+            is_64bit=bool(control & MSI_FLAGS_64BIT),
+            maskable=bool(control & MSI_FLAGS_MASKBIT),
+            on_control=lambda vectors: self.interrupts.msi(self.msi.eventfds, vectors),
+        )
+        self.add_capability(self.msi.capability, offset)
+
+    def _add_msix(self, machine: Machine, raw: bytes, offset: int) -> None:
+        control, table, pba = struct.unpack_from("<HII", raw, offset + 2)
+        vectors = (control & MSIX_TABLE_SIZE_MASK) + 1
+        self.msix = Msix(
+            machine.vm,
+            machine.gsi,
+            vectors,
+            table=(table & 7, table & ~7),
+            pba=(pba & 7, pba & ~7),
+            on_control=lambda enabled, masked: self.interrupts.msix(self.msix.eventfds, enabled),
+        )
+        self.msix_table = (table & 7, table & ~7)
+        self.msix_pba = (pba & 7, pba & ~7)
+        self.add_capability(self.msix.capability, offset)
+
+    def _map_bars(self) -> dict[int, list[tuple[int, int, int]]]:
+        """mmap every mappable area of every memory BAR of at least a page, once:
+        (offset, size, host address) per BAR."""
+        mappings: dict[int, list[tuple[int, int, int]]] = {}
+        for index, bar in self.bars.items():
+            region = self._vfio_regions[index]
+            if bar.kind is BarKind.IO or bar.size < PAGE_SIZE:
+                continue
+            pieces = []
+            for start, size in region.mmap_areas:
+                first = -(-start // PAGE_SIZE) * PAGE_SIZE
+                end = (start + size) // PAGE_SIZE * PAGE_SIZE
+                if end > first:
+                    mapping = self.device.mmap(region, first, end - first)
+                    pieces.append((first, end - first, mapping.addr))
+            mappings[index] = pieces
+        return mappings
+
+    def plugged(self) -> None:
+        if self.config[PCI_INTERRUPT_PIN]:
+            self.interrupts.wire_intx(self.config[0x3C])
+
+    # BARs
+
+    def _trapped_holes(self, index: int) -> list[tuple[int, int]]:
+        """Page-rounded ranges of BAR `index` that must stay trapped: the MSI-X table, PBA."""
+        holes = []
+        if self.msix is not None:
+            tables = ((self.msix_table, self.msix.table_size), (self.msix_pba, self.msix.pba_size))
+            for (bir, offset), size in tables:
+                if bir == index:
+                    start = offset // PAGE_SIZE * PAGE_SIZE
+                    holes.append((start, -(-(offset + size) // PAGE_SIZE) * PAGE_SIZE))
+        return holes
+
+    def bar_areas(self, index: int) -> list[BarArea]:
+        size = self.bars[index].size
+        mapped = self._mappings.get(index)
+        if not mapped:
+            return [BarArea(0, size)]
+        holes = self._trapped_holes(index)
+        pieces: list[tuple[int, int, int]] = []  # (start, end, host address of start)
+        for start, length, addr in mapped:
+            cuts = [(start, start + length)]
+            for lo, hi in holes:
+                cuts = [
+                    part
+                    for a, b in cuts
+                    for part in ((a, min(b, lo)), (max(a, hi), b))
+                    if part[0] < part[1]
+                ]
+            pieces += [(a, b, addr + a - start) for a, b in cuts]
+        areas = []
+        position = 0
+        for start, end, addr in sorted(pieces):
+            if start > position:
+                areas.append(BarArea(position, start - position))
+            areas.append(BarArea(start, end - start, addr))
+            position = end
+        if position < size:
+            areas.append(BarArea(position, size - position))
+        return areas
+
+    def _in(self, where: tuple[int, int], length: int, index: int, offset: int) -> bool:
+        return where[0] == index and where[1] <= offset < where[1] + length
+
+    def bar_read(self, index: int, offset: int, size: int) -> int:
+        msix = self.msix
+        if msix is not None and self._in(self.msix_table, msix.table_size, index, offset):
+            return msix.table_read(offset - self.msix_table[1], size)
+        if msix is not None and self._in(self.msix_pba, msix.pba_size, index, offset):
+            return msix.pba_read(offset - self.msix_pba[1], size)
+        try:
+            data = self.device.read(self._vfio_regions[index], offset, size)
+        except (VfioError, OSError) as err:
+            log.debug("%s: BAR%d read at %#x: %s", self.name, index, offset, err)
+            return (1 << (8 * size)) - 1
+        return int.from_bytes(data, "little")
+
+    def bar_write(self, index: int, offset: int, size: int, value: int) -> None:
+        msix = self.msix
+        if msix is not None and self._in(self.msix_table, msix.table_size, index, offset):
+            msix.table_write(offset - self.msix_table[1], size, value)
+            return
+        if msix is not None and self._in(self.msix_pba, msix.pba_size, index, offset):
+            return  # the PBA is read-only
+        try:
+            self.device.write(self._vfio_regions[index], offset, value.to_bytes(size, "little"))
+        except (VfioError, OSError) as err:
+            log.debug("%s: BAR%d write at %#x: %s", self.name, index, offset, err)
+
+    # the device's own config bytes
+
+    def device_config_read(self, offset: int, size: int) -> int:
+        try:
+            data = self.device.read(self._config_region, offset, size)
+        except (VfioError, OSError):
+            return (1 << (8 * size)) - 1
+        return int.from_bytes(data, "little")
+
+    def device_config_write(self, offset: int, size: int, value: int, mask: int) -> None:
+        clear = int.from_bytes(self.w1cmask[offset : offset + size], "little")
+        current = self.device_config_read(offset, size)
+        # bits the guest does not write keep their value, but write-1-to-clear bits are only
+        # written as the guest wrote them (writing back a 1 read would clear it)
+        merged = (current & ~mask & ~clear) | (value & mask)
+        try:
+            self.device.write(self._config_region, offset, merged.to_bytes(size, "little"))
+        except (VfioError, OSError) as err:
+            log.debug("%s: config write at %#x: %s", self.name, offset, err)
+
+    # state: a device's own state needs VFIO migration, which pyvmm does not do yet
+
+    def _no_state(self) -> StateError:
+        return StateError(
+            f"{self.name}: a passed-through device's state cannot be saved or restored (no "
+            "VFIO migration support yet)"
+        )
+
+    def save(self) -> PciFunctionState:
+        raise self._no_state()
+
+    def check(self, state: PciFunctionState) -> None:
+        raise self._no_state()
+
+    def restore(self, state: PciFunctionState) -> None:
+        raise self._no_state()
+
+    # teardown
+
+    def _close_interrupts(self) -> None:
+        self.interrupts.close()
+        for vectors in (self.msi, self.msix):
+            if vectors is not None:
+                vectors.close()
+
+    def close(self) -> None:
+        """Unmap the BARs, stop the interrupts, and reset the device for its next user."""
+        super().close()
+        self._close_interrupts()
+        if self.device.info().flags & uapi.VfioDeviceFlag.RESET:
+            try:
+                self.device.reset()
+            except VfioError as err:
+                log.warning("%s", err)
