@@ -32,3 +32,49 @@ void lapic_eoi(void)
 {
     lapic_write(LAPIC_REG_EOI, 0);
 }
+
+volatile uint32_t lapic_ticks;
+
+static void tick(struct int_frame *f)
+{
+    (void)f;
+    lapic_ticks++;
+    lapic_eoi();
+}
+
+void lapic_tick_start(uint8_t vector, uint32_t period_us)
+{
+    idt_register(vector, tick);
+    lapic_write(LAPIC_REG_TIMER_DIV, LAPIC_TIMER_DIV_1);
+    lapic_write(LAPIC_REG_LVT_TIMER, LAPIC_TIMER_PERIODIC | vector);
+    lapic_write(LAPIC_REG_TIMER_INIT, period_us * 1000u);     /* 1 GHz: 1000 counts a us */
+}
+
+void lapic_tick_stop(void)
+{
+    lapic_write(LAPIC_REG_LVT_TIMER, LAPIC_LVT_MASKED);
+    lapic_write(LAPIC_REG_TIMER_INIT, 0);
+}
+
+int lapic_tick_wait(volatile uint32_t *counter, uint32_t target, uint32_t max_ticks)
+{
+    cli();
+    uint32_t start = lapic_ticks;
+    while (*counter < target) {
+        if (lapic_ticks - start >= max_ticks)
+            return -1;
+        sti_hlt();
+        cli();
+    }
+    return 0;
+}
+
+void lapic_tick_sleep(uint32_t ticks)
+{
+    cli();
+    uint32_t start = lapic_ticks;
+    while (lapic_ticks - start < ticks) {
+        sti_hlt();
+        cli();
+    }
+}

@@ -167,10 +167,52 @@ uint8_t pci_find_cap(uint8_t bus, uint8_t dev, uint8_t fn, uint8_t id, uint8_t a
     return 0;
 }
 
+void pci_msi_enable(uint8_t bus, uint8_t dev, uint8_t fn, uint8_t cap, uint8_t apic_id,
+                    uint8_t vector)
+{
+    uint16_t ctrl = pci_read16(bus, dev, fn, cap + PCI_MSI_FLAGS);
+    /* Off while the message is written; one vector. */
+    ctrl &= ~(PCI_MSI_FLAGS_ENABLE | PCI_MSI_FLAGS_QSIZE);
+    pci_write16(bus, dev, fn, cap + PCI_MSI_FLAGS, ctrl);
+    pci_write32(bus, dev, fn, cap + PCI_MSI_ADDRESS_LO, 0xFEE00000u | ((uint32_t)apic_id << 12));
+    uint16_t data = PCI_MSI_DATA_32, mask = PCI_MSI_MASK_32;
+    if (ctrl & PCI_MSI_FLAGS_64BIT) {
+        pci_write32(bus, dev, fn, cap + PCI_MSI_ADDRESS_HI, 0);
+        data = PCI_MSI_DATA_64;
+        mask = PCI_MSI_MASK_64;
+    }
+    pci_write16(bus, dev, fn, cap + data, vector);
+    if (ctrl & PCI_MSI_FLAGS_MASKBIT)
+        pci_write32(bus, dev, fn, cap + mask, 0);
+    pci_write16(bus, dev, fn, cap + PCI_MSI_FLAGS, ctrl | PCI_MSI_FLAGS_ENABLE);
+}
+
+void pci_msi_disable(uint8_t bus, uint8_t dev, uint8_t fn, uint8_t cap)
+{
+    uint16_t ctrl = pci_read16(bus, dev, fn, cap + PCI_MSI_FLAGS);
+    pci_write16(bus, dev, fn, cap + PCI_MSI_FLAGS, ctrl & ~PCI_MSI_FLAGS_ENABLE);
+}
+
+unsigned pci_msix_table_size(uint8_t bus, uint8_t dev, uint8_t fn, uint8_t cap)
+{
+    return (pci_read16(bus, dev, fn, cap + PCI_MSIX_FLAGS) & PCI_MSIX_FLAGS_QSIZE) + 1;
+}
+
+/* The BAR address + offset that the dword at cap + off (table or PBA) names. */
+static uint64_t msix_structure(uint8_t bus, uint8_t dev, uint8_t fn, uint8_t cap, uint8_t off)
+{
+    uint32_t v = pci_read32(bus, dev, fn, cap + off);
+    return pci_bar_address(bus, dev, fn, v & PCI_MSIX_BIR_MASK) + (v & ~PCI_MSIX_BIR_MASK);
+}
+
 uint64_t pci_msix_table(uint8_t bus, uint8_t dev, uint8_t fn, uint8_t cap)
 {
-    uint32_t table = pci_read32(bus, dev, fn, cap + PCI_MSIX_TABLE);
-    return pci_bar_address(bus, dev, fn, table & 7) + (table & ~7u);
+    return msix_structure(bus, dev, fn, cap, PCI_MSIX_TABLE);
+}
+
+uint64_t pci_msix_pba(uint8_t bus, uint8_t dev, uint8_t fn, uint8_t cap)
+{
+    return msix_structure(bus, dev, fn, cap, PCI_MSIX_PBA);
 }
 
 void pci_msix_enable(uint8_t bus, uint8_t dev, uint8_t fn, uint8_t cap)
@@ -180,11 +222,48 @@ void pci_msix_enable(uint8_t bus, uint8_t dev, uint8_t fn, uint8_t cap)
     pci_write16(bus, dev, fn, cap + PCI_MSIX_FLAGS, ctrl);
 }
 
+void pci_msix_disable(uint8_t bus, uint8_t dev, uint8_t fn, uint8_t cap)
+{
+    uint16_t ctrl = pci_read16(bus, dev, fn, cap + PCI_MSIX_FLAGS);
+    pci_write16(bus, dev, fn, cap + PCI_MSIX_FLAGS, ctrl & ~PCI_MSIX_FLAGS_ENABLE);
+}
+
+static uintptr_t msix_entry(uint64_t table, unsigned entry)
+{
+    return (uintptr_t)table + entry * PCI_MSIX_ENTRY_SIZE;
+}
+
 void msix_set_vector(uint64_t table, unsigned entry, uint8_t apic_id, uint8_t vector)
 {
-    uintptr_t e = (uintptr_t)table + entry * PCI_MSIX_ENTRY_SIZE;
+    uintptr_t e = msix_entry(table, entry);
     mmio_write32(e + 0, 0xFEE00000u | ((uint32_t)apic_id << 12));
     mmio_write32(e + 4, 0);
     mmio_write32(e + 8, vector);
-    mmio_write32(e + 12, 0);             /* unmask */
+    mmio_write32(e + PCI_MSIX_ENTRY_VECTOR_CTRL, 0);             /* unmask */
+}
+
+void msix_set_vector_masked(uint64_t table, unsigned entry, uint8_t apic_id, uint8_t vector)
+{
+    uintptr_t e = msix_entry(table, entry);
+    mmio_write32(e + PCI_MSIX_ENTRY_VECTOR_CTRL, PCI_MSIX_ENTRY_CTRL_MASKBIT);
+    mmio_write32(e + 0, 0xFEE00000u | ((uint32_t)apic_id << 12));
+    mmio_write32(e + 4, 0);
+    mmio_write32(e + 8, vector);
+}
+
+void msix_mask_entry(uint64_t table, unsigned entry)
+{
+    mmio_write32(msix_entry(table, entry) + PCI_MSIX_ENTRY_VECTOR_CTRL,
+                 PCI_MSIX_ENTRY_CTRL_MASKBIT);
+}
+
+void msix_unmask_entry(uint64_t table, unsigned entry)
+{
+    mmio_write32(msix_entry(table, entry) + PCI_MSIX_ENTRY_VECTOR_CTRL, 0);
+}
+
+int msix_pending(uint64_t pba, unsigned entry)
+{
+    /* The PBA is an array of bits, entry i at bit i % 32 of dword i / 32. */
+    return (mmio_read32((uintptr_t)pba + 4 * (entry / 32)) >> (entry % 32)) & 1;
 }

@@ -16,7 +16,12 @@
 #define LAPIC_REG_LVT_LINT0 0x350
 #define LAPIC_REG_LVT_LINT1 0x360
 #define LAPIC_REG_LVT_ERROR 0x370
+#define LAPIC_REG_TIMER_INIT 0x380      /* initial count */
+#define LAPIC_REG_TIMER_CUR  0x390      /* current count */
+#define LAPIC_REG_TIMER_DIV  0x3E0      /* divide configuration */
 #define LAPIC_LVT_MASKED  (1u << 16)
+#define LAPIC_TIMER_PERIODIC (1u << 17)
+#define LAPIC_TIMER_DIV_1    0xB
 #define LAPIC_SPURIOUS_VECTOR 0xFF
 
 #define MSR_IA32_APIC_BASE 0x1B
@@ -29,6 +34,22 @@ void lapic_write(uint32_t reg, uint32_t value);
 void lapic_enable(void);
 uint32_t lapic_id(void);
 void lapic_eoi(void);
+
+/* A periodic tick from the LAPIC timer, to bound waits in time rather than in loop iterations.
+ * The timer counts the APIC bus clock divided by 1; the period assumes a 1 GHz clock, which is
+ * what KVM's in-kernel LAPIC and QEMU's emulated one use (so it is nominal elsewhere). The tick
+ * handler is registered on `vector` with idt_register (call idt_init and lapic_enable first);
+ * it increments lapic_ticks and sends the EOI. The timer is in-kernel under KVM: no exits to the
+ * VMM. */
+extern volatile uint32_t lapic_ticks;
+void lapic_tick_start(uint8_t vector, uint32_t period_us);
+/* Masks the timer and stops it (initial count 0); the handler stays registered. */
+void lapic_tick_stop(void);
+/* With interrupts off, halts (sti; hlt, then cli again) until *counter >= target or max_ticks
+ * ticks have passed. Returns 0, or -1 on the time-out. Interrupts are off when it returns. */
+int lapic_tick_wait(volatile uint32_t *counter, uint32_t target, uint32_t max_ticks);
+/* Halts the same way until `ticks` ticks have passed, whatever else wakes it. */
+void lapic_tick_sleep(uint32_t ticks);
 
 #define IOAPIC_BASE       0xFEC00000UL
 #define IOAPIC_REG_ID     0x00

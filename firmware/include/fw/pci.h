@@ -16,12 +16,19 @@
 #define PCI_HEADER_TYPE 0x0E
 #define PCI_BAR0        0x10
 #define PCI_CAPABILITY_LIST 0x34
+#define PCI_INTERRUPT_LINE 0x3C  /* 8 bits: the IOAPIC pin (GSI) INTx is wired to; 0xFF: none */
+#define PCI_INTERRUPT_PIN  0x3D  /* 8 bits: 0 none, 1-4 INTA#-INTD# */
 #define PCI_COMMAND_IO     0x1
 #define PCI_COMMAND_MEMORY 0x2
 #define PCI_COMMAND_MASTER 0x4
+#define PCI_COMMAND_INTX_DISABLE 0x400
+#define PCI_STATUS_INTERRUPT 0x8 /* INTx asserted (read-only) */
 #define PCI_STATUS_CAP_LIST 0x10
 
+#define PCI_CAP_ID_PM   0x01
+#define PCI_CAP_ID_MSI  0x05
 #define PCI_CAP_ID_VNDR 0x09
+#define PCI_CAP_ID_EXP  0x10
 #define PCI_CAP_ID_MSIX 0x11
 
 /* ECAM (enhanced configuration access, "MMCONFIG"): 4 KiB of config space per function at
@@ -73,21 +80,67 @@ uint64_t pci_bar_address(uint8_t bus, uint8_t dev, uint8_t fn, unsigned idx);
  * the list), or 0 if there is none. Stops after 48 hops, so a looping list ends too. */
 uint8_t pci_find_cap(uint8_t bus, uint8_t dev, uint8_t fn, uint8_t id, uint8_t after);
 
+/* MSI, for the capability at offset cap (see pci_find_cap). The layout after the message address
+ * depends on Message Control: 64-bit capable (bit 7) puts the upper address at +8 and the data
+ * at +0xC, else the data is at +8; per-vector masking (bit 8) adds the mask bits after the data
+ * (+0x10 or +0xC). */
+#define PCI_MSI_FLAGS          2        /* Message Control, 16 bits */
+#define PCI_MSI_FLAGS_ENABLE   0x0001
+#define PCI_MSI_FLAGS_QMASK    0x000E   /* multiple message capable */
+#define PCI_MSI_FLAGS_QSIZE    0x0070   /* multiple message enable */
+#define PCI_MSI_FLAGS_64BIT    0x0080
+#define PCI_MSI_FLAGS_MASKBIT  0x0100
+#define PCI_MSI_ADDRESS_LO     4
+#define PCI_MSI_ADDRESS_HI     8        /* 64-bit capable only */
+#define PCI_MSI_DATA_32        8
+#define PCI_MSI_DATA_64        0xC
+#define PCI_MSI_MASK_32        0xC
+#define PCI_MSI_MASK_64        0x10
+
+/* Programs one message (address 0xFEE00000 | apic_id << 12: fixed delivery, physical
+ * destination; data = vector: edge) with one vector enabled (multiple message enable 0), clears
+ * the mask bit of vector 0 if the function has per-vector masking, then sets MSI Enable. 16-bit
+ * writes for Message Control and the data, 32-bit for the address. */
+void pci_msi_enable(uint8_t bus, uint8_t dev, uint8_t fn, uint8_t cap, uint8_t apic_id,
+                    uint8_t vector);
+/* Clears MSI Enable (the function goes back to INTx, unless PCI_COMMAND disables it). */
+void pci_msi_disable(uint8_t bus, uint8_t dev, uint8_t fn, uint8_t cap);
+
 /* MSI-X, for the capability at offset cap (see pci_find_cap). */
 #define PCI_MSIX_FLAGS         2        /* Message Control, 16 bits */
 #define PCI_MSIX_FLAGS_QSIZE   0x07FF   /* table size - 1 */
 #define PCI_MSIX_FLAGS_MASKALL 0x4000
 #define PCI_MSIX_FLAGS_ENABLE  0x8000
 #define PCI_MSIX_TABLE         4        /* BAR index (bits 2:0) | offset */
+#define PCI_MSIX_PBA           8        /* BAR index (bits 2:0) | offset */
+#define PCI_MSIX_BIR_MASK      7u
 #define PCI_MSIX_ENTRY_SIZE    16
+#define PCI_MSIX_ENTRY_VECTOR_CTRL 12
 #define PCI_MSIX_ENTRY_CTRL_MASKBIT 1
 
+/* Number of MSI-X table entries (Message Control's table size + 1). */
+unsigned pci_msix_table_size(uint8_t bus, uint8_t dev, uint8_t fn, uint8_t cap);
 /* Guest-physical address of the MSI-X table (its BAR's address + offset). */
 uint64_t pci_msix_table(uint8_t bus, uint8_t dev, uint8_t fn, uint8_t cap);
+/* Guest-physical address of the Pending Bit Array (its BAR's address + offset). */
+uint64_t pci_msix_pba(uint8_t bus, uint8_t dev, uint8_t fn, uint8_t cap);
 /* Sets MSI-X Enable and clears Function Mask in Message Control. */
 void pci_msix_enable(uint8_t bus, uint8_t dev, uint8_t fn, uint8_t cap);
+/* Clears MSI-X Enable. */
+void pci_msix_disable(uint8_t bus, uint8_t dev, uint8_t fn, uint8_t cap);
+
+/* The table and PBA accessors below use one 32-bit access per dword (a VMM traps these). */
 /* Points table entry `entry` at `vector` on the local APIC `apic_id` (fixed delivery, physical
- * destination, edge) and unmasks it. */
+ * destination, edge) and unmasks it: address, upper address, data, then vector control 0. */
 void msix_set_vector(uint64_t table, unsigned entry, uint8_t apic_id, uint8_t vector);
+/* The same message, but the entry stays masked: vector control 1 is written first, then the
+ * address, upper address and data (4 writes). Unmask it later with msix_unmask_entry. */
+void msix_set_vector_masked(uint64_t table, unsigned entry, uint8_t apic_id, uint8_t vector);
+/* Vector control = 1 (masked) or 0 (unmasked): one 32-bit write each, without reading first
+ * (the other bits of vector control are reserved, 0). */
+void msix_mask_entry(uint64_t table, unsigned entry);
+void msix_unmask_entry(uint64_t table, unsigned entry);
+/* Entry's bit of the Pending Bit Array (one 32-bit read): 1 if a message is pending. */
+int msix_pending(uint64_t pba, unsigned entry);
 
 #endif
