@@ -71,7 +71,8 @@ def e1000e_like_config() -> bytearray:
 
 class FakeDevice:
     """A VFIO device fd: regions (BAR0 128 KiB mappable, BAR1 flash 128 KiB not, BAR2 I/O 32
-    bytes, BAR3 16 KiB MSI-X with a sparse mmap area above the PBA, config 4 KiB), IRQ infos;
+    bytes, BAR3 16 KiB MSI-X with sparse mmap areas between and above the table and PBA
+    pages, config 4 KiB), IRQ infos;
     it records every region write and SET_IRQS."""
 
     name = "fake0"
@@ -93,7 +94,7 @@ class FakeDevice:
         if index == uapi.VfioPciRegion.CONFIG:
             return Region(index, F.READ | F.WRITE, 4096, 7 << 40, ())
         size = self.SIZES.get(index, 0)
-        areas = {0: ((0, size),), 3: ((0x3000, 0x1000),)}.get(index, ())
+        areas = {0: ((0, size),), 3: ((0x1000, 0x1000), (0x3000, 0x1000))}.get(index, ())
         flags = F.READ | F.WRITE | (F.MMAP if areas else 0) if size else F(0)
         return Region(index, flags, size, index << 40, areas)
 
@@ -237,8 +238,13 @@ def test_bars_are_sized_from_the_regions_and_mapped_around_the_msix_table(guest:
     assert guest.read(PCI_BASE_ADDRESS_0, 4) == 0xFFFE_0000
     guest.write(PCI_BASE_ADDRESS_0, 4, base)
     regions = {r.name: r for r in guest.space.regions(RegionKind.DEVICE)}
-    assert sorted(regions) == ["vfio fake0 BAR0+0x0", "vfio fake0 BAR3+0x3000"]
+    assert sorted(regions) == [
+        "vfio fake0 BAR0+0x0",
+        "vfio fake0 BAR3+0x1000",
+        "vfio fake0 BAR3+0x3000",
+    ]
     bar3 = function.bar_address(3)
+    assert regions["vfio fake0 BAR3+0x1000"].gpa == bar3 + 0x1000
     assert regions["vfio fake0 BAR3+0x3000"].gpa == bar3 + 0x3000
     # the table page and the PBA page are trapped and emulated, never the device's
     window = guest.mmio.find(bar3)

@@ -333,8 +333,8 @@ class PciFunction:
                     windows.append((bus, where))
                     continue
                 region = self._regions.get((index, area.offset))
-                windows = self.bus.memory_windows
-                if not any(lo <= where and where + area.size <= hi for lo, hi in windows):
+                allowed = self.bus.memory_windows
+                if not any(lo <= where and where + area.size <= hi for lo, hi in allowed):
                     raise AddressSpaceError(f"{where:#x} is outside the PCI memory windows")
                 if region is None:
                     region = MemoryRegion(
