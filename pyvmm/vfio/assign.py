@@ -85,7 +85,7 @@ def _backend(
         backend = "iommufd" if usable else "container"
         log.info("%s: VFIO backend %s (the default here)", device.name, backend)
     elif backend == "iommufd" and not usable:
-        missing = "/dev/iommu" if not sysfs.iommufd else f"a VFIO cdev for {device.name}"
+        missing = "/dev/iommu" if not sysfs.iommufd else f"VFIO cdev for {device.name}"
         raise VfioError(
             f"iommufd asked for, but there is no {missing} (the kernel needs CONFIG_IOMMUFD and "
             "CONFIG_VFIO_DEVICE_CDEV); use --vfio-backend container"
