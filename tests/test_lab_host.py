@@ -137,6 +137,7 @@ def machine(**overrides: object) -> qemu.MachineConfig:
         "share": Path("/t/share"),
         "console": "socket,fd=5",
         "agent": "socket,fd=6",
+        "scratch": Path("/t"),
     }
     fields.update(overrides)
     return qemu.MachineConfig(**fields)  # type: ignore[arg-type]
@@ -202,9 +203,11 @@ def test_qemu_accepts_the_command_line(tmp_path: Path, iommu: str) -> None:
         share=tmp_path,
         console="null",
         agent="null",
+        scratch=tmp_path,
         iommu=iommu,
         devices=tuple(qemu.DEVICES),
     )
+    qemu.create_disk_images(config)  # QEMU opens each -drive's file at start-up
     proc = subprocess.Popen(
         [*qemu.command(binary, config), "-S"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
@@ -222,7 +225,7 @@ def test_qemu_accepts_the_command_line(tmp_path: Path, iommu: str) -> None:
 def test_iommu_comes_before_the_devices() -> None:
     devices = option_values(qemu.command("qemu", machine(devices=("edu", "nvme"))), "-device")
     assert devices[0] == "intel-iommu,intremap=on,caching-mode=on"
-    assert devices[-2:] == ["edu", "nvme,serial=pyvmm-lab-0"]
+    assert devices[-2:] == ["edu", "nvme,serial=pyvmm-lab-0,drive=nvme0"]
 
 
 def test_virtio_iommu_allows_unsafe_interrupts_and_verbose_is_not_quiet() -> None:
@@ -235,10 +238,42 @@ def test_virtio_iommu_allows_unsafe_interrupts_and_verbose_is_not_quiet() -> Non
 
 
 def test_repeated_devices_are_numbered() -> None:
-    devices = option_values(
-        qemu.command("q", machine(devices=("nvme", "e1000e", "nvme"))), "-device"
-    )
-    assert devices[-3:] == ["nvme,serial=pyvmm-lab-0", "e1000e,romfile=", "nvme,serial=pyvmm-lab-1"]
+    argv = qemu.command("q", machine(devices=("nvme", "e1000e", "nvme")))
+    assert option_values(argv, "-device")[-3:] == [
+        "nvme,serial=pyvmm-lab-0,drive=nvme0",
+        "e1000e,romfile=",
+        "nvme,serial=pyvmm-lab-1,drive=nvme1",
+    ]
+
+
+def test_each_nvme_has_a_drive_of_its_own_in_the_scratch_directory() -> None:
+    """So that the NVMe has namespace 1: the drive is its, by id, and the image is the boot's."""
+    argv = qemu.command("q", machine(devices=("edu", "nvme", "nvme"), scratch=Path("/t/boot")))
+    assert [options(d) for d in option_values(argv, "-drive")] == [
+        {"file": "/t/boot/nvme0.img", "if": "none", "format": "raw", "id": "nvme0"},
+        {"file": "/t/boot/nvme1.img", "if": "none", "format": "raw", "id": "nvme1"},
+    ]
+    nvmes = [options(d) for d in option_values(argv, "-device") if d.startswith("nvme,")]
+    assert [d["drive"] for d in nvmes] == ["nvme0", "nvme1"]
+    assert option_values(qemu.command("q", machine(devices=("edu", "e1000e"))), "-drive") == []
+
+
+def test_a_comma_in_the_image_path_is_escaped() -> None:
+    """QEMU splits option values at commas and reads ",," as one."""
+    argv = qemu.command("q", machine(devices=("nvme",), scratch=Path("/t/a,b")))
+    assert option_values(argv, "-drive") == ["file=/t/a,,b/nvme0.img,if=none,format=raw,id=nvme0"]
+
+
+def test_disk_images_are_sparse_and_of_the_stated_size(tmp_path: Path) -> None:
+    config = machine(devices=("edu", "nvme", "e1000e", "nvme"), scratch=tmp_path)
+    images = qemu.create_disk_images(config)
+    assert images == [tmp_path / "nvme0.img", tmp_path / "nvme1.img"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nvme0.img", "nvme1.img"]
+    for image in images:
+        info = image.stat()
+        assert info.st_size == qemu.DEVICES["nvme"].disk_mib << 20 == 64 << 20
+        assert info.st_blocks * 512 < 1 << 20  # sparse: nothing allocated yet
+    assert f"{qemu.DEVICES['nvme'].disk_mib} MiB" in qemu.DEVICES["nvme"].summary
 
 
 def test_shell_console_is_muxed_with_the_monitor() -> None:
@@ -418,7 +453,9 @@ for arg in sys.argv:
         fds[match.group(2)] = int(match.group(1))
 share = Path(next(a for a in sys.argv if "mount_tag=results" in a).split("path=")[1].split(",")[0])
 spec = json.loads((share / "spec.json").read_text())
-record = {{"argv": sys.argv, "pid": os.getpid(), "spec": spec}}
+drives = [a.split("file=")[1].split(",if=")[0] for a in sys.argv if a.startswith("file=")]
+sizes = {{path: os.stat(path).st_size for path in drives}}
+record = {{"argv": sys.argv, "pid": os.getpid(), "spec": spec, "drive_sizes": sizes}}
 Path(os.environ["FAKE_QEMU_RECORD"]).write_text(json.dumps(record))
 mode = os.environ["FAKE_QEMU_MODE"]
 
@@ -504,11 +541,14 @@ def test_run_streams_output_and_returns_the_exit_status(fake_lab: FakeLab) -> No
 
 
 def test_the_temporary_files_are_removed(fake_lab: FakeLab) -> None:
-    fake_lab.run("ok")
+    fake_lab.run("ok", devices=("edu", "nvme"))
     argv = fake_lab.record["argv"]
     assert isinstance(argv, list)
     initrd = Path(option_values(argv, "-initrd")[0])
     assert not initrd.parent.exists()
+    # the NVMe's image was there, beside the initramfs, for as long as QEMU ran
+    image = str(initrd.parent / "nvme0.img")
+    assert fake_lab.record["drive_sizes"] == {image: 64 << 20}
 
 
 def test_an_init_failure_is_reported_in_one_line(fake_lab: FakeLab) -> None:

@@ -32,10 +32,12 @@ class LabDevice:
     """An emulated PCI device the lab can hand to vfio-pci."""
 
     name: str
-    qemu_device: str  # the -device argument; {index} numbers instances
+    qemu_device: str  # the -device argument; {index} numbers instances, {drive} is the drive's id
     vendor: int
     device: int
     summary: str
+    #: The size of a sparse raw image made for each instance (a -drive with id {drive}); 0: none.
+    disk_mib: int = 0
 
 
 DEVICES = {
@@ -44,10 +46,11 @@ DEVICES = {
         LabDevice("edu", "edu", 0x1234, 0x11E8, "QEMU edu: a DMA engine with MSI"),
         LabDevice(
             "nvme",
-            "nvme,serial=pyvmm-lab-{index}",
+            "nvme,serial=pyvmm-lab-{index},drive={drive}",
             0x1B36,
             0x0010,
-            "QEMU NVMe controller, no namespace: MSI-X, DMA",
+            "QEMU NVMe controller, namespace 1 on a 64 MiB sparse image: MSI-X, DMA",
+            disk_mib=64,
         ),
         # romfile= empty: no iPXE option ROM needed (and ipxe-qemu need not be installed).
         LabDevice("e1000e", "e1000e,romfile=", 0x8086, 0x10D3, "Intel 82574L NIC: MSI-X"),
@@ -94,6 +97,7 @@ class MachineConfig:
     share: Path
     console: str
     agent: str
+    scratch: Path  # the boot's own directory, for the devices' disk images
     iommu: str = "intel"
     devices: tuple[str, ...] = ("edu",)
     memory: str = "2G"
@@ -155,8 +159,41 @@ def command(qemu: str, config: MachineConfig) -> list[str]:
         "-virtfs",
         f"local,path={config.share},mount_tag={initramfs.SHARE_TAG},security_model=none",
     ]
-    counts: dict[str, int] = {}
-    for name in config.devices:
-        index = counts[name] = counts.get(name, -1) + 1
-        args += ["-device", DEVICES[name].qemu_device.format(index=index)]
+    for name, index in _instances(config.devices):
+        drive = f"{name}{index}"
+        if DEVICES[name].disk_mib:
+            image = str(disk_image(config, drive)).replace(",", ",,")  # QEMU's escape for ","
+            args += ["-drive", f"file={image},if=none,format=raw,id={drive}"]
+        args += ["-device", DEVICES[name].qemu_device.format(index=index, drive=drive)]
     return args
+
+
+def _instances(devices: Sequence[str]) -> list[tuple[str, int]]:
+    """(name, index) of each device, numbering the instances of each name from 0."""
+    counts: dict[str, int] = {}
+    numbered = []
+    for name in devices:
+        counts[name] = counts.get(name, -1) + 1
+        numbered.append((name, counts[name]))
+    return numbered
+
+
+def disk_image(config: MachineConfig, drive: str) -> Path:
+    return config.scratch / f"{drive}.img"
+
+
+def create_disk_images(config: MachineConfig) -> list[Path]:
+    """Write the sparse raw images the devices of `config` are backed by; returns their paths.
+
+    Sparse: a 64 MiB image takes no space until the guest writes to it. The images live in the
+    boot's scratch directory and go with it.
+    """
+    images = []
+    for name, index in _instances(config.devices):
+        size = DEVICES[name].disk_mib << 20
+        if size:
+            image = disk_image(config, f"{name}{index}")
+            with image.open("wb") as f:
+                f.truncate(size)
+            images.append(image)
+    return images
