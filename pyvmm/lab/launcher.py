@@ -148,6 +148,18 @@ def guest_env(
     return env
 
 
+def device_request(device: qemu.LabDevice) -> dict[str, Any]:
+    """What the agent needs to find and bind `device` (see `agent.bind_devices`)."""
+    request: dict[str, Any] = {
+        "name": device.name,
+        "vendor": device.vendor,
+        "device": device.device,
+    }
+    if device.vfs:
+        request.update(vfs=device.vfs, vf_name=device.vf_name)
+    return request
+
+
 def write_spec(
     path: Path,
     mode: str,
@@ -163,10 +175,7 @@ def write_spec(
         "cwd": cwd,
         "env": dict(env),
         "port": qemu.AGENT_PORT,
-        "devices": [
-            {"name": n, "vendor": qemu.DEVICES[n].vendor, "device": qemu.DEVICES[n].device}
-            for n in devices
-        ],
+        "devices": [device_request(qemu.DEVICES[name]) for name in devices],
         "winsize": [size.lines, size.columns],
     }
     path.write_text(json.dumps(spec))

@@ -38,6 +38,12 @@ class LabDevice:
     summary: str
     #: The size of a sparse raw image made for each instance (a -drive with id {drive}); 0: none.
     disk_mib: int = 0
+    #: Behind a PCIe root port of its own instead of on the root bus: a bus of its own, so that
+    #: its VFs take no slots on the root bus (where two igbs' VFs would collide).
+    root_port: bool = False
+    #: SR-IOV: the PF is left with its kernel driver, which makes this many VFs for vfio-pci.
+    vfs: int = 0
+    vf_name: str = ""  # what PYVMM_LAB_DEVICES calls the VFs
 
 
 DEVICES = {
@@ -54,6 +60,19 @@ DEVICES = {
         ),
         # romfile= empty: no iPXE option ROM needed (and ipxe-qemu need not be installed).
         LabDevice("e1000e", "e1000e,romfile=", 0x8086, 0x10D3, "Intel 82574L NIC: MSI-X"),
+        # igb has no option ROM by default. QEMU makes its 8 VFs at start, 7 of which Linux's
+        # igb driver allows (sriov_totalvfs).
+        LabDevice(
+            "igb",
+            "igb",
+            0x8086,
+            0x10C9,
+            "Intel 82576 NIC with SR-IOV, behind a PCIe root port: the PF on the igb driver, "
+            "2 VFs (igbvf, 8086:10ca, an IOMMU group each) on vfio-pci",
+            root_port=True,
+            vfs=2,
+            vf_name="igbvf",
+        ),
     )
 }
 
@@ -159,12 +178,20 @@ def command(qemu: str, config: MachineConfig) -> list[str]:
         "-virtfs",
         f"local,path={config.share},mount_tag={initramfs.SHARE_TAG},security_model=none",
     ]
+    ports = 0
     for name, index in _instances(config.devices):
+        device = DEVICES[name]
         drive = f"{name}{index}"
-        if DEVICES[name].disk_mib:
+        if device.disk_mib:
             image = str(disk_image(config, drive)).replace(",", ",,")  # QEMU's escape for ","
             args += ["-drive", f"file={image},if=none,format=raw,id={drive}"]
-        args += ["-device", DEVICES[name].qemu_device.format(index=index, drive=drive)]
+        spec = device.qemu_device.format(index=index, drive=drive)
+        if device.root_port:
+            # (chassis, slot) must be unique among root ports; QEMU's root ports have ACS.
+            ports += 1
+            args += ["-device", f"pcie-root-port,id={name}{index}-port,chassis=1,slot={ports}"]
+            spec += f",bus={name}{index}-port"
+        args += ["-device", spec]
     return args
 
 
