@@ -13,11 +13,14 @@ boot tests'), which then has an igb too.
 
 from __future__ import annotations
 
+import os
 import struct
+import sys
 from pathlib import Path
 
 import pytest
 
+from pyvmm.cli import main
 from pyvmm.uapi import vfio as uapi
 from pyvmm.vfio.context import backends, open_context
 from pyvmm.vfio.sysfs import VFIO_PCI, Sysfs
@@ -91,3 +94,55 @@ def test_vfio_opens_a_vf(
         assert device.irq(uapi.VfioPciIrq.MSIX).count == 3
         assert device.irq(uapi.VfioPciIrq.INTX).count == 0
         assert device.info().flags & uapi.VfioDeviceFlag.RESET
+
+
+def as_nobody(argv: list[str]) -> tuple[int, str]:
+    """`pyvmm ARGV` in a child process that has become nobody: (exit status, stderr). In this
+    process's image, since nobody may not read the interpreter under /root; should setuid
+    fail, the child does nothing (status 99)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 99
+        try:
+            os.close(read)
+            os.dup2(write, 2)
+            sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 (the child _exits)
+            os.setuid(65534)
+            code = main(argv)
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(write)
+    with open(read) as stderr:
+        err = stderr.read()
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), err
+
+
+def test_pyvmm_vfio_sriov_on_the_real_kernel(
+    lab_devices: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`pyvmm vfio sriov` against the lab's igb, changing nothing: asking for the VFs it has
+    lists them; the kernel's own sriov_totalvfs bounds the number; a PF with VFs keeps them;
+    a device without SR-IOV and a caller who is not root are told so in one line."""
+    pf, vfs = lab_devices["igb"], [lab_devices["igbvf"], lab_devices["igbvf1"]]
+    assert main(["vfio", "sriov", pf, "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(": ", 1)[0] for line in out] == vfs
+    assert all(f"of {pf}, 8086:10ca, vfio-pci, IOMMU group " in line for line in out)
+    refusals = {
+        (pf, "8"): f"{pf} can have 0 to 7 VFs (sriov_totalvfs), not 8",
+        (pf, "3"): f"{pf} has 2 VFs already; remove them first (0 VFs) to have 3",
+        (lab_devices["edu"], "1"): f"{lab_devices['edu']} has no SR-IOV capability",
+    }
+    for (bdf, count), message in refusals.items():
+        assert main(["vfio", "sriov", bdf, count]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"pyvmm vfio: {message}") and err.count("\n") == 1, err
+    # As nobody, removing the VFs is refused by the kernel.
+    assert as_nobody(["vfio", "sriov", pf, "0"]) == (
+        1,
+        f"pyvmm vfio: writing '0' to /sys/bus/pci/devices/{pf}/sriov_numvfs: "
+        "Permission denied (needs root)\n",
+    )
+    assert Sysfs("/").vfs(pf) == vfs
