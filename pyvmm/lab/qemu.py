@@ -179,34 +179,33 @@ def command(qemu: str, config: MachineConfig) -> list[str]:
         f"local,path={config.share},mount_tag={initramfs.SHARE_TAG},security_model=none",
     ]
     ports = 0
-    for name, index in _instances(config.devices):
-        device = DEVICES[name]
-        drive = f"{name}{index}"
+    for device, index, ident in _instances(config.devices):
         if device.disk_mib:
-            image = str(disk_image(config, drive)).replace(",", ",,")  # QEMU's escape for ","
-            args += ["-drive", f"file={image},if=none,format=raw,id={drive}"]
-        spec = device.qemu_device.format(index=index, drive=drive)
+            image = str(_disk_image(config, ident)).replace(",", ",,")  # QEMU's escape for ","
+            args += ["-drive", f"file={image},if=none,format=raw,id={ident}"]
+        spec = device.qemu_device.format(index=index, drive=ident)
         if device.root_port:
             # (chassis, slot) must be unique among root ports; QEMU's root ports have ACS.
             ports += 1
-            args += ["-device", f"pcie-root-port,id={name}{index}-port,chassis=1,slot={ports}"]
-            spec += f",bus={name}{index}-port"
+            args += ["-device", f"pcie-root-port,id={ident}-port,chassis=1,slot={ports}"]
+            spec += f",bus={ident}-port"
         args += ["-device", spec]
     return args
 
 
-def _instances(devices: Sequence[str]) -> list[tuple[str, int]]:
-    """(name, index) of each device, numbering the instances of each name from 0."""
+def _instances(devices: Sequence[str]) -> list[tuple[LabDevice, int, str]]:
+    """(device, index, id) of each device: the instances of a name numbered from 0, and the id
+    ("nvme0") that names what belongs to the instance (its drive, its root port)."""
     counts: dict[str, int] = {}
     numbered = []
     for name in devices:
-        counts[name] = counts.get(name, -1) + 1
-        numbered.append((name, counts[name]))
+        index = counts[name] = counts.get(name, -1) + 1
+        numbered.append((DEVICES[name], index, f"{name}{index}"))
     return numbered
 
 
-def disk_image(config: MachineConfig, drive: str) -> Path:
-    return config.scratch / f"{drive}.img"
+def _disk_image(config: MachineConfig, ident: str) -> Path:
+    return config.scratch / f"{ident}.img"
 
 
 def create_disk_images(config: MachineConfig) -> list[Path]:
@@ -216,11 +215,10 @@ def create_disk_images(config: MachineConfig) -> list[Path]:
     boot's scratch directory and go with it.
     """
     images = []
-    for name, index in _instances(config.devices):
-        size = DEVICES[name].disk_mib << 20
-        if size:
-            image = disk_image(config, f"{name}{index}")
+    for device, _, ident in _instances(config.devices):
+        if device.disk_mib:
+            image = _disk_image(config, ident)
             with image.open("wb") as f:
-                f.truncate(size)
+                f.truncate(device.disk_mib << 20)
             images.append(image)
     return images

@@ -15,7 +15,7 @@ from pyvmm.vfio.context import backends, default_backend, open_context
 from pyvmm.vfio.device import VfioDevice
 from pyvmm.vfio.dma import DmaSpace
 from pyvmm.vfio.errors import VfioError
-from pyvmm.vfio.sysfs import PciDevice, Sysfs, SysfsError
+from pyvmm.vfio.sysfs import PciDevice, Sysfs, SysfsError, normalize_bdf
 
 #: PCI base class names (PCI Code and ID Assignment Specification), for the CLASS column.
 _BASE_CLASSES = {
@@ -262,14 +262,14 @@ def _unbind(sysfs: Sysfs, args: argparse.Namespace) -> None:
 
 @_command
 def _sriov(sysfs: Sysfs, args: argparse.Namespace) -> None:
-    pf = sysfs.pci_device(args.bdf)
-    vfs = sysfs.enable_vfs(pf.bdf, args.count, probe=not args.vfio)
+    pf = normalize_bdf(args.bdf)
+    vfs = sysfs.enable_vfs(pf, args.count, probe=not args.vfio)
     if not vfs:
-        print(f"{pf.bdf}: no VFs")
+        print(f"{pf}: no VFs")
     for index, bdf in enumerate(vfs):
         vf = sysfs.bind_vfio(bdf) if args.vfio else sysfs.pci_device(bdf)
         print(
-            f"{vf.bdf}: VF {index} of {pf.bdf}, {vf.ids}, {vf.driver or 'no driver'}, "
+            f"{vf.bdf}: VF {index} of {pf}, {vf.ids}, {vf.driver or 'no driver'}, "
             f"IOMMU group {vf.iommu_group or '-'}"
         )
 
