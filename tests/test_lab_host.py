@@ -18,8 +18,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from fakesysfs import EDU, IGB, IGB_VFS, NVME, FakeKernel, FakeTree
 
-from pyvmm.lab import cli, initramfs, kernel, launcher, protocol, qemu
+from pyvmm.lab import agent, cli, initramfs, kernel, launcher, protocol, qemu
 from pyvmm.lab.errors import LabError, LabTimeout, LabUnavailable
 from pyvmm.lab.protocol import Kind
 from pyvmm.lab.pytest_plugin import InnerResult, read_results
@@ -137,6 +138,7 @@ def machine(**overrides: object) -> qemu.MachineConfig:
         "share": Path("/t/share"),
         "console": "socket,fd=5",
         "agent": "socket,fd=6",
+        "scratch": Path("/t"),
     }
     fields.update(overrides)
     return qemu.MachineConfig(**fields)  # type: ignore[arg-type]
@@ -183,8 +185,9 @@ def test_command_line_has_what_the_lab_needs() -> None:
 
 @pytest.mark.parametrize("iommu", ["intel", "virtio"])
 def test_qemu_accepts_the_command_line(tmp_path: Path, iommu: str) -> None:
-    """The real QEMU takes the whole command line, every lab device on it: it checks every
-    option and device at start-up, before the guest runs (-S keeps it from running)."""
+    """The real QEMU takes the whole command line, every lab device on it twice: it checks every
+    option and device at start-up, before the guest runs (-S keeps it from running), the VFs'
+    slots and the root ports' chassis and slot numbers included."""
     binary = shutil.which(qemu.QEMU)
     if binary is None:
         pytest.skip(f"{qemu.QEMU} is not installed (scripts/setup-lab installs it)")
@@ -202,9 +205,11 @@ def test_qemu_accepts_the_command_line(tmp_path: Path, iommu: str) -> None:
         share=tmp_path,
         console="null",
         agent="null",
+        scratch=tmp_path,
         iommu=iommu,
-        devices=tuple(qemu.DEVICES),
+        devices=tuple(qemu.DEVICES) * 2,
     )
+    qemu.create_disk_images(config)  # QEMU opens each -drive's file at start-up
     proc = subprocess.Popen(
         [*qemu.command(binary, config), "-S"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
@@ -222,7 +227,7 @@ def test_qemu_accepts_the_command_line(tmp_path: Path, iommu: str) -> None:
 def test_iommu_comes_before_the_devices() -> None:
     devices = option_values(qemu.command("qemu", machine(devices=("edu", "nvme"))), "-device")
     assert devices[0] == "intel-iommu,intremap=on,caching-mode=on"
-    assert devices[-2:] == ["edu", "nvme,serial=pyvmm-lab-0"]
+    assert devices[-2:] == ["edu", "nvme,serial=pyvmm-lab-0,drive=nvme0"]
 
 
 def test_virtio_iommu_allows_unsafe_interrupts_and_verbose_is_not_quiet() -> None:
@@ -235,10 +240,70 @@ def test_virtio_iommu_allows_unsafe_interrupts_and_verbose_is_not_quiet() -> Non
 
 
 def test_repeated_devices_are_numbered() -> None:
-    devices = option_values(
-        qemu.command("q", machine(devices=("nvme", "e1000e", "nvme"))), "-device"
+    argv = qemu.command("q", machine(devices=("nvme", "e1000e", "nvme")))
+    assert option_values(argv, "-device")[-3:] == [
+        "nvme,serial=pyvmm-lab-0,drive=nvme0",
+        "e1000e,romfile=",
+        "nvme,serial=pyvmm-lab-1,drive=nvme1",
+    ]
+
+
+def test_each_nvme_has_a_drive_of_its_own_in_the_scratch_directory() -> None:
+    """So that the NVMe has namespace 1: the drive is its, by id, and the image is the boot's."""
+    argv = qemu.command("q", machine(devices=("edu", "nvme", "nvme"), scratch=Path("/t/boot")))
+    assert [options(d) for d in option_values(argv, "-drive")] == [
+        {"file": "/t/boot/nvme0.img", "if": "none", "format": "raw", "id": "nvme0"},
+        {"file": "/t/boot/nvme1.img", "if": "none", "format": "raw", "id": "nvme1"},
+    ]
+    nvmes = [options(d) for d in option_values(argv, "-device") if d.startswith("nvme,")]
+    assert [d["drive"] for d in nvmes] == ["nvme0", "nvme1"]
+    assert option_values(qemu.command("q", machine(devices=("edu", "e1000e"))), "-drive") == []
+
+
+def test_a_comma_in_the_image_path_is_escaped() -> None:
+    """QEMU splits option values at commas and reads ",," as one."""
+    argv = qemu.command("q", machine(devices=("nvme",), scratch=Path("/t/a,b")))
+    assert option_values(argv, "-drive") == ["file=/t/a,,b/nvme0.img,if=none,format=raw,id=nvme0"]
+
+
+def test_disk_images_are_sparse_and_of_the_stated_size(tmp_path: Path) -> None:
+    config = machine(devices=("edu", "nvme", "e1000e", "nvme"), scratch=tmp_path)
+    images = qemu.create_disk_images(config)
+    assert images == [tmp_path / "nvme0.img", tmp_path / "nvme1.img"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nvme0.img", "nvme1.img"]
+    for image in images:
+        info = image.stat()
+        assert info.st_size == qemu.DEVICES["nvme"].disk_mib << 20 == 64 << 20
+        assert info.st_blocks * 512 < 1 << 20  # sparse: nothing allocated yet
+    assert f"{qemu.DEVICES['nvme'].disk_mib} MiB" in qemu.DEVICES["nvme"].summary
+
+
+def test_igb_sits_behind_a_root_port_of_its_own() -> None:
+    """Each igb on a bus of its own: on the root bus two igbs' VFs would want the same slots."""
+    devices = option_values(qemu.command("q", machine(devices=("edu", "igb", "igb"))), "-device")
+    ports = [options(d) for d in devices if d.startswith("pcie-root-port,")]
+    assert [(p["id"], p["chassis"], p["slot"]) for p in ports] == [
+        ("igb0-port", "1", "1"),
+        ("igb1-port", "1", "2"),
+    ]
+    igbs = [options(d) for d in devices if d.startswith("igb")]
+    assert [d["bus"] for d in igbs] == ["igb0-port", "igb1-port"]
+    assert devices.index("pcie-root-port,id=igb0-port,chassis=1,slot=1") < devices.index(
+        "igb,bus=igb0-port"
     )
-    assert devices[-3:] == ["nvme,serial=pyvmm-lab-0", "e1000e,romfile=", "nvme,serial=pyvmm-lab-1"]
+    others = option_values(qemu.command("q", machine(devices=("edu", "nvme"))), "-device")
+    assert not any(d.startswith("pcie-root-port") or "bus=" in d for d in others[-2:])
+
+
+def test_the_spec_asks_the_agent_for_igbs_vfs() -> None:
+    assert launcher.device_request(qemu.DEVICES["igb"]) == {
+        "name": "igb",
+        "vendor": 0x8086,
+        "device": 0x10C9,
+        "vfs": 2,
+        "vf_name": "igbvf",
+    }
+    assert "vfs" not in launcher.device_request(qemu.DEVICES["nvme"])
 
 
 def test_shell_console_is_muxed_with_the_monitor() -> None:
@@ -252,7 +317,9 @@ def test_amd_iommu_and_unknown_devices_are_refused() -> None:
         qemu.command("q", machine(iommu="amd"))
     with pytest.raises(LabError, match="unknown IOMMU 'smmu'"):
         qemu.check_iommu("smmu")
-    with pytest.raises(LabError, match="unknown lab device 'gpu'; choose from edu, nvme, e1000e"):
+    with pytest.raises(
+        LabError, match="unknown lab device 'gpu'; choose from edu, nvme, e1000e, igb"
+    ):
         qemu.command("q", machine(devices=("edu", "gpu")))
 
 
@@ -402,6 +469,50 @@ def test_package_root_holds_pyvmm() -> None:
     assert (launcher.package_root() / "pyvmm" / "lab" / "agent.py").is_file()
 
 
+# -- the agent's binding of the devices ------------------------------------------------------------
+
+
+@pytest.fixture
+def lab_sysfs(tmp_path: Path) -> FakeKernel:
+    """The lab's PCI devices as a fake kernel has them: edu without a driver, an NVMe on nvme and
+    an igb PF on igb (7 VFs allowed), with igbvf there to take VFs that are probed."""
+    tree = FakeTree(tmp_path)
+    tree.driver("vfio-pci")
+    tree.driver("igbvf")
+    tree.device(EDU, (0x1234, 0x11E8), group="4")
+    tree.device(NVME, (0x1B36, 0x0010), driver="nvme", group="5")
+    tree.physical_function(IGB, (0x8086, 0x10C9), total=7, driver="igb", group="7")
+    return FakeKernel(tree, {NVME: "nvme", IGB: "igb", **dict.fromkeys(IGB_VFS, "igbvf")})
+
+
+def requests(*names: str) -> list[dict[str, object]]:
+    return [launcher.device_request(qemu.DEVICES[name]) for name in names]
+
+
+def test_the_agent_binds_the_devices_to_vfio_pci(lab_sysfs: FakeKernel) -> None:
+    assert agent.bind_devices(requests("edu", "nvme"), lab_sysfs) == {"edu": EDU, "nvme": NVME}
+    assert [lab_sysfs.pci_device(bdf).driver for bdf in (EDU, NVME)] == ["vfio-pci"] * 2
+
+
+def test_the_agent_leaves_igb_on_its_driver_and_binds_its_vfs(lab_sysfs: FakeKernel) -> None:
+    bound = agent.bind_devices(requests("edu", "igb"), lab_sysfs)
+    assert bound == {"edu": EDU, "igb": IGB, "igbvf": IGB_VFS[0], "igbvf1": IGB_VFS[1]}
+    assert lab_sysfs.pci_device(IGB).driver == "igb"
+    vfs = [lab_sysfs.pci_device(bdf) for bdf in IGB_VFS]
+    assert [(vf.driver, vf.physfn, vf.cdev_node) for vf in vfs] == [("vfio-pci", IGB, True)] * 2
+    # no VF driver had them first: nothing was released from one
+    assert [path for path, _ in lab_sysfs.writes if path.endswith("driver/unbind")] == []
+    env = agent.command_env({"env": {}}, bound)
+    assert env["PYVMM_LAB_DEVICES"] == (
+        f"edu={EDU},igb={IGB},igbvf={IGB_VFS[0]},igbvf1={IGB_VFS[1]}"
+    )
+
+
+def test_the_agent_says_which_device_the_lab_lacks(lab_sysfs: FakeKernel) -> None:
+    with pytest.raises(agent.AgentError, match=r"^the lab has no igb device$"):
+        agent.bind_devices(requests("igb", "igb"), lab_sysfs)
+
+
 # -- the launcher against a fake QEMU --------------------------------------------------------------
 
 FAKE_QEMU = """\
@@ -418,7 +529,9 @@ for arg in sys.argv:
         fds[match.group(2)] = int(match.group(1))
 share = Path(next(a for a in sys.argv if "mount_tag=results" in a).split("path=")[1].split(",")[0])
 spec = json.loads((share / "spec.json").read_text())
-record = {{"argv": sys.argv, "pid": os.getpid(), "spec": spec}}
+drives = [a.split("file=")[1].split(",if=")[0] for a in sys.argv if a.startswith("file=")]
+sizes = {{path: os.stat(path).st_size for path in drives}}
+record = {{"argv": sys.argv, "pid": os.getpid(), "spec": spec, "drive_sizes": sizes}}
 Path(os.environ["FAKE_QEMU_RECORD"]).write_text(json.dumps(record))
 mode = os.environ["FAKE_QEMU_MODE"]
 
@@ -504,11 +617,14 @@ def test_run_streams_output_and_returns_the_exit_status(fake_lab: FakeLab) -> No
 
 
 def test_the_temporary_files_are_removed(fake_lab: FakeLab) -> None:
-    fake_lab.run("ok")
+    fake_lab.run("ok", devices=("edu", "nvme"))
     argv = fake_lab.record["argv"]
     assert isinstance(argv, list)
     initrd = Path(option_values(argv, "-initrd")[0])
     assert not initrd.parent.exists()
+    # the NVMe's image was there, beside the initramfs, for as long as QEMU ran
+    image = str(initrd.parent / "nvme0.img")
+    assert fake_lab.record["drive_sizes"] == {image: 64 << 20}
 
 
 def test_an_init_failure_is_reported_in_one_line(fake_lab: FakeLab) -> None:

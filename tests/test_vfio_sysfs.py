@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+from fakesysfs import EDU, IGB, IGB_VFS, NVME, FakeKernel, FakeTree
 
 from pyvmm.vfio import cli
 from pyvmm.vfio.sysfs import (
@@ -20,131 +21,6 @@ from pyvmm.vfio.sysfs import (
     _parse_pci_ids,
     normalize_bdf,
 )
-
-EDU = "0000:00:04.0"
-NVME = "0000:00:05.0"
-
-
-class FakeTree:
-    """The sysfs and /dev files the module reads, laid out as Linux lays them out."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.pci = root / "sys/bus/pci"
-        (self.pci / "devices").mkdir(parents=True)
-        (self.pci / "drivers_probe").touch()
-        (root / "dev/vfio/devices").mkdir(parents=True)
-        (root / "sys/kernel/iommu_groups").mkdir(parents=True)
-
-    def driver(self, name: str) -> Path:
-        path = self.pci / "drivers" / name
-        path.mkdir(parents=True, exist_ok=True)
-        for attr in ("bind", "unbind"):
-            (path / attr).touch()
-        return path
-
-    def device(
-        self,
-        bdf: str,
-        ids: tuple[int, int],
-        class_code: int = 0x00FF00,
-        driver: str | None = None,
-        group: str | None = None,
-    ) -> Path:
-        path = self.pci / "devices" / bdf
-        path.mkdir()
-        (path / "vendor").write_text(f"{ids[0]:#06x}\n")
-        (path / "device").write_text(f"{ids[1]:#06x}\n")
-        (path / "class").write_text(f"{class_code:#08x}\n")
-        (path / "driver_override").write_text("(null)\n")
-        if driver:
-            self.bind(bdf, driver)
-        if group:
-            (self.root / "sys/kernel/iommu_groups" / group).mkdir(exist_ok=True)
-            (path / "iommu_group").symlink_to(f"../../../../kernel/iommu_groups/{group}")
-        return path
-
-    def bind(self, bdf: str, driver: str) -> None:
-        (self.pci / "devices" / bdf / "driver").symlink_to(self.driver(driver))
-
-    def mdev_type(self, parent: str, type_id: str, name: str, available: int) -> Path:
-        parent_dir = self.root / "sys/devices/virtual" / parent / parent
-        type_dir = parent_dir / "mdev_supported_types" / type_id
-        type_dir.mkdir(parents=True)
-        (type_dir / "name").write_text(f"{name}\n")
-        (type_dir / "available_instances").write_text(f"{available}\n")
-        (type_dir / "device_api").write_text("vfio-pci\n")
-        (type_dir / "create").touch()
-        bus = self.root / "sys/class/mdev_bus"
-        bus.mkdir(parents=True, exist_ok=True)
-        if not (bus / parent).exists():
-            (bus / parent).symlink_to(parent_dir)
-        return type_dir
-
-
-class FakeKernel(Sysfs):
-    """Sysfs whose writes also have the effects the kernel would give them."""
-
-    def __init__(self, tree: FakeTree, default_drivers: dict[str, str]) -> None:
-        super().__init__(tree.root)
-        self.tree = tree
-        self.default_drivers = default_drivers
-        self.overrides: dict[str, str] = {}
-        self.writes: list[tuple[str, str]] = []
-        self.next_cdev = 0
-
-    def _write(self, path: Path, text: str) -> None:
-        super()._write(path, text)
-        self.writes.append((str(path.relative_to(self.root)), text))
-        device = path.parent.name
-        if path.name == "driver_override":
-            self.overrides[device] = text.strip()
-        elif path.name == "unbind":
-            (self.tree.pci / "devices" / text / "driver").unlink()
-        elif path.name == "drivers_probe":
-            self._probe(text)
-        elif path.name == "create":
-            self._create_mdev(path.parent, text)
-        elif path.name == "remove":
-            target = path.parent.resolve()
-            path.parent.unlink()
-            for entry in target.iterdir():
-                if entry.is_symlink():
-                    entry.unlink()
-                elif entry.is_dir():
-                    os.rmdir(entry)
-                else:
-                    entry.unlink()
-            target.rmdir()
-
-    def _probe(self, bdf: str) -> None:
-        driver = self.overrides.get(bdf) or self.default_drivers.get(bdf)
-        device = self.tree.pci / "devices" / bdf
-        if driver is None or not (self.tree.pci / "drivers" / driver).is_dir():
-            return
-        if driver == "vfio-pci" and not (device / "iommu_group").exists():
-            return  # vfio-pci's probe fails without an IOMMU group
-        self.tree.bind(bdf, driver)
-        if driver == "vfio-pci":
-            group = os.readlink(device / "iommu_group").rsplit("/", 1)[1]
-            (self.root / "dev/vfio" / group).touch()
-            cdev = f"vfio{self.next_cdev}"
-            self.next_cdev += 1
-            (device / "vfio-dev" / cdev).mkdir(parents=True)
-            (self.root / "dev/vfio/devices" / cdev).touch()
-
-    def _create_mdev(self, type_dir: Path, uuid: str) -> None:
-        parent_dir = type_dir.parent.parent
-        mdev = parent_dir / uuid
-        mdev.mkdir()
-        (mdev / "mdev_type").symlink_to(type_dir)
-        (mdev / "remove").touch()
-        (mdev / "iommu_group").symlink_to(self.root / "sys/kernel/iommu_groups")
-        bus = self.root / "sys/bus/mdev/devices"
-        bus.mkdir(parents=True, exist_ok=True)
-        (bus / uuid).symlink_to(mdev)
-        count = type_dir / "available_instances"
-        count.write_text(f"{int(count.read_text()) - 1}\n")
 
 
 @pytest.fixture
@@ -318,6 +194,106 @@ def test_write_to_a_missing_attribute(tmp_path: Path) -> None:
         Sysfs(tmp_path)._write(tmp_path / "nope", "1")
 
 
+# -- SR-IOV -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sriov(tree: FakeTree) -> FakeKernel:
+    """The tree with an igb PF bound to igb (7 VFs allowed) and an igbvf driver for its VFs."""
+    tree.driver("igbvf")
+    tree.physical_function(IGB, (0x8086, 0x10C9), total=7, driver="igb", group="7")
+    return FakeKernel(tree, {IGB: "igb", **dict.fromkeys(IGB_VFS, "igbvf")})
+
+
+def test_enable_vfs_returns_the_vfs_the_kernel_made(sriov: FakeKernel) -> None:
+    assert sriov.enable_vfs("01:00.0", 2) == IGB_VFS
+    assert sriov.writes == [(f"sys/bus/pci/devices/{IGB}/sriov_numvfs", "2")]
+    vfs = [sriov.pci_device(bdf) for bdf in IGB_VFS]
+    assert [(vf.ids, vf.physfn, vf.driver) for vf in vfs] == [("8086:10ca", IGB, "igbvf")] * 2
+    assert len({vf.iommu_group for vf in vfs} | {sriov.pci_device(IGB).iommu_group}) == 3
+    assert sriov.pci_device(IGB).physfn is None
+
+
+def test_enable_vfs_without_probing_leaves_them_for_vfio_pci(sriov: FakeKernel) -> None:
+    vfs = sriov.enable_vfs(IGB, 2, probe=False)
+    assert sriov.writes == [
+        (f"sys/bus/pci/devices/{IGB}/sriov_drivers_autoprobe", "0"),
+        (f"sys/bus/pci/devices/{IGB}/sriov_numvfs", "2"),
+    ]
+    assert [sriov.pci_device(bdf).driver for bdf in vfs] == [None, None]
+    assert [sriov.bind_vfio(bdf).cdev_node for bdf in vfs] == [True, True]
+
+
+def test_enable_vfs_again_changes_nothing_and_zero_removes_them(sriov: FakeKernel) -> None:
+    sriov.enable_vfs(IGB, 2)
+    sriov.writes.clear()
+    assert sriov.enable_vfs(IGB, 2) == IGB_VFS
+    assert sriov.writes == []
+    assert sriov.enable_vfs(IGB, 0) == []
+    assert sriov.writes == [(f"sys/bus/pci/devices/{IGB}/sriov_numvfs", "0")]
+    assert not any((sriov.tree.pci / "devices" / bdf).exists() for bdf in IGB_VFS)
+
+
+def test_vfs_come_in_index_order(tree: FakeTree) -> None:
+    pf = tree.physical_function(IGB, (0x8086, 0x10C9), total=12)
+    for index in (10, 2, 0):
+        (pf / f"virtfn{index}").symlink_to(f"../0000:01:{index:02x}.0")
+    assert Sysfs(tree.root).vfs(IGB) == ["0000:01:00.0", "0000:01:02.0", "0000:01:0a.0"]
+    assert Sysfs(tree.root).vfs(EDU) == []
+
+
+@pytest.mark.parametrize(
+    ("bdf", "count", "error", "message"),
+    [
+        (EDU, 1, SysfsError, f"{EDU} has no SR-IOV capability (no sriov_totalvfs)"),
+        (IGB, 8, SysfsError, f"{IGB} can have 0 to 7 VFs (sriov_totalvfs), not 8"),
+        (IGB, -1, SysfsError, f"{IGB} can have 0 to 7 VFs (sriov_totalvfs), not -1"),
+        ("00:09.0", 1, NoSuchDevice, "no PCI device 0000:00:09.0"),
+    ],
+)
+def test_enable_vfs_refuses_what_the_device_cannot_do(
+    sriov: FakeKernel, bdf: str, count: int, error: type[SysfsError], message: str
+) -> None:
+    with pytest.raises(error) as excinfo:
+        sriov.enable_vfs(bdf, count)
+    assert str(excinfo.value) == message
+    assert sriov.writes == []
+
+
+def test_enable_vfs_refuses_to_change_a_number_already_set(sriov: FakeKernel) -> None:
+    sriov.enable_vfs(IGB, 2)
+    with pytest.raises(DeviceBusy, match=r"has 2 VFs already; remove them first \(0 VFs\) to"):
+        sriov.enable_vfs(IGB, 3)
+    assert sriov.vfs(IGB) == IGB_VFS
+
+
+def test_enable_vfs_needs_the_pf_driver(tree: FakeTree) -> None:
+    tree.physical_function(IGB, (0x8086, 0x10C9), total=7, group="7")
+    kernel = FakeKernel(tree, {})
+    with pytest.raises(SysfsError, match="has no driver; its VFs are made by the PF's own driver"):
+        kernel.enable_vfs(IGB, 2)
+    kernel.tree.bind(IGB, "vfio-pci")  # vfio-pci makes no VFs (without enable_sriov=1)
+    kernel.refuse["sriov_numvfs"] = errno.ENOENT
+    with pytest.raises(SysfsError) as excinfo:
+        kernel.enable_vfs(IGB, 2)
+    assert str(excinfo.value) == (
+        f"{IGB}: its driver vfio-pci does not make VFs (No such file or directory)"
+    )
+
+
+def test_enable_vfs_as_non_root_says_so(sriov: FakeKernel) -> None:
+    sriov.refuse["sriov_numvfs"] = errno.EACCES
+    with pytest.raises(NotPermitted, match=r"sriov_numvfs: Permission denied \(needs root\)$"):
+        sriov.enable_vfs(IGB, 2)
+
+
+def test_enable_vfs_checks_the_kernel_made_them(tree: FakeTree) -> None:
+    """A write the kernel took without making VFs (here: a plain file) is not success."""
+    tree.physical_function(IGB, (0x8086, 0x10C9), total=7, driver="igb")
+    with pytest.raises(SysfsError, match=f"^{IGB}: asked for 2 VFs, the kernel made 0$"):
+        Sysfs(tree.root).enable_vfs(IGB, 2)
+
+
 @pytest.fixture
 def mtty(tree: FakeTree) -> FakeTree:
     tree.mdev_type("mtty", "mtty-1", "Single port serial", 24)
@@ -404,3 +380,53 @@ def test_cli_user_errors_are_one_line(
 ) -> None:
     assert run_cli(tree.root, *argv) == 1
     assert capsys.readouterr().err == f"pyvmm vfio: {message}\n"
+
+
+@pytest.fixture
+def sriov_cli(sriov: FakeKernel, monkeypatch: pytest.MonkeyPatch) -> FakeKernel:
+    """The CLI on the SR-IOV fake kernel (so its writes make VFs)."""
+    monkeypatch.setattr(cli, "Sysfs", lambda root: sriov)
+    return sriov
+
+
+def test_cli_sriov_makes_vfs_and_removes_them(
+    sriov_cli: FakeKernel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_cli(sriov_cli.root, "sriov", "01:00.0", "2") == 0
+    assert capsys.readouterr().out == (
+        f"{IGB_VFS[0]}: VF 0 of {IGB}, 8086:10ca, igbvf, IOMMU group 100\n"
+        f"{IGB_VFS[1]}: VF 1 of {IGB}, 8086:10ca, igbvf, IOMMU group 101\n"
+    )
+    assert run_cli(sriov_cli.root, "sriov", IGB, "0") == 0
+    assert capsys.readouterr().out == f"{IGB}: no VFs\n"
+    assert sriov_cli.vfs(IGB) == []
+
+
+def test_cli_sriov_vfio_binds_the_vfs_to_vfio_pci(
+    sriov_cli: FakeKernel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_cli(sriov_cli.root, "sriov", IGB, "1", "--vfio") == 0
+    assert capsys.readouterr().out == (
+        f"{IGB_VFS[0]}: VF 0 of {IGB}, 8086:10ca, vfio-pci, IOMMU group 100\n"
+    )
+    assert (f"sys/bus/pci/devices/{IGB}/sriov_drivers_autoprobe", "0") in sriov_cli.writes
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ((EDU, "2"), f"{EDU} has no SR-IOV capability (no sriov_totalvfs)"),
+        ((IGB, "9"), f"{IGB} can have 0 to 7 VFs (sriov_totalvfs), not 9"),
+        (
+            (IGB, "2", "--vfio"),
+            f"writing '0' to {{root}}/sys/bus/pci/devices/{IGB}/sriov_drivers_autoprobe: "
+            "Permission denied (needs root)",
+        ),
+    ],
+)
+def test_cli_sriov_errors_are_one_line(
+    sriov_cli: FakeKernel, capsys: pytest.CaptureFixture[str], argv: tuple[str, ...], message: str
+) -> None:
+    sriov_cli.refuse = {"sriov_drivers_autoprobe": errno.EACCES, "sriov_numvfs": errno.EACCES}
+    assert run_cli(sriov_cli.root, "sriov", *argv) == 1
+    assert capsys.readouterr().err == f"pyvmm vfio: {message.format(root=sriov_cli.root)}\n"

@@ -68,19 +68,39 @@ def _find_port(name: str) -> str:
 
 
 def bind_devices(devices: list[dict[str, Any]], sysfs: Sysfs) -> dict[str, str]:
-    """Bind each requested device to vfio-pci; returns {"edu": bdf, "edu1": bdf, ...}."""
+    """Bind each requested device to vfio-pci; returns {"edu": bdf, "edu1": bdf, ...}.
+
+    An SR-IOV device (a request with "vfs") is the exception: its PF stays with its kernel
+    driver, which makes the VFs, and the VFs go to vfio-pci (no VF driver probing them first);
+    the PF is returned under its name and the VFs under "vf_name": {"igb": PF, "igbvf": VF 0,
+    "igbvf1": VF 1}.
+    """
     bound: dict[str, str] = {}
     taken: set[str] = set()
+
+    def add(key: str, bdf: str) -> None:
+        count = sum(1 for k in bound if k.rstrip("0123456789") == key)
+        bound[f"{key}{count or ''}"] = bdf
+
     for request in devices:
         free = [d for d in sysfs.find(request["vendor"], request["device"]) if d.bdf not in taken]
         if not free:
             raise AgentError(f"the lab has no {request['name']} device")
-        device = sysfs.bind_vfio(free[0].bdf)
+        device = free[0]
         taken.add(device.bdf)
-        key = request["name"]
-        count = sum(1 for k in bound if k.rstrip("0123456789") == key)
-        bound[f"{key}{count or ''}"] = device.bdf
-        log.info("%s %s bound to vfio-pci (IOMMU group %s)", key, device.bdf, device.iommu_group)
+        if request.get("vfs"):
+            add(request["name"], device.bdf)
+            log.info(
+                "%s %s left on %s; it makes the VFs", request["name"], device.bdf, device.driver
+            )
+            vfs = sysfs.enable_vfs(device.bdf, request["vfs"], probe=False)
+            to_bind = [(request["vf_name"], vf) for vf in vfs]
+        else:
+            to_bind = [(request["name"], device.bdf)]
+        for key, bdf in to_bind:
+            group = sysfs.bind_vfio(bdf).iommu_group
+            add(key, bdf)
+            log.info("%s %s bound to vfio-pci (IOMMU group %s)", key, bdf, group)
     return bound
 
 

@@ -77,7 +77,7 @@ def _machine_options(parser: argparse.ArgumentParser) -> None:
         action="append",
         choices=tuple(qemu.DEVICES),
         metavar="{" + ",".join(qemu.DEVICES) + "}",
-        help="an emulated PCI device to bind to vfio-pci (repeatable; default: edu)",
+        help="an emulated PCI device to bind to vfio-pci (igb: its VFs; repeatable; default: edu)",
     )
     parser.add_argument(
         "--kernel",

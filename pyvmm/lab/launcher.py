@@ -148,6 +148,18 @@ def guest_env(
     return env
 
 
+def device_request(device: qemu.LabDevice) -> dict[str, Any]:
+    """What the agent needs to find and bind `device` (see `agent.bind_devices`)."""
+    request: dict[str, Any] = {
+        "name": device.name,
+        "vendor": device.vendor,
+        "device": device.device,
+    }
+    if device.vfs:
+        request.update(vfs=device.vfs, vf_name=device.vf_name)
+    return request
+
+
 def write_spec(
     path: Path,
     mode: str,
@@ -163,10 +175,7 @@ def write_spec(
         "cwd": cwd,
         "env": dict(env),
         "port": qemu.AGENT_PORT,
-        "devices": [
-            {"name": n, "vendor": qemu.DEVICES[n].vendor, "device": qemu.DEVICES[n].device}
-            for n in devices
-        ],
+        "devices": [device_request(qemu.DEVICES[name]) for name in devices],
         "winsize": [size.lines, size.columns],
     }
     path.write_text(json.dumps(spec))
@@ -250,6 +259,26 @@ def _prepare(
         yield lab
 
 
+def _machine(
+    prereq: Prerequisites, options: LabOptions, lab: _Lab, *, console: str, agent: str
+) -> qemu.MachineConfig:
+    """The lab machine for `options`, its devices' disk images written into the boot's
+    directory (removed with it)."""
+    config = qemu.MachineConfig(
+        kernel=prereq.kernel,
+        initrd=lab.initrd,
+        share=lab.share,
+        console=console,
+        agent=agent,
+        scratch=lab.workdir,
+        iommu=options.iommu,
+        devices=options.devices,
+        verbose=options.verbose,
+    )
+    qemu.create_disk_images(config)
+    return config
+
+
 def run(
     command: Sequence[str],
     options: LabOptions,
@@ -274,15 +303,12 @@ def run(
         agent, agent_guest = socket.socketpair()
         for sock in (console, console_guest, agent, agent_guest):
             stack.enter_context(sock)
-        config = qemu.MachineConfig(
-            kernel=prereq.kernel,
-            initrd=lab.initrd,
-            share=lab.share,
+        config = _machine(
+            prereq,
+            options,
+            lab,
             console=f"socket,fd={console_guest.fileno()}",
             agent=f"socket,fd={agent_guest.fileno()}",
-            iommu=options.iommu,
-            devices=options.devices,
-            verbose=options.verbose,
         )
         qemu_log = stack.enter_context((lab.workdir / "qemu.log").open("w+b"))
         started = time.monotonic()
@@ -431,16 +457,7 @@ def shell(options: LabOptions, *, cwd: str | None = None) -> int:
         lab = stack.enter_context(
             _prepare(prereq, options, "shell", shell_command, cwd or os.getcwd(), None)
         )
-        config = qemu.MachineConfig(
-            kernel=prereq.kernel,
-            initrd=lab.initrd,
-            share=lab.share,
-            console="stdio,mux=on,signal=off",
-            agent="null",
-            iommu=options.iommu,
-            devices=options.devices,
-            verbose=options.verbose,
-        )
+        config = _machine(prereq, options, lab, console="stdio,mux=on,signal=off", agent="null")
         print(
             "pyvmm lab: booting; leave with `exit` (or Ctrl-A x to stop QEMU)",
             file=sys.stderr,

@@ -8,7 +8,8 @@ stand-in then passes, fails with the inner failure text, or skips with the inner
 QEMU, busybox or a lab kernel is missing, the stand-ins skip and say which.
 
 A test asks for lab hardware with the marker's keywords: `@pytest.mark.lab(devices=("nvme",))`
-adds devices to the one boot (edu is always there); `iommu="virtio"` puts the test in a second
+adds devices to the one boot (edu is always there; `("igb",)` brings an SR-IOV PF and its VFs,
+`igbvf` and `igbvf1` in PYVMM_LAB_DEVICES); `iommu="virtio"` puts the test in a second
 boot with that IOMMU; `before=callable` is called on the host before the boot, for what must be
 prepared where the files are writable (the host's root is read-only in the lab), such as
 building the test guests.

@@ -32,10 +32,18 @@ class LabDevice:
     """An emulated PCI device the lab can hand to vfio-pci."""
 
     name: str
-    qemu_device: str  # the -device argument; {index} numbers instances
+    qemu_device: str  # the -device argument; {index} numbers instances, {drive} is the drive's id
     vendor: int
     device: int
     summary: str
+    #: The size of a sparse raw image made for each instance (a -drive with id {drive}); 0: none.
+    disk_mib: int = 0
+    #: Behind a PCIe root port of its own instead of on the root bus: a bus of its own, so that
+    #: its VFs take no slots on the root bus (where two igbs' VFs would collide).
+    root_port: bool = False
+    #: SR-IOV: the PF is left with its kernel driver, which makes this many VFs for vfio-pci.
+    vfs: int = 0
+    vf_name: str = ""  # what PYVMM_LAB_DEVICES calls the VFs
 
 
 DEVICES = {
@@ -44,13 +52,27 @@ DEVICES = {
         LabDevice("edu", "edu", 0x1234, 0x11E8, "QEMU edu: a DMA engine with MSI"),
         LabDevice(
             "nvme",
-            "nvme,serial=pyvmm-lab-{index}",
+            "nvme,serial=pyvmm-lab-{index},drive={drive}",
             0x1B36,
             0x0010,
-            "QEMU NVMe controller, no namespace: MSI-X, DMA",
+            "QEMU NVMe controller, namespace 1 on a 64 MiB sparse image: MSI-X, DMA",
+            disk_mib=64,
         ),
         # romfile= empty: no iPXE option ROM needed (and ipxe-qemu need not be installed).
         LabDevice("e1000e", "e1000e,romfile=", 0x8086, 0x10D3, "Intel 82574L NIC: MSI-X"),
+        # igb has no option ROM by default. QEMU makes its 8 VFs at start, 7 of which Linux's
+        # igb driver allows (sriov_totalvfs).
+        LabDevice(
+            "igb",
+            "igb",
+            0x8086,
+            0x10C9,
+            "Intel 82576 NIC with SR-IOV, behind a PCIe root port: the PF on the igb driver, "
+            "2 VFs (igbvf, 8086:10ca, an IOMMU group each) on vfio-pci",
+            root_port=True,
+            vfs=2,
+            vf_name="igbvf",
+        ),
     )
 }
 
@@ -94,6 +116,7 @@ class MachineConfig:
     share: Path
     console: str
     agent: str
+    scratch: Path  # the boot's own directory, for the devices' disk images
     iommu: str = "intel"
     devices: tuple[str, ...] = ("edu",)
     memory: str = "2G"
@@ -155,8 +178,47 @@ def command(qemu: str, config: MachineConfig) -> list[str]:
         "-virtfs",
         f"local,path={config.share},mount_tag={initramfs.SHARE_TAG},security_model=none",
     ]
-    counts: dict[str, int] = {}
-    for name in config.devices:
-        index = counts[name] = counts.get(name, -1) + 1
-        args += ["-device", DEVICES[name].qemu_device.format(index=index)]
+    ports = 0
+    for device, index, ident in _instances(config.devices):
+        if device.disk_mib:
+            image = str(_disk_image(config, ident)).replace(",", ",,")  # QEMU's escape for ","
+            args += ["-drive", f"file={image},if=none,format=raw,id={ident}"]
+        spec = device.qemu_device.format(index=index, drive=ident)
+        if device.root_port:
+            # (chassis, slot) must be unique among root ports; QEMU's root ports have ACS.
+            ports += 1
+            args += ["-device", f"pcie-root-port,id={ident}-port,chassis=1,slot={ports}"]
+            spec += f",bus={ident}-port"
+        args += ["-device", spec]
     return args
+
+
+def _instances(devices: Sequence[str]) -> list[tuple[LabDevice, int, str]]:
+    """(device, index, id) of each device: the instances of a name numbered from 0, and the id
+    ("nvme0") that names what belongs to the instance (its drive, its root port)."""
+    counts: dict[str, int] = {}
+    numbered = []
+    for name in devices:
+        index = counts[name] = counts.get(name, -1) + 1
+        numbered.append((DEVICES[name], index, f"{name}{index}"))
+    return numbered
+
+
+def _disk_image(config: MachineConfig, ident: str) -> Path:
+    return config.scratch / f"{ident}.img"
+
+
+def create_disk_images(config: MachineConfig) -> list[Path]:
+    """Write the sparse raw images the devices of `config` are backed by; returns their paths.
+
+    Sparse: a 64 MiB image takes no space until the guest writes to it. The images live in the
+    boot's scratch directory and go with it.
+    """
+    images = []
+    for device, _, ident in _instances(config.devices):
+        if device.disk_mib:
+            image = _disk_image(config, ident)
+            with image.open("wb") as f:
+                f.truncate(device.disk_mib << 20)
+            images.append(image)
+    return images

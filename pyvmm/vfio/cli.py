@@ -1,4 +1,4 @@
-"""`pyvmm vfio list|bind|unbind|info|mdev ...`: look at and prepare devices for VFIO."""
+"""`pyvmm vfio list|bind|unbind|sriov|info|mdev ...`: look at and prepare devices for VFIO."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pyvmm.vfio.context import backends, default_backend, open_context
 from pyvmm.vfio.device import VfioDevice
 from pyvmm.vfio.dma import DmaSpace
 from pyvmm.vfio.errors import VfioError
-from pyvmm.vfio.sysfs import PciDevice, Sysfs, SysfsError
+from pyvmm.vfio.sysfs import PciDevice, Sysfs, SysfsError, normalize_bdf
 
 #: PCI base class names (PCI Code and ID Assignment Specification), for the CLASS column.
 _BASE_CLASSES = {
@@ -68,6 +68,21 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     unbind.add_argument("bdf", metavar="BDF")
     unbind.set_defaults(func=_unbind)
+
+    sriov = commands.add_parser(
+        "sriov",
+        help="have an SR-IOV PF's driver make N virtual functions (0: remove them)",
+        description="Write N to the PF's sriov_numvfs; its own driver makes the VFs. "
+        "Prints one line per VF.",
+    )
+    sriov.add_argument("bdf", metavar="BDF", help="the physical function, bound to its driver")
+    sriov.add_argument("count", metavar="N", type=int, help="how many VFs (0 removes them)")
+    sriov.add_argument(
+        "--vfio",
+        action="store_true",
+        help="bind the new VFs to vfio-pci (no VF driver probes them first)",
+    )
+    sriov.set_defaults(func=_sriov)
 
     info = commands.add_parser(
         "info", help="open a device through a VFIO backend and show its regions and IRQs"
@@ -243,6 +258,20 @@ def _bind(sysfs: Sysfs, args: argparse.Namespace) -> None:
 def _unbind(sysfs: Sysfs, args: argparse.Namespace) -> None:
     device = sysfs.unbind(args.bdf)
     print(f"{device.bdf}: {device.driver or 'no driver'}")
+
+
+@_command
+def _sriov(sysfs: Sysfs, args: argparse.Namespace) -> None:
+    pf = normalize_bdf(args.bdf)
+    vfs = sysfs.enable_vfs(pf, args.count, probe=not args.vfio)
+    if not vfs:
+        print(f"{pf}: no VFs")
+    for index, bdf in enumerate(vfs):
+        vf = sysfs.bind_vfio(bdf) if args.vfio else sysfs.pci_device(bdf)
+        print(
+            f"{vf.bdf}: VF {index} of {pf}, {vf.ids}, {vf.driver or 'no driver'}, "
+            f"IOMMU group {vf.iommu_group or '-'}"
+        )
 
 
 @_command

@@ -4,6 +4,12 @@ Every path is taken under a root directory (normally "/"), so the logic runs unc
 fake tree in a temporary directory. Binding follows the kernel's documented way: write the driver
 name to the device's `driver_override`, release it from its current driver, then ask the bus to
 probe it again (`drivers_probe`); only the named driver may then take it.
+
+SR-IOV: a physical function (PF) bound to its own driver gets virtual functions (VFs) by writing
+their number to its `sriov_numvfs`; the PF's driver creates them, up to `sriov_totalvfs` (which
+the driver may set below the capability's count). Each VF is a PCI device of its own, linked
+from the PF as `virtfnN` and back as `physfn`, with its own IOMMU group where the topology
+isolates it; it is the VFs, not the PF, that go to vfio-pci.
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ class PciDevice:
     cdev: str | None  # "vfioN" when the device has a VFIO cdev in sysfs
     cdev_node: bool  # /dev/vfio/devices/vfioN exists
     name: str = ""  # from pci.ids, when that file is installed
+    physfn: str | None = None  # for an SR-IOV VF: the address of its PF
 
     @property
     def ids(self) -> str:
@@ -163,7 +170,14 @@ class Sysfs:
             group_node=group is not None and (self._vfio_dev / group).exists(),
             cdev=cdev,
             cdev_node=cdev is not None and (self._vfio_dev / "devices" / cdev).exists(),
+            physfn=_link_name(path / "physfn"),
         )
+
+    def vfs(self, bdf: str) -> list[str]:
+        """The addresses of the VFs the PF has now (its `virtfnN` links), VF 0 first."""
+        path = self._pci / "devices" / normalize_bdf(bdf)
+        links = [(int(e.name.removeprefix("virtfn")), e) for e in path.glob("virtfn[0-9]*")]
+        return [os.readlink(link).rsplit("/", 1)[-1] for _, link in sorted(links)]
 
     def _pci_names(self, wanted: set[tuple[int, int]]) -> dict[tuple[int, int], str]:
         """Names from pci.ids for the (vendor, device) pairs wanted, if the file exists."""
@@ -238,6 +252,47 @@ class Sysfs:
             self._write(path / "driver" / "unbind", current.bdf)
         self._write(self._pci / "drivers_probe", current.bdf)
         return self._read_pci(current.bdf)
+
+    def enable_vfs(self, bdf: str, count: int, *, probe: bool = True) -> list[str]:
+        """Have the PF's driver make `count` VFs (0: remove them); returns their addresses.
+
+        With `probe=False` the new VFs are left without a driver (`sriov_drivers_autoprobe` 0),
+        so that they can go to vfio-pci without a VF driver taking them first. A PF that has
+        some other number of VFs already is refused: the kernel only changes the number through
+        0, which would remove VFs that may be in use.
+        """
+        pf = self.pci_device(bdf)
+        path = self._pci / "devices" / pf.bdf
+        total = _read_optional(path / "sriov_totalvfs")
+        if not total:
+            raise SysfsError(f"{pf.bdf} has no SR-IOV capability (no sriov_totalvfs)")
+        if not 0 <= count <= int(total):
+            raise SysfsError(f"{pf.bdf} can have 0 to {total} VFs (sriov_totalvfs), not {count}")
+        current = int(_read(path / "sriov_numvfs"))
+        if current == count:
+            return self.vfs(pf.bdf)
+        if current and count:
+            raise DeviceBusy(
+                f"{pf.bdf} has {current} VFs already; remove them first (0 VFs) to have {count}"
+            )
+        if pf.driver is None:
+            raise SysfsError(f"{pf.bdf} has no driver; its VFs are made by the PF's own driver")
+        autoprobe = path / "sriov_drivers_autoprobe"
+        if count and autoprobe.exists() and _read(autoprobe) != str(int(probe)):
+            self._write(autoprobe, str(int(probe)))
+        try:
+            self._write(path / "sriov_numvfs", str(count))
+        except SysfsError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, OSError) and cause.errno in (errno.ENOENT, errno.EOPNOTSUPP):
+                raise SysfsError(
+                    f"{pf.bdf}: its driver {pf.driver} does not make VFs ({cause.strerror})"
+                ) from cause
+            raise
+        made = self.vfs(pf.bdf)
+        if len(made) != count:
+            raise SysfsError(f"{pf.bdf}: asked for {count} VFs, the kernel made {len(made)}")
+        return made
 
     def create_mdev(self, type_id: str, parent: str | None = None, uuid: str | None = None) -> str:
         """Create an mdev of `type_id` (e.g. "mtty-2"); returns its UUID."""

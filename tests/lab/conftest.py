@@ -11,7 +11,8 @@ from pyvmm.vfio.sysfs import Sysfs
 
 @pytest.fixture
 def lab_devices() -> dict[str, str]:
-    """The lab's devices bound to vfio-pci, as the agent reports them: {"edu": BDF, ...}."""
+    """The lab's devices as the agent reports them: {"edu": BDF, ...}, each on vfio-pci but an
+    SR-IOV PF ("igb", on its own driver), whose VFs ("igbvf", "igbvf1") are."""
     pairs = os.environ.get("PYVMM_LAB_DEVICES", "")
     return dict(pair.split("=", 1) for pair in pairs.split(",") if pair)
 
