@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_vfio_sysfs import FakeTree
+from fakesysfs import FakeTree
 
 from pyvmm.vfio import assign
 from pyvmm.vfio.errors import VfioError

@@ -10,9 +10,10 @@ QEMU, busybox or a lab kernel is missing, the stand-ins skip and say which.
 A test asks for lab hardware with the marker's keywords: `@pytest.mark.lab(devices=("nvme",))`
 adds devices to the one boot (edu is always there; `("igb",)` brings an SR-IOV PF and its VFs,
 `igbvf` and `igbvf1` in PYVMM_LAB_DEVICES); `iommu="virtio"` puts the test in a second
-boot with that IOMMU; `before=callable` is called on the host before the boot, for what must be
-prepared where the files are writable (the host's root is read-only in the lab), such as
-building the test guests.
+boot with that IOMMU; `session="name"` puts it in a boot of its own for tests of that name (long
+tests, such as Linux boots, each boot having the --lab-timeout budget); `before=callable` is
+called on the host before the boot, for what must be prepared where the files are writable
+(the host's root is read-only in the lab), such as building the test guests.
 """
 
 from __future__ import annotations
@@ -142,9 +143,10 @@ class LabFailure(Exception):
 
 @dataclass
 class LabSession:
-    """One lab boot running a group of lab tests (those sharing an IOMMU)."""
+    """One lab boot running a group of lab tests (those sharing an IOMMU and a session name)."""
 
     iommu: str
+    name: str = ""
     items: list[LabItem] = field(default_factory=list)
     results: dict[str, InnerResult] | None = None
     problem: str = ""  # why tests have no result, when the session went wrong
@@ -170,7 +172,7 @@ class LabTier:
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
-        self.sessions: dict[str, LabSession] = {}
+        self.sessions: dict[tuple[str, str], LabSession] = {}
 
     @pytest.hookimpl(trylast=True)  # after -m and -k have deselected
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
@@ -184,7 +186,9 @@ class LabTier:
             if unavailable:
                 stand_in.skip_reason = f"lab unavailable: {unavailable}"
             else:
-                session = self.sessions.setdefault(stand_in.iommu, LabSession(stand_in.iommu))
+                session = self.sessions.setdefault(
+                    stand_in.session_key, LabSession(stand_in.iommu, stand_in.session_name)
+                )
                 session.items.append(stand_in)
             items[index] = stand_in
 
@@ -210,7 +214,7 @@ class LabTier:
         return report
 
     def result(self, item: LabItem) -> InnerResult:
-        session = self.sessions[item.iommu]
+        session = self.sessions[item.session_key]
         if session.results is None:
             self._run(session)
         assert session.results is not None
@@ -246,7 +250,8 @@ class LabTier:
         output = _Output(self.config)
         output.line(
             f"lab: running {len(session.items)} tests in QEMU "
-            f"(iommu {session.iommu}, devices {', '.join(session.devices)})"
+            f"(iommu {session.iommu}, devices {', '.join(session.devices)}"
+            f"{', session ' + session.name if session.name else ''})"
         )
         started = time.monotonic()
         try:
@@ -313,6 +318,8 @@ class LabItem(pytest.Item):
         assert marker is not None
         self.lab_devices: tuple[str, ...] = tuple(marker.kwargs.get("devices", ()))
         self.iommu: str = marker.kwargs.get("iommu", "intel")
+        self.session_name: str = marker.kwargs.get("session", "")
+        self.session_key = (self.iommu, self.session_name)
         self.before: Callable[[], object] | None = marker.kwargs.get("before")
         self.skip_reason: str | None = None
 

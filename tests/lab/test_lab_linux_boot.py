@@ -102,9 +102,9 @@ def check(result: subprocess.CompletedProcess[str], disk: Path, booted_at: float
     assert disk.read_bytes()[512 : 512 + len(WRITTEN)] == WRITTEN.encode()
 
 
-# A lab boot of their own (the lab tier boots once per distinct IOMMU): should the lab's nested
-# KVM wedge (it has, rarely), only these tests lose their results.
-LINUX_SESSION = pytest.mark.lab(iommu="virtio")
+# A lab boot of their own, with the other tests that boot Linux: should the lab's nested KVM
+# wedge (it has, rarely), only these tests lose their results.
+LINUX_SESSION = pytest.mark.lab(iommu="virtio", session="linux")
 
 
 @LINUX_SESSION

@@ -1,7 +1,9 @@
 """Linux's own drivers on devices passed through by pyvmm, in the lab: the lab kernel boots
 under pyvmm (busybox init) with the lab's e1000e passed through, on each VFIO backend and under
 each of the lab's IOMMUs; its e1000e driver probes the device, brings the link up and takes the
-device's MSI-X interrupts, whose counts grow."""
+device's MSI-X interrupts, whose counts grow; its nvme driver writes and reads the NVMe's namespace
+through DMA and MSI-X, and a second boot finds the data there. The tests boot in lab sessions
+of their own ("linux"), with the Linux boot tests."""
 
 from __future__ import annotations
 
@@ -76,7 +78,7 @@ def e1000e_with_linux(tmp_path: Path, lab_devices: dict[str, str], backend: str)
     assert after > before, out[-3000:]
 
 
-@pytest.mark.lab(devices=("e1000e",))
+@pytest.mark.lab(devices=("e1000e",), session="linux")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_linux_drives_a_passed_through_e1000e_under_intel_iommu(
     backend: str, lab_devices, tmp_path: Path
@@ -84,9 +86,73 @@ def test_linux_drives_a_passed_through_e1000e_under_intel_iommu(
     e1000e_with_linux(tmp_path, lab_devices, backend)
 
 
-@pytest.mark.lab(iommu="virtio", devices=("e1000e",))
+@pytest.mark.lab(iommu="virtio", devices=("e1000e",), session="linux")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_linux_drives_a_passed_through_e1000e_under_virtio_iommu(
     backend: str, lab_devices, tmp_path: Path
 ) -> None:
     e1000e_with_linux(tmp_path, lab_devices, backend)
+
+
+PATTERN = "pyvmm nvme pattern"
+
+NVME_WRITE = rf"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+echo "{MARK} init started"
+for dev in /sys/bus/pci/drivers/nvme/0000:*; do echo "{MARK} nvme bound $(basename $dev)"; done
+for i in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/nvme0n1 ] && break; sleep 1; done
+echo "{MARK} namespace $(cat /sys/block/nvme0n1/size) sectors"
+echo "{MARK} msix $(grep PCI-MSIX /proc/interrupts | grep -c nvme)"
+{{ BOOT_STEP }}
+echo "{MARK} powering off"
+sleep 1
+poweroff -f
+"""
+# The pattern, and a check of block 100 of the namespace against it (read past the page cache).
+PATTERN_FILE = rf"""i=0; while [ $i -lt 64 ]; do echo "{PATTERN} $i"; i=$((i+1)); done > /tmp/p
+same() {{ dd if=/dev/nvme0n1 bs=4096 skip=100 count=1 iflag=direct 2>/dev/null \
+    | head -c $(wc -c < /tmp/p) | cmp - /tmp/p && echo same; }}
+"""
+WRITE_STEP = rf"""{PATTERN_FILE}
+dd if=/tmp/p of=/dev/nvme0n1 bs=4096 seek=100 conv=fsync 2>/dev/null
+echo "{MARK} wrote $(wc -c < /tmp/p) bytes status $?"
+echo "{MARK} read back $(same)"
+"""
+CHECK_STEP = rf"""{PATTERN_FILE}
+echo "{MARK} after reboot $(same)"
+"""
+
+
+def nvme_with_linux(tmp_path: Path, lab_devices: dict[str, str], backend: str) -> None:
+    """Linux's nvme driver (MSI-X, DMA into guest RAM) writes a pattern to the namespace and
+    reads it back; a second boot finds it there."""
+    nvme = lab_devices["nvme"]
+    args = ("--vfio-pci", nvme, "--vfio-backend", backend)
+    for step, wanted in ((WRITE_STEP, "read back same"), (CHECK_STEP, "after reboot same")):
+        result = boot(tmp_path, NVME_WRITE.replace("{ BOOT_STEP }", step), *args)
+        out = result.stdout
+        assert result.returncode == 0, f"{out[-3000:]}\n{result.stderr}"
+        assert re.search(rf"{MARK} nvme bound 0000:00:[0-9a-f]{{2}}\.0", out), out[-3000:]
+        assert f"{MARK} namespace 131072 sectors" in out, out[-3000:]  # the lab's 64 MiB
+        msix = re.search(rf"{MARK} msix (\d+)", out)
+        assert msix and int(msix[1]) >= 2, out[-3000:]  # admin and I/O queues' vectors
+        assert f"{MARK} {wanted}" in out, out[-3000:]
+
+
+@pytest.mark.lab(devices=("nvme",), session="linux")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linux_drives_a_passed_through_nvme_under_intel_iommu(
+    backend: str, lab_devices, tmp_path: Path
+) -> None:
+    nvme_with_linux(tmp_path, lab_devices, backend)
+
+
+@pytest.mark.lab(iommu="virtio", devices=("nvme",), session="linux")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linux_drives_a_passed_through_nvme_under_virtio_iommu(
+    backend: str, lab_devices, tmp_path: Path
+) -> None:
+    nvme_with_linux(tmp_path, lab_devices, backend)
