@@ -4,6 +4,9 @@ through each VFIO backend."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+from collections.abc import Iterator
 
 import pytest
 from guestbuild import guest
@@ -14,6 +17,7 @@ from pyvmm.machine.console import CaptureConsole
 from pyvmm.machine.machine import Machine
 from pyvmm.uapi.kvm import KvmExit
 from pyvmm.vfio.context import backends
+from pyvmm.vfio.sysfs import Sysfs
 
 MiB = 1 << 20
 BACKENDS = sorted(backends())
@@ -21,7 +25,7 @@ BACKENDS = sorted(backends())
 
 def build_passthrough_guests() -> None:
     """Build the guests on the host: inside the lab the checkout is read-only."""
-    for name in ("pci-probe", "edu", "e1000e-msix"):
+    for name in ("pci-probe", "edu", "e1000e-msix", "mtty"):
         guest(name)
 
 
@@ -113,3 +117,35 @@ def test_msix_vectors_of_a_passed_through_e1000e_each_reach_their_handler(
     assert "e1000e-msix: vector 2 masked pending 1\n" in out
     assert "e1000e-msix: vector 2 unmasked count 2\n" in out
     assert out.endswith("e1000e-msix: done\n"), out
+
+
+@pytest.fixture
+def mtty() -> Iterator[str]:
+    """An mtty-2 mdev of the kernel's sample driver, removed afterwards: its sysfs path."""
+    sysfs = Sysfs("/")
+    uuid = sysfs.create_mdev("mtty-2")
+    try:
+        yield f"/sys/bus/mdev/devices/{uuid}"
+    finally:
+        sysfs.remove_mdev(uuid)
+
+
+@pytest.mark.lab(before=build_passthrough_guests)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_mtty_mdev_passed_through_with_vfio_dev(backend: str, mtty: str) -> None:
+    """The mtty guest writes and reads the mdev's serial registers (an I/O BAR: the trapped
+    path, pread/pwrite on the VFIO fd) and takes its INTx, which mtty will only unmask by
+    ioctl: pyvmm says so and unmasks it from Python at each EOI."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pyvmm", "run", str(guest("mtty")), "--vfio-dev", mtty,
+         "--vfio-backend", backend],
+        capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.match(
+        r"mtty: 00:[0-9a-f]{2}\.0 bar0 io 0x[0-9a-f]+ irq pin 1 line \d+\n", result.stdout
+    )
+    assert result.stdout.endswith(
+        "mtty: round 1 got a\nmtty: round 2 got b\nmtty: round 3 got c\nmtty: done\n"
+    ), result.stdout
+    assert "pyvmm unmasks it from Python at each EOI instead" in result.stderr

@@ -156,3 +156,49 @@ def test_linux_drives_a_passed_through_nvme_under_virtio_iommu(
     backend: str, lab_devices, tmp_path: Path
 ) -> None:
     nvme_with_linux(tmp_path, lab_devices, backend)
+
+
+IGBVF_INIT = rf"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+echo "{MARK} init started"
+for dev in /sys/bus/pci/drivers/igbvf/0000:*; do echo "{MARK} igbvf bound $(basename $dev)"; done
+irqs() {{ grep eth0 /proc/interrupts | tr -s ' ' | cut -d' ' -f3,4 | tr ' \n' '++'; echo 0; }}
+ip link set eth0 up
+echo "{MARK} irqs before $(( $(irqs) ))"
+echo "{MARK} msix $(grep PCI-MSIX /proc/interrupts | grep -c eth0)"
+sleep 3
+echo "{MARK} irqs after $(( $(irqs) ))"
+echo "{MARK} powering off"
+sleep 1
+poweroff -f
+"""
+
+
+def pf_up(pf: str) -> None:
+    """The VF's driver talks to the PF's through its mailbox: the PF's interface must be up."""
+    (netdev,) = Path(f"/sys/bus/pci/devices/{pf}/net").iterdir()
+    subprocess.run(["ip", "link", "set", netdev.name, "up"], check=True)
+
+
+@pytest.mark.lab(devices=("igb",), session="linux")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linux_drives_a_passed_through_igb_virtual_function(
+    backend: str, lab_devices, tmp_path: Path
+) -> None:
+    """SR-IOV as users pass NICs through: a VF of the lab's igb (its PF on the lab's igb
+    driver), passed through; the guest's igbvf driver probes it, talks to the PF, and takes
+    its MSI-X interrupts."""
+    pf_up(lab_devices["igb"])
+    vf = lab_devices["igbvf"]
+    result = boot(tmp_path, IGBVF_INIT, "--vfio-pci", vf, "--vfio-backend", backend)
+    out = result.stdout
+    assert result.returncode == 0, f"{out[-3000:]}\n{result.stderr}"
+    assert re.search(rf"{MARK} igbvf bound 0000:00:[0-9a-f]{{2}}\.0", out), out[-3000:]
+    msix = re.search(rf"{MARK} msix (\d+)", out)
+    assert msix and int(msix[1]) >= 2, out[-3000:]
+    before = int(re.search(rf"{MARK} irqs before (\d+)", out)[1])
+    after = int(re.search(rf"{MARK} irqs after (\d+)", out)[1])
+    assert after > 0 and after >= before, out[-3000:]
