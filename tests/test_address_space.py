@@ -364,3 +364,27 @@ def test_a_device_whose_context_cannot_map_guest_ram_leaves_nothing_behind(space
     space.add(RamRegion(8 * MiB, MiB))  # the context does not follow the map
     assert context.space.mapped == {}
     context.close()
+
+
+class RecordingFileDma(RecordingDma):
+    def __init__(self, supported: bool) -> None:
+        super().__init__()
+        self.supported = supported
+        self.files: dict[int, tuple[int, int, int]] = {}
+
+    def map_file(self, iova: int, fd: int, offset: int, size: int) -> bool:
+        if self.supported:
+            self.files[iova] = (fd, offset, size)
+        return self.supported
+
+
+@pytest.mark.parametrize("supported", [True, False])
+def test_ram_is_mapped_by_its_memfd_where_the_space_can(space, supported: bool) -> None:
+    space, _ = space
+    dma = RecordingFileDma(supported)
+    space.listen(GuestRamMapper(dma))
+    ram = space.regions(RegionKind.RAM)
+    if supported:
+        assert dma.files == {r.gpa: (r.memfd, 0, r.size) for r in ram} and dma.mapped == {}
+    else:  # an older kernel: the mapping's address instead
+        assert dma.files == {} and dma.mapped == {r.gpa: (r.host_addr, r.size) for r in ram}

@@ -4,15 +4,18 @@ IOAS are each a `DmaSpace`), and the listener that keeps guest RAM mapped in one
 `GuestRamMapper` follows a machine's address space (pyvmm.machine.address_space): every RAM
 region is mapped at IOVA = guest-physical address while it is in the map, as a guest that
 programs a device with its physical addresses expects (no vIOMMU), and unmapped when it goes.
+A space that can map a file (iommufd's IOMMU_IOAS_MAP_FILE) is given the RAM's memfd, so the
+kernel pins the file's pages rather than walking this process's mapping; others get the
+mapping's address.
 Device memory (a BAR put into the guest) and reserved ranges are never mapped. A RAM region
 outside the IOVA ranges the IOMMU allows is refused with the range named.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
-from pyvmm.machine.memory import MemoryRegion, RegionKind
+from pyvmm.machine.memory import MemoryRegion, RamRegion, RegionKind
 from pyvmm.vfio.errors import VfioError
 
 
@@ -28,6 +31,14 @@ class DmaSpace(Protocol):
     def iova_ranges(self) -> tuple[tuple[int, int], ...]:
         """The usable IOVA ranges, (start, last inclusive); () when the kernel reports none
         (old Type1 drivers did not: then nothing is known, not nothing usable)."""
+
+
+@runtime_checkable
+class FileDmaSpace(DmaSpace, Protocol):
+    """A DMA space that can also map a file's pages directly (an iommufd IOAS)."""
+
+    def map_file(self, iova: int, fd: int, offset: int, size: int) -> bool:
+        """Map `size` bytes of `fd` from `offset` at `iova`; False if the kernel cannot."""
 
 
 class GuestRamMapper:
@@ -48,7 +59,9 @@ class GuestRamMapper:
                 f"guest RAM {region.gpa:#x}-{last:#x} is outside the IOVA ranges the IOMMU "
                 f"allows ({allowed}); give the guest less memory"
             )
-        self._space.map(region.gpa, region.host_addr, region.size)
+        by_file = isinstance(self._space, FileDmaSpace) and isinstance(region, RamRegion)
+        if not (by_file and self._space.map_file(region.gpa, region.memfd, 0, region.size)):
+            self._space.map(region.gpa, region.host_addr, region.size)
         self.mapped[region.gpa] = region.size
 
     def region_removed(self, region: MemoryRegion) -> None:

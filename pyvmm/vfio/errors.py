@@ -32,8 +32,14 @@ def open_node(path: str, what: str, missing_hint: str) -> int:
         raise VfioError(f"{what}: cannot open {path}: {err.strerror}") from None
 
 
+_DMA_MAP_HINTS = {
+    # pinned pages count against RLIMIT_MEMLOCK, in both backends
+    errno.ENOMEM: " (the locked-memory limit? see ulimit -l)",
+    # the legacy backend counts its mappings
+    errno.ENOSPC: " (too many DMA mappings: vfio_iommu_type1's dma_entry_limit)",
+}
+
+
 def dma_map_error(err: OSError) -> str:
-    """Why a DMA map failed, with the usual cause of ENOMEM: pinned pages count against
-    RLIMIT_MEMLOCK, in both backends."""
-    hint = " (the locked-memory limit? see ulimit -l)" if err.errno == errno.ENOMEM else ""
-    return f"{os.strerror(err.errno or 0)}{hint}"
+    """Why a DMA map failed, with the usual cause of the errors that have one."""
+    return f"{os.strerror(err.errno or 0)}{_DMA_MAP_HINTS.get(err.errno or 0, '')}"

@@ -95,6 +95,35 @@ class IoAddressSpace:
                 f"{dma_map_error(err)}"
             ) from None
 
+    def map_file(self, iova: int, fd: int, offset: int, size: int) -> bool:
+        """Map `size` bytes of file `fd` (a memfd) from `offset` at `iova`: the kernel pins the
+        file's pages, not this process's mapping of them (IOMMU_IOAS_MAP_FILE, Linux 6.13).
+        False when the kernel has no MAP_FILE (the caller maps the memory instead)."""
+        flags = (
+            uapi.IommuIoasMapFlag.FIXED_IOVA
+            | uapi.IommuIoasMapFlag.READABLE
+            | uapi.IommuIoasMapFlag.WRITEABLE
+        )
+        request = uapi.iommu_ioas_map_file(
+            size=ctypes.sizeof(uapi.iommu_ioas_map_file),
+            flags=flags,
+            ioas_id=self.id,
+            fd=fd,
+            start=offset,
+            length=size,
+            iova=iova,
+        )
+        try:
+            ioctl(self.iommufd.fd, uapi.IOMMU_IOAS_MAP_FILE, request)
+        except IoctlError as err:
+            if err.errno in (errno.ENOTTY, errno.EOPNOTSUPP):
+                return False
+            raise VfioError(
+                f"IOAS {self.id}: map of {size:#x} bytes of fd {fd} at IOVA {iova:#x} failed: "
+                f"{dma_map_error(err)}"
+            ) from None
+        return True
+
     def unmap(self, iova: int, size: int) -> int:
         """Remove the mappings in iova..iova+size; returns how many bytes were unmapped."""
         request = uapi.iommu_ioas_unmap(

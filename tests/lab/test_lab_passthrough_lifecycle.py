@@ -7,6 +7,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from guestbuild import guest
@@ -118,4 +119,21 @@ def test_mistakes_are_one_line_and_leave_nothing_behind(lab_devices) -> None:
                 "in use, e.g. through its VFIO group",
             )
     result = pyvmm_run(str(guest("pci-probe")), "--vfio-pci", edu)  # nothing was left behind
+    assert result.returncode == 0 and "1234:11e8" in result.stdout, result.stderr
+
+
+@pytest.mark.lab(before=build_guests)
+def test_guest_ram_that_cannot_be_mapped_for_dma_is_one_line(lab_devices) -> None:
+    """The legacy backend refuses more mappings than vfio_iommu_type1's dma_entry_limit: with
+    the limit at 0, guest RAM cannot be mapped, which says why; with it back, all is well."""
+    edu = lab_devices["edu"]
+    limit = Path("/sys/module/vfio_iommu_type1/parameters/dma_entry_limit")
+    saved = limit.read_text()
+    limit.write_text("0")
+    try:
+        result = pyvmm_run(str(guest("hello")), "--vfio-pci", edu, "--vfio-backend", "container")
+    finally:
+        limit.write_text(saved)
+    one_line_error(result, "failed: No space left on device (too many DMA mappings")
+    result = pyvmm_run(str(guest("pci-probe")), "--vfio-pci", edu, "--vfio-backend", "container")
     assert result.returncode == 0 and "1234:11e8" in result.stdout, result.stderr

@@ -183,10 +183,19 @@ def pf_up(pf: str) -> None:
     subprocess.run(["ip", "link", "set", netdev.name, "up"], check=True)
 
 
-@pytest.mark.lab(devices=("igb",), session="linux")
+ON_EACH_IOMMU = pytest.mark.parametrize(
+    "iommu",
+    [
+        pytest.param(i, marks=pytest.mark.lab(devices=("igb",), iommu=i, session="linux"))
+        for i in ("intel", "virtio")
+    ],
+)
+
+
+@ON_EACH_IOMMU
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_linux_drives_a_passed_through_igb_virtual_function(
-    backend: str, lab_devices, tmp_path: Path
+    backend: str, iommu: str, lab_devices, tmp_path: Path
 ) -> None:
     """SR-IOV as users pass NICs through: a VF of the lab's igb (its PF on the lab's igb
     driver), passed through; the guest's igbvf driver probes it, talks to the PF, and takes

@@ -9,6 +9,7 @@ edu's registers are described in lab_edu.py.
 
 from __future__ import annotations
 
+import os
 import select
 import struct
 import time
@@ -217,3 +218,25 @@ def test_a_container_takes_a_group_again_after_its_last_one_left(
                 container.map(IOVA, memory.addr, DMA_SIZE)
                 assert container.unmap(IOVA, DMA_SIZE) == DMA_SIZE
         assert container.groups == []
+
+
+def test_an_ioas_maps_a_memfd_by_file(lab_devices: dict[str, str], sysfs: Sysfs) -> None:
+    """IOMMU_IOAS_MAP_FILE: the IOAS maps a memfd's pages (as guest RAM is mapped), and the
+    device reads and writes the file's memory."""
+    with open_context("iommufd") as context:
+        device = context.open_pci(lab_pci_device(lab_devices, sysfs, "edu"))
+        enable_dma(device)
+        addr = bar0(device)
+        memfd = os.memfd_create("map-file", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(memfd, DMA_SIZE)
+            with Mapping(DMA_SIZE, memfd) as memory:
+                assert context.ioas.map_file(IOVA, memfd, 0, DMA_SIZE)
+                pattern = bytes(range(256)) * 4
+                memory.view[: len(pattern)] = pattern
+                dma(addr, IOVA, EDU_BUFFER, len(pattern), to_ram=False)
+                dma(addr, EDU_BUFFER, IOVA + 0x1000, len(pattern), to_ram=True)
+                assert os.pread(memfd, len(pattern), 0x1000) == pattern  # in the file itself
+                assert context.ioas.unmap(IOVA, DMA_SIZE) == DMA_SIZE
+        finally:
+            os.close(memfd)

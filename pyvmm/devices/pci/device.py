@@ -329,7 +329,10 @@ class PciFunction:
             region = None
             try:
                 if area.host_addr is None:
-                    bus.register(where, area.size, _BarWindow(self, index, area.offset), self.name)
+                    window = _BarWindow(self, index, area.offset)
+                    bus.register(
+                        where, area.size, window, f"{self.name} BAR{index}+{area.offset:#x}"
+                    )
                     windows.append((bus, where))
                     continue
                 region = self._regions.get((index, area.offset))
