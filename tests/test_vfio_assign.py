@@ -50,9 +50,12 @@ def test_refusals_say_what_to_do(tree: FakeTree) -> None:
     with pytest.raises(VfioError, match=rf"^{NIC} is bound to e1000e: give it to VFIO with "):
         host(tree, NIC)
     (tree.pci / "devices" / BRIDGE / "driver").symlink_to(tree.driver("pcieport"))
+    assert host(tree, EDU)[0].name == EDU  # a PCIe port leaves DMA to VFIO: the kernel allows it
+    (tree.pci / "devices" / BRIDGE / "driver").unlink()
+    (tree.pci / "devices" / BRIDGE / "driver").symlink_to(tree.driver("snd_hda_intel"))
     with pytest.raises(
         VfioError,
-        match=rf"IOMMU group 5 of {EDU} is not viable: {BRIDGE} is bound to pcieport; bind it",
+        match=rf"IOMMU group 5 of {EDU} is not viable: {BRIDGE} is bound to snd_hda_intel; bind",
     ):
         host(tree, EDU)
     lonely = tree.device("0000:00:07.0", (1, 2), driver="vfio-pci")
@@ -69,8 +72,12 @@ def test_the_backend_is_the_machines_or_what_the_host_and_device_allow(tree: Fak
     assert assign._backend(FakeMachine(), sysfs, device, cdev, None) == "iommufd"
     assert assign._backend(FakeMachine("container"), sysfs, device, cdev, None) == "container"
     assert assign._backend(FakeMachine(), sysfs, device, False, "container") == "container"
-    with pytest.raises(VfioError, match=f"there is no VFIO cdev for {EDU}"):
+    with pytest.raises(
+        VfioError, match=rf"iommufd \(asked for\), but there is no VFIO cdev for {EDU}"
+    ):
         assign._backend(FakeMachine(), sysfs, device, False, "iommufd")
+    with pytest.raises(VfioError, match=r"iommufd \(the backend of this machine's other devices\)"):
+        assign._backend(FakeMachine("iommufd"), sysfs, device, False, None)
     (tree.root / "dev/iommu").unlink()
     with pytest.raises(
         VfioError, match=r"there is no /dev/iommu \(the kernel needs CONFIG_IOMMUFD"

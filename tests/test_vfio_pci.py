@@ -5,7 +5,10 @@ reaches the device, how its BARs are mapped, and that no guest traffic breaks th
 
 from __future__ import annotations
 
+import errno
+import logging
 import struct
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -23,6 +26,7 @@ from pyvmm.machine.bus import Bus
 from pyvmm.machine.memory import RamRegion, RegionKind
 from pyvmm.machine.state import StateError
 from pyvmm.uapi import vfio as uapi
+from pyvmm.uapi.ioctl import IoctlError
 from pyvmm.vfio.device import DeviceInfo, IrqInfo, Region
 from pyvmm.vfio.interrupts import IrqMode
 from pyvmm.vfio.pci import VfioPciFunction
@@ -30,17 +34,14 @@ from pyvmm.vfio.pci import VfioPciFunction
 MiB = 1 << 20
 F = uapi.VfioRegionInfoFlag
 PM, MSI, EXP, MSIX, VNDR = 0xC8, 0xD0, 0xE0, 0xA0, 0x40
-# What the device lets the guest change (besides what the function emulates): the command
-# bits, the status error bits (write 1 to clear), PM control, PCIe device control/status/ctl2.
+# What pyvmm lets the guest change on the device: the command bits, PM's power state, PCIe
+# device control and control 2 (vfio-pci drops writes to the status registers).
 DEVICE_WRITABLE = {
     PCI_COMMAND: 0x47,
     PCI_COMMAND + 1: 0x05,
-    0x07: 0xF9,
     PM + 4: 0x03,
-    PM + 5: 0x81,
     EXP + 8: 0xFF,
     EXP + 9: 0xFF,
-    EXP + 10: 0x0F,
     EXP + 0x28: 0xFF,
     EXP + 0x29: 0xFF,
 }
@@ -78,13 +79,18 @@ class FakeDevice:
     name = "fake0"
     SIZES = {0: 0x20000, 1: 0x20000, 2: 0x20, 3: 0x4000}
 
-    def __init__(self) -> None:
+    def __init__(self, *, msix_vectors: int = 5, msi_vectors: int = 1) -> None:
         self.config = e1000e_like_config()
         self.bars = {index: bytearray(size) for index, size in self.SIZES.items()}
         self.config_writes: list[tuple[int, bytes, bytes]] = []  # offset, before, written
         self.irq_sets: list[tuple[str, int, int]] = []
         self.mode = "none"
         self.resets = 0
+        self.counts = {0: 1, 1: msi_vectors, 2: msix_vectors}  # what VFIO offers per index
+        self.msi_available = msi_vectors  # what the host can allocate
+        self.refuse_unmask_eventfd = False
+        self.unmasks = 0
+        self.on_config_write = lambda offset, data: None
         self._mappings: list[Mapping] = []
 
     def info(self) -> DeviceInfo:
@@ -99,8 +105,7 @@ class FakeDevice:
         return Region(index, flags, size, index << 40, areas)
 
     def irq(self, index: int) -> IrqInfo:
-        counts = {0: 1, 1: 1, 2: 5}
-        return IrqInfo(index, uapi.VfioIrqInfoFlag.EVENTFD, counts.get(index, 0))
+        return IrqInfo(index, uapi.VfioIrqInfoFlag.EVENTFD, self.counts.get(index, 0))
 
     def read(self, region: Region, offset: int, size: int) -> bytes:
         data = self.config if region.index == uapi.VfioPciRegion.CONFIG else self.bars[region.index]
@@ -113,13 +118,11 @@ class FakeDevice:
             return
         before = bytes(self.config[offset : offset + len(data)])
         self.config_writes.append((offset, before, bytes(data)))
-        for i, byte in enumerate(data):  # the device: writable bits, and W1C on the status
+        self.on_config_write(offset, bytes(data))
+        for i, byte in enumerate(data):  # the device takes the bits it lets be written
             pos = offset + i
             writable = DEVICE_WRITABLE.get(pos, 0)
-            new = (self.config[pos] & ~writable) | (byte & writable)
-            if pos == 0x07:
-                new = self.config[pos] & ~(byte & 0xF9)
-            self.config[pos] = new
+            self.config[pos] = (self.config[pos] & ~writable) | (byte & writable)
 
     def mmap(self, region: Region, offset: int, size: int) -> Mapping:
         assert any(a <= offset and offset + size <= a + s for a, s in region.mmap_areas)
@@ -127,12 +130,19 @@ class FakeDevice:
         self._mappings.append(mapping)
         return mapping
 
-    def set_irq_eventfds(self, index: int, fds: list[int], start: int = 0) -> None:
+    def set_irq_eventfds(self, index: int, fds: list[int], start: int = 0) -> int:
         assert self.mode == "none", f"{self.mode} still on when index {index} is set"
+        if len(fds) > self.counts[index]:
+            raise IoctlError("VFIO_DEVICE_SET_IRQS", errno.EINVAL)
+        if index == 1 and len(fds) > self.msi_available:
+            return self.msi_available  # as vfio_msi_enable: none enabled, this many possible
         self.mode = {0: "intx", 1: "msi", 2: "msix"}[index]
         self.irq_sets.append(("trigger", index, len(fds)))
+        return 0
 
     def set_irq_unmask_eventfd(self, index: int, fd: int) -> None:
+        if self.refuse_unmask_eventfd:
+            raise IoctlError("VFIO_DEVICE_SET_IRQS", errno.ENOTTY)
         self.irq_sets.append(("unmask", index, 1))
 
     def disable_irqs(self, index: int) -> None:
@@ -140,7 +150,7 @@ class FakeDevice:
         self.mode = "none"
 
     def unmask_irq(self, index: int) -> None:
-        pass
+        self.unmasks += 1
 
     def reset(self) -> None:
         self.resets += 1
@@ -166,7 +176,7 @@ class FakeKvm(RecordingSlots):
 class Guest:
     """Bus 0 with the fake device passed through in slot 4, over RAM at 0-16 MiB."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: FakeDevice | None = None) -> None:
         self.vm = FakeKvm()
         self.gsi = FakeGsi()
         self.space = AddressSpace(self.vm, 32)
@@ -179,7 +189,7 @@ class Guest:
             (layout.PCI_MMIO_BASE, layout.PCI_MMIO_BASE + layout.PCI_MMIO_SIZE),
             (layout.PCI_IO_BASE, layout.PCI_IO_BASE + layout.PCI_IO_SIZE),
         )
-        self.device = FakeDevice()
+        self.device = device or FakeDevice()
         self.function = VfioPciFunction(self, self.device, "vfio fake0")  # type: ignore[arg-type]
         self.bus.plug(self.function, slot=4)
 
@@ -223,6 +233,8 @@ def test_the_guest_sees_the_devices_identity_and_only_the_capabilities_pyvmm_vir
     assert guest.read(MSIX + 2, 2) & 0x7FF == 4  # five MSI-X vectors, as the device has
     with pytest.raises(StateError, match="cannot be saved"):
         guest.function.save()
+    guest.write(0x06, 2, 0xFFFF)  # status: read-only, nothing reaches the device
+    assert guest.device.config_writes == [] or all(o != 6 for o, *_ in guest.device.config_writes)
 
 
 def test_bars_are_sized_from_the_regions_and_mapped_around_the_msix_table(guest: Guest) -> None:
@@ -365,5 +377,102 @@ def test_no_guest_traffic_breaks_the_rules(ops) -> None:
             else:
                 function.bar_read(3, 0x2000 + offset, size)
             check_rules(guest)
+    finally:
+        guest.close()
+
+
+def test_memory_decode_off_and_d3_unmap_the_slots_before_the_device_hears_of_it(
+    guest: Guest,
+) -> None:
+    """vfio-pci zaps its BAR mmaps when decode goes off or the device leaves D0: by the time
+    such a write reaches the device, no KVM slot may point at them any more."""
+    slots_seen: list[int] = []
+    guest.device.on_config_write = lambda offset, data: slots_seen.append(
+        len(guest.space.regions(RegionKind.DEVICE))
+    )
+    assert len(guest.space.regions(RegionKind.DEVICE)) == 3
+    command = guest.read(PCI_COMMAND, 2)
+    guest.write(PCI_COMMAND, 2, command & ~0x2)
+    assert slots_seen == [0] and guest.space.regions(RegionKind.DEVICE) == []
+    guest.write(PCI_COMMAND, 2, command)
+    assert len(guest.space.regions(RegionKind.DEVICE)) == 3
+    slots_seen.clear()
+    guest.write(PM + 4, 2, 3)  # D3hot
+    assert slots_seen == [0] and guest.space.regions(RegionKind.DEVICE) == []
+    guest.write(PM + 4, 2, 0)  # D0 again: mapped again
+    assert len(guest.space.regions(RegionKind.DEVICE)) == 3
+
+
+def test_msix_offers_what_vfio_offers_and_msi_takes_what_the_host_can_give() -> None:
+    guest = Guest(FakeDevice(msix_vectors=3, msi_vectors=4))
+    try:
+        assert guest.read(MSIX + 2, 2) & 0x7FF == 2  # 3 vectors, not the device's 5
+        guest.write(MSIX + 2, 2, 0x8000)
+        assert guest.device.mode == "msix" and guest.device.irq_sets[-1] == ("trigger", 2, 3)
+        guest.write(MSIX + 2, 2, 0)
+    finally:
+        guest.close()
+    device = FakeDevice(msi_vectors=4)
+    device.config[MSI + 2] = 0x80 | 2 << 1  # 64-bit, 4 vectors offered
+    device.msi_available = 2  # but the host can allocate only 2
+    guest = Guest(device)
+    try:
+        guest.write(MSI + 4, 4, 0xFEE0_0000)
+        guest.write(MSI + 2, 2, 1 | 2 << 4)  # MSI on, 4 vectors enabled
+        assert guest.device.mode == "msi" and guest.device.irq_sets[-1] == ("trigger", 1, 2)
+        assert guest.function.interrupts.mode is IrqMode.MSI
+    finally:
+        guest.close()
+    assert guest.device.resets == 1  # reset when the function goes (it has a reset)
+
+
+def test_intx_is_unmasked_from_python_when_the_device_refuses_an_unmask_eventfd(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    device = FakeDevice()
+    device.refuse_unmask_eventfd = True
+    with caplog.at_level(logging.WARNING):
+        guest = Guest(device)
+    try:
+        assert "pyvmm unmasks it from Python at each EOI instead" in caplog.text
+        assert device.mode == "intx"
+        ((_, (_, resample)),) = guest.vm.irqfds.items()
+        os_eventfd_write(resample, 1)  # what KVM does at the guest's EOI
+        deadline = time.monotonic() + 5
+        while device.unmasks == 0:
+            assert time.monotonic() < deadline, "INTx was never unmasked"
+            time.sleep(0.01)
+        guest.write(MSI + 2, 2, 1)  # MSI on: INTx's irqfd goes, and KVM drops the line
+        assert guest.vm.irqfds.keys() == {guest.function.msi.eventfds[0].fd}
+    finally:
+        guest.close()
+
+
+def os_eventfd_write(fd: int, value: int) -> None:
+    import os
+
+    os.eventfd_write(fd, value)
+
+
+def test_a_capability_the_config_region_cannot_hold_is_hidden() -> None:
+    """mtty's config region is 255 bytes: a capability running past it is hidden, not a
+    crash."""
+    device = FakeDevice()
+    device.config[EXP + 1] = 0xF4  # PCIe -> MSI-X at 0xF4, 12 bytes: past 255
+    device.config[0xF4 : 0xF4 + 12] = bytes((0x11, 0)) + struct.pack("<HII", 4, 3, 3 | 0x2000)
+    original = device.region
+
+    def short_config(index: int) -> Region:
+        region = original(index)
+        if index == uapi.VfioPciRegion.CONFIG:
+            return Region(index, region.flags, 255, region.offset, ())
+        return region
+
+    device.region = short_config  # type: ignore[method-assign]
+    guest = Guest(device)
+    try:
+        assert guest.caps() == [(0x01, PM), (0x05, MSI), (0x10, EXP)]
+        assert guest.function.msix is None
+        assert guest.read(0xFC, 4) == 0  # emulated zeros: hidden
     finally:
         guest.close()

@@ -5,11 +5,12 @@
     pyvmm run ... --vfio-pci 0000:00:04.0 --vfio-dev /sys/bus/mdev/devices/UUID
 
 Before anything is opened, the device and its IOMMU group are checked on sysfs, so that what
-the user must do is said in one line: every device of the group must be bound to vfio-pci (or
-to no driver), the device must have a group (an IOMMU), and iommufd needs /dev/iommu and the
-device's cdev. The device is then opened in the machine's one IOMMU context (which maps guest
-RAM for its DMA and tells KVM about it), reset where it supports a reset, and put on bus 0 as a
-VfioPciFunction.
+the user must do is said in one line: the device must be bound to vfio-pci (or a variant of it),
+every other device of its group to VFIO, to a driver that leaves DMA to VFIO (pci-stub, the PCIe
+port driver) or to none, the device must have a group (an IOMMU), and iommufd needs /dev/iommu
+and the device's cdev. The device is then opened in the machine's one IOMMU context (which maps
+guest RAM for its DMA and tells KVM about it), reset where it supports a reset, and put on bus 0
+as a VfioPciFunction.
 
 The backend: `backend` names it, else the machine's context decides if there is one, else
 iommufd where /dev/iommu and the device's cdev exist, the legacy container otherwise (logged).
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pyvmm.uapi import vfio as uapi
@@ -33,6 +35,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MDEV_DIR = "/sys/bus/mdev/devices/"
+# Drivers that leave DMA to whoever owns the IOMMU group (the kernel's driver_managed_dma):
+# another device of the group may be bound to one of these, as the kernel allows.
+DMA_SAFE_DRIVERS = frozenset({"pci-stub", "pcieport"})
+
+
+def _vfio_driver(driver: str | None) -> bool:
+    """vfio-pci, or one of its variant drivers (mlx5_vfio_pci, ...)."""
+    return driver is not None and (driver == VFIO_PCI or driver.endswith("vfio_pci"))
 
 
 def create(machine: Machine, host: str, backend: str | None = None) -> VfioPciFunction:
@@ -44,16 +54,38 @@ def create(machine: Machine, host: str, backend: str | None = None) -> VfioPciFu
     except SysfsError as err:
         raise VfioError(str(err)) from None
     chosen = _backend(machine, sysfs, device, cdev_exists, backend)
-    vfio_device = machine.vfio(chosen).open(device)
-    if vfio_device.info().flags & uapi.VfioDeviceFlag.RESET:
-        vfio_device.reset()  # a clean device, whatever its last user left
-    return VfioPciFunction(machine, vfio_device, f"vfio {device.name}")
+    context = machine.vfio(chosen)
+    vfio_device = context.open(device)
+    try:
+        if vfio_device.info().flags & uapi.VfioDeviceFlag.RESET:
+            vfio_device.reset()  # a clean device, whatever its last user left
+        return VfioPciFunction(
+            machine,
+            vfio_device,
+            f"vfio {device.name}",
+            release=lambda: context.release(device.name),
+        )
+    except OSError as err:  # out of eventfds, say
+        context.release(device.name)
+        raise VfioError(f"{device.name}: cannot be set up: {err.strerror or err}") from None
+    except BaseException:
+        context.release(device.name)
+        raise
+
+
+def _is_mdev(host: str) -> bool:
+    """A UUID, or a sysfs path of an mdev (under /sys/bus/mdev/devices or its real place)."""
+    if host.startswith(MDEV_DIR):
+        return True
+    if "/" not in host:
+        return len(host) == 36 and host.count("-") == 4
+    return Path(host, "subsystem").resolve().name == "mdev"
 
 
 def _host_device(sysfs: Sysfs, host: str) -> tuple[HostDevice, bool]:
     """The device as VFIO will open it, and whether its cdev node exists; SysfsError or
     VfioError saying what is wrong with it."""
-    if host.startswith(MDEV_DIR) or ("/" not in host and len(host) == 36):
+    if _is_mdev(host):
         mdev = sysfs.mdev(os.path.basename(host.rstrip("/")))
         if not mdev.iommu_group:
             raise VfioError(f"mdev {mdev.uuid} has no IOMMU group (is vfio-mdev loaded?)")
@@ -61,13 +93,16 @@ def _host_device(sysfs: Sysfs, host: str) -> tuple[HostDevice, bool]:
     if "/" in host:
         host = os.path.basename(host.rstrip("/"))  # /sys/bus/pci/devices/BDF
     pci = sysfs.pci_device(host)
-    if pci.driver != VFIO_PCI:
+    if not _vfio_driver(pci.driver):
         bound = f"bound to {pci.driver}" if pci.driver else "bound to no driver"
         raise VfioError(f"{pci.bdf} is {bound}: give it to VFIO with pyvmm vfio bind {pci.bdf}")
     if not pci.iommu_group:
         raise VfioError(f"{pci.bdf} has no IOMMU group: the host has no IOMMU (intel_iommu=on?)")
     for member in sysfs.group_members(pci.iommu_group):
-        if member.bdf != pci.bdf and member.driver not in (VFIO_PCI, None):
+        driver = member.driver
+        if member.bdf != pci.bdf and driver not in DMA_SAFE_DRIVERS | {None}:
+            if _vfio_driver(driver):
+                continue
             raise VfioError(
                 f"IOMMU group {pci.iommu_group} of {pci.bdf} is not viable: {member.bdf} is bound "
                 f"to {member.driver}; bind it to vfio-pci too (pyvmm vfio bind {member.bdf})"
@@ -78,16 +113,19 @@ def _host_device(sysfs: Sysfs, host: str) -> tuple[HostDevice, bool]:
 def _backend(
     machine: Machine, sysfs: Sysfs, device: HostDevice, cdev_exists: bool, backend: str | None
 ) -> str:
-    """The backend to open `device` with: asked for, the machine's already, or the default."""
-    backend = backend or machine.vfio_backend  # a machine's devices share one context
+    """The backend to open `device` with: asked for, the machine's already, or the default
+    (said in one log line)."""
+    chosen = backend or machine.vfio_backend  # a machine's devices share one context
     usable = sysfs.iommufd and device.cdev is not None and cdev_exists
-    if backend is None:
-        backend = "iommufd" if usable else "container"
-        log.info("%s: VFIO backend %s (the default here)", device.name, backend)
-    elif backend == "iommufd" and not usable:
+    if chosen is None:
+        chosen = "iommufd" if usable else "container"
+        log.warning("%s: VFIO backend %s (the default here; --vfio-backend to choose)",
+                    device.name, chosen)  # fmt: skip
+    elif chosen == "iommufd" and not usable:
+        why = "asked for" if backend else "the backend of this machine's other devices"
         missing = "/dev/iommu" if not sysfs.iommufd else f"VFIO cdev for {device.name}"
         raise VfioError(
-            f"iommufd asked for, but there is no {missing} (the kernel needs CONFIG_IOMMUFD and "
+            f"iommufd ({why}), but there is no {missing} (the kernel needs CONFIG_IOMMUFD and "
             "CONFIG_VFIO_DEVICE_CDEV); use --vfio-backend container"
         )
-    return backend
+    return chosen

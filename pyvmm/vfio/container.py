@@ -213,21 +213,33 @@ class ContainerContext(VfioContext):
         super().__init__(vm, address_space)
         self.container = self._stack.enter_context(Container())
         self.groups: dict[str, Group] = {}
+        self._group_stacks: dict[str, contextlib.ExitStack] = {}
+        self._group_users: dict[str, int] = {}
 
     @property
     def dma(self) -> Container:
         return self.container
 
+    def _group_user_gone(self, number: str) -> None:
+        self._group_users[number] -= 1
+        if not self._group_users[number]:
+            del self.groups[number], self._group_users[number]
+            self._group_stacks.pop(number).close()
+
     def _open(self, device: HostDevice, stack: contextlib.ExitStack) -> VfioDevice:
         if not device.iommu_group:
             raise VfioError(f"{device.name}: no IOMMU group; is it bound to vfio-pci?")
-        group = self.groups.get(device.iommu_group)
+        number = device.iommu_group
+        group = self.groups.get(number)
         if group is None:
-            # A new group lives on this device's stack: if the device cannot be assigned, the
-            # group leaves the container again; if it can, it lives as long as the context.
-            group = stack.enter_context(Group(device.iommu_group))
-            self.container.add_group(group)
-            self.groups[device.iommu_group] = group
-            stack.callback(self.groups.pop, device.iommu_group)
-            self._tell_kvm(group.fd, stack)
+            with contextlib.ExitStack() as group_stack:
+                group = group_stack.enter_context(Group(number))
+                self.container.add_group(group)
+                self._tell_kvm(group.fd, group_stack)
+                self._group_stacks[number] = group_stack.pop_all()
+            self.groups[number] = group
+            self._group_users[number] = 0
+        # a group stays while one of its devices is open (its devices share its fd)
+        self._group_users[number] += 1
+        stack.callback(self._group_user_gone, number)
         return stack.enter_context(group.open_device(device.name))

@@ -55,9 +55,10 @@ class VfioContext:
     def __init__(self, vm: Vm | None = None, address_space: AddressSpace | None = None) -> None:
         self._vm = vm
         self._address_space = address_space
-        self._stack = ExitStack()
+        self._stack = ExitStack()  # the DMA space: closed last
         self._mapper: GuestRamMapper | None = None
         self.devices: dict[str, VfioDevice] = {}
+        self._device_stacks: dict[str, ExitStack] = {}  # what closes each device
 
     @property
     def dma(self) -> DmaSpace:
@@ -81,9 +82,26 @@ class VfioContext:
                 mapper = GuestRamMapper(self.dma)
                 self._address_space.listen(mapper)  # maps all RAM, or nothing and raises
                 self._mapper = mapper
-            self._stack.push(stack.pop_all())
+            self._device_stacks[device.name] = stack.pop_all()
         self.devices[device.name] = vfio_device
         return vfio_device
+
+    def release(self, name: str) -> None:
+        """Close one device (its assignment failed half-way, say), so it can be opened again;
+        with the last one goes the mapping of guest RAM."""
+        stack = self._device_stacks.pop(name)
+        del self.devices[name]
+        try:
+            if not self.devices:
+                self._unmap_ram()  # while a device still holds the IOMMU domain
+        finally:
+            stack.close()
+
+    def _unmap_ram(self) -> None:
+        if self._mapper is not None:
+            assert self._address_space is not None
+            mapper, self._mapper = self._mapper, None
+            self._address_space.unlisten(mapper)
 
     def _tell_kvm(self, fd: int, stack: ExitStack) -> None:
         """Tell the VM's KVM-VFIO device about a VFIO file, and forget it with `stack`."""
@@ -92,15 +110,14 @@ class VfioContext:
             stack.callback(self._vm.vfio_file_del, fd)
 
     def close(self) -> None:
-        """Unmap guest RAM, close the devices, release the DMA space."""
-        try:
-            if self._mapper is not None:
-                assert self._address_space is not None
-                mapper, self._mapper = self._mapper, None
-                self._address_space.unlisten(mapper)
-        finally:
+        """Unmap guest RAM, close the devices (the last opened first), release the DMA
+        space, whatever fails on the way."""
+        with ExitStack() as closing:
+            closing.callback(self._stack.close)
+            for name in list(self._device_stacks):
+                closing.callback(self._device_stacks.pop(name).close)
             self.devices.clear()
-            self._stack.close()
+            self._unmap_ram()
 
     def __enter__(self) -> VfioContext:
         return self

@@ -205,9 +205,13 @@ class VfioDevice:
 
     # interrupts
 
-    def set_irq_eventfds(self, index: int, fds: Sequence[int], start: int = 0) -> None:
-        """Signal vectors start.. of an IRQ index on these eventfds (-1: that vector off)."""
-        self._set_irqs(index, IrqSetFlag.DATA_EVENTFD | IrqSetFlag.ACTION_TRIGGER, start, fds)
+    def set_irq_eventfds(self, index: int, fds: Sequence[int], start: int = 0) -> int:
+        """Signal vectors start.. of an IRQ index on these eventfds (-1: that vector off).
+        Returns 0, or, when the kernel could not allocate that many vectors and so enabled
+        none, how many it could (vfio_msi_enable's answer)."""
+        return self._set_irqs(
+            index, IrqSetFlag.DATA_EVENTFD | IrqSetFlag.ACTION_TRIGGER, start, fds
+        )
 
     def set_irq_unmask_eventfd(self, index: int, fd: int) -> None:
         """A level-triggered index (INTx) is unmasked by a write to `fd`: KVM's resamplefd."""
@@ -222,7 +226,7 @@ class VfioDevice:
 
     def _set_irqs(
         self, index: int, flags: IrqSetFlag, start: int, fds: Sequence[int], count: int = -1
-    ) -> None:
+    ) -> int:
         data = (ctypes.c_int32 * len(fds))(*fds)
         header_size = ctypes.sizeof(uapi.vfio_irq_set)
         buffer = (ctypes.c_ubyte * (header_size + ctypes.sizeof(data)))()
@@ -233,7 +237,7 @@ class VfioDevice:
         header.start = start
         header.count = len(fds) if count < 0 else count
         ctypes.memmove(ctypes.addressof(buffer) + header_size, data, ctypes.sizeof(data))
-        ioctl(self.fd, uapi.VFIO_DEVICE_SET_IRQS, buffer)
+        return ioctl(self.fd, uapi.VFIO_DEVICE_SET_IRQS, buffer)
 
     # lifetime
 

@@ -1,21 +1,24 @@
 """A passed-through PCI function: the device's config space, virtualized, and its BARs.
 
 The guest sees the device's identity and registers, but pyvmm decides what it may touch. The
-rules, by config-space range (QEMU's hw/vfio/pci.c draws the same lines):
+rules, by config-space range (stricter than QEMU's hw/vfio/pci.c, which passes other
+capabilities through):
 
-- IDs, class, revision, subsystem IDs, cache line size, latency timer, interrupt pin: the
-  device's, read-only (taken once at attach). The header type says single-function.
-- Command register: the device's own (read live), the guest may write I/O and memory decode,
-  bus mastering, parity and SERR reporting and INTx disable; nothing else is forwarded.
-- Status register: the device's, live; its error bits are the guest's to clear (write 1).
+- IDs, class, revision, subsystem IDs, cache line size, latency timer, interrupt pin (0 when
+  VFIO offers no INTx): the device's, read-only (taken once at attach). The header type says
+  single-function.
+- Command register: the device's own (read live); the guest may write I/O and memory decode,
+  bus mastering, parity and SERR reporting and INTx disable, and only those bits of its write
+  go to the device (the rest of the access is written back as the device has it).
+- Status register: the device's, live and read-only (vfio-pci drops writes to it).
 - BARs: shadowed by pyvmm, sized from the VFIO regions; the ROM BAR reads 0 (hidden).
   Interrupt line: emulated, the GSI of the slot's INTx (pyvmm.machine.layout).
 - Capabilities: only PM, PCI Express, MSI and MSI-X stay in the list, at the device's offsets
-  (others are unlinked, and their bytes read 0). MSI and MSI-X are emulated entirely
-  (pyvmm.vfio.interrupts). PM's control/status and PCIe's device control/status registers are
-  the device's (live, writable bits forwarded; FLR and power states handled by vfio-pci); the
-  PCIe link registers are emulated as a trained x1 2.5 GT/s link, since the guest's link is not
-  the host's.
+  (others are unlinked, and their bytes read 0; one the region cannot hold is hidden too). MSI
+  and MSI-X are emulated entirely (pyvmm.vfio.interrupts). PM's power state and PCIe's device
+  control registers are the device's (live, the guest's writes forwarded; vfio-pci carries out
+  power-state changes and FLR); PCIe's device status is read-only; the link registers are
+  emulated as a trained x1 2.5 GT/s link, since the guest's link is not the host's.
 - Extended capabilities (0x100-0xFFF): all hidden (0 at 0x100), AER, ACS, SR-IOV and the rest
   being the host's business.
 
@@ -23,13 +26,16 @@ BARs: each memory BAR of at least a page is mapped by pieces (`bar_areas`): the 
 areas (sparse mmap honoured) as device memory in KVM slots, minus the pages of the MSI-X table
 and PBA, which stay trapped with whatever else cannot be mapped; trapped accesses go to the
 emulated MSI-X table and PBA, or to the device with pread/pwrite. I/O BARs and BARs smaller
-than a page are trapped whole.
+than a page are trapped whole. vfio-pci zaps its mmaps when the guest turns memory decode off
+or leaves D0, so the slots over them go before such a write reaches the device, and come back
+when the device decodes again (a BAR decodes only in D0).
 """
 
 from __future__ import annotations
 
 import logging
 import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pyvmm.devices.pci.capability import (
@@ -74,11 +80,11 @@ STATUS_CAP_LIST = 0x0010
 PCI_CACHE_LINE_SIZE = 0x0C
 MAX_CAPS = 48  # a capability list longer than this loops
 
-# PM: power management control/status at +4: power state (1:0) and PME enable (8) writable,
-# PME status (15) write-1-to-clear.
+# PM: power management control/status at +4: the power state (1:0) is the guest's to change
+# (vfio-pci carries it out); PME enable and status are vfio-pci's own.
 PM_CTRL = 4
-PM_CTRL_WRITABLE = 0x0103
-PM_CTRL_W1C = 0x8000
+PM_CTRL_WRITABLE = 0x0003
+PM_CTRL_STATE = 0x0003
 PM_LENGTH = 8
 # PCI Express: device control at +8 (writable), device status at +0xA (error bits W1C), link
 # capabilities +0xC, link control +0x10, link status +0x12; device control 2 at +0x28.
@@ -90,6 +96,13 @@ EXP_LNKCAP_X1_2_5GT = 0x0000_0011  # max link speed 2.5 GT/s, max width x1
 EXP_LNKSTA_X1_2_5GT = 0x0011  # current speed 2.5 GT/s, negotiated width x1
 # MSI-X: message control at +2 (table size - 1 in 10:0), table and PBA BIR|offset at +4, +8.
 MSIX_TABLE_SIZE_MASK = 0x07FF
+# The fewest bytes each capability pyvmm presents needs (MSI: 32-bit address, no masking).
+MIN_LENGTHS = {
+    PCI_CAP_ID_PM: PM_LENGTH,
+    PCI_CAP_ID_EXP: 0x14,
+    PCI_CAP_ID_MSI: 10,
+    PCI_CAP_ID_MSIX: 12,
+}
 
 
 # A field of a passed-through capability that is the device's (read live, written through):
@@ -100,11 +113,21 @@ LiveField = tuple[int, int, int, int]
 class VfioPciFunction(PciFunction):
     """A VFIO device as a PCI function of the guest; plug it into the machine's bus 0."""
 
-    def __init__(self, machine: Machine, device: VfioDevice, name: str) -> None:
+    def __init__(
+        self,
+        machine: Machine,
+        device: VfioDevice,
+        name: str,
+        *,
+        release: Callable[[], None] | None = None,
+    ) -> None:
         self.device = device
+        self._release = release  # gives the device back to its context when closed
         self._config_region = device.region(uapi.VfioPciRegion.CONFIG)
         size = min(self._config_region.size, 4096)
-        raw = device.read(self._config_region, 0, size)
+        # A region shorter than the header (mtty's is 255 bytes) reads as zeros past its end.
+        raw = device.read(self._config_region, 0, size).ljust(0x100, b"\0")
+        self._config_size = size
         self._vfio_regions: dict[int, Region] = {}
         bars = self._bars(raw)
         vendor, device_id = struct.unpack_from("<HH", raw, 0)
@@ -118,7 +141,6 @@ class VfioPciFunction(PciFunction):
             subsystem_id=struct.unpack_from("<H", raw, 0x2E)[0],
             name=name,
         )
-        self._vm = machine.vm
         self.interrupts = VfioInterrupts(machine.vm, device)
         self.msi: Msi | None = None
         self.msix: Msix | None = None
@@ -158,15 +180,17 @@ class VfioPciFunction(PciFunction):
     def _virtualize_header(self, raw: bytes) -> None:
         self.config[PCI_CACHE_LINE_SIZE : PCI_CACHE_LINE_SIZE + 2] = raw[0x0C:0x0E]
         self.config[PCI_HEADER_TYPE] = raw[PCI_HEADER_TYPE] & 0x7F  # single-function
-        self.config[PCI_INTERRUPT_PIN] = (
-            raw[PCI_INTERRUPT_PIN] if raw[PCI_INTERRUPT_PIN] <= 4 else 0
-        )
+        has_intx = self.device.irq(uapi.VfioPciIrq.INTX).count > 0
+        pin = raw[PCI_INTERRUPT_PIN]
+        self.config[PCI_INTERRUPT_PIN] = pin if has_intx and pin <= 4 else 0
         self.config[0x3E:0x40] = raw[0x3E:0x40]  # min grant, max latency
         # command: the device's, and the bits the guest may write go to it
         self.emulated[PCI_COMMAND : PCI_COMMAND + 2] = bytes(2)
         struct.pack_into("<H", self.wmask, PCI_COMMAND, COMMAND_WRITABLE)
-        # status: the device's, but for the capability-list bit, which is this list's
+        # status: the device's, read-only (vfio-pci drops status writes), but for the
+        # capability-list bit, which is this list's
         struct.pack_into("<H", self.emulated, PCI_STATUS, STATUS_CAP_LIST)
+        struct.pack_into("<H", self.w1cmask, PCI_STATUS, 0)
 
     def _device_capabilities(self, raw: bytes) -> list[tuple[int, int]]:
         """(id, offset) of the device's standard capabilities, loops and bad offsets refused."""
@@ -176,7 +200,8 @@ class VfioPciFunction(PciFunction):
         offset = raw[PCI_CAPABILITY_LIST] & ~3
         seen = set()
         while offset:
-            if offset < CAP_START or offset + 2 > 0x100 or offset in seen or len(seen) > MAX_CAPS:
+            bad = offset < CAP_START or offset + 2 > min(self._config_size, 0x100)
+            if bad or offset in seen or len(seen) > MAX_CAPS:
                 log.warning("%s: capability list broken at %#x", self.device.name, offset)
                 break
             seen.add(offset)
@@ -187,20 +212,26 @@ class VfioPciFunction(PciFunction):
     def _virtualize_capabilities(self, machine: Machine, raw: bytes) -> None:
         found = self._device_capabilities(raw)
         starts = sorted(offset for _, offset in found)
+        limit = min(self._config_size, 0x100)
         for cap_id, offset in found:
             # a capability ends where the next one starts, at the latest
-            room = next((o for o in starts if o > offset), 0x100) - offset
-            if cap_id == PCI_CAP_ID_PM:
-                live = ((PM_CTRL, 2, PM_CTRL_WRITABLE, PM_CTRL_W1C),)
-                self._add_passthrough(cap_id, raw, offset, min(PM_LENGTH, room), live)
-            elif cap_id == PCI_CAP_ID_EXP:
-                self._add_express(raw, offset, room)
-            elif cap_id == PCI_CAP_ID_MSI and self.msi is None:
-                self._add_msi(machine, raw, offset)
-            elif cap_id == PCI_CAP_ID_MSIX and self.msix is None:
-                self._add_msix(machine, raw, offset)
-            else:
-                log.debug("%s: capability %#x at %#x hidden", self.device.name, cap_id, offset)
+            room = min(next((o for o in starts if o > offset), 0x100), limit) - offset
+            try:
+                if room < MIN_LENGTHS.get(cap_id, 0x100):
+                    raise ValueError(f"{room} bytes is too short")
+                if cap_id == PCI_CAP_ID_PM:
+                    live = ((PM_CTRL, 2, PM_CTRL_WRITABLE, 0),)
+                    self._add_passthrough(cap_id, raw, offset, min(PM_LENGTH, room), live)
+                elif cap_id == PCI_CAP_ID_EXP:
+                    self._add_express(raw, offset, room)
+                elif cap_id == PCI_CAP_ID_MSI and self.msi is None:
+                    self._add_msi(machine, raw, offset)
+                elif cap_id == PCI_CAP_ID_MSIX and self.msix is None:
+                    self._add_msix(machine, raw, offset)
+                else:
+                    log.debug("%s: capability %#x at %#x hidden", self.name, cap_id, offset)
+            except ValueError as err:  # a device's own capability pyvmm cannot present
+                log.warning("%s: capability %#x at %#x hidden: %s", self.name, cap_id, offset, err)
 
     def _add_passthrough(
         self,
@@ -228,7 +259,7 @@ class VfioPciFunction(PciFunction):
         length = min(EXP_LENGTH if version >= 2 else EXP_LENGTH_V1, room)
         live = (
             (EXP_DEVCTL, 2, 0xFFFF, 0),
-            (EXP_DEVSTA, 2, 0, 0x000F),
+            (EXP_DEVSTA, 2, 0, 0),  # read-only: vfio-pci drops writes to it
             (EXP_DEVCTL2, 2, 0xFFFF, 0),
         )
         cap = self._add_passthrough(PCI_CAP_ID_EXP, raw, offset, length, live)
@@ -256,7 +287,11 @@ class VfioPciFunction(PciFunction):
 
     def _add_msix(self, machine: Machine, raw: bytes, offset: int) -> None:
         control, table, pba = struct.unpack_from("<HII", raw, offset + 2)
-        vectors = (control & MSIX_TABLE_SIZE_MASK) + 1
+        # as many vectors as the device has and VFIO offers: the guest sees that table size
+        offered = self.device.irq(uapi.VfioPciIrq.MSIX).count
+        vectors = min((control & MSIX_TABLE_SIZE_MASK) + 1, offered)
+        if vectors < 1:
+            raise ValueError("VFIO offers no MSI-X vectors")
         self.msix = Msix(
             machine.vm,
             machine.gsi,
@@ -265,8 +300,6 @@ class VfioPciFunction(PciFunction):
             pba=(pba & 7, pba & ~7),
             on_control=lambda enabled, masked: self.interrupts.msix(self.msix.eventfds, enabled),
         )
-        self.msix_table = (table & 7, table & ~7)
-        self.msix_pba = (pba & 7, pba & ~7)
         self.add_capability(self.msix.capability, offset)
 
     def _map_bars(self) -> dict[int, list[tuple[int, int, int]]]:
@@ -297,7 +330,7 @@ class VfioPciFunction(PciFunction):
         """Page-rounded ranges of BAR `index` that must stay trapped: the MSI-X table, PBA."""
         holes = []
         if self.msix is not None:
-            tables = ((self.msix_table, self.msix.table_size), (self.msix_pba, self.msix.pba_size))
+            tables = ((self.msix.table, self.msix.table_size), (self.msix.pba, self.msix.pba_size))
             for (bir, offset), size in tables:
                 if bir == index:
                     start = offset // PAGE_SIZE * PAGE_SIZE
@@ -337,10 +370,10 @@ class VfioPciFunction(PciFunction):
 
     def bar_read(self, index: int, offset: int, size: int) -> int:
         msix = self.msix
-        if msix is not None and self._in(self.msix_table, msix.table_size, index, offset):
-            return msix.table_read(offset - self.msix_table[1], size)
-        if msix is not None and self._in(self.msix_pba, msix.pba_size, index, offset):
-            return msix.pba_read(offset - self.msix_pba[1], size)
+        if msix is not None and self._in(msix.table, msix.table_size, index, offset):
+            return msix.table_read(offset - msix.table[1], size)
+        if msix is not None and self._in(msix.pba, msix.pba_size, index, offset):
+            return msix.pba_read(offset - msix.pba[1], size)
         try:
             data = self.device.read(self._vfio_regions[index], offset, size)
         except (VfioError, OSError) as err:
@@ -350,10 +383,10 @@ class VfioPciFunction(PciFunction):
 
     def bar_write(self, index: int, offset: int, size: int, value: int) -> None:
         msix = self.msix
-        if msix is not None and self._in(self.msix_table, msix.table_size, index, offset):
-            msix.table_write(offset - self.msix_table[1], size, value)
+        if msix is not None and self._in(msix.table, msix.table_size, index, offset):
+            msix.table_write(offset - msix.table[1], size, value)
             return
-        if msix is not None and self._in(self.msix_pba, msix.pba_size, index, offset):
+        if msix is not None and self._in(msix.pba, msix.pba_size, index, offset):
             return  # the PBA is read-only
         try:
             self.device.write(self._vfio_regions[index], offset, value.to_bytes(size, "little"))
@@ -370,15 +403,35 @@ class VfioPciFunction(PciFunction):
         return int.from_bytes(data, "little")
 
     def device_config_write(self, offset: int, size: int, value: int, mask: int) -> None:
-        clear = int.from_bytes(self.w1cmask[offset : offset + size], "little")
-        current = self.device_config_read(offset, size)
-        # bits the guest does not write keep their value, but write-1-to-clear bits are only
-        # written as the guest wrote them (writing back a 1 read would clear it)
-        merged = (current & ~mask & ~clear) | (value & mask)
+        """Write the guest's bits in `mask`, the device's current value in the others (the
+        access's other bytes are written back as they read: harmless, as vfio-pci checks
+        every bit against its own permissions)."""
         try:
+            current = int.from_bytes(self.device.read(self._config_region, offset, size), "little")
+            merged = (current & ~mask) | (value & mask)
             self.device.write(self._config_region, offset, merged.to_bytes(size, "little"))
-        except (VfioError, OSError) as err:
+        except (VfioError, OSError) as err:  # a failed read writes nothing, not all-ones
             log.debug("%s: config write at %#x: %s", self.name, offset, err)
+
+    # decoding: vfio-pci zaps its BAR mmaps when memory decode goes off or the device leaves
+    # D0, so the KVM slots over them must go first (a vCPU touching one would fault)
+
+    def _power_state(self) -> int:
+        pm = self.capabilities.find(PCI_CAP_ID_PM)
+        return pm.get(PM_CTRL, 2) & PM_CTRL_STATE if pm is not None else 0
+
+    def decodes(self, bar: Bar) -> bool:
+        return super().decodes(bar) and self._power_state() == 0
+
+    def config_write(self, offset: int, size: int, value: int) -> None:
+        pm = self.capabilities.find(PCI_CAP_ID_PM)
+        touched = [(PCI_COMMAND, 2)] + ([(pm.offset + PM_CTRL, 2)] if pm is not None else [])
+        if any(start < offset + size and offset < start + length for start, length in touched):
+            self.unplace_bars()  # before the device stops decoding; placed again below
+            super().config_write(offset, size, value)
+            self.update_bars()
+            return
+        super().config_write(offset, size, value)
 
     # state: a device's own state needs VFIO migration, which pyvmm does not do yet
 
@@ -409,8 +462,11 @@ class VfioPciFunction(PciFunction):
         """Unmap the BARs, stop the interrupts, and reset the device for its next user."""
         super().close()
         self._close_interrupts()
-        if self.device.info().flags & uapi.VfioDeviceFlag.RESET:
-            try:
+        try:
+            if self.device.info().flags & uapi.VfioDeviceFlag.RESET:
                 self.device.reset()
-            except VfioError as err:
-                log.warning("%s", err)
+        except (VfioError, OSError) as err:
+            log.warning("%s", err)
+        finally:
+            if self._release is not None:
+                self._release()

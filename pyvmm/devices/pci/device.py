@@ -161,6 +161,7 @@ class PciFunction:
         self._placed: dict[int, int] = {}  # BAR index -> where it is mapped now
         self._windows: dict[int, list[tuple[Bus, int]]] = {}  # its trapped areas on a bus
         self._regions: dict[tuple[int, int], MemoryRegion] = {}  # (BAR, offset) -> memory
+        self._unmapped: set[tuple[int, int]] = set()  # areas that failed, warned about once
         self._set16(PCI_VENDOR_ID, vendor_id)
         self._set16(PCI_DEVICE_ID, device_id)
         self.config[PCI_REVISION_ID] = revision
@@ -354,9 +355,16 @@ class PciFunction:
                 else:
                     self.bus.address_space.move(region, where)
             except (BusConflict, AddressSpaceError, OSError) as err:
-                log.warning("%s BAR%d area +%#x not mapped: %s", self.name, index, area.offset, err)
+                # once per area until it maps again: a guest may do this in a loop
+                first = (index, area.offset) not in self._unmapped
+                self._unmapped.add((index, area.offset))
+                (log.warning if first else log.debug)(
+                    "%s BAR%d area +%#x not mapped: %s", self.name, index, area.offset, err
+                )
                 if region is not None and region.slot is not None:
                     self.bus.address_space.remove(region)
+            else:
+                self._unmapped.discard((index, area.offset))
 
     def unplace_bars(self) -> None:
         for index in list(self._placed):

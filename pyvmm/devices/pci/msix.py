@@ -94,6 +94,7 @@ class Msix:
         if table[1] % 8 or pba[1] % 8 or table[0] > 5 or pba[0] > 5:
             raise ValueError("MSI-X table and PBA need a BAR index 0-5 and 8-byte alignment")
         self.vectors = vectors
+        self.table, self.pba = table, pba  # (BAR index, offset in it)
         self.table_size = vectors * ENTRY_SIZE
         self.pba_size = (vectors + 63) // 64 * 8
         self._lock = threading.Lock()
