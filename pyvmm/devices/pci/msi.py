@@ -47,7 +47,7 @@ class MsiCapability(Capability):
         self.data = 10 if is_64bit else 6
         self.mask = self.data + 4 if maskable else None
         self.pending = self.data + 8 if maskable else None
-        length = (self.pending + 4) if self.pending is not None else self.data + 4
+        length = (self.pending + 4) if self.pending is not None else self.data + 2
         body = bytearray(length)
         struct.pack_into("<H", body, 0, control)
         wmask = bytearray(length)
