@@ -20,9 +20,9 @@ from guestbuild import requires_kvm
 from linuxkernel import lab_kernel, lab_vmlinux
 
 from pyvmm.errors import BootError
-from pyvmm.machine import acpi, bzimage, layout
+from pyvmm.machine import acpi, boot, bzimage, layout
 from pyvmm.machine.console import CaptureConsole
-from pyvmm.machine.machine import Machine
+from pyvmm.machine.machine import Machine, StopReason
 from pyvmm.machine.memory import GuestMemory, GuestMemoryError, RamRegion
 
 MiB = layout.MiB
@@ -211,6 +211,25 @@ def test_acpi_tables_decompile_cleanly_with_iasl(tmp_path: Path) -> None:
 
 
 # The real kernel on this host's KVM.
+
+
+@requires_kvm
+@pytest.mark.kvm
+def test_a_jump_to_the_reset_vector_resets_the_machine() -> None:
+    """A Linux rebooting through the BIOS (its default here: see boot.write_reset_vector) jumps
+    to F000:FFF0 in real mode; the code there writes the reset register, and the run ends as a
+    reset instead of running through zeroed memory for ever."""
+    with Machine(mem_size=16 * MiB, console=CaptureConsole()) as machine:
+        boot.write_reset_vector(machine.memory)
+        bsp = machine.vcpus[0]
+        sregs = bsp.get_sregs()
+        sregs.cs.selector, sregs.cs.base = 0xF000, 0xF0000
+        bsp.set_sregs(sregs)
+        regs = bsp.get_regs()
+        regs.rip = 0xFFF0
+        bsp.set_regs(regs)
+        result = machine.run(timeout=30)
+    assert (result.reason, result.exit_code) == (StopReason.RESET, 0), result
 
 
 @requires_kvm

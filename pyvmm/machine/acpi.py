@@ -25,12 +25,10 @@ OEM_TABLE_ID = b"PYVMMACP"
 CREATOR_ID = b"PYVM"
 
 ACPI_TABLES_START = 0xE0000
-ACPI_TABLES_END = 0x100000
+ACPI_TABLES_END = layout.RESET_VECTOR  # the last 16 bytes below 1 MiB are the reset vector's
 
 SLEEP_CONTROL_PORT = 0x3C0
 SLEEP_STATUS_PORT = 0x3C1
-RESET_PORT = 0xCF9
-RESET_VALUE = 0x06
 S5_SLEEP_TYPE = 5
 
 FADT_HW_REDUCED_ACPI = 1 << 20
@@ -157,8 +155,8 @@ def fadt(dsdt_address: int) -> bytes:
     put(108, "<B", rtc.CENTURY)  # the CMOS RTC's century register
     put(109, "<H", IAPC_BOOT_ARCH_LEGACY_DEVICES | IAPC_BOOT_ARCH_NO_VGA)
     put(112, "<I", FADT_HW_REDUCED_ACPI | FADT_RESET_REG_SUP | FADT_PWR_BUTTON | FADT_SLP_BUTTON)
-    body[116 - 36 : 128 - 36] = _gas(RESET_PORT)
-    put(128, "<B", RESET_VALUE)
+    body[116 - 36 : 128 - 36] = _gas(layout.RESET_PORT)
+    put(128, "<B", layout.RESET_VALUE)
     put(131, "<B", 5)  # FADT minor version (6.5)
     put(140, "<Q", dsdt_address)  # X_DSDT
     body[244 - 36 : 256 - 36] = _gas(SLEEP_CONTROL_PORT)

@@ -26,6 +26,7 @@ def boot_linux(
 ) -> LinuxBoot | PvhBoot:
     """Load Linux (bzImage, or vmlinux with a PVH note) and its initrd; set up the BSP."""
     tables = acpi.write_tables(memory, len(vcpus))
+    write_reset_vector(memory)
     for vcpu in vcpus:
         cpu.set_boot_msrs(vcpu)
     if is_elf(kernel):
@@ -43,6 +44,22 @@ def boot_linux(
     cpu.write_boot_tables(memory)
     cpu.enter_long_mode(vcpus[0], boot.entry, rsi=boot.zero_page)
     return boot
+
+
+def write_reset_vector(memory: GuestMemory) -> None:
+    """What firmware's reset vector does, for a Linux that reboots by jumping to it (it does by
+    default: with hardware-reduced ACPI, Linux picks EFI and then the BIOS before the ACPI
+    reset register): real-mode code that writes the reset register, and halts."""
+    code = bytes(
+        [
+            0xB0, layout.RESET_VALUE,  # mov al, RESET_VALUE
+            0xBA, *layout.RESET_PORT.to_bytes(2, "little"),  # mov dx, RESET_PORT
+            0xEE,  # out dx, al
+            0xF4,  # hlt
+            0xEB, 0xFD,  # jmp back to the hlt
+        ]
+    )  # fmt: skip
+    memory.write(layout.RESET_VECTOR, code)
 
 
 def boot_elf(memory: GuestMemory, vcpus: list[Vcpu], path: str) -> None:

@@ -29,6 +29,9 @@ CMDLINE_START = 0x20000
 CMDLINE_MAX = 0x10000
 EBDA_START = 0x9FC00
 HIMEM_START = 0x100000
+# Where a PC's reset jumps (F000:FFF0, in real mode). A Linux guest jumps there when it reboots
+# "through the BIOS"; its default in hardware-reduced ACPI (after EFI, which it lacks).
+RESET_VECTOR = 0xFFFF0
 
 LOW_RAM_LIMIT = 0xC000_0000
 PCI_MMIO_BASE = 0xC000_0000
@@ -77,6 +80,8 @@ DEBUG_EXIT_PORT = 0x501
 CHECKPOINT_PORT = 0x502
 BENCH_SINK_PORT = 0x510
 PCI_CONFIG_PORT = 0xCF8
+RESET_PORT = 0xCF9  # the reset control register: RESET_VALUE asks for a hard reset
+RESET_VALUE = 0x06
 
 
 E820_RAM = 1
