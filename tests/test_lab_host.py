@@ -243,8 +243,18 @@ def test_repeated_devices_are_numbered() -> None:
     argv = qemu.command("q", machine(devices=("nvme", "e1000e", "nvme")))
     assert option_values(argv, "-device")[-3:] == [
         "nvme,serial=pyvmm-lab-0,drive=nvme0",
-        "e1000e,romfile=",
+        "e1000e,romfile=,netdev=e1000e0-net",
         "nvme,serial=pyvmm-lab-1,drive=nvme1",
+    ]
+    # the NIC's network is QEMU's user-mode one, restricted to the lab
+    assert option_values(argv, "-netdev") == ["user,id=e1000e0-net,restrict=on"]
+
+
+def test_ivshmem_has_shared_memory_of_its_own() -> None:
+    argv = qemu.command("q", machine(devices=("ivshmem",)))
+    assert option_values(argv, "-device")[-1] == "ivshmem-plain,memdev=ivshmem0-mem"
+    assert option_values(argv, "-object") == [
+        "memory-backend-memfd,id=ivshmem0-mem,size=1024M,share=on"
     ]
 
 

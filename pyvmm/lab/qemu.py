@@ -44,6 +44,12 @@ class LabDevice:
     #: SR-IOV: the PF is left with its kernel driver, which makes this many VFs for vfio-pci.
     vfs: int = 0
     vf_name: str = ""  # what PYVMM_LAB_DEVICES calls the VFs
+    #: A user-mode network of its own (slirp, restricted: nothing leaves the lab): its gateway
+    #: 10.0.2.2 answers pings, so traffic through the NIC has a peer.
+    netdev: bool = False
+    #: Shared memory of this many MiB (a memfd, allocated as it is touched) as the device's
+    #: memdev; 0: none.
+    memdev_mib: int = 0
 
 
 DEVICES = {
@@ -59,7 +65,14 @@ DEVICES = {
             disk_mib=64,
         ),
         # romfile= empty: no iPXE option ROM needed (and ipxe-qemu need not be installed).
-        LabDevice("e1000e", "e1000e,romfile=", 0x8086, 0x10D3, "Intel 82574L NIC: MSI-X"),
+        LabDevice(
+            "e1000e",
+            "e1000e,romfile=",
+            0x8086,
+            0x10D3,
+            "Intel 82574L NIC: MSI-X; on a user-mode network whose gateway 10.0.2.2 answers pings",
+            netdev=True,
+        ),
         # igb has no option ROM by default. QEMU makes its 8 VFs at start, 7 of which Linux's
         # igb driver allows (sriov_totalvfs).
         LabDevice(
@@ -72,6 +85,15 @@ DEVICES = {
             root_port=True,
             vfs=2,
             vf_name="igbvf",
+        ),
+        # 1 GiB of shared memory as its 64-bit BAR2: twice a VMM's 32-bit PCI window.
+        LabDevice(
+            "ivshmem",
+            "ivshmem-plain",
+            0x1AF4,
+            0x1110,
+            "QEMU ivshmem-plain: 1 GiB of memory as its 64-bit prefetchable BAR2, no interrupts",
+            memdev_mib=1024,
         ),
     )
 }
@@ -189,6 +211,13 @@ def command(qemu: str, config: MachineConfig) -> list[str]:
             ports += 1
             args += ["-device", f"pcie-root-port,id={ident}-port,chassis=1,slot={ports}"]
             spec += f",bus={ident}-port"
+        if device.netdev:
+            args += ["-netdev", f"user,id={ident}-net,restrict=on"]
+            spec += f",netdev={ident}-net"
+        if device.memdev_mib:
+            memory = f"memory-backend-memfd,id={ident}-mem,size={device.memdev_mib}M,share=on"
+            args += ["-object", memory]
+            spec += f",memdev={ident}-mem"
         args += ["-device", spec]
     return args
 
