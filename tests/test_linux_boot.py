@@ -26,6 +26,7 @@ from pyvmm.machine.machine import Machine, StopReason
 from pyvmm.machine.memory import GuestMemory, GuestMemoryError, RamRegion
 
 MiB = layout.MiB
+PCI_WINDOWS = ((0xC000_0000, 0xE000_0000), (0x10_0000_0000, 1 << 40))
 CMDLINE = "console=ttyS0 earlyprintk=serial,ttyS0,115200 nokaslr pyvmm.test=1"
 
 
@@ -160,7 +161,7 @@ def test_kernel_initrd_and_cmdline_must_fit(tmp_path: Path) -> None:
 
 def test_acpi_tables_have_valid_checksums_and_links() -> None:
     memory = make_memory(16 * MiB)
-    tables = acpi.write_tables(memory, vcpus=4)
+    tables = acpi.write_tables(memory, vcpus=4, pci_memory=PCI_WINDOWS)
     rsdp = memory.read(tables.rsdp_address, 36)
     assert rsdp.startswith(b"RSD PTR ")
     assert sum(rsdp[:20]) % 256 == 0 and sum(rsdp) % 256 == 0
@@ -184,7 +185,11 @@ def test_acpi_tables_decompile_cleanly_with_iasl(tmp_path: Path) -> None:
 
     if shutil.which("iasl") is None:
         pytest.fail("iasl (acpica-tools) is needed: run scripts/setup")
-    for name, data in (("dsdt", acpi.dsdt()), ("facp", acpi.fadt(0xE0030)), ("apic", acpi.madt(2))):
+    for name, data in (
+        ("dsdt", acpi.dsdt(PCI_WINDOWS)),
+        ("facp", acpi.fadt(0xE0030)),
+        ("apic", acpi.madt(2)),
+    ):
         (tmp_path / f"{name}.dat").write_bytes(data)
         result = subprocess.run(
             ["iasl", "-d", f"{name}.dat"], cwd=tmp_path, capture_output=True, text=True
@@ -193,6 +198,9 @@ def test_acpi_tables_decompile_cleanly_with_iasl(tmp_path: Path) -> None:
     dsl = (tmp_path / "dsdt.dsl").read_text()
     assert "Device (PCI0)" in dsl and "PNP0A03" in dsl and "Name (\\_S5" in dsl
     assert "Device (RTC)" in dsl and "PNP0B00" in dsl and "0x0070" in dsl
+    # both PCI memory windows, the one above 4 GiB as a QWord descriptor
+    assert re.search(r"DWordMemory[^)]*0xC0000000, [^)]*0xDFFFFFFF, ", dsl), dsl
+    assert re.search(r"QWordMemory[^)]*0x0000001000000000, [^)]*0x000000FFFFFFFFFF, ", dsl), dsl
     assert "Device (COM1)" in dsl and "PNP0501" in dsl
     assert re.search(r"IRQNoFlags \(\)\s*\{4\}", dsl), dsl
     # INTx routing: slot 3's INTB# is GSI 16 + (3 + 2 - 1) % 8 = 20, slot 31's INTD# 16 + 34 % 8

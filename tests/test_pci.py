@@ -4,6 +4,7 @@ the bus, device memory as regions of the address space), state."""
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 import pytest
@@ -182,6 +183,52 @@ def test_a_bar_beyond_the_physical_address_space_maps_nothing_and_leaks_nothing(
             pci.bus.close()
     finally:
         pci.space.memory.close()
+
+
+def test_large_64_bit_bars_and_those_that_no_longer_fit_go_above_4_gib() -> None:
+    """What firmware does: memory BARs below 4 GiB, except 64-bit ones of a quarter of the
+    32-bit window or more, and 64-bit ones once the window below is full; 32-bit BARs that do
+    not fit are refused. Every BAR naturally aligned, in a window and apart from the others."""
+    high = (0x10_0000_0000, 1 << 40)
+    bus = PciBus(
+        Bus("p"),
+        Bus("m"),
+        AddressSpace(RecordingSlots(), 8, phys_bits=40),
+        (0xC000_0000, 0xC000_0000 + 64 * MiB),
+        (0xC000, 0x10000),
+        mmio64_window=high,
+    )
+
+    def function(*bars: tuple[BarKind, int]) -> PciFunction:
+        made = PciFunction(
+            0x1234, 1, 0, bars=tuple(Bar(2 * i, k, n) for i, (k, n) in enumerate(bars))
+        )
+        bus.plug(made)
+        return made
+
+    big = function((BarKind.MEM64, 1 << 30), (BarKind.MEM64, 1 * MiB), (BarKind.MEM32, 1 * MiB))
+    assert big.bar_address(0) == high[0]  # 1 GiB: only above
+    assert 0xC000_0000 <= big.bar_address(2) < 1 << 32  # small: below
+    assert 0xC000_0000 <= big.bar_address(4) < 1 << 32
+    quarter = function((BarKind.MEM64, 16 * MiB))
+    assert quarter.bar_address(0) >= high[0]
+    filler = function((BarKind.MEM32, 32 * MiB))
+    assert filler.bar_address(0) < 1 << 32
+    overflow = function((BarKind.MEM64, 8 * MiB))  # fits below no more (62 of 64 MiB used)
+    assert overflow.bar_address(0) >= high[0]
+    with pytest.raises(ValueError, match="PCI window exhausted"):
+        function((BarKind.MEM32, 8 * MiB))
+    placed = sorted(
+        (f.bar_address(i), bar.size)
+        for f in (big, quarter, filler, overflow)
+        for i, bar in f.bars.items()
+    )
+    for (start, size), (following, _) in itertools.pairwise(placed):
+        assert start % size == 0 and start + size <= following
+    assert all(
+        any(lo <= start and start + size <= hi for lo, hi in bus.memory_windows)
+        for start, size in placed
+    )
 
 
 def test_closing_the_bus_unmaps_every_bar(pci: Pci) -> None:

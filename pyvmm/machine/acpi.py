@@ -3,7 +3,8 @@
 - MADT: one local APIC per vCPU, the IOAPIC, ISA IRQ0 -> GSI 2 (what SMP needs).
 - FADT: *hardware-reduced* ACPI (no PM timer, no SCI, no PM1 blocks): power-off through the
   sleep control register (an 8-bit port, `pyvmm.devices.acpi_pm`), reset through 0xCF9.
-- DSDT: the PCI root bridge PCI0 (bus 0, its I/O and MMIO windows) and the \\_S5 sleep state.
+- DSDT: the PCI root bridge PCI0 (bus 0, its I/O window and its MMIO windows below
+  and above 4 GiB) and the \\_S5 sleep state.
 - MCFG: ECAM for bus 0.
 
 Why ACPI rather than an MP table: SMP needs either, but an orderly guest power-off needs ACPI,
@@ -14,6 +15,7 @@ Tables are written below 1 MiB, in the BIOS area Linux scans for the RSDP.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pyvmm.devices import rtc
@@ -93,7 +95,16 @@ def pci_routing_table() -> bytes:
     return aml.name("_PRT", aml.package(*entries))
 
 
-def dsdt() -> bytes:
+def memory_window(start: int, end: int) -> bytes:
+    """A PCI memory window [start, end) in _CRS: a DWord descriptor below 4 GiB, else a QWord."""
+    if end <= 1 << 32:
+        return aml.dword_memory(start, end - 1)
+    return aml.qword_memory(start, end - 1)
+
+
+def dsdt(pci_memory: Sequence[tuple[int, int]]) -> bytes:
+    """The DSDT: the PCI root with its routing and windows (`pci_memory`: [start, end) each, the
+    bus's memory windows), the RTC, COM1 and the S5 sleep state."""
     io_low, io_high = 0x0000, 0xFFFF
     pci0 = aml.device(
         "PCI0",
@@ -110,9 +121,7 @@ def dsdt() -> bytes:
                 aml.io_port(layout.PCI_CONFIG_PORT, 8),
                 aml.word_io(io_low, layout.PCI_CONFIG_PORT - 1),
                 aml.word_io(layout.PCI_CONFIG_PORT + 8, io_high),
-                aml.dword_memory(
-                    layout.PCI_MMIO_BASE, layout.PCI_MMIO_BASE + layout.PCI_MMIO_SIZE - 1
-                ),
+                *(memory_window(start, end) for start, end in pci_memory if start < end),
             ),
         ),
     )
@@ -198,7 +207,9 @@ class AcpiTables:
     tables: dict[str, int]
 
 
-def write_tables(memory: GuestMemory, vcpus: int) -> AcpiTables:
+def write_tables(
+    memory: GuestMemory, vcpus: int, pci_memory: Sequence[tuple[int, int]]
+) -> AcpiTables:
     """Build every table, place them from ACPI_TABLES_START (16-byte aligned), return where."""
     cursor = ACPI_TABLES_START
     placed: dict[str, int] = {}
@@ -214,7 +225,7 @@ def write_tables(memory: GuestMemory, vcpus: int) -> AcpiTables:
         return address
 
     rsdp_slot = place("RSDP", bytes(36))
-    dsdt_address = place("DSDT", dsdt())
+    dsdt_address = place("DSDT", dsdt(pci_memory))
     entries = [
         place("FACP", fadt(dsdt_address)),
         place("APIC", madt(vcpus)),

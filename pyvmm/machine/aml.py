@@ -148,6 +148,22 @@ def dword_memory(low: int, high: int) -> bytes:
     return struct.pack("<BH", 0x87, len(body)) + body
 
 
+def qword_memory(low: int, high: int) -> bytes:
+    """A memory range anywhere in the 64-bit space (the QWord address space descriptor)."""
+    body = struct.pack(
+        "<BBBQQQQQ",
+        _RESOURCE_MEMORY,
+        _FLAGS_MIN_MAX_FIXED,
+        _MEM_READ_WRITE,
+        0,
+        low,
+        high,
+        0,
+        high - low + 1,
+    )
+    return struct.pack("<BH", 0x8A, len(body)) + body
+
+
 def io_port(base: int, length: int) -> bytes:
     """A fixed 16-bit-decoded I/O port range (the small IO descriptor)."""
     return struct.pack("<BBHHBB", 0x47, 0x01, base, base, 1, length)

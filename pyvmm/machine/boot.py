@@ -8,6 +8,8 @@ tables (CPUs, PCI root, power-off), its command line and its initrd.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from pyvmm.errors import BootError
 from pyvmm.kvm.vcpu import Vcpu
 from pyvmm.machine import acpi, cpu, layout
@@ -23,9 +25,12 @@ def boot_linux(
     kernel: str,
     initrd: str | None = None,
     cmdline: str = "",
+    *,
+    pci_memory: Sequence[tuple[int, int]],
 ) -> LinuxBoot | PvhBoot:
-    """Load Linux (bzImage, or vmlinux with a PVH note) and its initrd; set up the BSP."""
-    tables = acpi.write_tables(memory, len(vcpus))
+    """Load Linux (bzImage, or vmlinux with a PVH note) and its initrd; set up the BSP.
+    `pci_memory` is the PCI bus's memory windows, for the DSDT."""
+    tables = acpi.write_tables(memory, len(vcpus), pci_memory)
     write_reset_vector(memory)
     for vcpu in vcpus:
         cpu.set_boot_msrs(vcpu)

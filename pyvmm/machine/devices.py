@@ -74,6 +74,7 @@ def wire_platform(machine: Machine) -> Platform:
         machine.address_space,
         (layout.PCI_MMIO_BASE, layout.PCI_MMIO_BASE + layout.PCI_MMIO_SIZE),
         (layout.PCI_IO_BASE, layout.PCI_IO_BASE + layout.PCI_IO_SIZE),
+        mmio64_window=(layout.pci_mmio64_base(machine.memory.size), machine.address_space.limit),
         on_plug=lambda function: machine.components.add(f"pci/{function.bdf}", function),
     )
     machine.components.add("com1", serial)

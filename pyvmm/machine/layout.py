@@ -8,6 +8,7 @@
 0xFEC0_0000  IOAPIC
 0xFEE0_0000  local APIC
 0x1_0000_0000  RAM above 4 GiB, when memory size exceeds 3 GiB
+0x10_0000_0000 PCI MMIO window for 64-bit BARs, up to the CPU's physical address limit
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ RESET_VECTOR = 0xFFFF0
 LOW_RAM_LIMIT = 0xC000_0000
 PCI_MMIO_BASE = 0xC000_0000
 PCI_MMIO_SIZE = 0x2000_0000
-PCI_MMIO64_BASE = 0x10_0000_0000  # 64 GiB up to the CPU's limit: where 64-bit BARs may go too
+PCI_MMIO64_BASE = 0x10_0000_0000  # 64 GiB up to the CPU's limit: large 64-bit BARs go here
 PCI_ECAM_BASE = 0xE000_0000
 PCI_ECAM_SIZE = 0x1000_0000
 IOAPIC_BASE = 0xFEC0_0000
@@ -107,6 +108,13 @@ def ram_ranges(mem_size: int) -> list[RamRange]:
     if mem_size > low:
         ranges.append(RamRange(HIGH_RAM_START, mem_size - low))
     return ranges
+
+
+def pci_mmio64_base(mem_size: int) -> int:
+    """Where the 64-bit PCI window starts: at 64 GiB, or above RAM (1 GiB aligned) if RAM
+    reaches that far."""
+    ram_end = ram_ranges(mem_size)[-1].end
+    return max(PCI_MMIO64_BASE, (ram_end + GiB - 1) & ~(GiB - 1))
 
 
 def e820_map(mem_size: int) -> list[tuple[int, int, int]]:

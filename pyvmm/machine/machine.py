@@ -236,7 +236,9 @@ class Machine:
         self, kernel: str, initrd: str | None = None, cmdline: str = ""
     ) -> LinuxBoot | PvhBoot:
         """Boot Linux: a bzImage, or a vmlinux with a PVH entry note (see pyvmm.machine.boot)."""
-        return boot.boot_linux(self.memory, self.vcpus, kernel, initrd, cmdline)
+        return boot.boot_linux(
+            self.memory, self.vcpus, kernel, initrd, cmdline, pci_memory=self.pci.memory_windows
+        )
 
     def load_elf(self, path: str) -> None:
         """Load an ELF64 test guest and point the boot vCPU at its entry in long mode."""

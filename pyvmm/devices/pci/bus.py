@@ -22,6 +22,7 @@ from pyvmm.devices.pci.device import (
     PCI_COMMAND_MEMORY,
     PCI_INTERRUPT_LINE,
     PCI_INTERRUPT_PIN,
+    Bar,
     BarKind,
     PciFunction,
     bdf,
@@ -42,8 +43,14 @@ class _Allocator:
     base: int
     end: int
 
+    def _next(self, size: int) -> int:
+        return (self.base + size - 1) & ~(size - 1)
+
+    def fits(self, size: int) -> bool:
+        return self._next(size) + size <= self.end
+
     def allocate(self, size: int) -> int:
-        address = (self.base + size - 1) & ~(size - 1)
+        address = self._next(size)
         if address + size > self.end:
             raise ValueError(f"PCI window exhausted allocating {size:#x} bytes")
         self.base = address + size
@@ -69,15 +76,21 @@ class PciBus:
         mmio_window: tuple[int, int],
         io_window: tuple[int, int],
         *,
+        mmio64_window: tuple[int, int] = (0, 0),
         on_plug: Callable[[PciFunction], None] | None = None,
     ) -> None:
+        """`mmio_window` (below 4 GiB), `mmio64_window` (above it; (0, 0): none) and `io_window`
+        are [start, end) ranges."""
         self.pio = pio
         self.mmio = mmio
         self.address_space = address_space
         self._mmio_window = _Allocator(*mmio_window)
+        self._mmio64_window = _Allocator(*mmio64_window)
+        self._large_bar = (mmio_window[1] - mmio_window[0]) // 4
         # Where device memory (a BAR in a KVM slot) may be: never elsewhere, whatever a guest
-        # writes into a BAR (a trapped area anywhere is harmless; a slot is guest memory).
-        self.memory_windows = (mmio_window, (layout.PCI_MMIO64_BASE, address_space.limit))
+        # writes into a BAR (a trapped area anywhere is harmless; a slot is guest memory). The
+        # DSDT's _CRS declares the same windows, so Linux keeps the BARs where they are.
+        self.memory_windows = (mmio_window, mmio64_window)
         self._io_window = _Allocator(*io_window)
         self._lock = threading.RLock()
         self.functions: dict[int, PciFunction] = {}
@@ -97,13 +110,12 @@ class PciBus:
             devfn = slot << 3
             if devfn in self.functions:
                 raise ValueError(f"PCI slot {slot} is taken by {self.functions[devfn].name}")
-            windows = (self._mmio_window, self._io_window)
+            windows = (self._mmio_window, self._mmio64_window, self._io_window)
             bases = [window.base for window in windows]
             try:
                 addresses = {}
                 for bar in sorted(function.bars.values(), key=lambda b: -b.size):
-                    window = self._io_window if bar.kind is BarKind.IO else self._mmio_window
-                    addresses[bar.index] = window.allocate(bar.size)
+                    addresses[bar.index] = self._allocate(bar)
                 function.bus = self
                 function.devfn = devfn
                 self.functions[devfn] = function
@@ -127,6 +139,18 @@ class PciBus:
             if command:
                 function.config_write(PCI_COMMAND, 2, function.command | command)
             return slot
+
+    def _allocate(self, bar: Bar) -> int:
+        """A BAR's first address, as firmware would give it: I/O BARs in the I/O window, memory
+        BARs below 4 GiB; a 64-bit BAR above 4 GiB when it is large (a quarter of the 32-bit
+        window or more, so it cannot starve the devices after it) or no longer fits below."""
+        if bar.kind is BarKind.IO:
+            return self._io_window.allocate(bar.size)
+        if bar.kind is BarKind.MEM64 and (
+            bar.size >= self._large_bar or not self._mmio_window.fits(bar.size)
+        ):
+            return self._mmio64_window.allocate(bar.size)
+        return self._mmio_window.allocate(bar.size)
 
     # configuration mechanism #1's address latch
 
