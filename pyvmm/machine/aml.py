@@ -133,9 +133,11 @@ def word_io(low: int, high: int) -> bytes:
     return _word_address(_RESOURCE_IO, _IO_ENTIRE_RANGE, low, high)
 
 
-def dword_memory(low: int, high: int) -> bytes:
+def _memory_range(tag: int, field: str, low: int, high: int) -> bytes:
+    """A read-write memory range with fixed ends: an address space descriptor whose five
+    address fields (granularity, minimum, maximum, translation, length) are `field`s."""
     body = struct.pack(
-        "<BBBIIIII",
+        f"<BBB{field * 5}",
         _RESOURCE_MEMORY,
         _FLAGS_MIN_MAX_FIXED,
         _MEM_READ_WRITE,
@@ -145,23 +147,17 @@ def dword_memory(low: int, high: int) -> bytes:
         0,
         high - low + 1,
     )
-    return struct.pack("<BH", 0x87, len(body)) + body
+    return struct.pack("<BH", tag, len(body)) + body
+
+
+def dword_memory(low: int, high: int) -> bytes:
+    """A memory range below 4 GiB (the DWord address space descriptor)."""
+    return _memory_range(0x87, "I", low, high)
 
 
 def qword_memory(low: int, high: int) -> bytes:
     """A memory range anywhere in the 64-bit space (the QWord address space descriptor)."""
-    body = struct.pack(
-        "<BBBQQQQQ",
-        _RESOURCE_MEMORY,
-        _FLAGS_MIN_MAX_FIXED,
-        _MEM_READ_WRITE,
-        0,
-        low,
-        high,
-        0,
-        high - low + 1,
-    )
-    return struct.pack("<BH", 0x8A, len(body)) + body
+    return _memory_range(0x8A, "Q", low, high)
 
 
 def io_port(base: int, length: int) -> bytes:
