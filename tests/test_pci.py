@@ -35,6 +35,7 @@ from pyvmm.devices.pci.testdev import (
     PciTestDevice,
 )
 from pyvmm.kvm.mmap import Mapping
+from pyvmm.machine import layout
 from pyvmm.machine.address_space import AddressSpace
 from pyvmm.machine.bus import Bus
 from pyvmm.machine.memory import MemoryRegion, RamRegion, RegionKind
@@ -214,21 +215,60 @@ def test_large_64_bit_bars_and_those_that_no_longer_fit_go_above_4_gib() -> None
     assert quarter.bar_address(0) >= high[0]
     filler = function((BarKind.MEM32, 32 * MiB))
     assert filler.bar_address(0) < 1 << 32
-    overflow = function((BarKind.MEM64, 8 * MiB))  # fits below no more (62 of 64 MiB used)
+    overflow = function((BarKind.MEM64, 8 * MiB))  # the window below is full now
     assert overflow.bar_address(0) >= high[0]
-    with pytest.raises(ValueError, match="PCI window exhausted"):
+    with pytest.raises(ValueError, match="PCI 32-bit memory window exhausted"):
         function((BarKind.MEM32, 8 * MiB))
     placed = sorted(
         (f.bar_address(i), bar.size)
         for f in (big, quarter, filler, overflow)
         for i, bar in f.bars.items()
     )
+    assert all(start % size == 0 for start, size in placed)
     for (start, size), (following, _) in itertools.pairwise(placed):
-        assert start % size == 0 and start + size <= following
+        assert start + size <= following
     assert all(
         any(lo <= start and start + size <= hi for lo, hi in bus.memory_windows)
         for start, size in placed
     )
+
+
+def test_large_64_bit_bars_stay_below_4_gib_when_the_cpu_has_no_room_above() -> None:
+    """36 address bits end at 64 GiB, where the 64-bit window would start: it is empty, and a
+    large 64-bit BAR goes below 4 GiB as before rather than failing."""
+    space = AddressSpace(RecordingSlots(), 8, phys_bits=36)
+    window = (layout.pci_mmio64_base(64 * MiB), space.limit)
+    bus = PciBus(
+        Bus("p"), Bus("m"), space, (0xC000_0000, 0xE000_0000), (0xC000, 0x10000),
+        mmio64_window=window,
+    )  # fmt: skip
+    function = PciFunction(0x1234, 1, 0, bars=(Bar(0, BarKind.MEM64, 256 * MiB),))
+    bus.plug(function)
+    assert function.bar_address(0) == 0xC000_0000
+
+
+def test_the_64_bit_window_starts_above_ram_that_reaches_64_gib() -> None:
+    assert layout.pci_mmio64_base(1 << 30) == layout.PCI_MMIO64_BASE
+    # 3 GiB below the PCI hole, the rest from 4 GiB: 70 GiB of RAM ends at 71 GiB
+    assert layout.pci_mmio64_base(70 << 30) == 71 << 30
+    assert layout.pci_mmio64_base((70 << 30) + 4096) == 72 << 30  # 1 GiB aligned
+
+
+def test_a_function_that_does_not_fit_takes_nothing_from_either_window() -> None:
+    """Its large BAR found room above 4 GiB, its 32-bit one none below: nothing is plugged,
+    and the next function gets the addresses the first would have had."""
+    high = (0x10_0000_0000, 1 << 40)
+    bus = PciBus(
+        Bus("p"), Bus("m"), AddressSpace(RecordingSlots(), 8, phys_bits=40),
+        (0xC000_0000, 0xC000_0000 + 64 * MiB), (0xC000, 0x10000), mmio64_window=high,
+    )  # fmt: skip
+    bars = (Bar(0, BarKind.MEM64, 1 << 30), Bar(2, BarKind.MEM32, 128 * MiB))
+    with pytest.raises(ValueError, match="32-bit memory window exhausted"):
+        bus.plug(PciFunction(0x1234, 1, 0, bars=bars))
+    assert set(bus.functions) == set()
+    fits = PciFunction(0x1234, 2, 0, bars=(bars[0], Bar(2, BarKind.MEM32, 1 * MiB)))
+    bus.plug(fits)
+    assert (fits.bar_address(0), fits.bar_address(2)) == (high[0], 0xC000_0000)
 
 
 def test_closing_the_bus_unmaps_every_bar(pci: Pci) -> None:

@@ -9,7 +9,8 @@
 
 Why ACPI rather than an MP table: SMP needs either, but an orderly guest power-off needs ACPI,
 and with ACPI present Linux finds PCI roots through the DSDT, so all of it comes together.
-Tables are written below 1 MiB, in the BIOS area Linux scans for the RSDP.
+Tables are written below 1 MiB (and below the reset vector), in the BIOS area Linux scans for
+the RSDP.
 """
 
 from __future__ import annotations
@@ -218,7 +219,7 @@ def write_tables(
         nonlocal cursor
         address = cursor
         if address + len(data) > ACPI_TABLES_END:
-            raise ValueError("ACPI tables do not fit below 1 MiB")
+            raise ValueError("ACPI tables do not fit below the reset vector")
         memory.write(address, data)
         placed[name] = address
         cursor = (address + len(data) + 15) & ~15

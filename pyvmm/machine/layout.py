@@ -37,7 +37,9 @@ RESET_VECTOR = 0xFFFF0
 LOW_RAM_LIMIT = 0xC000_0000
 PCI_MMIO_BASE = 0xC000_0000
 PCI_MMIO_SIZE = 0x2000_0000
-PCI_MMIO64_BASE = 0x10_0000_0000  # 64 GiB up to the CPU's limit: large 64-bit BARs go here
+# 64-bit BARs that are large or no longer fit below 4 GiB go from here (or from above RAM, if RAM
+# reaches that far) up to the CPU's physical address limit: see pci_mmio64_base().
+PCI_MMIO64_BASE = 0x10_0000_0000
 PCI_ECAM_BASE = 0xE000_0000
 PCI_ECAM_SIZE = 0x1000_0000
 IOAPIC_BASE = 0xFEC0_0000
@@ -81,8 +83,8 @@ DEBUG_EXIT_PORT = 0x501
 CHECKPOINT_PORT = 0x502
 BENCH_SINK_PORT = 0x510
 PCI_CONFIG_PORT = 0xCF8
-RESET_PORT = 0xCF9  # the reset control register: RESET_VALUE asks for a hard reset
-RESET_VALUE = 0x06
+RESET_PORT = PCI_CONFIG_PORT + 1  # 0xCF9, the reset control register (pyvmm.devices.pci.host)
+RESET_VALUE = 0x06  # a hard reset: what the FADT and the reset vector write there
 
 
 E820_RAM = 1

@@ -40,6 +40,7 @@ CONFIG_ADDRESS_MASK = 0x80FFFFFC  # enable, bus, device, function, dword registe
 class _Allocator:
     """Hands out naturally aligned addresses upwards from `base` (what firmware does)."""
 
+    name: str
     base: int
     end: int
 
@@ -52,7 +53,7 @@ class _Allocator:
     def allocate(self, size: int) -> int:
         address = self._next(size)
         if address + size > self.end:
-            raise ValueError(f"PCI window exhausted allocating {size:#x} bytes")
+            raise ValueError(f"PCI {self.name} window exhausted allocating {size:#x} bytes")
         self.base = address + size
         return address
 
@@ -84,14 +85,14 @@ class PciBus:
         self.pio = pio
         self.mmio = mmio
         self.address_space = address_space
-        self._mmio_window = _Allocator(*mmio_window)
-        self._mmio64_window = _Allocator(*mmio64_window)
+        self._mmio_window = _Allocator("32-bit memory", *mmio_window)
+        self._mmio64_window = _Allocator("64-bit memory", *mmio64_window)
         self._large_bar = (mmio_window[1] - mmio_window[0]) // 4
         # Where device memory (a BAR in a KVM slot) may be: never elsewhere, whatever a guest
         # writes into a BAR (a trapped area anywhere is harmless; a slot is guest memory). The
         # DSDT's _CRS declares the same windows, so Linux keeps the BARs where they are.
         self.memory_windows = (mmio_window, mmio64_window)
-        self._io_window = _Allocator(*io_window)
+        self._io_window = _Allocator("I/O", *io_window)
         self._lock = threading.RLock()
         self.functions: dict[int, PciFunction] = {}
         self._config_address = 0
@@ -143,12 +144,12 @@ class PciBus:
     def _allocate(self, bar: Bar) -> int:
         """A BAR's first address, as firmware would give it: I/O BARs in the I/O window, memory
         BARs below 4 GiB; a 64-bit BAR above 4 GiB when it is large (a quarter of the 32-bit
-        window or more, so it cannot starve the devices after it) or no longer fits below."""
+        window or more, so it cannot starve the devices after it) or no longer fits below, and
+        the window above has room (a CPU with few address bits may leave none)."""
         if bar.kind is BarKind.IO:
             return self._io_window.allocate(bar.size)
-        if bar.kind is BarKind.MEM64 and (
-            bar.size >= self._large_bar or not self._mmio_window.fits(bar.size)
-        ):
+        goes_high = bar.size >= self._large_bar or not self._mmio_window.fits(bar.size)
+        if bar.kind is BarKind.MEM64 and goes_high and self._mmio64_window.fits(bar.size):
             return self._mmio64_window.allocate(bar.size)
         return self._mmio_window.allocate(bar.size)
 

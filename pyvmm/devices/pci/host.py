@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from pyvmm.devices.pci.bus import PciBus
 from pyvmm.devices.pci.device import PciFunction
+from pyvmm.machine import layout
 
 # The same IDs cloud-hypervisor uses for its virtual root: no Linux quirks key on them.
 HOST_BRIDGE_VENDOR = 0x8086
@@ -23,7 +24,7 @@ class HostBridge(PciFunction):
         )
 
 
-RESET_CONTROL_OFFSET = 1  # port 0xCF9
+RESET_CONTROL_OFFSET = layout.RESET_PORT - layout.PCI_CONFIG_PORT
 RESET_CONTROL_RESET = 0x04
 
 
