@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import ctypes
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from guestbuild import guest, requires_kvm
 
 from pyvmm.kvm.errors import KvmUnavailable
 from pyvmm.kvm.system import System
+from pyvmm.kvm.vcpu import KICK_SIGNAL
 from pyvmm.machine.console import CaptureConsole
 from pyvmm.machine.machine import Machine, StopReason
 from pyvmm.uapi import kvm as uapi
@@ -169,6 +172,36 @@ def test_ctrl_c_stops_the_guest_cleanly() -> None:
     assert proc.returncode == 130
     assert "Traceback" not in err
     assert err.strip() == "pyvmm: stopped: interrupted"
+
+
+def blocked_signals(thread: threading.Thread) -> set[int]:
+    """The thread's blocked signals, as the kernel reports them (SigBlk, a hex bit mask)."""
+    status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
+    mask = int(re.search(r"^SigBlk:\s*([0-9a-f]+)$", status, re.MULTILINE)[1], 16)
+    return {number for number in range(1, 65) if mask & (1 << (number - 1))}
+
+
+def test_the_machines_threads_leave_ctrl_c_to_the_main_thread() -> None:
+    """A SIGINT the kernel gave a vCPU or device thread would never wake the main thread in
+    `wait()` (Python runs handlers there only): only the main thread may take it."""
+    with Machine(mem_size=64 << 20, console=CaptureConsole()) as machine:
+        machine.load_elf(str(guest("interrupts")))
+        machine.add_device("virtio-rng")
+        machine.start()
+        try:
+            assert machine.pause()
+            ours = [t for t in threading.enumerate() if t is not threading.main_thread()]
+            names = {t.name for t in ours}
+            assert {"vcpu0", "virtio-rng-worker"} <= names, names
+            for thread in ours:
+                blocked = blocked_signals(thread)
+                assert {signal.SIGINT, signal.SIGTERM, signal.SIGHUP} <= blocked, thread.name
+                assert KICK_SIGNAL not in blocked, thread.name
+            assert signal.SIGINT not in blocked_signals(threading.main_thread())
+            machine.resume()
+        finally:
+            machine.stop()
+            machine.wait()
 
 
 def test_a_machine_first_started_off_the_main_thread_says_why_it_cannot_start() -> None:

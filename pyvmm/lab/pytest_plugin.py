@@ -39,7 +39,7 @@ from pyvmm.lab.protocol import Kind
 ENV_IN_LAB = "PYVMM_IN_LAB"
 ENV_RESULTS = "PYVMM_LAB_RESULTS"
 
-DEFAULT_TIMEOUT = 540.0  # the whole tier must stay under 10 minutes
+DEFAULT_TIMEOUT = 540.0  # for each lab boot (session): keep each well under it
 _OUTPUT_TAIL = 4000
 #: Markers the inner session evaluates; on the host they would judge the wrong machine.
 _INNER_ONLY_MARKERS = frozenset({"skip", "skipif", "xfail", "usefixtures", "parametrize"})

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 
 from pyvmm.errors import ConfigError
+from pyvmm.machine.threads import start_thread
 
 
 class Console:
@@ -163,8 +164,7 @@ class ConsoleInput:
         self._lock = threading.Lock()
         self._paused = False
         self._wake_r, self._wake_w = os.pipe()
-        self._thread = threading.Thread(target=self._pump, name="console-input", daemon=True)
-        self._thread.start()
+        self._thread = start_thread(self._pump, "console-input")
 
     def _pump(self) -> None:
         pending = b""

@@ -33,6 +33,7 @@ from pyvmm.kvm.vcpu import Vcpu, install_kick_handler
 from pyvmm.machine import cpu
 from pyvmm.machine.bus import Bus, Range
 from pyvmm.machine.exits import ExitStats, exit_name
+from pyvmm.machine.threads import start_thread
 from pyvmm.uapi import kvm as uapi
 
 log = logging.getLogger(__name__)
@@ -100,11 +101,7 @@ class VcpuThreads:
                 )
             self.state = RunState.PAUSED if self._pausing else RunState.RUNNING
             for vcpu in self.vcpus:
-                thread = threading.Thread(
-                    target=self._thread, args=(vcpu,), name=f"vcpu{vcpu.id}", daemon=True
-                )
-                self._threads[vcpu.id] = thread
-                thread.start()
+                self._threads[vcpu.id] = start_thread(self._thread, f"vcpu{vcpu.id}", vcpu)
 
     def stop(self, reason: StopReason, code: int = 0, detail: str = "") -> None:
         """End the run, from any thread (a vCPU's too). The first reason given wins."""

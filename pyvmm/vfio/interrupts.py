@@ -31,6 +31,7 @@ from contextlib import ExitStack
 from typing import TYPE_CHECKING
 
 from pyvmm.kvm.eventfd import EventFd
+from pyvmm.machine.threads import start_thread
 from pyvmm.uapi import vfio as uapi
 from pyvmm.uapi.ioctl import IoctlError
 
@@ -94,10 +95,7 @@ class VfioInterrupts:
                     self._device.name,
                     err,
                 )
-                self._unmask_thread = threading.Thread(
-                    target=self._unmask_on_eoi, name=f"{self._device.name}-intx", daemon=True
-                )
-                self._unmask_thread.start()
+                self._unmask_thread = start_thread(self._unmask_on_eoi, f"{self._device.name}-intx")
 
     def _unmask_on_eoi(self) -> None:
         assert self._intx is not None

@@ -3,7 +3,7 @@ under pyvmm (busybox init) with the lab's e1000e passed through, on each VFIO ba
 each of the lab's IOMMUs; its e1000e driver probes the device, brings the link up and takes the
 device's MSI-X interrupts, whose counts grow; its nvme driver writes and reads the NVMe's namespace
 through DMA and MSI-X, and a second boot finds the data there. The tests boot in lab sessions
-of their own ("linux"), with the Linux boot tests."""
+of their own ("linux-net", "linux-nvme")."""
 
 from __future__ import annotations
 
@@ -24,6 +24,20 @@ MARK = "pyvmm-guest:"
 BACKENDS = sorted(backends())
 ATTEMPTS = 3
 LAB_FAULT = "pyvmm: triple-fault: vcpu"  # the lab's nested-SVM fault: see test_lab_linux_boot
+
+
+def on_each_iommu(device: str, session: str) -> pytest.MarkDecorator:
+    """The test once under each of the lab's IOMMUs, with `device`, in lab boots named
+    `session`: each boot of Linux takes the lab most of a minute, and a lab boot's budget is
+    the lab tier's timeout, so these tests are spread over sessions of a few boots each."""
+    return pytest.mark.parametrize(
+        "iommu",
+        [
+            pytest.param(i, marks=pytest.mark.lab(devices=(device,), iommu=i, session=session))
+            for i in ("intel", "virtio")
+        ],
+    )
+
 
 E1000E_INIT = rf"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -78,18 +92,10 @@ def e1000e_with_linux(tmp_path: Path, lab_devices: dict[str, str], backend: str)
     assert after > before, out[-3000:]
 
 
-@pytest.mark.lab(devices=("e1000e",), session="linux")
+@on_each_iommu("e1000e", session="linux-net")
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_linux_drives_a_passed_through_e1000e_under_intel_iommu(
-    backend: str, lab_devices, tmp_path: Path
-) -> None:
-    e1000e_with_linux(tmp_path, lab_devices, backend)
-
-
-@pytest.mark.lab(iommu="virtio", devices=("e1000e",), session="linux")
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_linux_drives_a_passed_through_e1000e_under_virtio_iommu(
-    backend: str, lab_devices, tmp_path: Path
+def test_linux_drives_a_passed_through_e1000e(
+    backend: str, iommu: str, lab_devices, tmp_path: Path
 ) -> None:
     e1000e_with_linux(tmp_path, lab_devices, backend)
 
@@ -142,18 +148,10 @@ def nvme_with_linux(tmp_path: Path, lab_devices: dict[str, str], backend: str) -
         assert f"{MARK} {wanted}" in out, out[-3000:]
 
 
-@pytest.mark.lab(devices=("nvme",), session="linux")
+@on_each_iommu("nvme", session="linux-nvme")
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_linux_drives_a_passed_through_nvme_under_intel_iommu(
-    backend: str, lab_devices, tmp_path: Path
-) -> None:
-    nvme_with_linux(tmp_path, lab_devices, backend)
-
-
-@pytest.mark.lab(iommu="virtio", devices=("nvme",), session="linux")
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_linux_drives_a_passed_through_nvme_under_virtio_iommu(
-    backend: str, lab_devices, tmp_path: Path
+def test_linux_drives_a_passed_through_nvme(
+    backend: str, iommu: str, lab_devices, tmp_path: Path
 ) -> None:
     nvme_with_linux(tmp_path, lab_devices, backend)
 
@@ -183,16 +181,7 @@ def pf_up(pf: str) -> None:
     subprocess.run(["ip", "link", "set", netdev.name, "up"], check=True)
 
 
-ON_EACH_IOMMU = pytest.mark.parametrize(
-    "iommu",
-    [
-        pytest.param(i, marks=pytest.mark.lab(devices=("igb",), iommu=i, session="linux"))
-        for i in ("intel", "virtio")
-    ],
-)
-
-
-@ON_EACH_IOMMU
+@on_each_iommu("igb", session="linux-net")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_linux_drives_a_passed_through_igb_virtual_function(
     backend: str, iommu: str, lab_devices, tmp_path: Path

@@ -55,6 +55,7 @@ from pyvmm.devices.virtio.queue import NO_VECTOR, QueueState, Virtqueue, Virtque
 from pyvmm.kvm.eventfd import EventFd
 from pyvmm.machine.memory import GuestMemoryError
 from pyvmm.machine.state import StateError
+from pyvmm.machine.threads import start_thread
 
 if TYPE_CHECKING:
     from pyvmm.machine.machine import Machine
@@ -241,9 +242,7 @@ class VirtioPciDevice(PciFunction):
         self._stopping = False
         self._reset_registers()
         self._add_capabilities()
-        self._worker = threading.Thread(target=self._work, name=f"{backend.name}-worker")
-        self._worker.daemon = True
-        self._worker.start()
+        self._worker = start_thread(self._work, f"{backend.name}-worker")
 
     def _reset_registers(self) -> None:
         self.status = 0
