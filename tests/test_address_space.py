@@ -4,9 +4,11 @@ DMA mapping of guest RAM for assigned devices and the dirty log of pyvmm's own w
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Iterator
 from contextlib import ExitStack
+from pathlib import Path
 from typing import cast
 
 import pytest
@@ -385,6 +387,27 @@ def test_ram_is_mapped_by_its_memfd_where_the_space_can(space, supported: bool) 
     space.listen(GuestRamMapper(dma))
     ram = space.regions(RegionKind.RAM)
     if supported:
-        assert dma.files == {r.gpa: (r.memfd, 0, r.size) for r in ram} and dma.mapped == {}
+        assert dma.files == {r.gpa: (r.fd, 0, r.size) for r in ram} and dma.mapped == {}
     else:  # an older kernel: the mapping's address instead
         assert dma.files == {} and dma.mapped == {r.gpa: (r.host_addr, r.size) for r in ram}
+
+
+def test_privately_mapped_ram_is_mapped_by_address_never_by_its_file(space, tmp_path: Path) -> None:
+    """RAM restored from a snapshot maps the memory file privately: the guest's pages are this
+    process's copies, so DMA must see them, not the file's pages."""
+    space, _ = space
+    dma = RecordingFileDma(True)
+    space.listen(GuestRamMapper(dma))
+    before = dict(dma.files)
+    image = tmp_path / "memory"
+    image.write_bytes(bytes(2 * MiB))
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        region = RamRegion(64 * MiB, 2 * MiB, "restored", fd=fd, offset=MiB, private=True)
+    finally:
+        os.close(fd)
+    space.add(region)
+    assert dma.files == before
+    assert dma.mapped[64 * MiB] == (region.host_addr, 2 * MiB)
+    region.view[0] = 1  # a private page: the file keeps its zeros
+    assert image.read_bytes()[MiB] == 0

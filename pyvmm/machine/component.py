@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from pyvmm.machine.state import StateError, from_plain, to_plain
+from pyvmm.uapi.ioctl import IoctlError
 
 
 @runtime_checkable
@@ -173,6 +174,18 @@ class Components:
 
     def restore_all(self, saved: list[SavedState]) -> None:
         """Restore every stateful part, in registration order, once all have been checked."""
-        decoded = self.decode(saved)
+        self.apply(self.decode(saved))
+
+    def apply(self, decoded: dict[str, Any]) -> None:
+        """Give each part its state from `decode()`, in registration order. The kernel has the
+        last word on its own structs: a state KVM refuses (a corrupt or forged one that is
+        well-formed) is a StateError too, but by then the parts before it hold their new
+        state, so the caller must not run the machine (Machine sees to that)."""
         for component_id, part in self._stateful().items():
-            part.restore(decoded[component_id])
+            try:
+                part.restore(decoded[component_id])
+            except IoctlError as err:
+                raise StateError(
+                    f"{component_id}: the kernel refused its saved state ({err}): the state is "
+                    "corrupt, or from a host whose KVM differs"
+                ) from None

@@ -66,6 +66,10 @@ DEFAULT_MEMORY_SLOTS = 32  # KVM's minimum; KVM_CAP_NR_MEMSLOTS says how many th
 
 __all__ = ["Machine", "MachineExit", "RunState", "SavedMachine", "StopReason"]
 
+#: Makes the RAM region at (gpa, size, name): by default a new memfd (RamRegion); a restore
+#: gives one that maps a snapshot's memory file.
+RamSource = Callable[[int, int, str], RamRegion]
+
 
 @dataclass(frozen=True)
 class SavedMachine:
@@ -87,6 +91,7 @@ class Machine:
         console: Console | None = None,
         *,
         trace_exits: bool = False,
+        ram: RamSource = RamRegion,
     ) -> None:
         if mem_size < MIN_MEM or mem_size % PAGE_SIZE:
             raise ConfigError(
@@ -104,21 +109,27 @@ class Machine:
         self._vfio: VfioContext | None = None
         self._input: ConsoleInput | None = None
         self._components_paused = False
+        self._unrunnable = ""  # why the machine must not start (a failed restore), if it must not
         self._control = threading.RLock()  # one pause, resume, save or restore at a time
         self._stack = ExitStack()
         try:
-            self._build(vcpus, trace_exits)
+            self._build(vcpus, trace_exits, ram)
         except BaseException:
             self._stack.close()
             raise
 
     @classmethod
     def from_config(
-        cls, config: MachineConfig, console: Console | None = None, *, trace_exits: bool = False
+        cls,
+        config: MachineConfig,
+        console: Console | None = None,
+        *,
+        trace_exits: bool = False,
+        ram: RamSource = RamRegion,
     ) -> Machine:
         """A machine built as `config` says (another's `config`, say): same RAM, vCPUs and
         devices in the same slots."""
-        machine = cls(config.mem_size, config.vcpus, console, trace_exits=trace_exits)
+        machine = cls(config.mem_size, config.vcpus, console, trace_exits=trace_exits, ram=ram)
         try:
             for device in config.devices:
                 machine.add_device(device.kind, slot=device.slot, **device.options)
@@ -129,7 +140,7 @@ class Machine:
 
     # construction
 
-    def _build(self, vcpu_count: int, trace_exits: bool) -> None:
+    def _build(self, vcpu_count: int, trace_exits: bool, ram_source: RamSource) -> None:
         self.system = System()
         self._stack.callback(self.system.close)
         self.system.check_required()
@@ -142,7 +153,7 @@ class Machine:
         self.memory = self.address_space.memory
         self._stack.callback(self.memory.close)
         for number, ram in enumerate(layout.ram_ranges(self.mem_size)):
-            region = RamRegion(ram.gpa, ram.size, name=f"ram{number}")
+            region = ram_source(ram.gpa, ram.size, f"ram{number}")
             try:
                 self.address_space.add(region)
             except BaseException:
@@ -252,6 +263,8 @@ class Machine:
 
     def start(self) -> None:
         """Start the vCPU threads (and console input) and return; see `wait()`."""
+        if self._unrunnable:
+            raise StateError(f"this machine cannot run: {self._unrunnable}")
         fd = self.console.input_fd()
         if fd is not None:
             self._input = ConsoleInput(fd, self.serial.receive)
@@ -320,14 +333,21 @@ class Machine:
             return SavedMachine(self.config, self.components.save_all())
 
     def restore(self, saved: SavedMachine) -> None:
-        """Take a saved machine's state; everything is checked before anything changes."""
+        """Take a saved machine's state. Everything pyvmm can check is checked before anything
+        changes; should the kernel still refuse a part's state, the machine keeps a mix of
+        states and refuses to start."""
         with self._control, self._quiet_components("restoring a state into it"):
             differences = saved.config.differences(self.config)
             if differences:
                 raise StateError(
                     f"the saved machine differs from this one: {'; '.join(differences)}"
                 )
-            self.components.restore_all(saved.components)
+            decoded = self.components.decode(saved.components)
+            try:
+                self.components.apply(decoded)
+            except BaseException as err:
+                self._unrunnable = f"restoring a state into it failed ({err})"
+                raise
 
     @contextmanager
     def _quiet_components(self, doing: str) -> Iterator[None]:

@@ -3,7 +3,8 @@
 A region is one of three kinds, as kvmtool's memory banks are:
 
 - RAM: a memfd mapped shared into pyvmm. It is shared so that VFIO can pin the same pages for
-  device DMA, a snapshot can write the fd's contents and a migration peer can map it. RAM is a
+  device DMA, a snapshot can write the fd's contents and a migration peer can map it. A machine
+  restored from a snapshot may instead map the snapshot's memory file privately (lazily). RAM is a
   KVM memory slot, DMA-mapped for assigned devices (IOVA = guest-physical address) and
   dirty-logged while logging is on.
 - DEVICE: host memory pyvmm does not own, such as the mmap of an assigned device's BAR, put
@@ -21,6 +22,7 @@ through it, is checked to lie inside one RAM region, and every write is reported
 from __future__ import annotations
 
 import enum
+import mmap as _mmap
 import os
 from collections.abc import Callable
 from typing import BinaryIO
@@ -73,18 +75,37 @@ class MemoryRegion:
 
 
 class RamRegion(MemoryRegion):
-    """RAM at `gpa`: a memfd of `size` bytes mapped shared into this process."""
+    """RAM at `gpa`: `size` bytes of a file mapped into this process, by default a new memfd
+    mapped shared. `fd` and `offset` map another file instead (the region takes a duplicate of
+    the descriptor): a snapshot's memory file, mapped `private`ly so that the guest's writes go
+    to copy-on-write pages of this process and never into the file."""
 
-    def __init__(self, gpa: int, size: int, name: str = "ram") -> None:
-        if size <= 0 or size % PAGE_SIZE or gpa % PAGE_SIZE:
+    def __init__(
+        self,
+        gpa: int,
+        size: int,
+        name: str = "ram",
+        *,
+        fd: int | None = None,
+        offset: int = 0,
+        private: bool = False,
+    ) -> None:
+        if size <= 0 or size % PAGE_SIZE or gpa % PAGE_SIZE or offset % PAGE_SIZE:
             raise ValueError(f"RAM region {gpa:#x}+{size:#x} is not page aligned")
-        self.memfd = os.memfd_create(f"pyvmm-{name}", os.MFD_CLOEXEC)
+        if fd is None:
+            self.fd = os.memfd_create(f"pyvmm-{name}", os.MFD_CLOEXEC)
+        else:
+            self.fd = os.dup(fd)
+        self.offset = offset
+        self.shared = not private
         try:
-            os.ftruncate(self.memfd, size)
-            self.mapping = Mapping(size, self.memfd)
+            if fd is None:
+                os.ftruncate(self.fd, size)
+            flags = _mmap.MAP_PRIVATE if private else _mmap.MAP_SHARED
+            self.mapping = Mapping(size, self.fd, offset, flags=flags)
             super().__init__(RegionKind.RAM, gpa, size, host_addr=self.mapping.addr, name=name)
         except BaseException:
-            os.close(self.memfd)
+            os.close(self.fd)
             raise
 
     @property
@@ -93,9 +114,9 @@ class RamRegion(MemoryRegion):
 
     def close(self) -> None:
         self.mapping.close()
-        if self.memfd >= 0:
-            os.close(self.memfd)
-            self.memfd = -1
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class GuestMemoryError(ValueError):

@@ -59,8 +59,15 @@ class GuestRamMapper:
                 f"guest RAM {region.gpa:#x}-{last:#x} is outside the IOVA ranges the IOMMU "
                 f"allows ({allowed}); give the guest less memory"
             )
-        by_file = isinstance(self._space, FileDmaSpace) and isinstance(region, RamRegion)
-        if not (by_file and self._space.map_file(region.gpa, region.memfd, 0, region.size)):
+        # Only a shared mapping's pages are the file's: a private one's are this process's.
+        by_file = (
+            isinstance(self._space, FileDmaSpace)
+            and isinstance(region, RamRegion)
+            and region.shared
+        )
+        if not (
+            by_file and self._space.map_file(region.gpa, region.fd, region.offset, region.size)
+        ):
             self._space.map(region.gpa, region.host_addr, region.size)
         self.mapped[region.gpa] = region.size
 

@@ -1,0 +1,118 @@
+"""A snapshot's memory file: guest RAM, region after region, with zero pages left as holes.
+
+Each RAM region takes `size` bytes of the file at a page-aligned offset (`RamExtent`), so that a
+restore can map a region straight from the file. Writing skips what reads as zeros: ranges the
+region's memfd never had (SEEK_HOLE: never faulted in, so not even read), and zero granules of
+64 KiB within what it has; the file is a sparse file of the RAM's full length. Loading (the
+`--copy` restore) reads only the file's data extents (SEEK_DATA) into a fresh region.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import ClassVar
+
+from pyvmm.kvm.mmap import PAGE_SIZE
+from pyvmm.machine.memory import RamRegion
+
+GRANULE = 16 * PAGE_SIZE  # the unit of "is this zero": 64 KiB (about 10 GB/s compared)
+_ZERO = bytes(GRANULE)
+_MAX_IO = 8 << 20  # bytes per pwrite/preadv
+
+
+@dataclass
+class RamExtent:
+    """Where one RAM region is in the memory file."""
+
+    VERSION: ClassVar[int] = 1
+
+    name: str
+    gpa: int
+    size: int
+    offset: int
+
+
+def file_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """(start, end) of each data extent of `fd` within start..end; holes are zeros. A file
+    system without SEEK_DATA gives the whole range as data."""
+    position = start
+    while position < end:
+        try:
+            data = os.lseek(fd, position, os.SEEK_DATA)
+        except OSError as err:
+            if err.errno == errno.ENXIO:  # only a hole from here on
+                return
+            if err.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                yield position, end
+                return
+            raise
+        if data >= end:
+            return
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        yield data, hole
+        position = hole
+
+
+def _nonzero_runs(view: memoryview, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """Runs of granules in view[start:end] that are not all zeros (start, end page aligned)."""
+    run_start: int | None = None
+    for at in range(start, end, GRANULE):
+        stop = min(at + GRANULE, end)
+        zero = view[at:stop].tobytes() == _ZERO[: stop - at]  # (a memoryview compares slowly)
+        if zero and run_start is not None:
+            yield run_start, at
+            run_start = None
+        elif not zero and run_start is None:
+            run_start = at
+    if run_start is not None:
+        yield run_start, end
+
+
+def write_region(region: RamRegion, fd: int, offset: int) -> int:
+    """Write `region` into `fd` at `offset`, skipping zeros; returns the bytes written."""
+    if region.shared:
+        candidates = [
+            (lo - region.offset, hi - region.offset)
+            for lo, hi in file_extents(region.fd, region.offset, region.offset + region.size)
+        ]
+    else:  # a private mapping: copied-on-write pages are not the file's, so look at them all
+        candidates = [(0, region.size)]
+    written = 0
+    view = region.view
+    for lo, hi in candidates:
+        for run_lo, run_hi in _nonzero_runs(view, lo, hi):
+            for at in range(run_lo, run_hi, _MAX_IO):
+                chunk = view[at : min(at + _MAX_IO, run_hi)]
+                done = 0
+                while done < len(chunk):
+                    done += os.pwrite(fd, chunk[done:], offset + at + done)
+                written += len(chunk)
+    return written
+
+
+def load_region(region: RamRegion, fd: int, offset: int) -> int:
+    """Read the region's pages from `fd` at `offset` into the (zeroed) region; returns the
+    bytes read."""
+    loaded = 0
+    view = region.view
+    for lo, hi in file_extents(fd, offset, offset + region.size):
+        for at in range(lo, hi, _MAX_IO):
+            size = min(_MAX_IO, hi - at)
+            target = view[at - offset : at - offset + size]
+            got = os.preadv(fd, [target], at)
+            if got != size:
+                raise OSError(errno.EIO, f"short read of the memory file at byte {at}")
+            loaded += size
+    return loaded
+
+
+def layout_regions(regions: list[RamRegion]) -> list[RamExtent]:
+    """Where each region goes in a new memory file: one after another, in address order."""
+    extents, offset = [], 0
+    for region in sorted(regions, key=lambda r: r.gpa):
+        extents.append(RamExtent(region.name, region.gpa, region.size, offset))
+        offset += region.size
+    return extents

@@ -1,0 +1,139 @@
+"""Snapshots against the host's /dev/kvm: a counting guest snapshotted while it runs, restored by
+mmap and by copy into new machines, goes on counting exactly once; what a snapshot directory
+holds; bad snapshots refused in one line, with nothing built."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from guestbuild import guest, requires_kvm
+from test_machine_layer import assert_consecutive, console_of, count_in_ram, counts
+
+from pyvmm.machine import layout
+from pyvmm.machine.console import CaptureConsole
+from pyvmm.machine.machine import Machine
+from pyvmm.migration import snapshot
+from pyvmm.migration.memory_file import GRANULE
+from pyvmm.migration.snapshot import SnapshotError
+
+pytestmark = [pytest.mark.kvm, requires_kvm]
+
+MiB = layout.MiB
+
+
+def counting_machine(mem: int = 64 * MiB) -> Machine:
+    machine = Machine(mem_size=mem, console=CaptureConsole())
+    machine.load_elf(str(guest("counter")))
+    machine.add_device("virtio-rng")
+    return machine
+
+
+def snapshot_while_counting(tmp_path: Path, upto: int = 3072) -> tuple[Path, str, int, int]:
+    """Run the counter guest to `upto`, pause it, snapshot it; it is stopped afterwards. Returns
+    the snapshot, the console so far, and the count in r12 and in RAM at the snapshot (one
+    less than r12 when paused between the increment and the store)."""
+    target = tmp_path / "snap"
+    with counting_machine() as machine:
+        machine.start()
+        console_of(machine).wait_for(rf"count {upto}\n", 30)
+        assert machine.pause()
+        count = machine.vcpus[0].get_regs().r12
+        stored = count_in_ram(machine)
+        snapshot.write(machine, target, {"console": "capture"})
+        machine.stop()
+        machine.wait()
+        return target, console_of(machine).text, count, stored
+
+
+@pytest.mark.parametrize("copy", [False, True], ids=["mmap", "copy"])
+def test_a_restored_counter_goes_on_counting_exactly_once(tmp_path: Path, copy: bool) -> None:
+    target, before, count, stored = snapshot_while_counting(tmp_path)
+    with snapshot.restore(snapshot.read(target), CaptureConsole(), copy=copy) as machine:
+        assert machine.vcpus[0].get_regs().r12 == count
+        assert count_in_ram(machine) == stored
+        region = machine.memory.regions[0]
+        assert region.shared is copy  # mmap: the file mapped privately; copy: a memfd
+        machine.start()
+        goal = (count // 1024 + 3) * 1024
+        console_of(machine).wait_for(rf"count {goal}\n", 30)
+        machine.stop()
+        machine.wait()
+        after = console_of(machine).text
+    assert_consecutive(counts(before + after))
+    # The guest's writes went to the restored machine's own pages, not into the file:
+    # restoring again gives the count at the snapshot.
+    with snapshot.restore(snapshot.read(target), CaptureConsole(), copy=copy) as again:
+        assert count_in_ram(again) == stored
+
+
+def test_a_snapshot_is_a_sparse_memory_file_and_a_state_stream(tmp_path: Path) -> None:
+    target, *_ = snapshot_while_counting(tmp_path, upto=1024)
+    assert sorted(p.name for p in target.iterdir()) == ["memory", "state"]
+    memory = target / "memory"
+    assert memory.stat().st_size == 64 * MiB
+    # The guest touched a few hundred KiB (its image, stack, page tables, the counter's page):
+    # the rest are holes.
+    assert memory.stat().st_blocks * 512 < 4 * MiB
+    with counting_machine() as fresh:
+        saved = snapshot.read(target)
+        assert saved.config == fresh.config
+        assert saved.info == {"console": "capture"}
+        assert [c.component for c in saved.saved.components] == [
+            c.component for c in fresh.save().components
+        ]
+    assert not list(tmp_path.glob(".snap.partial-*"))
+
+
+def test_a_snapshot_does_not_overwrite_and_a_failed_one_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "taken").mkdir()
+    with counting_machine() as machine:
+        with pytest.raises(SnapshotError, match="exists: give a new directory"):
+            snapshot.write(machine, tmp_path / "taken", {})
+
+        def full_disk(*args: object) -> int:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(os, "pwrite", full_disk)
+        machine.memory.write(0x100000, b"\1" * GRANULE)  # data, so something is written
+        with pytest.raises(SnapshotError, match=r"no space left on the device .* nothing was kept"):
+            snapshot.write(machine, tmp_path / "full", {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def corrupt(target: Path, name: str, at: int, data: bytes) -> None:
+    with open(target / name, "r+b") as file:
+        file.seek(at)
+        file.write(data)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda t: (t / "state").unlink(), "is not a pyvmm snapshot"),
+        (lambda t: corrupt(t, "state", 0, b"NOTPYVMM"), "not a pyvmm VM state stream"),
+        (lambda t: corrupt(t, "state", 8, b"\x09\0\0\0"), "stream format 9; this pyvmm reads"),
+        (lambda t: corrupt(t, "state", 200, b"\xff"), "fails its checksum"),
+        (lambda t: os.truncate(t / "state", 300), "truncated: it ends at byte 300"),
+        (lambda t: os.truncate(t / "memory", 32 * MiB), "too short for 64 MiB of RAM"),
+        (lambda t: (t / "memory").unlink(), "has no usable memory file"),
+    ],
+    ids=[
+        "no-state",
+        "magic",
+        "version",
+        "bit-flip",
+        "truncated-state",
+        "short-memory",
+        "no-memory",
+    ],
+)
+def test_a_bad_snapshot_is_refused_in_one_line(tmp_path: Path, damage, message: str) -> None:
+    target, *_ = snapshot_while_counting(tmp_path, upto=1024)
+    damage(target)
+    with pytest.raises(SnapshotError, match=message) as caught:
+        snapshot.read(target)
+    assert "\n" not in str(caught.value)
