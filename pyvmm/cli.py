@@ -1,6 +1,8 @@
 """The `pyvmm` command.
 
-    pyvmm run GUEST.elf [-m 64M] [-c N] [--console stdio|file:PATH|socket:PATH]
+    pyvmm run GUEST.elf [-m 64M] [-c N] [--console stdio|file:PATH|socket:PATH] [--control P]
+    pyvmm snapshot CONTROL DIR [--stop]   |   pyvmm restore DIR [--copy]
+    pyvmm ctl CONTROL COMMAND [NAME=VALUE ...]
     pyvmm kvm info
     pyvmm vfio list | bind BDF | unbind BDF | mdev ...
     pyvmm lab run [--iommu intel|virtio] [--device edu ...] -- CMD ...   |   pyvmm lab shell
@@ -27,6 +29,9 @@ from pyvmm.uapi.ioctl import IoctlError
 # Each command group and the module that adds it with add_commands(subparsers).
 COMMAND_MODULES = {
     "run": "pyvmm.commands.run",
+    "snapshot": "pyvmm.commands.snapshot",
+    "restore": "pyvmm.commands.restore",
+    "ctl": "pyvmm.commands.ctl",
     "kvm": "pyvmm.commands.kvm",
     "vfio": "pyvmm.vfio.cli",
     "lab": "pyvmm.lab.cli",

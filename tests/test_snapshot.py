@@ -4,6 +4,7 @@ holds; bad snapshots refused in one line, with nothing built."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -30,6 +31,16 @@ def counting_machine(mem: int = 64 * MiB) -> Machine:
     return machine
 
 
+def digest(machine: Machine) -> str:
+    ram = hashlib.sha256()
+    for region in machine.memory.regions:
+        ram.update(region.view)
+    return ram.hexdigest()
+
+
+digest_at_snapshot: dict[Path, str] = {}
+
+
 def snapshot_while_counting(tmp_path: Path, upto: int = 3072) -> tuple[Path, str, int, int]:
     """Run the counter guest to `upto`, pause it, snapshot it; it is stopped afterwards. Returns
     the snapshot, the console so far, and the count in r12 and in RAM at the snapshot (one
@@ -41,6 +52,7 @@ def snapshot_while_counting(tmp_path: Path, upto: int = 3072) -> tuple[Path, str
         assert machine.pause()
         count = machine.vcpus[0].get_regs().r12
         stored = count_in_ram(machine)
+        digest_at_snapshot[target] = digest(machine)
         snapshot.write(machine, target, {"console": "capture"})
         machine.stop()
         machine.wait()
@@ -53,6 +65,7 @@ def test_a_restored_counter_goes_on_counting_exactly_once(tmp_path: Path, copy: 
     with snapshot.restore(snapshot.read(target), CaptureConsole(), copy=copy) as machine:
         assert machine.vcpus[0].get_regs().r12 == count
         assert count_in_ram(machine) == stored
+        assert digest(machine) == digest_at_snapshot[target]  # all of RAM, not just the count
         region = machine.memory.regions[0]
         assert region.shared is copy  # mmap: the file mapped privately; copy: a memfd
         machine.start()

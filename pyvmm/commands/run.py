@@ -1,6 +1,6 @@
 """`pyvmm run`: boot a test guest or a Linux kernel and exit with the guest's exit code.
 
-pyvmm run GUEST.elf [-m 64M] [-c N] [--console stdio|file:PATH|socket:PATH]
+pyvmm run GUEST.elf [-m 64M] [-c N] [--console stdio|file:PATH|socket:PATH] [--control PATH]
 pyvmm run -k bzImage|vmlinux [-i initrd] [-p "console=ttyS0 ..."] [-m 256M] [-c 2]
 """
 
@@ -78,13 +78,25 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="how devices are opened (default: iommufd where /dev/iommu and the device's "
         "cdev exist, else the legacy container)",
     )
-    run.add_argument("--timeout", type=float, default=None, help="stop the guest after S seconds")
-    run.add_argument(
+    add_run_options(run)
+    run.set_defaults(func=cmd_run)
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Options of a running machine, for `run` and `restore` alike."""
+    parser.add_argument(
+        "--timeout", type=float, default=None, help="stop the guest after S seconds"
+    )
+    parser.add_argument(
+        "--control",
+        metavar="PATH",
+        help="serve the control socket (JSON lines) at PATH: pyvmm ctl, snapshot, migrate",
+    )
+    parser.add_argument(
         "--exit-stats",
         action="store_true",
         help="on exit, print to stderr the exits that reached pyvmm, by device and offset",
     )
-    run.set_defaults(func=cmd_run)
 
 
 def add_devices(machine: Machine, args: argparse.Namespace) -> None:
@@ -123,9 +135,24 @@ def cmd_run(args: argparse.Namespace) -> int:
             machine.load_linux(args.kernel, args.initrd, params)
         else:
             machine.load_elf(args.image)
+        return run_until_done(machine, args)
+
+
+def run_until_done(machine: Machine, args: argparse.Namespace) -> int:
+    """Run the machine (serving --control meanwhile) until it ends; report how, as the exit
+    code and, unless the guest ended it, one line on stderr."""
+    server = None
+    if args.control:
+        from pyvmm.migration.control import ControlServer  # (start-up time: only when asked)
+
+        server = ControlServer(machine, args.control, args.console)
+    try:
         result = machine.run(timeout=args.timeout)
-        if args.exit_stats:
-            print_exit_stats(machine)
+    finally:
+        if server is not None:
+            server.close()
+    if args.exit_stats:
+        print_exit_stats(machine)
     if result.reason in (StopReason.ERROR, StopReason.TRIPLE_FAULT, StopReason.STOPPED):
         print(f"pyvmm: {result.reason.value}: {result.detail}", file=sys.stderr)
     return result.exit_code

@@ -1,0 +1,49 @@
+"""`pyvmm restore`: run a machine from a snapshot directory.
+
+pyvmm restore DIR [--copy] [--console SPEC] [--control PATH] [--timeout S]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    from pyvmm.commands.run import add_run_options
+
+    command = subparsers.add_parser(
+        "restore",
+        help="run a machine from a snapshot",
+        description="Build the snapshot's machine, give it the snapshot's state and run it on. "
+        "Its RAM maps the snapshot's memory file privately (nothing is read until the guest "
+        "touches it; the file is never written) unless --copy reads it into fresh RAM. Exit "
+        "codes as pyvmm run's.",
+    )
+    command.add_argument("directory", metavar="DIR", help="a directory written by pyvmm snapshot")
+    command.add_argument(
+        "--copy",
+        action="store_true",
+        help="read the memory file into new RAM, not map it",
+    )
+    command.add_argument(
+        "--console",
+        default=None,
+        help="where COM1 goes: stdio, file:PATH or socket:PATH (default: where the snapshotted "
+        "machine had it)",
+    )
+    add_run_options(command)
+    command.set_defaults(func=cmd_restore)
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from pyvmm.commands.run import run_until_done
+    from pyvmm.machine.console import open_console
+    from pyvmm.migration import snapshot
+
+    saved = snapshot.read(args.directory)
+    if args.console is None:
+        recorded = saved.info.get("console")
+        args.console = recorded if isinstance(recorded, str) and recorded != "capture" else "stdio"
+    console = open_console(args.console)
+    with snapshot.restore(saved, console, copy=args.copy, trace_exits=args.exit_stats) as machine:
+        return run_until_done(machine, args)

@@ -1,0 +1,38 @@
+"""`pyvmm snapshot`: snapshot a running pyvmm through its control socket.
+
+pyvmm snapshot CONTROL DIR [--stop]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    command = subparsers.add_parser(
+        "snapshot",
+        help="snapshot a running machine to a directory",
+        description="Pause the machine served at CONTROL (pyvmm run --control CONTROL), write "
+        "its state and RAM to DIR, a new directory, and resume it (or end it with --stop). "
+        "Restore it with pyvmm restore DIR.",
+    )
+    command.add_argument("control", metavar="CONTROL", help="the machine's control socket")
+    command.add_argument("directory", metavar="DIR", help="the snapshot's directory (new)")
+    command.add_argument("--stop", action="store_true", help="end the machine once written")
+    command.set_defaults(func=cmd_snapshot)
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pyvmm.migration.control import ControlClient
+
+    directory = str(Path(args.directory).absolute())  # the server's working directory may differ
+    with ControlClient(args.control) as client:
+        result = client.execute("snapshot", path=directory, stop=args.stop)
+    print(
+        f"pyvmm: snapshot {args.directory}: {result['ram_bytes'] >> 20} MiB of RAM, "
+        f"{result['written_bytes'] >> 10} KiB of it written, in "
+        f"{result['seconds'] * 1000:.1f} ms"
+    )
+    return 0

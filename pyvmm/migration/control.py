@@ -1,0 +1,355 @@
+"""The control socket: a running machine driven over a unix socket in JSON lines, QMP-like.
+
+On connecting, a client receives a greeting, then sends requests, one JSON object per line, and
+gets one reply per request, in order; events may come between replies (docs/control.md):
+
+    <- {"pyvmm": {"version": "0.1.0", "commands": ["pause", "quit", ...]}}
+    -> {"execute": "snapshot", "arguments": {"path": "/tmp/snap"}, "id": 1}
+    <- {"event": "STOP", "data": {"reason": "paused"}, "timestamp": 1764600000.123}
+    <- {"event": "RESUME", "data": {}, "timestamp": 1764600000.131}
+    <- {"return": {"seconds": 0.008, "ram_bytes": 67108864, "written_bytes": 393216}, "id": 1}
+
+An error reply is `{"error": {"class": "...", "desc": "one line"}, "id": ...}`; a request that is
+not valid JSON, or not an object naming a known command with the arguments it takes, gets one
+and the connection stays usable. The server runs on a thread of its own (one request at a time,
+any number of clients); a command that takes long (a snapshot) holds the others' replies, not
+the guest, which runs on while nothing pauses it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import os
+import selectors
+import socket
+import stat
+import threading
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pyvmm.errors import PyvmmError
+from pyvmm.machine.machine import Machine, RunState, StopReason
+from pyvmm.machine.threads import start_thread
+from pyvmm.migration import snapshot
+
+MAX_REQUEST = 1 << 20  # bytes in one request line
+
+
+class ControlError(PyvmmError):
+    """A control request failed, or the control socket cannot be used."""
+
+
+def _version() -> str:
+    try:
+        return metadata.version("pyvmm")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class ControlServer:
+    """Serves `machine` on a unix socket at `path` until `close()`; `console` is the --console
+    spec the machine's console was opened with (recorded in snapshots)."""
+
+    def __init__(self, machine: Machine, path: str, console: str = "stdio") -> None:
+        self.machine = machine
+        self.path = path
+        self.console = console
+        self.commands: dict[str, Callable[..., dict[str, Any]]] = {
+            "status": self.status,
+            "pause": self.pause,
+            "resume": self.resume,
+            "snapshot": self.snapshot,
+            "quit": self.quit,
+        }
+        self._listener = _listen(path)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._listener, selectors.EVENT_READ)
+        self._clients: dict[socket.socket, bytearray] = {}
+        self._lock = threading.Lock()  # the clients, for events sent from other threads
+        self._wake_r, self._wake_w = os.pipe()
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._closing = False
+        self._thread = start_thread(self._serve, "control")
+
+    # commands: each returns the reply's "return" object
+
+    def status(self) -> dict[str, Any]:
+        config = self.machine.config
+        return {
+            "status": self.machine.state.value,
+            "vcpus": config.vcpus,
+            "mem_size": config.mem_size,
+            "devices": [device.kind for device in config.devices],
+        }
+
+    def pause(self) -> dict[str, Any]:
+        if not self.machine.pause():
+            raise ControlError("the machine has stopped")
+        self.event("STOP", reason="paused")
+        return {}
+
+    def resume(self) -> dict[str, Any]:
+        if self.machine.state is RunState.STOPPED:
+            raise ControlError("the machine has stopped")
+        self.machine.resume()
+        self.event("RESUME")
+        return {}
+
+    def snapshot(self, path: str, stop: bool = False) -> dict[str, Any]:
+        """Pause (if running), write a snapshot to `path`, then resume, or stop with `stop`. A
+        failed snapshot resumes the machine all the same."""
+        was_running = self.machine.state is RunState.RUNNING
+        if not self.machine.pause():
+            raise ControlError("the machine has stopped")
+        self.event("STOP", reason="snapshot")
+        try:
+            stats = snapshot.write(
+                self.machine, path, {"console": self.console, "time": time.time()}
+            )
+        finally:
+            if not stop and was_running:
+                self.machine.resume()
+                self.event("RESUME")
+        if stop:
+            self.machine.stop(StopReason.STOPPED, 0, f"snapshotted to {path}")
+        return {
+            "seconds": round(stats.seconds, 6),
+            "ram_bytes": stats.ram_bytes,
+            "written_bytes": stats.written_bytes,
+        }
+
+    def quit(self) -> dict[str, Any]:
+        self.machine.stop(StopReason.STOPPED, 0, "quit from the control socket")
+        return {}
+
+    # events
+
+    def event(self, name: str, **data: Any) -> None:
+        """Send an event to every client (from any thread)."""
+        line = _line({"event": name, "data": data, "timestamp": round(time.time(), 6)})
+        with self._lock:
+            for client in list(self._clients):
+                self._send(client, line)
+
+    # serving
+
+    def _serve(self) -> None:
+        while not self._closing:
+            for key, _ in self._selector.select():
+                if key.fileobj is self._listener:
+                    self._accept()
+                elif key.fileobj == self._wake_r:
+                    return
+                else:
+                    self._receive(key.fileobj)  # type: ignore[arg-type]
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            client, _ = self._listener.accept()
+            client.setblocking(True)
+            with self._lock:
+                self._clients[client] = bytearray()
+                self._send(
+                    client,
+                    _line({"pyvmm": {"version": _version(), "commands": sorted(self.commands)}}),
+                )
+            self._selector.register(client, selectors.EVENT_READ)
+
+    def _receive(self, client: socket.socket) -> None:
+        try:
+            data = client.recv(65536)
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(client)
+            return
+        pending = self._clients.get(client)
+        if pending is None:
+            return
+        pending += data
+        while b"\n" in pending:
+            line, _, rest = bytes(pending).partition(b"\n")
+            pending[:] = rest
+            reply = self._handle(line)
+            with self._lock:
+                self._send(client, _line(reply))
+        if len(pending) > MAX_REQUEST:
+            with self._lock:
+                self._send(client, _line(_error("GenericError", "request line too long")))
+            self._drop(client)
+
+    def _handle(self, line: bytes) -> dict[str, Any]:
+        try:
+            request = json.loads(line)
+        except (ValueError, RecursionError):
+            return _error("GenericError", "the request is not valid JSON")
+        if not isinstance(request, dict):
+            return _error("GenericError", 'a request is an object: {"execute": NAME, ...}')
+        reply_id = {"id": request["id"]} if "id" in request else {}
+        name = request.get("execute")
+        arguments = request.get("arguments", {})
+        command = self.commands.get(name) if isinstance(name, str) else None
+        if command is None:
+            known = ", ".join(sorted(self.commands))
+            return _error("CommandNotFound", f"unknown command {name!r}; known: {known}") | reply_id
+        if not isinstance(arguments, dict):
+            return _error("GenericError", "arguments are an object") | reply_id
+        problem = _check_arguments(command, arguments)
+        if problem:
+            return _error("GenericError", f"{name}: {problem}") | reply_id
+        try:
+            return {"return": command(**arguments)} | reply_id
+        except PyvmmError as err:
+            return _error("GenericError", str(err)) | reply_id
+        except RuntimeError as err:  # a machine in the wrong state for the command
+            return _error("GenericError", str(err)) | reply_id
+
+    def _send(self, client: socket.socket, line: bytes) -> None:
+        try:
+            client.sendall(line)
+        except OSError:
+            self._clients.pop(client, None)
+
+    def _drop(self, client: socket.socket) -> None:
+        with self._lock:
+            self._clients.pop(client, None)
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(client)
+        client.close()
+
+    def close(self) -> None:
+        self._closing = True
+        os.write(self._wake_w, b"x")
+        self._thread.join()
+        for client in list(self._clients):
+            self._drop(client)
+        self._selector.close()
+        self._listener.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+def _listen(path: str) -> socket.socket:
+    """A listening socket at `path`; a stale socket file there (no one listening) is replaced."""
+    target = Path(path)
+    if target.exists() or target.is_symlink():
+        if not stat.S_ISSOCK(target.lstat().st_mode):
+            raise ControlError(f"--control {path}: a file that is not a socket is there")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            target.unlink()  # stale: left by a pyvmm that ended without removing it
+        else:
+            raise ControlError(f"--control {path}: another process is listening there")
+        finally:
+            probe.close()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(path)
+        listener.listen(8)
+    except OSError as err:
+        listener.close()
+        raise ControlError(f"--control {path}: cannot listen there: {err.strerror}") from None
+    return listener
+
+
+def _check_arguments(command: Callable[..., Any], arguments: dict[str, Any]) -> str:
+    """What is wrong with the arguments for `command` (names and JSON types), or ""."""
+    parameters = inspect.signature(command).parameters
+    unknown = sorted(set(arguments) - set(parameters))
+    if unknown:
+        return f"unknown argument {', '.join(unknown)}"
+    for name, parameter in parameters.items():
+        if name not in arguments:
+            if parameter.default is inspect.Parameter.empty:
+                return f"argument {name} is required"
+            continue
+        wanted = {"str": str, "bool": bool, "int": int, "float": float}.get(parameter.annotation)
+        value = arguments[name]
+        if wanted is not None and (type(value) is not wanted):
+            return f"argument {name} must be a {parameter.annotation}"
+    return ""
+
+
+def _error(kind: str, desc: str) -> dict[str, Any]:
+    return {"error": {"class": kind, "desc": desc}}
+
+
+def _line(message: dict[str, Any]) -> bytes:
+    return json.dumps(message).encode() + b"\n"
+
+
+class ControlClient:
+    """A connection to a control socket: `execute()` returns a command's result, or raises
+    ControlError with the server's error; `events` collects the events seen meanwhile."""
+
+    def __init__(self, path: str, timeout: float | None = None) -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.connect(path)
+        except OSError as err:
+            self._sock.close()
+            raise ControlError(
+                f"cannot connect to the control socket {path}: {err.strerror}; is a pyvmm "
+                "running with --control there?"
+            ) from None
+        self._file = self._sock.makefile("rb")
+        self.events: list[dict[str, Any]] = []
+        self._next_id = 1
+        self.greeting = self._read()
+        if "pyvmm" not in self.greeting:
+            self.close()
+            raise ControlError(f"{path} is not a pyvmm control socket")
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            line = self._file.readline(MAX_REQUEST)
+        except OSError as err:
+            raise ControlError(f"the control socket failed: {err}") from None
+        if not line:
+            raise ControlError("the control socket closed (the machine ended?)")
+        try:
+            message = json.loads(line)
+        except ValueError:
+            raise ControlError("the control socket sent something that is not JSON") from None
+        if not isinstance(message, dict):
+            raise ControlError("the control socket sent something that is not an object")
+        return message
+
+    def execute(self, command: str, **arguments: Any) -> dict[str, Any]:
+        request_id = self._next_id
+        self._next_id += 1
+        request = {"execute": command, "arguments": arguments, "id": request_id}
+        try:
+            self._sock.sendall(_line(request))
+        except OSError as err:
+            raise ControlError(f"the control socket failed: {err.strerror}") from None
+        while True:
+            message = self._read()
+            if "event" in message:
+                self.events.append(message)
+                continue
+            if message.get("id") != request_id:
+                continue
+            if "error" in message:
+                raise ControlError(str(message["error"].get("desc", message["error"])))
+            return message.get("return", {})
+
+    def close(self) -> None:
+        self._file.close()
+        self._sock.close()
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
