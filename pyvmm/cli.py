@@ -3,6 +3,7 @@
     pyvmm run GUEST.elf [-m 64M] [-c N] [--console stdio|file:PATH|socket:PATH] [--control P]
     pyvmm snapshot CONTROL DIR [--stop]   |   pyvmm restore DIR [--copy]
     pyvmm ctl CONTROL COMMAND [NAME=VALUE ...]
+    pyvmm run --incoming unix:P|tcp:H:PORT   |   pyvmm migrate CONTROL unix:P|tcp:H:PORT
     pyvmm kvm info
     pyvmm vfio list | bind BDF | unbind BDF | mdev ...
     pyvmm lab run [--iommu intel|virtio] [--device edu ...] -- CMD ...   |   pyvmm lab shell
@@ -32,6 +33,7 @@ COMMAND_MODULES = {
     "snapshot": "pyvmm.commands.snapshot",
     "restore": "pyvmm.commands.restore",
     "ctl": "pyvmm.commands.ctl",
+    "migrate": "pyvmm.commands.migrate",
     "kvm": "pyvmm.commands.kvm",
     "vfio": "pyvmm.vfio.cli",
     "lab": "pyvmm.lab.cli",

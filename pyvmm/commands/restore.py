@@ -36,14 +36,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from pyvmm.commands.run import run_until_done
+    from pyvmm.commands.run import inherited_console, run_until_done
     from pyvmm.machine.console import open_console
     from pyvmm.migration import snapshot
 
     saved = snapshot.read(args.directory)
-    if args.console is None:
-        recorded = saved.info.get("console")
-        args.console = recorded if isinstance(recorded, str) and recorded != "capture" else "stdio"
+    args.console = inherited_console(args.console, saved.info)
     console = open_console(args.console)
     with snapshot.restore(saved, console, copy=args.copy, trace_exits=args.exit_stats) as machine:
         return run_until_done(machine, args)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 from pyvmm.errors import ConfigError
-from pyvmm.machine.console import open_console
+from pyvmm.machine.console import Console, open_console
 from pyvmm.machine.machine import Machine, StopReason
 
 DEFAULT_CMDLINE = "console=ttyS0 panic=-1"
@@ -35,11 +36,18 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument(
         "-m", "--mem", type=parse_size, default=None, help="RAM (default 64M, 256M with -k)"
     )
-    run.add_argument("-c", "--cpus", type=int, default=1, help="number of vCPUs (default 1)")
+    run.add_argument("-c", "--cpus", type=int, default=None, help="number of vCPUs (default 1)")
     run.add_argument(
         "--console",
-        default="stdio",
-        help="where COM1 goes: stdio (default), file:PATH or socket:PATH",
+        default=None,
+        help="where COM1 goes: stdio (default; with --incoming, where the source had it), "
+        "file:PATH or socket:PATH",
+    )
+    run.add_argument(
+        "--incoming",
+        metavar="URI",
+        help="instead of booting, wait at unix:PATH or tcp:HOST:PORT for a machine migrated "
+        "there (pyvmm migrate); -m and -c, if given, must match it",
     )
     run.add_argument(
         "--disk",
@@ -120,14 +128,17 @@ def add_devices(machine: Machine, args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.incoming:
+        return run_incoming(args)
     if (args.image is None) == (args.kernel is None):
         raise ConfigError("give one thing to boot: a test guest (GUEST.elf) or a kernel (-k)")
     if args.kernel is None and (args.initrd or args.params is not None):
         raise ConfigError("-i and -p go with a kernel (-k)")
     mem = args.mem or ((256 << 20) if args.kernel else (64 << 20))
+    args.console = args.console or "stdio"
     console = open_console(args.console)
     with Machine(
-        mem_size=mem, vcpus=args.cpus, console=console, trace_exits=args.exit_stats
+        mem_size=mem, vcpus=args.cpus or 1, console=console, trace_exits=args.exit_stats
     ) as machine:
         add_devices(machine, args)
         if args.kernel:
@@ -138,16 +149,59 @@ def cmd_run(args: argparse.Namespace) -> int:
         return run_until_done(machine, args)
 
 
-def run_until_done(machine: Machine, args: argparse.Namespace) -> int:
+def run_incoming(args: argparse.Namespace) -> int:
+    """`run --incoming`: take in a migrated machine, run it, and let the source stop."""
+    from pyvmm.machine.config import MachineConfig
+    from pyvmm.migration import live
+
+    given = [args.image, args.kernel, args.initrd, args.params, *args.disk, args.rng, *args.net]
+    if any(given) or args.vfio_pci or args.vfio_dev:
+        raise ConfigError("--incoming takes its machine from the source: give no guest or devices")
+
+    def expect(config: MachineConfig) -> str:
+        problems = []
+        if args.mem is not None and args.mem != config.mem_size:
+            problems.append(f"it has {config.mem_size >> 20} MiB of RAM, not {args.mem >> 20} MiB")
+        if args.cpus is not None and args.cpus != config.vcpus:
+            problems.append(f"it has {config.vcpus} vCPUs, not {args.cpus}")
+        return "; ".join(problems)
+
+    def console(info: dict[str, object]) -> Console:
+        args.console = inherited_console(args.console, info)
+        return open_console(args.console)
+
+    incoming = live.receive(
+        live.Endpoint.parse(args.incoming), console, expect=expect, trace_exits=args.exit_stats
+    )
+    with incoming.machine as machine:
+        return run_until_done(machine, args, started=incoming.confirm)
+
+
+def inherited_console(given: str | None, info: dict[str, object]) -> str:
+    """The --console of a restored or migrated machine: as given, else where the original
+    machine's went (its INFO), else stdio."""
+    if given is not None:
+        return given
+    recorded = info.get("console")
+    return recorded if isinstance(recorded, str) and recorded != "capture" else "stdio"
+
+
+def run_until_done(
+    machine: Machine, args: argparse.Namespace, started: Callable[[], None] | None = None
+) -> int:
     """Run the machine (serving --control meanwhile) until it ends; report how, as the exit
-    code and, unless the guest ended it, one line on stderr."""
+    code and, unless the guest ended it, one line on stderr. `started` is called once the
+    vCPUs run."""
     server = None
     if args.control:
         from pyvmm.migration.control import ControlServer  # (start-up time: only when asked)
 
         server = ControlServer(machine, args.control, args.console)
     try:
-        result = machine.run(timeout=args.timeout)
+        machine.start()
+        if started is not None:
+            started()
+        result = machine.wait(timeout=args.timeout)
     finally:
         if server is not None:
             server.close()

@@ -43,6 +43,19 @@ class DirtyBitmap:
         merged = int.from_bytes(self.kvm, "little") | int.from_bytes(self.vmm, "little")
         return _bits_to_bytes(merged, self.pages)
 
+    def __or__(self, other: DirtyBitmap) -> DirtyBitmap:
+        """The pages dirty in either (of the same region: two collects in a row)."""
+        if (self.gpa, self.pages) != (other.gpa, other.pages):
+            raise ValueError("dirty bitmaps of different regions")
+
+        def merged(a: bytes, b: bytes) -> bytes:
+            bits = int.from_bytes(a, "little") | int.from_bytes(b, "little")
+            return _bits_to_bytes(bits, self.pages)
+
+        return DirtyBitmap(
+            self.gpa, self.pages, merged(self.kvm, other.kvm), merged(self.vmm, other.vmm)
+        )
+
     def count(self) -> int:
         return int.from_bytes(self.bitmap, "little").bit_count()
 

@@ -36,6 +36,7 @@ from pyvmm.errors import PyvmmError
 from pyvmm.machine.machine import Machine, RunState, StopReason
 from pyvmm.machine.threads import start_thread
 from pyvmm.migration import snapshot
+from pyvmm.migration.live import Endpoint, Migration
 
 MAX_REQUEST = 1 << 20  # bytes in one request line
 
@@ -64,8 +65,11 @@ class ControlServer:
             "pause": self.pause,
             "resume": self.resume,
             "snapshot": self.snapshot,
+            "migrate": self.migrate,
+            "migrate-status": self.migrate_status,
             "quit": self.quit,
         }
+        self._migration: Migration | None = None
         self._listener = _listen(path)
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._listener, selectors.EVENT_READ)
@@ -122,6 +126,31 @@ class ControlServer:
             "ram_bytes": stats.ram_bytes,
             "written_bytes": stats.written_bytes,
         }
+
+    def migrate(self, uri: str, downtime_ms: int = 30, max_rounds: int = 30) -> dict[str, Any]:
+        """Start migrating to `uri` (a pyvmm run --incoming URI); follow it with
+        migrate-status or the MIGRATION event. The machine stops once the destination runs."""
+        if self._migration is not None and not self._migration.done.is_set():
+            raise ControlError("a migration is under way already")
+        if self.machine.state is RunState.STOPPED:
+            raise ControlError("the machine has stopped")
+        if downtime_ms <= 0 or max_rounds <= 0:
+            raise ControlError("downtime_ms and max_rounds are positive")
+        self._migration = Migration(
+            self.machine,
+            Endpoint.parse(uri),
+            info={"console": self.console, "time": time.time()},
+            downtime_limit=downtime_ms / 1000,
+            max_rounds=max_rounds,
+            on_end=lambda progress: self.event("MIGRATION", **progress.as_dict()),
+        )
+        self._migration.start()
+        return {}
+
+    def migrate_status(self) -> dict[str, Any]:
+        if self._migration is None:
+            return {"status": "none"}
+        return self._migration.progress.as_dict()
 
     def quit(self) -> dict[str, Any]:
         self.machine.stop(StopReason.STOPPED, 0, "quit from the control socket")
@@ -332,6 +361,7 @@ class ControlClient:
         try:
             self._sock.sendall(_line(request))
         except OSError as err:
+            self._drain()
             raise ControlError(f"the control socket failed: {err.strerror}") from None
         while True:
             message = self._read()
@@ -343,6 +373,14 @@ class ControlClient:
             if "error" in message:
                 raise ControlError(str(message["error"].get("desc", message["error"])))
             return message.get("return", {})
+
+    def _drain(self) -> None:
+        """Keep the events the server sent before it went away."""
+        with contextlib.suppress(ControlError):
+            while True:
+                message = self._read()
+                if "event" in message:
+                    self.events.append(message)
 
     def close(self) -> None:
         self._file.close()

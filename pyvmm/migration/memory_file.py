@@ -71,8 +71,8 @@ def _nonzero_runs(view: memoryview, start: int, end: int) -> Iterator[tuple[int,
         yield run_start, end
 
 
-def write_region(region: RamRegion, fd: int, offset: int) -> int:
-    """Write `region` into `fd` at `offset`, skipping zeros; returns the bytes written."""
+def data_runs(region: RamRegion) -> Iterator[tuple[int, int]]:
+    """(start, end) offsets in the region of runs that may hold something other than zeros."""
     if region.shared:
         candidates = [
             (lo - region.offset, hi - region.offset)
@@ -80,16 +80,21 @@ def write_region(region: RamRegion, fd: int, offset: int) -> int:
         ]
     else:  # a private mapping: copied-on-write pages are not the file's, so look at them all
         candidates = [(0, region.size)]
+    for lo, hi in candidates:
+        yield from _nonzero_runs(region.view, lo, hi)
+
+
+def write_region(region: RamRegion, fd: int, offset: int) -> int:
+    """Write `region` into `fd` at `offset`, skipping zeros; returns the bytes written."""
     written = 0
     view = region.view
-    for lo, hi in candidates:
-        for run_lo, run_hi in _nonzero_runs(view, lo, hi):
-            for at in range(run_lo, run_hi, _MAX_IO):
-                chunk = view[at : min(at + _MAX_IO, run_hi)]
-                done = 0
-                while done < len(chunk):
-                    done += os.pwrite(fd, chunk[done:], offset + at + done)
-                written += len(chunk)
+    for run_lo, run_hi in data_runs(region):
+        for at in range(run_lo, run_hi, _MAX_IO):
+            chunk = view[at : min(at + _MAX_IO, run_hi)]
+            done = 0
+            while done < len(chunk):
+                done += os.pwrite(fd, chunk[done:], offset + at + done)
+            written += len(chunk)
     return written
 
 

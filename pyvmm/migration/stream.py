@@ -50,6 +50,7 @@ class SectionType(enum.IntEnum):
     RAM_LAYOUT = 3  # a snapshot: where each RAM region's pages are in the memory file
     PAGES = 4  # a migration: a batch of guest pages
     INFO = 5  # what the writer records for people and tools (JSON): time, console, parent
+    ZERO_PAGES = 6  # a migration: a range of guest pages that are all zeros
 
 
 class SectionFlag(enum.IntFlag):
@@ -84,6 +85,9 @@ class StreamWriter:
         self._write(head)
         self._write(payload)
         self._write(_CRC.pack(crc))
+
+    def flush(self) -> None:
+        self._file.flush()
 
     def end(self) -> None:
         self.section(SectionType.END, b"")

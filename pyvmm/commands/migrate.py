@@ -1,0 +1,107 @@
+"""`pyvmm migrate`: live-migrate a running pyvmm to another, through its control socket.
+
+pyvmm migrate CONTROL unix:PATH|tcp:HOST:PORT [--downtime MS] [--max-rounds N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    command = subparsers.add_parser(
+        "migrate",
+        help="live-migrate a running machine to another pyvmm",
+        description="Migrate the machine served at CONTROL (pyvmm run --control CONTROL) to a "
+        "pyvmm run --incoming URI: its RAM is copied while it runs, round after round, until "
+        "what is left fits the downtime limit; then it pauses, the rest and its state go "
+        "across, and it ends once the destination runs it. A migration that fails leaves it "
+        "running. Shows progress; exits 0 once migrated.",
+    )
+    command.add_argument("control", metavar="CONTROL", help="the machine's control socket")
+    command.add_argument("uri", metavar="URI", help="unix:PATH or tcp:HOST:PORT")
+    command.add_argument(
+        "--downtime", type=int, default=30, metavar="MS", help="downtime limit (default 30 ms)"
+    )
+    command.add_argument(
+        "--max-rounds",
+        type=int,
+        default=30,
+        metavar="N",
+        help="give up after N rounds of copying that leave too much (default 30)",
+    )
+    command.set_defaults(func=cmd_migrate)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from pyvmm.migration.control import ControlClient, ControlError
+
+    with ControlClient(args.control) as client:
+        client.execute(
+            "migrate", uri=args.uri, downtime_ms=args.downtime, max_rounds=args.max_rounds
+        )
+        with ProgressBar() as bar:
+            while True:
+                try:
+                    status = client.execute("migrate-status")
+                except ControlError:
+                    # A migrated machine ends, and its control socket with it: the outcome
+                    # came just before, as the MIGRATION event.
+                    ends = [e["data"] for e in client.events if e.get("event") == "MIGRATION"]
+                    if not ends:
+                        raise
+                    status = ends[-1]
+                bar.update(status)
+                if status["status"] in ("completed", "failed"):
+                    break
+                time.sleep(0.05)
+    if status["status"] == "failed":
+        raise ControlError(f"migration failed: {status['error']}")
+    print(
+        f"pyvmm: migrated to {args.uri} in {status['seconds']:.2f} s, "
+        f"{status['round']} rounds, {status['sent_bytes'] >> 20} MiB sent, "
+        f"downtime {status['downtime_ms']:.1f} ms"
+    )
+    return 0
+
+
+class ProgressBar:
+    """Copy progress: a tqdm bar on a terminal; on anything else, one line per round.
+
+    tqdm rather than rich: it is one small module with no dependencies of its own, it draws
+    on stderr and turns itself off where stderr is no terminal, which is all this needs."""
+
+    def __init__(self) -> None:
+        self._bar = None
+        self._round = -1
+        self._tty = sys.stderr.isatty()
+
+    def update(self, status: dict) -> None:
+        if status["status"] in ("setup", "none"):
+            return
+        if self._tty:
+            if self._bar is None:
+                from tqdm import tqdm
+
+                self._bar = tqdm(
+                    total=status["ram_bytes"], unit="B", unit_scale=True, desc="migrating"
+                )
+            self._bar.total = max(self._bar.total, status["sent_bytes"])
+            self._bar.n = status["sent_bytes"]
+            self._bar.set_postfix(round=status["round"], dirty=f"{status['dirty_bytes'] >> 10}K")
+        elif status["round"] != self._round:
+            self._round = status["round"]
+            print(
+                f"pyvmm: migration round {status['round']}: {status['sent_bytes'] >> 20} MiB "
+                f"sent, {status['dirty_bytes'] >> 10} KiB dirty",
+                file=sys.stderr,
+            )
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.close()

@@ -1,0 +1,491 @@
+"""Live migration: iterative pre-copy of a running machine to another pyvmm over a socket.
+
+The source sends one VM state stream (stream.py) and the destination answers on the same
+socket with JSON lines:
+
+    source                                      destination (pyvmm run --incoming URI)
+    header, CONFIG, INFO                 ->
+                                         <-     {"accept": true} | {"error": "why"}
+    PAGES / ZERO_PAGES: all RAM (round 0), then each round the pages dirtied meanwhile
+    (the machine paused) last dirty pages, COMPONENT*, END
+                                         <-     {"resumed": true} | {"error": "why"}
+
+A PAGES section is a u64 guest-physical address followed by the pages' bytes; ZERO_PAGES is a
+u64 address and a u64 length. Rounds go on while the pages left would take longer to send, at
+the bandwidth the last round had, than the downtime limit allows. When they fit, the source
+pauses, sends the rest and the machine's state, and waits for the destination to say that its
+copy runs; only then does the source stop. A guest that dirties pages faster than they can be
+sent never fits: after `max_rounds` rounds the migration fails with the rates in its message.
+Anything failing before the destination's "resumed" (a cut connection, a refusal, a timeout)
+resumes the source, which never stopped being the machine.
+
+The destination builds its machine from the CONFIG section (refusing one it cannot build, or
+one unlike what its options ask for), writes pages only inside its RAM regions (the stream is
+untrusted), restores the state after END, starts it, and answers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, BinaryIO
+
+from pyvmm.errors import ConfigError, PyvmmError
+from pyvmm.kvm.mmap import PAGE_SIZE
+from pyvmm.machine.component import SavedState
+from pyvmm.machine.config import MachineConfig
+from pyvmm.machine.console import Console
+from pyvmm.machine.dirty import DirtyBitmap
+from pyvmm.machine.machine import Machine, SavedMachine, StopReason
+from pyvmm.machine.memory import GuestMemoryError
+from pyvmm.machine.state import StateError
+from pyvmm.migration import memory_file, vmstate
+from pyvmm.migration.stream import SectionType, StreamError, StreamReader, StreamWriter
+
+log = logging.getLogger(__name__)
+
+CHUNK = 4 << 20  # bytes of pages per PAGES section
+_ADDRESS = struct.Struct("<Q")
+_ZERO = struct.Struct("<QQ")
+_ZERO_CHUNK = bytes(CHUNK)
+REPLY_TIMEOUT = 60.0  # seconds the source waits for an answer (a destination building a VM)
+SEND_TIMEOUT = 60.0  # seconds a send may block (a destination that stopped reading)
+CONNECT_WAIT = 10.0  # seconds the source waits for a destination to listen
+
+
+class MigrationError(PyvmmError):
+    """A migration failed; the source machine runs on."""
+
+
+# addresses
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a migration goes: `unix:PATH` or `tcp:HOST:PORT`."""
+
+    uri: str
+    family: int
+    address: str | tuple[str, int]
+
+    @classmethod
+    def parse(cls, uri: str) -> Endpoint:
+        kind, _, rest = uri.partition(":")
+        if kind == "unix" and rest:
+            return cls(uri, socket.AF_UNIX, rest)
+        if kind == "tcp":
+            host, _, port = rest.rpartition(":")
+            if host and port.isdigit() and 0 < int(port) < 65536:
+                return cls(
+                    uri,
+                    socket.AF_INET6 if ":" in host else socket.AF_INET,
+                    (host.strip("[]"), int(port)),
+                )
+        raise ConfigError(f"bad migration address {uri!r}: use unix:PATH or tcp:HOST:PORT")
+
+    def connect(self, timeout: float) -> socket.socket:
+        """Connect, trying again for CONNECT_WAIT seconds while no one listens yet (a script may
+        start the destination and the migration together)."""
+        deadline = time.monotonic() + CONNECT_WAIT
+        while True:
+            sock = socket.socket(self.family, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            try:
+                sock.connect(self.address)
+                break
+            except OSError as err:
+                sock.close()
+                waiting = isinstance(err, (ConnectionRefusedError, FileNotFoundError))
+                if waiting and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                raise MigrationError(
+                    f"cannot connect to {self.uri}: {err.strerror or err}; is a pyvmm run "
+                    f"--incoming {self.uri} waiting there?"
+                ) from None
+        if self.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    def listen(self) -> socket.socket:
+        sock = socket.socket(self.family, socket.SOCK_STREAM)
+        try:
+            if self.family != socket.AF_UNIX:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(self.address)
+            sock.listen(1)
+        except OSError as err:
+            sock.close()
+            raise ConfigError(
+                f"--incoming {self.uri}: cannot listen there: {err.strerror}"
+            ) from None
+        return sock
+
+
+# the source
+
+
+@dataclass
+class Progress:
+    """Where a migration is, for `migrate-status` and progress bars."""
+
+    status: str = "setup"  # setup, active, completing, completed, failed
+    round: int = 0
+    ram_bytes: int = 0
+    sent_bytes: int = 0  # page bytes sent so far, all rounds
+    dirty_bytes: int = 0  # what the last round found dirty
+    bandwidth: float = 0.0  # bytes per second, last round
+    downtime_ms: float = 0.0  # paused until the destination ran (when completed)
+    seconds: float = 0.0
+    error: str = ""
+    rounds: list[dict[str, float]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Migration:
+    """Migrates `machine` to `endpoint` on a thread of its own (`start()`); `progress` says how
+    far it is and `done` is set when it ends, either way."""
+
+    def __init__(
+        self,
+        machine: Machine,
+        endpoint: Endpoint,
+        *,
+        info: dict[str, Any],
+        downtime_limit: float = 0.03,
+        max_rounds: int = 30,
+        on_end: Callable[[Progress], None] | None = None,
+    ) -> None:
+        self.machine = machine
+        self.endpoint = endpoint
+        self.info = info
+        self.downtime_limit = downtime_limit
+        self.max_rounds = max_rounds
+        self.progress = Progress(ram_bytes=machine.memory.size)
+        self.done = threading.Event()
+        self._on_end = on_end
+
+    def run(self) -> None:
+        """Migrate now, on this thread (not a vCPU's); MigrationError if it fails."""
+        started = time.monotonic()
+        paused = False
+        dirty = self.machine.dirty
+        try:
+            with _connection(self.endpoint) as sock:
+                out = sock.makefile("wb", buffering=1 << 20)
+                answers = sock.makefile("rb")
+                writer = StreamWriter(out)
+                writer.section(SectionType.CONFIG, vmstate.encode_config(self.machine.config))
+                writer.section(SectionType.INFO, vmstate.encode_info(self.info))
+                out.flush()
+                _expect(answers, sock, "accept", "building its machine")
+                self.progress.status = "active"
+                dirty.start()
+                self._send_all(writer)
+                while True:
+                    bitmaps = dirty.collect()
+                    left = sum(bitmap.count() for bitmap in bitmaps) * PAGE_SIZE
+                    self.progress.dirty_bytes = left
+                    fits = left <= self.progress.bandwidth * self.downtime_limit
+                    if fits:
+                        break
+                    if self.progress.round >= self.max_rounds:
+                        raise MigrationError(self._no_convergence())
+                    self._send_round(writer, bitmaps)
+                self.progress.status = "completing"
+                paused_at = time.monotonic()
+                if not self.machine.pause():
+                    raise MigrationError("the machine stopped during the migration")
+                paused = True
+                # What the last look found dirty, and whatever was dirtied since.
+                self._send_round(writer, _union(bitmaps, dirty.collect()))
+                saved = self.machine.save()
+                for state in saved.components:
+                    writer.section(SectionType.COMPONENT, vmstate.encode_component(state))
+                writer.end()
+                _expect(answers, sock, "resumed", "restoring the machine")
+                self.progress.downtime_ms = (time.monotonic() - paused_at) * 1000
+        except BaseException as err:
+            dirty.stop()
+            if paused:
+                self.machine.resume()
+            self.progress.status = "failed"
+            self.progress.error = _failure(self.endpoint, err)
+            self._finish(started)
+            if isinstance(err, (OSError, PyvmmError)):
+                raise MigrationError(self.progress.error) from None
+            raise
+        dirty.stop()
+        self.progress.status = "completed"
+        self._finish(started)  # (before the stop: the control socket goes with the machine)
+        self.machine.stop(StopReason.STOPPED, 0, f"migrated to {self.endpoint.uri}")
+
+    def start(self) -> None:
+        from pyvmm.machine.threads import start_thread
+
+        def run() -> None:
+            with contextlib.suppress(MigrationError):
+                self.run()
+
+        start_thread(run, "migration")
+
+    def _finish(self, started: float) -> None:
+        self.progress.seconds = time.monotonic() - started
+        self.done.set()
+        if self._on_end is not None:
+            self._on_end(self.progress)
+
+    # rounds
+
+    def _send_all(self, writer: StreamWriter) -> None:
+        """Round 0: every page that may not be zero (the destination's RAM starts zeroed)."""
+        started, sent = time.monotonic(), 0
+        for region in self.machine.memory.regions:
+            for lo, hi in memory_file.data_runs(region):
+                sent += self._send_range(writer, region.gpa + lo, region.view[lo:hi], zeros=False)
+        self._round_done(started, sent)
+
+    def _send_round(self, writer: StreamWriter, bitmaps: list[DirtyBitmap]) -> None:
+        started, sent = time.monotonic(), 0
+        memory = self.machine.memory
+        for bitmap in bitmaps:
+            for gpa, size in bitmap.ranges():
+                sent += self._send_range(writer, gpa, memory.slice(gpa, size), zeros=True)
+        writer.flush()
+        self._round_done(started, sent)
+
+    def _send_range(self, writer: StreamWriter, gpa: int, view: memoryview, *, zeros: bool) -> int:
+        """Send pages at `gpa`; with `zeros`, all-zero chunks go as ZERO_PAGES (a page that
+        became zero must still reach the destination), without, they are skipped."""
+        for at in range(0, len(view), CHUNK):
+            chunk = view[at : at + CHUNK]
+            if chunk.tobytes() == _ZERO_CHUNK[: len(chunk)]:
+                if zeros:
+                    writer.section(SectionType.ZERO_PAGES, _ZERO.pack(gpa + at, len(chunk)))
+                continue
+            writer.section(SectionType.PAGES, _ADDRESS.pack(gpa + at) + chunk.tobytes())
+        self.progress.sent_bytes += len(view)
+        return len(view)
+
+    def _round_done(self, started: float, sent: int) -> None:
+        seconds = max(time.monotonic() - started, 1e-6)
+        if sent:
+            self.progress.bandwidth = sent / seconds
+        self.progress.rounds.append({"bytes": sent, "seconds": seconds})
+        self.progress.round += 1
+
+    def _no_convergence(self) -> str:
+        dirty_rate = self.progress.dirty_bytes / max(self.progress.rounds[-1]["seconds"], 1e-6)
+        return (
+            f"the guest dirties memory about as fast as it can be sent ({dirty_rate / 1e6:.0f} "
+            f"MB/s dirtied, {self.progress.bandwidth / 1e6:.0f} MB/s sent): after "
+            f"{self.max_rounds} rounds {self.progress.dirty_bytes >> 10} KiB were still left, "
+            f"more than {self.downtime_limit * 1000:.0f} ms of downtime allows; raise the "
+            "downtime limit or migrate a quieter guest (the source runs on)"
+        )
+
+
+@contextlib.contextmanager
+def _connection(endpoint: Endpoint) -> Iterator[socket.socket]:
+    """The connection to the destination; shut down on the way out, so the destination sees
+    the end at once (files made from the socket would otherwise keep it open)."""
+    sock = endpoint.connect(SEND_TIMEOUT)
+    try:
+        yield sock
+    finally:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+
+
+def _union(first: list[DirtyBitmap], second: list[DirtyBitmap]) -> list[DirtyBitmap]:
+    earlier = {bitmap.gpa: bitmap for bitmap in first}
+    return [earlier[b.gpa] | b if b.gpa in earlier else b for b in second]
+
+
+def _expect(answers: BinaryIO, sock: socket.socket, key: str, doing: str) -> None:
+    """Wait for the destination's {key: true}; MigrationError with its error otherwise."""
+    sock.settimeout(REPLY_TIMEOUT)
+    try:
+        line = answers.readline(1 << 16)
+    except TimeoutError:
+        raise MigrationError(
+            f"the destination did not answer within {REPLY_TIMEOUT:.0f} s ({doing})"
+        ) from None
+    finally:
+        sock.settimeout(SEND_TIMEOUT)
+    if not line:
+        raise MigrationError(f"the destination closed the connection ({doing})")
+    try:
+        answer = json.loads(line)
+    except ValueError:
+        raise MigrationError("the destination answered with something that is not JSON") from None
+    if not isinstance(answer, dict) or answer.get(key) is not True:
+        error = answer.get("error") if isinstance(answer, dict) else None
+        raise MigrationError(f"the destination refused: {error or answer}")
+
+
+def _failure(endpoint: Endpoint, err: BaseException) -> str:
+    if isinstance(err, PyvmmError):
+        return str(err)
+    if not isinstance(err, OSError):
+        return f"the migration failed: {type(err).__name__}: {err}"
+    if isinstance(err, TimeoutError):
+        return f"sending to {endpoint.uri} timed out: the destination stopped reading"
+    if isinstance(err, (BrokenPipeError, ConnectionResetError)):
+        return f"the connection to {endpoint.uri} broke (did the destination end?)"
+    return f"the migration to {endpoint.uri} failed: {err.strerror or err}"
+
+
+# the destination
+
+
+@dataclass
+class Incoming:
+    """A machine received from a migration, restored and not yet started: `start()` it, then
+    `confirm()` so that the source stops."""
+
+    machine: Machine
+    info: dict[str, Any]
+    _sock: socket.socket
+
+    def confirm(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.sendall(b'{"resumed": true}\n')
+        self._sock.close()
+
+    def refuse(self, error: str) -> None:
+        _answer(self._sock, {"error": error})
+        self._sock.close()
+
+
+def receive(
+    endpoint: Endpoint,
+    console: Callable[[dict[str, Any]], Console],
+    *,
+    expect: Callable[[MachineConfig], str] | None = None,
+    trace_exits: bool = False,
+    on_listening: Callable[[], None] | None = None,
+) -> Incoming:
+    """Wait for one migration at `endpoint` and take it in. `console(info)` opens the machine's
+    console, knowing where the source's went (`info["console"]`); `expect(config)` says what
+    is wrong with the incoming configuration for this destination ("" if nothing). A problem
+    is sent to the source as a refusal, and raised here."""
+    listener = endpoint.listen()
+    try:
+        if on_listening is not None:
+            on_listening()
+        sock, _ = listener.accept()
+    finally:
+        listener.close()
+        if endpoint.family == socket.AF_UNIX:
+            with contextlib.suppress(OSError):
+                os.unlink(str(endpoint.address))
+    try:
+        return _take(sock, endpoint, console, expect, trace_exits)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _take(
+    sock: socket.socket,
+    endpoint: Endpoint,
+    console: Callable[[dict[str, Any]], Console],
+    expect: Callable[[MachineConfig], str] | None,
+    trace_exits: bool,
+) -> Incoming:
+    what = f"the migration stream from {endpoint.uri}"
+    stream = sock.makefile("rb", buffering=1 << 20)
+    try:
+        reader = StreamReader(stream, what)
+        config = vmstate.decode_config(reader.next(), what)
+        section = reader.next()
+        if section.type != SectionType.INFO:
+            raise StreamError(f"{what}: the configuration is not followed by INFO")
+        info = vmstate.decode_info(section, what)
+        problem = expect(config) if expect is not None else ""
+        if problem:
+            _answer(sock, {"error": problem})
+            raise MigrationError(f"refused the incoming machine: {problem}")
+        try:
+            machine = Machine.from_config(config, console(info), trace_exits=trace_exits)
+        except (PyvmmError, OSError) as err:
+            _answer(sock, {"error": f"cannot build the machine: {err}"})
+            raise
+        _answer(sock, {"accept": True})
+    except StreamError as err:
+        _answer(sock, {"error": str(err)})
+        raise
+    except OSError as err:
+        raise MigrationError(f"{what} broke: {err.strerror or err}") from None
+    try:
+        components = _read_body(reader, machine, what)
+        machine.restore(SavedMachine(config, components))
+    except OSError as err:
+        machine.close()
+        raise MigrationError(f"{what} broke: {err.strerror or err}") from None
+    except StateError as err:
+        machine.close()
+        _answer(sock, {"error": str(err)})
+        raise MigrationError(str(err)) from None
+    except BaseException:
+        machine.close()
+        raise
+    return Incoming(machine, info, sock)
+
+
+def _read_body(reader: StreamReader, machine: Machine, what: str) -> list[SavedState]:
+    components: list[SavedState] = []
+    memory = machine.memory
+    for section in reader.sections():
+        kind = section.type
+        where = f"{what}: the {_name(kind)} section at byte {section.offset}"
+        try:
+            if kind in (SectionType.PAGES, SectionType.ZERO_PAGES) and not components:
+                gpa, pages = _pages(section.type, section.payload, where)
+                memory.write(gpa, pages)
+            elif kind == SectionType.COMPONENT:
+                components.append(vmstate.decode_component(section, what))
+            else:
+                raise StreamError(f"{where} is out of place")
+        except GuestMemoryError as err:
+            raise StreamError(f"{where} has pages outside RAM ({err})") from None
+    return components
+
+
+def _pages(kind: int, payload: bytes, where: str) -> tuple[int, memoryview | bytes]:
+    """The address and the bytes of a PAGES or ZERO_PAGES section, checked for shape."""
+    gpa, size, data = -1, 0, b""
+    if kind == SectionType.PAGES and len(payload) >= _ADDRESS.size:
+        (gpa,) = _ADDRESS.unpack_from(payload)
+        data = memoryview(payload)[_ADDRESS.size :]
+        size = len(data)
+    elif kind == SectionType.ZERO_PAGES and len(payload) == _ZERO.size:
+        gpa, size = _ZERO.unpack(payload)
+        data = _ZERO_CHUNK[:size]
+    if gpa < 0 or gpa % PAGE_SIZE or not 0 < size <= CHUNK or size % PAGE_SIZE:
+        raise StreamError(f"{where} is malformed (pages are whole and at most {CHUNK >> 20} MiB)")
+    return gpa, data
+
+
+def _name(kind: int) -> str:
+    try:
+        return SectionType(kind).name
+    except ValueError:
+        return f"type-{kind}"
+
+
+def _answer(sock: socket.socket, message: dict[str, Any]) -> None:
+    with contextlib.suppress(OSError):
+        sock.sendall(json.dumps(message).encode() + b"\n")

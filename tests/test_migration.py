@@ -1,0 +1,219 @@
+"""Live migration against the host's /dev/kvm: between two pyvmm processes over unix and tcp
+sockets, the counter guest's count goes on exactly once; a guest that dirties its RAM all the
+time arrives with every page; a refusing destination, a cut connection and a guest that never
+converges each leave the source running, with a one-line reason."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from guestbuild import guest, requires_kvm
+from test_machine_layer import assert_consecutive, counts
+from test_snapshot import digest
+from test_snapshot_cli import pyvmm, start_counter
+
+from pyvmm.machine.console import CaptureConsole
+from pyvmm.machine.machine import Machine, RunState, StopReason
+from pyvmm.migration import live
+from pyvmm.migration.live import Endpoint, Migration, MigrationError
+from pyvmm.migration.stream import StreamReader
+
+pytestmark = [pytest.mark.kvm, requires_kvm]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_destination(uri: str, *options: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pyvmm", "run", "--incoming", uri, *options],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def wait_for_counts(console: Path, how_many: int) -> None:
+    deadline = time.monotonic() + 30
+    while len(counts(console.read_text())) < how_many:
+        assert time.monotonic() < deadline, console.read_text()
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_the_count_goes_on_exactly_once_on_the_destination(tmp_path: Path, transport: str) -> None:
+    """Source and destination print into the same console file (the destination takes the
+    source's --console): the count in it runs on with no line lost or repeated."""
+    uri = f"unix:{tmp_path / 'in.sock'}" if transport == "unix" else f"tcp:127.0.0.1:{free_port()}"
+    control, console = tmp_path / "vm.sock", tmp_path / "console.txt"
+    destination = start_destination(uri, "--timeout", "2")
+    source = start_counter(control, "--console", f"file:{console}")
+    try:
+        wait_for_counts(console, 3)
+        migrated = pyvmm("migrate", str(control), uri)
+        assert migrated.returncode == 0, migrated.stderr
+        assert migrated.stdout.startswith(f"pyvmm: migrated to {uri} in ")
+        _, source_err = source.communicate(timeout=30)
+        at_migration = counts(console.read_text())[-1]
+        dest_out, dest_err = destination.communicate(timeout=30)
+    finally:
+        source.kill()
+        destination.kill()
+    assert source.returncode == 0 and source_err == f"pyvmm: stopped: migrated to {uri}\n"
+    assert destination.returncode == 124, dest_err
+    assert dest_out == ""  # the console is the source's file
+    after = counts(console.read_text())
+    assert after[-1] > at_migration
+    assert_consecutive(after)
+
+
+destination_errors: list[str] = []
+
+
+def migrate_in_process(source: Machine, uri: str, **options: object) -> tuple[Machine, str]:
+    """Migrate `source` (running) to a destination in this process, which records a digest of
+    its RAM before it starts; returns the destination's machine (running) and that digest."""
+    arrived: list[tuple[Machine, str]] = []
+    ready = threading.Event()
+
+    def destination() -> None:
+        try:
+            incoming = live.receive(
+                Endpoint.parse(uri), lambda info: CaptureConsole(), on_listening=ready.set
+            )
+        except MigrationError as err:
+            destination_errors.append(str(err))
+            return
+        arrived.append((incoming.machine, digest(incoming.machine)))
+        incoming.machine.start()
+        incoming.confirm()
+
+    thread = threading.Thread(target=destination)
+    thread.start()
+    assert ready.wait(30)
+    try:
+        Migration(source, Endpoint.parse(uri), info={}, **options).run()  # type: ignore[arg-type]
+    finally:
+        thread.join(60)
+    return arrived[0]
+
+
+def test_a_guest_dirtying_its_ram_arrives_with_every_page(tmp_path: Path) -> None:
+    with Machine(mem_size=64 << 20, console=CaptureConsole()) as source:
+        source.load_elf(str(guest("memtouch")))
+        source.add_device("virtio-rng")
+        source.start()
+        source.console.wait_for(r"pass 3\n", 30)  # type: ignore[attr-defined]
+        uri = f"unix:{tmp_path / 'in.sock'}"
+        copy, arrived = migrate_in_process(source, uri, downtime_limit=0.2)
+        with copy:
+            assert source.wait(10).detail == f"migrated to {uri}"
+            assert arrived == digest(source)  # RAM as the source left it, every page
+            last = counts_of_passes(source.console.text)[-1]  # type: ignore[attr-defined]
+            copy.console.wait_for(rf"pass {last + 2}\n", 30)  # type: ignore[attr-defined]
+            copy.stop()
+            copy.wait()
+
+
+def counts_of_passes(text: str) -> list[int]:
+    return [int(line.split()[1]) for line in text.splitlines() if line.startswith("pass ")]
+
+
+def test_a_guest_that_never_converges_fails_clearly_and_runs_on(tmp_path: Path) -> None:
+    with Machine(mem_size=64 << 20, console=CaptureConsole()) as source:
+        source.load_elf(str(guest("memtouch")))
+        source.start()
+        source.console.wait_for(r"pass 1\n", 30)  # type: ignore[attr-defined]
+        with pytest.raises(MigrationError, match=r"dirties memory about as fast as it can be sent"):
+            migrate_in_process(
+                source, f"unix:{tmp_path / 'in.sock'}", downtime_limit=0.0001, max_rounds=3
+            )
+        assert source.state is RunState.RUNNING
+        assert not source.dirty.active
+        assert "is truncated" in destination_errors.pop()  # the source went away
+        passes = counts_of_passes(source.console.text)[-1]  # type: ignore[attr-defined]
+        source.console.wait_for(rf"pass {passes + 2}\n", 30)  # type: ignore[attr-defined]
+        source.stop()
+        assert source.wait().reason is StopReason.STOPPED
+
+
+def test_a_destination_that_refuses_leaves_the_source_running(tmp_path: Path) -> None:
+    uri = f"unix:{tmp_path / 'in.sock'}"
+    control = tmp_path / "vm.sock"
+    destination = start_destination(uri, "-m", "128M")
+    source = start_counter(control)
+    try:
+        refused = pyvmm("migrate", str(control), uri)
+        assert refused.returncode == 1
+        assert refused.stderr.endswith(
+            "pyvmm: error: migration failed: the destination refused: it has 64 MiB of RAM, not "
+            "128 MiB\n"
+        )
+        _, dest_err = destination.communicate(timeout=30)
+        assert destination.returncode == 1
+        assert dest_err == (
+            "pyvmm: error: refused the incoming machine: it has 64 MiB of RAM, not 128 MiB\n"
+        )
+        assert json.loads(pyvmm("ctl", str(control), "status").stdout)["status"] == "running"
+        assert pyvmm("ctl", str(control), "quit").returncode == 0
+        out, _ = source.communicate(timeout=30)
+    finally:
+        source.kill()
+        destination.kill()
+    assert_consecutive(counts(out))
+
+
+def test_a_connection_cut_mid_stream_leaves_the_source_running(tmp_path: Path) -> None:
+    """A destination that accepts, takes a few pages and goes away (as a killed one does)."""
+    path = tmp_path / "in.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen(1)
+
+    def vanishing_destination() -> None:
+        conn, _ = listener.accept()
+        reader = StreamReader(conn.makefile("rb"))
+        reader.next(), reader.next()  # CONFIG, INFO
+        conn.sendall(b'{"accept": true}\n')
+        reader.next()  # a first batch of pages
+        conn.close()
+
+    thread = threading.Thread(target=vanishing_destination)
+    thread.start()
+    with Machine(mem_size=64 << 20, console=CaptureConsole()) as source:
+        source.load_elf(str(guest("memtouch")))
+        source.start()
+        source.console.wait_for(r"pass 1\n", 30)  # type: ignore[attr-defined]
+        with pytest.raises(MigrationError, match=r"connection to unix:.* broke|destination closed"):
+            Migration(source, Endpoint.parse(f"unix:{path}"), info={}).run()
+        thread.join(30)
+        listener.close()
+        assert source.state is RunState.RUNNING and not source.dirty.active
+        passes = counts_of_passes(source.console.text)[-1]  # type: ignore[attr-defined]
+        source.console.wait_for(rf"pass {passes + 1}\n", 30)  # type: ignore[attr-defined]
+        source.stop()
+        source.wait()
+
+
+def test_a_migration_to_nowhere_is_refused_in_one_line(tmp_path: Path) -> None:
+    control = tmp_path / "vm.sock"
+    source = start_counter(control)
+    try:
+        bad = pyvmm("migrate", str(control), "ftp:somewhere")
+        assert bad.returncode == 1
+        assert bad.stderr == (
+            "pyvmm: error: bad migration address 'ftp:somewhere': use unix:PATH or tcp:HOST:PORT\n"
+        )
+        assert json.loads(pyvmm("ctl", str(control), "status").stdout)["status"] == "running"
+        assert pyvmm("ctl", str(control), "quit").returncode == 0
+        source.communicate(timeout=30)
+    finally:
+        source.kill()
