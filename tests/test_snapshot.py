@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -189,3 +190,44 @@ def test_a_restored_lapic_timer_ticks_on_at_its_rate(tmp_path: Path) -> None:
     # the lost second would be there at once). Not a benchmark: only the order of magnitude.
     elapsed = seen[last + 210] - seen[last + 10]
     assert 1.0 < elapsed < 4.0, elapsed
+
+
+def test_an_incremental_snapshot_restores_as_a_full_one_would(tmp_path: Path) -> None:
+    """A full snapshot, then two incremental ones, each with only the pages written since the
+    one before: restoring the last gives the RAM and state a full snapshot taken at the same
+    moment gives, and its memory file holds a fraction of what the full one does."""
+    base, first, second, full = (tmp_path / name for name in ("base", "inc1", "inc2", "full"))
+    with counting_machine() as machine:
+        machine.start()
+        for target, upto in ((base, 1024), (first, 2048), (second, 3072)):
+            console_of(machine).wait_for(rf"count {upto}\n", 30)
+            assert machine.pause()
+            if target is base:
+                snapshot.write(machine, target, {})
+                machine.dirty.start()
+            else:
+                parent = base if target is first else first
+                snapshot.write(machine, target, {}, parent=parent, dirty=machine.dirty.collect())
+            if target is second:
+                snapshot.write(machine, full, {})
+                ram = digest(machine)
+                registers = machine.vcpus[0].get_regs().r12
+            machine.resume()
+        machine.stop()
+        machine.wait()
+    layered = snapshot.read(second)
+    assert [layer.directory for layer in layered.layers] == [base, first, second]
+    assert layered.info["parent"] == str(first)
+    for copy in (False, True):
+        with snapshot.restore(layered, CaptureConsole(), copy=copy) as restored:
+            assert digest(restored) == ram
+            assert restored.vcpus[0].get_regs().r12 == registers
+    blocks = {p.name: (p / "memory").stat().st_blocks for p in (base, first, second, full)}
+    assert blocks["inc2"] < blocks["full"] / 4, blocks
+    # A parent replaced since, or gone, is refused, naming it.
+    (first / "state").write_bytes((full / "state").read_bytes())
+    with pytest.raises(SnapshotError, match=rf"incremental on {first}, which has changed since"):
+        snapshot.read(second)
+    shutil.rmtree(first)
+    with pytest.raises(SnapshotError, match=rf"incremental on {first}, which is gone"):
+        snapshot.read(second)

@@ -54,7 +54,7 @@ def test_ctl_pauses_resumes_and_quits_a_running_machine(tmp_path: Path) -> None:
         assert bad.returncode == 1
         assert bad.stderr == "pyvmm: error: snapshot: argument path is required\n"
         bad = pyvmm("ctl", str(control), "reboot")
-        assert bad.returncode == 1 and "unknown command 'reboot'; known: pause" in bad.stderr
+        assert bad.returncode == 1 and "unknown command 'reboot'; known: migrate, " in bad.stderr
         assert pyvmm("ctl", str(control), "quit").returncode == 0
         out, err = proc.communicate(timeout=30)
     finally:
@@ -150,3 +150,29 @@ def test_command_line_errors_are_one_line(tmp_path: Path) -> None:
     result = pyvmm("run", str(guest("hello")), "--control", str(tmp_path / "file"))
     assert result.returncode == 1
     assert "a file that is not a socket is there" in result.stderr
+
+
+def test_an_incremental_snapshot_needs_a_full_one_and_then_restores(tmp_path: Path) -> None:
+    control, console = tmp_path / "vm.sock", tmp_path / "console.txt"
+    base, increment = tmp_path / "base", tmp_path / "increment"
+    proc = start_counter(control, "--console", f"file:{console}")
+    try:
+        refused = pyvmm("snapshot", str(control), str(increment), "--incremental")
+        assert refused.returncode == 1
+        assert refused.stderr == (
+            "pyvmm: error: no earlier snapshot of this machine to build on: take a full one\n"
+        )
+        assert pyvmm("snapshot", str(control), str(base)).returncode == 0
+        while len(counts(console.read_text())) < 5:
+            time.sleep(0.02)
+        taken = pyvmm("snapshot", str(control), str(increment), "--incremental", "--stop")
+        assert taken.returncode == 0, taken.stderr
+        proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    at_snapshot = counts(console.read_text())[-1]
+    restored = pyvmm("restore", str(increment), "--timeout", "1")
+    assert restored.returncode == 124, restored.stderr
+    after = counts(console.read_text())
+    assert after[-1] > at_snapshot
+    assert_consecutive(after)

@@ -1,6 +1,6 @@
 """`pyvmm snapshot`: snapshot a running pyvmm through its control socket.
 
-pyvmm snapshot CONTROL DIR [--stop]
+pyvmm snapshot CONTROL DIR [--incremental] [--stop]
 """
 
 from __future__ import annotations
@@ -18,6 +18,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     command.add_argument("control", metavar="CONTROL", help="the machine's control socket")
     command.add_argument("directory", metavar="DIR", help="the snapshot's directory (new)")
+    command.add_argument(
+        "--incremental",
+        action="store_true",
+        help="write only the pages written since this machine's previous snapshot, which the "
+        "new one builds on (restore needs both)",
+    )
     command.add_argument("--stop", action="store_true", help="end the machine once written")
     command.set_defaults(func=cmd_snapshot)
 
@@ -29,7 +35,9 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
     directory = str(Path(args.directory).absolute())  # the server's working directory may differ
     with ControlClient(args.control) as client:
-        result = client.execute("snapshot", path=directory, stop=args.stop)
+        result = client.execute(
+            "snapshot", path=directory, stop=args.stop, incremental=args.incremental
+        )
     print(
         f"pyvmm: snapshot {args.directory}: {result['ram_bytes'] >> 20} MiB of RAM, "
         f"{result['written_bytes'] >> 10} KiB of it written, in "

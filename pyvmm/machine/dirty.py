@@ -147,6 +147,18 @@ class DirtyLog:
                         bitmap[page >> 3] |= 1 << (page & 7)
                     return
 
+    def remark(self, collected: list[DirtyBitmap]) -> None:
+        """Put what a `collect()` took back into the log (its reader could not use it), so the
+        next collect reports those pages too."""
+        with self._lock:
+            for bitmap in collected:
+                for region, vmm in self._vmm.items():
+                    if region.gpa == bitmap.gpa and len(vmm) == len(bitmap.bitmap):
+                        both = int.from_bytes(vmm, "little") | int.from_bytes(
+                            bitmap.bitmap, "little"
+                        )
+                        vmm[:] = _bits_to_bytes(both, bitmap.pages)
+
     # the query
 
     def collect(self) -> list[DirtyBitmap]:

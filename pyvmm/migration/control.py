@@ -70,6 +70,7 @@ class ControlServer:
             "quit": self.quit,
         }
         self._migration: Migration | None = None
+        self._last_snapshot: str | None = None  # what an incremental snapshot builds on
         self._listener = _listen(path)
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._listener, selectors.EVENT_READ)
@@ -104,17 +105,20 @@ class ControlServer:
         self.event("RESUME")
         return {}
 
-    def snapshot(self, path: str, stop: bool = False) -> dict[str, Any]:
+    def snapshot(self, path: str, stop: bool = False, incremental: bool = False) -> dict[str, Any]:
         """Pause (if running), write a snapshot to `path`, then resume, or stop with `stop`. A
-        failed snapshot resumes the machine all the same."""
+        failed snapshot resumes the machine all the same. Every snapshot starts (or goes on
+        with) the dirty log, so that an `incremental` one can follow: it holds only the pages
+        written since the previous snapshot, which it builds on."""
+        dirty = self.machine.dirty
+        if incremental and (self._last_snapshot is None or not dirty.active):
+            raise ControlError("no earlier snapshot of this machine to build on: take a full one")
         was_running = self.machine.state is RunState.RUNNING
         if not self.machine.pause():
             raise ControlError("the machine has stopped")
         self.event("STOP", reason="snapshot")
         try:
-            stats = snapshot.write(
-                self.machine, path, {"console": self.console, "time": time.time()}
-            )
+            stats = self._write_snapshot(path, incremental)
         finally:
             if not stop and was_running:
                 self.machine.resume()
@@ -127,6 +131,25 @@ class ControlServer:
             "written_bytes": stats.written_bytes,
         }
 
+    def _write_snapshot(self, path: str, incremental: bool) -> snapshot.SnapshotStats:
+        dirty = self.machine.dirty
+        info = {"console": self.console, "time": time.time()}
+        since = dirty.collect() if dirty.active else None
+        if since is None:
+            dirty.start()
+        try:
+            if incremental:
+                parent = self._last_snapshot
+                stats = snapshot.write(self.machine, path, info, parent=parent, dirty=since)
+            else:
+                stats = snapshot.write(self.machine, path, info)
+        except BaseException:
+            if since is not None:
+                dirty.remark(since)  # the next incremental one must still have those pages
+            raise
+        self._last_snapshot = path
+        return stats
+
     def migrate(self, uri: str, downtime_ms: int = 30, max_rounds: int = 30) -> dict[str, Any]:
         """Start migrating to `uri` (a pyvmm run --incoming URI); follow it with
         migrate-status or the MIGRATION event. The machine stops once the destination runs."""
@@ -136,6 +159,7 @@ class ControlServer:
             raise ControlError("the machine has stopped")
         if downtime_ms <= 0 or max_rounds <= 0:
             raise ControlError("downtime_ms and max_rounds are positive")
+        self._last_snapshot = None  # the migration takes over the dirty log
         self._migration = Migration(
             self.machine,
             Endpoint.parse(uri),

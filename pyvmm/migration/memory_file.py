@@ -98,6 +98,25 @@ def write_region(region: RamRegion, fd: int, offset: int) -> int:
     return written
 
 
+def write_runs(region: RamRegion, runs: list[tuple[int, int]], fd: int, offset: int) -> int:
+    """Write the region's bytes at each (offset in the region, length) of `runs` into `fd` at
+    `offset` plus the same offset (an incremental snapshot's pages); returns the bytes written."""
+    view = region.view
+    for start, length in runs:
+        done = 0
+        while done < length:
+            done += os.pwrite(fd, view[start + done : start + length], offset + start + done)
+    return sum(length for _, length in runs)
+
+
+def load_runs(region: RamRegion, runs: list[tuple[int, int]], fd: int, offset: int) -> None:
+    """Read each run of `runs` (as write_runs wrote them) from `fd` into the region."""
+    view = region.view
+    for start, length in runs:
+        if os.preadv(fd, [view[start : start + length]], offset + start) != length:
+            raise OSError(errno.EIO, f"short read of the memory file at byte {offset + start}")
+
+
 def load_region(region: RamRegion, fd: int, offset: int) -> int:
     """Read the region's pages from `fd` at `offset` into the (zeroed) region; returns the
     bytes read."""

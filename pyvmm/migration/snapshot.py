@@ -22,12 +22,13 @@ migrated again would rather have.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import msgpack
 
@@ -37,12 +38,15 @@ from pyvmm.machine import layout
 from pyvmm.machine.component import SavedState
 from pyvmm.machine.config import MachineConfig
 from pyvmm.machine.console import Console
+from pyvmm.machine.dirty import DirtyBitmap
 from pyvmm.machine.machine import Machine, SavedMachine
 from pyvmm.machine.memory import RamRegion
 from pyvmm.machine.state import StateError, from_plain, to_plain
 from pyvmm.migration import memory_file, vmstate
 from pyvmm.migration.memory_file import RamExtent
 from pyvmm.migration.stream import SectionType, StreamError, StreamReader, StreamWriter
+
+T = TypeVar("T")
 
 STATE_FILE = "state"
 MEMORY_FILE = "memory"
@@ -60,14 +64,43 @@ class Snapshot:
     saved: SavedMachine
     info: dict[str, Any]
     ram: list[RamExtent]
+    pages: list[PageMap] | None = None  # an incremental snapshot: the pages its memory holds
+    parent: Snapshot | None = None  # the snapshot an incremental one builds on
 
     @property
     def config(self) -> MachineConfig:
         return self.saved.config
 
     @property
+    def layers(self) -> list[Snapshot]:
+        """The full snapshot this one builds on, then each incremental one up to this one."""
+        chain: list[Snapshot] = []
+        layer: Snapshot | None = self
+        while layer is not None:
+            chain.append(layer)
+            layer = layer.parent
+        return chain[::-1]
+
+    @property
     def memory_path(self) -> Path:
         return self.directory / MEMORY_FILE
+
+
+@dataclass
+class PageMap:
+    """Which pages of one RAM region an incremental snapshot's memory file holds: bit i of
+    `bitmap` (little-endian, as KVM's dirty log) for the page at gpa + i * 4096."""
+
+    VERSION: ClassVar[int] = 1
+
+    gpa: int
+    pages: int
+    bitmap: bytes
+
+    def runs(self) -> list[tuple[int, int]]:
+        """(offset in the region, length) of each run of pages held."""
+        bitmap = DirtyBitmap(self.gpa, self.pages, self.bitmap, bytes(len(self.bitmap)))
+        return [(gpa - self.gpa, size) for gpa, size in bitmap.ranges()]
 
 
 @dataclass(frozen=True)
@@ -83,22 +116,37 @@ class SnapshotStats:
 
 
 def write(
-    machine: Machine, directory: str | os.PathLike[str], info: dict[str, Any]
+    machine: Machine,
+    directory: str | os.PathLike[str],
+    info: dict[str, Any],
+    *,
+    parent: str | os.PathLike[str] | None = None,
+    dirty: list[DirtyBitmap] | None = None,
 ) -> SnapshotStats:
-    """Write the machine, which must not be running (pause it), to a new `directory`."""
+    """Write the machine, which must not be running (pause it), to a new `directory`. With
+    `parent` (a snapshot of this machine) and `dirty` (the machine's dirty log collected
+    since that snapshot was written), write an incremental snapshot: the state in full, but
+    of RAM only the pages in `dirty`; a restore layers it on its parent."""
     started = time.monotonic()
     target = Path(directory)
     if target.exists():
         raise SnapshotError(f"{target} exists: give a new directory for the snapshot")
     if not target.parent.is_dir():
         raise SnapshotError(f"{target.parent} is not a directory: create it first")
+    pages: list[PageMap] | None = None
+    if parent is not None:
+        if dirty is None:
+            raise ValueError("an incremental snapshot needs the dirty log since its parent")
+        parent_path = Path(parent).absolute()
+        info = {**info, "parent": str(parent_path), "parent_state": _state_digest(parent_path)}
+        pages = [PageMap(bitmap.gpa, bitmap.pages, bitmap.bitmap) for bitmap in dirty]
     saved = machine.save()
     partial = target.parent / f".{target.name}.partial-{os.getpid()}"
     try:
         partial.mkdir()
-        written = _write_memory(machine, partial / MEMORY_FILE)
+        written = _write_memory(machine, partial / MEMORY_FILE, pages)
         extents = memory_file.layout_regions(machine.memory.regions)
-        _write_state(partial / STATE_FILE, saved, info, extents)
+        _write_state(partial / STATE_FILE, saved, info, extents, pages)
         _fsync_dir(partial)
         partial.rename(target)
         _fsync_dir(target.parent)
@@ -111,13 +159,21 @@ def write(
     return SnapshotStats(time.monotonic() - started, machine.memory.size, written)
 
 
-def _write_memory(machine: Machine, path: Path) -> int:
+def _write_memory(machine: Machine, path: Path, pages: list[PageMap] | None) -> int:
     extents = memory_file.layout_regions(machine.memory.regions)
     by_gpa = {region.gpa: region for region in machine.memory.regions}
+    held = {page_map.gpa: page_map for page_map in pages or ()}
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         os.ftruncate(fd, sum(extent.size for extent in extents))
-        written = sum(memory_file.write_region(by_gpa[e.gpa], fd, e.offset) for e in extents)
+        written = 0
+        for extent in extents:
+            region = by_gpa[extent.gpa]
+            if pages is None:
+                written += memory_file.write_region(region, fd, extent.offset)
+            elif extent.gpa in held:
+                runs = held[extent.gpa].runs()
+                written += memory_file.write_runs(region, runs, fd, extent.offset)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -125,7 +181,11 @@ def _write_memory(machine: Machine, path: Path) -> int:
 
 
 def _write_state(
-    path: Path, saved: SavedMachine, info: dict[str, Any], extents: list[RamExtent]
+    path: Path,
+    saved: SavedMachine,
+    info: dict[str, Any],
+    extents: list[RamExtent],
+    pages: list[PageMap] | None,
 ) -> None:
     with open(path, "xb") as file:
         writer = StreamWriter(file)
@@ -135,8 +195,22 @@ def _write_state(
             writer.section(SectionType.COMPONENT, vmstate.encode_component(state))
         ram = msgpack.packb([to_plain(extent) for extent in extents])
         writer.section(SectionType.RAM_LAYOUT, ram)
+        if pages is not None:
+            writer.section(SectionType.PAGE_MAP, msgpack.packb([to_plain(p) for p in pages]))
         writer.end()
         os.fsync(file.fileno())
+
+
+def _state_digest(directory: Path) -> str:
+    """What identifies a snapshot's state (its state file's SHA-256): an incremental snapshot
+    records its parent's, so that a parent replaced since is noticed."""
+    try:
+        return hashlib.sha256((directory / STATE_FILE).read_bytes()).hexdigest()
+    except OSError as err:
+        raise SnapshotError(
+            f"the previous snapshot {directory} cannot be read ({err.strerror}): take a full "
+            "snapshot"
+        ) from None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -159,8 +233,12 @@ def _write_failure(target: Path, err: OSError) -> str:
 # reading
 
 
-def read(directory: str | os.PathLike[str]) -> Snapshot:
-    """Read and check a snapshot directory's state (not its RAM)."""
+MAX_LAYERS = 64  # incremental snapshots on one full one
+
+
+def read(directory: str | os.PathLike[str], _depth: int = 0) -> Snapshot:
+    """Read and check a snapshot directory's state (not its RAM), and for an incremental one,
+    its parents' down to the full snapshot."""
     source = Path(directory)
     state_path = source / STATE_FILE
     what = f"snapshot {source}"
@@ -173,13 +251,16 @@ def read(directory: str | os.PathLike[str]) -> Snapshot:
             info: dict[str, Any] = {}
             components: list[SavedState] = []
             ram: list[RamExtent] | None = None
+            pages: list[PageMap] | None = None
             for section in reader.sections():
                 if section.type == SectionType.INFO and not info:
                     info = vmstate.decode_info(section, what)
                 elif section.type == SectionType.COMPONENT and ram is None:
                     components.append(vmstate.decode_component(section, what))
                 elif section.type == SectionType.RAM_LAYOUT and ram is None:
-                    ram = _decode_ram(section.payload, what)
+                    ram = _decode_list(RamExtent, section.payload, f"{what}: RAM layout")
+                elif section.type == SectionType.PAGE_MAP and ram is not None and pages is None:
+                    pages = _decode_list(PageMap, section.payload, f"{what}: page map")
                 else:
                     name = SectionType(section.type).name
                     raise StreamError(
@@ -191,23 +272,55 @@ def read(directory: str | os.PathLike[str]) -> Snapshot:
         raise SnapshotError(f"cannot read {state_path}: {err.strerror or err}") from None
     except StateError as err:
         raise SnapshotError(str(err)) from None
-    snapshot = Snapshot(source, SavedMachine(config, components), info, ram)
+    except RecursionError:
+        raise SnapshotError(f"{what} is corrupt: too deeply nested") from None
+    parent = _read_parent(source, info, pages, _depth)
+    snapshot = Snapshot(source, SavedMachine(config, components), info, ram, pages, parent)
     _check_ram(snapshot)
     return snapshot
 
 
-def _decode_ram(payload: bytes, what: str) -> list[RamExtent]:
+def _read_parent(
+    source: Path, info: dict[str, Any], pages: list[PageMap] | None, depth: int
+) -> Snapshot | None:
+    """The parent of an incremental snapshot, read and checked against what it recorded."""
+    what = f"snapshot {source}"
+    recorded = info.get("parent")
+    if (recorded is None) != (pages is None):
+        raise SnapshotError(f"{what} is corrupt: a page map without a parent, or the reverse")
+    if recorded is None:
+        return None
+    if not isinstance(recorded, str) or not isinstance(info.get("parent_state"), str):
+        raise SnapshotError(f"{what} is corrupt: its parent is not named")
+    if depth >= MAX_LAYERS:
+        raise SnapshotError(f"{what} builds on more than {MAX_LAYERS} snapshots (a cycle?)")
+    parent_path = Path(recorded)
+    if not parent_path.is_dir():
+        raise SnapshotError(
+            f"{what} is incremental on {parent_path}, which is gone: restore needs it"
+        )
+    if _state_digest(parent_path) != info["parent_state"]:
+        raise SnapshotError(
+            f"{what} is incremental on {parent_path}, which has changed since (not the "
+            "snapshot it was taken on)"
+        )
+    return read(parent_path, depth + 1)
+
+
+def _decode_list(kind: type[T], payload: bytes, what: str) -> list[T]:
     try:
         items = msgpack.unpackb(payload, raw=False)
     except Exception as err:  # see vmstate.decode_component
-        raise StreamError(f"{what}: its RAM layout cannot be decoded ({err})") from None
+        raise StreamError(f"{what} cannot be decoded ({err})") from None
     if not isinstance(items, list):
-        raise StreamError(f"{what}: its RAM layout is not a list")
-    return [from_plain(RamExtent, item, f"{what}: RAM layout[{i}]") for i, item in enumerate(items)]
+        raise StreamError(f"{what} is not a list")
+    return [from_plain(kind, item, f"{what}[{i}]") for i, item in enumerate(items)]
 
 
 def _check_ram(snapshot: Snapshot) -> None:
-    """The RAM layout must be the one the configuration builds, inside the memory file."""
+    """The RAM layout must be the one the configuration builds, inside the memory file; an
+    incremental snapshot's page map must cover the same regions, and its parent must be of
+    the same machine."""
     what = f"snapshot {snapshot.directory}"
     expected = [(r.gpa, r.size) for r in layout.ram_ranges(snapshot.config.mem_size)]
     if [(e.gpa, e.size) for e in snapshot.ram] != expected:
@@ -215,6 +328,17 @@ def _check_ram(snapshot: Snapshot) -> None:
             f"{what} is corrupt: its RAM layout does not match its "
             f"{snapshot.config.mem_size >> 20} MiB configuration"
         )
+    if snapshot.parent is not None and snapshot.parent.config != snapshot.config:
+        raise SnapshotError(
+            f"{what} is of another machine than its parent {snapshot.parent.directory}"
+        )
+    for page_map in snapshot.pages or ():
+        sizes = {gpa: size for gpa, size in expected}
+        if (
+            sizes.get(page_map.gpa, -1) != page_map.pages * PAGE_SIZE
+            or len(page_map.bitmap) != (page_map.pages + 7) // 8
+        ):
+            raise SnapshotError(f"{what} is corrupt: its page map does not fit its RAM")
     try:
         size = snapshot.memory_path.stat().st_size
     except OSError as err:
@@ -240,20 +364,32 @@ def restore(
     trace_exits: bool = False,
 ) -> Machine:
     """A machine built from the snapshot's configuration holding its RAM and state, not yet
-    started (`start()` or `run()` it)."""
-    extents = {(e.gpa, e.size): e for e in snapshot.ram}
+    started (`start()` or `run()` it). The RAM of an incremental snapshot is its full
+    snapshot's, mapped or copied, with each later layer's pages copied over it in turn."""
+    layers = snapshot.layers
+    fds: list[int] = []
     try:
-        fd = os.open(snapshot.memory_path, os.O_RDONLY | os.O_CLOEXEC)
+        for layer in layers:
+            fds.append(os.open(layer.memory_path, os.O_RDONLY | os.O_CLOEXEC))
     except OSError as err:
-        raise SnapshotError(f"cannot open {snapshot.memory_path}: {err.strerror}") from None
+        for fd in fds:
+            os.close(fd)
+        raise SnapshotError(f"cannot open {layer.memory_path}: {err.strerror}") from None
 
     def ram(gpa: int, size: int, name: str) -> RamRegion:
-        extent = extents[(gpa, size)]
-        if not copy:
-            return RamRegion(gpa, size, name, fd=fd, offset=extent.offset, private=True)
-        region = RamRegion(gpa, size, name)
+        base = _extent(layers[0], gpa)
+        if copy:
+            region = RamRegion(gpa, size, name)
+        else:
+            region = RamRegion(gpa, size, name, fd=fds[0], offset=base.offset, private=True)
         try:
-            memory_file.load_region(region, fd, extent.offset)
+            if copy:
+                memory_file.load_region(region, fds[0], base.offset)
+            for layer, fd in zip(layers[1:], fds[1:], strict=True):
+                page_map = next((m for m in layer.pages or () if m.gpa == gpa), None)
+                if page_map is not None:
+                    runs = page_map.runs()
+                    memory_file.load_runs(region, runs, fd, _extent(layer, gpa).offset)
         except BaseException:
             region.close()
             raise
@@ -264,10 +400,15 @@ def restore(
     except OSError as err:
         raise SnapshotError(f"cannot restore {snapshot.directory}: {err.strerror or err}") from None
     finally:
-        os.close(fd)
+        for fd in fds:
+            os.close(fd)
     try:
         machine.restore(snapshot.saved)
     except BaseException:
         machine.close()
         raise
     return machine
+
+
+def _extent(snapshot: Snapshot, gpa: int) -> RamExtent:
+    return next(extent for extent in snapshot.ram if extent.gpa == gpa)

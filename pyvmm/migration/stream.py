@@ -51,6 +51,7 @@ class SectionType(enum.IntEnum):
     PAGES = 4  # a migration: a batch of guest pages
     INFO = 5  # what the writer records for people and tools (JSON): time, console, parent
     ZERO_PAGES = 6  # a migration: a range of guest pages that are all zeros
+    PAGE_MAP = 7  # an incremental snapshot: which pages its memory file holds
 
 
 class SectionFlag(enum.IntFlag):
