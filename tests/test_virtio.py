@@ -342,3 +342,27 @@ def test_cli_plugs_virtio_devices(tmp_path: Path) -> None:
         assert result.returncode == 1
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+@pytest.mark.kvm
+@requires_kvm
+def test_a_machines_nic_is_rebuilt_the_same_from_its_configuration() -> None:
+    """A migration's destination on the same host attaches to the source's tap while the
+    source still has it (a multi-queue tap), with the MAC the source chose at random (recorded
+    in the configuration)."""
+    name = f"pyvmm{os.getpid() % 100000}"
+    try:
+        first = Machine(mem_size=64 * MiB, console=CaptureConsole())
+    except ConfigError as err:
+        pytest.skip(str(err))
+    with first:
+        try:
+            device = first.add_device("virtio-net", tap=name)
+        except ConfigError as err:
+            pytest.skip(str(err))
+        (config,) = first.config.devices
+        assert config.options == {"tap": name, "mac": device.backend.mac.hex(":")}
+        with Machine.from_config(first.config, CaptureConsole()) as second:
+            assert second.config == first.config
+            (copy,) = [f for f in second.pci.functions.values() if isinstance(f, VirtioPciDevice)]
+            assert copy.backend.mac == device.backend.mac

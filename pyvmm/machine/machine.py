@@ -206,7 +206,7 @@ class Machine:
         except ValueError as err:
             function.close()
             raise ConfigError(f"{kind}: {err}") from None
-        self._devices.append(DeviceConfig(kind, dict(options), slot))
+        self._devices.append(DeviceConfig(kind, {**options, **function.chosen_options()}, slot))
         return function
 
     def irq_line(self, gsi: int) -> Callable[[int], None]:

@@ -25,7 +25,7 @@ import enum
 import logging
 import struct
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pyvmm.devices.pci.capability import (
     PCI_STATUS,
@@ -184,6 +184,12 @@ class PciFunction:
     @property
     def bdf(self) -> str:
         return bdf(self.devfn)
+
+    def chosen_options(self) -> dict[str, Any]:
+        """Options this function chose for itself (a random MAC address, say), as its kind's
+        `create` takes them: the machine records them in its configuration, so that a machine
+        built from that configuration (a restore, a migration's destination) is the same."""
+        return {}
 
     def _set16(self, offset: int, value: int, *, wmask: int = 0) -> None:
         struct.pack_into("<H", self.config, offset, value)

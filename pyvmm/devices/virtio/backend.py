@@ -9,6 +9,8 @@ ask for, so a backend only pops chains and pushes them back.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pyvmm.devices.virtio.queue import Virtqueue
 
 # Device IDs (§5)
@@ -39,6 +41,10 @@ class VirtioBackend:
     def config(self) -> bytes:
         """The device-specific configuration space, read-only by default."""
         return b""
+
+    def chosen_options(self) -> dict[str, Any]:
+        """Options the backend chose itself (see PciFunction.chosen_options)."""
+        return {}
 
     def activate(self, features: int, queues: list[Virtqueue]) -> None:
         """The driver set DRIVER_OK: `features` were negotiated and `queues` configured."""

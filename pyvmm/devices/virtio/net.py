@@ -9,11 +9,12 @@ so a full receive queue leaves frames in the tap's queue instead of spinning.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pyvmm.devices.virtio.backend import VIRTIO_ID_NET, VirtioBackend
 from pyvmm.devices.virtio.pci import VirtioPciDevice
@@ -28,6 +29,7 @@ TUN_DEVICE = "/dev/net/tun"
 TUNSETIFF = 0x400454CA  # _IOW('T', 202, int)
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
+IFF_MULTI_QUEUE = 0x0100
 IFNAMSIZ = 16
 
 VIRTIO_NET_F_MAC = 1 << 5
@@ -50,7 +52,15 @@ def open_tap(name: str) -> int:
             f"virtio-net: cannot open {TUN_DEVICE}: {err.strerror} (load the tun module?)"
         ) from None
     try:
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI))
+        try:
+            # Multi-queue, so that a second machine can attach while this one has it: a
+            # migration's destination on the same host opens the tap before the source ends.
+            flags = IFF_TAP | IFF_NO_PI | IFF_MULTI_QUEUE
+            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
+        except OSError as err:
+            if err.errno != errno.EINVAL:  # a tap made without multi-queue takes one opener
+                raise
+            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI))
     except OSError as err:
         os.close(fd)
         raise ConfigError(
@@ -68,6 +78,9 @@ class VirtioNet(VirtioBackend):
     class_code = 0x020000  # Ethernet controller
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
     features = VIRTIO_NET_F_MAC
+
+    def chosen_options(self) -> dict[str, Any]:
+        return {"mac": ":".join(f"{b:02x}" for b in self.mac)}
 
     def __init__(self, tap: str, mac: bytes | None = None) -> None:
         super().__init__()

@@ -31,7 +31,7 @@ import threading
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pyvmm.devices.pci.capability import PCI_CAP_ID_VNDR, Capability
 from pyvmm.devices.pci.device import (
@@ -243,6 +243,9 @@ class VirtioPciDevice(PciFunction):
         self._reset_registers()
         self._add_capabilities()
         self._worker = start_thread(self._work, f"{backend.name}-worker")
+
+    def chosen_options(self) -> dict[str, Any]:
+        return self.backend.chosen_options()
 
     def _reset_registers(self) -> None:
         self.status = 0
