@@ -1,0 +1,157 @@
+"""A Linux guest moved around in the lab: the lab kernel under pyvmm, with virtio-blk,
+virtio-rng and virtio-net on a tap, runs a loop that prints a tick and writes it to its disk;
+it is snapshotted and stopped, restored (by mmap), live-migrated over a unix socket, then over
+tcp loopback, and quit. Every process prints into one console file (each inherits its
+predecessor's), whose ticks must run 1, 2, 3, ... with none lost or repeated, and the disk must
+hold the last tick printed. In a lab session of its own ("linux-migrate")."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from linuxkernel import lab_kernel
+
+from pyvmm.initramfs import busybox_initramfs
+from pyvmm.lab.launcher import find_busybox
+
+MARK = "pyvmm-guest:"
+TAP = "pyvmmmig0"
+INIT = rf"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+ip link set eth0 up
+echo "{MARK} rng $(cat /sys/class/misc/hw_random/rng_current)"
+i=0
+while true; do
+  i=$((i + 1))
+  echo "{MARK} tick $i"
+  printf '%08d\n' $i | dd of=/dev/vda bs=512 count=1 conv=sync,notrunc,fsync 2>/dev/null
+  usleep 100000
+done
+"""
+TICK = re.compile(rf"^{MARK} tick (\d+)\r?$", re.MULTILINE)
+
+
+def ticks(console: Path) -> list[int]:
+    return [int(n) for n in TICK.findall(console.read_text(errors="replace"))]
+
+
+def wait_for_more_ticks(console: Path, more: int, timeout: float = 120) -> int:
+    """Wait until the console has `more` ticks beyond what it has now; the last tick then."""
+    start = len(ticks(console))
+    deadline = time.monotonic() + timeout
+    while len(ticks(console)) < start + more:
+        assert time.monotonic() < deadline, console.read_text(errors="replace")[-3000:]
+        time.sleep(0.1)
+    return ticks(console)[-1]
+
+
+def pyvmm(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pyvmm", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def spawn(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pyvmm", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def wait_for_socket(path: Path, proc: subprocess.Popen[str], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"no {path}"
+        time.sleep(0.1)
+
+
+def free_port() -> int:
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)  # the lab's init leaves it down
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def migrate(
+    source: subprocess.Popen[str], control: Path, uri: str, new_control: Path
+) -> subprocess.Popen[str]:
+    """Migrate the machine at `control` to a new process at `uri`; the new process. The
+    downtime limit is QEMU's default: the lab (TCG) copies memory at a few tens of MB/s."""
+    destination = spawn("run", "--incoming", uri, "--control", str(new_control))
+    moved = pyvmm("migrate", str(control), uri, "--downtime", "300")
+    if moved.returncode != 0:
+        source.kill()
+        destination.kill()
+        raise AssertionError(
+            f"{moved.stderr}\nsource: {source.communicate()[1]}\n"
+            f"destination: {destination.communicate()[1]}"
+        )
+    print(moved.stdout.strip())
+    wait_for_socket(new_control, destination)
+    return destination
+
+
+def finished(proc: subprocess.Popen[str], reason: str) -> None:
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and reason in err, err
+
+
+@pytest.mark.lab(session="linux-migrate")
+def test_a_linux_guest_is_snapshotted_restored_and_migrated_twice_losing_nothing(
+    tmp_path: Path,
+) -> None:
+    initrd = tmp_path / "initrd.cpio"
+    initrd.write_bytes(busybox_initramfs(find_busybox(), INIT))
+    disk, console = tmp_path / "disk.img", tmp_path / "console.txt"
+    disk.write_bytes(bytes(1 << 20))
+    controls = [tmp_path / f"vm{n}.sock" for n in range(4)]
+    first = spawn(
+        "run", "-k", str(lab_kernel()), "-i", str(initrd), "-m", "256M", "-c", "2",
+        "-p", "console=ttyS0 quiet panic=-1", "--disk", str(disk), "--rng", "--net", f"tap:{TAP}",
+        "--console", f"file:{console}", "--control", str(controls[0]),
+    )  # fmt: skip
+    running: list[subprocess.Popen[str]] = [first]
+    try:
+        wait_for_socket(controls[0], first)
+        wait_for_more_ticks(console, 5)
+        snap = tmp_path / "snap"
+        taken = pyvmm("snapshot", str(controls[0]), str(snap), "--stop")
+        assert taken.returncode == 0, taken.stderr
+        print(taken.stdout.strip())
+        finished(first, "snapshotted to")
+
+        restored = spawn("restore", str(snap), "--control", str(controls[1]))
+        running.append(restored)
+        wait_for_socket(controls[1], restored)
+        wait_for_more_ticks(console, 5)
+
+        by_unix = migrate(restored, controls[1], f"unix:{tmp_path / 'in.sock'}", controls[2])
+        running.append(by_unix)
+        finished(restored, "migrated to unix:")
+        wait_for_more_ticks(console, 5)
+
+        by_tcp = migrate(by_unix, controls[2], f"tcp:127.0.0.1:{free_port()}", controls[3])
+        running.append(by_tcp)
+        finished(by_unix, "migrated to tcp:")
+        wait_for_more_ticks(console, 5)
+
+        assert pyvmm("ctl", str(controls[3]), "quit").returncode == 0
+        finished(by_tcp, "quit from the control socket")
+    finally:
+        for proc in running:
+            proc.kill()
+    seen = ticks(console)
+    assert seen == list(range(1, len(seen) + 1)), seen
+    assert "virtio_rng" in console.read_text(errors="replace")
+    on_disk = int(disk.read_bytes()[:8])
+    assert on_disk in (seen[-1], seen[-1] - 1), (on_disk, seen[-1])  # quit may fall in between
