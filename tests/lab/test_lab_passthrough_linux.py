@@ -1,9 +1,9 @@
 """Linux's own drivers on devices passed through by pyvmm, in the lab: the lab kernel boots
 under pyvmm (busybox init) with the lab's e1000e passed through, on each VFIO backend and under
-each of the lab's IOMMUs; its e1000e driver probes the device, brings the link up and takes the
+each of the lab's IOMMUs (see `cases`); its e1000e driver probes the device, brings the link up and takes the
 device's MSI-X interrupts, whose counts grow; its nvme driver writes and reads the NVMe's namespace
 through DMA and MSI-X, and a second boot finds the data there. The tests boot in lab sessions
-of their own ("linux-net", "linux-nvme")."""
+of their own ("linux-pass"), each device under two of the four (backend, IOMMU) pairs."""
 
 from __future__ import annotations
 
@@ -18,23 +18,27 @@ from linuxkernel import lab_kernel
 
 from pyvmm.initramfs import busybox_initramfs
 from pyvmm.lab.launcher import find_busybox
-from pyvmm.vfio.context import backends
 
 MARK = "pyvmm-guest:"
-BACKENDS = sorted(backends())
 ATTEMPTS = 3
 LAB_FAULT = "pyvmm: triple-fault: vcpu"  # the lab's nested-SVM fault: see test_lab_linux_boot
 
 
-def on_each_iommu(device: str, session: str) -> pytest.MarkDecorator:
-    """The test once under each of the lab's IOMMUs, with `device`, in lab boots named
-    `session`: each boot of Linux takes the lab most of a minute, and a lab boot's budget is
-    the lab tier's timeout, so these tests are spread over sessions of a few boots each."""
+def cases(device: str, *pairs: tuple[str, str]) -> pytest.MarkDecorator:
+    """The test once for each (VFIO backend, lab IOMMU) pair, with `device`. Each Linux boot
+    takes the lab most of a minute, so the devices share out the four pairs between them
+    (each device meets both backends and both IOMMUs, and every pair is run by some device)
+    rather than each running all four; the lab tests that do not boot Linux cover every
+    backend with every device. Under each IOMMU these tests share one lab boot ("linux-pass")."""
     return pytest.mark.parametrize(
-        "iommu",
+        ("backend", "iommu"),
         [
-            pytest.param(i, marks=pytest.mark.lab(devices=(device,), iommu=i, session=session))
-            for i in ("intel", "virtio")
+            pytest.param(
+                backend,
+                iommu,
+                marks=pytest.mark.lab(devices=(device,), iommu=iommu, session="linux-pass"),
+            )
+            for backend, iommu in pairs
         ],
     )
 
@@ -92,8 +96,7 @@ def e1000e_with_linux(tmp_path: Path, lab_devices: dict[str, str], backend: str)
     assert after > before, out[-3000:]
 
 
-@on_each_iommu("e1000e", session="linux-net")
-@pytest.mark.parametrize("backend", BACKENDS)
+@cases("e1000e", ("container", "intel"), ("iommufd", "virtio"))
 def test_linux_drives_a_passed_through_e1000e(
     backend: str, iommu: str, lab_devices, tmp_path: Path
 ) -> None:
@@ -148,8 +151,7 @@ def nvme_with_linux(tmp_path: Path, lab_devices: dict[str, str], backend: str) -
         assert f"{MARK} {wanted}" in out, out[-3000:]
 
 
-@on_each_iommu("nvme", session="linux-nvme")
-@pytest.mark.parametrize("backend", BACKENDS)
+@cases("nvme", ("iommufd", "intel"), ("container", "virtio"))
 def test_linux_drives_a_passed_through_nvme(
     backend: str, iommu: str, lab_devices, tmp_path: Path
 ) -> None:
@@ -181,8 +183,7 @@ def pf_up(pf: str) -> None:
     subprocess.run(["ip", "link", "set", netdev.name, "up"], check=True)
 
 
-@on_each_iommu("igb", session="linux-net")
-@pytest.mark.parametrize("backend", BACKENDS)
+@cases("igb", ("iommufd", "intel"), ("container", "virtio"))
 def test_linux_drives_a_passed_through_igb_virtual_function(
     backend: str, iommu: str, lab_devices, tmp_path: Path
 ) -> None:
