@@ -392,19 +392,22 @@ def receive(
             with contextlib.suppress(OSError):
                 os.unlink(str(endpoint.address))
     try:
-        return _take(sock, endpoint, console, expect, trace_exits)
+        return take_in(sock, endpoint, console, expect=expect, trace_exits=trace_exits)
     except BaseException:
         sock.close()
         raise
 
 
-def _take(
+def take_in(
     sock: socket.socket,
     endpoint: Endpoint,
     console: Callable[[dict[str, Any]], Console],
-    expect: Callable[[MachineConfig], str] | None,
-    trace_exits: bool,
+    *,
+    expect: Callable[[MachineConfig], str] | None = None,
+    trace_exits: bool = False,
 ) -> Incoming:
+    """Take in the migration a source sends on the connected `sock` (see `receive`; `endpoint`
+    names the source's address in messages)."""
     what = f"the migration stream from {endpoint.uri}"
     stream = sock.makefile("rb", buffering=1 << 20)
     try:

@@ -1,9 +1,9 @@
 """Linux's own drivers on devices passed through by pyvmm, in the lab: the lab kernel boots
-under pyvmm (busybox init) with the lab's e1000e passed through, on each VFIO backend and under
-each of the lab's IOMMUs (see `cases`); its e1000e driver probes the device, brings the link up and takes the
-device's MSI-X interrupts, whose counts grow; its nvme driver writes and reads the NVMe's namespace
-through DMA and MSI-X, and a second boot finds the data there. The tests boot in lab sessions
-of their own ("linux-pass"), each device under two of the four (backend, IOMMU) pairs."""
+under pyvmm (busybox init) with a lab device passed through, on each VFIO backend and under each
+of the lab's IOMMUs (see `cases`); its e1000e driver probes the device, brings the link up and
+takes the device's MSI-X interrupts, whose counts grow; its nvme driver writes and reads the
+NVMe's namespace through DMA and MSI-X, and a second boot finds the data there; the igbvf driver
+drives an igb VF. The tests boot in lab sessions of their own ("linux-pass")."""
 
 from __future__ import annotations
 

@@ -1,0 +1,160 @@
+"""The migration stream is untrusted input to a destination (hypothesis): a real stream, then
+truncated, bit-flipped, with pages aimed outside RAM, or replaced by random bytes, is taken in or
+refused with one line (a PyvmmError), never a traceback, never a machine left built."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import socket
+import struct
+import threading
+
+import pytest
+from guestbuild import guest, requires_kvm
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_snapshot_fuzz import sections_of, stream
+
+from pyvmm.errors import PyvmmError
+from pyvmm.machine.console import CaptureConsole
+from pyvmm.machine.machine import Machine
+from pyvmm.migration import live
+from pyvmm.migration.live import Endpoint, Migration
+from pyvmm.migration.stream import SectionType, StreamReader
+
+pytestmark = [pytest.mark.kvm, requires_kvm]
+
+FUZZ = settings(
+    max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+ENDPOINT = Endpoint.parse("unix:/nonexistent/fuzz.sock")  # only named in messages
+
+
+def record_a_migration(path: str) -> bytes:
+    """The bytes a real migration of the counter guest sends (to a destination that records
+    them and answers as a real one does)."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(1)
+    recorded = io.BytesIO()
+
+    def destination() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            reader = StreamReader(conn.makefile("rb"))
+            while True:
+                section = reader.next()
+                recorded.write(
+                    struct.pack("<HHI", section.type, section.flags, len(section.payload))
+                )
+                recorded.write(section.payload)
+                if section.type == SectionType.INFO:
+                    conn.sendall(b'{"accept": true}\n')
+                if section.type == SectionType.END:
+                    conn.sendall(b'{"resumed": true}\n')
+                    return
+
+    thread = threading.Thread(target=destination)
+    thread.start()
+    with Machine(mem_size=64 << 20, console=CaptureConsole()) as source:
+        source.load_elf(str(guest("counter")))
+        source.add_device("virtio-rng")
+        source.start()
+        source.console.wait_for(r"count 1024\n", 30)  # type: ignore[attr-defined]
+        Migration(source, Endpoint.parse(f"unix:{path}"), info={}).run()
+    thread.join(30)
+    listener.close()
+    data, sections = recorded.getvalue(), []
+    at = 0
+    while at < len(data):
+        kind, flags, length = struct.unpack_from("<HHI", data, at)
+        sections.append((kind, flags, data[at + 8 : at + 8 + length]))
+        at += 8 + length
+    return stream(sections)
+
+
+@pytest.fixture(scope="module")
+def migration_stream(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    return record_a_migration(str(tmp_path_factory.mktemp("mig") / "in.sock"))
+
+
+def take_or_refuse(data: bytes) -> None:
+    """Feed `data` to a destination as a source would; it takes the machine in or refuses it
+    with one line."""
+    ours, theirs = socket.socketpair()
+
+    def send() -> None:
+        with contextlib.suppress(OSError):  # the destination stopped reading: it refused
+            theirs.sendall(data)
+            theirs.shutdown(socket.SHUT_WR)
+        while theirs.recv(65536):
+            pass  # its answers
+        theirs.close()
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        incoming = live.take_in(ours, ENDPOINT, lambda info: CaptureConsole())
+    except PyvmmError as err:
+        assert str(err) and "\n" not in str(err), str(err)
+    else:
+        incoming.machine.close()
+    finally:
+        ours.close()
+        sender.join(30)
+
+
+def test_the_real_stream_is_taken_in(migration_stream: bytes) -> None:
+    ours, theirs = socket.socketpair()
+    theirs.sendall(migration_stream)
+    theirs.shutdown(socket.SHUT_WR)
+    incoming = live.take_in(ours, ENDPOINT, lambda info: CaptureConsole())
+    with incoming.machine as machine:
+        assert [d.kind for d in machine.config.devices] == ["virtio-rng"]
+    assert theirs.recv(100) == b'{"accept": true}\n'
+    ours.close()
+    theirs.close()
+
+
+@FUZZ
+@given(st.data())
+def test_a_cut_stream_is_refused(migration_stream: bytes, data: st.DataObject) -> None:
+    take_or_refuse(migration_stream[: data.draw(st.integers(0, len(migration_stream) - 1))])
+
+
+@FUZZ
+@given(st.data())
+def test_a_bit_flipped_stream_is_refused(migration_stream: bytes, data: st.DataObject) -> None:
+    damaged = bytearray(migration_stream)
+    for _ in range(data.draw(st.integers(1, 8))):
+        bit = data.draw(st.integers(0, len(damaged) * 8 - 1))
+        damaged[bit // 8] ^= 1 << (bit % 8)
+    take_or_refuse(bytes(damaged))
+
+
+@FUZZ
+@given(st.data())
+def test_pages_aimed_anywhere_are_refused_or_land_in_ram(
+    migration_stream: bytes, data: st.DataObject
+) -> None:
+    """Valid checksums around a page batch whose address and length a hostile source chose:
+    outside RAM, across a region's end, unaligned, huge: refused; inside RAM: written there."""
+    sections = sections_of(migration_stream)
+    pages = [i for i, (kind, _, _) in enumerate(sections) if kind == SectionType.PAGES]
+    index = data.draw(st.sampled_from(pages))
+    gpa = data.draw(st.one_of(st.integers(0, 2**64 - 1), st.integers(0, 80 << 20)))
+    size = data.draw(st.sampled_from([0, 1, 4096, 8192, 4 << 20]))
+    kind = data.draw(st.sampled_from([SectionType.PAGES, SectionType.ZERO_PAGES]))
+    if kind == SectionType.PAGES:
+        payload = struct.pack("<Q", gpa) + bytes(size)
+    else:
+        payload = struct.pack("<QQ", gpa, data.draw(st.sampled_from([size, 2**64 - 1])))
+    sections[index] = (kind, 0, payload)
+    take_or_refuse(stream(sections))
+
+
+@FUZZ
+@given(st.binary(max_size=600))
+def test_random_bytes_are_refused(junk: bytes) -> None:
+    take_or_refuse(junk)
