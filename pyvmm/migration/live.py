@@ -47,6 +47,7 @@ from pyvmm.machine.dirty import DirtyBitmap
 from pyvmm.machine.machine import Machine, SavedMachine, StopReason
 from pyvmm.machine.memory import GuestMemoryError
 from pyvmm.machine.state import StateError
+from pyvmm.machine.threads import start_thread
 from pyvmm.migration import memory_file, vmstate
 from pyvmm.migration.stream import SectionType, StreamError, StreamReader, StreamWriter
 
@@ -231,7 +232,7 @@ class Migration:
         self.machine.stop(StopReason.STOPPED, 0, f"migrated to {self.endpoint.uri}")
 
     def start(self) -> None:
-        from pyvmm.machine.threads import start_thread
+        """Migrate on a thread of its own; the outcome is in `progress` once `done` is set."""
 
         def run() -> None:
             with contextlib.suppress(MigrationError):
