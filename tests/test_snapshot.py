@@ -15,6 +15,7 @@ import pytest
 from guestbuild import guest, requires_kvm
 from test_machine_layer import assert_consecutive, console_of, count_in_ram, counts
 
+from pyvmm.errors import PyvmmError
 from pyvmm.machine import layout
 from pyvmm.machine.console import CaptureConsole
 from pyvmm.machine.machine import Machine
@@ -231,3 +232,19 @@ def test_an_incremental_snapshot_restores_as_a_full_one_would(tmp_path: Path) ->
     shutil.rmtree(first)
     with pytest.raises(SnapshotError, match=rf"incremental on {first}, which is gone"):
         snapshot.read(second)
+
+
+def test_a_snapshot_whose_machine_cannot_be_built_again_is_refused_in_one_line(
+    tmp_path: Path,
+) -> None:
+    """A snapshot names its devices' options: a disk image that is gone since is one line."""
+    disk, target = tmp_path / "disk.img", tmp_path / "snap"
+    disk.write_bytes(bytes(4096))
+    with counting_machine() as machine:
+        machine.add_device("virtio-blk", path=str(disk))
+        snapshot.write(machine, target, {})
+    disk.unlink()
+    saved = snapshot.read(target)
+    with pytest.raises(PyvmmError) as caught:
+        snapshot.restore(saved, CaptureConsole())
+    assert str(disk) in str(caught.value) and "\n" not in str(caught.value)
