@@ -10,6 +10,14 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
+#: The start of a busybox init script: the applets on PATH, /proc, /sys and /dev mounted.
+BUSYBOX_INIT_PRELUDE = """#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+"""
+
 
 class CpioWriter:
     """Writes a newc ("070701") cpio archive, the format the kernel unpacks as an initramfs."""

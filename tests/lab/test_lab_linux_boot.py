@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from linuxkernel import lab_kernel
 
-from pyvmm.initramfs import busybox_initramfs
+from pyvmm.initramfs import BUSYBOX_INIT_PRELUDE, busybox_initramfs
 from pyvmm.lab.launcher import find_busybox
 from pyvmm.machine.bzimage import extract_vmlinux
 
@@ -29,12 +29,7 @@ MARK = "pyvmm-guest:"
 SECTOR0 = b"pyvmm test disk, sector 0"
 WRITTEN = "written by the guest"
 
-INIT = rf"""#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-echo "{MARK} init started"
+INIT = rf"""{BUSYBOX_INIT_PRELUDE}echo "{MARK} init started"
 echo "{MARK} cpus online $(cat /sys/devices/system/cpu/online)"
 echo "{MARK} rtc $(cat /sys/class/rtc/rtc0/since_epoch)"
 echo "{MARK} serial irqs $(grep ttyS0 /proc/interrupts | tr -s ' ' | cut -d' ' -f3,4 | tr ' ' +)"

@@ -17,17 +17,12 @@ from pathlib import Path
 import pytest
 from linuxkernel import lab_kernel
 
-from pyvmm.initramfs import busybox_initramfs
+from pyvmm.initramfs import BUSYBOX_INIT_PRELUDE, busybox_initramfs
 from pyvmm.lab.launcher import find_busybox
 
 MARK = "pyvmm-guest:"
 TAP = "pyvmmmig0"
-INIT = rf"""#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-ip link set eth0 up
+INIT = rf"""{BUSYBOX_INIT_PRELUDE}ip link set eth0 up
 echo "{MARK} rng $(cat /sys/class/misc/hw_random/rng_current)"
 i=0
 while true; do

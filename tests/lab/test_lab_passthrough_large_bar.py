@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from linuxkernel import lab_kernel
 
-from pyvmm.initramfs import busybox_initramfs
+from pyvmm.initramfs import BUSYBOX_INIT_PRELUDE, busybox_initramfs
 from pyvmm.lab.launcher import find_busybox
 from pyvmm.machine import layout
 from pyvmm.vfio.context import backends
@@ -23,12 +23,7 @@ MARK = "pyvmm-guest:"
 GiB = 1 << 30
 FIRST, LAST = 0x5079766D, 0x6D6D7632  # written at BAR2's first and last words
 
-INIT = rf"""#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-for d in /sys/bus/pci/devices/*; do
+INIT = rf"""{BUSYBOX_INIT_PRELUDE}for d in /sys/bus/pci/devices/*; do
   [ "$(cat $d/vendor):$(cat $d/device)" = 0x1af4:0x1110 ] && dev=$d
 done
 [ -n "$dev" ] || echo "{MARK} no ivshmem"

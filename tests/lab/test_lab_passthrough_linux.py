@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from linuxkernel import lab_kernel
 
-from pyvmm.initramfs import busybox_initramfs
+from pyvmm.initramfs import BUSYBOX_INIT_PRELUDE, busybox_initramfs
 from pyvmm.lab.launcher import find_busybox
 
 MARK = "pyvmm-guest:"
@@ -43,12 +43,7 @@ def cases(device: str, *pairs: tuple[str, str]) -> pytest.MarkDecorator:
     )
 
 
-E1000E_INIT = rf"""#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-echo "{MARK} init started"
+E1000E_INIT = rf"""{BUSYBOX_INIT_PRELUDE}echo "{MARK} init started"
 for dev in /sys/bus/pci/drivers/e1000e/0000:*; do echo "{MARK} e1000e bound $(basename $dev)"; done
 irqs() {{ grep eth0 /proc/interrupts | tr -s ' ' | cut -d' ' -f3,4 | tr ' \n' '++'; echo 0; }}
 ip link set eth0 up
@@ -105,12 +100,7 @@ def test_linux_drives_a_passed_through_e1000e(
 
 PATTERN = "pyvmm nvme pattern"
 
-NVME_WRITE = rf"""#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-echo "{MARK} init started"
+NVME_WRITE = rf"""{BUSYBOX_INIT_PRELUDE}echo "{MARK} init started"
 for dev in /sys/bus/pci/drivers/nvme/0000:*; do echo "{MARK} nvme bound $(basename $dev)"; done
 for i in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/nvme0n1 ] && break; sleep 1; done
 echo "{MARK} namespace $(cat /sys/block/nvme0n1/size) sectors"
@@ -158,12 +148,7 @@ def test_linux_drives_a_passed_through_nvme(
     nvme_with_linux(tmp_path, lab_devices, backend)
 
 
-IGBVF_INIT = rf"""#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-echo "{MARK} init started"
+IGBVF_INIT = rf"""{BUSYBOX_INIT_PRELUDE}echo "{MARK} init started"
 for dev in /sys/bus/pci/drivers/igbvf/0000:*; do echo "{MARK} igbvf bound $(basename $dev)"; done
 irqs() {{ grep eth0 /proc/interrupts | tr -s ' ' | cut -d' ' -f3,4 | tr ' \n' '++'; echo 0; }}
 ip link set eth0 up
