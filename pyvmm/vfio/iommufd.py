@@ -65,6 +65,12 @@ class Iommufd:
         self.close()
 
 
+def _map_flags(writable: bool) -> int:
+    """An IOAS map at the IOVA given (pyvmm maps guest RAM at IOVA = guest-physical address)."""
+    flags = uapi.IommuIoasMapFlag.FIXED_IOVA | uapi.IommuIoasMapFlag.READABLE
+    return flags | uapi.IommuIoasMapFlag.WRITEABLE if writable else flags
+
+
 class IoAddressSpace:
     """An IOAS: the IOVA -> process-memory mappings that attached devices DMA through (a
     `DmaSpace`, as the legacy container is)."""
@@ -76,12 +82,9 @@ class IoAddressSpace:
     def map(self, iova: int, vaddr: int, size: int, *, writable: bool = True) -> None:
         """Let attached devices reach `size` bytes of this process at `vaddr` through bus
         addresses iova..iova+size (pinned until unmapped)."""
-        flags = uapi.IommuIoasMapFlag.FIXED_IOVA | uapi.IommuIoasMapFlag.READABLE
-        if writable:
-            flags |= uapi.IommuIoasMapFlag.WRITEABLE
         request = uapi.iommu_ioas_map(
             size=ctypes.sizeof(uapi.iommu_ioas_map),
-            flags=flags,
+            flags=_map_flags(writable),
             ioas_id=self.id,
             user_va=vaddr,
             length=size,
@@ -99,14 +102,9 @@ class IoAddressSpace:
         """Map `size` bytes of file `fd` (a memfd) from `offset` at `iova`: the kernel pins the
         file's pages, not this process's mapping of them (IOMMU_IOAS_MAP_FILE, Linux 6.13).
         False when the kernel has no MAP_FILE (the caller maps the memory instead)."""
-        flags = (
-            uapi.IommuIoasMapFlag.FIXED_IOVA
-            | uapi.IommuIoasMapFlag.READABLE
-            | uapi.IommuIoasMapFlag.WRITEABLE
-        )
         request = uapi.iommu_ioas_map_file(
             size=ctypes.sizeof(uapi.iommu_ioas_map_file),
-            flags=flags,
+            flags=_map_flags(writable=True),
             ioas_id=self.id,
             fd=fd,
             start=offset,
