@@ -143,8 +143,13 @@ def test_pages_aimed_anywhere_are_refused_or_land_in_ram(
     sections = sections_of(migration_stream)
     pages = [i for i, (kind, _, _) in enumerate(sections) if kind == SectionType.PAGES]
     index = data.draw(st.sampled_from(pages))
-    gpa = data.draw(st.one_of(st.integers(0, 2**64 - 1), st.integers(0, 80 << 20)))
-    size = data.draw(st.sampled_from([0, 1, 4096, 8192, 4 << 20]))
+    page = st.integers(0, (80 << 20) // 4096).map(lambda n: n * 4096)  # in RAM, or just past
+    gpa = data.draw(
+        st.one_of(
+            page, page, st.integers(0, 2**52 - 1).map(lambda n: n * 4096), st.integers(0, 2**64 - 1)
+        )
+    )
+    size = data.draw(st.sampled_from([0, 1, 4096, 8192, 4 << 20, (4 << 20) + 4096]))
     kind = data.draw(st.sampled_from([SectionType.PAGES, SectionType.ZERO_PAGES]))
     if kind == SectionType.PAGES:
         payload = struct.pack("<Q", gpa) + bytes(size)
