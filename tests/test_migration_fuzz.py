@@ -88,8 +88,8 @@ def take_or_refuse(data: bytes) -> None:
         with contextlib.suppress(OSError):  # the destination stopped reading: it refused
             theirs.sendall(data)
             theirs.shutdown(socket.SHUT_WR)
-        while theirs.recv(65536):
-            pass  # its answers
+            while theirs.recv(65536):
+                pass  # its answers
         theirs.close()
 
     sender = threading.Thread(target=send)
