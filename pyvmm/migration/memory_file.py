@@ -4,7 +4,7 @@ Each RAM region takes `size` bytes of the file at a page-aligned offset (`RamExt
 restore can map a region straight from the file. Writing skips what reads as zeros: ranges the
 region's memfd never had (SEEK_HOLE: never faulted in, so not even read), and zero granules of
 64 KiB within what it has; the file is a sparse file of the RAM's full length. Loading (the
-`--copy` restore) reads only the file's data extents (SEEK_DATA) into a fresh region.
+`--copy` restore) copies only the file's data extents (SEEK_DATA) into a fresh region's memfd.
 """
 
 from __future__ import annotations
@@ -118,18 +118,21 @@ def load_runs(region: RamRegion, runs: list[tuple[int, int]], fd: int, offset: i
 
 
 def load_region(region: RamRegion, fd: int, offset: int) -> int:
-    """Read the region's pages from `fd` at `offset` into the (zeroed) region; returns the
-    bytes read."""
+    """Copy the region's pages from `fd` at `offset` into the region's (new, empty) memfd;
+    returns the bytes copied. The kernel copies file to file (sendfile): reading into the
+    mapping instead would take a page fault per page, about eight times slower."""
+    if not region.shared:
+        raise ValueError("only a region of its own memfd is loaded")
     loaded = 0
-    view = region.view
     for lo, hi in file_extents(fd, offset, offset + region.size):
-        for at in range(lo, hi, _MAX_IO):
-            size = min(_MAX_IO, hi - at)
-            target = view[at - offset : at - offset + size]
-            got = os.preadv(fd, [target], at)
-            if got != size:
-                raise OSError(errno.EIO, f"short read of the memory file at byte {at}")
-            loaded += size
+        os.lseek(region.fd, lo - offset, os.SEEK_SET)
+        at = lo
+        while at < hi:
+            sent = os.sendfile(region.fd, fd, at, hi - at)
+            if sent <= 0:
+                raise OSError(errno.EIO, f"the memory file ends early, at byte {at}")
+            at += sent
+        loaded += hi - lo
     return loaded
 
 
