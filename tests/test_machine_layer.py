@@ -54,7 +54,7 @@ def count_in_ram(machine: Machine) -> int:
 
 def counts(text: str) -> list[int]:
     """The counter guest's `count N` lines (whole lines only)."""
-    return [int(n) for n in re.findall(r"^count (\d+)$", text, re.M)]
+    return [int(n) for n in re.findall(r"^count (\d+)\n", text, re.M)]
 
 
 def assert_consecutive(values: list[int]) -> None:

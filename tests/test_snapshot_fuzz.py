@@ -56,7 +56,7 @@ def stream(sections: list[tuple[int, int, bytes]]) -> bytes:
     out = io.BytesIO()
     writer = StreamWriter(out)
     for kind, flags, payload in sections:
-        writer.section(kind, payload, flags)  # type: ignore[arg-type]
+        writer.section(kind, payload, flags=flags)  # type: ignore[arg-type]
     return out.getvalue()
 
 

@@ -170,6 +170,19 @@ class GuestMemory:
         self.slice(gpa, len(data))[:] = data
         self.written(gpa, len(data))
 
+    def write_pages(self, gpa: int, data: bytes | memoryview) -> None:
+        """`write()` for many pages at once (a migration's or a restore's): through the
+        region's file where its pages are the file's, which spares a page fault for each page
+        not touched yet (several times faster for fresh RAM)."""
+        region = self.region_for(gpa, len(data))
+        if region.shared:
+            at, done = region.offset + gpa - region.gpa, 0
+            while done < len(data):
+                done += os.pwrite(region.fd, data[done:], at + done)
+        else:
+            region.view[gpa - region.gpa : gpa - region.gpa + len(data)] = data
+        self.written(gpa, len(data))
+
     def fill_from(self, gpa: int, file: BinaryIO, length: int) -> int:
         """Read up to `length` bytes of `file` straight into RAM at `gpa` (no copy through a
         bytes object: kernels are megabytes); returns how many bytes the file had."""

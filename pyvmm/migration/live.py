@@ -249,10 +249,11 @@ class Migration:
     # rounds
 
     def _send_all(self, writer: StreamWriter) -> None:
-        """Round 0: every page that may not be zero (the destination's RAM starts zeroed)."""
+        """Round 0: every page the RAM's file has (the destination's RAM starts zeroed, so
+        what was never touched, and chunks of zeros, need not be sent)."""
         started, sent = time.monotonic(), 0
         for region in self.machine.memory.regions:
-            for lo, hi in memory_file.data_runs(region):
+            for lo, hi in memory_file.region_extents(region):
                 sent += self._send_range(writer, region.gpa + lo, region.view[lo:hi], zeros=False)
         self._round_done(started, sent)
 
@@ -269,12 +270,12 @@ class Migration:
         """Send pages at `gpa`; with `zeros`, all-zero chunks go as ZERO_PAGES (a page that
         became zero must still reach the destination), without, they are skipped."""
         for at in range(0, len(view), CHUNK):
-            chunk = view[at : at + CHUNK]
-            if chunk.tobytes() == _ZERO_CHUNK[: len(chunk)]:
+            chunk = view[at : at + CHUNK].tobytes()  # one copy: compared, checksummed, sent
+            if chunk == _ZERO_CHUNK[: len(chunk)]:
                 if zeros:
                     writer.section(SectionType.ZERO_PAGES, _ZERO.pack(gpa + at, len(chunk)))
                 continue
-            writer.section(SectionType.PAGES, _ADDRESS.pack(gpa + at) + chunk.tobytes())
+            writer.section(SectionType.PAGES, _ADDRESS.pack(gpa + at), chunk)
         self.progress.sent_bytes += len(view)
         return len(view)
 
@@ -458,7 +459,7 @@ def _read_body(reader: StreamReader, machine: Machine, what: str) -> list[SavedS
         try:
             if kind in (SectionType.PAGES, SectionType.ZERO_PAGES) and not components:
                 gpa, pages = _pages(section.type, section.payload, where)
-                memory.write(gpa, pages)
+                memory.write_pages(gpa, pages)
             elif kind == SectionType.COMPONENT:
                 components.append(vmstate.decode_component(section, what))
             else:

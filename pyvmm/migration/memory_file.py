@@ -71,16 +71,20 @@ def _nonzero_runs(view: memoryview, start: int, end: int) -> Iterator[tuple[int,
         yield run_start, end
 
 
+def region_extents(region: RamRegion) -> list[tuple[int, int]]:
+    """(start, end) offsets in the region of what its file has (the rest was never touched
+    and reads as zeros); a private mapping's pages may all be its own, so all of it."""
+    if not region.shared:
+        return [(0, region.size)]
+    return [
+        (lo - region.offset, hi - region.offset)
+        for lo, hi in file_extents(region.fd, region.offset, region.offset + region.size)
+    ]
+
+
 def data_runs(region: RamRegion) -> Iterator[tuple[int, int]]:
     """(start, end) offsets in the region of runs that may hold something other than zeros."""
-    if region.shared:
-        candidates = [
-            (lo - region.offset, hi - region.offset)
-            for lo, hi in file_extents(region.fd, region.offset, region.offset + region.size)
-        ]
-    else:  # a private mapping: copied-on-write pages are not the file's, so look at them all
-        candidates = [(0, region.size)]
-    for lo, hi in candidates:
+    for lo, hi in region_extents(region):
         yield from _nonzero_runs(region.view, lo, hi)
 
 

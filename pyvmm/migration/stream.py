@@ -78,13 +78,18 @@ class StreamWriter:
         self._file.write(data)
         self.written += len(data)
 
-    def section(self, kind: SectionType, payload: bytes | memoryview, flags: int = 0) -> None:
-        if len(payload) > MAX_SECTION:
-            raise ValueError(f"a {kind.name} section of {len(payload)} bytes is too large")
-        head = _SECTION.pack(kind, flags, len(payload))
-        crc = zlib.crc32(payload, zlib.crc32(head))
+    def section(self, kind: SectionType, *payload: bytes | memoryview, flags: int = 0) -> None:
+        """One section whose payload is the `payload` parts one after another (written as
+        they are: a page batch is not copied into one buffer first)."""
+        length = sum(len(part) for part in payload)
+        if length > MAX_SECTION:
+            raise ValueError(f"a {kind.name} section of {length} bytes is too large")
+        head = _SECTION.pack(kind, flags, length)
+        crc = zlib.crc32(head)
         self._write(head)
-        self._write(payload)
+        for part in payload:
+            crc = zlib.crc32(part, crc)
+            self._write(part)
         self._write(_CRC.pack(crc))
 
     def flush(self) -> None:
@@ -116,17 +121,20 @@ class StreamReader:
             raise StreamError(f"{what} has header flags {flags:#x}, which this pyvmm lacks")
 
     def _read(self, size: int, part: str) -> bytes:
-        data = bytearray()
-        while len(data) < size:
-            chunk = self._file.read(size - len(data))
-            if not chunk:
+        """`size` bytes (read into one buffer: page batches are megabytes)."""
+        data = bytearray(size)
+        view, got = memoryview(data), 0
+        while got < size:
+            count = self._file.readinto(view[got:])  # type: ignore[attr-defined]
+            if not count:
                 raise StreamError(
-                    f"{self.what} is truncated: it ends at byte {self.offset + len(data)}, "
+                    f"{self.what} is truncated: it ends at byte {self.offset + got}, "
                     f"in {part} (an interrupted write or transfer)"
                 )
-            data += chunk
+            got += count
+        view.release()
         self.offset += size
-        return bytes(data)
+        return data  # type: ignore[return-value]  # a bytearray: as good, and no copy
 
     def next(self) -> Section:
         """The next section (END included); StreamError if there is none or it is corrupt."""

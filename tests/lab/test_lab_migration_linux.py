@@ -32,7 +32,7 @@ while true; do
   usleep 100000
 done
 """
-TICK = re.compile(rf"^{MARK} tick (\d+)\r?$", re.MULTILINE)
+TICK = re.compile(rf"^{MARK} tick (\d+)\r?\n", re.MULTILINE)
 
 
 def ticks(console: Path) -> list[int]:
