@@ -1,7 +1,7 @@
 """The `pyvmm` command.
 
     pyvmm run GUEST.elf [-m 64M] [-c N] [--console stdio|file:PATH|socket:PATH] [--control P]
-    pyvmm snapshot CONTROL DIR [--stop]   |   pyvmm restore DIR [--copy]
+    pyvmm snapshot CONTROL DIR [--incremental] [--stop]   |   pyvmm restore DIR [--copy]
     pyvmm ctl CONTROL COMMAND [NAME=VALUE ...]
     pyvmm run --incoming unix:P|tcp:H:PORT   |   pyvmm migrate CONTROL unix:P|tcp:H:PORT
     pyvmm kvm info

@@ -217,3 +217,90 @@ def test_a_migration_to_nowhere_is_refused_in_one_line(tmp_path: Path) -> None:
         source.communicate(timeout=30)
     finally:
         source.kill()
+
+
+def fake_destination(
+    path: Path, answer_accept: bytes | None, at_end: bytes | None
+) -> threading.Thread:
+    """A destination that answers CONFIG+INFO with `answer_accept` (None: never answers) and
+    END with `at_end` (None: goes away without a word)."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen(1)
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        listener.close()
+        with conn:
+            reader = StreamReader(conn.makefile("rb"))
+            reader.next(), reader.next()
+            if answer_accept is None:
+                while conn.recv(65536):
+                    pass  # reads on, never answers, until the source goes
+                return
+            conn.sendall(answer_accept)
+            if not answer_accept.startswith(b'{"accept"'):
+                return
+            while reader.next().type != 0:
+                pass
+            if at_end is not None:
+                conn.sendall(at_end)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    return thread
+
+
+def test_a_paused_source_stays_paused_after_a_refusal(tmp_path: Path) -> None:
+    path = tmp_path / "in.sock"
+    thread = fake_destination(path, b'{"error": "not today"}\n', None)
+    with Machine(mem_size=64 << 20, console=CaptureConsole()) as source:
+        source.load_elf(str(guest("counter")))
+        source.start()
+        assert source.pause()
+        with pytest.raises(MigrationError, match="the destination refused: not today"):
+            Migration(source, Endpoint.parse(f"unix:{path}"), info={}).run()
+        thread.join(30)
+        assert source.state is RunState.PAUSED  # as the user left it
+        source.stop()
+        source.wait()
+
+
+def test_a_source_whose_state_went_across_stays_paused_without_a_confirmation(
+    tmp_path: Path,
+) -> None:
+    """Once the state has been sent, the destination may be running it: a source that hears
+    nothing back must not run on as well."""
+    path = tmp_path / "in.sock"
+    thread = fake_destination(path, b'{"accept": true}\n', None)
+    with Machine(mem_size=64 << 20, console=CaptureConsole()) as source:
+        source.load_elf(str(guest("counter")))
+        source.start()
+        source.console.wait_for(r"count 1024\n", 30)  # type: ignore[attr-defined]
+        with pytest.raises(MigrationError, match="this copy stays paused"):
+            Migration(source, Endpoint.parse(f"unix:{path}"), info={}).run()
+        thread.join(30)
+        assert source.state is RunState.PAUSED
+        source.stop()
+        source.wait()
+
+
+def test_control_refuses_pauses_and_snapshots_during_a_migration_and_quit_cancels_it(
+    tmp_path: Path,
+) -> None:
+    path, control = tmp_path / "in.sock", tmp_path / "vm.sock"
+    thread = fake_destination(path, None, None)  # takes the stream, never answers
+    source = start_counter(control)
+    try:
+        assert pyvmm("ctl", str(control), "migrate", f"uri=unix:{path}").returncode == 0
+        for command in (["pause"], ["resume"], ["snapshot", f"path={tmp_path / 'snap'}"]):
+            refused = pyvmm("ctl", str(control), *command)
+            assert refused.returncode == 1
+            assert "a migration is under way" in refused.stderr, refused.stderr
+        assert pyvmm("ctl", str(control), "quit").returncode == 0
+        _, err = source.communicate(timeout=30)  # the migration is cancelled, not waited for
+    finally:
+        source.kill()
+    thread.join(30)
+    assert source.returncode == 0, err
+    assert not (tmp_path / "snap").exists()

@@ -17,7 +17,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         description="Send COMMAND with its arguments (NAME=VALUE, VALUE read as JSON when it "
         "is JSON, else as a string) to the control socket of a pyvmm run --control CONTROL; "
         "print the result as JSON. Commands: status, pause, resume, snapshot path=DIR "
-        "[stop=true], quit.",
+        "[stop=true] [incremental=true], migrate uri=URI [downtime_ms=N] [max_rounds=N], "
+        "migrate-status, quit (docs/control.md).",
     )
     command.add_argument("control", metavar="CONTROL", help="the machine's control socket")
     command.add_argument("name", metavar="COMMAND")

@@ -99,4 +99,8 @@ def create_device(machine: Machine, kind: str, options: dict[str, Any]) -> PciFu
         inspect.signature(create).bind(machine, **options)
     except TypeError as err:
         raise ConfigError(f"{kind}: {err}") from None
-    return create(machine, **options)
+    try:
+        return create(machine, **options)
+    except (TypeError, AttributeError, OverflowError) as err:
+        # options of the wrong type (a configuration read from a stream): say so in one line
+        raise ConfigError(f"{kind}: options {options} do not fit it: {err}") from None

@@ -61,6 +61,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MIN_MEM = 2 * layout.MiB
+MAX_MEM = 1 << 40
 MAX_VCPUS = 64
 DEFAULT_MEMORY_SLOTS = 32  # KVM's minimum; KVM_CAP_NR_MEMSLOTS says how many there are
 
@@ -93,6 +94,8 @@ class Machine:
         trace_exits: bool = False,
         ram: RamSource = RamRegion,
     ) -> None:
+        if mem_size > MAX_MEM:
+            raise ConfigError(f"memory size {mem_size} bytes: pyvmm gives a guest at most 1T")
         if mem_size < MIN_MEM or mem_size % PAGE_SIZE:
             raise ConfigError(
                 f"memory size {mem_size} bytes: give at least 2M, a multiple of 4 KiB (e.g. -m 64M)"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import logging
 import os
 import selectors
 import socket
@@ -37,6 +38,8 @@ from pyvmm.machine.machine import Machine, RunState, StopReason
 from pyvmm.machine.threads import start_thread
 from pyvmm.migration import snapshot
 from pyvmm.migration.live import Endpoint, Migration
+
+log = logging.getLogger(__name__)
 
 MAX_REQUEST = 1 << 20  # bytes in one request line
 
@@ -92,13 +95,20 @@ class ControlServer:
             "devices": [device.kind for device in config.devices],
         }
 
+    def _not_migrating(self) -> None:
+        """A migration owns the machine's pauses and its dirty log until it ends."""
+        if self._migration is not None and not self._migration.done.is_set():
+            raise ControlError("a migration is under way: wait for it (migrate-status)")
+
     def pause(self) -> dict[str, Any]:
+        self._not_migrating()
         if not self.machine.pause():
             raise ControlError("the machine has stopped")
         self.event("STOP", reason="paused")
         return {}
 
     def resume(self) -> dict[str, Any]:
+        self._not_migrating()
         if self.machine.state is RunState.STOPPED:
             raise ControlError("the machine has stopped")
         self.machine.resume()
@@ -110,6 +120,7 @@ class ControlServer:
         failed snapshot resumes the machine all the same. Every snapshot starts (or goes on
         with) the dirty log, so that an `incremental` one can follow: it holds only the pages
         written since the previous snapshot, which it builds on."""
+        self._not_migrating()
         dirty = self.machine.dirty
         if incremental and (self._last_snapshot is None or not dirty.active):
             raise ControlError("no earlier snapshot of this machine to build on: take a full one")
@@ -117,10 +128,12 @@ class ControlServer:
         if not self.machine.pause():
             raise ControlError("the machine has stopped")
         self.event("STOP", reason="snapshot")
+        written = False
         try:
             stats = self._write_snapshot(path, incremental)
+            written = True
         finally:
-            if not stop and was_running:
+            if was_running and not (stop and written):
                 self.machine.resume()
                 self.event("RESUME")
         if stop:
@@ -153,16 +166,16 @@ class ControlServer:
     def migrate(self, uri: str, downtime_ms: int = 30, max_rounds: int = 30) -> dict[str, Any]:
         """Start migrating to `uri` (a pyvmm run --incoming URI); follow it with
         migrate-status or the MIGRATION event. The machine stops once the destination runs."""
-        if self._migration is not None and not self._migration.done.is_set():
-            raise ControlError("a migration is under way already")
+        self._not_migrating()
         if self.machine.state is RunState.STOPPED:
             raise ControlError("the machine has stopped")
-        if downtime_ms <= 0 or max_rounds <= 0:
-            raise ControlError("downtime_ms and max_rounds are positive")
+        if not (0 < downtime_ms <= 3_600_000 and 0 < max_rounds <= 10_000):
+            raise ControlError("downtime_ms is 1 to 3600000 and max_rounds 1 to 10000")
+        endpoint = Endpoint.parse(uri)
         self._last_snapshot = None  # the migration takes over the dirty log
         self._migration = Migration(
             self.machine,
-            Endpoint.parse(uri),
+            endpoint,
             info={"console": self.console, "time": time.time()},
             downtime_limit=downtime_ms / 1000,
             max_rounds=max_rounds,
@@ -259,8 +272,11 @@ class ControlServer:
             return {"return": command(**arguments)} | reply_id
         except PyvmmError as err:
             return _error("GenericError", str(err)) | reply_id
-        except RuntimeError as err:  # a machine in the wrong state for the command
-            return _error("GenericError", str(err)) | reply_id
+        except (RuntimeError, ValueError, OSError) as err:  # a machine in the wrong state,
+            return _error("GenericError", str(err)) | reply_id  # a path the OS refuses, ...
+        except Exception as err:  # a bug: the server must keep serving, and say so
+            log.exception("control command %s failed", name)
+            return _error("InternalError", f"{name} failed: {type(err).__name__}: {err}") | reply_id
 
     def _send(self, client: socket.socket, line: bytes) -> None:
         try:
@@ -276,6 +292,10 @@ class ControlServer:
         client.close()
 
     def close(self) -> None:
+        """Stop serving; a migration still running is cancelled first (it reads the RAM that
+        goes with the machine)."""
+        if self._migration is not None:
+            self._migration.cancel()
         self._closing = True
         os.write(self._wake_w, b"x")
         self._thread.join()

@@ -44,7 +44,7 @@ from pyvmm.machine.component import SavedState
 from pyvmm.machine.config import MachineConfig
 from pyvmm.machine.console import Console
 from pyvmm.machine.dirty import DirtyBitmap
-from pyvmm.machine.machine import Machine, SavedMachine, StopReason
+from pyvmm.machine.machine import Machine, RunState, SavedMachine, StopReason
 from pyvmm.machine.memory import GuestMemoryError
 from pyvmm.machine.state import StateError
 from pyvmm.machine.threads import start_thread
@@ -141,7 +141,7 @@ class Progress:
     status: str = "setup"  # setup, active, completing, completed, failed
     round: int = 0
     ram_bytes: int = 0
-    sent_bytes: int = 0  # page bytes sent so far, all rounds
+    sent_bytes: int = 0  # bytes of the stream sent so far, all rounds
     dirty_bytes: int = 0  # what the last round found dirty
     bandwidth: float = 0.0  # bytes per second, last round
     downtime_ms: float = 0.0  # paused until the destination ran (when completed)
@@ -175,14 +175,34 @@ class Migration:
         self.progress = Progress(ram_bytes=machine.memory.size)
         self.done = threading.Event()
         self._on_end = on_end
+        self._cancelled = False
+        self._running = False  # run() has begun
+        self._sock: socket.socket | None = None
+
+    def cancel(self) -> None:
+        """End a migration under way and wait until it has (the machine is going away): it
+        fails at its next batch, its connection shut down so that no send blocks it."""
+        self._cancelled = True
+        sock = self._sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        if self._running:
+            self.done.wait(SEND_TIMEOUT)
 
     def run(self) -> None:
-        """Migrate now, on this thread (not a vCPU's); MigrationError if it fails."""
+        """Migrate now, on this thread (not a vCPU's); MigrationError if it fails. A failure
+        leaves the source as it was (running, or paused if it was), except once the machine's
+        state has gone to the destination: then it stays paused, since the destination may
+        be running it."""
+        self._running = True
         started = time.monotonic()
-        paused = False
+        paused = handed_over = False
+        was_running = self.machine.state is RunState.RUNNING
         dirty = self.machine.dirty
         try:
             with _connection(self.endpoint) as sock:
+                self._sock = sock
                 out = sock.makefile("wb", buffering=1 << 20)
                 answers = sock.makefile("rb")
                 writer = StreamWriter(out)
@@ -214,19 +234,29 @@ class Migration:
                 for state in saved.components:
                     writer.section(SectionType.COMPONENT, vmstate.encode_component(state))
                 writer.end()
+                handed_over = True
                 _expect(answers, sock, "resumed", "restoring the machine")
                 self.progress.downtime_ms = (time.monotonic() - paused_at) * 1000
+                dirty.stop()
         except BaseException as err:
-            dirty.stop()
-            if paused:
-                self.machine.resume()
+            with contextlib.suppress(Exception):
+                dirty.stop()
             self.progress.status = "failed"
             self.progress.error = _failure(self.endpoint, err)
+            if handed_over:
+                self.progress.error += (
+                    "; the machine's state had been sent, so this copy stays paused: if the "
+                    f"destination at {self.endpoint.uri} does not run it, resume this one "
+                    "(pyvmm ctl CONTROL resume)"
+                )
+            elif paused and was_running:
+                self.machine.resume()
             self._finish(started)
             if isinstance(err, (OSError, PyvmmError)):
                 raise MigrationError(self.progress.error) from None
             raise
-        dirty.stop()
+        finally:
+            self._sock = None
         self.progress.status = "completed"
         self._finish(started)  # (before the stop: the control socket goes with the machine)
         self.machine.stop(StopReason.STOPPED, 0, f"migrated to {self.endpoint.uri}")
@@ -251,38 +281,42 @@ class Migration:
     def _send_all(self, writer: StreamWriter) -> None:
         """Round 0: every page the RAM's file has (the destination's RAM starts zeroed, so
         what was never touched, and chunks of zeros, need not be sent)."""
-        started, sent = time.monotonic(), 0
+        started, before = time.monotonic(), writer.written
         for region in self.machine.memory.regions:
             for lo, hi in memory_file.region_extents(region):
-                sent += self._send_range(writer, region.gpa + lo, region.view[lo:hi], zeros=False)
-        self._round_done(started, sent)
+                self._send_range(writer, region.gpa + lo, region.view[lo:hi], zeros=False)
+        writer.flush()
+        self._round_done(started, writer.written - before)
 
     def _send_round(self, writer: StreamWriter, bitmaps: list[DirtyBitmap]) -> None:
-        started, sent = time.monotonic(), 0
+        started, before = time.monotonic(), writer.written
         memory = self.machine.memory
         for bitmap in bitmaps:
             for gpa, size in bitmap.ranges():
-                sent += self._send_range(writer, gpa, memory.slice(gpa, size), zeros=True)
+                self._send_range(writer, gpa, memory.slice(gpa, size), zeros=True)
         writer.flush()
-        self._round_done(started, sent)
+        self._round_done(started, writer.written - before)
 
-    def _send_range(self, writer: StreamWriter, gpa: int, view: memoryview, *, zeros: bool) -> int:
+    def _send_range(self, writer: StreamWriter, gpa: int, view: memoryview, *, zeros: bool) -> None:
         """Send pages at `gpa`; with `zeros`, all-zero chunks go as ZERO_PAGES (a page that
         became zero must still reach the destination), without, they are skipped."""
         for at in range(0, len(view), CHUNK):
+            if self._cancelled:
+                raise MigrationError("cancelled: the machine is ending")
             chunk = view[at : at + CHUNK].tobytes()  # one copy: compared, checksummed, sent
             if chunk == _ZERO_CHUNK[: len(chunk)]:
                 if zeros:
                     writer.section(SectionType.ZERO_PAGES, _ZERO.pack(gpa + at, len(chunk)))
                 continue
             writer.section(SectionType.PAGES, _ADDRESS.pack(gpa + at), chunk)
-        self.progress.sent_bytes += len(view)
-        return len(view)
 
     def _round_done(self, started: float, sent: int) -> None:
+        """`sent`: the bytes that went on the wire, so that the bandwidth is the link's, not
+        how fast zero chunks are skipped."""
         seconds = max(time.monotonic() - started, 1e-6)
         if sent:
             self.progress.bandwidth = sent / seconds
+        self.progress.sent_bytes += sent
         self.progress.rounds.append({"bytes": sent, "seconds": seconds})
         self.progress.round += 1
 
@@ -362,13 +396,17 @@ class Incoming:
     _sock: socket.socket
 
     def confirm(self) -> None:
-        with contextlib.suppress(OSError):
+        """Tell the source that this copy runs; MigrationError if it cannot be told (the
+        source then keeps its copy paused, and this one must not run on: stop it)."""
+        try:
             self._sock.sendall(b'{"resumed": true}\n')
-        self._sock.close()
-
-    def refuse(self, error: str) -> None:
-        _answer(self._sock, {"error": error})
-        self._sock.close()
+        except OSError as err:
+            raise MigrationError(
+                f"the source went away before it heard that this copy runs ({err.strerror}); "
+                "this copy stops, the source's stays paused"
+            ) from None
+        finally:
+            self._sock.close()
 
 
 def receive(
@@ -411,6 +449,7 @@ def take_in(
     """Take in the migration a source sends on the connected `sock` (see `receive`; `endpoint`
     names the source's address in messages)."""
     what = f"the migration stream from {endpoint.uri}"
+    sock.settimeout(REPLY_TIMEOUT)  # a source that stalls this long has gone
     stream = sock.makefile("rb", buffering=1 << 20)
     try:
         reader = StreamReader(stream, what)

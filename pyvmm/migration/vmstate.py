@@ -44,6 +44,8 @@ def decode_config(section: Section, what: str) -> MachineConfig:
         return from_plain(MachineConfig, document["machine"], "configuration")
     except StateError as err:
         raise StreamError(f"{what}: {err}") from None
+    except RecursionError:
+        raise StreamError(f"{what}: its configuration is nested too deeply") from None
 
 
 def encode_info(info: dict[str, Any]) -> bytes:

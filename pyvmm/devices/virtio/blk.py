@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pyvmm.devices.virtio.backend import VIRTIO_ID_BLOCK, VirtioBackend
 from pyvmm.devices.virtio.pci import VirtioPciDevice
@@ -80,6 +80,11 @@ class VirtioBlk(VirtioBackend):
         )
         name = serial if serial is not None else os.path.basename(path)
         self.device_id = name.encode()[:ID_BYTES].ljust(ID_BYTES, b"\0")
+
+    def chosen_options(self) -> dict[str, Any]:
+        # the image by its absolute path: a restore or a migration's destination may run
+        # in another directory
+        return {"path": os.path.abspath(self.path)}
 
     def config(self) -> bytes:
         # seg_max: data buffers per request, leaving room for the header and status descriptors
