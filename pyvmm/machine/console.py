@@ -179,7 +179,10 @@ class ConsoleInput:
             if self._wake_r in ready:
                 return
             if not pending and self._fd in ready:
-                pending = os.read(self._fd, 64)
+                try:
+                    pending = os.read(self._fd, 64)
+                except OSError:  # EIO: a background job's terminal; the input is gone
+                    return
                 if not pending:
                     return
             with self._lock:

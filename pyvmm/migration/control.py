@@ -42,6 +42,7 @@ from pyvmm.migration.live import Endpoint, Migration
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 1 << 20  # bytes in one request line
+SEND_TIMEOUT = 5.0  # seconds a reply or event may wait for a client to read
 
 
 class ControlError(PyvmmError):
@@ -217,7 +218,7 @@ class ControlServer:
     def _accept(self) -> None:
         with contextlib.suppress(OSError):
             client, _ = self._listener.accept()
-            client.setblocking(True)
+            client.settimeout(SEND_TIMEOUT)  # a client that stops reading is dropped, not waited on
             with self._lock:
                 self._clients[client] = bytearray()
                 self._send(
@@ -238,12 +239,15 @@ class ControlServer:
         if pending is None:
             return
         pending += data
-        while b"\n" in pending:
-            line, _, rest = bytes(pending).partition(b"\n")
-            pending[:] = rest
-            reply = self._handle(line)
+        start = 0
+        while (end := pending.find(b"\n", start)) >= 0:
+            if end - start > MAX_REQUEST:
+                break
+            reply = self._handle(bytes(pending[start:end]))
+            start = end + 1
             with self._lock:
                 self._send(client, _line(reply))
+        del pending[:start]
         if len(pending) > MAX_REQUEST:
             with self._lock:
                 self._send(client, _line(_error("GenericError", "request line too long")))
@@ -279,10 +283,14 @@ class ControlServer:
             return _error("InternalError", f"{name} failed: {type(err).__name__}: {err}") | reply_id
 
     def _send(self, client: socket.socket, line: bytes) -> None:
+        """Send to one client; one that cannot take it (gone, or not reading) is forgotten,
+        and shut down so that the serving thread sees it end and closes it."""
         try:
             client.sendall(line)
         except OSError:
             self._clients.pop(client, None)
+            with contextlib.suppress(OSError):
+                client.shutdown(socket.SHUT_RDWR)
 
     def _drop(self, client: socket.socket) -> None:
         with self._lock:
