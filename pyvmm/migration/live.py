@@ -49,7 +49,13 @@ from pyvmm.machine.memory import GuestMemoryError
 from pyvmm.machine.state import StateError
 from pyvmm.machine.threads import start_thread
 from pyvmm.migration import memory_file, vmstate
-from pyvmm.migration.stream import SectionType, StreamError, StreamReader, StreamWriter
+from pyvmm.migration.stream import (
+    SectionType,
+    StreamError,
+    StreamReader,
+    StreamWriter,
+    section_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -494,7 +500,7 @@ def _read_body(reader: StreamReader, machine: Machine, what: str) -> list[SavedS
     memory = machine.memory
     for section in reader.sections():
         kind = section.type
-        where = f"{what}: the {_name(kind)} section at byte {section.offset}"
+        where = f"{what}: the {section_name(kind)} section at byte {section.offset}"
         try:
             if kind in (SectionType.PAGES, SectionType.ZERO_PAGES) and not components:
                 gpa, pages = _pages(section.type, section.payload, where)
@@ -521,13 +527,6 @@ def _pages(kind: int, payload: bytes, where: str) -> tuple[int, memoryview | byt
     if gpa < 0 or gpa % PAGE_SIZE or not 0 < size <= CHUNK or size % PAGE_SIZE:
         raise StreamError(f"{where} is malformed (pages are whole and at most {CHUNK >> 20} MiB)")
     return gpa, data
-
-
-def _name(kind: int) -> str:
-    try:
-        return SectionType(kind).name
-    except ValueError:
-        return f"type-{kind}"
 
 
 def _answer(sock: socket.socket, message: dict[str, Any]) -> None:

@@ -13,7 +13,6 @@ import errno
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import ClassVar
 
 from pyvmm.kvm.mmap import PAGE_SIZE
 from pyvmm.machine.memory import RamRegion
@@ -26,8 +25,6 @@ _MAX_IO = 8 << 20  # bytes per pwrite/preadv
 @dataclass
 class RamExtent:
     """Where one RAM region is in the memory file."""
-
-    VERSION: ClassVar[int] = 1
 
     name: str
     gpa: int

@@ -28,7 +28,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 import msgpack
 
@@ -91,8 +91,6 @@ class PageMap:
     """Which pages of one RAM region an incremental snapshot's memory file holds: bit i of
     `bitmap` (little-endian, as KVM's dirty log) for the page at gpa + i * 4096."""
 
-    VERSION: ClassVar[int] = 1
-
     gpa: int
     pages: int
     bitmap: bytes
@@ -144,8 +142,8 @@ def write(
     partial = target.parent / f".{target.name}.partial-{os.getpid()}"
     try:
         partial.mkdir()
-        written = _write_memory(machine, partial / MEMORY_FILE, pages)
         extents = memory_file.layout_regions(machine.memory.regions)
+        written = _write_memory(machine, partial / MEMORY_FILE, extents, pages)
         _write_state(partial / STATE_FILE, saved, info, extents, pages)
         _fsync_dir(partial)
         partial.rename(target)
@@ -159,8 +157,9 @@ def write(
     return SnapshotStats(time.monotonic() - started, machine.memory.size, written)
 
 
-def _write_memory(machine: Machine, path: Path, pages: list[PageMap] | None) -> int:
-    extents = memory_file.layout_regions(machine.memory.regions)
+def _write_memory(
+    machine: Machine, path: Path, extents: list[RamExtent], pages: list[PageMap] | None
+) -> int:
     by_gpa = {region.gpa: region for region in machine.memory.regions}
     held = {page_map.gpa: page_map for page_map in pages or ()}
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)

@@ -148,7 +148,7 @@ class StreamReader:
                 f"{self.what} is corrupt: the section at byte {at} claims {length} bytes "
                 f"(at most {MAX_SECTION} are allowed)"
             )
-        name = _type_name(kind)
+        name = section_name(kind)
         payload = self._read(length, f"the {name} section at byte {at}")
         (crc,) = _CRC.unpack(self._read(_CRC.size, f"the checksum of the section at byte {at}"))
         if crc != zlib.crc32(payload, zlib.crc32(head)):
@@ -177,7 +177,8 @@ class StreamReader:
             yield section
 
 
-def _type_name(kind: int) -> str:
+def section_name(kind: int) -> str:
+    """A section type's name for messages, known or not."""
     try:
         return SectionType(kind).name
     except ValueError:
