@@ -103,9 +103,10 @@ class Vcpu:
     def kick(self) -> None:
         """Make the vCPU leave KVM_RUN soon, from any thread."""
         self.run_page[_OFF_IMMEDIATE_EXIT] = 1
-        if self.thread_id is not None and kick_handler_installed():
+        thread_id = self.thread_id  # once: the thread clears it as it ends
+        if thread_id is not None and kick_handler_installed():
             with contextlib.suppress(ProcessLookupError):
-                signal.pthread_kill(self.thread_id, KICK_SIGNAL)
+                signal.pthread_kill(thread_id, KICK_SIGNAL)
 
     # register state
 

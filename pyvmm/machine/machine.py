@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MIN_MEM = 2 * layout.MiB
+WAIT_SLICE = 0.25  # seconds; see wait()
 MAX_MEM = 1 << 40
 MAX_VCPUS = 64
 DEFAULT_MEMORY_SLOTS = 32  # KVM's minimum; KVM_CAP_NR_MEMSLOTS says how many there are
@@ -279,9 +281,18 @@ class Machine:
     def wait(self, timeout: float | None = None) -> MachineExit:
         """Wait until the machine stops; returns how it ended. With `timeout` (seconds) it is
         stopped when that expires; Ctrl-C stops it too."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            if not self._run_control.done.wait(timeout):
-                self.stop(StopReason.STOPPED, 124, f"timed out after {timeout} s")
+            # In slices, not one wait: Python runs a signal's handler (Ctrl-C) only when the
+            # main thread runs bytecode, and a wait the signal did not interrupt (it went to
+            # another thread) would otherwise never return to let it.
+            while True:
+                left = WAIT_SLICE if deadline is None else deadline - time.monotonic()
+                if self._run_control.done.wait(max(0.0, min(WAIT_SLICE, left))):
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    self.stop(StopReason.STOPPED, 124, f"timed out after {timeout} s")
+                    break
         except KeyboardInterrupt:
             self.stop(StopReason.STOPPED, 130, "interrupted")
         finally:
