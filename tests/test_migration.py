@@ -219,11 +219,9 @@ def test_a_migration_to_nowhere_is_refused_in_one_line(tmp_path: Path) -> None:
         source.kill()
 
 
-def fake_destination(
-    path: Path, answer_accept: bytes | None, at_end: bytes | None
-) -> threading.Thread:
+def fake_destination(path: Path, answer_accept: bytes | None) -> threading.Thread:
     """A destination that answers CONFIG+INFO with `answer_accept` (None: never answers) and
-    END with `at_end` (None: goes away without a word)."""
+    goes away at END without a word."""
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(str(path))
     listener.listen(1)
@@ -243,8 +241,6 @@ def fake_destination(
                 return
             while reader.next().type != 0:
                 pass
-            if at_end is not None:
-                conn.sendall(at_end)
 
     thread = threading.Thread(target=serve)
     thread.start()
@@ -253,7 +249,7 @@ def fake_destination(
 
 def test_a_paused_source_stays_paused_after_a_refusal(tmp_path: Path) -> None:
     path = tmp_path / "in.sock"
-    thread = fake_destination(path, b'{"error": "not today"}\n', None)
+    thread = fake_destination(path, b'{"error": "not today"}\n')
     with Machine(mem_size=64 << 20, console=CaptureConsole()) as source:
         source.load_elf(str(guest("counter")))
         source.start()
@@ -272,7 +268,7 @@ def test_a_source_whose_state_went_across_stays_paused_without_a_confirmation(
     """Once the state has been sent, the destination may be running it: a source that hears
     nothing back must not run on as well."""
     path = tmp_path / "in.sock"
-    thread = fake_destination(path, b'{"accept": true}\n', None)
+    thread = fake_destination(path, b'{"accept": true}\n')
     with Machine(mem_size=64 << 20, console=CaptureConsole()) as source:
         source.load_elf(str(guest("counter")))
         source.start()
@@ -289,7 +285,7 @@ def test_control_refuses_pauses_and_snapshots_during_a_migration_and_quit_cancel
     tmp_path: Path,
 ) -> None:
     path, control = tmp_path / "in.sock", tmp_path / "vm.sock"
-    thread = fake_destination(path, None, None)  # takes the stream, never answers
+    thread = fake_destination(path, None)  # takes the stream, never answers
     source = start_counter(control)
     try:
         assert pyvmm("ctl", str(control), "migrate", f"uri=unix:{path}").returncode == 0
