@@ -205,6 +205,56 @@ def test_pause_while_every_vcpu_is_halted_or_waiting_for_its_sipi(on_thread) -> 
     assert result.reason is StopReason.DEBUG_EXIT and result.exit_code == 0, console.text
 
 
+def test_a_throttled_guest_runs_slower_pauses_at_once_and_runs_on_unthrottled(
+    on_thread,
+) -> None:
+    """The counter guest's progress over the same time, unthrottled, then throttled to 90%
+    (a tenth of it, give or take; asserted below half), then unthrottled again. A pause cuts a
+    throttle sleep short; the throttle's thread ends with the throttle and with the machine."""
+    with boot("counter") as machine:
+        console = console_of(machine)
+        progress: dict[str, int] = {}
+
+        def counted_over(seconds: float) -> int:
+            before = count_in_ram(machine)
+            time.sleep(seconds)
+            return count_in_ram(machine) - before
+
+        def throttle_threads() -> list[str]:
+            return [t.name for t in threading.enumerate() if t.name.startswith("throttle")]
+
+        def driver() -> None:
+            console.wait_for(r"count 1024\n", 30)
+            progress["free"] = counted_over(1.0)
+            machine.throttle(0.9)
+            progress["throttled"] = counted_over(1.0)
+            assert machine.throttled_seconds > 0.5  # ~0.9 s
+            machine.throttle(0.99)  # a sleep of 990 ms per kick
+            time.sleep(0.1)
+            asked = time.monotonic()
+            assert machine.pause()
+            progress["pause_ms"] = int((time.monotonic() - asked) * 1000)
+            machine.resume()
+            machine.throttle(0)
+            time.sleep(0.2)
+            assert throttle_threads() == []
+            progress["again"] = counted_over(1.0)
+            machine.throttle(0.5)
+            assert throttle_threads() != []
+            with pytest.raises(ValueError, match=r"0 to 0\.99"):
+                machine.throttle(1.0)
+            machine.stop(StopReason.STOPPED, 0, "done")
+
+        on_thread(driver)
+        assert machine.run(timeout=60).detail == "done"
+    time.sleep(0.2)
+    assert [t for t in threading.enumerate() if t.name.startswith("throttle")] == []
+    assert progress["throttled"] < progress["free"] / 2, progress
+    assert progress["again"] > progress["free"] / 2, progress
+    assert progress["pause_ms"] < 500, progress  # not the 990 ms sleep
+    assert_consecutive(counts(console.text))
+
+
 def test_a_machine_paused_before_it_starts_starts_paused(on_thread) -> None:
     with boot("hello") as machine:
         assert machine.pause() and machine.state is RunState.PAUSED

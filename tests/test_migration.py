@@ -78,9 +78,12 @@ def test_the_count_goes_on_exactly_once_on_the_destination(tmp_path: Path, trans
 destination_errors: list[str] = []
 
 
-def migrate_in_process(source: Machine, uri: str, **options: object) -> tuple[Machine, str]:
+def migrate_in_process(
+    source: Machine, uri: str, **options: object
+) -> tuple[Machine, str, live.Progress]:
     """Migrate `source` (running) to a destination in this process, which records a digest of
-    its RAM before it starts; returns the destination's machine (running) and that digest."""
+    its RAM before it starts; returns the destination's machine (running), that digest and
+    the migration's progress."""
     arrived: list[tuple[Machine, str]] = []
     ready = threading.Event()
 
@@ -99,11 +102,12 @@ def migrate_in_process(source: Machine, uri: str, **options: object) -> tuple[Ma
     thread = threading.Thread(target=destination)
     thread.start()
     assert ready.wait(30)
+    migration = Migration(source, Endpoint.parse(uri), info={}, **options)  # type: ignore[arg-type]
     try:
-        Migration(source, Endpoint.parse(uri), info={}, **options).run()  # type: ignore[arg-type]
+        migration.run()
     finally:
         thread.join(60)
-    return arrived[0]
+    return (*arrived[0], migration.progress)
 
 
 def test_a_guest_dirtying_its_ram_arrives_with_every_page(tmp_path: Path) -> None:
@@ -113,7 +117,7 @@ def test_a_guest_dirtying_its_ram_arrives_with_every_page(tmp_path: Path) -> Non
         source.start()
         source.console.wait_for(r"pass 3\n", 30)  # type: ignore[attr-defined]
         uri = f"unix:{tmp_path / 'in.sock'}"
-        copy, arrived = migrate_in_process(source, uri, downtime_limit=0.2)
+        copy, arrived, _ = migrate_in_process(source, uri, downtime_limit=0.2)
         with copy:
             assert source.wait(10).detail == f"migrated to {uri}"
             assert arrived == digest(source)  # RAM as the source left it, every page
@@ -143,6 +147,32 @@ def test_a_guest_that_never_converges_fails_clearly_and_runs_on(tmp_path: Path) 
         source.console.wait_for(rf"pass {passes + 2}\n", 30)  # type: ignore[attr-defined]
         source.stop()
         assert source.wait().reason is StopReason.STOPPED
+
+
+def test_auto_converge_throttles_a_guest_that_never_converges_until_it_does(
+    tmp_path: Path,
+) -> None:
+    """memtouch rewrites 16 MiB all the time: 1 ms of downtime never fits it (the test above),
+    unless auto-converge throttles it. It arrives with every page, and runs on unthrottled."""
+    with Machine(mem_size=64 << 20, console=CaptureConsole()) as source:
+        source.load_elf(str(guest("memtouch")))
+        source.start()
+        source.console.wait_for(r"pass 1\n", 30)  # type: ignore[attr-defined]
+        uri = f"unix:{tmp_path / 'in.sock'}"
+        copy, arrived, progress = migrate_in_process(
+            source, uri, downtime_limit=0.001, auto_converge=True
+        )
+        with copy:
+            assert source.wait(10).detail == f"migrated to {uri}"
+            assert arrived == digest(source)
+            assert 20 <= progress.throttle_percent <= 99, progress
+            assert source.throttled_seconds > 0
+            assert source.throttle_fraction == 0  # the throttle ended with the migration
+            assert copy.throttle_fraction == 0
+            last = counts_of_passes(source.console.text)[-1]  # type: ignore[attr-defined]
+            copy.console.wait_for(rf"pass {last + 2}\n", 30)  # type: ignore[attr-defined]
+            copy.stop()
+            copy.wait()
 
 
 def test_a_destination_that_refuses_leaves_the_source_running(tmp_path: Path) -> None:

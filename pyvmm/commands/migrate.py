@@ -1,6 +1,6 @@
 """`pyvmm migrate`: live-migrate a running pyvmm to another, through its control socket.
 
-pyvmm migrate CONTROL unix:PATH|tcp:HOST:PORT [--downtime MS] [--max-rounds N]
+pyvmm migrate CONTROL unix:PATH|tcp:HOST:PORT [--downtime MS] [--max-rounds N] [--auto-converge]
 """
 
 from __future__ import annotations
@@ -32,6 +32,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         help="give up after N rounds of copying that leave too much (default 30)",
     )
+    command.add_argument(
+        "--auto-converge",
+        action="store_true",
+        help="throttle a guest that dirties memory faster than it can be sent (20%% of its "
+        "time, then 10 points more each round that stays too hot, up to 99%%)",
+    )
     command.set_defaults(func=cmd_migrate)
 
 
@@ -40,7 +46,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
     with ControlClient(args.control) as client:
         client.execute(
-            "migrate", uri=args.uri, downtime_ms=args.downtime, max_rounds=args.max_rounds
+            "migrate",
+            uri=args.uri,
+            downtime_ms=args.downtime,
+            max_rounds=args.max_rounds,
+            auto_converge=args.auto_converge,
         )
         with ProgressBar() as bar:
             while True:
@@ -90,12 +100,21 @@ class ProgressBar:
                 )
             self._bar.total = max(self._bar.total, status["sent_bytes"])
             self._bar.n = status["sent_bytes"]
-            self._bar.set_postfix(round=status["round"], dirty=f"{status['dirty_bytes'] >> 10}K")
+            self._bar.set_postfix(
+                round=status["round"],
+                dirty=f"{status['dirty_bytes'] >> 10}K",
+                throttle=f"{status['throttle_percent']}%",
+            )
         elif status["round"] != self._round:
             self._round = status["round"]
             print(
                 f"pyvmm: migration round {status['round']}: {status['sent_bytes'] >> 20} MiB "
-                f"sent, {status['dirty_bytes'] >> 10} KiB dirty",
+                f"sent, {status['dirty_bytes'] >> 10} KiB dirty"
+                + (
+                    f", guest throttled to {status['throttle_percent']}%"
+                    if status["throttle_percent"]
+                    else ""
+                ),
                 file=sys.stderr,
             )
 

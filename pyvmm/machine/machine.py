@@ -326,6 +326,20 @@ class Machine:
                 self._components_paused = False
             self._run_control.resume()
 
+    def throttle(self, fraction: float) -> None:
+        """Keep the vCPUs out of the guest for `fraction` (0 to 0.99) of the time, from any
+        thread; 0 ends it. A migration slows a guest down this way (auto-converge)."""
+        self._run_control.throttle(fraction)
+
+    @property
+    def throttle_fraction(self) -> float:
+        return self._run_control.throttle_fraction
+
+    @property
+    def throttled_seconds(self) -> float:
+        """How long the vCPUs have slept in throttle, summed over them."""
+        return self._run_control.throttled_seconds
+
     def stop(
         self, reason: StopReason = StopReason.STOPPED, code: int = 0, detail: str = ""
     ) -> None:

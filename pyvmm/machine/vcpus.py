@@ -17,6 +17,10 @@ immediate_exit), so a paused vCPU's registers are consistent and can be read and
 guest. A resume that overtakes a pause still waiting cancels it (pause() then returns False):
 each resume starts a new generation.
 
+`throttle(fraction)` slows the guest down without pausing it, for a migration whose guest dirties
+memory faster than it can be sent (QEMU's auto-converge): a throttle thread kicks every vCPU once
+per period, and each vCPU sleeps for `fraction` of that period before it re-enters the guest.
+
 The kick is a signal with a no-op handler, which Python installs only from the main thread:
 the first machine of a process is built there (or start() says so).
 """
@@ -26,6 +30,7 @@ from __future__ import annotations
 import enum
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 from pyvmm.kvm.errors import KvmError
@@ -39,6 +44,11 @@ from pyvmm.uapi import kvm as uapi
 log = logging.getLogger(__name__)
 
 KvmExit = uapi.KvmExit
+
+# How long the guest runs between two throttle sleeps (QEMU's CPU_THROTTLE_TIMESLICE): short
+# enough that a throttled guest still answers its timers, long enough to cost little.
+THROTTLE_SLICE = 0.01
+MAX_THROTTLE = 0.99
 
 
 class RunState(enum.Enum):
@@ -83,6 +93,10 @@ class VcpuThreads:
         self._generation = 0  # resume() counts up: a pause older than that was cancelled
         self._parked: set[int] = set()
         self._threads: dict[int, threading.Thread] = {}
+        self._throttle = 0.0  # the fraction of time asked for
+        self._throttle_sleep = 0.0  # what each kicked vCPU sleeps now (0: no throttle)
+        self._throttler: threading.Thread | None = None
+        self.throttled_seconds = 0.0  # the vCPUs' sleeps, summed (approximate, unlocked)
 
     # control (any thread but a vCPU's)
 
@@ -127,6 +141,7 @@ class VcpuThreads:
                 self.state = RunState.PAUSED  # its threads will park as they start
                 return True
             self._interrupt = True
+            self._cond.notify_all()  # a vCPU in a throttle sleep parks at once
             generation = self._generation
         self._kick_all()
         with self._cond:
@@ -155,6 +170,21 @@ class VcpuThreads:
                 self.state = RunState.CREATED  # paused before it ever started
             self._cond.notify_all()
 
+    def throttle(self, fraction: float) -> None:
+        """Keep every vCPU out of the guest for `fraction` (0 to 0.99) of the time; 0 ends
+        the throttle. From any thread; the throttle also ends when the machine stops."""
+        if not 0 <= fraction <= MAX_THROTTLE:
+            raise ValueError(f"a throttle is 0 to {MAX_THROTTLE}, not {fraction}")
+        with self._cond:
+            self._throttle = fraction
+            if fraction and self._throttler is None and self.state is not RunState.STOPPED:
+                self._throttler = start_thread(self._throttle_thread, "throttle")
+            self._cond.notify_all()  # a throttle thread, or a vCPU asleep, looks again
+
+    @property
+    def throttle_fraction(self) -> float:
+        return self._throttle
+
     def join(self) -> None:
         for thread in self._threads.values():
             thread.join()
@@ -165,6 +195,35 @@ class VcpuThreads:
     def _kick_all(self) -> None:
         for vcpu in self.vcpus:
             vcpu.kick()
+
+    def _throttle_thread(self) -> None:
+        """Once per period (a slice of running plus the sleep), set how long each vCPU
+        sleeps and kick them all; a new fraction starts a new period at once."""
+        while True:
+            with self._cond:
+                fraction = self._throttle
+                if not fraction or self.state is RunState.STOPPED:
+                    self._throttle_sleep = 0.0
+                    self._throttler = None
+                    return
+                self._throttle_sleep = THROTTLE_SLICE * fraction / (1 - fraction)
+                period = self._throttle_sleep + THROTTLE_SLICE
+            self._kick_all()
+            with self._cond:
+                self._cond.wait_for(
+                    lambda: self._throttle != fraction or self.state is RunState.STOPPED,  # noqa: B023
+                    timeout=period,
+                )
+
+    def _throttled(self) -> None:
+        """A vCPU's sleep after a throttle kick; a pause or stop, or the throttle's end,
+        cuts it short."""
+        started = time.monotonic()
+        with self._cond:
+            self._cond.wait_for(
+                lambda: self._interrupt or not self._throttle, timeout=self._throttle_sleep
+            )
+        self.throttled_seconds += time.monotonic() - started
 
     # the vCPU thread
 
@@ -240,6 +299,8 @@ class VcpuThreads:
                     record(counts, reason, 0)
                 if self._interrupt:
                     return
+                if self._throttle_sleep:
+                    self._throttled()
             else:
                 self._exit_other(vcpu, reason)
                 if self.state is RunState.STOPPED:

@@ -164,7 +164,9 @@ class ControlServer:
         self._last_snapshot = path
         return stats
 
-    def migrate(self, uri: str, downtime_ms: int = 30, max_rounds: int = 30) -> dict[str, Any]:
+    def migrate(
+        self, uri: str, downtime_ms: int = 30, max_rounds: int = 30, auto_converge: bool = False
+    ) -> dict[str, Any]:
         """Start migrating to `uri` (a pyvmm run --incoming URI); follow it with
         migrate-status or the MIGRATION event. The machine stops once the destination runs."""
         self._not_migrating()
@@ -180,6 +182,7 @@ class ControlServer:
             info={"console": self.console, "time": time.time()},
             downtime_limit=downtime_ms / 1000,
             max_rounds=max_rounds,
+            auto_converge=auto_converge,
             on_end=lambda progress: self.event("MIGRATION", **progress.as_dict()),
         )
         self._migration.start()

@@ -15,7 +15,10 @@ u64 address and a u64 length. Rounds go on while the pages left would take longe
 the bandwidth the last round had, than the downtime limit allows. When they fit, the source
 pauses, sends the rest and the machine's state, and waits for the destination to say that its
 copy runs; only then does the source stop. A guest that dirties pages faster than they can be
-sent never fits: after `max_rounds` rounds the migration fails with the rates in its message.
+sent never fits: after `max_rounds` rounds the migration fails with the rates in its message,
+unless `auto_converge` throttles it (QEMU's policy, quicker): from the second round, each round
+that finds dirty more than half of what the round before it sent raises the vCPU throttle, to
+20% first, then by 10 points a round up to 99%. The throttle ends with the migration.
 Anything failing before the destination's "resumed" (a cut connection, a refusal, a timeout)
 resumes the source, which never stopped being the machine.
 
@@ -48,6 +51,7 @@ from pyvmm.machine.machine import Machine, RunState, SavedMachine, StopReason
 from pyvmm.machine.memory import GuestMemoryError
 from pyvmm.machine.state import StateError
 from pyvmm.machine.threads import start_thread
+from pyvmm.machine.vcpus import MAX_THROTTLE
 from pyvmm.migration import memory_file, vmstate
 from pyvmm.migration.stream import (
     SectionType,
@@ -66,6 +70,8 @@ _ZERO_CHUNK = bytes(CHUNK)
 REPLY_TIMEOUT = 60.0  # seconds the source waits for an answer (a destination building a VM)
 SEND_TIMEOUT = 60.0  # seconds a send may block (a destination that stopped reading)
 CONNECT_WAIT = 10.0  # seconds the source waits for a destination to listen
+THROTTLE_FIRST, THROTTLE_STEP = 0.2, 0.1  # auto-converge's first throttle and its increments
+THROTTLE_TRIGGER = 0.5  # dirty / sent (of the round before) above which a round is too hot
 
 
 class MigrationError(PyvmmError):
@@ -150,6 +156,7 @@ class Progress:
     sent_bytes: int = 0  # bytes of the stream sent so far, all rounds
     dirty_bytes: int = 0  # what the last round found dirty
     bandwidth: float = 0.0  # bytes per second, last round
+    throttle_percent: int = 0  # auto-converge's vCPU throttle now
     downtime_ms: float = 0.0  # paused until the destination ran (when completed)
     seconds: float = 0.0
     error: str = ""
@@ -171,6 +178,7 @@ class Migration:
         info: dict[str, Any],
         downtime_limit: float = 0.03,
         max_rounds: int = 30,
+        auto_converge: bool = False,
         on_end: Callable[[Progress], None] | None = None,
     ) -> None:
         self.machine = machine
@@ -178,6 +186,7 @@ class Migration:
         self.info = info
         self.downtime_limit = downtime_limit
         self.max_rounds = max_rounds
+        self.auto_converge = auto_converge
         self.progress = Progress(ram_bytes=machine.memory.size)
         self.done = threading.Event()
         self._on_end = on_end
@@ -228,6 +237,8 @@ class Migration:
                         break
                     if self.progress.round >= self.max_rounds:
                         raise MigrationError(self._no_convergence())
+                    if self.auto_converge:
+                        self._converge(left)
                     self._send_round(writer, bitmaps)
                 self.progress.status = "completing"
                 paused_at = time.monotonic()
@@ -244,9 +255,11 @@ class Migration:
                 _expect(answers, sock, "resumed", "restoring the machine")
                 self.progress.downtime_ms = (time.monotonic() - paused_at) * 1000
                 dirty.stop()
+                self.machine.throttle(0)
         except BaseException as err:
             with contextlib.suppress(Exception):
                 dirty.stop()
+            self.machine.throttle(0)
             self.progress.status = "failed"
             self.progress.error = _failure(self.endpoint, err)
             if handed_over:
@@ -326,14 +339,33 @@ class Migration:
         self.progress.rounds.append({"bytes": sent, "seconds": seconds})
         self.progress.round += 1
 
+    def _converge(self, dirty: int) -> None:
+        """Raise the throttle if the guest dirtied more than THROTTLE_TRIGGER of what the last
+        round sent (round 0, all of RAM, says nothing of the guest's pace)."""
+        if self.progress.round < 2 or dirty <= THROTTLE_TRIGGER * self.progress.rounds[-1]["bytes"]:
+            return
+        now = self.machine.throttle_fraction
+        raised = min(THROTTLE_FIRST if not now else now + THROTTLE_STEP, MAX_THROTTLE)
+        self.machine.throttle(raised)
+        self.progress.throttle_percent = round(raised * 100)
+
     def _no_convergence(self) -> str:
         dirty_rate = self.progress.dirty_bytes / max(self.progress.rounds[-1]["seconds"], 1e-6)
+        if self.auto_converge:
+            throttled = f" (throttled to {self.progress.throttle_percent}%)"
+            remedy = "raise the downtime limit or migrate a quieter guest"
+        else:
+            throttled = ""
+            remedy = (
+                "raise the downtime limit, let the migration slow the guest down "
+                "(pyvmm migrate --auto-converge) or migrate a quieter guest"
+            )
         return (
-            f"the guest dirties memory about as fast as it can be sent ({dirty_rate / 1e6:.0f} "
-            f"MB/s dirtied, {self.progress.bandwidth / 1e6:.0f} MB/s sent): after "
-            f"{self.max_rounds} rounds {self.progress.dirty_bytes >> 10} KiB were still left, "
-            f"more than {self.downtime_limit * 1000:.0f} ms of downtime allows; raise the "
-            "downtime limit or migrate a quieter guest (the source runs on)"
+            f"the guest{throttled} dirties memory about as fast as it can be sent "
+            f"({dirty_rate / 1e6:.0f} MB/s dirtied, {self.progress.bandwidth / 1e6:.0f} MB/s "
+            f"sent): after {self.max_rounds} rounds {self.progress.dirty_bytes >> 10} KiB were "
+            f"still left, more than {self.downtime_limit * 1000:.0f} ms of downtime allows; "
+            f"{remedy} (the source runs on)"
         )
 
 

@@ -81,9 +81,10 @@ def migrate(
     source: subprocess.Popen[str], control: Path, uri: str, new_control: Path
 ) -> subprocess.Popen[str]:
     """Migrate the machine at `control` to a new process at `uri`; the new process. The
-    downtime limit is QEMU's default: the lab (TCG) copies memory at a few tens of MB/s."""
+    downtime limit is QEMU's default; the lab (TCG) copies memory at a few MB/s, about as fast
+    as the ticking guest dirties it, so the migration throttles it (auto-converge)."""
     destination = spawn("run", "--incoming", uri, "--control", str(new_control))
-    moved = pyvmm("migrate", str(control), uri, "--downtime", "300")
+    moved = pyvmm("migrate", str(control), uri, "--downtime", "300", "--auto-converge")
     if moved.returncode != 0:
         source.kill()
         destination.kill()
