@@ -5,8 +5,9 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pyvmm.kvm.errors import KvmUnavailable
 from pyvmm.kvm.flexarray import flexible
@@ -33,10 +34,17 @@ REQUIRED_CAPABILITIES = (
 )
 
 
+# /dev/kvm's answers about the host (capabilities, supported CPUID, MSR lists) do not change
+# while a process runs: each is asked once per path. A machine asks for a dozen of them, and a
+# restore's budget is a few milliseconds.
+_HOST_ANSWERS: dict[tuple[str, str, int], Any] = {}
+
+
 class System:
     """An open /dev/kvm. Close it (or use it as a context manager) when done."""
 
     def __init__(self, path: str = KVM_DEVICE) -> None:
+        self.path = path
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -68,9 +76,17 @@ class System:
     ) -> None:
         self.close()
 
+    def _asked_once(self, question: str, argument: int, ask: Callable[[], Any]) -> Any:
+        key = (self.path, question, argument)
+        if key not in _HOST_ANSWERS:
+            _HOST_ANSWERS[key] = ask()
+        return _HOST_ANSWERS[key]
+
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION: 0 when unsupported, else a capability-specific value."""
-        return ioctl(self.fd, uapi.KVM_CHECK_EXTENSION, int(cap))
+        return self._asked_once(
+            "extension", int(cap), lambda: ioctl(self.fd, uapi.KVM_CHECK_EXTENSION, int(cap))
+        )
 
     def check_required(self) -> None:
         """KvmUnavailable naming what this KVM lacks of REQUIRED_CAPABILITIES."""
@@ -82,7 +98,12 @@ class System:
         return ioctl(self.fd, uapi.KVM_GET_VCPU_MMAP_SIZE)
 
     def supported_cpuid(self) -> list[uapi.kvm_cpuid_entry2]:
-        """KVM_GET_SUPPORTED_CPUID, growing the buffer until the kernel's list fits."""
+        """KVM_GET_SUPPORTED_CPUID (fresh entries: callers edit them)."""
+        entries = self._asked_once("cpuid", 0, self._ask_supported_cpuid)
+        return [uapi.kvm_cpuid_entry2.from_buffer_copy(entry) for entry in entries]
+
+    def _ask_supported_cpuid(self) -> list[bytes]:
+        """The raw entries, growing the buffer until the kernel's list fits."""
         count = 64
         while True:
             buf = flexible(uapi.kvm_cpuid2, uapi.kvm_cpuid_entry2, count)()
@@ -94,9 +115,12 @@ class System:
                     count *= 2
                     continue
                 raise
-            return [buf.entries[i] for i in range(buf.header.nent)]
+            return [bytes(buf.entries[i]) for i in range(buf.header.nent)]
 
     def _msr_list(self, request: int) -> list[int]:
+        return list(self._asked_once("msrs", request, lambda: self._ask_msr_list(request)))
+
+    def _ask_msr_list(self, request: int) -> list[int]:
         probe = uapi.kvm_msr_list(nmsrs=0)
         try:
             ioctl(self.fd, request, probe)

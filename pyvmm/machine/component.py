@@ -65,20 +65,32 @@ def state_version(state_type: type) -> int:
     return version
 
 
+_KINDS: dict[type, tuple[bool, bool]] = {}
+
+
+def _kinds(part: object) -> tuple[bool, bool]:
+    """Whether `part` is Pausable and Stateful, asked of the first part of each class (the
+    protocols ask for methods and a class attribute, which its instances share)."""
+    kinds = _KINDS.get(type(part))
+    if kinds is None:
+        kinds = _KINDS[type(part)] = (isinstance(part, Pausable), isinstance(part, Stateful))
+    return kinds
+
+
 class Components:
     """A machine's pausable and stateful parts by id, in registration order."""
 
     def __init__(self) -> None:
         self._parts: dict[str, object] = {}
-        # What each part is, decided once: a runtime protocol check is slow (a restore's
-        # budget is a few milliseconds).
+        # What each part is, decided once (and per class, in _kinds): a runtime protocol check
+        # is slow, and a restore's budget is a few milliseconds.
         self._pausable_ids: set[str] = set()
         self._stateful_ids: set[str] = set()
 
     def add(self, component_id: str, part: object) -> None:
         if component_id in self._parts:
             raise ValueError(f"component id {component_id!r} is taken")
-        pausable, stateful = isinstance(part, Pausable), isinstance(part, Stateful)
+        pausable, stateful = _kinds(part)
         if not (pausable or stateful):
             raise TypeError(
                 f"{component_id}: {type(part).__name__} is neither Pausable nor Stateful"

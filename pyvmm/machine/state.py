@@ -50,8 +50,9 @@ def from_plain(cls: type[T], data: Any, where: str = "") -> T:
 
 
 @functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+def _record(cls: type) -> tuple[dict[str, Any], list[str]]:
+    """A state dataclass's field types and the names its constructor takes."""
+    return typing.get_type_hints(cls), [f.name for f in dataclasses.fields(cls) if f.init]
 
 
 def _check_plain(data: Any, where: str) -> Any:
@@ -69,6 +70,11 @@ def _check_plain(data: Any, where: str) -> Any:
 
 
 def _decode(kind: Any, data: Any, where: str) -> Any:
+    if kind in _SCALARS:  # first: most fields are
+        # bool is an int in Python; a state field of type int must not take True, nor the reverse
+        if type(data) is not kind and not (kind is float and type(data) is int):
+            raise StateError(f"{where}: expected {kind.__name__}, got {type(data).__name__}")
+        return kind(data)
     if kind is Any:
         return _check_plain(data, where)
     origin = typing.get_origin(kind)
@@ -83,8 +89,7 @@ def _decode(kind: Any, data: Any, where: str) -> Any:
     if dataclasses.is_dataclass(kind):
         if not isinstance(data, dict):
             raise StateError(f"{where}: expected a record, got {type(data).__name__}")
-        hints = _hints(kind)
-        names = [f.name for f in dataclasses.fields(kind) if f.init]
+        hints, names = _record(kind)
         missing = [name for name in names if name not in data]
         unknown = sorted(set(data) - set(names), key=str)
         if missing or unknown:
@@ -106,11 +111,6 @@ def _decode(kind: Any, data: Any, where: str) -> Any:
             _decode(key_type, key, f"{where} key"): _decode(value_type, value, f"{where}[{key!r}]")
             for key, value in data.items()
         }
-    if kind in _SCALARS:
-        # bool is an int in Python; a state field of type int must not take True, nor the reverse
-        if type(data) is not kind and not (kind is float and type(data) is int):
-            raise StateError(f"{where}: expected {kind.__name__}, got {type(data).__name__}")
-        return kind(data)
     raise TypeError(f"{where}: field type {kind!r} is not supported in state")
 
 
