@@ -396,6 +396,31 @@ def test_a_state_of_unknown_version_or_another_machine_is_refused_and_changes_no
         other.restore(saved)
 
 
+def test_a_state_the_kernel_refuses_leaves_a_machine_that_neither_starts_nor_resumes() -> None:
+    """vCPU registers that pass pyvmm's checks but not KVM's (a reserved CR4 bit): the
+    restore fails, and the half-restored machine refuses to run on, paused or not started."""
+    with boot("counter") as machine:
+        console = console_of(machine)
+        machine.start()
+        console.wait_for(r"count 1024\n", 30)
+        assert machine.pause()
+        saved = machine.save()
+        (vcpu0,) = [s for s in saved.components if s.component == "vcpu0"]
+        sregs = uapi.kvm_sregs.from_buffer_copy(vcpu0.data["sregs"])
+        sregs.cr4 |= 1 << 40
+        bad = [
+            replace(s, data={**s.data, "sregs": bytes(sregs)}) if s.component == "vcpu0" else s
+            for s in saved.components
+        ]
+        with pytest.raises(StateError, match=r"vcpu0.*KVM_SET_SREGS"):
+            machine.restore(replace(saved, components=bad))
+        with pytest.raises(StateError, match=r"cannot run: restoring a state into it failed"):
+            machine.resume()
+        assert machine.state is RunState.PAUSED
+        machine.stop()
+        machine.wait()
+
+
 def test_devices_are_added_by_kind_and_errors_are_one_line(tmp_path: Path) -> None:
     with boot("hello") as machine:
         with pytest.raises(Exception, match="unknown device kind 'gpu'"):

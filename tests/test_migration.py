@@ -6,7 +6,9 @@ converges each leave the source running, with a one-line reason."""
 from __future__ import annotations
 
 import json
+import os
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -73,6 +75,28 @@ def test_the_count_goes_on_exactly_once_on_the_destination(tmp_path: Path, trans
     after = counts(console.read_text())
     assert after[-1] > at_migration
     assert_consecutive(after)
+
+
+def test_the_incoming_socket_replaces_a_stale_one_and_is_the_users_alone(tmp_path: Path) -> None:
+    path = tmp_path / "in.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))  # bound, never listening, closed: what a killed pyvmm leaves
+    stale.close()
+    os.chmod(path, 0o644)  # whatever the umask: the loop below waits for the new one's 0600
+    destination = start_destination(f"unix:{path}")
+    try:
+        deadline = time.monotonic() + 30
+        while stat.S_IMODE(path.stat().st_mode) != 0o600:
+            assert destination.poll() is None, destination.communicate()
+            assert time.monotonic() < deadline, oct(path.stat().st_mode)
+            time.sleep(0.02)
+        busy = start_destination(f"unix:{path}")
+        _, err = busy.communicate(timeout=30)
+        assert busy.returncode == 1
+        assert err == f"pyvmm: error: --incoming unix:{path}: another process is listening there\n"
+    finally:
+        destination.kill()
+        destination.wait()
 
 
 destination_errors: list[str] = []

@@ -117,6 +117,21 @@ def test_the_real_stream_is_taken_in(migration_stream: bytes) -> None:
     theirs.close()
 
 
+def test_an_unknown_optional_section_before_info_is_skipped(migration_stream: bytes) -> None:
+    sections = sections_of(migration_stream)
+    ours, theirs = socket.socketpair()
+    sender = threading.Thread(
+        target=theirs.sendall, args=(stream([sections[0], (99, 1, b"new"), *sections[1:]]),)
+    )
+    sender.start()
+    incoming = live.take_in(ours, ENDPOINT, lambda info: CaptureConsole())
+    incoming.machine.close()
+    sender.join(30)
+    assert theirs.recv(100) == b'{"accept": true}\n'
+    ours.close()
+    theirs.close()
+
+
 @FUZZ
 @given(st.data())
 def test_a_cut_stream_is_refused(migration_stream: bytes, data: st.DataObject) -> None:

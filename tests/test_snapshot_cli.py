@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -47,6 +48,7 @@ def test_ctl_pauses_resumes_and_quits_a_running_machine(tmp_path: Path) -> None:
         assert json.loads(status.stdout) == {
             "status": "running", "vcpus": 1, "mem_size": 64 << 20, "devices": []
         }  # fmt: skip
+        assert stat.S_IMODE(control.stat().st_mode) == 0o600  # the user's alone
         assert pyvmm("ctl", str(control), "pause").returncode == 0
         assert json.loads(pyvmm("ctl", str(control), "status").stdout)["status"] == "paused"
         assert pyvmm("ctl", str(control), "resume").returncode == 0

@@ -175,3 +175,12 @@ def test_an_unknown_optional_section_is_skipped_and_an_unknown_other_refused(
     (target / "state").write_bytes(stream([*sections[:2], (99, 0, b"x"), *sections[2:]]))
     with pytest.raises(PyvmmError, match=r"type 99 at byte .* does not know"):
         snapshot.read(target)
+    (target / "state").write_bytes(stream([*sections[:1], (99, 1, b"skip me"), *sections[1:]]))
+    assert snapshot.read(target).saved == snapshot.read(original).saved  # before INFO too
+    flagged = [(kind, 2 if kind == SectionType.INFO else flags, p) for kind, flags, p in sections]
+    (target / "state").write_bytes(stream(flagged))
+    with pytest.raises(PyvmmError, match=r"has flags 0x2, which this pyvmm does not know"):
+        snapshot.read(target)
+    (target / "state").write_bytes(stream(sections) + b"\0")
+    with pytest.raises(PyvmmError, match=r"has data after its END"):
+        snapshot.read(target)

@@ -146,6 +146,7 @@ class Machine:
     # construction
 
     def _build(self, vcpu_count: int, trace_exits: bool, ram_source: RamSource) -> None:
+        self._stack.callback(self.console.close)  # first: a failed build closes it too
         self.system = System()
         self._stack.callback(self.system.close)
         self.system.check_required()
@@ -185,7 +186,6 @@ class Machine:
             self.components.add(f"vcpu{vcpu_id}", VcpuComponent(vcpu))
         self.exits = ExitStats(vcpu_count, self.pio, self.mmio, trace=trace_exits)
         self._run_control = VcpuThreads(self.vcpus, self.pio, self.mmio, self.exits)
-        self._stack.callback(self.console.close)
         # Closed after the PCI functions (an assigned device's BAR slots go before its fd)
         # and before RAM (DMA unmapped before the memory goes).
         self._stack.callback(self._close_vfio)
@@ -319,8 +319,10 @@ class Machine:
             return True
 
     def resume(self) -> None:
-        """Carry on after `pause()`."""
+        """Carry on after `pause()` (StateError if a failed restore left it unrunnable)."""
         with self._control:
+            if self._unrunnable:
+                raise StateError(f"this machine cannot run: {self._unrunnable}")
             if self._components_paused:
                 self.components.resume_all()
                 self._components_paused = False

@@ -25,12 +25,10 @@ import logging
 import os
 import selectors
 import socket
-import stat
 import threading
 import time
 from collections.abc import Callable
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 from pyvmm.errors import PyvmmError
@@ -38,6 +36,7 @@ from pyvmm.machine.machine import Machine, RunState, StopReason
 from pyvmm.machine.threads import start_thread
 from pyvmm.migration import snapshot
 from pyvmm.migration.live import Endpoint, Migration
+from pyvmm.migration.sockets import listen_unix
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +74,7 @@ class ControlServer:
         }
         self._migration: Migration | None = None
         self._last_snapshot: str | None = None  # what an incremental snapshot builds on
-        self._listener = _listen(path)
+        self._listener = listen_unix(path, f"--control {path}")
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._listener, selectors.EVENT_READ)
         self._clients: dict[socket.socket, bytearray] = {}
@@ -318,31 +317,6 @@ class ControlServer:
         os.close(self._wake_w)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-
-
-def _listen(path: str) -> socket.socket:
-    """A listening socket at `path`; a stale socket file there (no one listening) is replaced."""
-    target = Path(path)
-    if target.exists() or target.is_symlink():
-        if not stat.S_ISSOCK(target.lstat().st_mode):
-            raise ControlError(f"--control {path}: a file that is not a socket is there")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except OSError:
-            target.unlink()  # stale: left by a pyvmm that ended without removing it
-        else:
-            raise ControlError(f"--control {path}: another process is listening there")
-        finally:
-            probe.close()
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        listener.bind(path)
-        listener.listen(8)
-    except OSError as err:
-        listener.close()
-        raise ControlError(f"--control {path}: cannot listen there: {err.strerror}") from None
-    return listener
 
 
 def _check_arguments(command: Callable[..., Any], arguments: dict[str, Any]) -> str:

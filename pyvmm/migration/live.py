@@ -53,6 +53,7 @@ from pyvmm.machine.state import StateError
 from pyvmm.machine.threads import start_thread
 from pyvmm.machine.vcpus import MAX_THROTTLE
 from pyvmm.migration import memory_file, vmstate
+from pyvmm.migration.sockets import listen_unix
 from pyvmm.migration.stream import (
     SectionType,
     StreamError,
@@ -129,10 +130,11 @@ class Endpoint:
         return sock
 
     def listen(self) -> socket.socket:
+        if self.family == socket.AF_UNIX:
+            return listen_unix(str(self.address), f"--incoming {self.uri}", backlog=1)
         sock = socket.socket(self.family, socket.SOCK_STREAM)
         try:
-            if self.family != socket.AF_UNIX:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(self.address)
             sock.listen(1)
         except OSError as err:
@@ -492,7 +494,7 @@ def take_in(
     try:
         reader = StreamReader(stream, what)
         config = vmstate.decode_config(reader.next(), what)
-        section = reader.next()
+        section = reader.next_known()
         if section.type != SectionType.INFO:
             raise StreamError(f"{what}: the configuration is not followed by INFO")
         info = vmstate.decode_info(section, what)

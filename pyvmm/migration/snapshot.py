@@ -267,6 +267,7 @@ def read(directory: str | os.PathLike[str], _depth: int = 0) -> Snapshot:
                     )
             if ram is None:
                 raise StreamError(f"{what} has no RAM layout")
+            reader.expect_eof()
     except OSError as err:
         raise SnapshotError(f"cannot read {state_path}: {err.strerror or err}") from None
     except StateError as err:

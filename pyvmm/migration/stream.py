@@ -143,6 +143,11 @@ class StreamReader:
         at = self.offset
         head = self._read(_SECTION.size, f"the head of the section at byte {at}")
         kind, flags, length = _SECTION.unpack(head)
+        if flags & ~int(SectionFlag.OPTIONAL):  # (an IntFlag's ~ keeps only known bits)
+            raise StreamError(
+                f"{self.what}: the section at byte {at} has flags {flags:#x}, which this pyvmm "
+                "does not know (written by a newer one, or corrupt)"
+            )
         if length > MAX_SECTION:
             raise StreamError(
                 f"{self.what} is corrupt: the section at byte {at} claims {length} bytes "
@@ -161,20 +166,28 @@ class StreamReader:
             self.ended = True
         return Section(kind, payload, flags, at)
 
-    def sections(self) -> Iterator[Section]:
-        """Every section up to END (not included), skipping optional ones of unknown type."""
+    def next_known(self) -> Section:
+        """The next section of a type this pyvmm knows (END included), skipping optional
+        ones of unknown type; StreamError for any other unknown type."""
         while True:
             section = self.next()
-            if section.type == SectionType.END:
-                return
-            if section.type not in SectionType._value2member_map_:
-                if section.flags & SectionFlag.OPTIONAL:
-                    continue
+            if section.type in SectionType._value2member_map_:
+                return section
+            if not section.flags & SectionFlag.OPTIONAL:
                 raise StreamError(
                     f"{self.what} has a section of type {section.type} at byte "
                     f"{section.offset}, which this pyvmm does not know (written by a newer one?)"
                 )
+
+    def sections(self) -> Iterator[Section]:
+        """Every section up to END (not included), skipping optional ones of unknown type."""
+        while (section := self.next_known()).type != SectionType.END:
             yield section
+
+    def expect_eof(self) -> None:
+        """StreamError unless the file ends here (after END: a file of one stream only)."""
+        if self._file.read(1):
+            raise StreamError(f"{self.what} has data after its END, at byte {self.offset}")
 
 
 def section_name(kind: int) -> str:
