@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import os
 import shutil
 import time
@@ -50,6 +51,7 @@ T = TypeVar("T")
 
 STATE_FILE = "state"
 MEMORY_FILE = "memory"
+MAX_STATE_FILE = 1 << 30  # components' states only: larger is not a state file
 
 
 class SnapshotError(PyvmmError):
@@ -66,6 +68,7 @@ class Snapshot:
     ram: list[RamExtent]
     pages: list[PageMap] | None = None  # an incremental snapshot: the pages its memory holds
     parent: Snapshot | None = None  # the snapshot an incremental one builds on
+    state_digest: str = ""  # the SHA-256 of the state file as it was read
 
     @property
     def config(self) -> MachineConfig:
@@ -244,7 +247,13 @@ def read(directory: str | os.PathLike[str], _depth: int = 0) -> Snapshot:
     if not state_path.is_file():
         raise SnapshotError(f"{source} is not a pyvmm snapshot (it has no {STATE_FILE} file)")
     try:
+        # Read once: what is checked, parsed and digested (a child's record of its parent)
+        # is the same bytes, whatever happens to the file meanwhile.
         with open(state_path, "rb") as file:
+            state = file.read(MAX_STATE_FILE + 1)
+        if len(state) > MAX_STATE_FILE:
+            raise SnapshotError(f"{what} is corrupt: its {STATE_FILE} file is over 1 GiB")
+        with io.BytesIO(state) as file:
             reader = StreamReader(file, f"{what}'s {STATE_FILE}")
             config = vmstate.decode_config(reader.next(), what)
             info: dict[str, Any] = {}
@@ -275,7 +284,9 @@ def read(directory: str | os.PathLike[str], _depth: int = 0) -> Snapshot:
     except RecursionError:
         raise SnapshotError(f"{what} is corrupt: too deeply nested") from None
     parent = _read_parent(source, info, pages, _depth)
-    snapshot = Snapshot(source, SavedMachine(config, components), info, ram, pages, parent)
+    saved = SavedMachine(config, components)
+    digest = hashlib.sha256(state).hexdigest()
+    snapshot = Snapshot(source, saved, info, ram, pages, parent, digest)
     _check_ram(snapshot)
     return snapshot
 
@@ -299,12 +310,13 @@ def _read_parent(
         raise SnapshotError(
             f"{what} is incremental on {parent_path}, which is gone: restore needs it"
         )
-    if _state_digest(parent_path) != info["parent_state"]:
+    parent = read(parent_path, depth + 1)
+    if parent.state_digest != info["parent_state"]:
         raise SnapshotError(
             f"{what} is incremental on {parent_path}, which has changed since (not the "
             "snapshot it was taken on)"
         )
-    return read(parent_path, depth + 1)
+    return parent
 
 
 def _decode_list(kind: type[T], payload: bytes, what: str) -> list[T]:
