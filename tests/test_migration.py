@@ -120,7 +120,7 @@ def migrate_in_process(
             destination_errors.append(str(err))
             return
         arrived.append((incoming.machine, digest(incoming.machine)))
-        incoming.machine.start()
+        incoming.start()
         incoming.confirm()
 
     thread = threading.Thread(target=destination)

@@ -314,6 +314,49 @@ def test_net_frames_cross_the_tap_both_ways() -> None:
                 time.sleep(0.01)
 
 
+def test_a_paused_nic_takes_no_frames_from_a_tap_it_shares() -> None:
+    """Two NICs on one multi-queue tap, as a migration's source and destination are: frames
+    go only to the queue of the one that runs, and a paused one's queue gets none."""
+    first = open_test_tap()
+    second = vnet.VirtioNet(first.tap_name)
+    try:
+        try:
+            link_up(first.tap_name)
+            sniffer = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        except PermissionError as err:
+            pytest.skip(f"cannot bring the tap up or send into it: {err}")
+        with sniffer:
+            sniffer.bind((first.tap_name, 0))
+
+            def frames_reaching(running: vnet.VirtioNet, paused: vnet.VirtioNet) -> list[bytes]:
+                paused.pause()
+                paused.pause()  # twice: as good as once
+                running.resume()
+                sent = []
+                for n in range(16):  # sixteen flows, which a hash would spread over queues
+                    frame = first.mac + bytes([2, 0, 0, 0, 0, n]) + b"\x88\xb5" + bytes(46)
+                    sniffer.send(frame)
+                    sent.append(frame)
+                with pytest.raises(BlockingIOError):
+                    os.read(paused._tap, 2048)
+                got: list[bytes] = []  # ours only: the host sends its own (IPv6 solicitations)
+                deadline = time.monotonic() + 5
+                while len(got) < len(sent) and time.monotonic() < deadline:
+                    with contextlib.suppress(BlockingIOError):
+                        frame = os.read(running._tap, 2048)
+                        if frame in sent:
+                            got.append(frame)
+                with pytest.raises(BlockingIOError):
+                    os.read(paused._tap, 2048)
+                return got
+
+            assert len(frames_reaching(second, first)) == 16
+            assert len(frames_reaching(first, second)) == 16
+    finally:
+        first.close()
+        second.close()
+
+
 @requires_kvm
 @pytest.mark.kvm
 def test_cli_plugs_virtio_devices(tmp_path: Path) -> None:

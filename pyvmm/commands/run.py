@@ -174,7 +174,7 @@ def run_incoming(args: argparse.Namespace) -> int:
         live.Endpoint.parse(args.incoming), console, expect=expect, trace_exits=args.exit_stats
     )
     with incoming.machine as machine:
-        return run_until_done(machine, args, started=incoming.confirm)
+        return run_until_done(machine, args, start=incoming.start, started=incoming.confirm)
 
 
 def inherited_console(given: str | None, info: dict[str, object]) -> str:
@@ -187,18 +187,22 @@ def inherited_console(given: str | None, info: dict[str, object]) -> str:
 
 
 def run_until_done(
-    machine: Machine, args: argparse.Namespace, started: Callable[[], None] | None = None
+    machine: Machine,
+    args: argparse.Namespace,
+    *,
+    start: Callable[[], None] | None = None,
+    started: Callable[[], None] | None = None,
 ) -> int:
     """Run the machine (serving --control meanwhile) until it ends; report how, as the exit
-    code and, unless the guest ended it, one line on stderr. `started` is called once the
-    vCPUs run."""
+    code and, unless the guest ended it, one line on stderr. `start` starts it (by default
+    `machine.start`); `started` is called once the vCPUs run."""
     server = None
     if args.control:
         from pyvmm.migration.control import ControlServer  # (start-up time: only when asked)
 
         server = ControlServer(machine, args.control, args.console)
     try:
-        machine.start()
+        (start or machine.start)()
         if started is not None:
             started()
         result = machine.wait(timeout=args.timeout)

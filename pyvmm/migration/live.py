@@ -428,12 +428,18 @@ def _failure(endpoint: Endpoint, err: BaseException) -> str:
 
 @dataclass
 class Incoming:
-    """A machine received from a migration, restored and not yet started: `start()` it, then
+    """A machine received from a migration, restored, paused and not yet started (its devices
+    take no host input yet: a tap's frames still go to the source): `start()` it, then
     `confirm()` so that the source stops."""
 
     machine: Machine
     info: dict[str, Any]
     _sock: socket.socket
+
+    def start(self) -> None:
+        """Start the machine and let it run (its devices take host input from now on)."""
+        self.machine.start()
+        self.machine.resume()
 
     def confirm(self) -> None:
         """Tell the source that this copy runs; MigrationError if it cannot be told (the
@@ -507,6 +513,7 @@ def take_in(
         except (PyvmmError, OSError) as err:
             _answer(sock, {"error": f"cannot build the machine: {err}"})
             raise
+        machine.pause()  # not started: it will start paused, its devices quiet
         _answer(sock, {"accept": True})
     except StreamError as err:
         _answer(sock, {"error": str(err)})

@@ -63,6 +63,12 @@ class VirtioBackend:
     def input_ready(self, fd: int) -> None:
         """One of `input_fds()` became readable (worker thread)."""
 
+    def pause(self) -> None:
+        """The machine pauses (the worker is parked): stop taking host input meant for it."""
+
+    def resume(self) -> None:
+        """The machine runs on: take host input again."""
+
     def reset(self) -> None:
         """The driver reset the device: forget everything negotiated."""
         self.driver_features = 0

@@ -5,6 +5,11 @@ virtio_net_hdr (the VERSION_1 layout, with num_buffers). Transmit strips the hea
 the frame to the tap; receive reads a frame from the tap and puts header and frame into the
 next receive chain. The worker waits on the tap only while the guest has receive buffers posted,
 so a full receive queue leaves frames in the tap's queue instead of spinning.
+
+The tap is opened multi-queue, so that a migration's destination on the same host can open it
+while the source still has it; each machine's queue is attached only while the machine runs
+(TUNSETQUEUE), so the kernel never hands a frame to a queue no one will read: a destination
+waiting for its state, or a source paused for its last round.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ log = logging.getLogger(__name__)
 
 TUN_DEVICE = "/dev/net/tun"
 TUNSETIFF = 0x400454CA  # _IOW('T', 202, int)
+TUNSETQUEUE = 0x400454D9  # _IOW('T', 217, int)
+IFF_ATTACH_QUEUE = 0x0200
+IFF_DETACH_QUEUE = 0x0400
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_MULTI_QUEUE = 0x0100
@@ -41,8 +49,9 @@ MAX_FRAME = 65535
 RX_BATCH = 64  # frames per wake-up, so transmit is not starved by a flood
 
 
-def open_tap(name: str) -> int:
-    """A non-blocking fd on the tap interface `name` (created if absent and allowed)."""
+def open_tap(name: str) -> tuple[int, bool]:
+    """A non-blocking fd on the tap interface `name` (created if absent and allowed), and
+    whether it is a queue of a multi-queue tap (which can be detached and attached)."""
     if not name or len(name.encode()) >= IFNAMSIZ:
         raise ConfigError(f"virtio-net: tap name {name!r} must be 1 to {IFNAMSIZ - 1} bytes")
     try:
@@ -57,17 +66,25 @@ def open_tap(name: str) -> int:
             # migration's destination on the same host opens the tap before the source ends.
             flags = IFF_TAP | IFF_NO_PI | IFF_MULTI_QUEUE
             fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
+            multi_queue = True
         except OSError as err:
             if err.errno != errno.EINVAL:  # a tap made without multi-queue takes one opener
                 raise
             fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI))
+            multi_queue = False
     except OSError as err:
         os.close(fd)
         raise ConfigError(
             f"virtio-net: cannot attach to tap {name}: {err.strerror} (needs CAP_NET_ADMIN, or "
             f"a tap made for this user: ip tuntap add {name} mode tap user $USER)"
         ) from None
-    return fd
+    return fd, multi_queue
+
+
+def set_queue_attached(fd: int, attached: bool) -> None:
+    """Attach a multi-queue tap's queue `fd` (frames are handed to it) or detach it."""
+    flags = IFF_ATTACH_QUEUE if attached else IFF_DETACH_QUEUE
+    fcntl.ioctl(fd, TUNSETQUEUE, struct.pack("16sH22x", b"", flags))
 
 
 class VirtioNet(VirtioBackend):
@@ -88,7 +105,7 @@ class VirtioNet(VirtioBackend):
             raise ConfigError(f"virtio-net: a MAC address has 6 bytes, not {len(mac)}")
         self.mac = mac if mac is not None else bytes([0x52, 0x54, 0x00]) + os.urandom(3)
         self.tap_name = tap
-        self._tap = open_tap(tap)
+        self._tap, self._multi_queue = open_tap(tap)
 
     def config(self) -> bytes:
         return self.mac
@@ -140,6 +157,22 @@ class VirtioNet(VirtioBackend):
             chain.write(0, RX_HEADER)
             chain.write(NET_HDR.size, frame)
             rx.push(chain, NET_HDR.size + len(frame))
+
+    def pause(self) -> None:
+        self._attach(False)
+
+    def resume(self) -> None:
+        self._attach(True)
+
+    def _attach(self, attached: bool) -> None:
+        if self._tap < 0 or not self._multi_queue:
+            return  # a single-queue tap: frames wait in it while the machine is paused
+        try:
+            set_queue_attached(self._tap, attached)
+        except OSError as err:  # EINVAL: already so
+            if err.errno != errno.EINVAL:
+                log.warning("%s: cannot %s its queue: %s", self.tap_name,
+                            "attach" if attached else "detach", err.strerror)  # fmt: skip
 
     def close(self) -> None:
         if self._tap >= 0:

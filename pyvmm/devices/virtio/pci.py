@@ -553,8 +553,10 @@ class VirtioPciDevice(PciFunction):
         with self._park:
             while self._pausing and not self._parked and self._worker.is_alive():
                 self._park.wait(0.1)
+        self.backend.pause()
 
     def resume(self) -> None:
+        self.backend.resume()
         with self._park:
             self._pausing = False
             self._park.notify_all()
