@@ -17,9 +17,11 @@ from test_machine_layer import assert_consecutive, console_of, count_in_ram, cou
 
 from pyvmm.errors import PyvmmError
 from pyvmm.machine import layout
+from pyvmm.machine.config import MachineConfig
 from pyvmm.machine.console import CaptureConsole
-from pyvmm.machine.machine import Machine
+from pyvmm.machine.machine import Machine, RunState
 from pyvmm.migration import snapshot
+from pyvmm.migration.live import Endpoint, Migration, MigrationError
 from pyvmm.migration.memory_file import GRANULE
 from pyvmm.migration.snapshot import SnapshotError
 
@@ -248,3 +250,41 @@ def test_a_snapshot_whose_machine_cannot_be_built_again_is_refused_in_one_line(
     with pytest.raises(PyvmmError) as caught:
         snapshot.restore(saved, CaptureConsole())
     assert str(disk) in str(caught.value) and "\n" not in str(caught.value)
+
+
+class PassedThroughLike:
+    """A stateful part whose own state cannot all be saved, as a passed-through device."""
+
+    state_type = MachineConfig  # any state dataclass will do: it is never saved here
+    state_caveat = "its own state is not saved"
+
+    def save(self) -> MachineConfig:
+        raise AssertionError("a refused snapshot must not save anything")
+
+    def restore(self, state: MachineConfig) -> None:
+        raise AssertionError("never restored")
+
+
+def test_a_machine_that_cannot_be_saved_whole_is_snapshotted_only_when_asked_and_never_moved(
+    tmp_path: Path,
+) -> None:
+    with counting_machine() as machine:
+        machine.components.add("pci/00:05.0", PassedThroughLike())
+        machine.start()
+        assert machine.pause()
+        with pytest.raises(
+            SnapshotError,
+            match=r"^pci/00:05.0: its own state is not saved; snapshot anyway with "
+            r"--allow-device-reset",
+        ):
+            snapshot.write(machine, tmp_path / "snap", {})
+        assert not (tmp_path / "snap").exists()
+        with pytest.raises(SnapshotError, match=r"incremental snapshot would miss it"):
+            snapshot.write(
+                machine, tmp_path / "inc", {}, parent=tmp_path, dirty=[], allow_device_reset=True
+            )
+        with pytest.raises(MigrationError, match=r"^cannot migrate this machine: pci/00:05.0"):
+            Migration(machine, Endpoint.parse(f"unix:{tmp_path / 'in.sock'}"), info={}).run()
+        machine.resume()
+        assert machine.state is RunState.RUNNING
+        machine.stop()

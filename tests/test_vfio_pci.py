@@ -24,12 +24,12 @@ from pyvmm.machine import layout
 from pyvmm.machine.address_space import AddressSpace
 from pyvmm.machine.bus import Bus
 from pyvmm.machine.memory import RamRegion, RegionKind
-from pyvmm.machine.state import StateError
+from pyvmm.machine.state import StateError, from_plain, to_plain
 from pyvmm.uapi import vfio as uapi
 from pyvmm.uapi.ioctl import IoctlError
 from pyvmm.vfio.device import DeviceInfo, IrqInfo, Region
 from pyvmm.vfio.interrupts import IrqMode
-from pyvmm.vfio.pci import VfioPciFunction
+from pyvmm.vfio.pci import VfioPciFunction, VfioPciFunctionState
 
 MiB = 1 << 20
 F = uapi.VfioRegionInfoFlag
@@ -231,8 +231,7 @@ def test_the_guest_sees_the_devices_identity_and_only_the_capabilities_pyvmm_vir
     assert guest.read(0x30, 4) == 0  # no ROM
     assert guest.read(0x3C, 1) == layout.pci_intx_gsi(4, 1)
     assert guest.read(MSIX + 2, 2) & 0x7FF == 4  # five MSI-X vectors, as the device has
-    with pytest.raises(StateError, match="cannot be saved"):
-        guest.function.save()
+    assert "own state" in guest.function.state_caveat  # a snapshot says what it leaves out
     guest.write(0x06, 2, 0xFFFF)  # status: read-only, nothing reaches the device
     assert guest.device.config_writes == [] or all(o != 6 for o, *_ in guest.device.config_writes)
 
@@ -379,6 +378,73 @@ def test_no_guest_traffic_breaks_the_rules(ops) -> None:
             check_rules(guest)
     finally:
         guest.close()
+
+
+def apply(guest: Guest, ops: list[tuple[str, int, int, int]]) -> None:
+    function = guest.function
+    for kind, offset, size, value in ops:
+        value &= (1 << (8 * size)) - 1
+        if kind == "config":
+            guest.write(offset, size, value)
+        elif kind == "bar":
+            guest.write(PCI_BASE_ADDRESS_0 + 4 * offset, 4, value)
+        elif kind == "table":
+            function.bar_write(3, offset, size, value)
+        elif kind == "vector":
+            function.bar_write(3, 16 * offset, 4, 0xFEE0_0000)
+            function.bar_write(3, 16 * offset + 8, 4, 0x40 + offset)
+            function.bar_write(3, 16 * offset + 12, 4, value)
+
+
+def seen_by_the_guest(guest: Guest) -> tuple[object, ...]:
+    """Everything the guest can observe of the function, and where its BARs and vectors go."""
+    config = [guest.read(offset, 4) for offset in range(0, 0x100, 4)]
+    config[(EXP + 8) // 4] &= ~0x8000  # FLR: a real device reads it 0, the fake keeps it
+    table = [guest.function.bar_read(3, offset, 4) for offset in range(0, 5 * 16, 4)]
+    slots = sorted((r.gpa, r.size) for r in guest.space.regions(RegionKind.DEVICE))
+    live = sorted(
+        i for i, fd in enumerate(guest.function.msix.eventfds) if fd.fd in guest.vm.irqfds
+    )
+    return config, table, slots, live, guest.function.interrupts.mode, guest.device.mode
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(OPS, min_size=1, max_size=40))
+@example(  # FLR asked for: a restore sets the guest's device control bits but resets nothing
+    [("config", EXP + 8, 2, 0x8000 | 0x2810), ("config", MSIX + 2, 2, 0x8000), ("vector", 2, 4, 0)]
+)
+def test_a_saved_function_restored_onto_a_reset_device_looks_the_same_to_the_guest(ops) -> None:
+    """Random guest traffic, then save; a fresh function over a device as reset takes the
+    state (as plain data, as a snapshot carries it): the guest sees the same config space,
+    MSI-X table, BAR slots, live vectors and interrupt index, the device got the guest's bits
+    back, and no FLR was replayed."""
+    first, second = Guest(), Guest()
+    try:
+        apply(first, ops)
+        saved = to_plain(first.function.save())
+        second.function.restore(from_plain(VfioPciFunctionState, saved))
+        assert seen_by_the_guest(second) == seen_by_the_guest(first)
+        for offset in DEVICE_WRITABLE:
+            mask = DEVICE_WRITABLE[offset] & (0x7F if offset == EXP + 9 else 0xFF)
+            assert second.device.config[offset] & mask == first.device.config[offset] & mask
+        assert not [w for o, _, w in second.device.config_writes if o == EXP + 8 and w[1] & 0x80], (
+            "an FLR was replayed"
+        )
+        check_rules(second)
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_saved_state_of_another_device_is_refused() -> None:
+    first, second = Guest(), Guest(FakeDevice(msix_vectors=3))
+    try:
+        saved = first.function.save()
+        with pytest.raises(StateError, match=r"another device.s"):
+            second.function.check(saved)
+    finally:
+        first.close()
+        second.close()
 
 
 def test_memory_decode_off_and_d3_unmap_the_slots_before_the_device_hears_of_it(

@@ -1,6 +1,6 @@
 """`pyvmm snapshot`: snapshot a running pyvmm through its control socket.
 
-pyvmm snapshot CONTROL DIR [--incremental] [--stop]
+pyvmm snapshot CONTROL DIR [--incremental] [--stop] [--allow-device-reset]
 """
 
 from __future__ import annotations
@@ -25,6 +25,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "new one builds on (restore needs both)",
     )
     command.add_argument("--stop", action="store_true", help="end the machine once written")
+    command.add_argument(
+        "--allow-device-reset",
+        action="store_true",
+        help="snapshot a machine with passed-through devices although their own state cannot "
+        "be saved (no VFIO migration yet): restored, each is as reset, with the config space, "
+        "BARs and interrupts its guest set up",
+    )
     command.set_defaults(func=cmd_snapshot)
 
 
@@ -36,7 +43,11 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     directory = str(Path(args.directory).absolute())  # the server's working directory may differ
     with ControlClient(args.control) as client:
         result = client.execute(
-            "snapshot", path=directory, stop=args.stop, incremental=args.incremental
+            "snapshot",
+            path=directory,
+            stop=args.stop,
+            incremental=args.incremental,
+            allow_device_reset=args.allow_device_reset,
         )
     print(
         f"pyvmm: snapshot {args.directory}: {result['ram_bytes'] >> 20} MiB of RAM, "

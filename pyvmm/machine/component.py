@@ -158,6 +158,16 @@ class Components:
             )
         return saved
 
+    def caveats(self) -> dict[str, str]:
+        """What the saved state of each part that cannot save all of it leaves out, by id: a
+        part says so with a `state_caveat` attribute (a passed-through device, whose own
+        state needs VFIO migration)."""
+        return {
+            cid: caveat
+            for cid, part in self._stateful().items()
+            if (caveat := getattr(part, "state_caveat", ""))
+        }
+
     def decode(self, saved: list[SavedState]) -> dict[str, Any]:
         """Check saved states against the parts (all of them, nothing else), rebuild each part's
         state and let the part `check` it; StateError naming the first that does not fit."""

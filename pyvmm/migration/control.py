@@ -115,11 +115,18 @@ class ControlServer:
         self.event("RESUME")
         return {}
 
-    def snapshot(self, path: str, stop: bool = False, incremental: bool = False) -> dict[str, Any]:
+    def snapshot(
+        self,
+        path: str,
+        stop: bool = False,
+        incremental: bool = False,
+        allow_device_reset: bool = False,
+    ) -> dict[str, Any]:
         """Pause (if running), write a snapshot to `path`, then resume, or stop with `stop`. A
         failed snapshot resumes the machine all the same. Every snapshot starts (or goes on
         with) the dirty log, so that an `incremental` one can follow: it holds only the pages
-        written since the previous snapshot, which it builds on."""
+        written since the previous snapshot, which it builds on. A machine with a passed-
+        through device is snapshotted only with `allow_device_reset` (snapshot.write)."""
         self._not_migrating()
         dirty = self.machine.dirty
         if incremental and (self._last_snapshot is None or not dirty.active):
@@ -130,7 +137,7 @@ class ControlServer:
         self.event("STOP", reason="snapshot")
         written = False
         try:
-            stats = self._write_snapshot(path, incremental)
+            stats = self._write_snapshot(path, incremental, allow_device_reset)
             written = True
         finally:
             if was_running and not (stop and written):
@@ -144,7 +151,9 @@ class ControlServer:
             "written_bytes": stats.written_bytes,
         }
 
-    def _write_snapshot(self, path: str, incremental: bool) -> snapshot.SnapshotStats:
+    def _write_snapshot(
+        self, path: str, incremental: bool, allow_device_reset: bool
+    ) -> snapshot.SnapshotStats:
         dirty = self.machine.dirty
         info = {"console": self.console, "time": time.time()}
         since = dirty.collect() if dirty.active else None
@@ -153,9 +162,18 @@ class ControlServer:
         try:
             if incremental:
                 parent = self._last_snapshot
-                stats = snapshot.write(self.machine, path, info, parent=parent, dirty=since)
+                stats = snapshot.write(
+                    self.machine,
+                    path,
+                    info,
+                    parent=parent,
+                    dirty=since,
+                    allow_device_reset=allow_device_reset,
+                )
             else:
-                stats = snapshot.write(self.machine, path, info)
+                stats = snapshot.write(
+                    self.machine, path, info, allow_device_reset=allow_device_reset
+                )
         except BaseException:
             if since is not None:
                 dirty.remark(since)  # the next incremental one must still have those pages

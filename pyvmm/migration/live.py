@@ -214,6 +214,12 @@ class Migration:
         be running it."""
         self._running = True
         started = time.monotonic()
+        caveats = self.machine.components.caveats()
+        if caveats:  # (and the destination could not open the device while this one has it)
+            first, caveat = next(iter(caveats.items()))
+            self.progress.status, self.progress.error = "failed", f"{first}: {caveat}"
+            self._finish(started)
+            raise MigrationError(f"cannot migrate this machine: {first}: {caveat}")
         paused = handed_over = False
         was_running = self.machine.state is RunState.RUNNING
         dirty = self.machine.dirty

@@ -123,12 +123,27 @@ def write(
     *,
     parent: str | os.PathLike[str] | None = None,
     dirty: list[DirtyBitmap] | None = None,
+    allow_device_reset: bool = False,
 ) -> SnapshotStats:
     """Write the machine, which must not be running (pause it), to a new `directory`. With
     `parent` (a snapshot of this machine) and `dirty` (the machine's dirty log collected
     since that snapshot was written), write an incremental snapshot: the state in full, but
-    of RAM only the pages in `dirty`; a restore layers it on its parent."""
+    of RAM only the pages in `dirty`; a restore layers it on its parent. A machine with a
+    part whose state cannot be saved whole (a passed-through device) is refused unless
+    `allow_device_reset`: restored, that device is as reset."""
     started = time.monotonic()
+    caveats = machine.components.caveats()
+    if caveats and not allow_device_reset:
+        first, caveat = next(iter(caveats.items()))
+        raise SnapshotError(
+            f"{first}: {caveat}; snapshot anyway with --allow-device-reset if its guest copes "
+            "with that"
+        )
+    if caveats and parent is not None:
+        raise SnapshotError(
+            f"{next(iter(caveats))}: what a passed-through device writes to RAM is not in the "
+            "dirty log, so an incremental snapshot would miss it: take a full one"
+        )
     target = Path(directory)
     if target.exists():
         raise SnapshotError(f"{target} exists: give a new directory for the snapshot")

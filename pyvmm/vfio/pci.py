@@ -29,6 +29,13 @@ emulated MSI-X table and PBA, or to the device with pread/pwrite. I/O BARs and B
 than a page are trapped whole. vfio-pci zaps its mmaps when the guest turns memory decode off
 or leaves D0, so the slots over them go before such a write reaches the device, and come back
 when the device decodes again (a BAR decodes only in D0).
+
+State: what pyvmm virtualizes is saved and restored (`VfioPciFunctionState`): the config space
+as the guest sees it, the guest's writes to the device's own registers (command, PM control,
+PCIe device control), MSI and MSI-X. The device's own state (its registers, buffers, queues)
+would need VFIO migration, which pyvmm does not do yet: a restored device is as the reset at
+open left it, reprogrammed with the guest's config writes, and the machine says so
+(`state_caveat`), so that a snapshot of it is taken only when asked for knowingly.
 """
 
 from __future__ import annotations
@@ -36,7 +43,8 @@ from __future__ import annotations
 import logging
 import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 from pyvmm.devices.pci.capability import (
     CAP_START,
@@ -61,7 +69,7 @@ from pyvmm.devices.pci.device import (
     PciFunctionState,
 )
 from pyvmm.devices.pci.msi import MSI_FLAGS_64BIT, MSI_FLAGS_MASKBIT, MSI_FLAGS_QMASK, Msi
-from pyvmm.devices.pci.msix import Msix
+from pyvmm.devices.pci.msix import Msix, MsixState
 from pyvmm.kvm.mmap import PAGE_SIZE
 from pyvmm.machine.state import StateError
 from pyvmm.uapi import vfio as uapi
@@ -90,6 +98,7 @@ PM_LENGTH = 8
 # capabilities +0xC, link control +0x10, link status +0x12; device control 2 at +0x28.
 EXP_DEVCTL, EXP_DEVSTA, EXP_LNKCAP, EXP_LNKCTL, EXP_LNKSTA = 8, 10, 12, 16, 18
 EXP_DEVCAP2, EXP_DEVCTL2 = 0x24, 0x28
+EXP_DEVCTL_BCR_FLR = 0x8000  # initiate function-level reset: an action, never replayed
 EXP_LENGTH = 0x3C
 EXP_LENGTH_V1 = 0x24
 EXP_LNKCAP_X1_2_5GT = 0x0000_0011  # max link speed 2.5 GT/s, max width x1
@@ -110,8 +119,25 @@ MIN_LENGTHS = {
 LiveField = tuple[int, int, int, int]
 
 
+@dataclass
+class VfioPciFunctionState:
+    """A passed-through function's virtualized state (not the device's own: see above)."""
+
+    VERSION: ClassVar[int] = 1
+
+    function: PciFunctionState  # the config space the guest sees, its writes to live fields
+    msix: MsixState | None  # the emulated table and pending bits (MSI lives in config space)
+
+
 class VfioPciFunction(PciFunction):
     """A VFIO device as a PCI function of the guest; plug it into the machine's bus 0."""
+
+    state_type: ClassVar[type] = VfioPciFunctionState
+    state_caveat: ClassVar[str] = (
+        "a passed-through device's own state (its registers, buffers, queues) cannot be saved "
+        "without VFIO migration: restored, the device is as reset, with the config space, BARs "
+        "and interrupts the guest set up"
+    )
 
     def __init__(
         self,
@@ -128,6 +154,9 @@ class VfioPciFunction(PciFunction):
         # A region shorter than the header (mtty's is 255 bytes) reads as zeros past its end.
         raw = device.read(self._config_region, 0, size).ljust(0x100, b"\0")
         self._config_size = size
+        # The device's own registers the guest writes (offset, size, bits): what a restore
+        # writes to the device again, since the shadow config holds the guest's last writes.
+        self._live_fields: list[tuple[int, int, int]] = []
         self._vfio_regions: dict[int, Region] = {}
         bars = self._bars(raw)
         vendor, device_id = struct.unpack_from("<HH", raw, 0)
@@ -187,6 +216,7 @@ class VfioPciFunction(PciFunction):
         # command: the device's, and the bits the guest may write go to it
         self.emulated[PCI_COMMAND : PCI_COMMAND + 2] = bytes(2)
         struct.pack_into("<H", self.wmask, PCI_COMMAND, COMMAND_WRITABLE)
+        self._live_fields.append((PCI_COMMAND, 2, COMMAND_WRITABLE))
         # status: the device's, read-only (vfio-pci drops status writes), but for the
         # capability-list bit, which is this list's
         struct.pack_into("<H", self.emulated, PCI_STATUS, STATUS_CAP_LIST)
@@ -252,6 +282,8 @@ class VfioPciFunction(PciFunction):
             self.emulated[at : at + size] = bytes(size)
             self.wmask[at : at + size] = writable.to_bytes(size, "little")
             self.w1cmask[at : at + size] = clear.to_bytes(size, "little")
+            if writable:
+                self._live_fields.insert(0, (at, size, writable))  # before the command
         return cap
 
     def _add_express(self, raw: bytes, offset: int, room: int) -> None:
@@ -263,6 +295,10 @@ class VfioPciFunction(PciFunction):
             (EXP_DEVCTL2, 2, 0xFFFF, 0),
         )
         cap = self._add_passthrough(PCI_CAP_ID_EXP, raw, offset, length, live)
+        devctl = (offset + EXP_DEVCTL, 2, 0xFFFF)
+        if devctl in self._live_fields:  # a restore sets the guest's bits, but resets nothing
+            at = self._live_fields.index(devctl)
+            self._live_fields[at] = (offset + EXP_DEVCTL, 2, 0xFFFF & ~EXP_DEVCTL_BCR_FLR)
         if length >= EXP_LNKSTA + 2:  # the link the guest sees: one trained lane
             cap.put(EXP_LNKCAP, 4, EXP_LNKCAP_X1_2_5GT)
             cap.put(EXP_LNKCTL, 2, 0)
@@ -433,22 +469,38 @@ class VfioPciFunction(PciFunction):
             return
         super().config_write(offset, size, value)
 
-    # state: a device's own state needs VFIO migration, which pyvmm does not do yet
+    # state (see the module docstring: the device's own is not in it)
 
-    def _no_state(self) -> StateError:
-        return StateError(
-            f"{self.name}: a passed-through device's state cannot be saved or restored (no "
-            "VFIO migration support yet)"
+    def save(self) -> VfioPciFunctionState:
+        return VfioPciFunctionState(
+            super().save(), self.msix.save() if self.msix is not None else None
         )
 
-    def save(self) -> PciFunctionState:
-        raise self._no_state()
+    def check(self, state: VfioPciFunctionState) -> None:
+        self.check_config(state.function)
+        if (state.msix is None) != (self.msix is None):
+            raise StateError(f"{self.name}: saved MSI-X state does not fit this device's")
+        if self.msix is not None and len(state.msix.table) != self.msix.table_size:
+            raise StateError(
+                f"{self.name}: saved MSI-X table has {len(state.msix.table)} bytes, this "
+                f"device's {self.msix.table_size}"
+            )
 
-    def check(self, state: PciFunctionState) -> None:
-        raise self._no_state()
-
-    def restore(self, state: PciFunctionState) -> None:
-        raise self._no_state()
+    def restore(self, state: VfioPciFunctionState) -> None:
+        """The guest's config space again, its writes to the device's registers replayed
+        (power state and device control first, the command register last), its interrupts
+        routed again, and the BARs where it put them."""
+        self.check(state)
+        self.unplace_bars()
+        self.config[:] = state.function.config
+        for offset, size, writable in self._live_fields:
+            value = int.from_bytes(self.config[offset : offset + size], "little")
+            self.device_config_write(offset, size, value, writable)
+        if self.msi is not None:
+            self.msi.update()
+        if self.msix is not None and state.msix is not None:
+            self.msix.restore(state.msix)
+        self.update_bars()
 
     # teardown
 

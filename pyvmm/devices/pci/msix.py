@@ -201,6 +201,8 @@ class Msix:
             self._table[:] = state.table
             for vector in range(self.vectors):
                 self._sync(vector)
+        if self._on_control is not None:  # a device behind it (VFIO) follows the restored bits
+            self._on_control(state.enabled, state.masked)
         for vector in state.pending:
             self.signal(vector)
 
