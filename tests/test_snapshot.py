@@ -19,6 +19,7 @@ from pyvmm.errors import PyvmmError
 from pyvmm.machine import layout
 from pyvmm.machine.config import MachineConfig
 from pyvmm.machine.console import CaptureConsole
+from pyvmm.machine.devices import pins_guest_ram
 from pyvmm.machine.machine import Machine, RunState
 from pyvmm.migration import snapshot
 from pyvmm.migration.live import Endpoint, Migration, MigrationError
@@ -288,3 +289,13 @@ def test_a_machine_that_cannot_be_saved_whole_is_snapshotted_only_when_asked_and
         machine.resume()
         assert machine.state is RunState.RUNNING
         machine.stop()
+
+
+def test_restore_maps_ram_unless_a_device_would_pin_it(tmp_path: Path) -> None:
+    """By default a restore maps the memory file (lazy); a machine with a passed-through
+    device, whose DMA mapping pins all RAM, gets a copy instead (lab: twice as fast)."""
+    target, *_ = snapshot_while_counting(tmp_path, upto=1024)
+    with snapshot.restore(snapshot.read(target), CaptureConsole()) as machine:
+        assert machine.memory.regions and not any(r.shared for r in machine.memory.regions)
+    assert pins_guest_ram("vfio-pci")
+    assert not any(pins_guest_ram(kind) for kind in ("virtio-blk", "virtio-net", "pci-testdev"))

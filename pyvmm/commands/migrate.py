@@ -71,7 +71,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         raise ControlError(f"migration failed: {status['error']}")
     print(
         f"pyvmm: migrated to {args.uri} in {status['seconds']:.2f} s, "
-        f"{status['round']} rounds, {status['sent_bytes'] >> 20} MiB sent, "
+        f"{status['round']} rounds, {status['sent_bytes'] / (1 << 20):.1f} MiB sent, "
         f"downtime {status['downtime_ms']:.1f} ms"
     )
     return 0

@@ -1,6 +1,6 @@
 """`pyvmm restore`: run a machine from a snapshot directory.
 
-pyvmm restore DIR [--copy] [--console SPEC] [--control PATH] [--timeout S]
+pyvmm restore DIR [--copy | --mmap] [--console SPEC] [--control PATH] [--timeout S]
 """
 
 from __future__ import annotations
@@ -16,14 +16,25 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="run a machine from a snapshot",
         description="Build the snapshot's machine, give it the snapshot's state and run it on. "
         "Its RAM maps the snapshot's memory file privately (nothing is read until the guest "
-        "touches it; the file is never written) unless --copy reads it into fresh RAM. Exit "
-        "codes as pyvmm run's.",
+        "touches it; the file is never written), or is read into fresh RAM: by default only "
+        "for a machine with a passed-through device, whose DMA mapping would read it all "
+        "anyway. Exit codes as pyvmm run's.",
     )
     command.add_argument("directory", metavar="DIR", help="a directory written by pyvmm snapshot")
-    command.add_argument(
+    mode = command.add_mutually_exclusive_group()
+    mode.add_argument(
         "--copy",
-        action="store_true",
+        action="store_const",
+        const=True,
+        dest="copy",
         help="read the memory file into new RAM, not map it",
+    )
+    mode.add_argument(
+        "--mmap",
+        action="store_const",
+        const=False,
+        dest="copy",
+        help="map the memory file, even for a machine with a passed-through device",
     )
     command.add_argument(
         "--console",

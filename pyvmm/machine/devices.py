@@ -88,6 +88,16 @@ def wire_platform(machine: Machine) -> Platform:
     return Platform(serial, rtc, pci)
 
 
+def pins_guest_ram(kind: str) -> bool:
+    """Whether a device of `kind` pins all guest RAM for its DMA (its module says so with
+    PINS_GUEST_RAM): an assigned device, for which a lazily loaded RAM is loaded in full at
+    once (snapshot.restore picks its RAM source by this)."""
+    module_name = DEVICE_KINDS.get(kind)
+    return module_name is not None and getattr(
+        importlib.import_module(module_name), "PINS_GUEST_RAM", False
+    )
+
+
 def create_device(machine: Machine, kind: str, options: dict[str, Any]) -> PciFunction:
     """The PCI function of an optional device (not plugged yet); ConfigError if the kind or
     its options are wrong."""

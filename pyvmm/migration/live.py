@@ -12,7 +12,9 @@ socket with JSON lines:
 
 A PAGES section is a u64 guest-physical address followed by the pages' bytes; ZERO_PAGES is a
 u64 address and a u64 length. Rounds go on while the pages left would take longer to send, at
-the bandwidth the last round had, than the downtime limit allows. When they fit, the source
+the bandwidth the last round had, than the downtime limit allows, less what the switch-over
+itself takes besides (the state, the destination's restore: estimated by how long the
+destination took to build its machine, at most half the limit). When they fit, the source
 pauses, sends the rest and the machine's state, and waits for the destination to say that its
 copy runs; only then does the source stop. A guest that dirties pages faster than they can be
 sent never fits: after `max_rounds` rounds the migration fails with the rates in its message,
@@ -231,8 +233,10 @@ class Migration:
                 writer = StreamWriter(out)
                 writer.section(SectionType.CONFIG, vmstate.encode_config(self.machine.config))
                 writer.section(SectionType.INFO, vmstate.encode_info(self.info))
+                asked = time.monotonic()
                 out.flush()
                 _expect(answers, sock, "accept", "building its machine")
+                switch_over = self._switch_over_estimate(time.monotonic() - asked)
                 self.progress.status = "active"
                 dirty.start()
                 self._send_all(writer)
@@ -240,7 +244,7 @@ class Migration:
                     bitmaps = dirty.collect()
                     left = sum(bitmap.count() for bitmap in bitmaps) * PAGE_SIZE
                     self.progress.dirty_bytes = left
-                    fits = left <= self.progress.bandwidth * self.downtime_limit
+                    fits = left <= self.progress.bandwidth * (self.downtime_limit - switch_over)
                     if fits:
                         break
                     if self.progress.round >= self.max_rounds:
@@ -346,6 +350,13 @@ class Migration:
         self.progress.sent_bytes += sent
         self.progress.rounds.append({"bytes": sent, "seconds": seconds})
         self.progress.round += 1
+
+    def _switch_over_estimate(self, accept_seconds: float) -> float:
+        """What the downtime spends besides sending the last pages: saving and sending the
+        state, and the destination restoring and starting it. The destination building its
+        machine (the wait for "accept") is of that order, so that much of the limit is kept
+        for it, at most half."""
+        return min(accept_seconds, self.downtime_limit / 2)
 
     def _converge(self, dirty: int) -> None:
         """Raise the throttle if the guest dirtied more than THROTTLE_TRIGGER of what the last

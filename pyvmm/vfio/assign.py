@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The machine's IOMMU context maps (pins) every RAM region for the device's DMA.
+PINS_GUEST_RAM = True
+
 MDEV_DIR = "/sys/bus/mdev/devices/"
 # Drivers that leave DMA to whoever owns the IOMMU group (the kernel's driver_managed_dma):
 # another device of the group may be bound to one of these, as the kernel allows.
