@@ -22,6 +22,7 @@ from pyvmm.machine.console import CaptureConsole
 from pyvmm.machine.devices import pins_guest_ram
 from pyvmm.machine.machine import Machine, RunState
 from pyvmm.migration import snapshot
+from pyvmm.migration.control import ControlServer
 from pyvmm.migration.live import Endpoint, Migration, MigrationError
 from pyvmm.migration.memory_file import GRANULE
 from pyvmm.migration.snapshot import SnapshotError
@@ -288,6 +289,13 @@ def test_a_machine_that_cannot_be_saved_whole_is_snapshotted_only_when_asked_and
             Migration(machine, Endpoint.parse(f"unix:{tmp_path / 'in.sock'}"), info={}).run()
         machine.resume()
         assert machine.state is RunState.RUNNING
+        server = ControlServer(machine, str(tmp_path / "vm.sock"))
+        try:  # refused before the pause: the machine runs on, with no dirty log started
+            with pytest.raises(SnapshotError, match="--allow-device-reset"):
+                server.snapshot(str(tmp_path / "snap"))
+            assert machine.state is RunState.RUNNING and not machine.dirty.active
+        finally:
+            server.close()
         machine.stop()
 
 

@@ -316,10 +316,13 @@ def test_net_frames_cross_the_tap_both_ways() -> None:
 
 def test_a_paused_nic_takes_no_frames_from_a_tap_it_shares() -> None:
     """Two NICs on one multi-queue tap, as a migration's source and destination are: frames
-    go only to the queue of the one that runs, and a paused one's queue gets none."""
+    go only to the queue of the one that runs with its driver up; a paused one's queue, or
+    one whose driver has not brought it up, gets none."""
     first = open_test_tap()
     second = vnet.VirtioNet(first.tap_name)
     try:
+        for backend in (first, second):
+            backend.activate(0, [])  # the driver brought it up
         try:
             link_up(first.tap_name)
             sniffer = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
@@ -351,6 +354,9 @@ def test_a_paused_nic_takes_no_frames_from_a_tap_it_shares() -> None:
                 return got
 
             assert len(frames_reaching(second, first)) == 16
+            assert len(frames_reaching(first, second)) == 16
+            second.resume()
+            second.reset()  # the driver took it down: it gets nothing, running or not
             assert len(frames_reaching(first, second)) == 16
     finally:
         first.close()

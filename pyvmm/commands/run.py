@@ -7,6 +7,9 @@ pyvmm run -k bzImage|vmlinux [-i initrd] [-p "console=ttyS0 ..."] [-m 256M] [-c 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import socket
 import sys
 from collections.abc import Callable
 
@@ -170,11 +173,25 @@ def run_incoming(args: argparse.Namespace) -> int:
         args.console = inherited_console(args.console, info)
         return open_console(args.console)
 
-    incoming = live.receive(
-        live.Endpoint.parse(args.incoming), console, expect=expect, trace_exits=args.exit_stats
-    )
+    control = None
+    if args.control:  # now: once the machine has come across, the source cannot have it back
+        from pyvmm.migration.control import listen_control
+
+        control = listen_control(args.control)
+    try:
+        incoming = live.receive(
+            live.Endpoint.parse(args.incoming), console, expect=expect, trace_exits=args.exit_stats
+        )
+    except BaseException:
+        if control is not None:
+            control.close()
+            with contextlib.suppress(OSError):
+                os.unlink(args.control)
+        raise
     with incoming.machine as machine:
-        return run_until_done(machine, args, start=incoming.start, started=incoming.confirm)
+        return run_until_done(
+            machine, args, start=incoming.start, started=incoming.confirm, control=control
+        )
 
 
 def inherited_console(given: str | None, info: dict[str, object]) -> str:
@@ -192,15 +209,16 @@ def run_until_done(
     *,
     start: Callable[[], None] | None = None,
     started: Callable[[], None] | None = None,
+    control: socket.socket | None = None,
 ) -> int:
-    """Run the machine (serving --control meanwhile) until it ends; report how, as the exit
-    code and, unless the guest ended it, one line on stderr. `start` starts it (by default
-    `machine.start`); `started` is called once the vCPUs run."""
+    """Run the machine (serving --control meanwhile, on `control` if it listens already) until
+    it ends; report how, as the exit code and, unless the guest ended it, one line on stderr.
+    `start` starts it (by default `machine.start`); `started` is called once the vCPUs run."""
     server = None
     if args.control:
         from pyvmm.migration.control import ControlServer  # (start-up time: only when asked)
 
-        server = ControlServer(machine, args.control, args.console)
+        server = ControlServer(machine, args.control, args.console, listener=control)
     try:
         (start or machine.start)()
         if started is not None:

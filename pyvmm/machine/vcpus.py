@@ -116,6 +116,7 @@ class VcpuThreads:
             self.state = RunState.PAUSED if self._pausing else RunState.RUNNING
             for vcpu in self.vcpus:
                 self._threads[vcpu.id] = start_thread(self._thread, f"vcpu{vcpu.id}", vcpu)
+            self._start_throttler()
 
     def stop(self, reason: StopReason, code: int = 0, detail: str = "") -> None:
         """End the run, from any thread (a vCPU's too). The first reason given wins."""
@@ -177,9 +178,13 @@ class VcpuThreads:
             raise ValueError(f"a throttle is 0 to {MAX_THROTTLE}, not {fraction}")
         with self._cond:
             self._throttle = fraction
-            if fraction and self._throttler is None and self.state is not RunState.STOPPED:
-                self._throttler = start_thread(self._throttle_thread, "throttle")
+            if self._threads:  # (else start() starts it: no kicks before there are threads)
+                self._start_throttler()
             self._cond.notify_all()  # a throttle thread, or a vCPU asleep, looks again
+
+    def _start_throttler(self) -> None:
+        if self._throttle and self._throttler is None and self.state is not RunState.STOPPED:
+            self._throttler = start_thread(self._throttle_thread, "throttle")
 
     @property
     def throttle_fraction(self) -> float:

@@ -59,7 +59,14 @@ class ControlServer:
     """Serves `machine` on a unix socket at `path` until `close()`; `console` is the --console
     spec the machine's console was opened with (recorded in snapshots)."""
 
-    def __init__(self, machine: Machine, path: str, console: str = "stdio") -> None:
+    def __init__(
+        self,
+        machine: Machine,
+        path: str,
+        console: str = "stdio",
+        *,
+        listener: socket.socket | None = None,
+    ) -> None:
         self.machine = machine
         self.path = path
         self.console = console
@@ -74,7 +81,9 @@ class ControlServer:
         }
         self._migration: Migration | None = None
         self._last_snapshot: str | None = None  # what an incremental snapshot builds on
-        self._listener = listen_unix(path, f"--control {path}")
+        # (a listener made earlier: a migration's destination checks --control before it
+        # takes the machine in, since the source cannot have it back once it has gone across)
+        self._listener = listener or listen_control(path)
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._listener, selectors.EVENT_READ)
         self._clients: dict[socket.socket, bytearray] = {}
@@ -128,6 +137,9 @@ class ControlServer:
         written since the previous snapshot, which it builds on. A machine with a passed-
         through device is snapshotted only with `allow_device_reset` (snapshot.write)."""
         self._not_migrating()
+        snapshot.check_savable(  # before the pause: a refusal leaves the machine alone
+            self.machine, allow_device_reset=allow_device_reset, incremental=incremental
+        )
         dirty = self.machine.dirty
         if incremental and (self._last_snapshot is None or not dirty.active):
             raise ControlError("no earlier snapshot of this machine to build on: take a full one")
@@ -157,8 +169,8 @@ class ControlServer:
         dirty = self.machine.dirty
         info = {"console": self.console, "time": time.time()}
         since = dirty.collect() if dirty.active else None
-        if since is None:
-            dirty.start()
+        if since is None and not self.machine.components.caveats():
+            dirty.start()  # for an incremental one next (never of a machine with caveats)
         try:
             if incremental:
                 parent = self._last_snapshot
@@ -335,6 +347,11 @@ class ControlServer:
         os.close(self._wake_w)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+
+
+def listen_control(path: str) -> socket.socket:
+    """The listening socket of a control server at `path` (ConfigError if it cannot be)."""
+    return listen_unix(path, f"--control {path}")
 
 
 def _check_arguments(command: Callable[..., Any], arguments: dict[str, Any]) -> str:

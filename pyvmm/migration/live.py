@@ -160,7 +160,7 @@ class Progress:
     sent_bytes: int = 0  # bytes of the stream sent so far, all rounds
     dirty_bytes: int = 0  # what the last round found dirty
     bandwidth: float = 0.0  # bytes per second, last round
-    throttle_percent: int = 0  # auto-converge's vCPU throttle now
+    throttle_percent: int = 0  # the vCPU throttle auto-converge reached (it ends with it)
     downtime_ms: float = 0.0  # paused until the destination ran (when completed)
     seconds: float = 0.0
     error: str = ""
@@ -488,7 +488,7 @@ def receive(
     try:
         if on_listening is not None:
             on_listening()
-        sock, _ = listener.accept()
+        sock = _first_speaker(listener)
     finally:
         listener.close()
         if endpoint.family == socket.AF_UNIX:
@@ -499,6 +499,20 @@ def receive(
     except BaseException:
         sock.close()
         raise
+
+
+def _first_speaker(listener: socket.socket) -> socket.socket:
+    """The first connection that sends something: one that closes without a word (another
+    pyvmm asking whether this socket is live, sockets.py) is not the source."""
+    while True:
+        sock, _ = listener.accept()
+        sock.settimeout(REPLY_TIMEOUT)
+        try:
+            if sock.recv(1, socket.MSG_PEEK):
+                return sock
+        except OSError:
+            pass
+        sock.close()
 
 
 def take_in(

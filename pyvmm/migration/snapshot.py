@@ -117,6 +117,26 @@ class SnapshotStats:
 # writing
 
 
+def check_savable(machine: Machine, *, allow_device_reset: bool, incremental: bool) -> None:
+    """SnapshotError if a part of `machine` cannot save all of its state (a passed-through
+    device) and that was not allowed, or the snapshot is incremental: what such a device
+    writes to RAM is not in the dirty log."""
+    caveats = machine.components.caveats()
+    if not caveats:
+        return
+    first, caveat = next(iter(caveats.items()))
+    if not allow_device_reset:
+        raise SnapshotError(
+            f"{first}: {caveat}; snapshot anyway with --allow-device-reset if its guest copes "
+            "with that"
+        )
+    if incremental:
+        raise SnapshotError(
+            f"{first}: what a passed-through device writes to RAM is not in the dirty log, so "
+            "an incremental snapshot would miss it: take a full one"
+        )
+
+
 def write(
     machine: Machine,
     directory: str | os.PathLike[str],
@@ -133,18 +153,7 @@ def write(
     part whose state cannot be saved whole (a passed-through device) is refused unless
     `allow_device_reset`: restored, that device is as reset."""
     started = time.monotonic()
-    caveats = machine.components.caveats()
-    if caveats and not allow_device_reset:
-        first, caveat = next(iter(caveats.items()))
-        raise SnapshotError(
-            f"{first}: {caveat}; snapshot anyway with --allow-device-reset if its guest copes "
-            "with that"
-        )
-    if caveats and parent is not None:
-        raise SnapshotError(
-            f"{next(iter(caveats))}: what a passed-through device writes to RAM is not in the "
-            "dirty log, so an incremental snapshot would miss it: take a full one"
-        )
+    check_savable(machine, allow_device_reset=allow_device_reset, incremental=parent is not None)
     target = Path(directory)
     if target.exists():
         raise SnapshotError(f"{target} exists: give a new directory for the snapshot")
@@ -266,9 +275,10 @@ def read(directory: str | os.PathLike[str], _depth: int = 0) -> Snapshot:
         # Read once: what is checked, parsed and digested (a child's record of its parent)
         # is the same bytes, whatever happens to the file meanwhile.
         with open(state_path, "rb") as file:
-            state = file.read(MAX_STATE_FILE + 1)
-        if len(state) > MAX_STATE_FILE:
-            raise SnapshotError(f"{what} is corrupt: its {STATE_FILE} file is over 1 GiB")
+            size = os.fstat(file.fileno()).st_size
+            if size > MAX_STATE_FILE:
+                raise SnapshotError(f"{what} is corrupt: its {STATE_FILE} file is over 1 GiB")
+            state = file.read(size + 1)  # (one that grew meanwhile has data after its END)
         with io.BytesIO(state) as file:
             reader = StreamReader(file, f"{what}'s {STATE_FILE}")
             config = vmstate.decode_config(reader.next(), what)

@@ -1,9 +1,14 @@
 """The unix sockets pyvmm listens on (a control socket, a migration's --incoming): private to
 the user (0600), and a stale socket file left by a pyvmm that ended without removing it is
-replaced, but never a live one or a file that is not a socket."""
+replaced, but never a live one, another user's, or a file that is not a socket.
+
+Whether a socket file is live is asked by connecting to it (refused: stale), so a listener must
+expect connections that close without a word: the control server drops them, and a migration's
+destination goes on waiting (live.receive)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import stat
@@ -22,8 +27,19 @@ def listen_unix(path: str, what: str, backlog: int = 8) -> socket.socket:
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(path)
-        except OSError:
-            target.unlink()  # stale: no one listens
+        except OSError as err:
+            if err.errno in (errno.EACCES, errno.EPERM):
+                raise ConfigError(f"{what}: another user's socket is there") from None
+            if err.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+                raise ConfigError(
+                    f"{what}: cannot tell whether {path} is in use: {err.strerror}"
+                ) from None
+            try:
+                target.unlink(missing_ok=True)  # stale: no one listens
+            except OSError as unlink_err:
+                raise ConfigError(
+                    f"{what}: a stale socket is there and cannot be removed: {unlink_err.strerror}"
+                ) from None
         else:
             raise ConfigError(f"{what}: another process is listening there")
         finally:

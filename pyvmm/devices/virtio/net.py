@@ -7,9 +7,11 @@ next receive chain. The worker waits on the tap only while the guest has receive
 so a full receive queue leaves frames in the tap's queue instead of spinning.
 
 The tap is opened multi-queue, so that a migration's destination on the same host can open it
-while the source still has it; each machine's queue is attached only while the machine runs
-(TUNSETQUEUE), so the kernel never hands a frame to a queue no one will read: a destination
-waiting for its state, or a source paused for its last round.
+while the source still has it. Each machine's queue is attached (TUNSETQUEUE) only while its
+driver has the device up and the machine runs, so the kernel hands no frame to a queue no one
+will read: a destination waiting for its state, a source paused for its last round. A paused
+machine's frames go to another queue of the tap, or are dropped as a full queue's would be (a
+detach drops what the queue held); a tap made without multi-queue keeps them queued instead.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from pyvmm.devices.virtio.backend import VIRTIO_ID_NET, VirtioBackend
 from pyvmm.devices.virtio.pci import VirtioPciDevice
+from pyvmm.devices.virtio.queue import Virtqueue
 from pyvmm.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -106,6 +109,10 @@ class VirtioNet(VirtioBackend):
         self.mac = mac if mac is not None else bytes([0x52, 0x54, 0x00]) + os.urandom(3)
         self.tap_name = tap
         self._tap, self._multi_queue = open_tap(tap)
+        self._up = False  # the driver activated the device
+        self._paused = False
+        self._attached = True  # (TUNSETIFF attaches the queue)
+        self._follow()
 
     def config(self) -> bytes:
         return self.mac
@@ -158,21 +165,36 @@ class VirtioNet(VirtioBackend):
             chain.write(NET_HDR.size, frame)
             rx.push(chain, NET_HDR.size + len(frame))
 
+    def activate(self, features: int, queues: list[Virtqueue]) -> None:
+        super().activate(features, queues)
+        self._up = True
+        self._follow()
+
+    def reset(self) -> None:
+        super().reset()
+        self._up = False
+        self._follow()
+
     def pause(self) -> None:
-        self._attach(False)
+        self._paused = True
+        self._follow()
 
     def resume(self) -> None:
-        self._attach(True)
+        self._paused = False
+        self._follow()
 
-    def _attach(self, attached: bool) -> None:
-        if self._tap < 0 or not self._multi_queue:
-            return  # a single-queue tap: frames wait in it while the machine is paused
+    def _follow(self) -> None:
+        """Attach the tap queue while the device is up and the machine runs, else detach it."""
+        wanted = self._up and not self._paused
+        if self._tap < 0 or not self._multi_queue or wanted == self._attached:
+            return  # (a single-queue tap cannot be detached)
         try:
-            set_queue_attached(self._tap, attached)
-        except OSError as err:  # EINVAL: already so
-            if err.errno != errno.EINVAL:
-                log.warning("%s: cannot %s its queue: %s", self.tap_name,
-                            "attach" if attached else "detach", err.strerror)  # fmt: skip
+            set_queue_attached(self._tap, wanted)
+        except OSError as err:
+            log.warning("%s: cannot %s its queue: %s", self.tap_name,
+                        "attach" if wanted else "detach", err.strerror)  # fmt: skip
+            return
+        self._attached = wanted
 
     def close(self) -> None:
         if self._tap >= 0:
