@@ -72,7 +72,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     print(
         f"pyvmm: migrated to {args.uri} in {status['seconds']:.2f} s, "
         f"{status['round']} rounds, {status['sent_bytes'] / (1 << 20):.1f} MiB sent, "
-        f"downtime {status['downtime_ms']:.1f} ms"
+        f"downtime {status['downtime_ms']:.1f} ms ("
+        + ", ".join(f"{k} {v:.1f}" for k, v in status["downtime_phases_ms"].items())
+        + ")"
     )
     return 0
 

@@ -14,7 +14,10 @@ A PAGES section is a u64 guest-physical address followed by the pages' bytes; ZE
 u64 address and a u64 length. Rounds go on while the pages left would take longer to send, at
 the bandwidth the last round had, than the downtime limit allows, less what the switch-over
 itself takes besides (the state, the destination's restore: estimated by how long the
-destination took to build its machine, at most half the limit). When they fit, the source
+destination took to build its machine, at most half the limit); and while they fit, rounds
+still go on as long as each would halve what is left (the guest dirties pages at less than half
+the rate they are sent), down to a tenth of that budget, so that the downtime is that of a
+last round as short as the guest's pace allows. When they fit, the source
 pauses, sends the rest and the machine's state, and waits for the destination to say that its
 copy runs; only then does the source stop. A guest that dirties pages faster than they can be
 sent never fits: after `max_rounds` rounds the migration fails with the rates in its message,
@@ -162,6 +165,9 @@ class Progress:
     bandwidth: float = 0.0  # bytes per second, last round
     throttle_percent: int = 0  # the vCPU throttle auto-converge reached (it ends with it)
     downtime_ms: float = 0.0  # paused until the destination ran (when completed)
+    # where the downtime went: pausing, the last pages, saving and sending the state, and the
+    # destination restoring and starting it (until its answer came)
+    downtime_phases_ms: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     error: str = ""
     rounds: list[dict[str, float]] = field(default_factory=list)
@@ -244,28 +250,35 @@ class Migration:
                     bitmaps = dirty.collect()
                     left = sum(bitmap.count() for bitmap in bitmaps) * PAGE_SIZE
                     self.progress.dirty_bytes = left
-                    fits = left <= self.progress.bandwidth * (self.downtime_limit - switch_over)
-                    if fits:
+                    budget = self.progress.bandwidth * (self.downtime_limit - switch_over)
+                    if left <= budget and not self._worth_another_round(left, budget):
                         break
                     if self.progress.round >= self.max_rounds:
+                        if left <= budget:
+                            break
                         raise MigrationError(self._no_convergence())
                     if self.auto_converge:
                         self._converge(left)
                     self._send_round(writer, bitmaps)
                 self.progress.status = "completing"
-                paused_at = time.monotonic()
+                phases = _Phases()
                 if not self.machine.pause():
                     raise MigrationError("the machine stopped during the migration")
                 paused = True
+                phases.end("pause")
                 # What the last look found dirty, and whatever was dirtied since.
                 self._send_round(writer, _union(bitmaps, dirty.collect()))
+                phases.end("last_pages")
                 saved = self.machine.save()
                 for state in saved.components:
                     writer.section(SectionType.COMPONENT, vmstate.encode_component(state))
                 writer.end()
                 handed_over = True
+                phases.end("state")
                 _expect(answers, sock, "resumed", "restoring the machine")
-                self.progress.downtime_ms = (time.monotonic() - paused_at) * 1000
+                phases.end("destination")
+                self.progress.downtime_ms = phases.total_ms
+                self.progress.downtime_phases_ms = phases.ms
                 dirty.stop()
                 self.machine.throttle(0)
         except BaseException as err:
@@ -351,6 +364,15 @@ class Migration:
         self.progress.rounds.append({"bytes": sent, "seconds": seconds})
         self.progress.round += 1
 
+    def _worth_another_round(self, left: int, budget: float) -> bool:
+        """Whether one more round, with the guest running, would shrink the pages left (and
+        the downtime) by half at least: the guest dirtied them at less than half the rate
+        they are sent. Not for what is already a tenth of the budget."""
+        if left <= budget / 10:
+            return False
+        dirty_rate = left / max(self.progress.rounds[-1]["seconds"], 1e-6)
+        return dirty_rate < self.progress.bandwidth / 2
+
     def _switch_over_estimate(self, accept_seconds: float) -> float:
         """What the downtime spends besides sending the last pages: saving and sending the
         state, and the destination restoring and starting it. The destination building its
@@ -386,6 +408,23 @@ class Migration:
             f"still left, more than {self.downtime_limit * 1000:.0f} ms of downtime allows; "
             f"{remedy} (the source runs on)"
         )
+
+
+class _Phases:
+    """Times of consecutive phases, from when it was made."""
+
+    def __init__(self) -> None:
+        self._started = self._last = time.monotonic()
+        self.ms: dict[str, float] = {}
+
+    def end(self, name: str) -> None:
+        now = time.monotonic()
+        self.ms[name] = round((now - self._last) * 1000, 3)
+        self._last = now
+
+    @property
+    def total_ms(self) -> float:
+        return (self._last - self._started) * 1000
 
 
 @contextlib.contextmanager
