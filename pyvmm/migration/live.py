@@ -257,7 +257,7 @@ class Migration:
                         if left <= budget:
                             break
                         raise MigrationError(self._no_convergence())
-                    if self.auto_converge:
+                    if self.auto_converge and left > budget:  # (not while converging)
                         self._converge(left)
                     self._send_round(writer, bitmaps)
                 self.progress.status = "completing"
