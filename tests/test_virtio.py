@@ -266,6 +266,18 @@ def link_up(name: str) -> None:
         fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH22x", name.encode(), flags | IFF_UP))
 
 
+def tap_sniffer(name: str) -> socket.socket:
+    """The tap `name`, up, and a raw socket on it that sees and sends its frames (the test
+    skips, saying why, where this host does not allow that)."""
+    try:
+        link_up(name)
+        sniffer = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+    except PermissionError as err:
+        pytest.skip(f"cannot bring the tap up or open a raw socket on it: {err}")
+    sniffer.bind((name, 0))
+    return sniffer
+
+
 def test_net_tap_errors_are_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match="tap name"):
         vnet.VirtioNet("x" * 16)
@@ -280,13 +292,7 @@ def test_net_frames_cross_the_tap_both_ways() -> None:
     with virtio_device(backend) as (_, device, driver):
         assert device.bar_read(0, 0x2000, 6) == int.from_bytes(backend.mac, "little")
         driver.start(0, 1)
-        try:
-            link_up(backend.tap_name)
-            sniffer = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-        except PermissionError as err:
-            pytest.skip(f"cannot bring the tap up or sniff it: {err}")
-        with sniffer:
-            sniffer.bind((backend.tap_name, 0))
+        with tap_sniffer(backend.tap_name) as sniffer:
             sniffer.settimeout(5)
             # guest -> host: a frame on the transmit queue comes out of the tap
             frame = b"\xff" * 6 + backend.mac + struct.pack(">H", TEST_ETHERTYPE) + b"tx" * 30
@@ -323,13 +329,7 @@ def test_a_paused_nic_takes_no_frames_from_a_tap_it_shares() -> None:
     try:
         for backend in (first, second):
             backend.activate(0, [])  # the driver brought it up
-        try:
-            link_up(first.tap_name)
-            sniffer = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-        except PermissionError as err:
-            pytest.skip(f"cannot bring the tap up or send into it: {err}")
-        with sniffer:
-            sniffer.bind((first.tap_name, 0))
+        with tap_sniffer(first.tap_name) as sniffer:
 
             def frames_reaching(running: vnet.VirtioNet, paused: vnet.VirtioNet) -> list[bytes]:
                 paused.pause()
