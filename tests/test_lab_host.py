@@ -555,6 +555,11 @@ if mode == "qemu-error":
 if mode == "init-fails":
     os.write(fds["console"], b"{fail}cannot mount the host's root over 9p\\n")
     sys.exit(0)
+if mode == "panics":
+    os.write(fds["console"], b"RIP: 0010:old_oops+0x1/0x2\\nBUG: x\\n"
+             b"RIP: 0010:vmx_vcpu_run+0x4c/0x90\\n"
+             b"Kernel panic - not syncing: Fatal exception in interrupt\\n")
+    sys.exit(0)
 agent(Kind.HELLO, b'{{"uptime": 2.5}}')
 if mode == "ok":
     agent(Kind.STDOUT, b"out\\n")
@@ -643,6 +648,16 @@ def test_an_init_failure_is_reported_in_one_line(fake_lab: FakeLab) -> None:
     assert str(excinfo.value) == (
         "the lab stopped before the command finished: cannot mount the host's root over 9p "
         "(rerun with --verbose to see its console)"
+    )
+
+
+def test_a_kernel_panic_is_reported_in_one_line_with_where_it_crashed(fake_lab: FakeLab) -> None:
+    with pytest.raises(LabError) as excinfo:
+        fake_lab.run("panics")
+    assert str(excinfo.value) == (
+        "the lab stopped before the command finished: Kernel panic - not syncing: Fatal "
+        "exception in interrupt (RIP: 0010:vmx_vcpu_run+0x4c/0x90) (rerun with --verbose to "
+        "see its console)"
     )
 
 

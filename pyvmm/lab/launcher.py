@@ -441,7 +441,9 @@ class _Relay:
         if init_failures:
             why = init_failures[-1]
         elif panics:
-            why = panics[-1]
+            # where it crashed: the last oops' RIP, so that a report names the function
+            rips = [line.split("RIP:", 1)[1].strip() for line in console if "RIP:" in line]
+            why = panics[-1] + (f" (RIP: {rips[-1]})" if rips else "")
         elif qemu_lines:
             why = qemu_lines[-1]
         else:
