@@ -642,22 +642,25 @@ def test_the_temporary_files_are_removed(fake_lab: FakeLab) -> None:
     assert fake_lab.record["drive_sizes"] == {image: 64 << 20}
 
 
-def test_an_init_failure_is_reported_in_one_line(fake_lab: FakeLab) -> None:
+@pytest.mark.parametrize(
+    ("mode", "why"),
+    [
+        ("init-fails", "cannot mount the host's root over 9p"),
+        (  # a kernel panic, with where it crashed
+            "panics",
+            "Kernel panic - not syncing: Fatal exception in interrupt "
+            "(RIP: 0010:vmx_vcpu_run+0x4c/0x90)",
+        ),
+    ],
+)
+def test_a_lab_that_stops_early_is_reported_in_one_line(
+    fake_lab: FakeLab, mode: str, why: str
+) -> None:
     with pytest.raises(LabError) as excinfo:
-        fake_lab.run("init-fails")
+        fake_lab.run(mode)
     assert str(excinfo.value) == (
-        "the lab stopped before the command finished: cannot mount the host's root over 9p "
+        f"the lab stopped before the command finished: {why} "
         "(rerun with --verbose to see its console)"
-    )
-
-
-def test_a_kernel_panic_is_reported_in_one_line_with_where_it_crashed(fake_lab: FakeLab) -> None:
-    with pytest.raises(LabError) as excinfo:
-        fake_lab.run("panics")
-    assert str(excinfo.value) == (
-        "the lab stopped before the command finished: Kernel panic - not syncing: Fatal "
-        "exception in interrupt (RIP: 0010:vmx_vcpu_run+0x4c/0x90) (rerun with --verbose to "
-        "see its console)"
     )
 
 
