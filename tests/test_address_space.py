@@ -4,6 +4,7 @@ DMA mapping of guest RAM for assigned devices and the dirty log of pyvmm's own w
 
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 from pyvmm.devices.virtio.queue import VIRTQ_DESC_F_WRITE, Virtqueue
 from pyvmm.kvm.mmap import Mapping
 from pyvmm.machine.address_space import AddressSpace, AddressSpaceError
-from pyvmm.machine.dirty import DirtyLog
+from pyvmm.machine.dirty import DirtyBitmap, DirtyLog
 from pyvmm.machine.dma import IdentityDma
 from pyvmm.machine.memory import MemoryRegion, RamRegion, RegionKind
 from pyvmm.uapi import kvm as uapi
@@ -232,6 +233,17 @@ def test_dirty_log_merges_kvm_and_pyvmm_writes_in_bitmaps(space, bar: Mapping) -
     assert not any(flags & uapi.KVM_MEM_LOG_DIRTY_PAGES for *_, flags in slots.slots.values())
     space.memory.write(0x9000, b"after")
     assert space.memory.on_write is None
+
+
+@given(st.integers(1, 3000), st.integers(0, 2**3000 - 1), st.integers(0, 2**3000 - 1))
+def test_dirty_ranges_are_the_runs_of_dirty_pages(pages: int, kvm: int, vmm: int) -> None:
+    kvm, vmm = kvm >> (3000 - pages), vmm >> (3000 - pages)  # (any pattern, down to one page)
+    size = (pages + 7) // 8
+    bitmap = DirtyBitmap(1 << 32, pages, kvm.to_bytes(size, "little"), vmm.to_bytes(size, "little"))
+    runs = bitmap.ranges()
+    covered = [gpa + at for gpa, length in runs for at in range(0, length, PAGE)]
+    assert covered == list(bitmap.addresses())
+    assert all(a + n < b for (a, n), (b, _) in itertools.pairwise(runs))  # maximal
 
 
 @settings(max_examples=60, deadline=None)

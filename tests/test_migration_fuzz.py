@@ -165,13 +165,26 @@ def test_pages_aimed_anywhere_are_refused_or_land_in_ram(
         )
     )
     size = data.draw(st.sampled_from([0, 1, 4096, 8192, 4 << 20, (4 << 20) + 4096]))
-    kind = data.draw(st.sampled_from([SectionType.PAGES, SectionType.ZERO_PAGES]))
+    kind = data.draw(
+        st.sampled_from([SectionType.PAGES, SectionType.ZERO_PAGES, SectionType.PAGE_RUNS])
+    )
     if kind == SectionType.PAGES:
         payload = struct.pack("<Q", gpa) + bytes(size)
-    else:
+    elif kind == SectionType.ZERO_PAGES:
         payload = struct.pack("<QQ", gpa, data.draw(st.sampled_from([size, 2**64 - 1])))
+    else:  # runs: the hostile one among good ones, counts and lengths that may not agree
+        runs = [(4096, 1), (gpa, size // 4096), (1 << 20, 2)]
+        count = data.draw(st.sampled_from([len(runs), 0, 2**32 - 1]))
+        pages = sum(n for _, n in runs) * 4096 + data.draw(st.sampled_from([0, -4096, 4096, 1]))
+        table = b"".join(struct.pack("<QI", at, n) for at, n in runs)
+        payload = struct.pack("<I", count) + table + bytes(max(pages, 0))
     sections[index] = (kind, 0, payload)
     take_or_refuse(stream(sections))
+
+
+def test_a_dirty_round_sends_page_runs(migration_stream: bytes) -> None:
+    """The rounds after the first send the counter guest's scattered pages many to a section."""
+    assert SectionType.PAGE_RUNS in [kind for kind, _, _ in sections_of(migration_stream)]
 
 
 @FUZZ

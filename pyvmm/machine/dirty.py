@@ -14,6 +14,7 @@ on (and reported dirty in full, since nothing of it was ever collected).
 from __future__ import annotations
 
 import functools
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from pyvmm.kvm.mmap import PAGE_SIZE
 from pyvmm.machine.address_space import AddressSpace
 from pyvmm.machine.memory import MemoryRegion, RegionKind
+
+_SET_BYTES = re.compile(rb"[^\x00]+")  # runs of bitmap bytes with a dirty page in each
 
 
 def _bits_to_bytes(bits: int, pages: int) -> bytes:
@@ -76,13 +79,19 @@ class DirtyBitmap:
                 byte ^= low
 
     def ranges(self) -> list[tuple[int, int]]:
-        """(gpa, size) of each run of consecutive dirty pages."""
+        """(gpa, size) of each run of consecutive dirty pages. The zero bytes between runs are
+        skipped by a regex scan, in C: a sparse bitmap of a large region costs little."""
         runs: list[tuple[int, int]] = []
-        for address in self.addresses():
-            if runs and runs[-1][0] + runs[-1][1] == address:
-                runs[-1] = (runs[-1][0], runs[-1][1] + PAGE_SIZE)
-            else:
-                runs.append((address, PAGE_SIZE))
+        for match in _SET_BYTES.finditer(self.bitmap):
+            page, bits = match.start() * 8, int.from_bytes(match.group(), "little")
+            while bits:
+                clear = (bits & -bits).bit_length() - 1
+                bits >>= clear
+                page += clear
+                dirty = (bits ^ (bits + 1)).bit_length() - 1  # the run of ones at the bottom
+                runs.append((self.gpa + page * PAGE_SIZE, dirty * PAGE_SIZE))
+                bits >>= dirty
+                page += dirty
         return runs
 
 

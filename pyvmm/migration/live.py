@@ -11,7 +11,8 @@ socket with JSON lines:
                                          <-     {"resumed": true} | {"error": "why"}
 
 A PAGES section is a u64 guest-physical address followed by the pages' bytes; ZERO_PAGES is a u64
-address and a u64 length. Rounds go on while the pages left would take longer to send, at the
+address and a u64 length; PAGE_RUNS carries many short runs of pages, each with its address (a
+round's dirty pages are scattered, and a section apiece would cost more than their bytes). Rounds go on while the pages left would take longer to send, at the
 bandwidth the last round had, than the downtime limit allows, less what the switch-over itself
 takes besides (the state, the destination's restore: estimated by how long the destination took to
 build its machine, at most half the limit); and while they fit, rounds still go on as long as each
@@ -59,6 +60,7 @@ from pyvmm.machine.vcpus import MAX_THROTTLE
 from pyvmm.migration import memory_file, vmstate
 from pyvmm.migration.sockets import listen_unix
 from pyvmm.migration.stream import (
+    Section,
     SectionType,
     StreamError,
     StreamReader,
@@ -68,8 +70,12 @@ from pyvmm.migration.stream import (
 
 log = logging.getLogger(__name__)
 
-CHUNK = 4 << 20  # bytes of pages per PAGES section
+CHUNK = 4 << 20  # bytes of pages per PAGES or PAGE_RUNS section
+LONG_RUN = 64 << 10  # dirty pages in a run this long go in a PAGES section of their own
+MAX_RUNS = 4096  # runs per PAGE_RUNS section
 _ADDRESS = struct.Struct("<Q")
+_RUN_COUNT = struct.Struct("<I")
+_RUN = struct.Struct("<QI")  # a run's guest-physical address and its number of pages
 _ZERO = struct.Struct("<QQ")
 _ZERO_CHUNK = bytes(CHUNK)
 REPLY_TIMEOUT = 60.0  # seconds the source waits for an answer (a destination building a VM)
@@ -332,11 +338,21 @@ class Migration:
         self._round_done(started, writer.written - before)
 
     def _send_round(self, writer: StreamWriter, bitmaps: list[DirtyBitmap]) -> None:
+        """The pages of `bitmaps`: a guest dirties pages here and there, so short runs go many
+        to a PAGE_RUNS section (a section apiece would cost more than the pages); long ones
+        go as `_send_range` sends them, their chunks of zeros as ZERO_PAGES."""
         started, before = time.monotonic(), writer.written
         memory = self.machine.memory
+        batch = _RunBatch(writer)
         for bitmap in bitmaps:
             for gpa, size in bitmap.ranges():
-                self._send_range(writer, gpa, memory.slice(gpa, size), zeros=True)
+                if self._cancelled:
+                    raise MigrationError("cancelled: the machine is ending")
+                if size >= LONG_RUN:
+                    self._send_range(writer, gpa, memory.slice(gpa, size), zeros=True)
+                else:
+                    batch.add(gpa, memory.slice(gpa, size))
+        batch.send()
         writer.flush()
         self._round_done(started, writer.written - before)
 
@@ -442,6 +458,33 @@ def _connection(endpoint: Endpoint) -> Iterator[socket.socket]:
 def _union(first: list[DirtyBitmap], second: list[DirtyBitmap]) -> list[DirtyBitmap]:
     earlier = {bitmap.gpa: bitmap for bitmap in first}
     return [earlier[b.gpa] | b if b.gpa in earlier else b for b in second]
+
+
+class _RunBatch:
+    """Short runs of pages gathered into PAGE_RUNS sections: u32 count, count x (u64 address,
+    u32 pages), then the runs' pages one after another."""
+
+    def __init__(self, writer: StreamWriter) -> None:
+        self._writer = writer
+        self._runs: list[bytes] = []
+        self._pages: list[memoryview] = []
+        self._size = 0
+
+    def add(self, gpa: int, view: memoryview) -> None:
+        if self._size + len(view) > CHUNK or len(self._runs) == MAX_RUNS:
+            self.send()
+        self._runs.append(_RUN.pack(gpa, len(view) // PAGE_SIZE))
+        self._pages.append(view)
+        self._size += len(view)
+
+    def send(self) -> None:
+        if not self._runs:
+            return
+        # One copy of the pages (the guest may be running): checksummed and sent as it is.
+        pages = b"".join(self._pages)
+        head = _RUN_COUNT.pack(len(self._runs)) + b"".join(self._runs)
+        self._writer.section(SectionType.PAGE_RUNS, head, pages)
+        self._runs, self._pages, self._size = [], [], 0
 
 
 def _expect(answers: BinaryIO, sock: socket.socket, key: str, doing: str) -> None:
@@ -610,33 +653,68 @@ def _read_body(reader: StreamReader, machine: Machine, what: str) -> list[SavedS
     memory = machine.memory
     for section in reader.sections():
         kind = section.type
-        where = f"{what}: the {section_name(kind)} section at byte {section.offset}"
         try:
-            if kind in (SectionType.PAGES, SectionType.ZERO_PAGES) and not components:
-                gpa, pages = _pages(section.type, section.payload, where)
-                memory.write_pages(gpa, pages)
+            if kind in _PAGE_SECTIONS and not components:
+                for gpa, pages in _page_writes(section):
+                    memory.write_pages(gpa, pages)
             elif kind == SectionType.COMPONENT:
                 components.append(vmstate.decode_component(section, what))
             else:
-                raise StreamError(f"{where} is out of place")
+                raise StreamError(f"{_where(what, section)} is out of place")
         except GuestMemoryError as err:
-            raise StreamError(f"{where} has pages outside RAM ({err})") from None
+            raise StreamError(f"{_where(what, section)} has pages outside RAM ({err})") from None
+        except _Malformed as err:
+            raise StreamError(f"{_where(what, section)} is malformed ({err})") from None
     return components
 
 
-def _pages(kind: int, payload: bytes, where: str) -> tuple[int, memoryview | bytes]:
-    """The address and the bytes of a PAGES or ZERO_PAGES section, checked for shape."""
-    gpa, size, data = -1, 0, b""
-    if kind == SectionType.PAGES and len(payload) >= _ADDRESS.size:
+_PAGE_SECTIONS = (SectionType.PAGES, SectionType.ZERO_PAGES, SectionType.PAGE_RUNS)
+
+
+class _Malformed(Exception):
+    """A page section of the wrong shape (said with the section's place, by the caller)."""
+
+
+def _where(what: str, section: Section) -> str:
+    return f"{what}: the {section_name(section.type)} section at byte {section.offset}"
+
+
+def _page_writes(section: Section) -> list[tuple[int, memoryview | bytes]]:
+    """The (address, bytes) writes of a PAGES, ZERO_PAGES or PAGE_RUNS section, all checked
+    for shape before any is made: pages whole and aligned, at most CHUNK bytes a section."""
+    payload = section.payload
+    if section.type == SectionType.PAGES and len(payload) >= _ADDRESS.size:
         (gpa,) = _ADDRESS.unpack_from(payload)
-        data = memoryview(payload)[_ADDRESS.size :]
-        size = len(data)
-    elif kind == SectionType.ZERO_PAGES and len(payload) == _ZERO.size:
+        writes = [(gpa, memoryview(payload)[_ADDRESS.size :])]
+    elif section.type == SectionType.ZERO_PAGES and len(payload) == _ZERO.size:
         gpa, size = _ZERO.unpack(payload)
-        data = _ZERO_CHUNK[:size]
-    if gpa < 0 or gpa % PAGE_SIZE or not 0 < size <= CHUNK or size % PAGE_SIZE:
-        raise StreamError(f"{where} is malformed (pages are whole and at most {CHUNK >> 20} MiB)")
-    return gpa, data
+        if size > CHUNK:
+            raise _Malformed(f"zero pages are at most {CHUNK >> 20} MiB a section")
+        writes = [(gpa, _ZERO_CHUNK[:size])]
+    elif section.type == SectionType.PAGE_RUNS and len(payload) >= _RUN_COUNT.size:
+        writes = _runs(memoryview(payload))
+    else:
+        raise _Malformed("too short for its type")
+    if not 0 < sum(len(data) for _, data in writes) <= CHUNK:
+        raise _Malformed(f"a section holds some pages, at most {CHUNK >> 20} MiB")
+    for gpa, data in writes:
+        if gpa % PAGE_SIZE or not data or len(data) % PAGE_SIZE:
+            raise _Malformed("pages are whole and page-aligned")
+    return writes
+
+
+def _runs(payload: memoryview) -> list[tuple[int, memoryview]]:
+    (count,) = _RUN_COUNT.unpack_from(payload)
+    table_end = _RUN_COUNT.size + count * _RUN.size
+    if not 0 < count <= MAX_RUNS or table_end > len(payload):
+        raise _Malformed(f"1 to {MAX_RUNS} runs, each with its address and length")
+    writes, at = [], table_end
+    for gpa, pages in _RUN.iter_unpack(payload[_RUN_COUNT.size : table_end]):
+        writes.append((gpa, payload[at : at + pages * PAGE_SIZE]))
+        at += pages * PAGE_SIZE
+    if at != len(payload):
+        raise _Malformed("its runs' pages are not the bytes that follow them")
+    return writes
 
 
 def _answer(sock: socket.socket, message: dict[str, Any]) -> None:

@@ -52,6 +52,7 @@ class SectionType(enum.IntEnum):
     INFO = 5  # what the writer records for people and tools (JSON): time, console, parent
     ZERO_PAGES = 6  # a migration: a range of guest pages that are all zeros
     PAGE_MAP = 7  # an incremental snapshot: which pages its memory file holds
+    PAGE_RUNS = 8  # a migration: runs of guest pages, each with its address
 
 
 class SectionFlag(enum.IntFlag):
