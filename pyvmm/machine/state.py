@@ -33,15 +33,30 @@ class StateError(PyvmmError):
 
 def to_plain(state: Any) -> Any:
     """Plain data for a state dataclass (or any supported value)."""
-    if dataclasses.is_dataclass(state) and not isinstance(state, type):
-        return {f.name: to_plain(getattr(state, f.name)) for f in dataclasses.fields(state)}
-    if isinstance(state, list | tuple):
-        return [to_plain(item) for item in state]
-    if isinstance(state, dict):
-        return {key: to_plain(value) for key, value in state.items()}
-    if state is None or isinstance(state, _SCALARS):
+    kind = type(state)
+    if kind in _PLAIN:  # first: most values are (a vCPU's MSRs are hundreds of ints)
         return state
-    raise TypeError(f"{type(state).__name__} is not plain state data")
+    names = _field_names(kind)
+    if names is not None:
+        return {name: to_plain(getattr(state, name)) for name in names}
+    if isinstance(state, list | tuple):
+        return [item if type(item) in _PLAIN else to_plain(item) for item in state]
+    if isinstance(state, dict):
+        return {k: v if type(v) in _PLAIN else to_plain(v) for k, v in state.items()}
+    if isinstance(state, _SCALARS):  # (an IntEnum, say)
+        return state
+    raise TypeError(f"{kind.__name__} is not plain state data")
+
+
+_PLAIN = frozenset({*_SCALARS, type(None)})
+
+
+@functools.cache
+def _field_names(kind: type) -> tuple[str, ...] | None:
+    """The field names of a state dataclass, None for any other type."""
+    if not dataclasses.is_dataclass(kind):
+        return None
+    return tuple(f.name for f in dataclasses.fields(kind))
 
 
 def from_plain(cls: type[T], data: Any, where: str = "") -> T:
@@ -101,12 +116,17 @@ def _decode(kind: Any, data: Any, where: str) -> Any:
         if not isinstance(data, list | tuple):
             raise StateError(f"{where}: expected a list, got {type(data).__name__}")
         (item,) = typing.get_args(kind)[:1]
+        if item in _SCALARS and all(type(value) is item for value in data):
+            return list(data) if origin is list else tuple(data)  # (quick: no name per item)
         items = [_decode(item, value, f"{where}[{i}]") for i, value in enumerate(data)]
         return items if origin is list else tuple(items)
     if origin is dict:
         if not isinstance(data, dict):
             raise StateError(f"{where}: expected a mapping, got {type(data).__name__}")
         key_type, value_type = typing.get_args(kind)
+        scalars = key_type in _SCALARS and value_type in _SCALARS
+        if scalars and all(type(k) is key_type and type(v) is value_type for k, v in data.items()):
+            return dict(data)  # scalars of the right types (quick: no name per item)
         return {
             _decode(key_type, key, f"{where} key"): _decode(value_type, value, f"{where}[{key!r}]")
             for key, value in data.items()

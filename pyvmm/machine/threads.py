@@ -6,10 +6,17 @@ a vCPU or device thread, the handler is queued for the main thread, but a main t
 a wait (`Machine.wait()`) is not woken, and the machine runs on. So every thread pyvmm starts
 blocks those signals, as QEMU's threads do. The kick signal stays deliverable: vCPU threads are
 kicked out of KVM_RUN with it, and a signal sent to a thread stays with that thread anyway.
+
+The mask is set through libc's pthread_sigmask, not `signal.pthread_sigmask`, which turns the
+mask it returns into a set of Signals enums: sixty of them for each thread started, a cost that
+shows when a migrated machine starts its threads during the downtime.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -21,15 +28,40 @@ from pyvmm.kvm.vcpu import KICK_SIGNAL
 _SYNCHRONOUS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGTRAP}
 MAIN_THREAD_SIGNALS = frozenset(signal.valid_signals() - _SYNCHRONOUS - {KICK_SIGNAL})
 
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+class _SigSet(ctypes.Structure):
+    """glibc's sigset_t: 1024 bits, signal n at bit n - 1."""
+
+    _fields_ = [("words", ctypes.c_ulong * (1024 // (8 * ctypes.sizeof(ctypes.c_ulong))))]
+
+    @classmethod
+    def of(cls, signals: frozenset[int]) -> _SigSet:
+        sigset, width = cls(), 8 * ctypes.sizeof(ctypes.c_ulong)
+        for number in signals:
+            sigset.words[(number - 1) // width] |= 1 << ((number - 1) % width)
+        return sigset
+
+
+_MAIN_THREAD_SET = _SigSet.of(MAIN_THREAD_SIGNALS)
+
+
+def _sigmask(how: int, sigset: _SigSet, previous: _SigSet | None) -> None:
+    err = _libc.pthread_sigmask(how, ctypes.byref(sigset), previous and ctypes.byref(previous))
+    if err:
+        raise OSError(err, f"pthread_sigmask: {os.strerror(err)}")
+
 
 def start_thread(target: Callable[..., Any], name: str, *args: Any) -> threading.Thread:
     """Start a daemon thread running `target(*args)` with the main thread's signals blocked."""
     thread = threading.Thread(target=target, args=args, name=name, daemon=True)
     # A thread inherits its creator's mask: block them here, so none arrives before the target
     # could block them itself.
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, MAIN_THREAD_SIGNALS)
+    previous = _SigSet()
+    _sigmask(signal.SIG_BLOCK, _MAIN_THREAD_SET, previous)
     try:
         thread.start()
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        _sigmask(signal.SIG_SETMASK, previous, None)
     return thread

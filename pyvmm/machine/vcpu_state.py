@@ -113,6 +113,10 @@ class MsrProbe:
     readable: tuple[int, ...]
     unreadable: tuple[int, ...]
 
+    @functools.cached_property
+    def readable_set(self) -> frozenset[int]:
+        return frozenset(self.readable)
+
 
 def probe_msrs(vcpu: Vcpu, indices: Sequence[int]) -> MsrProbe:
     """Sort `indices` into those KVM_GET_MSRS reads on `vcpu` and those it refuses.
@@ -170,7 +174,7 @@ class VcpuComponent:
         debugregs = bytes(vcpu.get_debugregs())
         lapic = vcpu.get_lapic()
         msrs = self._read_msrs()
-        tsc_khz = vcpu.get_tsc_khz()
+        tsc_khz = self._tsc_khz
         events = bytes(vcpu.get_vcpu_events())
         return VcpuState(
             regs=regs,
@@ -208,10 +212,11 @@ class VcpuComponent:
         require_size(f"{name}: saved xsave", state.xsave, self._xsave_size, "XSAVE area")
         require_uint(f"{name}: saved mp_state", state.mp_state, 32)
         require_uint(f"{name}: saved tsc_khz", state.tsc_khz, 32)
-        for index, value in state.msrs.items():
-            require_uint(f"{name}: saved MSR index", index, 32)
-            require_uint(f"{name}: saved MSR {index:#x}", value, 64)
-        foreign = sorted(set(state.msrs) - set(self.msr_probe.readable))
+        if not all(0 <= i < 1 << 32 and 0 <= v < 1 << 64 for i, v in state.msrs.items()):
+            for index, value in state.msrs.items():  # (the first that does not fit, named)
+                require_uint(f"{name}: saved MSR index", index, 32)
+                require_uint(f"{name}: saved MSR {index:#x}", value, 64)
+        foreign = sorted(state.msrs.keys() - self.msr_probe.readable_set)
         if foreign:
             raise StateError(
                 f"{name}: saved MSRs {', '.join(f'{i:#x}' for i in foreign)} are not ones this "
@@ -222,12 +227,17 @@ class VcpuComponent:
         ):
             raise StateError(
                 f"{name}: the saved guest TSC runs at {state.tsc_khz} kHz, this one at "
-                f"{self.vcpu.get_tsc_khz()} kHz, and KVM here cannot scale it "
+                f"{self._tsc_khz} kHz, and KVM here cannot scale it "
                 "(no KVM_CAP_TSC_CONTROL)"
             )
 
+    @functools.cached_property
+    def _tsc_khz(self) -> int:
+        """This vCPU's TSC frequency: read once, since only `restore` changes it."""
+        return self.vcpu.get_tsc_khz()
+
     def _tsc_differs(self, saved_khz: int) -> bool:
-        here = self.vcpu.get_tsc_khz()
+        here = self._tsc_khz
         if not saved_khz or not here:
             return False
         return abs(here - saved_khz) * 1_000_000 > saved_khz * TSC_KHZ_TOLERANCE_PPM
@@ -237,6 +247,7 @@ class VcpuComponent:
         vcpu = self.vcpu
         if self._tsc_differs(state.tsc_khz):
             vcpu.set_tsc_khz(state.tsc_khz)
+            self._tsc_khz = state.tsc_khz
         vcpu.set_regs(uapi.kvm_regs.from_buffer_copy(state.regs))
         vcpu.set_sregs(uapi.kvm_sregs.from_buffer_copy(state.sregs))
         vcpu.set_xsave(state.xsave)

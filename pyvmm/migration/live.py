@@ -12,20 +12,22 @@ socket with JSON lines:
 
 A PAGES section is a u64 guest-physical address followed by the pages' bytes; ZERO_PAGES is a u64
 address and a u64 length; PAGE_RUNS carries many short runs of pages, each with its address (a
-round's dirty pages are scattered, and a section apiece would cost more than their bytes). Rounds go on while the pages left would take longer to send, at the
-bandwidth the last round had, than the downtime limit allows, less what the switch-over itself
-takes besides (the state, the destination's restore: estimated by how long the destination took to
-build its machine, at most half the limit); and while they fit, rounds still go on as long as each
-would halve what is left (the guest dirties pages at less than half the rate they are sent), down
-to a tenth of that budget, so that the downtime is that of a last round as short as the guest's
-pace allows. Then the source pauses, sends the rest and the machine's state, and waits for the
-destination to say that its copy runs; only then does the source stop. A guest that dirties pages
-faster than they can be sent never fits: after `max_rounds` rounds the migration fails with the
-rates in its message, unless `auto_converge` throttles it (QEMU's policy, quicker): from the second
-round, each round whose pages do not fit and that finds dirty more than half of what the round
-before it sent raises the vCPU throttle, to 20% first, then by 10 points a round up to 99%. The
-throttle ends with the migration. Anything failing before the destination's "resumed" (a cut
-connection, a refusal, a timeout) resumes the source, which never stopped being the machine.
+round's dirty pages are scattered, and a section apiece would cost more than their bytes).
+
+Rounds go on while the pages left would take longer to send, at the bandwidth the last round had,
+than the downtime limit allows, less what the switch-over itself takes besides (the state, the
+destination's restore: estimated by how long the destination took to build its machine, at most
+half the limit); and while they fit, rounds still go on as long as each would halve what is left
+(the guest dirties pages at less than half the rate they are sent), down to a tenth of that budget,
+so that the downtime is that of a last round as short as the guest's pace allows. Then the source
+pauses, sends the rest and the machine's state, and waits for the destination to say that its copy
+runs; only then does the source stop. A guest that dirties pages faster than they can be sent never
+fits: after `max_rounds` rounds the migration fails with the rates in its message, unless
+`auto_converge` throttles it (QEMU's policy, quicker): from the second round, each round whose
+pages do not fit and that finds dirty more than half of what the round before it sent raises the
+vCPU throttle, to 20% first, then by 10 points a round up to 99%. The throttle ends with the
+migration. Anything failing before the destination's "resumed" (a cut connection, a refusal, a
+timeout) resumes the source, which never stopped being the machine.
 
 The destination builds its machine from the CONFIG section (refusing one it cannot build, or
 one unlike what its options ask for), writes pages only inside its RAM regions (the stream is
