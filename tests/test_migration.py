@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -50,6 +51,23 @@ def wait_for_counts(console: Path, how_many: int) -> None:
         time.sleep(0.02)
 
 
+def assert_downtime_phases(line: str) -> None:
+    """`pyvmm migrate`'s line says where the downtime went, the destination's part split by its
+    own account, and the parts add up to the downtime."""
+    found = re.search(r"downtime ([\d.]+) ms \((.*)\)$", line.strip())
+    assert found, line
+    phases = dict(part.rsplit(" ", 1) for part in found.group(2).split(", "))
+    assert list(phases) == [
+        "pause",
+        "last_pages",
+        "state",
+        "destination_reading",
+        "destination_restore",
+        "destination_start",
+    ]
+    assert sum(map(float, phases.values())) == pytest.approx(float(found.group(1)), abs=0.5)
+
+
 @pytest.mark.parametrize("transport", ["unix", "tcp"])
 def test_the_count_goes_on_exactly_once_on_the_destination(tmp_path: Path, transport: str) -> None:
     """Source and destination print into the same console file (the destination takes the
@@ -63,6 +81,7 @@ def test_the_count_goes_on_exactly_once_on_the_destination(tmp_path: Path, trans
         migrated = pyvmm("migrate", str(control), uri)
         assert migrated.returncode == 0, migrated.stderr
         assert migrated.stdout.startswith(f"pyvmm: migrated to {uri} in ")
+        assert_downtime_phases(migrated.stdout)
         _, source_err = source.communicate(timeout=30)
         at_migration = counts(console.read_text())[-1]
         dest_out, dest_err = destination.communicate(timeout=30)

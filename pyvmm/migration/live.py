@@ -6,9 +6,9 @@ socket with JSON lines:
     source                                      destination (pyvmm run --incoming URI)
     header, CONFIG, INFO                 ->
                                          <-     {"accept": true} | {"error": "why"}
-    PAGES / ZERO_PAGES: all RAM (round 0), then each round the pages dirtied meanwhile
+    PAGES / ZERO_PAGES / PAGE_RUNS: all RAM (round 0), then each round the pages dirtied since
     (the machine paused) last dirty pages, COMPONENT*, END
-                                         <-     {"resumed": true} | {"error": "why"}
+                                         <-     {"resumed": true, "phases_ms": ...} | {"error": ..}
 
 A PAGES section is a u64 guest-physical address followed by the pages' bytes; ZERO_PAGES is a u64
 address and a u64 length; PAGE_RUNS carries many short runs of pages, each with its address (a
@@ -282,8 +282,9 @@ class Migration:
                 writer.end()
                 handed_over = True
                 phases.end("state")
-                _expect(answers, sock, "resumed", "restoring the machine")
+                answer = _expect(answers, sock, "resumed", "restoring the machine")
                 phases.end("destination")
+                phases.split_last(answer.get("phases_ms"), "destination")
                 self.progress.downtime_ms = phases.total_ms
                 self.progress.downtime_phases_ms = phases.ms
                 dirty.stop()
@@ -439,6 +440,27 @@ class _Phases:
         self.ms[name] = round((now - self._last) * 1000, 3)
         self._last = now
 
+    def split_last(self, parts: object, name: str) -> None:
+        """Split phase `name`, the last, by the destination's own account of its end (`parts`:
+        its {"restore": ms, "start": ms}, untrusted, ignored unless well-formed): what is left
+        before them is `name`_reading (the stream still in transit or being read). The
+        destination may have read the end while the source's last write was still returning:
+        then its parts are scaled down to fit."""
+        total = self.ms.get(name, 0.0)
+        if not isinstance(parts, dict) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < 1e9
+            for v in parts.values()
+        ):
+            return
+        known = {k: float(parts[k]) for k in ("restore", "start") if k in parts}
+        if not known:
+            return
+        scale = min(1.0, total / sum(known.values())) if sum(known.values()) else 1.0
+        del self.ms[name]
+        self.ms[f"{name}_reading"] = round(max(total - sum(known.values()), 0.0), 3)
+        for key, value in known.items():
+            self.ms[f"{name}_{key}"] = round(value * scale, 3)
+
     @property
     def total_ms(self) -> float:
         return (self._last - self._started) * 1000
@@ -489,8 +511,9 @@ class _RunBatch:
         self._runs, self._pages, self._size = [], [], 0
 
 
-def _expect(answers: BinaryIO, sock: socket.socket, key: str, doing: str) -> None:
-    """Wait for the destination's {key: true}; MigrationError with its error otherwise."""
+def _expect(answers: BinaryIO, sock: socket.socket, key: str, doing: str) -> dict[str, Any]:
+    """Wait for the destination's {key: true, ...} and return it; MigrationError with its
+    error otherwise."""
     sock.settimeout(REPLY_TIMEOUT)
     try:
         line = answers.readline(1 << 16)
@@ -509,6 +532,7 @@ def _expect(answers: BinaryIO, sock: socket.socket, key: str, doing: str) -> Non
     if not isinstance(answer, dict) or answer.get(key) is not True:
         error = answer.get("error") if isinstance(answer, dict) else None
         raise MigrationError(f"the destination refused: {error or answer}")
+    return answer
 
 
 def _failure(endpoint: Endpoint, err: BaseException) -> str:
@@ -535,6 +559,8 @@ class Incoming:
     machine: Machine
     info: dict[str, Any]
     _sock: socket.socket
+    restore_seconds: float = 0.0  # from the stream's END to the machine restored
+    _restored_at: float = field(default_factory=time.monotonic)
 
     def start(self) -> None:
         """Start the machine and let it run (its devices take host input from now on)."""
@@ -544,8 +570,12 @@ class Incoming:
     def confirm(self) -> None:
         """Tell the source that this copy runs; MigrationError if it cannot be told (the
         source then keeps its copy paused, and this one must not run on: stop it)."""
+        phases = {
+            "restore": round(self.restore_seconds * 1000, 3),
+            "start": round((time.monotonic() - self._restored_at) * 1000, 3),
+        }
         try:
-            self._sock.sendall(b'{"resumed": true}\n')
+            self._sock.sendall(json.dumps({"resumed": True, "phases_ms": phases}).encode() + b"\n")
         except OSError as err:
             raise MigrationError(
                 f"the source went away before it heard that this copy runs ({err.strerror}); "
@@ -636,6 +666,7 @@ def take_in(
         raise MigrationError(f"{what} broke: {err.strerror or err}") from None
     try:
         components = _read_body(reader, machine, what)
+        ended = time.monotonic()
         machine.restore(SavedMachine(config, components))
     except OSError as err:
         machine.close()
@@ -647,7 +678,8 @@ def take_in(
     except BaseException:
         machine.close()
         raise
-    return Incoming(machine, info, sock)
+    restored = time.monotonic()
+    return Incoming(machine, info, sock, restored - ended, restored)
 
 
 def _read_body(reader: StreamReader, machine: Machine, what: str) -> list[SavedState]:
