@@ -21,7 +21,7 @@ from pyvmm.kvm.mmap import Mapping
 from pyvmm.machine.address_space import AddressSpace, AddressSpaceError
 from pyvmm.machine.dirty import DirtyBitmap, DirtyLog
 from pyvmm.machine.dma import IdentityDma
-from pyvmm.machine.memory import MemoryRegion, RamRegion, RegionKind
+from pyvmm.machine.memory import GuestMemory, MemoryRegion, RamRegion, RegionKind
 from pyvmm.uapi import kvm as uapi
 from pyvmm.vfio.context import HostDevice, VfioContext
 from pyvmm.vfio.device import VfioDevice
@@ -423,3 +423,27 @@ def test_privately_mapped_ram_is_mapped_by_address_never_by_its_file(space, tmp_
     assert dma.mapped[64 * MiB] == (region.host_addr, 2 * MiB)
     region.view[0] = 1  # a private page: the file keeps its zeros
     assert image.read_bytes()[MiB] == 0
+
+
+def mapped_kib(region: RamRegion) -> int:
+    """How much of `region`'s mapping is in this process's page tables (smaps' Rss)."""
+    start = f"{region.host_addr:x}-"
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith(start))
+    rss = next(line for line in lines[at + 1 :] if line.startswith("Rss:"))
+    return int(rss.split()[1])
+
+
+@pytest.mark.parametrize("populate", [False, True])
+def test_written_pages_are_in_the_mapping_when_populated(populate: bool) -> None:
+    """A migration's long runs are written through the file and faulted into the mapping at
+    once, so that the guest's first touch after the switch-over takes no host page fault."""
+    memory = GuestMemory()
+    region = RamRegion(0, 4 * MiB)
+    memory.add(region)
+    try:
+        memory.write_pages(MiB, b"\x5a" * MiB, populate=populate)
+        assert mapped_kib(region) == (MiB >> 10 if populate else 0)
+        assert memory.read(MiB, 4) == b"\x5a" * 4 and memory.read(2 * MiB - 1, 1) == b"\x5a"
+    finally:
+        region.close()

@@ -24,9 +24,19 @@ _libc.mmap.argtypes = [
 ]
 _libc.munmap.restype = ctypes.c_int
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.madvise.restype = ctypes.c_int
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+MADV_POPULATE_WRITE = 23  # linux/mman.h, since 5.14
 
 PAGE_SIZE = 4096  # x86-64's base page: KVM slots, dirty-log bits and DMA maps count in it
 MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def populate_write(addr: int, size: int) -> bool:
+    """Fault pages of a mapping in for writing, in the kernel (MADV_POPULATE_WRITE): their
+    page-table entries are then there when KVM or the guest first touches them. False where
+    the kernel cannot (before 5.14): the pages then fault in on first touch, as usual."""
+    return _libc.madvise(addr, size, MADV_POPULATE_WRITE) == 0
 
 
 class Mapping:

@@ -690,7 +690,9 @@ def _read_body(reader: StreamReader, machine: Machine, what: str) -> list[SavedS
         try:
             if kind in _PAGE_SECTIONS and not components:
                 for gpa, pages in _page_writes(section):
-                    memory.write_pages(gpa, pages)
+                    # Long runs (round 0's) are faulted in now, not when the guest resumes;
+                    # for short ones a call each would cost the downtime more than it saves.
+                    memory.write_pages(gpa, pages, populate=len(pages) >= LONG_RUN)
             elif kind == SectionType.COMPONENT:
                 components.append(vmstate.decode_component(section, what))
             else:
