@@ -9,7 +9,8 @@ Two small protocols, stacked by what a part can do (cloud-hypervisor's Pausable/
   part built the same way (Firecracker's persist modules: state is plain data, the part is
   rebuilt from the machine's configuration, then given its state). A part may also have
   `check(state)`, raising StateError when a well-formed state still does not fit it (another
-  number of queues, another kernel's struct sizes).
+  number of queues, another kernel's struct sizes), and `prepare_restore()`, doing ahead what
+  its first restore would (a vCPU probes its MSRs), for a restore that must be quick.
 
 The Machine registers every such part in one `Components` registry under a stable id (`vcpu0`,
 `rtc`, `pci/00:03.0`), in the order that restore needs: the VM-wide KVM state, then the vCPUs,
@@ -25,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from pyvmm.machine.state import StateError, from_plain, to_plain
+from pyvmm.machine.state import StateError, from_plain, prepare, to_plain
 from pyvmm.uapi.ioctl import IoctlError
 
 
@@ -167,6 +168,16 @@ class Components:
             for cid, part in self._stateful().items()
             if (caveat := getattr(part, "state_caveat", ""))
         }
+
+    def prepare_restore(self) -> None:
+        """Do now what the first restore would otherwise spend on learning the state types,
+        and whatever a part's own `prepare_restore()` does (a migration's destination, before
+        the downtime)."""
+        for part in self._stateful().values():
+            prepare(part.state_type)
+            own = getattr(part, "prepare_restore", None)
+            if own is not None:
+                own()
 
     def decode(self, saved: list[SavedState]) -> dict[str, Any]:
         """Check saved states against the parts (all of them, nothing else), rebuild each part's

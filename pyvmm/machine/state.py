@@ -64,6 +64,20 @@ def from_plain(cls: type[T], data: Any, where: str = "") -> T:
     return _decode(cls, data, where or cls.__name__)
 
 
+def prepare(cls: type) -> None:
+    """Work out now what `from_plain` needs to know of state type `cls` and of the state types
+    inside it: their fields' types, from annotations that are slow to evaluate (some
+    milliseconds a machine, far more under emulation). A migration's destination does this
+    before the switch-over, so that its restore, in the downtime, does not."""
+    hints, _ = _record(cls)
+    pending = list(hints.values())
+    while pending:
+        hint = pending.pop()
+        if dataclasses.is_dataclass(hint):
+            prepare(hint)  # type: ignore[arg-type]
+        pending.extend(typing.get_args(hint))
+
+
 @functools.cache
 def _record(cls: type) -> tuple[dict[str, Any], list[str]]:
     """A state dataclass's field types and the names its constructor takes."""

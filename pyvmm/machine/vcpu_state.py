@@ -203,6 +203,10 @@ class VcpuComponent:
             values.update(got)
         return values
 
+    def prepare_restore(self) -> None:
+        """Probe the MSRs and read the TSC frequency now, not during the first restore."""
+        _ = self.msr_probe, self._tsc_khz
+
     def check(self, state: VcpuState) -> None:
         """StateError if `state` cannot go into this vCPU; reads from KVM, writes nothing."""
         name = self._name

@@ -658,6 +658,7 @@ def take_in(
             _answer(sock, {"error": f"cannot build the machine: {err}"})
             raise
         machine.pause()  # not started: it will start paused, its devices quiet
+        machine.components.prepare_restore()  # (now: not in the downtime)
         _answer(sock, {"accept": True})
     except StreamError as err:
         _answer(sock, {"error": str(err)})
