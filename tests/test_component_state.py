@@ -151,7 +151,8 @@ def test_plain_data_round_trip_of_nested_types() -> None:
         (lambda p: p.update(flag=1), r"Outer.flag: expected bool, got int"),
         (lambda p: p["inners"][0].update(value=True), r"Outer.inners\[0\].value: expected int"),
         (lambda p: p.pop("ratio"), r"Outer: fields missing ratio"),
-        (lambda p: p.update(surprise=1), r"Outer: fields unknown surprise"),
+        (lambda p: p.update(surprise=1), r"Outer: fields unknown 'surprise'"),
+        (lambda p: p.update({"two\nlines": 1}), r"Outer: fields unknown 'two\\nlines'"),
         (lambda p: p.update(table={"7": b""}), r"Outer.table key: expected int, got str"),
         (lambda p: p.update(inners={}), r"Outer.inners: expected a list, got dict"),
         (lambda p: p.update(extra=object()), r"Outer.extra: a object is not plain data"),
@@ -217,9 +218,9 @@ def test_restore_checks_every_state_before_touching_any_part() -> None:
     assert log == []
     with pytest.raises(StateError, match="lacks c"):
         parts.restore_all(saved[:2])
-    with pytest.raises(StateError, match="component a twice"):
+    with pytest.raises(StateError, match="component 'a' twice"):
         parts.restore_all([*saved, saved[0]])
-    with pytest.raises(StateError, match="saved state is a Other, not a State"):
+    with pytest.raises(StateError, match="saved state is a 'Other', not a State"):
         parts.restore_all([SavedState("a", "Other", 1, {"value": 1}), *saved[1:]])
     good = [SavedState(s.component, s.kind, s.version, {"value": 7}) for s in saved]
     parts.restore_all(good)

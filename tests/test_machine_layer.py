@@ -377,7 +377,7 @@ def test_a_state_of_unknown_version_or_another_machine_is_refused_and_changes_no
             machine.restore(replace(saved, components=newer))
         assert str(err.value) == "rtc: saved RtcState is version 2; this pyvmm reads version 1 only"
         unknown = [*saved.components, replace(saved.components[0], component="gpu0")]
-        with pytest.raises(StateError, match="has gpu0, which this machine does not have"):
+        with pytest.raises(StateError, match="has 'gpu0', which this machine does not have"):
             machine.restore(replace(saved, components=unknown))
         broken = [
             replace(s, data={"cmos": 5}) if s.component == "rtc" else s for s in saved.components

@@ -186,12 +186,13 @@ class Components:
         by_id: dict[str, SavedState] = {}
         for item in saved:
             if item.component in by_id:
-                raise StateError(f"the saved state has component {item.component} twice")
+                raise StateError(f"the saved state has component {item.component!r} twice")
             by_id[item.component] = item
         unknown = [cid for cid in by_id if cid not in parts]
         if unknown:
             raise StateError(
-                f"the saved state has {', '.join(unknown)}, which this machine does not have "
+                f"the saved state has {', '.join(map(repr, unknown))}, which this machine does "
+                "not have "
                 "(was it saved from a machine with other devices?)"
             )
         missing = [cid for cid in parts if cid not in by_id]
@@ -202,7 +203,7 @@ class Components:
             item = by_id[component_id]
             kind, version = part.state_type.__name__, state_version(part.state_type)
             if item.kind != kind:
-                raise StateError(f"{component_id}: saved state is a {item.kind}, not a {kind}")
+                raise StateError(f"{component_id}: saved state is a {item.kind!r}, not a {kind}")
             if item.version != version:
                 raise StateError(
                     f"{component_id}: saved {kind} is version {item.version}; this pyvmm reads "

@@ -123,7 +123,7 @@ def _decode(kind: Any, data: Any, where: str) -> Any:
         unknown = sorted(set(data) - set(names), key=str)
         if missing or unknown:
             problems = [f"missing {', '.join(missing)}"] if missing else []
-            problems += [f"unknown {', '.join(map(str, unknown))}"] if unknown else []
+            problems += [f"unknown {', '.join(map(repr, unknown))}"] if unknown else []
             raise StateError(f"{where}: fields {'; '.join(problems)}")
         return kind(**{name: _decode(hints[name], data[name], f"{where}.{name}") for name in names})
     if origin in (list, tuple):
