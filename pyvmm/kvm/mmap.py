@@ -32,11 +32,12 @@ PAGE_SIZE = 4096  # x86-64's base page: KVM slots, dirty-log bits and DMA maps c
 MAP_FAILED = ctypes.c_void_p(-1).value
 
 
-def populate_write(addr: int, size: int) -> bool:
+def populate_write(addr: int, size: int) -> None:
     """Fault pages of a mapping in for writing, in the kernel (MADV_POPULATE_WRITE): their
-    page-table entries are then there when KVM or the guest first touches them. False where
-    the kernel cannot (before 5.14): the pages then fault in on first touch, as usual."""
-    return _libc.madvise(addr, size, MADV_POPULATE_WRITE) == 0
+    page-table entries are then there when KVM or the guest first touches them. A kernel
+    that cannot (before 5.14) refuses, which is harmless: the pages fault in on first touch,
+    as they always did."""
+    _libc.madvise(addr, size, MADV_POPULATE_WRITE)
 
 
 class Mapping:
