@@ -69,12 +69,13 @@ def prepare(cls: type) -> None:
     inside it: their fields' types, from annotations that are slow to evaluate (some
     milliseconds a machine, far more under emulation). A migration's destination does this
     before the switch-over, so that its restore, in the downtime, does not."""
-    hints, _ = _record(cls)
-    pending = list(hints.values())
+    learned: set[type] = set()
+    pending: list[Any] = [cls]
     while pending:
         hint = pending.pop()
-        if dataclasses.is_dataclass(hint):
-            prepare(hint)  # type: ignore[arg-type]
+        if dataclasses.is_dataclass(hint) and hint not in learned:
+            learned.add(hint)  # type: ignore[arg-type]
+            pending.extend(_record(hint)[0].values())  # type: ignore[arg-type]
         pending.extend(typing.get_args(hint))
 
 
