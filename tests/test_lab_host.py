@@ -21,7 +21,7 @@ import pytest
 from fakesysfs import EDU, IGB, IGB_VFS, NVME, FakeKernel, FakeTree
 
 from pyvmm.lab import agent, cli, initramfs, kernel, launcher, protocol, qemu
-from pyvmm.lab.errors import LabError, LabTimeout, LabUnavailable
+from pyvmm.lab.errors import LabCrashed, LabError, LabTimeout, LabUnavailable
 from pyvmm.lab.protocol import Kind
 from pyvmm.lab.pytest_plugin import InnerResult, read_results
 
@@ -552,6 +552,8 @@ os.write(fds["console"], b"[    0.000000] Linux version 7.3.4-lab\\n")
 if mode == "qemu-error":
     sys.stderr.write("qemu-system-x86_64: -device edu: something broke\\n")
     sys.exit(1)
+if mode == "aborts":
+    os.abort()
 if mode == "init-fails":
     os.write(fds["console"], b"{fail}cannot mount the host's root over 9p\\n")
     sys.exit(0)
@@ -570,6 +572,27 @@ elif mode == "agent-error":
     agent(Kind.ERROR, b"the lab has no nvme device")
 elif mode == "hang":
     time.sleep(60)
+elif mode.startswith("crash"):  # a lab test tier's run: the tests' reports, then QEMU aborts
+    nodeids = spec["command"][spec["command"].index("-q") + 1:]
+    boots = Path(os.environ["FAKE_QEMU_RECORD"]).with_name("boots")
+    boots.write_text(str(boot := int(boots.read_text() if boots.exists() else 0) + 1))
+    crashes = mode == "crash" or boot == 1
+
+    def report(nodeid, *whens):
+        with open(spec["env"]["PYVMM_LAB_RESULTS"], "a") as results:
+            for when in whens:
+                record = {{"nodeid": nodeid, "when": when, "outcome": "passed", "longrepr": "",
+                          "crash": "", "wasxfail": None, "sections": []}}
+                results.write(json.dumps(record) + "\\n")
+
+    for index, nodeid in enumerate(nodeids):
+        if crashes and index == len(nodeids) - 2:  # in the middle of the second last test
+            report(nodeid, "setup", "call")
+            sys.stderr.write("qemu-system-x86_64: physmem.c:2678: iotlb_to_section: Assertion\\n")
+            sys.stderr.flush()
+            os.abort()
+        report(nodeid, "setup", "call", "teardown")
+    agent(Kind.EXIT, b'{{"code": 0}}')
 """
 
 
@@ -664,6 +687,15 @@ def test_a_lab_that_stops_early_is_reported_in_one_line(
     )
 
 
+def test_qemu_killed_by_a_signal_is_a_crash_of_the_lab(fake_lab: FakeLab) -> None:
+    with pytest.raises(LabCrashed) as excinfo:
+        fake_lab.run("aborts")
+    assert str(excinfo.value) == (
+        "the lab stopped before the command finished: QEMU was killed by SIGABRT "
+        "(rerun with --verbose to see its console)"
+    )
+
+
 def test_a_qemu_error_is_reported_in_one_line(fake_lab: FakeLab) -> None:
     with pytest.raises(LabError, match="qemu-system-x86_64: -device edu: something broke"):
         fake_lab.run("qemu-error")
@@ -697,6 +729,55 @@ def test_an_exception_in_the_output_sink_stops_qemu(
     assert isinstance(pid, int)
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+LAB_TESTS = """
+import pytest
+
+@pytest.mark.lab
+def test_one(): pass
+
+@pytest.mark.lab
+def test_two(): pass
+
+@pytest.mark.lab
+def test_three(): pass
+"""
+
+
+def run_tier(pytester: pytest.Pytester, fake_lab: FakeLab, mode: str) -> pytest.RunResult:
+    """A host pytest of three lab tests, the lab being the fake QEMU in `mode`."""
+    fake_lab.monkeypatch.setenv("FAKE_QEMU_MODE", mode)
+    fake_lab.monkeypatch.setenv("PYVMM_LAB_KERNEL", str(fake_lab.kernel))
+    fake_lab.monkeypatch.delenv("PYVMM_IN_LAB", raising=False)
+    pytester.makeini("[pytest]\nmarkers = lab: runs in the lab\n")
+    pytester.makepyfile(LAB_TESTS)
+    return pytester.runpytest_inprocess("-p", "pyvmm.lab.pytest_plugin", "-rA")
+
+
+def test_after_qemu_crashes_the_tests_left_without_a_result_run_in_a_new_boot(
+    pytester: pytest.Pytester, fake_lab: FakeLab
+) -> None:
+    result = run_tier(pytester, fake_lab, "crash-once")
+    result.assert_outcomes(passed=3)
+    output = result.stdout.str()
+    assert "lab: running 3 tests in QEMU" in output
+    assert "lab: QEMU crashed (the lab stopped before the command finished: " in output
+    assert "iotlb_to_section: Assertion" in output
+    # test_one had finished; test_two was under way when QEMU aborted, so it runs again
+    assert "lab: running 2 tests in QEMU" in output
+
+
+def test_a_test_the_lab_stopped_in_fails_though_its_reports_so_far_passed(
+    pytester: pytest.Pytester, fake_lab: FakeLab
+) -> None:
+    result = run_tier(pytester, fake_lab, "crash")
+    result.assert_outcomes(passed=1, failed=2)
+    output = result.stdout.str()
+    assert output.count("lab: running 2 tests in QEMU") == 1  # one new boot, not more
+    crash = "the lab stopped before the command finished: qemu-system-x86_64: physmem.c:2678: "
+    assert re.search(f" test_two _+\nthe lab stopped during this test: {crash}", output)
+    assert re.search(f" test_three _+\nno result from the lab: {crash}", output)
 
 
 # -- the CLI ---------------------------------------------------------------------------------------
@@ -772,11 +853,11 @@ def fold(*records: dict[str, object]) -> InnerResult:
 
 def test_inner_results_fold_like_pytest() -> None:
     passed = fold(record("setup", "passed"), record("call", "passed"), record("teardown", "passed"))
-    assert passed == InnerResult("passed", "")
+    assert passed == InnerResult("passed", "", finished=True)
     skipped = fold(record("setup", "skipped", longrepr="no nvme"), record("teardown", "passed"))
-    assert skipped == InnerResult("skipped", "no nvme")
+    assert skipped == InnerResult("skipped", "no nvme", finished=True)
     xfailed = fold(record("setup", "passed"), record("call", "skipped", wasxfail="known bug"))
-    assert xfailed == InnerResult("xfailed", "known bug")
+    assert xfailed == InnerResult("xfailed", "known bug")  # no teardown yet: not finished
     failed = fold(
         record("setup", "passed"),
         record(

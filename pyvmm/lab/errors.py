@@ -16,3 +16,10 @@ class LabUnavailable(LabError):
 
 class LabTimeout(LabError):
     """The command inside the lab did not finish in time; QEMU was stopped."""
+
+
+class LabCrashed(LabError):
+    """QEMU itself died of a signal (an assertion or a fault in the emulator), not the guest.
+
+    The lab test tier boots once more for the tests left without a result.
+    """

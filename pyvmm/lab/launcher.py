@@ -31,7 +31,7 @@ from typing import Any
 
 import pyvmm
 from pyvmm.lab import initramfs, protocol, qemu
-from pyvmm.lab.errors import LabError, LabTimeout, LabUnavailable
+from pyvmm.lab.errors import LabCrashed, LabError, LabTimeout, LabUnavailable
 from pyvmm.lab.kernel import check_kernel, find_kernel
 from pyvmm.lab.protocol import Kind
 
@@ -207,6 +207,13 @@ def qemu_process(argv: Sequence[str], **popen: Any) -> Iterator[subprocess.Popen
                 process.wait()
 
 
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 def _write_output(kind: Kind, data: bytes) -> None:
     stream = sys.stdout if kind is Kind.STDOUT else sys.stderr
     stream.buffer.write(data)
@@ -332,7 +339,10 @@ def run(
             log.debug("QEMU still running %.0f s after the command; stopping it", POWEROFF_GRACE)
         if result is None:
             qemu_log.seek(0)
-            raise LabError(relay.failure(qemu_log.read().decode(errors="replace")))
+            why = relay.failure(qemu_log.read().decode(errors="replace"))
+            if process.returncode is not None and process.returncode < 0:
+                raise LabCrashed(why)
+            raise LabError(why)
         return result
 
 
@@ -446,8 +456,10 @@ class _Relay:
             why = panics[-1] + (f" (RIP: {rips[-1]})" if rips else "")
         elif qemu_lines:
             why = qemu_lines[-1]
+        elif (code := self.process.returncode) is not None and code < 0:
+            why = f"QEMU was killed by {_signal_name(-code)}"
         else:
-            why = f"QEMU exited with status {self.process.returncode}"
+            why = f"QEMU exited with status {code}"
         return f"the lab stopped before the command finished: {why}{self._hint()}"
 
 
