@@ -542,3 +542,36 @@ def test_a_virtio_blk_read_into_guest_memory_is_dirty_though_kvm_never_saw_it(
     assert buffer % 4096 == 0
     assert buffer in found["vmm"] and buffer in found["both"]
     assert buffer not in found["kvm"]  # the guest never wrote that page: the device did
+
+
+def test_pre_fault_is_for_a_machine_out_of_the_guest_and_gives_up_where_kvm_cannot(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where KVM pre-faults (the lab's, tests/lab/test_lab_pre_fault.py) pages get mapped; here
+    the outcome of each way KVM can decline: no capability (this host's PVM KVM), shadow
+    paging (EOPNOTSUPP, as expected: no warning), and any other error (one warning). Each
+    leaves the pages to fault in as the guest touches them, and the machine never asks again."""
+    with boot("counter") as machine:
+        assert machine.pre_fault(MiB, MiB) is machine.can_pre_fault  # whatever this KVM does
+        for errno_value, warned in ((95, False), (14, True)):  # EOPNOTSUPP, EFAULT
+            calls: list[tuple[int, int]] = []
+
+            def refuse(
+                gpa: int, size: int, errno_value: int = errno_value, calls: list = calls
+            ) -> None:
+                calls.append((gpa, size))
+                raise IoctlError("KVM_PRE_FAULT_MEMORY", errno_value)
+
+            monkeypatch.setattr(machine.vcpus[0], "pre_fault_memory", refuse)
+            monkeypatch.setattr(machine, "_can_pre_fault", True)
+            caplog.clear()
+            assert not machine.pre_fault(MiB, 2 * MiB)
+            assert not machine.pre_fault(MiB, 2 * MiB)
+            assert calls == [(MiB, 2 * MiB)] and not machine.can_pre_fault
+            assert any("not pre-faulting" in r.message for r in caplog.records) is warned
+        machine.start()
+        assert machine.state is RunState.RUNNING
+        with pytest.raises(StateError, match="pause"):
+            machine.pre_fault(MiB, MiB)
+        machine.stop()
+        machine.wait()

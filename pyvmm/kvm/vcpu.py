@@ -109,6 +109,20 @@ class Vcpu:
             with contextlib.suppress(ProcessLookupError):
                 signal.pthread_kill(thread_id, KICK_SIGNAL)
 
+    # memory
+
+    def pre_fault_memory(self, gpa: int, size: int) -> None:
+        """KVM_PRE_FAULT_MEMORY: map guest-physical [gpa, gpa + size) into KVM's stage-2 page
+        tables now, as the vCPU's read faults would (faulting the pages into the VMM's mapping
+        on the way). Blocks while the vCPU is in KVM_RUN. IoctlError: EOPNOTSUPP where the vCPU
+        uses shadow paging, ENOENT for an address outside every memory slot."""
+        request = uapi.kvm_pre_fault_memory(gpa=gpa, size=size)
+        while request.size:  # KVM does a part at a time, and says what is left
+            if libc_ioctl(self.fd, uapi.KVM_PRE_FAULT_MEMORY, ctypes.byref(request)) < 0:
+                err = ctypes.get_errno()
+                if err not in (errno.EINTR, errno.EAGAIN):
+                    raise IoctlError("KVM_PRE_FAULT_MEMORY", err)
+
     # register state
 
     def _get(self, request: int, struct_type: type) -> ctypes.Structure:

@@ -690,10 +690,16 @@ def _read_body(reader: StreamReader, machine: Machine, what: str) -> list[SavedS
         kind = section.type
         try:
             if kind in _PAGE_SECTIONS and not components:
+                zeros = kind == SectionType.ZERO_PAGES
                 for gpa, pages in _page_writes(section):
-                    # Long runs (round 0's) are faulted in now, not when the guest resumes;
-                    # for short ones a call each would cost the downtime more than it saves.
-                    memory.write_pages(gpa, pages, populate=len(pages) >= LONG_RUN)
+                    # Where KVM can, the pages go into its page tables now, not when the
+                    # guest resumes and touches them, each with a fault; where it cannot, long
+                    # runs (round 0's) are faulted into pyvmm's mapping at least (for short
+                    # ones a call each would cost the downtime more than it saves).
+                    populate = len(pages) >= LONG_RUN and not machine.can_pre_fault
+                    memory.write_pages(gpa, pages, populate=populate)
+                    if not zeros:
+                        machine.pre_fault(gpa, len(pages))
             elif kind == SectionType.COMPONENT:
                 components.append(vmstate.decode_component(section, what))
             else:

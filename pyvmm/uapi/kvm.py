@@ -150,6 +150,7 @@ class KvmCap(enum.IntEnum):
     EXCEPTION_PAYLOAD = 164
     MANUAL_DIRTY_LOG_PROTECT2 = 168
     XSAVE2 = 208
+    PRE_FAULT_MEMORY = 236
 
 
 # Structures: arch/x86/include/uapi/asm/kvm.h
@@ -573,6 +574,15 @@ class kvm_clock_data(ctypes.Structure):
     ]
 
 
+class kvm_pre_fault_memory(ctypes.Structure):
+    _fields_ = [
+        ("gpa", c_uint64),
+        ("size", c_uint64),
+        ("flags", c_uint64),
+        ("padding", c_uint64 * 5),
+    ]
+
+
 class kvm_create_device(ctypes.Structure):
     _fields_ = [("type", c_uint32), ("fd", c_uint32), ("flags", c_uint32)]
 
@@ -741,6 +751,7 @@ KVM_SET_XCRS = _IOW(KVMIO, 0xA7, kvm_xcrs)
 KVM_SET_TSC_KHZ = _IO(KVMIO, 0xA2)
 KVM_GET_TSC_KHZ = _IO(KVMIO, 0xA3)
 KVM_GET_XSAVE2 = _IOR(KVMIO, 0xCF, kvm_xsave)
+KVM_PRE_FAULT_MEMORY = _IOWR(KVMIO, 0xD5, kvm_pre_fault_memory)
 
 C_PREFIX: dict[type, str] = {
     KvmExit: "KVM_EXIT_",
