@@ -552,6 +552,9 @@ os.write(fds["console"], b"[    0.000000] Linux version 7.3.4-lab\\n")
 if mode == "qemu-error":
     sys.stderr.write("qemu-system-x86_64: -device edu: something broke\\n")
     sys.exit(1)
+if mode.startswith(("aborts", "crash")):
+    import resource
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # (no core dump of the fake's abort)
 if mode == "aborts":
     os.abort()
 if mode == "init-fails":
@@ -578,20 +581,29 @@ elif mode.startswith("crash"):  # a lab test tier's run: the tests' reports, the
     boots.write_text(str(boot := int(boots.read_text() if boots.exists() else 0) + 1))
     crashes = mode == "crash" or boot == 1
 
-    def report(nodeid, *whens):
+    def report(nodeid, *whens, outcome="passed"):
         with open(spec["env"]["PYVMM_LAB_RESULTS"], "a") as results:
             for when in whens:
-                record = {{"nodeid": nodeid, "when": when, "outcome": "passed", "longrepr": "",
+                record = {{"nodeid": nodeid, "when": when, "outcome": outcome, "longrepr": "",
                           "crash": "", "wasxfail": None, "sections": []}}
                 results.write(json.dumps(record) + "\\n")
 
+    def crash():
+        sys.stderr.write("qemu-system-x86_64: physmem.c:2678: iotlb_to_section: Assertion\\n")
+        sys.stderr.flush()
+        os.abort()
+
     for index, nodeid in enumerate(nodeids):
-        if crashes and index == len(nodeids) - 2:  # in the middle of the second last test
-            report(nodeid, "setup", "call")
-            sys.stderr.write("qemu-system-x86_64: physmem.c:2678: iotlb_to_section: Assertion\\n")
-            sys.stderr.flush()
-            os.abort()
+        if crashes and index == len(nodeids) - 2 and mode != "crash-at-the-end":
+            report(nodeid, "setup")  # in the middle of the second last test
+            if mode == "crash-after-a-failure":
+                report(nodeid, "call", outcome="failed")
+            else:
+                report(nodeid, "call")
+            crash()
         report(nodeid, "setup", "call", "teardown")
+    if mode == "crash-at-the-end":
+        crash()
     agent(Kind.EXIT, b'{{"code": 0}}')
 """
 
@@ -764,6 +776,7 @@ def test_after_qemu_crashes_the_tests_left_without_a_result_run_in_a_new_boot(
     assert "lab: running 3 tests in QEMU" in output
     assert "lab: QEMU crashed (the lab stopped before the command finished: " in output
     assert "iotlb_to_section: Assertion" in output
+    assert "a new boot runs what it left without a result (2 of 3 tests)" in output
     # test_one had finished; test_two was under way when QEMU aborted, so it runs again
     assert "lab: running 2 tests in QEMU" in output
 
@@ -775,9 +788,33 @@ def test_a_test_the_lab_stopped_in_fails_though_its_reports_so_far_passed(
     result.assert_outcomes(passed=1, failed=2)
     output = result.stdout.str()
     assert output.count("lab: running 2 tests in QEMU") == 1  # one new boot, not more
-    crash = "the lab stopped before the command finished: qemu-system-x86_64: physmem.c:2678: "
+    crash = re.escape(
+        "the lab stopped before the command finished: qemu-system-x86_64: physmem.c:2678: "
+    )
     assert re.search(f" test_two _+\nthe lab stopped during this test: {crash}", output)
     assert re.search(f" test_three _+\nno result from the lab: {crash}", output)
+
+
+def test_a_crash_after_the_last_test_boots_nothing_more(
+    pytester: pytest.Pytester, fake_lab: FakeLab
+) -> None:
+    result = run_tier(pytester, fake_lab, "crash-at-the-end")
+    result.assert_outcomes(passed=3)
+    assert result.stdout.str().count("lab: running") == 1
+    assert "lab: QEMU crashed" not in result.stdout.str()
+
+
+def test_a_failure_before_a_crash_stands_and_is_not_run_again(
+    pytester: pytest.Pytester, fake_lab: FakeLab
+) -> None:
+    result = run_tier(pytester, fake_lab, "crash-after-a-failure")
+    result.assert_outcomes(passed=2, failed=1)
+    output = result.stdout.str()
+    assert "a new boot runs what it left without a result (1 of 3 tests)" in output
+    assert "lab: running 1 tests in QEMU" in output  # test_three alone
+    assert re.search(
+        r" test_two _+\nthe lab stopped during this test: .*\n+what it reported before", output
+    )
 
 
 # -- the CLI ---------------------------------------------------------------------------------------

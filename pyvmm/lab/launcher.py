@@ -43,6 +43,11 @@ BOOT_TIMEOUT = 120.0
 POWEROFF_GRACE = 5.0
 
 _CONSOLE_TAIL = 16384
+#: The signals QEMU dies of when it crashes (an assertion aborts); SIGKILL or SIGTERM from the
+#: OOM killer or an operator are not crashes.
+_CRASH_SIGNALS = frozenset(
+    {signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE}
+)
 _BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
 
 #: Host variables the command inside sees; everything else stays outside.
@@ -340,7 +345,7 @@ def run(
         if result is None:
             qemu_log.seek(0)
             why = relay.failure(qemu_log.read().decode(errors="replace"))
-            if process.returncode is not None and process.returncode < 0:
+            if process.returncode is not None and -process.returncode in _CRASH_SIGNALS:
                 raise LabCrashed(why)
             raise LabError(why)
         return result
@@ -456,10 +461,10 @@ class _Relay:
             why = panics[-1] + (f" (RIP: {rips[-1]})" if rips else "")
         elif qemu_lines:
             why = qemu_lines[-1]
-        elif (code := self.process.returncode) is not None and code < 0:
-            why = f"QEMU was killed by {_signal_name(-code)}"
+        elif self.process.returncode is not None and self.process.returncode < 0:
+            why = f"QEMU was killed by {_signal_name(-self.process.returncode)}"
         else:
-            why = f"QEMU exited with status {code}"
+            why = f"QEMU exited with status {self.process.returncode}"
         return f"the lab stopped before the command finished: {why}{self._hint()}"
 
 

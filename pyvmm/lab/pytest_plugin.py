@@ -4,8 +4,10 @@ On the host, each selected lab test is replaced by a stand-in item with the same
 first stand-in to run boots the lab once and runs every lab test there with one inner
 `python -m pytest -m lab <node ids>`; that inner session (this plugin again, seeing
 PYVMM_IN_LAB=1) appends one JSON line per test report to a file on the results share, and each
-stand-in then passes, fails with the inner failure text, or skips with the inner reason. When
-QEMU, busybox or a lab kernel is missing, the stand-ins skip and say which.
+stand-in then passes, fails with the inner failure text, or skips with the inner reason. A
+test counts once its teardown is reported; should QEMU itself crash (die of a signal), the tests
+left without a result run in one more boot. When QEMU, busybox or a lab kernel is missing, the
+stand-ins skip and say which.
 
 A test asks for lab hardware with the marker's keywords: `@pytest.mark.lab(devices=("nvme",))`
 adds devices to the one boot (edu is always there; `("igb",)` brings an SR-IOV PF and its VFs,
@@ -41,9 +43,9 @@ ENV_RESULTS = "PYVMM_LAB_RESULTS"
 
 DEFAULT_TIMEOUT = 540.0  # for each lab boot (session): keep each well under it
 _OUTPUT_TAIL = 4000
-#: Boots a session may take when QEMU itself crashes (as QEMU 10.0's TCG rarely does, asserting
-#: in iotlb_to_section): the tests left without a result run again in a new boot, once.
-_BOOTS_AFTER_CRASHES = 2
+#: Boots a session may take in all: when QEMU itself crashes (as QEMU 10.0's TCG rarely does,
+#: asserting in iotlb_to_section), the tests left without a result run again in a new boot, once.
+_MAX_BOOTS = 2
 #: Markers the inner session evaluates; on the host they would judge the wrong machine.
 _INNER_ONLY_MARKERS = frozenset({"skip", "skipif", "xfail", "usefixtures", "parametrize"})
 
@@ -245,22 +247,22 @@ class LabTier:
             session.results = {}
             return
         session.results = {}
-        for boot in range(1, _BOOTS_AFTER_CRASHES + 1):
-            left = [
-                item.nodeid
-                for item in session.items
-                if not (found := session.results.get(item.nodeid)) or not found.finished
-            ]
+        crash: LabCrashed | None = None
+        for boot in range(1, _MAX_BOOTS + 1):
+            left = [item.nodeid for item in session.items if _rerun(session.results, item)]
+            if not left:  # (QEMU died after the last test was done)
+                return
+            if crash is not None:
+                output.line(
+                    f"lab: QEMU crashed ({crash}); a new boot runs what it left without a "
+                    f"result ({len(left)} of {len(session.items)} tests)"
+                )
             try:
                 self._boot(session, left, share / f"boot{boot}", output)
                 return
             except LabCrashed as exc:
                 session.problem = f"{exc}\n{output.tail()}"
-                if boot < _BOOTS_AFTER_CRASHES:
-                    output.line(
-                        f"lab: QEMU crashed ({exc}); the tests left without a result "
-                        "run in a new boot"
-                    )
+                crash = exc
 
     def _boot(self, session: LabSession, nodeids: list[str], share: Path, output: _Output) -> None:
         """Run `nodeids` in one lab boot; their results go into `session.results`."""
@@ -309,6 +311,13 @@ class LabTier:
             )
         finally:
             session.results.update(read_results(results))
+
+
+def _rerun(results: dict[str, InnerResult], item: LabItem) -> bool:
+    """Whether a new boot should run `item`: it has no result, or one the lab cut short
+    before anything failed (a failure stands: running it again could only hide it)."""
+    found = results.get(item.nodeid)
+    return found is None or (not found.finished and found.outcome != "failed")
 
 
 class _Output:
