@@ -80,6 +80,7 @@ _RUN_COUNT = struct.Struct("<I")
 _RUN = struct.Struct("<QI")  # a run's guest-physical address and its number of pages
 _ZERO = struct.Struct("<QQ")
 _ZERO_CHUNK = bytes(CHUNK)
+_ONES = b"\x01" * (CHUNK // PAGE_SIZE)  # a section's pages, marked pre-faulted
 REPLY_TIMEOUT = 60.0  # seconds the source waits for an answer (a destination building a VM)
 SEND_TIMEOUT = 60.0  # seconds a send may block (a destination that stopped reading)
 CONNECT_WAIT = 10.0  # seconds the source waits for a destination to listen
@@ -683,9 +684,33 @@ def take_in(
     return Incoming(machine, info, sock, restored - ended, restored)
 
 
+class _PreFaults:
+    """Pre-faults the pages of an incoming machine, each page once: a guest's hot pages come
+    again in every round, and KVM keeps them mapped after the first (another call each would
+    cost, in the downtime too, for nothing). One byte per page of RAM: 0.025% of it."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+        self.done = {
+            region.gpa: bytearray(region.size // PAGE_SIZE) for region in machine.memory.regions
+        }
+
+    def __call__(self, gpa: int, size: int) -> None:
+        if not self.machine.can_pre_fault:
+            return
+        region = self.machine.memory.region_for(gpa, size)
+        done = self.done[region.gpa]
+        first, last = (gpa - region.gpa) // PAGE_SIZE, (gpa + size - region.gpa) // PAGE_SIZE
+        if done.find(0, first, last) < 0:
+            return
+        if self.machine.pre_fault(gpa, size):
+            done[first:last] = _ONES[: last - first]
+
+
 def _read_body(reader: StreamReader, machine: Machine, what: str) -> list[SavedState]:
     components: list[SavedState] = []
     memory = machine.memory
+    pre_fault = _PreFaults(machine)
     for section in reader.sections():
         kind = section.type
         try:
@@ -695,11 +720,14 @@ def _read_body(reader: StreamReader, machine: Machine, what: str) -> list[SavedS
                     # Where KVM can, the pages go into its page tables now, not when the
                     # guest resumes and touches them, each with a fault; where it cannot, long
                     # runs (round 0's) are faulted into pyvmm's mapping at least (for short
-                    # ones a call each would cost the downtime more than it saves).
+                    # ones a call each would cost the downtime more than it saves). Pages that
+                    # became zeros are neither: a page the guest freed is cold.
+                    if zeros:
+                        memory.write_pages(gpa, pages)
+                        continue
                     populate = len(pages) >= LONG_RUN and not machine.can_pre_fault
                     memory.write_pages(gpa, pages, populate=populate)
-                    if not zeros:
-                        machine.pre_fault(gpa, len(pages))
+                    pre_fault(gpa, len(pages))
             elif kind == SectionType.COMPONENT:
                 components.append(vmstate.decode_component(section, what))
             else:

@@ -19,7 +19,8 @@ MiB = 1 << 20
 
 
 def mapped_4k_pages(machine: Machine) -> int:
-    """The 4 KiB mappings KVM's MMU holds for `machine` (debugfs kvm/<pid>-<vm fd>/pages_4k)."""
+    """The 4 KiB mappings KVM's MMU holds for `machine` (debugfs kvm/<pid>-<vm fd>/pages_4k;
+    all of them: the lab kernel has no transparent huge pages, so memfd RAM is in 4 KiB pages)."""
     if not DEBUGFS_KVM.is_dir():
         subprocess.run(["mount", "-t", "debugfs", "none", "/sys/kernel/debug"], check=True)
     return int((DEBUGFS_KVM / f"{os.getpid()}-{machine.vm.fd}" / "pages_4k").read_text())
