@@ -8,24 +8,11 @@ wraps it in a `Mapping` that gives a bounds-checked memoryview.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import mmap as _mmap
 import os
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_long,
-]
-_libc.munmap.restype = ctypes.c_int
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.madvise.restype = ctypes.c_int
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+from pyvmm.libc import libc
+
 MADV_POPULATE_WRITE = 23  # linux/mman.h, since 5.14
 
 PAGE_SIZE = 4096  # x86-64's base page: KVM slots, dirty-log bits and DMA maps count in it
@@ -37,7 +24,7 @@ def populate_write(addr: int, size: int) -> None:
     page-table entries are then there when KVM or the guest first touches them. A kernel
     that cannot (before 5.14) refuses, which is harmless: the pages fault in on first touch,
     as they always did."""
-    _libc.madvise(addr, size, MADV_POPULATE_WRITE)
+    libc.madvise(addr, size, MADV_POPULATE_WRITE)
 
 
 class Mapping:
@@ -54,7 +41,7 @@ class Mapping:
     ) -> None:
         if fd < 0:
             flags |= _mmap.MAP_ANONYMOUS
-        addr = _libc.mmap(None, size, prot, flags, fd, offset)
+        addr = libc.mmap(None, size, prot, flags, fd, offset)
         if addr in (None, MAP_FAILED):
             err = ctypes.get_errno()
             raise OSError(err, f"mmap of {size} bytes failed: {os.strerror(err)}")
@@ -66,7 +53,7 @@ class Mapping:
         """Unmap. Any memoryview taken from `view` must no longer be used."""
         if self.addr:
             self.view.release()
-            _libc.munmap(self.addr, self.size)
+            libc.munmap(self.addr, self.size)
             self.addr = 0
 
     def __enter__(self) -> Mapping:

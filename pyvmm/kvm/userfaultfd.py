@@ -10,18 +10,16 @@ page filled any other way would not wake a thread already waiting on it.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 from types import TracebackType
 
 from pyvmm.kvm.errors import KvmError
 from pyvmm.kvm.mmap import PAGE_SIZE
+from pyvmm.libc import libc
 from pyvmm.uapi import userfaultfd as uapi
 from pyvmm.uapi.ioctl import IoctlError, ioctl
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.syscall.restype = ctypes.c_long
 _SYS_USERFAULTFD = 323  # x86-64
 _DEVICE = "/dev/userfaultfd"
 _MSG_SIZE = ctypes.sizeof(uapi.uffd_msg)
@@ -35,7 +33,7 @@ class UserfaultfdUnavailable(KvmError):
 
 def _open() -> int:
     flags = os.O_CLOEXEC | os.O_NONBLOCK
-    fd = _libc.syscall(_SYS_USERFAULTFD, flags)
+    fd = libc.syscall(_SYS_USERFAULTFD, flags)
     if fd >= 0:
         return fd
     err = ctypes.get_errno()

@@ -15,7 +15,6 @@ shows when a migrated machine starts its threads during the downtime.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import signal
 import threading
@@ -23,12 +22,11 @@ from collections.abc import Callable
 from typing import Any
 
 from pyvmm.kvm.vcpu import KICK_SIGNAL
+from pyvmm.libc import libc
 
 #: Raised by a thread's own fault; blocking them would not keep them from that thread.
 _SYNCHRONOUS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGTRAP}
 MAIN_THREAD_SIGNALS = frozenset(signal.valid_signals() - _SYNCHRONOUS - {KICK_SIGNAL})
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
 class _SigSet(ctypes.Structure):
@@ -48,7 +46,7 @@ _MAIN_THREAD_SET = _SigSet.of(MAIN_THREAD_SIGNALS)
 
 
 def _sigmask(how: int, sigset: _SigSet, previous: _SigSet | None) -> None:
-    err = _libc.pthread_sigmask(how, ctypes.byref(sigset), previous and ctypes.byref(previous))
+    err = libc.pthread_sigmask(how, ctypes.byref(sigset), previous and ctypes.byref(previous))
     if err:
         raise OSError(err, f"pthread_sigmask: {os.strerror(err)}")
 

@@ -7,9 +7,10 @@ C headers do, so that a number can be checked against the header with a compiled
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from typing import Any
+
+from pyvmm.libc import libc
 
 _IOC_NRBITS = 8
 _IOC_TYPEBITS = 8
@@ -69,10 +70,7 @@ class IoctlError(OSError):
         return self.strerror or super().__str__()
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-libc_ioctl = _libc.ioctl
-libc_ioctl.restype = ctypes.c_int
-libc_ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+libc_ioctl = libc.ioctl
 
 _NAMES: dict[int, str] = {}
 

@@ -1,0 +1,27 @@
+"""The C library, loaded once, with the prototypes of the calls pyvmm makes that `os` lacks:
+ioctl, mmap, munmap, madvise, pthread_sigmask and syscall. Calls through it release the GIL
+(a vCPU's KVM_RUN, a page fault served by a userfaultfd) and set errno for `ctypes.get_errno`."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+libc.ioctl.restype = ctypes.c_int
+libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+libc.munmap.restype = ctypes.c_int
+libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+libc.madvise.restype = ctypes.c_int
+libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+libc.syscall.restype = ctypes.c_long
