@@ -77,12 +77,22 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 class ResultWriter:
-    """Appends each test report to a JSON-lines file, flushed at once (partial runs count)."""
+    """Appends each test report to a JSON-lines file, flushed at once (partial runs count). A
+    failure carries what the lab's kernel logged during its test: when a test hangs or fails in
+    the lab, the reason is as often in the lab's kernel (an IOMMU fault, a stalled vCPU, an
+    oops) as in the test's own output."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.kernel_log = _KernelLog()
+
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
+        self.kernel_log.skip_to_end()
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        sections = list(report.sections) if report.failed else []
+        if report.failed:
+            sections.append(("lab kernel log during the test", self.kernel_log.read_new()))
         record = {
             "nodeid": report.nodeid,
             "when": report.when,
@@ -90,10 +100,48 @@ class ResultWriter:
             "longrepr": _skip_reason(report) if report.skipped else report.longreprtext,
             "crash": _crash_message(report),
             "wasxfail": getattr(report, "wasxfail", None),
-            "sections": report.sections if report.failed else [],
+            "sections": sections,
         }
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+class _KernelLog:
+    """The kernel's log records since a point, read from /dev/kmsg (each read returns one
+    record; EAGAIN once all are read; EPIPE when the ring overwrote unread ones)."""
+
+    _MAX_LINES = 200
+
+    def __init__(self) -> None:
+        try:
+            self.fd: int | None = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+        except OSError:
+            self.fd = None
+
+    def skip_to_end(self) -> None:
+        if self.fd is not None:
+            os.lseek(self.fd, 0, os.SEEK_END)
+
+    def read_new(self) -> str:
+        if self.fd is None:
+            return "(/dev/kmsg cannot be read)"
+        lines: list[str] = []
+        while True:
+            try:
+                record = os.read(self.fd, 8192).decode(errors="replace")
+            except BlockingIOError:
+                break
+            except BrokenPipeError:
+                lines.append("(some records were overwritten before they were read)")
+                continue
+            prefix, _, message = record.partition(";")
+            fields = prefix.split(",")
+            seconds = int(fields[2]) / 1e6 if len(fields) > 2 and fields[2].isdigit() else 0.0
+            lines.append(f"[{seconds:12.6f}] {message.splitlines()[0] if message else ''}")
+        dropped = len(lines) - self._MAX_LINES
+        kept = lines[-self._MAX_LINES :]
+        head = [f"({dropped} earlier lines left out)"] if dropped > 0 else []
+        return "\n".join(head + kept) if kept else "(nothing)"
 
 
 def _crash_message(report: pytest.TestReport) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -39,3 +40,28 @@ def test_the_labs_kvm_has_what_pyvmm_needs() -> None:
     with System() as kvm:
         kvm.check_required()
         assert kvm.check_extension(uapi.KvmCap.NR_MEMSLOTS) >= 32
+
+
+def test_a_failing_lab_test_reports_what_the_labs_kernel_logged_during_it(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Why a lab test hung is often in the lab's kernel log: a failure's report carries the
+    records logged from its setup on, and not the earlier ones."""
+    results = tmp_path / "results.jsonl"
+    monkeypatch.setenv("PYVMM_LAB_RESULTS", str(results))
+    with open("/dev/kmsg", "w") as kmsg:
+        kmsg.write("pyvmm-test: logged before the test\n")
+    pytester.makepyfile(
+        """
+        def test_logs_and_fails():
+            with open("/dev/kmsg", "w") as kmsg:
+                kmsg.write("pyvmm-test: logged during the test\\n")
+            assert False
+        """
+    )
+    pytester.runpytest("-p", "pyvmm.lab.pytest_plugin").assert_outcomes(failed=1)
+    call = [r for r in map(json.loads, results.read_text().splitlines()) if r["when"] == "call"]
+    sections = dict(call[0]["sections"])
+    log = sections["lab kernel log during the test"]
+    assert "pyvmm-test: logged during the test" in log
+    assert "logged before the test" not in log
