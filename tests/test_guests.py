@@ -261,4 +261,23 @@ def test_a_console_reader_that_goes_away_costs_the_guest_nothing() -> None:
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(30) == 124
-    assert err.strip() == "pyvmm: stopped: timed out after 3.0 s"
+    first, where = err.strip().splitlines()
+    assert first == "pyvmm: stopped: timed out after 3.0 s"
+    assert re.fullmatch(r"pyvmm:   vcpu0 runnable at rip 0x[0-9a-f]+, interrupts off, .*", where)
+
+
+def test_a_run_that_times_out_says_where_each_vcpu_was() -> None:
+    """A guest that hung is asked first where it is: a halted ticker with interrupts on and its
+    periodic timer armed on the vector it programmed."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pyvmm", "run", str(guest("ticker")), "--timeout", "1"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 124
+    first, where = done.stderr.strip().splitlines()
+    assert first == "pyvmm: stopped: timed out after 1.0 s"
+    assert re.fullmatch(
+        r"pyvmm:   vcpu0 halted at rip 0x[0-9a-f]+, interrupts on, "
+        r"(vector 0x30 (pending|in service), )*timer periodic, \d+ bus ticks left \(vector 0x30\)",
+        where,
+    ), where

@@ -231,6 +231,8 @@ def run_until_done(
         print_exit_stats(machine)
     if result.reason in (StopReason.ERROR, StopReason.TRIPLE_FAULT, StopReason.STOPPED):
         print(f"pyvmm: {result.reason.value}: {result.detail}", file=sys.stderr)
+        for line in result.vcpus:
+            print(f"pyvmm:   {line}", file=sys.stderr)
     return result.exit_code
 
 

@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from pyvmm.devices.pci.device import PciFunction
@@ -38,7 +38,7 @@ from pyvmm.kvm.irq import GsiRouting
 from pyvmm.kvm.mmap import PAGE_SIZE
 from pyvmm.kvm.system import System
 from pyvmm.kvm.vcpu import Vcpu, install_kick_handler
-from pyvmm.machine import boot, cpu, layout
+from pyvmm.machine import boot, cpu, layout, vcpu_report
 from pyvmm.machine.address_space import AddressSpace
 from pyvmm.machine.bus import Bus
 from pyvmm.machine.bzimage import LinuxBoot
@@ -311,6 +311,7 @@ class Machine:
         """Wait until the machine stops; returns how it ended. With `timeout` (seconds) it is
         stopped when that expires; Ctrl-C stops it too."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        timed_out = False
         try:
             # In slices, not one wait: Python runs a signal's handler (Ctrl-C) only when the
             # main thread runs bytecode, and a wait the signal did not interrupt (it went to
@@ -321,14 +322,28 @@ class Machine:
                     break
                 if deadline is not None and time.monotonic() >= deadline:
                     self.stop(StopReason.STOPPED, 124, f"timed out after {timeout} s")
+                    timed_out = True
                     break
         except KeyboardInterrupt:
             self.stop(StopReason.STOPPED, 130, "interrupted")
         finally:
             self._run_control.join()
             self._stop_input()
-        assert self._run_control.result is not None
-        return self._run_control.result
+        result = self._run_control.result
+        assert result is not None
+        if timed_out and result.exit_code == 124:
+            result = replace(result, vcpus=self._where_vcpus_are())
+        return result
+
+    def _where_vcpus_are(self) -> tuple[str, ...]:
+        """A line for each vCPU (they are out of KVM_RUN): where a guest that hung was."""
+        lines = []
+        for vcpu in self.vcpus:
+            try:
+                lines.append(vcpu_report.describe(vcpu))
+            except (OSError, ValueError) as err:
+                lines.append(f"vcpu{vcpu.id}: its state cannot be read ({err})")
+        return tuple(lines)
 
     def run(self, timeout: float | None = None) -> MachineExit:
         """Run the vCPUs until the machine stops; returns how it ended (`start` + `wait`)."""

@@ -74,6 +74,8 @@ class MachineExit:
     reason: StopReason
     exit_code: int
     detail: str = ""
+    #: where each vCPU was when a run that timed out was stopped (vcpu_report.describe)
+    vcpus: tuple[str, ...] = ()
 
 
 class VcpuThreads:
