@@ -25,6 +25,7 @@ from test_snapshot_cli import pyvmm, start_counter
 from pyvmm.kvm.mmap import PAGE_SIZE
 from pyvmm.machine.console import CaptureConsole
 from pyvmm.machine.machine import Machine, RunState, StopReason
+from pyvmm.machine.state import StateError
 from pyvmm.migration import live
 from pyvmm.migration.live import Endpoint, Migration, MigrationError
 from pyvmm.migration.stream import StreamReader
@@ -270,6 +271,29 @@ def test_auto_converge_throttles_a_guest_that_never_converges_until_it_does(
             copy.console.wait_for(rf"pass {last + 2}\n", 30)  # type: ignore[attr-defined]
             copy.stop()
             copy.wait()
+
+
+def test_a_destination_that_refuses_the_state_it_was_sent_leaves_the_source_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the state has gone across, a source hearing nothing stays paused (the destination
+    may run it), but one told that the state was refused knows it does not, and runs on."""
+
+    def refuse(machine: Machine, saved: object) -> None:
+        raise StateError("vcpu0: a state this kernel refuses")
+
+    with Machine(mem_size=64 << 20, console=CaptureConsole()) as source:
+        source.load_elf(str(guest("counter")))
+        source.start()
+        source.console.wait_for(r"count", 30)  # type: ignore[attr-defined]
+        monkeypatch.setattr(Machine, "restore", refuse)  # the destination's (the source's
+        # machine restores nothing)
+        with pytest.raises(MigrationError, match=r"^the destination refused: vcpu0: a state "):
+            migrate_in_process(source, f"unix:{tmp_path / 'in.sock'}", downtime_limit=0.3)
+        assert destination_errors.pop() == "vcpu0: a state this kernel refuses"
+        assert source.state is RunState.RUNNING
+        source.stop()
+        assert source.wait().reason is StopReason.STOPPED
 
 
 def test_a_destination_that_refuses_leaves_the_source_running(tmp_path: Path) -> None:

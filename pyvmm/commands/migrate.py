@@ -1,6 +1,7 @@
 """`pyvmm migrate`: live-migrate a running pyvmm to another, through its control socket.
 
 pyvmm migrate CONTROL unix:PATH|tcp:HOST:PORT [--downtime MS] [--max-rounds N] [--auto-converge]
+              [--postcopy]
 """
 
 from __future__ import annotations
@@ -38,6 +39,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="throttle a guest that dirties memory faster than it can be sent (20%% of its "
         "time, then 10 points more each round that stays too hot, up to 99%%)",
     )
+    command.add_argument(
+        "--postcopy",
+        action="store_true",
+        help="once rounds of copying stop paying, run the machine on the destination and send "
+        "the rest as it asks for it (userfaultfd): a guest that never converges migrates with "
+        "a short downtime, but until every page is across, losing either side loses the machine",
+    )
     command.set_defaults(func=cmd_migrate)
 
 
@@ -51,6 +59,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             downtime_ms=args.downtime,
             max_rounds=args.max_rounds,
             auto_converge=args.auto_converge,
+            postcopy=args.postcopy,
         )
         with ProgressBar() as bar:
             while True:
@@ -75,6 +84,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         f"downtime {status['downtime_ms']:.1f} ms ("
         + ", ".join(f"{k} {v:.1f}" for k, v in status["downtime_phases_ms"].items())
         + ")"
+        + (
+            f"; post-copy: {status['postcopy_pages'] * 4 >> 10} MiB after the switch, "
+            f"{status['postcopy_requested_pages']} pages asked for by faults, all in after "
+            f"{status['postcopy_ms']:.0f} ms"
+            if status["postcopy"]
+            else ""
+        )
     )
     return 0
 

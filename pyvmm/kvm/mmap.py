@@ -13,6 +13,7 @@ import os
 
 from pyvmm.libc import libc
 
+MADV_REMOVE = 9  # linux/mman.h
 MADV_POPULATE_WRITE = 23  # linux/mman.h, since 5.14
 
 PAGE_SIZE = 4096  # x86-64's base page: KVM slots, dirty-log bits and DMA maps count in it
@@ -25,6 +26,14 @@ def populate_write(addr: int, size: int) -> None:
     that cannot (before 5.14) refuses, which is harmless: the pages fault in on first touch,
     as they always did."""
     libc.madvise(addr, size, MADV_POPULATE_WRITE)
+
+
+def remove_pages(addr: int, size: int) -> None:
+    """Drop the pages of a shared mapping and their backing (MADV_REMOVE: a memfd's range
+    becomes a hole, read as missing again, by the mapping and by KVM's page tables)."""
+    if libc.madvise(addr, size, MADV_REMOVE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"madvise(MADV_REMOVE) at {addr:#x}+{size:#x}: {os.strerror(err)}")
 
 
 class Mapping:

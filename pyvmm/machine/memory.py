@@ -129,11 +129,19 @@ class GuestMemory:
     `on_write(gpa, length)`, when set, hears of every write made through this object: after
     `write()` copied its bytes, when `writable()` hands out a view, and again when the writer
     of such a view reports with `written()` that it is done (so a write that spans a dirty-log
-    read is not lost: the page is marked again after it)."""
+    read is not lost: the page is marked again after it).
+
+    `before_access(gpa, length)`, when set, is called before any access is handed out, to make
+    the pages there present: while a post-copy migration brings RAM in (postcopy.py), a Python
+    thread that touched a page not yet there would fault holding the GIL, which the thread that
+    fills the page needs. `missing` then says why RAM is not all here, for whatever would read
+    it all (a snapshot, a migration onwards): "" once it is."""
 
     def __init__(self) -> None:
         self.regions: list[RamRegion] = []
         self.on_write: Callable[[int, int], None] | None = None
+        self.before_access: Callable[[int, int], None] | None = None
+        self.missing = ""
 
     def add(self, region: RamRegion) -> None:
         self.regions.append(region)
@@ -148,6 +156,8 @@ class GuestMemory:
     def slice(self, gpa: int, length: int) -> memoryview:
         """A view of guest RAM at `gpa` to read; the whole range must lie inside one region."""
         region = self.region_for(gpa, length)
+        if self.before_access is not None:
+            self.before_access(gpa, length)
         start = gpa - region.gpa
         return region.view[start : start + length]
 
@@ -177,6 +187,8 @@ class GuestMemory:
         the mapping in the kernel, so that the guest's first touch of each does not take a
         host page fault as well as KVM's: a migrated guest's first moments would go there."""
         region = self.region_for(gpa, len(data))
+        if self.before_access is not None:
+            self.before_access(gpa, len(data))
         if region.shared:
             at, done = region.offset + gpa - region.gpa, 0
             while done < len(data):

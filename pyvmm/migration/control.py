@@ -194,10 +194,16 @@ class ControlServer:
         return stats
 
     def migrate(
-        self, uri: str, downtime_ms: int = 30, max_rounds: int = 30, auto_converge: bool = False
+        self,
+        uri: str,
+        downtime_ms: int = 30,
+        max_rounds: int = 30,
+        auto_converge: bool = False,
+        postcopy: bool = False,
     ) -> dict[str, Any]:
         """Start migrating to `uri` (a pyvmm run --incoming URI); follow it with
-        migrate-status or the MIGRATION event. The machine stops once the destination runs."""
+        migrate-status or the MIGRATION event. The machine stops once the destination runs
+        (with `postcopy`, once the destination has all of its RAM)."""
         self._not_migrating()
         if self.machine.state is RunState.STOPPED:
             raise ControlError("the machine has stopped")
@@ -212,6 +218,7 @@ class ControlServer:
             downtime_limit=downtime_ms / 1000,
             max_rounds=max_rounds,
             auto_converge=auto_converge,
+            postcopy=postcopy,
             on_end=lambda progress: self.event("MIGRATION", **progress.as_dict()),
         )
         self._migration.start()

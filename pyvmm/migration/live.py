@@ -27,7 +27,12 @@ fits: after `max_rounds` rounds the migration fails with the rates in its messag
 pages do not fit and that finds dirty more than half of what the round before it sent raises the
 vCPU throttle, to 20% first, then by 10 points a round up to 99%. The throttle ends with the
 migration. Anything failing before the destination's "resumed" (a cut connection, a refusal, a
-timeout) resumes the source, which never stopped being the machine.
+timeout) resumes the source, which never stopped being the machine; so does a destination's
+refusal of the state it was sent (it says it does not run it).
+
+With `postcopy` (postcopy.py), pre-copy ends as soon as its rounds stop paying (the guest dirties
+more than half as fast as pages are sent, or `max_rounds` went by) with pages left that do not
+fit the limit: then the destination runs first, and the pages follow.
 
 The destination builds its machine from the CONFIG section (refusing one it cannot build, or
 one unlike what its options ask for), writes pages only inside its RAM regions (the stream is
@@ -40,6 +45,7 @@ import contextlib
 import json
 import logging
 import os
+import queue
 import socket
 import struct
 import threading
@@ -49,17 +55,20 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, BinaryIO
 
 from pyvmm.errors import ConfigError, PyvmmError
+from pyvmm.kvm.errors import KvmError
 from pyvmm.kvm.mmap import PAGE_SIZE
+from pyvmm.kvm.userfaultfd import UserFaultFd
 from pyvmm.machine.component import SavedState
 from pyvmm.machine.config import MachineConfig
 from pyvmm.machine.console import Console
+from pyvmm.machine.devices import pins_guest_ram
 from pyvmm.machine.dirty import DirtyBitmap
 from pyvmm.machine.machine import Machine, RunState, SavedMachine, StopReason
 from pyvmm.machine.memory import GuestMemoryError
 from pyvmm.machine.state import StateError
 from pyvmm.machine.threads import start_thread
 from pyvmm.machine.vcpus import MAX_THROTTLE
-from pyvmm.migration import memory_file, vmstate
+from pyvmm.migration import memory_file, postcopy, vmstate
 from pyvmm.migration.sockets import listen_unix
 from pyvmm.migration.stream import (
     Section,
@@ -86,6 +95,8 @@ SEND_TIMEOUT = 60.0  # seconds a send may block (a destination that stopped read
 CONNECT_WAIT = 10.0  # seconds the source waits for a destination to listen
 THROTTLE_FIRST, THROTTLE_STEP = 0.2, 0.1  # auto-converge's first throttle and its increments
 THROTTLE_TRIGGER = 0.5  # dirty / sent (of the round before) above which a round is too hot
+PUSH_PAGES = 64  # pages per section of post-copy's push: a request waits behind one at most
+MAX_REQUESTED_PAGES = 1 << 18  # pages one post-copy request may ask for (1 GiB)
 
 
 class MigrationError(PyvmmError):
@@ -165,13 +176,17 @@ class Endpoint:
 class Progress:
     """Where a migration is, for `migrate-status` and progress bars."""
 
-    status: str = "setup"  # setup, active, completing, completed, failed
+    status: str = "setup"  # setup, active, completing, postcopy, completed, failed
     round: int = 0
     ram_bytes: int = 0
     sent_bytes: int = 0  # bytes of the stream sent so far, all rounds
     dirty_bytes: int = 0  # what the last round found dirty
     bandwidth: float = 0.0  # bytes per second, last round
     throttle_percent: int = 0  # the vCPU throttle auto-converge reached (it ends with it)
+    postcopy: bool = False  # switched to post-copy: the destination runs, pages still to come
+    postcopy_pages: int = 0  # pages the destination lacked when it started
+    postcopy_requested_pages: int = 0  # of those, pages its faults asked for ahead of the push
+    postcopy_ms: float = 0.0  # from the destination's start until it had every page
     downtime_ms: float = 0.0  # paused until the destination ran (when completed)
     # where the downtime went: pausing, the last pages, saving and sending the state, and the
     # destination restoring and starting it (until its answer came)
@@ -197,6 +212,7 @@ class Migration:
         downtime_limit: float = 0.03,
         max_rounds: int = 30,
         auto_converge: bool = False,
+        postcopy: bool = False,
         on_end: Callable[[Progress], None] | None = None,
     ) -> None:
         self.machine = machine
@@ -205,6 +221,7 @@ class Migration:
         self.downtime_limit = downtime_limit
         self.max_rounds = max_rounds
         self.auto_converge = auto_converge
+        self.postcopy = postcopy
         self.progress = Progress(ram_bytes=machine.memory.size)
         self.done = threading.Event()
         self._on_end = on_end
@@ -226,17 +243,20 @@ class Migration:
     def run(self) -> None:
         """Migrate now, on this thread (not a vCPU's); MigrationError if it fails. A failure
         leaves the source as it was (running, or paused if it was), except once the machine's
-        state has gone to the destination: then it stays paused, since the destination may
-        be running it."""
+        state has gone to the destination and it did not refuse it: then it stays paused,
+        since the destination may be running it (and is, after a switch to post-copy)."""
         self._running = True
         started = time.monotonic()
         caveats = self.machine.components.caveats()
+        if self.machine.memory.missing:
+            caveats = {"its RAM": self.machine.memory.missing}
         if caveats:  # (and the destination could not open the device while this one has it)
             first, caveat = next(iter(caveats.items()))
             self.progress.status, self.progress.error = "failed", f"{first}: {caveat}"
             self._finish(started)
             raise MigrationError(f"cannot migrate this machine: {first}: {caveat}")
         paused = handed_over = False
+        pending: postcopy.Pending | None = None
         was_running = self.machine.state is RunState.RUNNING
         dirty = self.machine.dirty
         try:
@@ -249,17 +269,30 @@ class Migration:
                 writer.section(SectionType.INFO, vmstate.encode_info(self.info))
                 asked = time.monotonic()
                 out.flush()
-                _expect(answers, sock, "accept", "building its machine")
+                accepted = _expect(answers, sock, "accept", "building its machine")
+                if self.postcopy and accepted.get("postcopy") is not True:
+                    why = accepted.get("postcopy_unavailable") or "it does not say it can"
+                    raise MigrationError(
+                        f"the destination cannot take a post-copy migration ({why}); migrate "
+                        "without post-copy (the source runs on)"
+                    )
                 switch_over = self._switch_over_estimate(time.monotonic() - asked)
                 self.progress.status = "active"
                 dirty.start()
                 self._send_all(writer)
+                switch_to_postcopy = False
                 while True:
                     bitmaps = dirty.collect()
                     left = sum(bitmap.count() for bitmap in bitmaps) * PAGE_SIZE
                     self.progress.dirty_bytes = left
                     budget = self.progress.bandwidth * (self.downtime_limit - switch_over)
                     if left <= budget and not self._worth_another_round(left, budget):
+                        break
+                    if self.postcopy and (
+                        self.progress.round >= self.max_rounds
+                        or not self._worth_another_round(left, budget)
+                    ):
+                        switch_to_postcopy = True  # pre-copy stopped paying
                         break
                     if self.progress.round >= self.max_rounds:
                         if left <= budget:
@@ -274,13 +307,20 @@ class Migration:
                     raise MigrationError("the machine stopped during the migration")
                 paused = True
                 phases.end("pause")
-                # What the last look found dirty, and whatever was dirtied since.
-                self._send_round(writer, _union(bitmaps, dirty.collect()))
-                phases.end("last_pages")
+                # What the last look found dirty, and whatever was dirtied since: sent now,
+                # or with post-copy, named as what the destination lacks and sent later.
+                last = _union(bitmaps, dirty.collect())
+                if not switch_to_postcopy:
+                    self._send_round(writer, last)
+                    phases.end("last_pages")
                 saved = self.machine.save()
                 for state in saved.components:
                     writer.section(SectionType.COMPONENT, vmstate.encode_component(state))
-                writer.end()
+                if switch_to_postcopy:
+                    writer.section(SectionType.POSTCOPY, postcopy.encode_pending(last))
+                    writer.flush()
+                else:
+                    writer.end()
                 handed_over = True
                 phases.end("state")
                 answer = _expect(answers, sock, "resumed", "restoring the machine")
@@ -290,13 +330,26 @@ class Migration:
                 self.progress.downtime_phases_ms = phases.ms
                 dirty.stop()
                 self.machine.throttle(0)
+                if switch_to_postcopy:
+                    pending = postcopy.Pending(last)
+                    self._push_postcopy(writer, answers, pending)
         except BaseException as err:
             with contextlib.suppress(Exception):
                 dirty.stop()
             self.machine.throttle(0)
             self.progress.status = "failed"
             self.progress.error = _failure(self.endpoint, err)
-            if handed_over:
+            if pending is not None and pending.left:
+                self.progress.error += (
+                    f"; post-copy was under way, {pending.left * PAGE_SIZE >> 10} KiB of RAM "
+                    "not yet sent: the destination cannot run on without them, and this copy "
+                    "is older than what the destination ran, so it stays paused: the machine "
+                    "is lost"
+                )
+            elif handed_over and isinstance(err, _Refused):
+                if was_running:  # it said it does not run the machine
+                    self.machine.resume()
+            elif handed_over:
                 self.progress.error += (
                     "; the machine's state had been sent, so this copy stays paused: if the "
                     f"destination at {self.endpoint.uri} does not run it, resume this one "
@@ -372,6 +425,49 @@ class Migration:
                     writer.section(SectionType.ZERO_PAGES, _ZERO.pack(gpa + at, len(chunk)))
                 continue
             writer.section(SectionType.PAGES, _ADDRESS.pack(gpa + at), chunk)
+
+    def _push_postcopy(
+        self, writer: StreamWriter, answers: BinaryIO, pending: postcopy.Pending
+    ) -> None:
+        """Post-copy, once the destination runs: send the pages it lacks, those its faults ask
+        for first, then END, and wait until it has them all ("complete")."""
+        started, before = time.monotonic(), writer.written
+        self.progress.status = "postcopy"
+        self.progress.postcopy = True
+        self.progress.postcopy_pages = pending.left
+        heard: queue.SimpleQueue[tuple[int, int] | str | MigrationError] = queue.SimpleQueue()
+        start_thread(_hear_destination, "migration-requests", answers, heard)
+        memory = self.machine.memory
+
+        def send(gpa: int, size: int) -> None:
+            self._send_range(writer, gpa, memory.slice(gpa, size), zeros=True)
+
+        while True:
+            requested = False
+            while not heard.empty():
+                item = heard.get()
+                if isinstance(item, MigrationError):
+                    raise item
+                if isinstance(item, tuple):
+                    self.progress.postcopy_requested_pages += item[1]
+                    for gpa, size in pending.take_requested(*item):
+                        send(gpa, size)
+                        requested = True
+            if requested:
+                writer.flush()
+            run = pending.take_next(PUSH_PAGES)
+            if run is None:
+                break
+            send(*run)
+            writer.flush()
+            self.progress.sent_bytes = self.progress.sent_bytes + writer.written - before
+            before = writer.written
+        writer.end()
+        while (item := _next_heard(heard)) != "complete":
+            if isinstance(item, MigrationError):
+                raise item
+        self.progress.sent_bytes += writer.written - before
+        self.progress.postcopy_ms = round((time.monotonic() - started) * 1000, 3)
 
     def _round_done(self, started: float, sent: int) -> None:
         """`sent`: the bytes that went on the wire, so that the bandwidth is the link's, not
@@ -512,6 +608,55 @@ class _RunBatch:
         self._runs, self._pages, self._size = [], [], 0
 
 
+def _hear_destination(answers: BinaryIO, heard: queue.SimpleQueue[Any]) -> None:
+    """Post-copy, at the source: the destination's lines, each to `heard` as a requested
+    (gpa, pages), "complete", or a MigrationError (its error, a malformed line, or the end of
+    the connection, after which nothing more comes)."""
+    try:
+        while line := answers.readline(1 << 16):
+            try:
+                message = json.loads(line)
+            except ValueError:
+                message = None
+            if isinstance(message, dict) and message.get("complete") is True:
+                heard.put("complete")
+                continue
+            runs = message.get("pages") if isinstance(message, dict) else None
+            if not isinstance(runs, list) or not all(_is_run(run) for run in runs):
+                error = message.get("error") if isinstance(message, dict) else None
+                heard.put(MigrationError(f"the destination said {error or line[:200]!r}"))
+                return
+            for gpa, pages in runs:
+                heard.put((gpa, pages))
+        heard.put(MigrationError("the destination closed the connection during post-copy"))
+    except OSError as err:
+        heard.put(MigrationError(f"the connection broke during post-copy: {err.strerror or err}"))
+
+
+def _is_run(run: object) -> bool:
+    return (
+        isinstance(run, list)
+        and len(run) == 2
+        and all(isinstance(n, int) and not isinstance(n, bool) for n in run)
+        and run[0] >= 0
+        and run[0] % PAGE_SIZE == 0
+        and 0 < run[1] <= MAX_REQUESTED_PAGES
+    )
+
+
+def _next_heard(heard: queue.SimpleQueue[Any]) -> Any:
+    try:
+        return heard.get(timeout=REPLY_TIMEOUT)
+    except queue.Empty:
+        return MigrationError(
+            f"the destination did not say within {REPLY_TIMEOUT:.0f} s that it has every page"
+        )
+
+
+class _Refused(MigrationError):
+    """The destination answered with an error: it does not run the machine."""
+
+
 def _expect(answers: BinaryIO, sock: socket.socket, key: str, doing: str) -> dict[str, Any]:
     """Wait for the destination's {key: true, ...} and return it; MigrationError with its
     error otherwise."""
@@ -532,7 +677,7 @@ def _expect(answers: BinaryIO, sock: socket.socket, key: str, doing: str) -> dic
         raise MigrationError("the destination answered with something that is not JSON") from None
     if not isinstance(answer, dict) or answer.get(key) is not True:
         error = answer.get("error") if isinstance(answer, dict) else None
-        raise MigrationError(f"the destination refused: {error or answer}")
+        raise _Refused(f"the destination refused: {error or answer}")
     return answer
 
 
@@ -555,13 +700,16 @@ def _failure(endpoint: Endpoint, err: BaseException) -> str:
 class Incoming:
     """A machine received from a migration, restored, paused and not yet started (its devices
     take no host input yet: a tap's frames still go to the source): `start()` it, then
-    `confirm()` so that the source stops."""
+    `confirm()` so that the source stops. After a switch to post-copy (`postcopy`), its RAM
+    still comes in, on a thread of its own from `confirm()` on; should the source be lost
+    before it is all in, the machine stops with the error."""
 
     machine: Machine
     info: dict[str, Any]
     _sock: socket.socket
     restore_seconds: float = 0.0  # from the stream's END to the machine restored
     _restored_at: float = field(default_factory=time.monotonic)
+    postcopy: _PostcopyIn | None = None
 
     def start(self) -> None:
         """Start the machine and let it run (its devices take host input from now on)."""
@@ -575,15 +723,90 @@ class Incoming:
             "restore": round(self.restore_seconds * 1000, 3),
             "start": round((time.monotonic() - self._restored_at) * 1000, 3),
         }
+        resumed = {"resumed": True, "phases_ms": phases, "postcopy": self.postcopy is not None}
         try:
-            self._sock.sendall(json.dumps({"resumed": True, "phases_ms": phases}).encode() + b"\n")
+            if self.postcopy is not None:
+                self.postcopy.confirm(resumed)
+                return
+            self._sock.sendall(json.dumps(resumed).encode() + b"\n")
         except OSError as err:
+            if self.postcopy is not None:
+                self.postcopy.destination.fail("the source went away as post-copy began")
             raise MigrationError(
                 f"the source went away before it heard that this copy runs ({err.strerror}); "
                 "this copy stops, the source's stays paused"
             ) from None
         finally:
+            if self.postcopy is None:
+                self._sock.close()
+
+
+class _PostcopyIn:
+    """The destination's side of post-copy: the fault server (postcopy.Destination), the
+    requests it sends the source (held back until "resumed" has gone: the source reads that
+    first), and the thread reading the rest of the stream."""
+
+    def __init__(
+        self, machine: Machine, pending: bytes, sock: socket.socket, reader: StreamReader
+    ) -> None:
+        self.machine = machine
+        self._sock = sock
+        self._reader = reader
+        self._lock = threading.Lock()
+        self._held: list[list[tuple[int, int]]] | None = []  # None once "resumed" went
+
+        def lost(why: str) -> None:
+            machine.stop(StopReason.ERROR, 1, why)
+
+        bitmaps = postcopy.decode_pending(pending, machine.memory)
+        self.destination = postcopy.Destination(machine.memory, bitmaps, self._request, lost)
+
+    def _request(self, runs: list[tuple[int, int]]) -> None:
+        with self._lock:
+            if self._held is not None:
+                self._held.append(runs)
+                return
+            with contextlib.suppress(OSError):  # (the reading thread sees the end, and fails)
+                self._sock.sendall(_request_line(runs))
+
+    def confirm(self, resumed: dict[str, Any]) -> None:
+        with self._lock:
+            self._sock.sendall(json.dumps(resumed).encode() + b"\n")
+            held, self._held = self._held or [], None
+            for runs in held:
+                self._sock.sendall(_request_line(runs))
+        self.destination.start()
+        start_thread(self._receive, "postcopy-pages")
+
+    def _receive(self) -> None:
+        destination = self.destination
+        try:
+            for section in self._reader.sections():
+                if section.type not in _PAGE_SECTIONS:
+                    raise StreamError(f"{_where(self._reader.what, section)} is out of place")
+                for gpa, data in _page_writes(section):
+                    if section.type == SectionType.ZERO_PAGES:
+                        destination.fill_zeros(gpa, len(data))
+                    else:
+                        destination.fill(gpa, data)
+            destination.complete()
+            with self._lock:
+                self._sock.sendall(json.dumps({"complete": True}).encode() + b"\n")
+        except (StreamError, _Malformed, postcopy.PostcopyError, GuestMemoryError, OSError) as err:
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+            destination.fail(
+                f"post-copy migration: the source is lost with "
+                f"{destination.awaited * PAGE_SIZE >> 10} KiB of RAM not sent ({reason}): "
+                "this machine cannot run on without it"
+            )
+        finally:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
             self._sock.close()
+
+
+def _request_line(runs: list[tuple[int, int]]) -> bytes:
+    return json.dumps({"pages": [list(run) for run in runs]}).encode() + b"\n"
 
 
 def receive(
@@ -660,20 +883,23 @@ def take_in(
             raise
         machine.pause()  # not started: it will start paused, its devices quiet
         machine.components.prepare_restore()  # (now: not in the downtime)
-        _answer(sock, {"accept": True})
+        _answer(sock, {"accept": True, **_postcopy_ability(machine)})
     except StreamError as err:
         _answer(sock, {"error": str(err)})
         raise
     except OSError as err:
         raise MigrationError(f"{what} broke: {err.strerror or err}") from None
+    postcopy_in = None
     try:
-        components = _read_body(reader, machine, what)
+        components, pending = _read_body(reader, machine, what)
         ended = time.monotonic()
         machine.restore(SavedMachine(config, components))
+        if pending is not None:
+            postcopy_in = _PostcopyIn(machine, pending, sock, reader)
     except OSError as err:
         machine.close()
         raise MigrationError(f"{what} broke: {err.strerror or err}") from None
-    except StateError as err:
+    except (StateError, postcopy.PostcopyError) as err:
         machine.close()
         _answer(sock, {"error": str(err)})
         raise MigrationError(str(err)) from None
@@ -681,7 +907,18 @@ def take_in(
         machine.close()
         raise
     restored = time.monotonic()
-    return Incoming(machine, info, sock, restored - ended, restored)
+    return Incoming(machine, info, sock, restored - ended, restored, postcopy_in)
+
+
+def _postcopy_ability(machine: Machine) -> dict[str, Any]:
+    """What the accept says of post-copy: whether this destination can take it, or why not."""
+    if any(pins_guest_ram(device.kind) for device in machine.config.devices):
+        return {"postcopy_unavailable": "a passed-through device pins the machine's RAM"}
+    try:
+        UserFaultFd().close()
+    except KvmError as err:
+        return {"postcopy_unavailable": str(err)}
+    return {"postcopy": True}
 
 
 class _PreFaults:
@@ -707,7 +944,11 @@ class _PreFaults:
             done[first:last] = _ONES[: last - first]
 
 
-def _read_body(reader: StreamReader, machine: Machine, what: str) -> list[SavedState]:
+def _read_body(
+    reader: StreamReader, machine: Machine, what: str
+) -> tuple[list[SavedState], bytes | None]:
+    """The pages and the components' states, up to END; or up to POSTCOPY, whose payload
+    (the pages this machine lacks) is returned with them."""
     components: list[SavedState] = []
     memory = machine.memory
     pre_fault = _PreFaults(machine)
@@ -730,13 +971,15 @@ def _read_body(reader: StreamReader, machine: Machine, what: str) -> list[SavedS
                     pre_fault(gpa, len(pages))
             elif kind == SectionType.COMPONENT:
                 components.append(vmstate.decode_component(section, what))
+            elif kind == SectionType.POSTCOPY and components:
+                return components, section.payload
             else:
                 raise StreamError(f"{_where(what, section)} is out of place")
         except GuestMemoryError as err:
             raise StreamError(f"{_where(what, section)} has pages outside RAM ({err})") from None
         except _Malformed as err:
             raise StreamError(f"{_where(what, section)} is malformed ({err})") from None
-    return components
+    return components, None
 
 
 _PAGE_SECTIONS = (SectionType.PAGES, SectionType.ZERO_PAGES, SectionType.PAGE_RUNS)

@@ -120,7 +120,10 @@ class SnapshotStats:
 def check_savable(machine: Machine, *, allow_device_reset: bool, incremental: bool) -> None:
     """SnapshotError if a part of `machine` cannot save all of its state (a passed-through
     device) and that was not allowed, or the snapshot is incremental: what such a device
-    writes to RAM is not in the dirty log."""
+    writes to RAM is not in the dirty log. Refused outright while RAM is not all there (a
+    post-copy migration is still bringing it in)."""
+    if machine.memory.missing:
+        raise SnapshotError(f"cannot snapshot this machine yet: {machine.memory.missing}")
     caveats = machine.components.caveats()
     if not caveats:
         return

@@ -53,6 +53,7 @@ class SectionType(enum.IntEnum):
     ZERO_PAGES = 6  # a migration: a range of guest pages that are all zeros
     PAGE_MAP = 7  # an incremental snapshot: which pages its memory file holds
     PAGE_RUNS = 8  # a migration: runs of guest pages, each with its address
+    POSTCOPY = 9  # a migration switching to post-copy: the pages the destination lacks
 
 
 class SectionFlag(enum.IntFlag):

@@ -1,9 +1,11 @@
 """A Linux guest moved around in the lab: the lab kernel under pyvmm, with virtio-blk,
 virtio-rng and virtio-net on a tap, runs a loop that prints a tick and writes it to its disk;
 it is snapshotted and stopped, restored (by mmap), live-migrated over a unix socket, then over
-tcp loopback, and quit. Every process prints into one console file (each inherits its
-predecessor's), whose ticks must run 1, 2, 3, ... with none lost or repeated, and the disk must
-hold the last tick printed. In a lab session of its own ("linux-migrate")."""
+tcp loopback, then with post-copy (its vCPUs' faults, through the lab's nested KVM, and its
+virtio devices' accesses, through pyvmm's, wait for pages still at the source), and quit. Every
+process prints into one console file (each inherits its predecessor's), whose ticks must run
+1, 2, 3, ... with none lost or repeated, and the disk must hold the last tick printed. In a lab
+session of its own ("linux-migrate")."""
 
 from __future__ import annotations
 
@@ -77,14 +79,23 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+PRE_COPY = ("--downtime", "300", "--auto-converge")
+POST_COPY = ("--downtime", "1", "--postcopy")
+
+
 def migrate(
-    source: subprocess.Popen[str], control: Path, uri: str, new_control: Path
-) -> subprocess.Popen[str]:
-    """Migrate the machine at `control` to a new process at `uri`; the new process. The
-    downtime limit is QEMU's default; the lab (TCG) copies memory at a few MB/s, about as fast
-    as the ticking guest dirties it, so the migration throttles it (auto-converge)."""
+    source: subprocess.Popen[str],
+    control: Path,
+    uri: str,
+    new_control: Path,
+    options: tuple[str, ...] = PRE_COPY,
+) -> tuple[subprocess.Popen[str], str]:
+    """Migrate the machine at `control` to a new process at `uri`; the new process and what
+    `pyvmm migrate` said. Pre-copy's downtime limit is QEMU's default; the lab (TCG) copies
+    memory at a few MB/s, about as fast as the ticking guest dirties it, so the migration
+    throttles it (auto-converge). Post-copy's 1 ms never fits: it switches."""
     destination = spawn("run", "--incoming", uri, "--control", str(new_control))
-    moved = pyvmm("migrate", str(control), uri, "--downtime", "300", "--auto-converge")
+    moved = pyvmm("migrate", str(control), uri, *options)
     if moved.returncode != 0:
         source.kill()
         destination.kill()
@@ -94,7 +105,7 @@ def migrate(
         )
     print(moved.stdout.strip())
     wait_for_socket(new_control, destination)
-    return destination
+    return destination, moved.stdout
 
 
 def finished(proc: subprocess.Popen[str], reason: str) -> None:
@@ -103,14 +114,14 @@ def finished(proc: subprocess.Popen[str], reason: str) -> None:
 
 
 @pytest.mark.lab(session="linux-migrate")
-def test_a_linux_guest_is_snapshotted_restored_and_migrated_twice_losing_nothing(
+def test_a_linux_guest_is_snapshotted_restored_and_migrated_three_times_losing_nothing(
     tmp_path: Path,
 ) -> None:
     initrd = tmp_path / "initrd.cpio"
     initrd.write_bytes(busybox_initramfs(find_busybox(), INIT))
     disk, console = tmp_path / "disk.img", tmp_path / "console.txt"
     disk.write_bytes(bytes(1 << 20))
-    controls = [tmp_path / f"vm{n}.sock" for n in range(4)]
+    controls = [tmp_path / f"vm{n}.sock" for n in range(5)]
     first = spawn(
         "run", "-k", str(lab_kernel()), "-i", str(initrd), "-m", "256M", "-c", "2",
         "-p", "console=ttyS0 quiet panic=-1", "--disk", str(disk), "--rng", "--net", f"tap:{TAP}",
@@ -131,18 +142,25 @@ def test_a_linux_guest_is_snapshotted_restored_and_migrated_twice_losing_nothing
         wait_for_socket(controls[1], restored)
         wait_for_more_ticks(console, 5)
 
-        by_unix = migrate(restored, controls[1], f"unix:{tmp_path / 'in.sock'}", controls[2])
+        by_unix, _ = migrate(restored, controls[1], f"unix:{tmp_path / 'in.sock'}", controls[2])
         running.append(by_unix)
         finished(restored, "migrated to unix:")
         wait_for_more_ticks(console, 5)
 
-        by_tcp = migrate(by_unix, controls[2], f"tcp:127.0.0.1:{free_port()}", controls[3])
+        by_tcp, _ = migrate(by_unix, controls[2], f"tcp:127.0.0.1:{free_port()}", controls[3])
         running.append(by_tcp)
         finished(by_unix, "migrated to tcp:")
         wait_for_more_ticks(console, 5)
 
-        assert pyvmm("ctl", str(controls[3]), "quit").returncode == 0
-        finished(by_tcp, "quit from the control socket")
+        uri = f"unix:{tmp_path / 'post.sock'}"
+        by_postcopy, said = migrate(by_tcp, controls[3], uri, controls[4], POST_COPY)
+        running.append(by_postcopy)
+        assert "; post-copy: " in said, said
+        finished(by_tcp, "migrated to unix:")
+        wait_for_more_ticks(console, 5)
+
+        assert pyvmm("ctl", str(controls[4]), "quit").returncode == 0
+        finished(by_postcopy, "quit from the control socket")
     finally:
         for proc in running:
             proc.kill()

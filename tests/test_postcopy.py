@@ -1,0 +1,266 @@
+"""Post-copy migration against the host's /dev/kvm and userfaultfd: a guest that rewrites 16 MiB
+all the time never fits a pre-copy's downtime, and migrates with post-copy: its vCPU's faults
+(inside KVM_RUN) and pyvmm's own reads of RAM that has not arrived wait for the page, every
+page arrives as it was, and the guest counts on; a source lost during post-copy stops the
+destination with the reason instead of leaving it hung or running on missing pages."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from guestbuild import guest, requires_kvm
+from test_migration import counts_of_passes, start_destination
+from test_snapshot_cli import pyvmm
+
+from pyvmm.kvm.mmap import PAGE_SIZE
+from pyvmm.machine.console import CaptureConsole
+from pyvmm.machine.dirty import DirtyBitmap
+from pyvmm.machine.machine import Machine, RunState, StopReason
+from pyvmm.machine.memory import GuestMemory, RamRegion
+from pyvmm.migration import live, postcopy, snapshot
+from pyvmm.migration.live import Endpoint, Migration, MigrationError
+
+REGION, REGION_END = 32 << 20, 48 << 20  # what memtouch rewrites, a quadword a page
+STILL = (48 << 20, 56 << 20)  # data the guest never touches
+
+
+def fill_with_data(machine: Machine) -> dict[int, bytes]:
+    """Random bytes in each page of memtouch's region past its first quadword, and in STILL:
+    what must arrive unchanged. Returns {gpa: page}."""
+    pages = {}
+    for gpa in [*range(REGION, REGION_END, PAGE_SIZE), *range(*STILL, PAGE_SIZE)]:
+        page = os.urandom(PAGE_SIZE)
+        machine.memory.write(gpa, page)
+        pages[gpa] = page
+    return pages
+
+
+def slow_push(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """The source's push of the rest, slowed, so that the guest's faults come first."""
+    take_next = postcopy.Pending.take_next
+
+    def slowly(self: postcopy.Pending, max_pages: int) -> tuple[int, int] | None:
+        time.sleep(seconds)
+        return take_next(self, max_pages)
+
+    monkeypatch.setattr(postcopy.Pending, "take_next", slowly)
+
+
+def migrate(
+    source: Machine, uri: str, during_postcopy, **options: object
+) -> tuple[live.Incoming | None, Migration, BaseException | None]:
+    """Migrate `source` to a destination thread in this process, which calls
+    `during_postcopy(incoming, migration)` once it has confirmed; returns what came in, the
+    migration, and what its run raised."""
+    arrived: list[live.Incoming] = []
+    ready = threading.Event()
+    migration = Migration(source, Endpoint.parse(uri), info={}, **options)  # type: ignore[arg-type]
+
+    def destination() -> None:
+        incoming = live.receive(
+            Endpoint.parse(uri), lambda info: CaptureConsole(), on_listening=ready.set
+        )
+        arrived.append(incoming)
+        incoming.start()
+        incoming.confirm()
+        during_postcopy(incoming, migration)
+
+    thread = threading.Thread(target=destination)
+    thread.start()
+    assert ready.wait(30)
+    failure = None
+    try:
+        migration.run()
+    except MigrationError as err:
+        failure = err
+    thread.join(60)
+    return (arrived[0] if arrived else None), migration, failure
+
+
+@requires_kvm
+@pytest.mark.kvm
+def test_a_guest_that_never_converges_migrates_with_postcopy_every_page_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slow_push(monkeypatch, 0.002)
+    read_during: list[tuple[bool, bytes]] = []
+    last_page = REGION_END - PAGE_SIZE
+
+    def during_postcopy(incoming: live.Incoming, _: Migration) -> None:
+        # pyvmm's own read of a page that may not be here yet waits for it (a Python thread
+        # touching it unasked would fault holding the GIL the fault's server needs)
+        missing = bool(incoming.machine.memory.missing)
+        read_during.append((missing, incoming.machine.memory.read(last_page, PAGE_SIZE)))
+
+    with Machine(mem_size=64 << 20, console=CaptureConsole()) as source:
+        source.load_elf(str(guest("memtouch")))
+        data = fill_with_data(source)
+        source.start()
+        source.console.wait_for(r"pass 2\n", 30)  # type: ignore[attr-defined]
+        uri = f"unix:{tmp_path / 'in.sock'}"
+        incoming, migration, failure = migrate(
+            source, uri, during_postcopy, downtime_limit=0.0001, postcopy=True
+        )
+        assert failure is None and incoming is not None
+        progress = migration.progress
+        with incoming.machine as copy:
+            assert source.wait(10).detail == f"migrated to {uri}"
+            assert progress.status == "completed" and progress.postcopy, progress
+            assert progress.postcopy_pages >= (REGION_END - REGION) // PAGE_SIZE // 2
+            assert progress.postcopy_requested_pages > 0  # the vCPU's faults asked
+            assert copy.memory.missing == "" and copy.memory.before_access is None
+            ((missing_then, page_then),) = read_during
+            assert missing_then
+            assert page_then[8:] == data[last_page][8:]
+            # every page as the source left it: the data, and each page's count no older
+            for gpa, page in data.items():
+                now, then = copy.memory.read(gpa, PAGE_SIZE), source.memory.read(gpa, PAGE_SIZE)
+                assert now[8:] == page[8:], hex(gpa)
+                if gpa < REGION_END:
+                    assert int.from_bytes(now[:8], "little") >= int.from_bytes(then[:8], "little")
+                else:
+                    assert now == then
+            last = counts_of_passes(source.console.text)[-1]  # type: ignore[attr-defined]
+            copy.console.wait_for(rf"pass {last + 2}\n", 30)  # type: ignore[attr-defined]
+            assert counts_of_passes(copy.console.text)[0] == last + 1  # type: ignore[attr-defined]
+            copy.stop()
+            copy.wait()
+
+
+@requires_kvm
+@pytest.mark.kvm
+def test_a_source_lost_during_postcopy_stops_the_destination_with_the_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The source dies part-way through the push: the destination's guest, waiting in KVM for
+    a page that will never come, is not left hanging; the machine stops with an error that
+    says it is lost, and the source's own error says so too."""
+    slow_push(monkeypatch, 0.02)
+    ended: list[object] = []
+
+    def during_postcopy(incoming: live.Incoming, migration: Migration) -> None:
+        time.sleep(0.2)
+        migration.cancel()  # as a source going away: its connection shut down
+        ended.append(incoming.machine.wait(30))
+
+    with Machine(mem_size=64 << 20, console=CaptureConsole()) as source:
+        source.load_elf(str(guest("memtouch")))
+        source.start()
+        source.console.wait_for(r"pass 1\n", 30)  # type: ignore[attr-defined]
+        incoming, _, failure = migrate(
+            source, f"unix:{tmp_path / 'in.sock'}", during_postcopy,
+            downtime_limit=0.0001, postcopy=True,
+        )  # fmt: skip
+        assert incoming is not None
+        with incoming.machine:
+            (result,) = ended
+            assert result.reason is StopReason.ERROR, result  # type: ignore[attr-defined]
+            assert re.match(
+                r"post-copy migration: the source is lost with \d+ KiB of RAM not sent \(.*\): "
+                r"this machine cannot run on without it$",
+                result.detail,  # type: ignore[attr-defined]
+            ), result
+        assert isinstance(failure, MigrationError)
+        assert "post-copy was under way" in str(failure) and "the machine is lost" in str(failure)
+        assert source.state is RunState.PAUSED  # older than what the destination ran
+        source.stop()
+
+
+@requires_kvm
+@pytest.mark.kvm
+def test_pyvmm_migrate_postcopy_between_two_processes(tmp_path: Path) -> None:
+    control = tmp_path / "control.sock"
+    console = tmp_path / "console.txt"
+    proc = subprocess.Popen(
+        [
+            "python3", "-m", "pyvmm", "run", str(guest("memtouch")), "-m", "64M",
+            "--control", str(control), "--console", f"file:{console}",
+        ],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    uri = f"unix:{tmp_path / 'in.sock'}"
+    destination = start_destination(uri)
+    try:
+        deadline = time.monotonic() + 30
+        while "pass 2" not in (console.read_text() if console.exists() else ""):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        done = pyvmm("migrate", str(control), uri, "--downtime", "1", "--postcopy")
+        assert done.returncode == 0, done.stderr
+        assert re.search(
+            r"; post-copy: [\d.]+ MiB after the switch, \d+ pages asked for by faults, all in "
+            r"after \d+ ms$",
+            done.stdout.strip(),
+        ), done.stdout
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0 and err == f"pyvmm: stopped: migrated to {uri}\n"
+        last = counts_of_passes(console.read_text())[-1]
+        deadline = time.monotonic() + 30
+        while counts_of_passes(console.read_text())[-1] < last + 2:  # the destination appends
+            assert time.monotonic() < deadline, console.read_text()[-300:]
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        destination.kill()
+        destination.wait()
+
+
+# the bookkeeping, without KVM
+
+
+def bitmap_of(gpa: int, pages: int, dirty: list[int]) -> DirtyBitmap:
+    bits = sum(1 << page for page in dirty)
+    size = (pages + 7) // 8
+    return DirtyBitmap(gpa, pages, bits.to_bytes(size, "little"), bytes(size))
+
+
+def test_pending_pages_go_once_requests_first_then_on_from_there() -> None:
+    low, high = bitmap_of(0, 16, [1, 2, 3, 9, 10]), bitmap_of(1 << 20, 8, [0, 7])
+    pending = postcopy.Pending([high, low])
+    assert pending.left == 7
+    assert pending.take_requested(9 * PAGE_SIZE, 4) == [(9 * PAGE_SIZE, 2 * PAGE_SIZE)]
+    assert pending.take_next(64) == (1 << 20, PAGE_SIZE)  # on from the request's end
+    assert pending.take_next(64) == ((1 << 20) + 7 * PAGE_SIZE, PAGE_SIZE)
+    assert pending.take_next(2) == (PAGE_SIZE, 2 * PAGE_SIZE)  # wrapped round; at most 2
+    assert pending.take_requested(PAGE_SIZE, 3) == [(3 * PAGE_SIZE, PAGE_SIZE)]
+    assert pending.take_requested(PAGE_SIZE, 3) == []  # sent already
+    assert pending.take_requested(5 << 30, 1) == []  # not RAM: nothing
+    assert pending.left == 0 and pending.take_next(64) is None
+
+
+def test_a_postcopy_section_names_each_region_once_with_its_size() -> None:
+    memory = GuestMemory()
+    memory.add(RamRegion(0, 64 * PAGE_SIZE))
+    memory.add(RamRegion(1 << 20, 16 * PAGE_SIZE))
+    try:
+        bitmaps = [bitmap_of(0, 64, [0, 63]), bitmap_of(1 << 20, 16, [5])]
+        payload = postcopy.encode_pending(bitmaps)
+        assert postcopy.decode_pending(payload, memory) == {b.gpa: b.bitmap for b in bitmaps}
+        wrong = [
+            (payload[:-1], "cut short"),
+            (payload[:20], "cut short"),
+            (postcopy.encode_pending([bitmap_of(0, 32, [1])]), "names no RAM region"),
+            (postcopy.encode_pending([bitmap_of(4096, 64, [1])]), "names no RAM region"),
+            (postcopy.encode_pending(bitmaps[:1] * 2), "names no RAM region"),
+        ]
+        for bad, why in wrong:
+            with pytest.raises(postcopy.PostcopyError, match=why):
+                postcopy.decode_pending(bad, memory)
+    finally:
+        memory.close()
+
+
+def test_a_machine_still_receiving_its_ram_is_not_snapshotted_or_migrated(tmp_path: Path) -> None:
+    with Machine(mem_size=64 << 20, console=CaptureConsole()) as machine:
+        machine.memory.missing = "a post-copy migration is still bringing 4 KiB of its RAM in"
+        with pytest.raises(snapshot.SnapshotError, match=r"^cannot snapshot this machine yet: a "):
+            snapshot.write(machine, tmp_path / "snap", {})
+        migration = Migration(machine, Endpoint.parse(f"unix:{tmp_path / 'x'}"), info={})
+        with pytest.raises(MigrationError, match=r"cannot migrate this machine: its RAM: a post"):
+            migration.run()
