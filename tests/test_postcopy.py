@@ -238,8 +238,13 @@ def test_a_postcopy_section_names_each_region_once_with_its_size() -> None:
     memory = GuestMemory()
     memory.add(RamRegion(0, 64 * PAGE_SIZE))
     memory.add(RamRegion(1 << 20, 16 * PAGE_SIZE))
+    memory.add(RamRegion(2 << 20, 9 * PAGE_SIZE))  # its bitmap's last byte has 7 spare bits
     try:
-        bitmaps = [bitmap_of(0, 64, [0, 63]), bitmap_of(1 << 20, 16, [5])]
+        bitmaps = [
+            bitmap_of(0, 64, [0, 63]),
+            bitmap_of(1 << 20, 16, [5]),
+            bitmap_of(2 << 20, 9, [8]),
+        ]
         payload = postcopy.encode_pending(bitmaps)
         assert postcopy.decode_pending(payload, memory) == {b.gpa: b.bitmap for b in bitmaps}
         wrong = [
@@ -248,6 +253,10 @@ def test_a_postcopy_section_names_each_region_once_with_its_size() -> None:
             (postcopy.encode_pending([bitmap_of(0, 32, [1])]), "names no RAM region"),
             (postcopy.encode_pending([bitmap_of(4096, 64, [1])]), "names no RAM region"),
             (postcopy.encode_pending(bitmaps[:1] * 2), "names no RAM region"),
+            (  # pages 9 to 15 of a 9-page region: past its end (MADV_REMOVE would reach there)
+                postcopy.encode_pending([bitmap_of(2 << 20, 9, [8])])[:-1] + b"\x03",
+                "marks pages past the region's end",
+            ),
         ]
         for bad, why in wrong:
             with pytest.raises(postcopy.PostcopyError, match=why):
@@ -264,3 +273,100 @@ def test_a_machine_still_receiving_its_ram_is_not_snapshotted_or_migrated(tmp_pa
         migration = Migration(machine, Endpoint.parse(f"unix:{tmp_path / 'x'}"), info={})
         with pytest.raises(MigrationError, match=r"cannot migrate this machine: its RAM: a post"):
             migration.run()
+
+
+def test_the_destination_asks_for_each_page_once_and_pyvmm_reads_wait_for_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Destination, on a memfd region of its own (no machine): a read through GuestMemory of
+    awaited pages asks for them and waits; a wider read asks only for what was not asked
+    before; the pages that come are what reads see; a wait says it still waits."""
+    monkeypatch.setattr(postcopy.Destination, "KEEPALIVE", 0.05)
+    memory = GuestMemory()
+    memory.add(RamRegion(0, 16 * PAGE_SIZE))
+    memory.write(0, b"\xaa" * 16 * PAGE_SIZE)  # pre-copy's: pages 0-7 are dropped again
+    sent: list[dict[str, object]] = []
+    failures: list[str] = []
+    destination = postcopy.Destination(
+        memory, {0: bitmap_of(0, 16, list(range(8))).bitmap}, sent.append, failures.append
+    )
+    try:
+        destination.start()
+        reads: dict[str, bytes] = {}
+
+        def read(name: str, gpa: int, size: int) -> None:
+            reads[name] = memory.read(gpa, size)
+
+        first = threading.Thread(target=read, args=("one", 0, PAGE_SIZE))
+        first.start()
+        wait_until(lambda: {"pages": [[0, 1]]} in sent)
+        wider = threading.Thread(target=read, args=("eight", 0, 8 * PAGE_SIZE))
+        wider.start()
+        wait_until(lambda: {"pages": [[PAGE_SIZE, 7]]} in sent)
+        assert reads == {}  # both wait
+        wait_until(lambda: {"awaiting": 8} in sent)
+        assert memory.read(8 * PAGE_SIZE, PAGE_SIZE) == b"\xaa" * PAGE_SIZE  # not dropped
+        pages = os.urandom(8 * PAGE_SIZE)
+        destination.fill(0, pages)
+        first.join(10)
+        wider.join(10)
+        assert reads == {"one": pages[:PAGE_SIZE], "eight": pages}
+        destination.fill(0, bytes(8 * PAGE_SIZE))  # again: filled pages keep what they have
+        assert memory.read(0, 8 * PAGE_SIZE) == pages
+        assert destination.requested_pages == 8 and destination.awaited == 0
+        destination.complete()
+        assert memory.before_access is None and memory.missing == ""
+        assert failures == []
+    finally:
+        memory.close()
+
+
+def wait_until(condition, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+@requires_kvm
+@pytest.mark.kvm
+def test_a_destination_that_cannot_take_postcopy_in_leaves_the_source_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The destination fails to set post-copy up (here: registering its RAM): it never ran the
+    machine and says so, and the source runs on."""
+
+    def cannot(self: postcopy.Destination, *args: object) -> None:
+        raise OSError(16, "Device or resource busy")
+
+    monkeypatch.setattr(postcopy.Destination, "__init__", cannot)
+    with Machine(mem_size=64 << 20, console=CaptureConsole()) as source:
+        source.load_elf(str(guest("memtouch")))
+        source.start()
+        source.console.wait_for(r"pass 1\n", 30)  # type: ignore[attr-defined]
+        uri = f"unix:{tmp_path / 'in.sock'}"
+        refused: list[str] = []
+        ready = threading.Event()
+
+        def destination() -> None:
+            try:
+                live.receive(
+                    Endpoint.parse(uri), lambda info: CaptureConsole(), on_listening=ready.set
+                )
+            except MigrationError as err:
+                refused.append(str(err))
+
+        thread = threading.Thread(target=destination)
+        thread.start()
+        assert ready.wait(30)
+        migration = Migration(
+            source, Endpoint.parse(uri), info={}, downtime_limit=0.0001, postcopy=True
+        )
+        with pytest.raises(MigrationError, match=r"refused: cannot take the post-copy in: "):
+            migration.run()
+        thread.join(30)
+        assert refused == ["cannot take the post-copy in: [Errno 16] Device or resource busy"]
+        assert source.state is RunState.RUNNING
+        passes = counts_of_passes(source.console.text)[-1]  # type: ignore[attr-defined]
+        source.console.wait_for(rf"pass {passes + 1}\n", 30)  # type: ignore[attr-defined]
+        source.stop()

@@ -339,12 +339,17 @@ class Migration:
             self.machine.throttle(0)
             self.progress.status = "failed"
             self.progress.error = _failure(self.endpoint, err)
-            if pending is not None and pending.left:
+            if pending is not None:
+                sent = (
+                    f"{pending.left * PAGE_SIZE >> 10} KiB of RAM not yet sent: the destination "
+                    "cannot run on without it"
+                    if pending.left
+                    else "every page sent, but the destination did not say it had them all"
+                )
                 self.progress.error += (
-                    f"; post-copy was under way, {pending.left * PAGE_SIZE >> 10} KiB of RAM "
-                    "not yet sent: the destination cannot run on without them, and this copy "
-                    "is older than what the destination ran, so it stays paused: the machine "
-                    "is lost"
+                    f"; post-copy was under way, {sent}; this copy is older than what the "
+                    "destination ran, so it stays paused: the machine is lost unless the "
+                    "destination runs on"
                 )
             elif handed_over and isinstance(err, _Refused):
                 if was_running:  # it said it does not run the machine
@@ -621,6 +626,8 @@ def _hear_destination(answers: BinaryIO, heard: queue.SimpleQueue[Any]) -> None:
             if isinstance(message, dict) and message.get("complete") is True:
                 heard.put("complete")
                 continue
+            if isinstance(message, dict) and set(message) == {"awaiting"}:
+                continue  # still waiting: the destination is there
             runs = message.get("pages") if isinstance(message, dict) else None
             if not isinstance(runs, list) or not all(_is_run(run) for run in runs):
                 error = message.get("error") if isinstance(message, dict) else None
@@ -753,28 +760,28 @@ class _PostcopyIn:
         self._sock = sock
         self._reader = reader
         self._lock = threading.Lock()
-        self._held: list[list[tuple[int, int]]] | None = []  # None once "resumed" went
+        self._held: list[dict[str, object]] | None = []  # None once "resumed" went
 
         def lost(why: str) -> None:
             machine.stop(StopReason.ERROR, 1, why)
 
         bitmaps = postcopy.decode_pending(pending, machine.memory)
-        self.destination = postcopy.Destination(machine.memory, bitmaps, self._request, lost)
+        self.destination = postcopy.Destination(machine.memory, bitmaps, self._send, lost)
 
-    def _request(self, runs: list[tuple[int, int]]) -> None:
+    def _send(self, message: dict[str, object]) -> None:
         with self._lock:
             if self._held is not None:
-                self._held.append(runs)
+                self._held.append(message)
                 return
             with contextlib.suppress(OSError):  # (the reading thread sees the end, and fails)
-                self._sock.sendall(_request_line(runs))
+                self._sock.sendall(_line(message))
 
     def confirm(self, resumed: dict[str, Any]) -> None:
         with self._lock:
-            self._sock.sendall(json.dumps(resumed).encode() + b"\n")
+            self._sock.sendall(_line(resumed))
             held, self._held = self._held or [], None
-            for runs in held:
-                self._sock.sendall(_request_line(runs))
+            for message in held:
+                self._sock.sendall(_line(message))
         self.destination.start()
         start_thread(self._receive, "postcopy-pages")
 
@@ -791,7 +798,7 @@ class _PostcopyIn:
                         destination.fill(gpa, data)
             destination.complete()
             with self._lock:
-                self._sock.sendall(json.dumps({"complete": True}).encode() + b"\n")
+                self._sock.sendall(_line({"complete": True}))
         except (StreamError, _Malformed, postcopy.PostcopyError, GuestMemoryError, OSError) as err:
             reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
             destination.fail(
@@ -805,8 +812,8 @@ class _PostcopyIn:
             self._sock.close()
 
 
-def _request_line(runs: list[tuple[int, int]]) -> bytes:
-    return json.dumps({"pages": [list(run) for run in runs]}).encode() + b"\n"
+def _line(message: dict[str, object]) -> bytes:
+    return json.dumps(message).encode() + b"\n"
 
 
 def receive(
@@ -889,23 +896,32 @@ def take_in(
         raise
     except OSError as err:
         raise MigrationError(f"{what} broke: {err.strerror or err}") from None
-    postcopy_in = None
     try:
         components, pending = _read_body(reader, machine, what)
         ended = time.monotonic()
         machine.restore(SavedMachine(config, components))
-        if pending is not None:
-            postcopy_in = _PostcopyIn(machine, pending, sock, reader)
     except OSError as err:
         machine.close()
         raise MigrationError(f"{what} broke: {err.strerror or err}") from None
-    except (StateError, postcopy.PostcopyError) as err:
+    except StateError as err:
         machine.close()
         _answer(sock, {"error": str(err)})
         raise MigrationError(str(err)) from None
     except BaseException:
         machine.close()
         raise
+    postcopy_in = None
+    if pending is not None:
+        try:
+            postcopy_in = _PostcopyIn(machine, pending, sock, reader)
+        except (postcopy.PostcopyError, OSError, KvmError) as err:  # (refused: the source runs on)
+            machine.close()
+            why = f"cannot take the post-copy in: {err}"
+            _answer(sock, {"error": why})
+            raise MigrationError(why) from None
+        except BaseException:
+            machine.close()
+            raise
     restored = time.monotonic()
     return Incoming(machine, info, sock, restored - ended, restored, postcopy_in)
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import select
 import struct
 import threading
@@ -55,7 +56,8 @@ class PostcopyError(Exception):
 
 def encode_pending(bitmaps: list[DirtyBitmap]) -> bytes:
     """A POSTCOPY section's payload: for each RAM region, its address and number of pages,
-    then a bitmap of the pages the destination lacks (KVM's layout: bit i is page i)."""
+    then a bitmap of the pages the destination lacks (KVM's layout: bit i is page i; the
+    spare bits of its last byte are zeros)."""
     return b"".join(_REGION.pack(b.gpa, b.pages) + b.bitmap for b in bitmaps)
 
 
@@ -76,20 +78,20 @@ def decode_pending(payload: bytes, memory: GuestMemory) -> dict[int, bytes]:
         bitmap = payload[at : at + (pages + 7) // 8]
         if len(bitmap) != (pages + 7) // 8:
             raise PostcopyError("its last bitmap is cut short")
+        if pages % 8 and bitmap[-1] >> (pages % 8):
+            raise PostcopyError(f"its bitmap for {gpa:#x} marks pages past the region's end")
         pending[gpa] = bitmap
         at += len(bitmap)
     return pending
 
 
+_RUN_OF = {value: re.compile(re.escape(bytes([value])) + b"+") for value in range(4)}
+
+
 def _runs(states: bytearray, value: int, first: int, last: int) -> Iterator[tuple[int, int]]:
-    """(start, end) page indices of each run of `value` in states[first:last]."""
-    at = first
-    while (start := states.find(value, at, last)) >= 0:
-        end = start + 1
-        while end < last and states[end] == value:
-            end += 1
-        yield start, end
-        at = end
+    """(start, end) page indices of each run of `value` in states[first:last] (found in C)."""
+    for match in _RUN_OF[value].finditer(states, first, last):
+        yield match.start(), match.end()
 
 
 # the destination
@@ -98,40 +100,46 @@ def _runs(states: bytearray, value: int, first: int, last: int) -> Iterator[tupl
 class Destination:
     """An incoming machine's RAM while post-copy brings its missing pages in.
 
-    Made before the machine first runs: drops the pages `pending` names, registers all of RAM
-    with a userfaultfd and serves its faults on a thread of its own (`start()`), asking the
-    source for what is missing with `request(runs)` ([(gpa, pages)]). The stream's reader
-    hands in what arrives (`fill`, `fill_zeros`) and says when the stream ended (`complete`)
-    or broke (`fail`)."""
+    Made before the machine first runs: drops the pages `pending` names and registers all of
+    RAM with a userfaultfd; `start()` serves its faults on a thread of its own, which asks the
+    source for what is missing with `send({"pages": [[gpa, pages], ...]})`, and tells it every
+    KEEPALIVE seconds that it is still waiting (`{"awaiting": pages}`: a source that hears
+    nothing for long takes the destination for gone). The stream's reader hands in what
+    arrives (`fill`, `fill_zeros`) and says when the stream ended (`complete`) or broke
+    (`fail`)."""
+
+    KEEPALIVE = 10.0
 
     def __init__(
         self,
         memory: GuestMemory,
         pending: dict[int, bytes],
-        request: Callable[[list[tuple[int, int]]], None],
+        send: Callable[[dict[str, object]], None],
         on_failure: Callable[[str], None],
     ) -> None:
         self.memory = memory
-        self._request = request
+        self._send = send
         self._on_failure = on_failure
         self._states: dict[int, bytearray] = {}
-        self._requested: set[int] = set()
+        self._asked: dict[int, bytearray] = {}  # pages asked for already (one byte each)
         self._cond = threading.Condition()
         self.awaited = 0  # pages still to come
-        self.requested_pages = 0  # pages asked for by a fault, not waited for in the push
+        self.requested_pages = 0  # pages asked for by a fault or an access
         self.failure = ""
         self._done = threading.Event()
+        self._server: threading.Thread | None = None
         self.uffd = UserFaultFd()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         try:
             for region in memory.regions:
                 self._states[region.gpa] = self._drop(region, pending.get(region.gpa))
+                self._asked[region.gpa] = bytearray(region.size // PAGE_SIZE)
                 self.uffd.register(region.host_addr, region.size)
         except BaseException:
             self._close_fds()
             raise
         memory.before_access = self.ensure
-        memory.missing = self._missing_text()
+        memory.missing = "a post-copy migration is still bringing its RAM in"
 
     def _drop(self, region: RamRegion, bitmap: bytes | None) -> bytearray:
         states = bytearray(region.size // PAGE_SIZE)
@@ -144,14 +152,8 @@ class Destination:
                 self.awaited += size // PAGE_SIZE
         return states
 
-    def _missing_text(self) -> str:
-        return (
-            f"a post-copy migration is still bringing {self.awaited * PAGE_SIZE >> 10} KiB of "
-            "its RAM in"
-        )
-
     def start(self) -> None:
-        start_thread(self._serve_faults, "postcopy-faults")
+        self._server = start_thread(self._serve_faults, "postcopy-faults")
 
     # what arrives
 
@@ -161,14 +163,23 @@ class Destination:
         region, states, first, last = self._place(gpa, len(data))
         for start, end in _runs(states, _AWAITED, first, last):
             piece = data[(start - first) * PAGE_SIZE : (end - first) * PAGE_SIZE]
-            self.uffd.copy(region.host_addr + start * PAGE_SIZE, piece)
+            if not self.uffd.copy(region.host_addr + start * PAGE_SIZE, piece):
+                raise PostcopyError(self._there_already(region, start, end))
             self._filled(states, start, end)
 
     def fill_zeros(self, gpa: int, size: int) -> None:
         region, states, first, last = self._place(gpa, size)
         for start, end in _runs(states, _AWAITED, first, last):
-            self.uffd.zero(region.host_addr + start * PAGE_SIZE, (end - start) * PAGE_SIZE)
+            if not self.uffd.zero(region.host_addr + start * PAGE_SIZE, (end - start) * PAGE_SIZE):
+                raise PostcopyError(self._there_already(region, start, end))
             self._filled(states, start, end)
+
+    @staticmethod
+    def _there_already(region: RamRegion, start: int, end: int) -> str:
+        return (
+            f"a page at {region.gpa + start * PAGE_SIZE:#x}+{(end - start) * PAGE_SIZE:#x} that "
+            "was dropped at the switch was there again (not the source's)"
+        )
 
     def _filled(self, states: bytearray, start: int, end: int) -> None:
         with self._cond:
@@ -182,10 +193,9 @@ class Destination:
             raise PostcopyError(f"the source ended with {self.awaited} pages not sent")
         self.memory.before_access = None
         self.memory.missing = ""
-        self._stop_serving()
         for region in self.memory.regions:
             self.uffd.unregister(region.host_addr, region.size)
-        self._close_fds()
+        self._stop_serving()
 
     def fail(self, why: str) -> None:
         """The source is gone with pages not sent: the machine cannot go on (`on_failure`
@@ -197,7 +207,18 @@ class Destination:
             self._cond.notify_all()
         self._on_failure(why)
         self._stop_serving()
-        self._close_fds()
+
+    def _stop_serving(self) -> None:
+        """End the fault server, which closes the fds on its way out (or close them now if it
+        never started): never while it may still be waiting on them."""
+        self._done.set()
+        if self._server is None:
+            self._close_fds()
+            return
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        if self._server is not threading.current_thread():
+            self._server.join()
 
     # faults and accesses
 
@@ -207,12 +228,17 @@ class Destination:
         region, states, first, last = self._place(gpa, length)
         if states.count(_FILLED, first, last) == last - first:
             return
-        for start, end in _runs(states, _HERE, first, last):
-            self.uffd.zero(region.host_addr + start * PAGE_SIZE, (end - start) * PAGE_SIZE)
-            states[start:end] = bytes([_FILLED]) * (end - start)
-        if states.find(_AWAITED, first, last) < 0:
-            return
-        self._ask(region, states, first, last)
+        try:
+            if self.failure:
+                raise OSError(self.failure)
+            for start, end in _runs(states, _HERE, first, last):
+                self.uffd.zero(region.host_addr + start * PAGE_SIZE, (end - start) * PAGE_SIZE)
+                states[start:end] = bytes([_FILLED]) * (end - start)
+            if states.find(_AWAITED, first, last) < 0:
+                return
+            self._ask(region, states, first, last)
+        except OSError as err:
+            raise GuestMemoryError(f"guest RAM at {gpa:#x} cannot come in: {err}") from None
         with self._cond:
             while states.find(_AWAITED, first, last) >= 0:
                 if self.failure:
@@ -222,14 +248,18 @@ class Destination:
     def _serve_faults(self) -> None:
         try:
             while not self._done.is_set():
-                readable, _, _ = select.select([self.uffd.fd, self._wake_r], [], [])
+                readable, _, _ = select.select([self.uffd.fd, self._wake_r], [], [], self.KEEPALIVE)
                 if self._wake_r in readable:
                     return
+                if not readable:
+                    self._send({"awaiting": self.awaited})
                 for address, _write in self.uffd.faults():
                     self._on_fault(address)
         except (OSError, GuestMemoryError) as err:
             if not self._done.is_set():
-                self.fail(f"serving the guest's page faults failed: {err}")
+                self.fail(f"serving page faults failed: {err}")
+        finally:
+            self._close_fds()  # (which wakes whoever still waits on a fault)
 
     def _on_fault(self, address: int) -> None:
         region = self._region_at(address)
@@ -243,15 +273,16 @@ class Destination:
         # _FILLED: it came after the fault was queued, and its fill woke the vCPU
 
     def _ask(self, region: RamRegion, states: bytearray, first: int, last: int) -> None:
+        """Ask the source for the awaited pages of first..last not asked for before."""
+        asked = self._asked[region.gpa]
         runs = []
         for start, end in _runs(states, _AWAITED, first, last):
-            gpa = region.gpa + start * PAGE_SIZE
-            if gpa not in self._requested:
-                self._requested.add(gpa)
-                runs.append((gpa, end - start))
-                self.requested_pages += end - start
+            for lo, hi in _runs(asked, 0, start, end):
+                asked[lo:hi] = b"\x01" * (hi - lo)
+                runs.append([region.gpa + lo * PAGE_SIZE, hi - lo])
+                self.requested_pages += hi - lo
         for at in range(0, len(runs), MAX_REQUEST_RUNS):
-            self._request(runs[at : at + MAX_REQUEST_RUNS])
+            self._send({"pages": runs[at : at + MAX_REQUEST_RUNS]})
 
     def _place(self, gpa: int, length: int) -> tuple[RamRegion, bytearray, int, int]:
         region = self.memory.region_for(gpa, max(length, 1))
@@ -264,12 +295,6 @@ class Destination:
             if region.host_addr <= address < region.host_addr + region.size:
                 return region
         raise GuestMemoryError(f"a page fault at {address:#x}, outside guest RAM")
-
-    def _stop_serving(self) -> None:
-        self._done.set()
-        if self._wake_w >= 0:
-            with contextlib.suppress(OSError):
-                os.write(self._wake_w, b"x")
 
     def _close_fds(self) -> None:
         self.uffd.close()
