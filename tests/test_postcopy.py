@@ -194,7 +194,7 @@ def test_pyvmm_migrate_postcopy_between_two_processes(tmp_path: Path) -> None:
         done = pyvmm("migrate", str(control), uri, "--downtime", "1", "--postcopy")
         assert done.returncode == 0, done.stderr
         assert re.search(
-            r"; post-copy: [\d.]+ MiB after the switch, \d+ pages asked for by faults, all in "
+            r"; post-copy: \d+ KiB after the switch, \d+ pages asked for by faults, all in "
             r"after \d+ ms$",
             done.stdout.strip(),
         ), done.stdout

@@ -85,7 +85,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         + ", ".join(f"{k} {v:.1f}" for k, v in status["downtime_phases_ms"].items())
         + ")"
         + (
-            f"; post-copy: {status['postcopy_pages'] * 4 >> 10} MiB after the switch, "
+            f"; post-copy: {status['postcopy_pages'] * 4} KiB after the switch, "
             f"{status['postcopy_requested_pages']} pages asked for by faults, all in after "
             f"{status['postcopy_ms']:.0f} ms"
             if status["postcopy"]

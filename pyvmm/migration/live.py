@@ -42,12 +42,15 @@ untrusted), restores the state after END, starts it, and answers.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import queue
 import socket
 import struct
+import sys
+import termios
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -95,7 +98,8 @@ SEND_TIMEOUT = 60.0  # seconds a send may block (a destination that stopped read
 CONNECT_WAIT = 10.0  # seconds the source waits for a destination to listen
 THROTTLE_FIRST, THROTTLE_STEP = 0.2, 0.1  # auto-converge's first throttle and its increments
 THROTTLE_TRIGGER = 0.5  # dirty / sent (of the round before) above which a round is too hot
-PUSH_PAGES = 64  # pages per section of post-copy's push: a request waits behind one at most
+PUSH_PAGES = 16  # pages per section of post-copy's push
+PUSH_AHEAD = 128 << 10  # bytes post-copy's push keeps queued in the socket at most
 MAX_REQUESTED_PAGES = 1 << 18  # pages one post-copy request may ask for (1 GiB)
 
 
@@ -332,7 +336,7 @@ class Migration:
                 self.machine.throttle(0)
                 if switch_to_postcopy:
                     pending = postcopy.Pending(last)
-                    self._push_postcopy(writer, answers, pending)
+                    self._push_postcopy(sock, writer, answers, pending)
         except BaseException as err:
             with contextlib.suppress(Exception):
                 dirty.stop()
@@ -432,10 +436,16 @@ class Migration:
             writer.section(SectionType.PAGES, _ADDRESS.pack(gpa + at), chunk)
 
     def _push_postcopy(
-        self, writer: StreamWriter, answers: BinaryIO, pending: postcopy.Pending
+        self,
+        sock: socket.socket,
+        writer: StreamWriter,
+        answers: BinaryIO,
+        pending: postcopy.Pending,
     ) -> None:
         """Post-copy, once the destination runs: send the pages it lacks, those its faults ask
-        for first, then END, and wait until it has them all ("complete")."""
+        for first, then END, and wait until it has them all ("complete"). The push keeps at
+        most PUSH_AHEAD bytes queued in the socket: a requested page goes out behind those
+        only (the guest waits on it), not behind all that the socket's buffer could hold."""
         started, before = time.monotonic(), writer.written
         self.progress.status = "postcopy"
         self.progress.postcopy = True
@@ -447,19 +457,29 @@ class Migration:
         def send(gpa: int, size: int) -> None:
             self._send_range(writer, gpa, memory.slice(gpa, size), zeros=True)
 
+        def take(item: tuple[int, int] | str | MigrationError) -> bool:
+            """Act on what the destination said; True if pages went out for it."""
+            if isinstance(item, MigrationError):
+                raise item
+            if not isinstance(item, tuple):
+                return False
+            self.progress.postcopy_requested_pages += item[1]
+            runs = pending.take_requested(*item)
+            for gpa, size in runs:
+                send(gpa, size)
+            return bool(runs)
+
         while True:
             requested = False
             while not heard.empty():
-                item = heard.get()
-                if isinstance(item, MigrationError):
-                    raise item
-                if isinstance(item, tuple):
-                    self.progress.postcopy_requested_pages += item[1]
-                    for gpa, size in pending.take_requested(*item):
-                        send(gpa, size)
-                        requested = True
+                requested = take(heard.get()) or requested
             if requested:
                 writer.flush()
+            if _queued(sock) > PUSH_AHEAD:  # wait for the link, or for a request
+                with contextlib.suppress(queue.Empty):
+                    if take(heard.get(timeout=0.002)):
+                        writer.flush()
+                continue
             run = pending.take_next(PUSH_PAGES)
             if run is None:
                 break
@@ -544,8 +564,9 @@ class _Phases:
 
     def split_last(self, parts: object, name: str) -> None:
         """Split phase `name`, the last, by the destination's own account of its end (`parts`:
-        its {"restore": ms, "start": ms}, untrusted, ignored unless well-formed): what is left
-        before them is `name`_reading (the stream still in transit or being read). The
+        its {"restore": ms, "postcopy": ms, "start": ms}, untrusted, ignored unless
+        well-formed): what is left before them is `name`_reading (the stream still in transit
+        or being read). The
         destination may have read the end while the source's last write was still returning:
         then its parts are scaled down to fit."""
         total = self.ms.get(name, 0.0)
@@ -554,7 +575,7 @@ class _Phases:
             for v in parts.values()
         ):
             return
-        known = {k: float(parts[k]) for k in ("restore", "start") if k in parts}
+        known = {k: float(parts[k]) for k in ("restore", "postcopy", "start") if k in parts}
         if not known:
             return
         scale = min(1.0, total / sum(known.values())) if sum(known.values()) else 1.0
@@ -651,6 +672,13 @@ def _is_run(run: object) -> bool:
     )
 
 
+def _queued(sock: socket.socket) -> int:
+    """Bytes sent on `sock` that the peer has not read yet (still in the socket's buffers)."""
+    buffer = bytearray(4)
+    fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, buffer)
+    return int.from_bytes(buffer, sys.byteorder)
+
+
 def _next_heard(heard: queue.SimpleQueue[Any]) -> Any:
     try:
         return heard.get(timeout=REPLY_TIMEOUT)
@@ -717,6 +745,7 @@ class Incoming:
     restore_seconds: float = 0.0  # from the stream's END to the machine restored
     _restored_at: float = field(default_factory=time.monotonic)
     postcopy: _PostcopyIn | None = None
+    postcopy_seconds: float = 0.0  # then setting post-copy up (its RAM dropped, registered)
 
     def start(self) -> None:
         """Start the machine and let it run (its devices take host input from now on)."""
@@ -728,6 +757,7 @@ class Incoming:
         source then keeps its copy paused, and this one must not run on: stop it)."""
         phases = {
             "restore": round(self.restore_seconds * 1000, 3),
+            **({"postcopy": round(self.postcopy_seconds * 1000, 3)} if self.postcopy else {}),
             "start": round((time.monotonic() - self._restored_at) * 1000, 3),
         }
         resumed = {"resumed": True, "phases_ms": phases, "postcopy": self.postcopy is not None}
@@ -900,6 +930,7 @@ def take_in(
         components, pending = _read_body(reader, machine, what)
         ended = time.monotonic()
         machine.restore(SavedMachine(config, components))
+        restored = time.monotonic()
     except OSError as err:
         machine.close()
         raise MigrationError(f"{what} broke: {err.strerror or err}") from None
@@ -922,8 +953,8 @@ def take_in(
         except BaseException:
             machine.close()
             raise
-    restored = time.monotonic()
-    return Incoming(machine, info, sock, restored - ended, restored, postcopy_in)
+    ready = time.monotonic()
+    return Incoming(machine, info, sock, restored - ended, ready, postcopy_in, ready - restored)
 
 
 def _postcopy_ability(machine: Machine) -> dict[str, Any]:

@@ -15,6 +15,7 @@ near its last). When every page is in, the destination says so and the source en
                                          <-     {"resumed": true, "postcopy": true, ...}
     PAGES / PAGE_RUNS / ZERO_PAGES (pushed)  ->    filled with UFFDIO_COPY / UFFDIO_ZEROPAGE
                                          <-     {"pages": [[gpa, count], ...]} (faults)
+                                         <-     {"awaiting": pages} (every 10 s: still there)
     END                                  ->
                                          <-     {"complete": true}
 
@@ -85,7 +86,7 @@ def decode_pending(payload: bytes, memory: GuestMemory) -> dict[int, bytes]:
     return pending
 
 
-_RUN_OF = {value: re.compile(re.escape(bytes([value])) + b"+") for value in range(4)}
+_RUN_OF = {value: re.compile(re.escape(bytes([value])) + b"+") for value in (0, 1, 2)}
 
 
 def _runs(states: bytearray, value: int, first: int, last: int) -> Iterator[tuple[int, int]]:
