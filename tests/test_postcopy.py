@@ -370,3 +370,37 @@ def test_a_destination_that_cannot_take_postcopy_in_leaves_the_source_running(
         passes = counts_of_passes(source.console.text)[-1]  # type: ignore[attr-defined]
         source.console.wait_for(rf"pass {passes + 1}\n", 30)  # type: ignore[attr-defined]
         source.stop()
+
+
+@requires_kvm
+@pytest.mark.kvm
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_destination_that_quits_during_postcopy_ends_cleanly_and_the_source_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The destination's user quits while pages still come: its machine ends and closes
+    without waiting for them (no thread of it fails on the closed machine), and the source,
+    cut off mid-push, says the machine is lost."""
+    slow_push(monkeypatch, 0.02)
+    closed: list[bool] = []
+
+    def during_postcopy(incoming: live.Incoming, _: Migration) -> None:
+        time.sleep(0.2)
+        incoming.machine.stop()
+        incoming.machine.wait(30)
+        incoming.machine.close()
+        closed.append(True)
+
+    with Machine(mem_size=64 << 20, console=CaptureConsole()) as source:
+        source.load_elf(str(guest("memtouch")))
+        source.start()
+        source.console.wait_for(r"pass 1\n", 30)  # type: ignore[attr-defined]
+        _, migration, failure = migrate(
+            source, f"unix:{tmp_path / 'in.sock'}", during_postcopy,
+            downtime_limit=0.0001, postcopy=True,
+        )  # fmt: skip
+        assert closed == [True]
+        assert isinstance(failure, MigrationError), migration.progress
+        assert re.search(r"post-copy was under way, \d+ KiB of RAM not yet sent", str(failure))
+        assert source.state is RunState.PAUSED
+        source.stop()

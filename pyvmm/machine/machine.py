@@ -438,6 +438,11 @@ class Machine:
 
     # teardown
 
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Call `callback` when the machine closes, after its vCPUs have ended and before its
+        devices and RAM go (what uses them, such as a post-copy still bringing RAM in)."""
+        self._stack.callback(callback)
+
     def close(self) -> None:
         if self.state in (RunState.RUNNING, RunState.PAUSED):
             self.stop()

@@ -797,6 +797,13 @@ class _PostcopyIn:
 
         bitmaps = postcopy.decode_pending(pending, machine.memory)
         self.destination = postcopy.Destination(machine.memory, bitmaps, self._send, lost)
+        machine.on_close(self._machine_closed)
+
+    def _machine_closed(self) -> None:
+        """Closed before every page came (its user quit it): the source hears the end."""
+        self.destination.close()
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
 
     def _send(self, message: dict[str, object]) -> None:
         with self._lock:

@@ -209,6 +209,15 @@ class Destination:
         self._on_failure(why)
         self._stop_serving()
 
+    def close(self) -> None:
+        """The machine is closing: no more waiting for pages (a reader still waiting raises),
+        nor filling them."""
+        with self._cond:
+            if not self.failure:
+                self.failure = "the machine closed"
+            self._cond.notify_all()
+        self._stop_serving()
+
     def _stop_serving(self) -> None:
         """End the fault server, which closes the fds on its way out (or close them now if it
         never started): never while it may still be waiting on them."""
