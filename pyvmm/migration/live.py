@@ -485,7 +485,7 @@ class Migration:
                 break
             send(*run)
             writer.flush()
-            self.progress.sent_bytes = self.progress.sent_bytes + writer.written - before
+            self.progress.sent_bytes += writer.written - before
             before = writer.written
         writer.end()
         while (item := _next_heard(heard)) != "complete":
@@ -566,9 +566,8 @@ class _Phases:
         """Split phase `name`, the last, by the destination's own account of its end (`parts`:
         its {"restore": ms, "postcopy": ms, "start": ms}, untrusted, ignored unless
         well-formed): what is left before them is `name`_reading (the stream still in transit
-        or being read). The
-        destination may have read the end while the source's last write was still returning:
-        then its parts are scaled down to fit."""
+        or being read). The destination may have read the end while the source's last write
+        was still returning: then its parts are scaled down to fit."""
         total = self.ms.get(name, 0.0)
         if not isinstance(parts, dict) or not all(
             isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < 1e9

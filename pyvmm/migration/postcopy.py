@@ -95,6 +95,12 @@ def _runs(states: bytearray, value: int, first: int, last: int) -> Iterator[tupl
         yield match.start(), match.end()
 
 
+def _page_runs(bitmap: DirtyBitmap) -> Iterator[tuple[int, int]]:
+    """(index of its first page, pages) of each run of pages `bitmap` marks."""
+    for gpa, size in bitmap.ranges():
+        yield (gpa - bitmap.gpa) // PAGE_SIZE, size // PAGE_SIZE
+
+
 # the destination
 
 
@@ -145,12 +151,11 @@ class Destination:
     def _drop(self, region: RamRegion, bitmap: bytes | None) -> bytearray:
         states = bytearray(region.size // PAGE_SIZE)
         if bitmap:
-            zeros = bytes(len(bitmap))
-            for gpa, size in DirtyBitmap(region.gpa, len(states), bitmap, zeros).ranges():
-                first = (gpa - region.gpa) // PAGE_SIZE
-                states[first : first + size // PAGE_SIZE] = bytes([_AWAITED]) * (size // PAGE_SIZE)
-                remove_pages(region.host_addr + gpa - region.gpa, size)
-                self.awaited += size // PAGE_SIZE
+            marked = DirtyBitmap(region.gpa, len(states), bitmap, bytes(len(bitmap)))
+            for first, count in _page_runs(marked):
+                states[first : first + count] = bytes([_AWAITED]) * count
+                remove_pages(region.host_addr + first * PAGE_SIZE, count * PAGE_SIZE)
+                self.awaited += count
         return states
 
     def start(self) -> None:
@@ -326,10 +331,9 @@ class Pending:
         self.left = 0
         for bitmap in sorted(bitmaps, key=lambda b: b.gpa):
             todo = bytearray(bitmap.pages)
-            for gpa, size in bitmap.ranges():
-                first = (gpa - bitmap.gpa) // PAGE_SIZE
-                todo[first : first + size // PAGE_SIZE] = b"\x01" * (size // PAGE_SIZE)
-                self.left += size // PAGE_SIZE
+            for first, count in _page_runs(bitmap):
+                todo[first : first + count] = b"\x01" * count
+                self.left += count
             self._todo.append((bitmap.gpa, todo))
         self._cursor = (0, 0)  # (region index, page)
 
