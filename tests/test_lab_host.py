@@ -575,11 +575,11 @@ elif mode == "agent-error":
     agent(Kind.ERROR, b"the lab has no nvme device")
 elif mode == "hang":
     time.sleep(60)
-elif mode.startswith("crash"):  # a lab test tier's run: the tests' reports, then QEMU aborts
+elif mode.startswith(("crash", "hang-")):  # a tier's run: the tests' reports, then it breaks
     nodeids = spec["command"][spec["command"].index("-q") + 1:]
     boots = Path(os.environ["FAKE_QEMU_RECORD"]).with_name("boots")
     boots.write_text(str(boot := int(boots.read_text() if boots.exists() else 0) + 1))
-    crashes = mode == "crash" or boot == 1
+    crashes = mode in ("crash", "hang-always") or boot == 1
 
     def report(nodeid, *whens, outcome="passed"):
         with open(spec["env"]["PYVMM_LAB_RESULTS"], "a") as results:
@@ -589,6 +589,10 @@ elif mode.startswith("crash"):  # a lab test tier's run: the tests' reports, the
                 results.write(json.dumps(record) + "\\n")
 
     def crash():
+        if mode.startswith("hang-"):  # the lab's kernel stalls, saying so on its console
+            stall = b"[  412.000001] rcu: INFO: rcu_preempt self-detected stall\\n"
+            os.write(fds["console"], stall)
+            time.sleep(60)
         sys.stderr.write("qemu-system-x86_64: physmem.c:2678: iotlb_to_section: Assertion\\n")
         sys.stderr.flush()
         os.abort()
@@ -757,14 +761,16 @@ def test_three(): pass
 """
 
 
-def run_tier(pytester: pytest.Pytester, fake_lab: FakeLab, mode: str) -> pytest.RunResult:
+def run_tier(
+    pytester: pytest.Pytester, fake_lab: FakeLab, mode: str, *options: str
+) -> pytest.RunResult:
     """A host pytest of three lab tests, the lab being the fake QEMU in `mode`."""
     fake_lab.monkeypatch.setenv("FAKE_QEMU_MODE", mode)
     fake_lab.monkeypatch.setenv("PYVMM_LAB_KERNEL", str(fake_lab.kernel))
     fake_lab.monkeypatch.delenv("PYVMM_IN_LAB", raising=False)
     pytester.makeini("[pytest]\nmarkers = lab: runs in the lab\n")
     pytester.makepyfile(LAB_TESTS)
-    return pytester.runpytest_inprocess("-p", "pyvmm.lab.pytest_plugin", "-rA")
+    return pytester.runpytest_inprocess("-p", "pyvmm.lab.pytest_plugin", "-rA", *options)
 
 
 def test_after_qemu_crashes_the_tests_left_without_a_result_run_in_a_new_boot(
@@ -779,6 +785,32 @@ def test_after_qemu_crashes_the_tests_left_without_a_result_run_in_a_new_boot(
     assert "a new boot runs what it left without a result (2 of 3 tests)" in output
     # test_one had finished; test_two was under way when QEMU aborted, so it runs again
     assert "lab: running 2 tests in QEMU" in output
+
+
+def test_after_the_lab_hangs_past_its_budget_the_tests_left_run_in_a_new_boot(
+    pytester: pytest.Pytester, fake_lab: FakeLab
+) -> None:
+    """A lab whose kernel stalls (or panics under the emulated IOMMU) is the emulator's failure
+    as a crash is: one more boot for what it left; the timeout says what its console said."""
+    result = run_tier(pytester, fake_lab, "hang-once", "--lab-timeout", "3")
+    result.assert_outcomes(passed=3)
+    output = result.stdout.str()
+    assert (
+        "lab: the lab hung (timed out after 3 s; QEMU stopped; its console last said: "
+        "[    0.000000] Linux version 7.3.4-lab | [  412.000001] rcu: INFO: rcu_preempt "
+        "self-detected stall); a new boot runs what it left without a result (2 of 3 tests)"
+    ) in output
+    assert "lab: running 2 tests in QEMU" in output
+
+
+def test_a_lab_that_hangs_again_fails_what_it_left(
+    pytester: pytest.Pytester, fake_lab: FakeLab
+) -> None:
+    result = run_tier(pytester, fake_lab, "hang-always", "--lab-timeout", "3")
+    result.assert_outcomes(passed=1, failed=2)
+    output = result.stdout.str()
+    assert output.count("lab: running 2 tests in QEMU") == 1  # one new boot, not more
+    assert re.search(r" test_three _+\nno result from the lab: timed out after 3 s; ", output)
 
 
 def test_a_test_the_lab_stopped_in_fails_though_its_reports_so_far_passed(
@@ -868,7 +900,10 @@ def test_cli_passes_the_exit_status_through(
 def test_cli_timeout_exits_124(fake_lab: FakeLab, capsys: pytest.CaptureFixture[str]) -> None:
     fake_lab.monkeypatch.setenv("FAKE_QEMU_MODE", "hang")
     assert run_cli("run", "--kernel", str(fake_lab.kernel), "--timeout", "1", "--", "x") == 124
-    assert capsys.readouterr().err == "pyvmm lab: timed out after 1 s; QEMU stopped\n"
+    assert capsys.readouterr().err == (
+        "pyvmm lab: timed out after 1 s; QEMU stopped; its console last said: "
+        "[    0.000000] Linux version 7.3.4-lab\n"
+    )
 
 
 # -- the test tier's folding of inner reports ------------------------------------------------------

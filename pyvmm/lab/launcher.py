@@ -16,6 +16,7 @@ import ctypes
 import json
 import logging
 import os
+import re
 import selectors
 import shutil
 import signal
@@ -43,6 +44,7 @@ BOOT_TIMEOUT = 120.0
 POWEROFF_GRACE = 5.0
 
 _CONSOLE_TAIL = 16384
+_KERNEL_LINE = re.compile(r"^\[\s*\d+\.\d+\] ")  # a kernel log line on the console
 #: The signals QEMU dies of when it crashes (an assertion aborts); SIGKILL or SIGTERM from the
 #: OOM killer or an operator are not crashes.
 _CRASH_SIGNALS = frozenset(
@@ -410,7 +412,16 @@ class _Relay:
         if self.boot_seconds is None and elapsed >= BOOT_TIMEOUT:
             raise LabTimeout(f"the lab did not boot within {BOOT_TIMEOUT:.0f} s{self._hint()}")
         if self.options.timeout and elapsed >= self.options.timeout:
-            raise LabTimeout(f"timed out after {self.options.timeout:g} s; QEMU stopped")
+            raise LabTimeout(
+                f"timed out after {self.options.timeout:g} s; QEMU stopped{self._console_said()}"
+            )
+
+    def _console_said(self) -> str:
+        """The lab kernel's last lines on its console, if any (with `quiet`, its warnings:
+        a stall, a lockup, an oops), for a timeout's message."""
+        console = self.console_tail.decode(errors="replace").splitlines()
+        kernel = [line.strip() for line in console if _KERNEL_LINE.match(line)]
+        return f"; its console last said: {' | '.join(kernel[-2:])}" if kernel else ""
 
     def _on_console(self, selector: selectors.BaseSelector) -> None:
         data = self.console.recv(65536)

@@ -5,9 +5,9 @@ first stand-in to run boots the lab once and runs every lab test there with one 
 `python -m pytest -m lab <node ids>`; that inner session (this plugin again, seeing
 PYVMM_IN_LAB=1) appends one JSON line per test report to a file on the results share, and each
 stand-in then passes, fails with the inner failure text, or skips with the inner reason. A
-test counts once its teardown is reported; should QEMU itself crash (die of a signal), the tests
-left without a result run in one more boot. When QEMU, busybox or a lab kernel is missing, the
-stand-ins skip and say which.
+test counts once its teardown is reported; should QEMU itself crash (die of a signal) or the lab
+hang past its budget, the tests left without a result run in one more boot. When QEMU, busybox
+or a lab kernel is missing, the stand-ins skip and say which.
 
 A test asks for lab hardware with the marker's keywords: `@pytest.mark.lab(devices=("nvme",))`
 adds devices to the one boot (edu is always there; `("igb",)` brings an SR-IOV PF and its VFs,
@@ -35,7 +35,7 @@ from typing import Any
 import pytest
 
 from pyvmm.lab import launcher
-from pyvmm.lab.errors import LabCrashed, LabError, LabUnavailable
+from pyvmm.lab.errors import LabCrashed, LabError, LabTimeout, LabUnavailable
 from pyvmm.lab.protocol import Kind
 
 ENV_IN_LAB = "PYVMM_IN_LAB"
@@ -44,7 +44,9 @@ ENV_RESULTS = "PYVMM_LAB_RESULTS"
 DEFAULT_TIMEOUT = 540.0  # for each lab boot (session): keep each well under it
 _OUTPUT_TAIL = 4000
 #: Boots a session may take in all: when QEMU itself crashes (as QEMU 10.0's TCG rarely does,
-#: asserting in iotlb_to_section), the tests left without a result run again in a new boot, once.
+#: asserting in iotlb_to_section) or the lab hangs past its budget (as its kernel now and then
+#: does under the emulated virtio-iommu, or panics), the tests left without a result run again
+#: in a new boot, once.
 _MAX_BOOTS = 2
 #: Markers the inner session evaluates; on the host they would judge the wrong machine.
 _INNER_ONLY_MARKERS = frozenset({"skip", "skipif", "xfail", "usefixtures", "parametrize"})
@@ -295,22 +297,23 @@ class LabTier:
             session.results = {}
             return
         session.results = {}
-        crash: LabCrashed | None = None
+        stopped: LabCrashed | LabTimeout | None = None
         for boot in range(1, _MAX_BOOTS + 1):
             left = [item.nodeid for item in session.items if _rerun(session.results, item)]
             if not left:  # (QEMU died after the last test was done)
                 return
-            if crash is not None:
+            if stopped is not None:
+                what = "QEMU crashed" if isinstance(stopped, LabCrashed) else "the lab hung"
                 output.line(
-                    f"lab: QEMU crashed ({crash}); a new boot runs what it left without a "
+                    f"lab: {what} ({stopped}); a new boot runs what it left without a "
                     f"result ({len(left)} of {len(session.items)} tests)"
                 )
             try:
                 self._boot(session, left, share / f"boot{boot}", output)
                 return
-            except LabCrashed as exc:
+            except (LabCrashed, LabTimeout) as exc:
                 session.problem = f"{exc}\n{output.tail()}"
-                crash = exc
+                stopped = exc
 
     def _boot(self, session: LabSession, nodeids: list[str], share: Path, output: _Output) -> None:
         """Run `nodeids` in one lab boot; their results go into `session.results`."""
@@ -347,7 +350,7 @@ class LabTier:
             result = launcher.run(
                 command, options, cwd=str(self.config.rootpath), output=output.write, share=share
             )
-        except LabCrashed:
+        except (LabCrashed, LabTimeout):
             raise
         except LabError as exc:
             session.problem = f"{exc}\n{output.tail()}"
