@@ -6,11 +6,13 @@ destination with the reason instead of leaving it hung or running on missing pag
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -83,6 +85,24 @@ def migrate(
     return (arrived[0] if arrived else None), migration, failure
 
 
+@contextlib.contextmanager
+def running_memtouch() -> Iterator[Machine]:
+    """A source machine running memtouch, past its first pass."""
+    with Machine(mem_size=64 << 20, console=CaptureConsole()) as source:
+        source.load_elf(str(guest("memtouch")))
+        source.start()
+        source.console.wait_for(r"pass 1\n", 30)  # type: ignore[attr-defined]
+        yield source
+
+
+def postcopy_of(
+    source: Machine, tmp_path: Path, during_postcopy
+) -> tuple[live.Incoming | None, Migration, BaseException | None]:
+    """`migrate` with a downtime limit memtouch never fits: it switches to post-copy."""
+    uri = f"unix:{tmp_path / 'in.sock'}"
+    return migrate(source, uri, during_postcopy, downtime_limit=0.0001, postcopy=True)
+
+
 @requires_kvm
 @pytest.mark.kvm
 def test_a_guest_that_never_converges_migrates_with_postcopy_every_page_as_it_was(
@@ -149,14 +169,8 @@ def test_a_source_lost_during_postcopy_stops_the_destination_with_the_reason(
         migration.cancel()  # as a source going away: its connection shut down
         ended.append(incoming.machine.wait(30))
 
-    with Machine(mem_size=64 << 20, console=CaptureConsole()) as source:
-        source.load_elf(str(guest("memtouch")))
-        source.start()
-        source.console.wait_for(r"pass 1\n", 30)  # type: ignore[attr-defined]
-        incoming, _, failure = migrate(
-            source, f"unix:{tmp_path / 'in.sock'}", during_postcopy,
-            downtime_limit=0.0001, postcopy=True,
-        )  # fmt: skip
+    with running_memtouch() as source:
+        incoming, _, failure = postcopy_of(source, tmp_path, during_postcopy)
         assert incoming is not None
         with incoming.machine:
             (result,) = ended
@@ -391,14 +405,8 @@ def test_a_destination_that_quits_during_postcopy_ends_cleanly_and_the_source_sa
         incoming.machine.close()
         closed.append(True)
 
-    with Machine(mem_size=64 << 20, console=CaptureConsole()) as source:
-        source.load_elf(str(guest("memtouch")))
-        source.start()
-        source.console.wait_for(r"pass 1\n", 30)  # type: ignore[attr-defined]
-        _, migration, failure = migrate(
-            source, f"unix:{tmp_path / 'in.sock'}", during_postcopy,
-            downtime_limit=0.0001, postcopy=True,
-        )  # fmt: skip
+    with running_memtouch() as source:
+        _, migration, failure = postcopy_of(source, tmp_path, during_postcopy)
         assert closed == [True]
         assert isinstance(failure, MigrationError), migration.progress
         assert re.search(r"post-copy was under way, \d+ KiB of RAM not yet sent", str(failure))
