@@ -764,7 +764,7 @@ class Incoming:
             if self.postcopy is not None:
                 self.postcopy.confirm(resumed)
                 return
-            self._sock.sendall(json.dumps(resumed).encode() + b"\n")
+            self._sock.sendall(_line(resumed))
         except OSError as err:
             if self.postcopy is not None:
                 self.postcopy.destination.fail("the source went away as post-copy began")
@@ -809,8 +809,7 @@ class _PostcopyIn:
             if self._held is not None:
                 self._held.append(message)
                 return
-            with contextlib.suppress(OSError):  # (the reading thread sees the end, and fails)
-                self._sock.sendall(_line(message))
+            _answer(self._sock, message)  # (on a broken link, the reading thread fails)
 
     def confirm(self, resumed: dict[str, Any]) -> None:
         with self._lock:
@@ -1086,4 +1085,4 @@ def _runs(payload: memoryview) -> list[tuple[int, memoryview]]:
 
 def _answer(sock: socket.socket, message: dict[str, Any]) -> None:
     with contextlib.suppress(OSError):
-        sock.sendall(json.dumps(message).encode() + b"\n")
+        sock.sendall(_line(message))
