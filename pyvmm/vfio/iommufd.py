@@ -1,9 +1,17 @@
-"""The iommufd VFIO backend: /dev/iommu, I/O address spaces (IOAS), and VFIO device cdevs
-(/dev/vfio/devices/vfioN) bound to the iommufd and attached to an IOAS.
+"""The iommufd VFIO backend and its object model: /dev/iommu, the objects made in it, and VFIO
+device cdevs (/dev/vfio/devices/vfioN) bound to it.
 
-Where the legacy backend maps DMA on a container shared by groups, here each object has an id in
-the iommufd: an IOAS holds the mappings, a device is bound (getting a device id) and attached to
-the IOAS (the kernel then makes, or reuses, a hardware page table for it, and reports its id).
+Where the legacy backend maps DMA on a container shared by groups, iommufd names every object by
+an id in one fd: an IOAS (I/O address space) holds IOVA -> memory mappings; a device is bound
+(getting a device id) and attached to an IOAS, the kernel then making (or reusing) a hardware
+page table (HWPT) for it, or to a HWPT made explicitly over the IOAS (pyvmm.vfio.iommufd_hwpt);
+for hardware nesting a vIOMMU wraps a nesting-parent HWPT and holds vDEVICEs, event queues and HW
+queues (pyvmm.vfio.iommufd_viommu, pyvmm.vfio.iommufd_events). The kernel's iommufd selftest mock
+gives devices without hardware (pyvmm.vfio.iommufd_mock).
+
+Every object is an `IommufdObject`: it owns its id, knows the objects it depends on (its
+parents), closes (IOMMU_DESTROY) once, and is listed by `Iommufd.objects()`. Closing the
+`Iommufd` destroys what is left in dependency order, children first, then closes the fd.
 `IommufdContext` is this backend's IOMMU context for a VM (pyvmm.vfio.context).
 """
 
@@ -13,7 +21,8 @@ import contextlib
 import ctypes
 import errno
 import os
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar, Self
 
 from pyvmm.uapi import iommufd as uapi
 from pyvmm.uapi import vfio as vfio_uapi
@@ -32,31 +41,83 @@ MAX_IOVA_RANGES = 4096  # a handful in practice (reserved regions split the spac
 
 
 class Iommufd:
-    """An open /dev/iommu; owns its fd. Objects made in it go when it is closed."""
+    """An open /dev/iommu; owns its fd and the objects made in it."""
 
     def __init__(self) -> None:
         self.fd = open_node(IOMMUFD_PATH, "iommufd", "the kernel needs CONFIG_IOMMUFD")
+        self._objects: list[IommufdObject] = []  # live, in the order they were made
 
     def alloc_ioas(self) -> IoAddressSpace:
         request = uapi.iommu_ioas_alloc(size=ctypes.sizeof(uapi.iommu_ioas_alloc))
         ioctl(self.fd, uapi.IOMMU_IOAS_ALLOC, request)
         return IoAddressSpace(self, request.out_ioas_id)
 
+    def objects(self) -> tuple[IommufdObject, ...]:
+        """The live objects, oldest first."""
+        return tuple(self._objects)
+
+    def describe(self) -> list[dict[str, object]]:
+        """The live objects as plain data (id, type, parents by id, what else each knows)."""
+        return [item.describe() for item in self._objects]
+
+    def dependents(self, item: IommufdObject) -> list[IommufdObject]:
+        """The live objects that depend on `item` (it cannot be destroyed before them)."""
+        return [other for other in self._objects if item in other.parents]
+
+    def rlimit_mode(self) -> str:
+        """How pinned pages count against RLIMIT_MEMLOCK: per "user" (the default) or per
+        "process" (IOMMU_OPTION_RLIMIT_MODE, global to the kernel)."""
+        return "process" if self.option(uapi.IommuOption.RLIMIT_MODE) else "user"
+
+    def option(self, option: uapi.IommuOption, object_id: int = 0, value: int | None = None) -> int:
+        """Read an IOMMU_OPTION, or set it when `value` is given; returns its value."""
+        request = uapi.iommu_option(
+            size=ctypes.sizeof(uapi.iommu_option),
+            option_id=option,
+            op=uapi.IommuOptionOp.GET if value is None else uapi.IommuOptionOp.SET,
+            object_id=object_id,
+            val64=value or 0,
+        )
+        ioctl(self.fd, uapi.IOMMU_OPTION, request)
+        return request.val64
+
     def destroy(self, object_id: int) -> None:
+        """IOMMU_DESTROY of one object id (an `IommufdObject` closes itself through this)."""
         request = uapi.iommu_destroy(size=ctypes.sizeof(uapi.iommu_destroy), id=object_id)
-        try:
-            ioctl(self.fd, uapi.IOMMU_DESTROY, request)
-        except IoctlError as err:
-            if err.errno == errno.EBUSY:
-                raise VfioError(
-                    f"iommufd object {object_id} is in use: detach its devices first"
-                ) from None
-            raise
+        ioctl(self.fd, uapi.IOMMU_DESTROY, request)
+
+    def _add(self, item: IommufdObject) -> None:
+        self._objects.append(item)
+
+    def _forget(self, item: IommufdObject) -> None:
+        self._objects.remove(item)
 
     def close(self) -> None:
-        if self.fd >= 0:
+        """Destroy the objects left, each after those that depend on it, then close the fd
+        (the kernel would free them with it, but an object's own fd would stay open)."""
+        if self.fd < 0:
+            return
+        try:
+            with contextlib.ExitStack() as closing:
+                for item in self._teardown_order():
+                    closing.push(_ignore_if_gone)
+                    closing.callback(item.close)
+        finally:
+            self._objects.clear()
             os.close(self.fd)
             self.fd = -1
+
+    def _teardown_order(self) -> list[IommufdObject]:
+        """Every live object, parents before children (an ExitStack runs them in reverse)."""
+        order: list[IommufdObject] = []
+        remaining = list(self._objects)
+        while remaining:
+            ready = [item for item in remaining if not any(p in remaining for p in item.parents)]
+            if not ready:  # a cycle cannot be built, but never loop for ever
+                ready = remaining[:1]
+            order.extend(ready)
+            remaining = [item for item in remaining if item not in ready]
+        return order
 
     def __enter__(self) -> Iommufd:
         return self
@@ -65,19 +126,84 @@ class Iommufd:
         self.close()
 
 
+def _ignore_if_gone(
+    exc_type: type[BaseException] | None, exc: BaseException | None, _tb: object
+) -> bool:
+    """Teardown goes on past an object the kernel no longer has (freed with its parent)."""
+    return isinstance(exc, IoctlError) and exc.errno == errno.ENOENT
+
+
+class IommufdObject:
+    """An object in an iommufd: owns its id, knows its parents (the objects it depends on), and
+    is destroyed once by `close()`; iommufd reuses freed ids, so the id is 0 afterwards."""
+
+    kind: ClassVar[str]  # what `describe` calls it: "ioas", "hwpt", "viommu", ...
+
+    def __init__(self, iommufd: Iommufd, object_id: int) -> None:
+        self.iommufd = iommufd
+        self.id = object_id
+        iommufd._add(self)
+
+    @property
+    def parents(self) -> tuple[IommufdObject, ...]:
+        return ()
+
+    def details(self) -> dict[str, object]:
+        """What else `describe` says of it (flags, types, virtual ids ...)."""
+        return {}
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "type": self.kind,
+            "parents": [parent.id for parent in self.parents],
+            **self.details(),
+        }
+
+    def _destroy(self) -> None:
+        self.iommufd.destroy(self.id)
+
+    def close(self) -> None:
+        if not self.id:
+            return
+        try:
+            self._destroy()
+        except IoctlError as err:
+            if err.errno != errno.EBUSY:
+                raise
+            users = ", ".join(f"{o.kind} {o.id}" for o in self.iommufd.dependents(self))
+            raise VfioError(
+                f"iommufd {self.kind} {self.id} is in use"
+                + (
+                    f" by {users}: detach or destroy those first"
+                    if users
+                    else ": detach its devices first"
+                )
+            ) from None
+        self.iommufd._forget(self)
+        self.id = 0
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.kind} {self.id}>"
+
+
 def _map_flags(writable: bool) -> int:
     """An IOAS map at the IOVA given (pyvmm maps guest RAM at IOVA = guest-physical address)."""
     flags = uapi.IommuIoasMapFlag.FIXED_IOVA | uapi.IommuIoasMapFlag.READABLE
     return flags | uapi.IommuIoasMapFlag.WRITEABLE if writable else flags
 
 
-class IoAddressSpace:
-    """An IOAS: the IOVA -> process-memory mappings that attached devices DMA through (a
-    `DmaSpace`, as the legacy container is)."""
+class IoAddressSpace(IommufdObject):
+    """An IOAS: the IOVA -> process-memory mappings that attached devices and HWPTs DMA
+    through (a `DmaSpace`, as the legacy container is)."""
 
-    def __init__(self, iommufd: Iommufd, ioas_id: int) -> None:
-        self.iommufd = iommufd
-        self.id = ioas_id
+    kind = "ioas"
 
     def map(self, iova: int, vaddr: int, size: int, *, writable: bool = True) -> None:
         """Let attached devices reach `size` bytes of this process at `vaddr` through bus
@@ -122,6 +248,34 @@ class IoAddressSpace:
             ) from None
         return True
 
+    def copy_to(
+        self,
+        destination: IoAddressSpace,
+        src_iova: int,
+        dst_iova: int,
+        size: int,
+        *,
+        writable: bool = True,
+    ) -> None:
+        """Map in `destination` at `dst_iova` the pages this IOAS maps at src_iova..+size,
+        without pinning them again (IOMMU_IOAS_COPY)."""
+        request = uapi.iommu_ioas_copy(
+            size=ctypes.sizeof(uapi.iommu_ioas_copy),
+            flags=_map_flags(writable),
+            dst_ioas_id=destination.id,
+            src_ioas_id=self.id,
+            length=size,
+            dst_iova=dst_iova,
+            src_iova=src_iova,
+        )
+        try:
+            ioctl(self.iommufd.fd, uapi.IOMMU_IOAS_COPY, request)
+        except IoctlError as err:
+            raise VfioError(
+                f"IOAS {self.id}: copy of {size:#x} bytes at IOVA {src_iova:#x} to IOAS "
+                f"{destination.id} at {dst_iova:#x} failed: {dma_map_error(err)}"
+            ) from None
+
     def unmap(self, iova: int, size: int) -> int:
         """Remove the mappings in iova..iova+size; returns how many bytes were unmapped."""
         request = uapi.iommu_ioas_unmap(
@@ -156,17 +310,70 @@ class IoAddressSpace:
             return tuple((r.start, r.last) for r in ranges[: request.num_iovas])
         raise VfioError(f"IOAS {self.id}: the number of IOVA ranges keeps changing")
 
-    def close(self) -> None:
-        """Destroy the IOAS (once: iommufd reuses freed ids)."""
-        if self.id:
-            self.iommufd.destroy(self.id)
-            self.id = 0
+    def allow_iovas(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Restrict mappings to these (start, last inclusive) ranges, and devices that attach
+        later to those whose reserved regions leave them free (IOMMU_IOAS_ALLOW_IOVAS)."""
+        array = (uapi.iommu_iova_range * max(len(ranges), 1))(*ranges)
+        request = uapi.iommu_ioas_allow_iovas(
+            size=ctypes.sizeof(uapi.iommu_ioas_allow_iovas),
+            ioas_id=self.id,
+            num_iovas=len(ranges),
+            allowed_iovas=ctypes.addressof(array),
+        )
+        try:
+            ioctl(self.iommufd.fd, uapi.IOMMU_IOAS_ALLOW_IOVAS, request)
+        except IoctlError as err:
+            what = {
+                errno.EBUSY: "something is mapped, or a device reserves IOVAs, outside them",
+                errno.EINVAL: "the ranges overlap or are not in order",
+            }.get(err.errno, os.strerror(err.errno))
+            raise VfioError(
+                f"IOAS {self.id}: cannot allow only those IOVA ranges: {what}"
+            ) from None
 
-    def __enter__(self) -> IoAddressSpace:
-        return self
+    @property
+    def huge_pages(self) -> bool:
+        """Whether mappings may use huge IOMMU pages (IOMMU_OPTION_HUGE_PAGES; on by default)."""
+        return bool(self.iommufd.option(uapi.IommuOption.HUGE_PAGES, self.id))
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    @huge_pages.setter
+    def huge_pages(self, enabled: bool) -> None:
+        self.iommufd.option(uapi.IommuOption.HUGE_PAGES, self.id, int(enabled))
+
+
+class BoundDevice(IommufdObject):
+    """A device bound to the iommufd, known there by its device id (`id`), which HWPT, vIOMMU
+    and vDEVICE allocation take; attached to one page table at a time: an IOAS (the kernel then
+    picks the HWPT, `hwpt_id`) or a HWPT. A subclass says how it attaches."""
+
+    kind = "device"
+
+    def __init__(self, iommufd: Iommufd, dev_id: int, name: str) -> None:
+        super().__init__(iommufd, dev_id)
+        self.name = name
+        self.attached: PageTableObject | None = None
+        self.hwpt_id = 0  # the HWPT the kernel attached it to (the attached one, or the IOAS's)
+
+    @property
+    def parents(self) -> tuple[IommufdObject, ...]:
+        return (self.attached,) if self.attached is not None else ()
+
+    def details(self) -> dict[str, object]:
+        return {"name": self.name, "hwpt": self.hwpt_id}
+
+    def attach(self, page_table: PageTableObject) -> int:
+        """Attach to an IOAS or HWPT, or replace the one attached (DMA switches to the new
+        page table atomically); returns the HWPT id the kernel used."""
+        self.hwpt_id = self._attach(page_table.id)
+        self.attached = page_table
+        return self.hwpt_id
+
+    def _attach(self, pt_id: int) -> int:
+        raise NotImplementedError
+
+
+#: What a device attaches to: an IOAS or a HWPT (an `iommufd_hwpt.Hwpt`).
+PageTableObject = IommufdObject
 
 
 def open_cdev(cdev: str, name: str | None = None) -> VfioDevice:
@@ -177,35 +384,56 @@ def open_cdev(cdev: str, name: str | None = None) -> VfioDevice:
     return VfioDevice(fd, name or os.path.basename(path))
 
 
-def bind(device: VfioDevice, iommufd: Iommufd) -> int:
-    """Bind a cdev-opened device to the iommufd; returns its device id there."""
-    request = vfio_uapi.vfio_device_bind_iommufd(
-        argsz=ctypes.sizeof(vfio_uapi.vfio_device_bind_iommufd), iommufd=iommufd.fd
-    )
-    try:
-        ioctl(device.fd, vfio_uapi.VFIO_DEVICE_BIND_IOMMUFD, request)
-    except IoctlError as err:
-        hint = " (it is in use, e.g. through its VFIO group)" if err.errno == errno.EBUSY else ""
-        raise VfioError(
-            f"{device.name}: bind to iommufd failed: {os.strerror(err.errno)}{hint}"
-        ) from None
-    return request.out_devid
+class VfioBinding(BoundDevice):
+    """A VFIO cdev bound to the iommufd (VFIO_DEVICE_BIND_IOMMUFD); the binding lasts as long as
+    the device fd, so `close()` only detaches it."""
 
+    def __init__(self, device: VfioDevice, iommufd: Iommufd) -> None:
+        request = vfio_uapi.vfio_device_bind_iommufd(
+            argsz=ctypes.sizeof(vfio_uapi.vfio_device_bind_iommufd), iommufd=iommufd.fd
+        )
+        try:
+            ioctl(device.fd, vfio_uapi.VFIO_DEVICE_BIND_IOMMUFD, request)
+        except IoctlError as err:
+            hint = (
+                " (it is in use, e.g. through its VFIO group)" if err.errno == errno.EBUSY else ""
+            )
+            raise VfioError(
+                f"{device.name}: bind to iommufd failed: {os.strerror(err.errno)}{hint}"
+            ) from None
+        super().__init__(iommufd, request.out_devid, device.name)
+        self.device = device
 
-def attach(device: VfioDevice, pt_id: int) -> int:
-    """Attach a bound device to an IOAS or hardware page table; returns the HWPT id used."""
-    request = vfio_uapi.vfio_device_attach_iommufd_pt(
-        argsz=ctypes.sizeof(vfio_uapi.vfio_device_attach_iommufd_pt), pt_id=pt_id
-    )
-    ioctl(device.fd, vfio_uapi.VFIO_DEVICE_ATTACH_IOMMUFD_PT, request)
-    return request.pt_id
+    def _attach(self, pt_id: int) -> int:
+        request = vfio_uapi.vfio_device_attach_iommufd_pt(
+            argsz=ctypes.sizeof(vfio_uapi.vfio_device_attach_iommufd_pt), pt_id=pt_id
+        )
+        try:
+            ioctl(self.device.fd, vfio_uapi.VFIO_DEVICE_ATTACH_IOMMUFD_PT, request)
+        except IoctlError as err:
+            raise VfioError(
+                f"{self.name}: cannot attach it to iommufd object {pt_id}: "
+                f"{os.strerror(err.errno)}"
+                + (
+                    " (its reserved IOVA ranges clash with what is mapped there?)"
+                    if err.errno == errno.EADDRINUSE
+                    else ""
+                )
+            ) from None
+        return request.pt_id
 
+    def detach(self) -> None:
+        """Detach from its page table: its DMA is blocked until it is attached again."""
+        request = vfio_uapi.vfio_device_detach_iommufd_pt(
+            argsz=ctypes.sizeof(vfio_uapi.vfio_device_detach_iommufd_pt)
+        )
+        ioctl(self.device.fd, vfio_uapi.VFIO_DEVICE_DETACH_IOMMUFD_PT, request)
+        self.attached = None
+        self.hwpt_id = 0
 
-def detach(device: VfioDevice) -> None:
-    request = vfio_uapi.vfio_device_detach_iommufd_pt(
-        argsz=ctypes.sizeof(vfio_uapi.vfio_device_detach_iommufd_pt)
-    )
-    ioctl(device.fd, vfio_uapi.VFIO_DEVICE_DETACH_IOMMUFD_PT, request)
+    def _destroy(self) -> None:
+        if self.attached is not None and self.device.fd >= 0:
+            self.detach()
 
 
 class IommufdContext(VfioContext):
@@ -216,35 +444,31 @@ class IommufdContext(VfioContext):
 
     def __init__(self, vm: Vm | None = None, address_space: AddressSpace | None = None) -> None:
         super().__init__(vm, address_space)
-        self.iommufd = self._stack.enter_context(Iommufd())
+        self.iommufd = self._stack.enter_context(Iommufd())  # destroys what is left
         try:
             self.ioas = self.iommufd.alloc_ioas()
         except BaseException:
             self._stack.close()
             raise
-        self._stack.callback(self.ioas.close)  # after the devices that are attached to it
-        self.hwpt_ids: dict[str, int] = {}  # the page table each device got, by BDF
+        self.bindings: dict[str, VfioBinding] = {}  # by BDF
 
     @property
     def dma(self) -> IoAddressSpace:
         return self.ioas
 
+    @property
+    def hwpt_ids(self) -> dict[str, int]:
+        """The page table each device got, by BDF."""
+        return {name: binding.hwpt_id for name, binding in self.bindings.items()}
+
     def _open(self, device: HostDevice, stack: contextlib.ExitStack) -> VfioDevice:
         if not device.cdev:
             raise VfioError(f"{device.name}: no VFIO cdev; is it bound to vfio-pci?")
         vfio_device = stack.enter_context(open_cdev(device.cdev, device.name))
-        bind(vfio_device, self.iommufd)
-        try:
-            self.hwpt_ids[device.name] = attach(vfio_device, self.ioas.id)
-            stack.callback(self.hwpt_ids.pop, device.name, None)
-        except IoctlError as err:
-            raise VfioError(
-                f"{device.name}: cannot attach it to the VM's IOAS: {os.strerror(err.errno)}"
-                + (
-                    " (its reserved IOVA ranges clash with guest RAM?)"
-                    if err.errno == errno.EADDRINUSE
-                    else ""
-                )
-            ) from None
+        binding = VfioBinding(vfio_device, self.iommufd)
+        stack.callback(binding.close)  # detached before its fd closes
+        binding.attach(self.ioas)
+        self.bindings[device.name] = binding
+        stack.callback(self.bindings.pop, device.name, None)
         self._tell_kvm(vfio_device.fd, stack)
         return vfio_device

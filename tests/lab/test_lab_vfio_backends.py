@@ -30,13 +30,12 @@ from lab_edu import (
 from pyvmm.kvm.eventfd import EventFd
 from pyvmm.kvm.mmap import Mapping
 from pyvmm.uapi import vfio as uapi
-from pyvmm.vfio import iommufd
 from pyvmm.vfio.container import Container, Group
 from pyvmm.vfio.context import backends, open_context
 from pyvmm.vfio.device import RegionFlag, VfioDevice
 from pyvmm.vfio.dma import DmaSpace
 from pyvmm.vfio.errors import VfioError
-from pyvmm.vfio.iommufd import Iommufd, open_cdev
+from pyvmm.vfio.iommufd import Iommufd, VfioBinding, open_cdev
 from pyvmm.vfio.sysfs import Sysfs
 
 pytestmark = pytest.mark.lab
@@ -179,7 +178,7 @@ def test_iommufd_errors_say_what_to_do(lab_devices: dict[str, str], sysfs: Sysfs
             open_cdev(edu.cdev) as cdev,
             pytest.raises(VfioError, match=r"in use, e\.g\. through its VFIO group"),
         ):
-            iommufd.bind(cdev, fd)
+            VfioBinding(cdev, fd)
 
 
 def test_iommufd_detach_then_attach_to_another_ioas(
@@ -187,13 +186,14 @@ def test_iommufd_detach_then_attach_to_another_ioas(
 ) -> None:
     edu = lab_pci_device(lab_devices, sysfs, "edu")
     with Iommufd() as fd, open_cdev(edu.cdev) as cdev:
-        assert iommufd.bind(cdev, fd) > 0
+        binding = VfioBinding(cdev, fd)
+        assert binding.id > 0
         first, second = fd.alloc_ioas(), fd.alloc_ioas()
-        iommufd.attach(cdev, first.id)
-        with pytest.raises(VfioError, match="in use: detach its devices first"):
+        binding.attach(first)
+        with pytest.raises(VfioError, match=rf"ioas {first.id} is in use by device {binding.id}"):
             first.close()  # an IOAS in use cannot go
-        iommufd.detach(cdev)
-        iommufd.attach(cdev, second.id)
+        binding.detach()
+        binding.attach(second)
         first.close()
         first.close()  # once only: the id may already belong to something else
         assert second.iova_ranges()
