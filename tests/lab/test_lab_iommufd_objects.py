@@ -8,30 +8,37 @@ the nested IOTLB and of the device cache (the failing request's index reported),
 I/O page fault answered, HW queues; the kernel's side is checked with the mock's check ops
 (which pages the page tables map, how often they are pinned). Everything is destroyed in
 dependency order and the process's fds are back where they started.
+
+On a real device (edu, behind intel-iommu and virtio-iommu), DMA follows explicit HWPTs and a
+replace while attached; the emulated IOMMUs say what they lack for nesting and dirty tracking.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import re
 from collections.abc import Iterator
 
 import pytest
 from guestbuild import guest
+from lab_edu import EDU_BUFFER, bar0, dma, enable_dma, lab_pci_device
 from test_machine_layer import counts
 
+from pyvmm.kvm.mmap import Mapping
 from pyvmm.machine.console import CaptureConsole
 from pyvmm.machine.machine import Machine
 from pyvmm.machine.vcpus import RunState
 from pyvmm.uapi import iommufd as uapi
 from pyvmm.vfio import iommufd_mock as mock
 from pyvmm.vfio.errors import VfioError
-from pyvmm.vfio.iommufd import Iommufd
+from pyvmm.vfio.iommufd import Iommufd, VfioBinding, open_cdev
 from pyvmm.vfio.iommufd_events import FaultQueue
 from pyvmm.vfio.iommufd_hwpt import Hwpt, InvalidationError
 from pyvmm.vfio.iommufd_info import hw_info
 from pyvmm.vfio.iommufd_mock import MockDevice
 from pyvmm.vfio.iommufd_viommu import Viommu
+from pyvmm.vfio.sysfs import Sysfs
 
 MiB = 1 << 20
 PAGE = 4096
@@ -184,6 +191,9 @@ def test_dirty_tracking_on_the_mock_reads_and_clears_what_dma_wrote(
     _, ram = running
     with Iommufd() as iommufd:
         ioas = iommufd.alloc_ioas()
+        assert ioas.huge_pages
+        ioas.huge_pages = False  # dirty bits are per IOMMU page: make each one 4 KiB
+        assert not ioas.huge_pages
         ioas.map(RAM_GPA, ram, RAM_SIZE)
         device = MockDevice(ioas)
         plain = Hwpt.paging(ioas, device)
@@ -206,3 +216,91 @@ def test_dirty_tracking_on_the_mock_reads_and_clears_what_dma_wrote(
         assert hw_info(untrackable).dirty_tracking_missing() == "no IOMMU_HW_CAP_DIRTY_TRACKING"
         with pytest.raises(VfioError, match=r"no-dirty mock: cannot allocate a HWPT \(alloc_dirty"):
             Hwpt.paging(ioas, untrackable, dirty_tracking=True)
+
+
+EDU_IOVA = 0x100000  # edu's DMA addresses fit in 28 bits
+EDU_SIZE = 0x4000
+PATTERN = bytes(range(256)) * 4
+IOMMUS = [pytest.param(iommu, marks=pytest.mark.lab(iommu=iommu)) for iommu in ("intel", "virtio")]
+
+
+@pytest.mark.parametrize("iommu", IOMMUS)
+def test_edus_dma_follows_the_page_table_it_is_attached_to_through_replace_and_detach(
+    iommu: str, lab_devices: dict[str, str], sysfs: Sysfs
+) -> None:
+    """edu DMAs the same IOVA while attached to an IOAS, to an explicit HWPT over it, then,
+    replaced while attached, to a HWPT over a second IOAS that maps that IOVA elsewhere: each
+    write lands where the current page table says and only there; detached, it lands nowhere."""
+    edu = lab_pci_device(lab_devices, sysfs, "edu")
+    with (
+        Iommufd() as iommufd,
+        open_cdev(edu.cdev, edu.bdf) as cdev,
+        Mapping(EDU_SIZE) as first_memory,
+        Mapping(EDU_SIZE) as second_memory,
+    ):
+        first, second = iommufd.alloc_ioas(), iommufd.alloc_ioas()
+        first.map(EDU_IOVA, first_memory.addr, EDU_SIZE)
+        second.map(EDU_IOVA, second_memory.addr, EDU_SIZE)
+        device = VfioBinding(cdev, iommufd)
+        auto_hwpt = device.attach(first)
+        enable_dma(cdev)
+        registers = bar0(cdev)
+
+        for memory in (first_memory, second_memory):  # the source, the same in both
+            memory.view[: len(PATTERN)] = PATTERN
+
+        def write(offset: int, data: bytes) -> None:
+            """edu copies `data` from EDU_IOVA to EDU_IOVA + offset through its buffer, by
+            whatever page table it is attached to."""
+            dma(registers, EDU_IOVA, EDU_BUFFER, len(data), to_ram=False)
+            dma(registers, EDU_BUFFER, EDU_IOVA + offset, len(data), to_ram=True)
+
+        def landed(offset: int, data: bytes) -> tuple[bool, bool]:
+            return tuple(  # type: ignore[return-value]
+                bytes(m.view[offset : offset + len(data)]) == data
+                for m in (first_memory, second_memory)
+            )
+
+        write(0x1000, PATTERN)
+        assert landed(0x1000, PATTERN) == (True, False)
+        explicit = Hwpt.paging(first, device)
+        assert device.attach(explicit) == explicit.id != auto_hwpt
+        write(0x2000, PATTERN)
+        assert landed(0x2000, PATTERN) == (True, False)
+        other = Hwpt.paging(second, device)
+        assert device.attach(other) == other.id  # a replace: no detach in between
+        write(0x3000 - len(PATTERN), PATTERN)
+        assert landed(0x3000 - len(PATTERN), PATTERN) == (False, True)
+        with pytest.raises(VfioError, match=rf"hwpt {other.id} is in use by device {device.id}"):
+            other.close()
+        explicit.close()  # no longer used: it can go
+        device.detach()
+        write(0x3000, PATTERN)  # an IOMMU fault: blocked
+        assert landed(0x3000, PATTERN) == (False, False)
+        described = {item["id"]: item for item in iommufd.describe()}
+        assert described[other.id]["parents"] == [second.id]
+        assert described[device.id]["parents"] == []  # detached
+
+
+@pytest.mark.parametrize("iommu", IOMMUS)
+def test_the_labs_iommus_say_what_they_lack_for_nesting_and_dirty_tracking(
+    iommu: str, lab_devices: dict[str, str], sysfs: Sysfs
+) -> None:
+    edu = lab_pci_device(lab_devices, sysfs, "edu")
+    with Iommufd() as iommufd, open_cdev(edu.cdev, edu.bdf) as cdev:
+        device = VfioBinding(cdev, iommufd)
+        info = hw_info(device)
+        ioas = iommufd.alloc_ioas()
+        device.attach(ioas)
+        if iommu == "intel":
+            assert info.type_name == "intel-vtd"
+            assert info.fields["ECAP"].startswith("0x") and "QI" in info.fields["ECAP"]
+            assert re.search(r"ECAP register lacks .*NEST", info.nesting_missing() or "")
+        else:
+            assert info.type_name == "none" and info.fields == {}
+            assert "no hardware information" in (info.nesting_missing() or "")
+        assert info.dirty_tracking_missing() is not None  # QEMU emulates no dirty bits
+        with pytest.raises(VfioError, match=r"cannot allocate a HWPT \(alloc_nest_parent\)"):
+            Hwpt.paging(ioas, device, nest_parent=True)
+        with pytest.raises(VfioError, match=r"cannot allocate a HWPT \(alloc_dirty_tracking\)"):
+            Hwpt.paging(ioas, device, dirty_tracking=True)
