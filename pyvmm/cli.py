@@ -6,6 +6,7 @@
     pyvmm run --incoming unix:P|tcp:H:PORT   |   pyvmm migrate CONTROL unix:P|tcp:H:PORT
     pyvmm kvm info
     pyvmm vfio list | bind BDF | unbind BDF | mdev ...
+    pyvmm iommufd info BDF | objects CONTROL
     pyvmm lab run [--iommu intel|virtio] [--device edu ...] -- CMD ...   |   pyvmm lab shell
     pyvmm --version
 
@@ -36,6 +37,7 @@ COMMAND_MODULES = {
     "migrate": "pyvmm.commands.migrate",
     "kvm": "pyvmm.commands.kvm",
     "vfio": "pyvmm.vfio.cli",
+    "iommufd": "pyvmm.commands.iommufd",
     "lab": "pyvmm.lab.cli",
 }
 

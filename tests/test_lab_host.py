@@ -988,3 +988,26 @@ def test_the_kernel_fragment_builds_the_shared_lab_kernel() -> None:
     for name, value in ours.items():
         assert built.get(name, "n") == value, name
     assert ours["CONFIG_LOCALVERSION"] == '"-lab2"'
+
+
+def test_a_tests_lab_markers_add_up_the_closest_winning(pytester: pytest.Pytester) -> None:
+    """A parameter's iommu and the function's `before` both count (the function's marker alone
+    once hid the parameter's, and the virtio case ran under intel-iommu)."""
+    pytester.makeini("[pytest]\nmarkers = lab: runs in the lab\n")
+    pytester.makepyfile(
+        """
+import pytest
+
+pytestmark = pytest.mark.lab(devices=("nvme",), session="module")
+
+def prepare(): pass
+
+@pytest.mark.lab(before=prepare, session="own")
+@pytest.mark.parametrize("iommu", [pytest.param("virtio", marks=pytest.mark.lab(iommu="virtio"))])
+def test_one(iommu): pass
+"""
+    )
+    recorder = pytester.inline_run("-p", "pyvmm.lab.pytest_plugin", "--collect-only")
+    (item,) = recorder.getcalls("pytest_collection_finish")[0].session.items  # the stand-in
+    assert (item.iommu, item.session_name, item.lab_devices) == ("virtio", "own", ("nvme",))
+    assert item.before.__name__ == "prepare"

@@ -18,7 +18,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "is JSON, else as a string) to the control socket of a pyvmm run --control CONTROL; "
         "print the result as JSON. Commands: status, pause, resume, snapshot path=DIR "
         "[stop=true] [incremental=true], migrate uri=URI [downtime_ms=N] [max_rounds=N], "
-        "migrate-status, quit (docs/control.md).",
+        "migrate-status, quit; with iommufd: iommufd-objects, hwpt-alloc device=BDF "
+        "[nest_parent=true] [dirty_tracking=true], hwpt-attach device=BDF id=N, "
+        "iommufd-destroy id=N (docs/control.md).",
     )
     command.add_argument("control", metavar="CONTROL", help="the machine's control socket")
     command.add_argument("name", metavar="COMMAND")

@@ -89,6 +89,20 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="how devices are opened (default: iommufd where /dev/iommu and the device's "
         "cdev exist, else the legacy container)",
     )
+    page_table = run.add_mutually_exclusive_group()
+    page_table.add_argument(
+        "--hwpt",
+        action="store_true",
+        help="iommufd: attach the devices to an explicitly allocated HWPT over the guest-RAM "
+        "IOAS instead of the IOAS itself (replaceable while the guest runs: pyvmm ctl)",
+    )
+    page_table.add_argument(
+        "--viommu",
+        choices=("none", "nested"),
+        default="none",
+        help="iommufd: nested puts the devices on the stage 2 of hardware nesting (a "
+        "NEST_PARENT HWPT, a vIOMMU and a vDEVICE each); refused where the IOMMU cannot nest",
+    )
     add_run_options(run)
     run.set_defaults(func=cmd_run)
 
@@ -126,8 +140,11 @@ def add_devices(machine: Machine, args: argparse.Namespace) -> None:
         if kind != "tap" or not name:
             raise ConfigError(f"bad --net {spec!r}: use tap:NAME")
         machine.add_device("virtio-net", tap=name)
+    page_table = {"hwpt": True} if args.hwpt else {}
+    if args.viommu != "none":
+        page_table = {"viommu": args.viommu}
     for host in (*args.vfio_pci, *args.vfio_dev):
-        machine.add_device("vfio-pci", host=host, backend=args.vfio_backend)
+        machine.add_device("vfio-pci", host=host, backend=args.vfio_backend, **page_table)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

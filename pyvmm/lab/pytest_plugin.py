@@ -15,7 +15,8 @@ adds devices to the one boot (edu is always there; `("igb",)` brings an SR-IOV P
 boot with that IOMMU; `session="name"` puts it in a boot of its own for tests of that name (long
 tests, such as Linux boots, each boot having the --lab-timeout budget); `before=callable` is
 called on the host before the boot, for what must be prepared where the files are writable
-(the host's root is read-only in the lab), such as building the test guests.
+(the host's root is read-only in the lab), such as building the test guests. A test's lab markers (its
+module's, its own, a parameter's) add up, the closest one winning where two give a keyword.
 """
 
 from __future__ import annotations
@@ -410,13 +411,15 @@ class LabItem(pytest.Item):
         for mark in original.own_markers:
             self.own_markers.append(mark)
             self.keywords[mark.name] = mark
-        marker = original.get_closest_marker("lab")
-        assert marker is not None
-        self.lab_devices: tuple[str, ...] = tuple(marker.kwargs.get("devices", ()))
-        self.iommu: str = marker.kwargs.get("iommu", "intel")
-        self.session_name: str = marker.kwargs.get("session", "")
+        lab: dict[str, Any] = {}  # the keywords of all its lab markers, the closest first
+        for marker in original.iter_markers("lab"):
+            for key, value in marker.kwargs.items():
+                lab.setdefault(key, value)
+        self.lab_devices: tuple[str, ...] = tuple(lab.get("devices", ()))
+        self.iommu: str = lab.get("iommu", "intel")
+        self.session_name: str = lab.get("session", "")
         self.session_key = (self.iommu, self.session_name)
-        self.before: Callable[[], object] | None = marker.kwargs.get("before")
+        self.before: Callable[[], object] | None = lab.get("before")
         self.skip_reason: str | None = None
 
     def iter_markers_with_node(self, name: str | None = None) -> Iterator[tuple[Any, pytest.Mark]]:

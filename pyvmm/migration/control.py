@@ -37,6 +37,7 @@ from pyvmm.machine.threads import start_thread
 from pyvmm.migration import snapshot
 from pyvmm.migration.live import Endpoint, Migration
 from pyvmm.migration.sockets import listen_unix
+from pyvmm.vfio import control as vfio_control
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class ControlServer:
             "migrate": self.migrate,
             "migrate-status": self.migrate_status,
             "quit": self.quit,
+            **vfio_control.commands(machine),
         }
         self._migration: Migration | None = None
         self._last_snapshot: str | None = None  # what an incremental snapshot builds on

@@ -18,14 +18,17 @@ iommufd where /dev/iommu and the device's cdev exist, the legacy container other
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pyvmm.errors import ConfigError
 from pyvmm.uapi import vfio as uapi
 from pyvmm.vfio.context import HostDevice
 from pyvmm.vfio.errors import VfioError
+from pyvmm.vfio.iommufd import IommufdContext
 from pyvmm.vfio.pci import VfioPciFunction
 from pyvmm.vfio.sysfs import VFIO_PCI, Sysfs, SysfsError
 
@@ -38,6 +41,8 @@ log = logging.getLogger(__name__)
 PINS_GUEST_RAM = True
 
 MDEV_DIR = "/sys/bus/mdev/devices/"
+#: --viommu: none, or hardware nesting ("virtio", an emulated virtio-iommu, is to come)
+VIOMMU_MODES = ("none", "nested")
 # Drivers that leave DMA to whoever owns the IOMMU group (the kernel's driver_managed_dma):
 # another device of the group may be bound to one of these, as the kernel allows.
 DMA_SAFE_DRIVERS = frozenset({"pci-stub", "pcieport"})
@@ -48,18 +53,42 @@ def _vfio_driver(driver: str | None) -> bool:
     return driver is not None and (driver == VFIO_PCI or driver.endswith("vfio_pci"))
 
 
-def create(machine: Machine, host: str, backend: str | None = None) -> VfioPciFunction:
+def create(
+    machine: Machine,
+    host: str,
+    backend: str | None = None,
+    hwpt: bool = False,
+    viommu: str = "none",
+) -> VfioPciFunction:
     """The function of host device `host` (a PCI address, or an mdev's sysfs path or UUID),
-    opened in `machine`'s IOMMU context."""
+    opened in `machine`'s IOMMU context; with iommufd, attached to the guest-RAM IOAS, to an
+    explicit HWPT over it (`hwpt`), or to the stage 2 of hardware nesting (`viommu` "nested")."""
+    if viommu not in VIOMMU_MODES:
+        raise ConfigError(f"--viommu {viommu}: use {' or '.join(VIOMMU_MODES)}")
+    if hwpt and viommu != "none":
+        raise ConfigError("--hwpt and --viommu nested each choose the page table: give one")
     sysfs = Sysfs("/")
     try:
         device, cdev_exists = _host_device(sysfs, host)
     except SysfsError as err:
         raise VfioError(str(err)) from None
     chosen = _backend(machine, sysfs, device, cdev_exists, backend)
+    if (hwpt or viommu != "none") and chosen != "iommufd":
+        option = "--hwpt" if hwpt else "--viommu nested"
+        raise VfioError(
+            f"{device.name}: {option} needs the iommufd backend (--vfio-backend iommufd)"
+        )
     context = machine.vfio(chosen)
     vfio_device = context.open(device)
+    on_plugged = None
     try:
+        if isinstance(context, IommufdContext):
+            if hwpt:
+                context.use_hwpt(device.name)
+            elif viommu == "nested":
+                nesting = context.nest(device.name)
+                binding = context.bindings[device.name]
+                on_plugged = functools.partial(nesting.identify, binding)  # virt_id: devfn
         if vfio_device.info().flags & uapi.VfioDeviceFlag.RESET:
             vfio_device.reset()  # a clean device, whatever its last user left
         return VfioPciFunction(
@@ -67,6 +96,7 @@ def create(machine: Machine, host: str, backend: str | None = None) -> VfioPciFu
             vfio_device,
             f"vfio {device.name}",
             release=lambda: context.release(device.name),
+            on_plugged=on_plugged,
         )
     except OSError as err:  # out of eventfds, say
         context.release(device.name)

@@ -34,6 +34,8 @@ from pyvmm.vfio.errors import VfioError, dma_map_error, open_node
 if TYPE_CHECKING:
     from pyvmm.kvm.vm import Vm
     from pyvmm.machine.address_space import AddressSpace
+    from pyvmm.vfio.iommufd_hwpt import Hwpt
+    from pyvmm.vfio.iommufd_nesting import Nesting
 
 IOMMUFD_PATH = "/dev/iommu"
 CDEV_DIR = "/dev/vfio/devices"
@@ -437,8 +439,11 @@ class VfioBinding(BoundDevice):
 
 
 class IommufdContext(VfioContext):
-    """The iommufd backend's IOMMU context: one iommufd and one IOAS holding guest RAM; each
-    device's cdev is bound to the iommufd and attached to the IOAS."""
+    """The iommufd backend's IOMMU context: one iommufd and one IOAS holding guest RAM at
+    IOVA = GPA; each device's cdev is bound to the iommufd and attached to the IOAS, then, if
+    asked, moved to an explicit HWPT over it (`use_hwpt`) or to the stage 2 of hardware nesting
+    (`nest`). While the guest runs, more HWPTs over the IOAS can be made and a device moved
+    between them (`alloc_hwpt`, `attach`): each translates the same guest RAM."""
 
     backend = "iommufd"
 
@@ -451,6 +456,7 @@ class IommufdContext(VfioContext):
             self._stack.close()
             raise
         self.bindings: dict[str, VfioBinding] = {}  # by BDF
+        self.nesting: Nesting | None = None
 
     @property
     def dma(self) -> IoAddressSpace:
@@ -472,3 +478,78 @@ class IommufdContext(VfioContext):
         stack.callback(self.bindings.pop, device.name, None)
         self._tell_kvm(vfio_device.fd, stack)
         return vfio_device
+
+    def _binding(self, name: str) -> VfioBinding:
+        binding = self.bindings.get(name)
+        if binding is None:
+            known = ", ".join(self.bindings) or "none"
+            raise VfioError(f"no device {name} is assigned through iommufd (assigned: {known})")
+        return binding
+
+    def alloc_hwpt(
+        self, name: str, *, nest_parent: bool = False, dirty_tracking: bool = False
+    ) -> Hwpt:
+        """A new paging HWPT over the guest-RAM IOAS, in the format of device `name`'s IOMMU."""
+        from pyvmm.vfio.iommufd_hwpt import Hwpt
+
+        binding = self._binding(name)
+        return Hwpt.paging(
+            self.ioas, binding, nest_parent=nest_parent, dirty_tracking=dirty_tracking
+        )
+
+    def attach(self, name: str, object_id: int) -> int:
+        """Move device `name` to the IOAS or a HWPT over it, by id, while DMA goes on (a
+        replace); returns the HWPT id the kernel attached it to."""
+        from pyvmm.vfio.iommufd_hwpt import Hwpt
+
+        target = self.object(object_id)
+        if target is not self.ioas and not (isinstance(target, Hwpt) and target.over is self.ioas):
+            raise VfioError(
+                f"iommufd {target.kind} {object_id} is not the machine's IOAS nor a paging HWPT "
+                "over it: the guest's DMA would stop translating its RAM"
+            )
+        return self._binding(name).attach(target)
+
+    def use_hwpt(self, name: str) -> Hwpt:
+        """Attach device `name` to an explicit HWPT over the IOAS (`--hwpt`): the context's
+        first one if the device's IOMMU takes it, else a new one."""
+        from pyvmm.vfio.iommufd_hwpt import Hwpt
+
+        binding = self._binding(name)
+        for hwpt in self.iommufd.objects():
+            if isinstance(hwpt, Hwpt) and hwpt.over is self.ioas and not hwpt.flags:
+                with contextlib.suppress(VfioError):  # another IOMMU's format
+                    binding.attach(hwpt)
+                    return hwpt
+        hwpt = self.alloc_hwpt(name)
+        binding.attach(hwpt)
+        return hwpt
+
+    def nest(self, name: str) -> Nesting:
+        """Put device `name` on the stage 2 of hardware nesting (`--viommu nested`), made with
+        the first such device; a VfioError naming the IOMMU if it cannot nest."""
+        from pyvmm.vfio.iommufd_nesting import Nesting, can_nest
+
+        binding = self._binding(name)
+        info = can_nest(binding)
+        if self.nesting is None:
+            self.nesting = Nesting(self.ioas, binding, info)
+        self.nesting.add(binding, info)
+        return self.nesting
+
+    def object(self, object_id: int) -> IommufdObject:
+        for item in self.iommufd.objects():
+            if item.id == object_id:
+                return item
+        raise VfioError(f"the machine's iommufd has no object {object_id}")
+
+    def destroy(self, object_id: int) -> None:
+        """Destroy an object made over the machine's IOAS (not the IOAS, nor a device)."""
+        target = self.object(object_id)
+        if target is self.ioas or isinstance(target, BoundDevice):
+            raise VfioError(
+                f"iommufd {target.kind} {object_id} belongs to the machine: it goes with it"
+            )
+        if self.nesting is not None and target in (self.nesting.parent, self.nesting.viommu):
+            raise VfioError(f"iommufd {target.kind} {object_id} is the machine's nesting")
+        target.close()

@@ -146,9 +146,11 @@ class VfioPciFunction(PciFunction):
         name: str,
         *,
         release: Callable[[], None] | None = None,
+        on_plugged: Callable[[int], None] | None = None,
     ) -> None:
         self.device = device
         self._release = release  # gives the device back to its context when closed
+        self._on_plugged = on_plugged  # told the function's guest devfn
         self._config_region = device.region(uapi.VfioPciRegion.CONFIG)
         size = min(self._config_region.size, 4096)
         # A region shorter than the header (mtty's is 255 bytes) reads as zeros past its end.
@@ -357,6 +359,8 @@ class VfioPciFunction(PciFunction):
         return mappings
 
     def plugged(self) -> None:
+        if self._on_plugged is not None:
+            self._on_plugged(self.devfn)
         if self.config[PCI_INTERRUPT_PIN]:
             self.interrupts.wire_intx(self.config[0x3C])
 
