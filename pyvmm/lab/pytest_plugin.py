@@ -15,8 +15,9 @@ adds devices to the one boot (edu is always there; `("igb",)` brings an SR-IOV P
 boot with that IOMMU; `session="name"` puts it in a boot of its own for tests of that name (long
 tests, such as Linux boots, each boot having the --lab-timeout budget); `before=callable` is
 called on the host before the boot, for what must be prepared where the files are writable
-(the host's root is read-only in the lab), such as building the test guests. A test's lab markers (its
-module's, its own, a parameter's) add up, the closest one winning where two give a keyword.
+(the host's root is read-only in the lab), such as building the test guests. A test's lab
+markers (its module's, its own, a parameter's) add up, the closest one winning where two give a
+keyword.
 """
 
 from __future__ import annotations

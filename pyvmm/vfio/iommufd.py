@@ -34,6 +34,7 @@ from pyvmm.vfio.errors import VfioError, dma_map_error, open_node
 if TYPE_CHECKING:
     from pyvmm.kvm.vm import Vm
     from pyvmm.machine.address_space import AddressSpace
+    from pyvmm.vfio.iommufd_dirty import DmaDirtyLog
     from pyvmm.vfio.iommufd_hwpt import Hwpt
     from pyvmm.vfio.iommufd_nesting import Nesting
 
@@ -536,6 +537,16 @@ class IommufdContext(VfioContext):
             self.nesting = Nesting(self.ioas, binding, info)
         self.nesting.add(binding, info)
         return self.nesting
+
+    def dirty_log(self) -> DmaDirtyLog:
+        """DMA dirty tracking of guest RAM for the devices assigned now (pyvmm.vfio.iommufd_dirty);
+        it refuses to start where their IOMMU cannot track dirty pages."""
+        from pyvmm.vfio.iommufd_dirty import DmaDirtyLog
+
+        def mapped() -> dict[int, int]:
+            return dict(self._mapper.mapped) if self._mapper is not None else {}
+
+        return DmaDirtyLog(self.ioas, list(self.bindings.values()), mapped)
 
     def object(self, object_id: int) -> IommufdObject:
         for item in self.iommufd.objects():

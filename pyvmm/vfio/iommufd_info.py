@@ -143,11 +143,12 @@ def hw_info(device: BoundDevice) -> HwInfo:
         capabilities=uapi.IommuHwCap(request.out_capabilities),
         max_pasid_log2=request.out_max_pasid_log2,
         data=data,
-        fields=_decode(data),
+        fields=decode_fields(data),
     )
 
 
-def _decode(data: ctypes.Structure | None) -> dict[str, str]:
+def decode_fields(data: ctypes.Structure | None) -> dict[str, str]:
+    """What a driver's hardware info structure says, as `HwInfo.fields` shows it."""
     if isinstance(data, uapi.iommu_hw_info_vtd):
         cap, ecap = data.cap_reg, data.ecap_reg
         return {

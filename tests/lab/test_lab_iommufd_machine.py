@@ -23,6 +23,7 @@ from pyvmm.machine.machine import Machine
 from pyvmm.migration.control import ControlClient, ControlError, ControlServer
 from pyvmm.uapi import iommufd as uapi
 from pyvmm.vfio import iommufd_mock as mock
+from pyvmm.vfio.errors import VfioError
 from pyvmm.vfio.iommufd import Iommufd, IommufdContext
 from pyvmm.vfio.iommufd_hwpt import Hwpt
 from pyvmm.vfio.iommufd_mock import MockDevice
@@ -121,6 +122,11 @@ def test_hwpt_replace_while_the_guest_runs_over_the_control_socket(
     finally:
         server.close()
     assert copy_in_guest_ram(machine, 2 * PAGE)
+    lacks = r"its IOMMU \(intel-vtd\) cannot track dirty pages: no IOMMU_HW_CAP_DIRTY_TRACKING"
+    with pytest.raises(VfioError, match=rf"{edu}: DMA dirty tracking: {lacks}"):
+        context.dirty_log().start()
+    assert context.hwpt_ids[edu] == new  # refused before anything moved
+    assert copy_in_guest_ram(machine, 3 * PAGE)
 
 
 @pytest.mark.lab(before=build_guests)

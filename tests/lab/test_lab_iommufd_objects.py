@@ -33,6 +33,7 @@ from pyvmm.uapi import iommufd as uapi
 from pyvmm.vfio import iommufd_mock as mock
 from pyvmm.vfio.errors import VfioError
 from pyvmm.vfio.iommufd import Iommufd, VfioBinding, open_cdev
+from pyvmm.vfio.iommufd_dirty import DmaDirtyLog
 from pyvmm.vfio.iommufd_events import FaultQueue
 from pyvmm.vfio.iommufd_hwpt import Hwpt, InvalidationError
 from pyvmm.vfio.iommufd_info import hw_info
@@ -212,10 +213,29 @@ def test_dirty_tracking_on_the_mock_reads_and_clears_what_dma_wrote(
         assert not any(tracked.read_dirty(RAM_GPA, RAM_SIZE, PAGE))  # read and cleared
         tracked.set_dirty_tracking(False)
 
+        # the interface a migration uses: the devices move to a dirty-tracking HWPT and back
+        device.attach(plain)
+        log = DmaDirtyLog(ioas, [device], lambda: {RAM_GPA: RAM_SIZE})
+        log.start()
+        assert log.hwpt is not None and device.attached is log.hwpt
+        assert mock.mark_dirty(log.hwpt, RAM_GPA + 5 * PAGE, PAGE, b"\x05") >= 2  # 5 and 7
+        (pages,) = log.collect()
+        assert (pages.gpa, pages.pages) == (RAM_GPA, RAM_SIZE // PAGE)
+        first = RAM_GPA // PAGE
+        assert list(pages.page_numbers()) == [first + 5, first + 7]
+        assert list(log.collect()[0].page_numbers()) == []  # collected means cleared
+        log.stop()
+        assert device.attached is plain and log.hwpt is None
+
         untrackable = MockDevice(ioas, uapi.MockDeviceFlag.NO_DIRTY, name="no-dirty mock")
         assert hw_info(untrackable).dirty_tracking_missing() == "no IOMMU_HW_CAP_DIRTY_TRACKING"
         with pytest.raises(VfioError, match=r"no-dirty mock: cannot allocate a HWPT \(alloc_dirty"):
             Hwpt.paging(ioas, untrackable, dirty_tracking=True)
+        refused = DmaDirtyLog(ioas, [device, untrackable], lambda: {RAM_GPA: RAM_SIZE})
+        with pytest.raises(VfioError, match="no-dirty mock: DMA dirty tracking: its IOMMU "
+                           r"\(selftest\) cannot track dirty pages"):  # fmt: skip
+            refused.start()
+        assert device.attached is plain  # nothing moved
 
 
 EDU_IOVA = 0x100000  # edu's DMA addresses fit in 28 bits
