@@ -314,8 +314,9 @@ class IoAddressSpace(IommufdObject):
         raise VfioError(f"IOAS {self.id}: the number of IOVA ranges keeps changing")
 
     def allow_iovas(self, ranges: Sequence[tuple[int, int]]) -> None:
-        """Restrict mappings to these (start, last inclusive) ranges, and devices that attach
-        later to those whose reserved regions leave them free (IOMMU_IOAS_ALLOW_IOVAS)."""
+        """Keep these (start, last inclusive) ranges usable for ever: a device whose IOMMU
+        reserves IOVAs in them can no longer attach (IOMMU_IOAS_ALLOW_IOVAS; it also bounds the
+        kernel's own choice of IOVAs, which pyvmm never asks for)."""
         array = (uapi.iommu_iova_range * max(len(ranges), 1))(*ranges)
         request = uapi.iommu_ioas_allow_iovas(
             size=ctypes.sizeof(uapi.iommu_ioas_allow_iovas),
@@ -327,12 +328,10 @@ class IoAddressSpace(IommufdObject):
             ioctl(self.iommufd.fd, uapi.IOMMU_IOAS_ALLOW_IOVAS, request)
         except IoctlError as err:
             what = {
-                errno.EBUSY: "something is mapped, or a device reserves IOVAs, outside them",
+                errno.EADDRINUSE: "an attached device's IOMMU reserves IOVAs in them",
                 errno.EINVAL: "the ranges overlap or are not in order",
             }.get(err.errno, os.strerror(err.errno))
-            raise VfioError(
-                f"IOAS {self.id}: cannot allow only those IOVA ranges: {what}"
-            ) from None
+            raise VfioError(f"IOAS {self.id}: cannot keep those IOVA ranges: {what}") from None
 
     @property
     def huge_pages(self) -> bool:

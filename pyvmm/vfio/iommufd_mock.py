@@ -79,9 +79,10 @@ class MockDevice(BoundDevice):
                 raise VfioError(
                     "the iommufd selftest mock is not in this kernel (CONFIG_IOMMUFD_TEST)"
                 ) from None
+            reserved = " (the mock IOMMU reserves IOVAs the IOAS keeps)"
             raise VfioError(
                 f"cannot plug a mock device into {page_table.kind} {page_table.id}: "
-                f"{os.strerror(err.errno)}"
+                f"{os.strerror(err.errno)}{reserved if err.errno == errno.EADDRINUSE else ''}"
             ) from None
         out = cmd.mock_domain_flags
         self.stdev_id = out.out_stdev_id

@@ -324,3 +324,30 @@ def test_the_labs_iommus_say_what_they_lack_for_nesting_and_dirty_tracking(
             Hwpt.paging(ioas, device, nest_parent=True)
         with pytest.raises(VfioError, match=r"cannot allocate a HWPT \(alloc_dirty_tracking\)"):
             Hwpt.paging(ioas, device, dirty_tracking=True)
+
+
+@pytest.mark.lab(before=build_guests)
+def test_an_ioas_keeps_the_ranges_it_is_told_and_copies_mappings_without_pinning_again(
+    running: tuple[Machine, int],
+) -> None:
+    _, ram = running
+    with Iommufd() as iommufd:
+        ioas, other, low = iommufd.alloc_ioas(), iommufd.alloc_ioas(), iommufd.alloc_ioas()
+        ioas.map(RAM_GPA, ram, RAM_SIZE)
+        device = MockDevice(ioas)
+        aperture = (uapi.MOCK_APERTURE_START, uapi.MOCK_APERTURE_LAST)
+        assert ioas.iova_ranges() == (aperture,)  # what the mock IOMMU translates
+        with pytest.raises(VfioError, match="an attached device's IOMMU reserves IOVAs in them"):
+            ioas.allow_iovas([(PAGE, RAM_GPA - 1)])  # below the aperture
+        ioas.allow_iovas([(RAM_GPA, RAM_GPA + RAM_SIZE - 1)])  # inside: kept
+        low.allow_iovas([(PAGE, RAM_GPA - 1)])
+        with pytest.raises(VfioError, match="mock IOMMU reserves IOVAs the IOAS keeps"):
+            MockDevice(low)  # it cannot translate what the IOAS must keep
+        copied_at = 0x1000_0000
+        ioas.copy_to(other, RAM_GPA + 4 * PAGE, copied_at, 16 * PAGE)
+        second = MockDevice(other, name="second")
+        assert mock.maps(iommufd, second.hwpt_id, copied_at, 16 * PAGE, ram + 4 * PAGE)
+        assert mock.pinned(iommufd, ram, RAM_SIZE, 1)  # the copy shares the pinned pages
+        assert other.unmap(copied_at, 16 * PAGE) == 16 * PAGE
+        assert not mock.maps(iommufd, second.hwpt_id, copied_at, PAGE, ram + 4 * PAGE)
+        assert mock.maps(iommufd, device.hwpt_id, RAM_GPA, RAM_SIZE, ram)  # the source stays
