@@ -56,7 +56,8 @@ def test_ctl_pauses_resumes_and_quits_a_running_machine(tmp_path: Path) -> None:
         assert bad.returncode == 1
         assert bad.stderr == "pyvmm: error: snapshot: argument path is required\n"
         bad = pyvmm("ctl", str(control), "reboot")
-        assert bad.returncode == 1 and "unknown command 'reboot'; known: migrate, " in bad.stderr
+        assert bad.returncode == 1
+        assert "unknown command 'reboot'; known: hwpt-alloc, hwpt-attach, " in bad.stderr
         assert pyvmm("ctl", str(control), "quit").returncode == 0
         out, err = proc.communicate(timeout=30)
     finally:
