@@ -991,8 +991,9 @@ def test_the_kernel_fragment_builds_the_shared_lab_kernel() -> None:
 
 
 def test_a_tests_lab_markers_add_up_the_closest_winning(pytester: pytest.Pytester) -> None:
-    """A parameter's iommu and the function's `before` both count (the function's marker alone
-    once hid the parameter's, and the virtio case ran under intel-iommu)."""
+    """A parameter's iommu and the function's `before` both count, the parameter's winning over
+    the function's (the function's marker alone once hid the parameter's, and the virtio case
+    ran under intel-iommu)."""
     pytester.makeini("[pytest]\nmarkers = lab: runs in the lab\n")
     pytester.makepyfile(
         """
@@ -1002,7 +1003,7 @@ pytestmark = pytest.mark.lab(devices=("nvme",), session="module")
 
 def prepare(): pass
 
-@pytest.mark.lab(before=prepare, session="own")
+@pytest.mark.lab(before=prepare, session="own", iommu="intel")
 @pytest.mark.parametrize("iommu", [pytest.param("virtio", marks=pytest.mark.lab(iommu="virtio"))])
 def test_one(iommu): pass
 """

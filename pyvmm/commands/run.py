@@ -143,6 +143,8 @@ def add_devices(machine: Machine, args: argparse.Namespace) -> None:
     page_table = {"hwpt": True} if args.hwpt else {}
     if args.viommu != "none":
         page_table = {"viommu": args.viommu}
+    if page_table and not (args.vfio_pci or args.vfio_dev):
+        raise ConfigError("--hwpt and --viommu are for passed-through devices: add --vfio-pci BDF")
     for host in (*args.vfio_pci, *args.vfio_dev):
         machine.add_device("vfio-pci", host=host, backend=args.vfio_backend, **page_table)
 

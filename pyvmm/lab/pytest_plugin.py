@@ -16,8 +16,8 @@ boot with that IOMMU; `session="name"` puts it in a boot of its own for tests of
 tests, such as Linux boots, each boot having the --lab-timeout budget); `before=callable` is
 called on the host before the boot, for what must be prepared where the files are writable
 (the host's root is read-only in the lab), such as building the test guests. A test's lab
-markers (its module's, its own, a parameter's) add up, the closest one winning where two give a
-keyword.
+markers (its module's, its own, a parameter's) add up, the nearest one (a parameter's first)
+winning where two give a keyword.
 """
 
 from __future__ import annotations
@@ -412,8 +412,12 @@ class LabItem(pytest.Item):
         for mark in original.own_markers:
             self.own_markers.append(mark)
             self.keywords[mark.name] = mark
-        lab: dict[str, Any] = {}  # the keywords of all its lab markers, the closest first
-        for marker in original.iter_markers("lab"):
+        # The keywords of all its lab markers: a parameter's first, then its own, its class's,
+        # its module's (pytest lists a parameter's marks after the function's).
+        callspec = getattr(original, "callspec", None)
+        parameter_marks = [m for m in (callspec.marks if callspec else ()) if m.name == "lab"]
+        lab: dict[str, Any] = {}
+        for marker in (*parameter_marks, *original.iter_markers("lab")):
             for key, value in marker.kwargs.items():
                 lab.setdefault(key, value)
         self.lab_devices: tuple[str, ...] = tuple(lab.get("devices", ()))

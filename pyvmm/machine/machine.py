@@ -214,6 +214,9 @@ class Machine:
         except ValueError as err:
             function.close()
             raise ConfigError(f"{kind}: {err}") from None
+        except BaseException:
+            function.close()
+            raise
         self._devices.append(DeviceConfig(kind, {**options, **function.chosen_options()}, slot))
         return function
 

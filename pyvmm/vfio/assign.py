@@ -28,7 +28,6 @@ from pyvmm.errors import ConfigError
 from pyvmm.uapi import vfio as uapi
 from pyvmm.vfio.context import HostDevice
 from pyvmm.vfio.errors import VfioError
-from pyvmm.vfio.iommufd import IommufdContext
 from pyvmm.vfio.pci import VfioPciFunction
 from pyvmm.vfio.sysfs import VFIO_PCI, Sysfs, SysfsError
 
@@ -78,14 +77,22 @@ def create(
         raise VfioError(
             f"{device.name}: {option} needs the iommufd backend (--vfio-backend iommufd)"
         )
+    if (hwpt or viommu != "none") and device.mdev:
+        raise VfioError(
+            f"mdev {device.name}: --hwpt and --viommu are for devices behind an IOMMU; an mdev's "
+            "DMA is its parent driver's"
+        )
     context = machine.vfio(chosen)
     vfio_device = context.open(device)
     on_plugged = None
     try:
-        if isinstance(context, IommufdContext):
+        if hwpt or viommu != "none":
+            from pyvmm.vfio.iommufd_backend import IommufdContext  # only iommufd has them
+
+            assert isinstance(context, IommufdContext)
             if hwpt:
                 context.use_hwpt(device.name)
-            elif viommu == "nested":
+            else:
                 nesting = context.nest(device.name)
                 binding = context.bindings[device.name]
                 on_plugged = functools.partial(nesting.identify, binding)  # virt_id: devfn
@@ -122,7 +129,7 @@ def _host_device(sysfs: Sysfs, host: str) -> tuple[HostDevice, bool]:
         mdev = sysfs.mdev(os.path.basename(host.rstrip("/")))
         if not mdev.iommu_group:
             raise VfioError(f"mdev {mdev.uuid} has no IOMMU group (is vfio-mdev loaded?)")
-        return HostDevice(mdev.uuid, mdev.iommu_group, mdev.cdev), mdev.cdev_node
+        return HostDevice(mdev.uuid, mdev.iommu_group, mdev.cdev, mdev=True), mdev.cdev_node
     if "/" in host:
         host = os.path.basename(host.rstrip("/"))  # /sys/bus/pci/devices/BDF
     pci = sysfs.pci_device(host)

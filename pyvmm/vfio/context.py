@@ -40,11 +40,14 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class HostDevice:
     """A host device as VFIO opens it: `name` is what its group knows it by (a PCI address,
-    or an mdev's UUID), `iommu_group` its IOMMU group, `cdev` its VFIO cdev (vfioN) if any."""
+    or an mdev's UUID), `iommu_group` its IOMMU group, `cdev` its VFIO cdev (vfioN) if any,
+    `mdev` whether it is an mdev (emulated by its parent's driver: its DMA does not go through
+    an IOMMU page table of its own)."""
 
     name: str
     iommu_group: str | None
     cdev: str | None
+    mdev: bool = False
 
 
 class VfioContext:
@@ -129,7 +132,7 @@ class VfioContext:
 def backends() -> dict[str, type[VfioContext]]:
     """The backends by name (imported here, not at the top: each module subclasses this)."""
     from pyvmm.vfio.container import ContainerContext
-    from pyvmm.vfio.iommufd import IommufdContext
+    from pyvmm.vfio.iommufd_backend import IommufdContext
 
     return {"iommufd": IommufdContext, "container": ContainerContext}
 

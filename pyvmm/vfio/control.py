@@ -19,14 +19,16 @@ from pyvmm.vfio.errors import VfioError
 
 if TYPE_CHECKING:
     from pyvmm.machine.machine import Machine
-    from pyvmm.vfio.iommufd import IommufdContext
+    from pyvmm.vfio.iommufd_backend import IommufdContext
 
 
 def commands(machine: Machine) -> dict[str, Callable[..., dict[str, Any]]]:
     """The commands, by name, for the control server of `machine`."""
 
     def context() -> IommufdContext:
-        from pyvmm.vfio.iommufd import IommufdContext  # only when asked: start-up time counts
+        from pyvmm.vfio.iommufd_backend import (
+            IommufdContext,
+        )  # only when asked: start-up time counts
 
         backend = machine.vfio_backend
         if backend is None:

@@ -43,3 +43,8 @@ _DMA_MAP_HINTS = {
 def dma_map_error(err: OSError) -> str:
     """Why a DMA map failed, with the usual cause of the errors that have one."""
     return f"{os.strerror(err.errno or 0)}{_DMA_MAP_HINTS.get(err.errno or 0, '')}"
+
+
+def errno_reason(err: OSError, known: dict[int, str]) -> str:
+    """What an ioctl's errno means for the step that failed (`known`), else the OS's words."""
+    return known.get(err.errno or 0, os.strerror(err.errno or 0))

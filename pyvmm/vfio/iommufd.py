@@ -12,7 +12,7 @@ gives devices without hardware (pyvmm.vfio.iommufd_mock).
 Every object is an `IommufdObject`: it owns its id, knows the objects it depends on (its
 parents), closes (IOMMU_DESTROY) once, and is listed by `Iommufd.objects()`. Closing the
 `Iommufd` destroys what is left in dependency order, children first, then closes the fd.
-`IommufdContext` is this backend's IOMMU context for a VM (pyvmm.vfio.context).
+The backend's IOMMU context for a VM is `iommufd_backend.IommufdContext`.
 """
 
 from __future__ import annotations
@@ -22,21 +22,17 @@ import ctypes
 import errno
 import os
 from collections.abc import Sequence
+from enum import IntFlag
 from typing import TYPE_CHECKING, ClassVar, Self
 
 from pyvmm.uapi import iommufd as uapi
 from pyvmm.uapi import vfio as vfio_uapi
 from pyvmm.uapi.ioctl import IoctlError, ioctl
-from pyvmm.vfio.context import HostDevice, VfioContext
 from pyvmm.vfio.device import VfioDevice
-from pyvmm.vfio.errors import VfioError, dma_map_error, open_node
+from pyvmm.vfio.errors import VfioError, dma_map_error, errno_reason, open_node
 
 if TYPE_CHECKING:
-    from pyvmm.kvm.vm import Vm
-    from pyvmm.machine.address_space import AddressSpace
-    from pyvmm.vfio.iommufd_dirty import DmaDirtyLog
     from pyvmm.vfio.iommufd_hwpt import Hwpt
-    from pyvmm.vfio.iommufd_nesting import Nesting
 
 IOMMUFD_PATH = "/dev/iommu"
 CDEV_DIR = "/dev/vfio/devices"
@@ -61,16 +57,11 @@ class Iommufd:
 
     def describe(self) -> list[dict[str, object]]:
         """The live objects as plain data (id, type, parents by id, what else each knows)."""
-        return [item.describe() for item in self._objects]
+        return [item.describe() for item in tuple(self._objects)]  # (the control thread)
 
     def dependents(self, item: IommufdObject) -> list[IommufdObject]:
         """The live objects that depend on `item` (it cannot be destroyed before them)."""
         return [other for other in self._objects if item in other.parents]
-
-    def rlimit_mode(self) -> str:
-        """How pinned pages count against RLIMIT_MEMLOCK: per "user" (the default) or per
-        "process" (IOMMU_OPTION_RLIMIT_MODE, global to the kernel)."""
-        return "process" if self.option(uapi.IommuOption.RLIMIT_MODE) else "user"
 
     def option(self, option: uapi.IommuOption, object_id: int = 0, value: int | None = None) -> int:
         """Read an IOMMU_OPTION, or set it when `value` is given; returns its value."""
@@ -167,22 +158,20 @@ class IommufdObject:
         self.iommufd.destroy(self.id)
 
     def close(self) -> None:
+        """Destroy the object; refused (VfioError) while another object uses it."""
         if not self.id:
             return
+        users = self.iommufd.dependents(self)
         try:
+            if users:  # known here: the kernel would refuse it (after a queue's fd was closed)
+                raise IoctlError("IOMMU_DESTROY", errno.EBUSY)
             self._destroy()
         except IoctlError as err:
             if err.errno != errno.EBUSY:
                 raise
-            users = ", ".join(f"{o.kind} {o.id}" for o in self.iommufd.dependents(self))
-            raise VfioError(
-                f"iommufd {self.kind} {self.id} is in use"
-                + (
-                    f" by {users}: detach or destroy those first"
-                    if users
-                    else ": detach its devices first"
-                )
-            ) from None
+            named = ", ".join(f"{o.kind} {o.id}" for o in users)
+            what = f" by {named}: detach or destroy those first" if named else ""
+            raise VfioError(f"iommufd {self.kind} {self.id} is in use{what}") from None
         self.iommufd._forget(self)
         self.id = 0
 
@@ -194,6 +183,11 @@ class IommufdObject:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.kind} {self.id}>"
+
+
+def flag_names(flags: IntFlag) -> list[str]:
+    """The set members of a uAPI flag value, in lower case (for messages and `describe`)."""
+    return [f.name.lower() for f in type(flags) if f.name and f.value and f in flags]
 
 
 def _map_flags(writable: bool) -> int:
@@ -327,10 +321,13 @@ class IoAddressSpace(IommufdObject):
         try:
             ioctl(self.iommufd.fd, uapi.IOMMU_IOAS_ALLOW_IOVAS, request)
         except IoctlError as err:
-            what = {
-                errno.EADDRINUSE: "an attached device's IOMMU reserves IOVAs in them",
-                errno.EINVAL: "the ranges overlap or are not in order",
-            }.get(err.errno, os.strerror(err.errno))
+            what = errno_reason(
+                err,
+                {
+                    errno.EADDRINUSE: "an attached device's IOMMU reserves IOVAs in them",
+                    errno.EINVAL: "a range ends before it starts, or two ranges overlap",
+                },
+            )
             raise VfioError(f"IOAS {self.id}: cannot keep those IOVA ranges: {what}") from None
 
     @property
@@ -353,7 +350,7 @@ class BoundDevice(IommufdObject):
     def __init__(self, iommufd: Iommufd, dev_id: int, name: str) -> None:
         super().__init__(iommufd, dev_id)
         self.name = name
-        self.attached: PageTableObject | None = None
+        self.attached: IoAddressSpace | Hwpt | None = None
         self.hwpt_id = 0  # the HWPT the kernel attached it to (the attached one, or the IOAS's)
 
     @property
@@ -363,7 +360,13 @@ class BoundDevice(IommufdObject):
     def details(self) -> dict[str, object]:
         return {"name": self.name, "hwpt": self.hwpt_id}
 
-    def attach(self, page_table: PageTableObject) -> int:
+    def close(self) -> None:
+        """Unbind: what names the device (its vDEVICE) goes first, as the kernel needs."""
+        for user in self.iommufd.dependents(self):
+            user.close()
+        super().close()
+
+    def attach(self, page_table: IoAddressSpace | Hwpt) -> int:
         """Attach to an IOAS or HWPT, or replace the one attached (DMA switches to the new
         page table atomically); returns the HWPT id the kernel used."""
         self.hwpt_id = self._attach(page_table.id)
@@ -372,10 +375,6 @@ class BoundDevice(IommufdObject):
 
     def _attach(self, pt_id: int) -> int:
         raise NotImplementedError
-
-
-#: What a device attaches to: an IOAS or a HWPT (an `iommufd_hwpt.Hwpt`).
-PageTableObject = IommufdObject
 
 
 def open_cdev(cdev: str, name: str | None = None) -> VfioDevice:
@@ -388,9 +387,10 @@ def open_cdev(cdev: str, name: str | None = None) -> VfioDevice:
 
 class VfioBinding(BoundDevice):
     """A VFIO cdev bound to the iommufd (VFIO_DEVICE_BIND_IOMMUFD); the binding lasts as long as
-    the device fd, so `close()` only detaches it."""
+    the device fd, so `close()` only detaches it. An `emulated` device (an mdev) gets an iommufd
+    access, not a device behind an IOMMU: it attaches to an IOAS, and nothing else."""
 
-    def __init__(self, device: VfioDevice, iommufd: Iommufd) -> None:
+    def __init__(self, device: VfioDevice, iommufd: Iommufd, *, emulated: bool = False) -> None:
         request = vfio_uapi.vfio_device_bind_iommufd(
             argsz=ctypes.sizeof(vfio_uapi.vfio_device_bind_iommufd), iommufd=iommufd.fd
         )
@@ -405,6 +405,10 @@ class VfioBinding(BoundDevice):
             ) from None
         super().__init__(iommufd, request.out_devid, device.name)
         self.device = device
+        self.emulated = emulated
+
+    def details(self) -> dict[str, object]:
+        return {**super().details(), "emulated": True} if self.emulated else super().details()
 
     def _attach(self, pt_id: int) -> int:
         request = vfio_uapi.vfio_device_attach_iommufd_pt(
@@ -436,130 +440,3 @@ class VfioBinding(BoundDevice):
     def _destroy(self) -> None:
         if self.attached is not None and self.device.fd >= 0:
             self.detach()
-
-
-class IommufdContext(VfioContext):
-    """The iommufd backend's IOMMU context: one iommufd and one IOAS holding guest RAM at
-    IOVA = GPA; each device's cdev is bound to the iommufd and attached to the IOAS, then, if
-    asked, moved to an explicit HWPT over it (`use_hwpt`) or to the stage 2 of hardware nesting
-    (`nest`). While the guest runs, more HWPTs over the IOAS can be made and a device moved
-    between them (`alloc_hwpt`, `attach`): each translates the same guest RAM."""
-
-    backend = "iommufd"
-
-    def __init__(self, vm: Vm | None = None, address_space: AddressSpace | None = None) -> None:
-        super().__init__(vm, address_space)
-        self.iommufd = self._stack.enter_context(Iommufd())  # destroys what is left
-        try:
-            self.ioas = self.iommufd.alloc_ioas()
-        except BaseException:
-            self._stack.close()
-            raise
-        self.bindings: dict[str, VfioBinding] = {}  # by BDF
-        self.nesting: Nesting | None = None
-
-    @property
-    def dma(self) -> IoAddressSpace:
-        return self.ioas
-
-    @property
-    def hwpt_ids(self) -> dict[str, int]:
-        """The page table each device got, by BDF."""
-        return {name: binding.hwpt_id for name, binding in self.bindings.items()}
-
-    def _open(self, device: HostDevice, stack: contextlib.ExitStack) -> VfioDevice:
-        if not device.cdev:
-            raise VfioError(f"{device.name}: no VFIO cdev; is it bound to vfio-pci?")
-        vfio_device = stack.enter_context(open_cdev(device.cdev, device.name))
-        binding = VfioBinding(vfio_device, self.iommufd)
-        stack.callback(binding.close)  # detached before its fd closes
-        binding.attach(self.ioas)
-        self.bindings[device.name] = binding
-        stack.callback(self.bindings.pop, device.name, None)
-        self._tell_kvm(vfio_device.fd, stack)
-        return vfio_device
-
-    def _binding(self, name: str) -> VfioBinding:
-        binding = self.bindings.get(name)
-        if binding is None:
-            known = ", ".join(self.bindings) or "none"
-            raise VfioError(f"no device {name} is assigned through iommufd (assigned: {known})")
-        return binding
-
-    def alloc_hwpt(
-        self, name: str, *, nest_parent: bool = False, dirty_tracking: bool = False
-    ) -> Hwpt:
-        """A new paging HWPT over the guest-RAM IOAS, in the format of device `name`'s IOMMU."""
-        from pyvmm.vfio.iommufd_hwpt import Hwpt
-
-        binding = self._binding(name)
-        return Hwpt.paging(
-            self.ioas, binding, nest_parent=nest_parent, dirty_tracking=dirty_tracking
-        )
-
-    def attach(self, name: str, object_id: int) -> int:
-        """Move device `name` to the IOAS or a HWPT over it, by id, while DMA goes on (a
-        replace); returns the HWPT id the kernel attached it to."""
-        from pyvmm.vfio.iommufd_hwpt import Hwpt
-
-        target = self.object(object_id)
-        if target is not self.ioas and not (isinstance(target, Hwpt) and target.over is self.ioas):
-            raise VfioError(
-                f"iommufd {target.kind} {object_id} is not the machine's IOAS nor a paging HWPT "
-                "over it: the guest's DMA would stop translating its RAM"
-            )
-        return self._binding(name).attach(target)
-
-    def use_hwpt(self, name: str) -> Hwpt:
-        """Attach device `name` to an explicit HWPT over the IOAS (`--hwpt`): the context's
-        first one if the device's IOMMU takes it, else a new one."""
-        from pyvmm.vfio.iommufd_hwpt import Hwpt
-
-        binding = self._binding(name)
-        for hwpt in self.iommufd.objects():
-            if isinstance(hwpt, Hwpt) and hwpt.over is self.ioas and not hwpt.flags:
-                with contextlib.suppress(VfioError):  # another IOMMU's format
-                    binding.attach(hwpt)
-                    return hwpt
-        hwpt = self.alloc_hwpt(name)
-        binding.attach(hwpt)
-        return hwpt
-
-    def nest(self, name: str) -> Nesting:
-        """Put device `name` on the stage 2 of hardware nesting (`--viommu nested`), made with
-        the first such device; a VfioError naming the IOMMU if it cannot nest."""
-        from pyvmm.vfio.iommufd_nesting import Nesting, can_nest
-
-        binding = self._binding(name)
-        info = can_nest(binding)
-        if self.nesting is None:
-            self.nesting = Nesting(self.ioas, binding, info)
-        self.nesting.add(binding, info)
-        return self.nesting
-
-    def dirty_log(self) -> DmaDirtyLog:
-        """DMA dirty tracking of guest RAM for the devices assigned now (pyvmm.vfio.iommufd_dirty);
-        it refuses to start where their IOMMU cannot track dirty pages."""
-        from pyvmm.vfio.iommufd_dirty import DmaDirtyLog
-
-        def mapped() -> dict[int, int]:
-            return dict(self._mapper.mapped) if self._mapper is not None else {}
-
-        return DmaDirtyLog(self.ioas, list(self.bindings.values()), mapped)
-
-    def object(self, object_id: int) -> IommufdObject:
-        for item in self.iommufd.objects():
-            if item.id == object_id:
-                return item
-        raise VfioError(f"the machine's iommufd has no object {object_id}")
-
-    def destroy(self, object_id: int) -> None:
-        """Destroy an object made over the machine's IOAS (not the IOAS, nor a device)."""
-        target = self.object(object_id)
-        if target is self.ioas or isinstance(target, BoundDevice):
-            raise VfioError(
-                f"iommufd {target.kind} {object_id} belongs to the machine: it goes with it"
-            )
-        if self.nesting is not None and target in (self.nesting.parent, self.nesting.viommu):
-            raise VfioError(f"iommufd {target.kind} {object_id} is the machine's nesting")
-        target.close()

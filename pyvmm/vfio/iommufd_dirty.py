@@ -65,6 +65,8 @@ class DmaDirtyLog:
         if not self.devices:
             raise VfioError("DMA dirty tracking: the machine has no device assigned")
         for device in self.devices:
+            if device.attached is None:
+                raise VfioError(f"{device.name}: DMA dirty tracking: it is detached; attach it")
             info = hw_info(device)
             missing = info.dirty_tracking_missing()
             if missing is not None:

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 
 from pyvmm.uapi import iommufd as uapi
 from pyvmm.uapi.ioctl import IoctlError, ioctl
-from pyvmm.vfio.errors import VfioError
-from pyvmm.vfio.iommufd import BoundDevice, IoAddressSpace, IommufdObject
+from pyvmm.vfio.errors import VfioError, errno_reason
+from pyvmm.vfio.iommufd import BoundDevice, IoAddressSpace, IommufdObject, flag_names
 
 if TYPE_CHECKING:
     from pyvmm.vfio.iommufd_events import FaultQueue
@@ -88,7 +88,7 @@ class Hwpt(IommufdObject):
             what = "nested " if data is not None else ""
             raise VfioError(
                 f"{device.name}: cannot allocate a {what}HWPT {_describe_flags(flags)}over "
-                f"{over.kind} {over.id}: {_ALLOC_ERRORS.get(err.errno, os.strerror(err.errno))}"
+                f"{over.kind} {over.id}: {errno_reason(err, _ALLOC_ERRORS)}"
             ) from None
         self.over = over
         self.flags = flags
@@ -139,7 +139,7 @@ class Hwpt(IommufdObject):
 
     def details(self) -> dict[str, object]:
         return {
-            "flags": _flag_names(self.flags),
+            "flags": flag_names(self.flags),
             "data_type": self.data_type.name.lower() if self.is_nested else "paging",
         }
 
@@ -233,10 +233,6 @@ def invalidate(target: IommufdObject, requests: Sequence[ctypes.Structure]) -> N
         ) from None
 
 
-def _flag_names(flags: uapi.IommuHwptAllocFlag) -> list[str]:
-    return [f.name.lower() for f in uapi.IommuHwptAllocFlag if f in flags and f.name]
-
-
 def _describe_flags(flags: uapi.IommuHwptAllocFlag) -> str:
-    names = _flag_names(flags)
+    names = flag_names(flags)
     return f"({', '.join(names)}) " if names else ""

@@ -4,7 +4,8 @@ The kernel reports the IOMMU's type, generic capabilities (dirty tracking, PASID
 driver's own data: for Intel VT-d its capability and extended capability registers, for an
 SMMUv3 its ID registers, for the selftest mock a test register. The driver data says what the
 generic bits do not, chiefly whether the IOMMU can nest (a guest stage 1 over a host stage 2),
-which is what `nesting_missing` answers with the kernel's own checks. An IOMMU without a
+which is what `nesting_missing` answers with the checks the kernel's driver makes on those
+registers. An IOMMU without a
 `hw_info` op (virtio-iommu) reports type NONE and no data.
 """
 
@@ -17,8 +18,8 @@ from enum import IntFlag
 
 from pyvmm.uapi import iommufd as uapi
 from pyvmm.uapi.ioctl import IoctlError, ioctl
-from pyvmm.vfio.errors import VfioError
-from pyvmm.vfio.iommufd import BoundDevice
+from pyvmm.vfio.errors import VfioError, errno_reason
+from pyvmm.vfio.iommufd import BoundDevice, flag_names
 
 #: The driver data structure of each IOMMU type, and the name pyvmm shows for the type.
 DATA: dict[uapi.IommuHwInfoType, tuple[str, type[ctypes.Structure] | None]] = {
@@ -40,8 +41,12 @@ VTD_ECAP_BITS = {
     "ERS": 30, "SRS": 31, "NWFS": 33, "EAFS": 34, "PASID": 40, "DIT": 41, "PDS": 42,
     "SMTS": 43, "SLADS": 45, "SLTS": 46, "FLTS": 47, "SMPWC": 48, "RPS": 49,
 }  # fmt: skip
-# SMMUv3 IDR0 (Arm IHI 0070): stage 1 and stage 2 translation, hardware table updates.
+# SMMUv3 IDR0 (Arm IHI 0070): stage 2 and stage 1 translation, ATS, PRI.
 SMMU_IDR0_BITS = {"S2P": 0, "S1P": 1, "ATS": 10, "PRI": 16}
+
+
+def _listed(names: list[str]) -> str:
+    return " and ".join(names) if len(names) < 3 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 def _bits(value: int, names: dict[str, int]) -> list[str]:
@@ -75,14 +80,15 @@ class HwInfo:
             return None
         if isinstance(self.data, uapi.iommu_hw_info_vtd):
             ecap = self.data.ecap_reg
-            lacking = [name for name in ("SMTS", "NEST") if not ecap >> VTD_ECAP_BITS[name] & 1]
+            needed = ("SMTS", "SLTS", "NEST")  # scalable mode, a second stage, nesting
+            lacking = [name for name in needed if not ecap >> VTD_ECAP_BITS[name] & 1]
             if lacking:
-                return f"its ECAP register lacks {' and '.join(lacking)} (scalable mode, nesting)"
+                return f"its ECAP register lacks {_listed(lacking)}"
             return None
         if isinstance(self.data, uapi.iommu_hw_info_arm_smmuv3):
             idr0 = self.data.idr[0]
             lacking = [name for name in ("S1P", "S2P") if not idr0 >> SMMU_IDR0_BITS[name] & 1]
-            return f"its IDR0 lacks {' and '.join(lacking)}" if lacking else None
+            return f"its IDR0 lacks {_listed(lacking)}" if lacking else None
         if self.type == uapi.IommuHwInfoType.NONE:
             return "its driver reports no hardware information and offers no nesting"
         return "pyvmm does not know how this IOMMU nests"
@@ -93,14 +99,15 @@ class HwInfo:
             return None
         if isinstance(self.data, uapi.iommu_hw_info_vtd):
             ecap = self.data.ecap_reg
-            lacking = [n for n in ("SMTS", "SLADS", "SMPWC") if not ecap >> VTD_ECAP_BITS[n] & 1]
+            needed = ("SMTS", "SLTS", "SLADS", "SMPWC")
+            lacking = [n for n in needed if not ecap >> VTD_ECAP_BITS[n] & 1]
             if lacking:
-                return f"no IOMMU_HW_CAP_DIRTY_TRACKING: its ECAP lacks {', '.join(lacking)}"
+                return f"no IOMMU_HW_CAP_DIRTY_TRACKING: its ECAP lacks {_listed(lacking)}"
         return "no IOMMU_HW_CAP_DIRTY_TRACKING"
 
     def lines(self) -> list[str]:
         """For a person: one line per fact."""
-        caps = [c.name.lower() for c in uapi.IommuHwCap if c in self.capabilities and c.name]
+        caps = flag_names(self.capabilities)
         found = [
             f"device          {self.device}",
             f"iommu           {self.type_name}",
@@ -127,7 +134,7 @@ def hw_info(device: BoundDevice) -> HwInfo:
     try:
         ioctl(device.iommufd.fd, uapi.IOMMU_GET_HW_INFO, request)
     except IoctlError as err:
-        why = "its IOMMU driver gives none" if err.errno == errno.EOPNOTSUPP else err.strerror
+        why = errno_reason(err, {errno.EOPNOTSUPP: "its IOMMU driver gives none"})
         raise VfioError(f"{device.name}: cannot read its IOMMU's hardware info: {why}") from None
     try:
         info_type = uapi.IommuHwInfoType(request.out_data_type)
@@ -135,7 +142,7 @@ def hw_info(device: BoundDevice) -> HwInfo:
         info_type = request.out_data_type  # a type newer than pyvmm: shown by number
     struct = DATA.get(info_type, ("", None))[1]
     data = None
-    if struct is not None and request.data_len >= ctypes.sizeof(struct):
+    if struct is not None and request.data_len:  # a shorter (older) one reads as zeros past it
         data = struct.from_buffer_copy(buffer.raw[: ctypes.sizeof(struct)])
     return HwInfo(
         device=device.name,
@@ -179,5 +186,4 @@ def decode_fields(data: ctypes.Structure | None) -> dict[str, str]:
 
 
 def _flag_text(value: int, flags: type[IntFlag]) -> str:
-    names = [f.name for f in flags if f.value & value and f.name]
-    return ", ".join(names) or "none"
+    return ", ".join(flag_names(flags(value))) or "none"

@@ -21,7 +21,8 @@ import os
 from pyvmm.uapi import iommufd as uapi
 from pyvmm.uapi.ioctl import IoctlError, ioctl
 from pyvmm.vfio.errors import VfioError
-from pyvmm.vfio.iommufd import BoundDevice, Iommufd, IommufdObject, PageTableObject
+from pyvmm.vfio.iommufd import BoundDevice, IoAddressSpace, Iommufd, IommufdObject
+from pyvmm.vfio.iommufd_hwpt import Hwpt
 
 Op = uapi.IommuTestOp
 
@@ -67,7 +68,7 @@ class MockDevice(BoundDevice):
 
     def __init__(
         self,
-        page_table: PageTableObject,
+        page_table: IoAddressSpace | Hwpt,
         flags: uapi.MockDeviceFlag | int = 0,
         name: str = "mock",
     ) -> None:

@@ -4,7 +4,7 @@ With nesting, the IOMMU translates a device's DMA twice: through the guest's own
 (guest IOVA -> guest-physical), then through a stage 2 the host keeps (guest-physical -> host),
 so a guest can drive its own IOMMU with no VMM in the DMA path. In iommufd the stage 2 is a
 NEST_PARENT HWPT over the IOAS that maps guest RAM at IOVA = GPA; a vIOMMU (where the driver has
-one: SMMUv3, Tegra241 CMDQV, the selftest mock; VT-d nests without one) wraps it and holds one
+one: SMMUv3, the selftest mock; VT-d nests without one) wraps it and holds one
 vDEVICE per device, naming it by its guest BDF. Until the guest programs a stage 1 (a nested
 HWPT, once a guest-visible IOMMU exists), devices are attached to the parent itself, which
 translates exactly as the plain IOAS did.
@@ -26,7 +26,6 @@ from pyvmm.vfio.iommufd_viommu import Vdevice, Viommu
 VIOMMU_TYPES: dict[uapi.IommuHwInfoType, uapi.IommuViommuType | None] = {
     uapi.IommuHwInfoType.INTEL_VTD: None,
     uapi.IommuHwInfoType.ARM_SMMUV3: uapi.IommuViommuType.ARM_SMMUV3,
-    uapi.IommuHwInfoType.TEGRA241_CMDQV: uapi.IommuViommuType.TEGRA241_CMDQV,
     uapi.IommuHwInfoType.SELFTEST: uapi.IommuViommuType.SELFTEST,
 }
 
@@ -47,16 +46,21 @@ def can_nest(device: BoundDevice) -> HwInfo:
 
 
 class Nesting:
-    """The stage 2 shared by a VM's nesting devices (made with the first of them), the vIOMMU
-    over it, and each device's vDEVICE."""
+    """The stage 2 shared by a VM's nesting devices (made with the first of them) and the
+    vIOMMU over it, which holds each device's vDEVICE (destroyed with the device's binding)."""
 
     def __init__(self, ioas: IoAddressSpace, first: BoundDevice, info: HwInfo) -> None:
         """`info`: what `can_nest` said of the first device."""
         self.iommu_type = info.type
         self.parent = Hwpt.paging(ioas, first, nest_parent=True)
         viommu_type = VIOMMU_TYPES[info.type]
-        self.viommu = Viommu(self.parent, first, viommu_type) if viommu_type else None
-        self.vdevices: dict[str, Vdevice] = {}
+        try:
+            self.viommu = (
+                Viommu(self.parent, first, viommu_type) if viommu_type is not None else None
+            )
+        except BaseException:
+            self.parent.close()
+            raise
 
     def add(self, device: BoundDevice, info: HwInfo) -> None:
         """Put a device (the first one too) on the stage 2; `info` is what `can_nest` said."""
@@ -70,8 +74,4 @@ class Nesting:
     def identify(self, device: BoundDevice, virt_id: int) -> Vdevice | None:
         """Tell the vIOMMU the device's id as the guest sees it (its BDF); None where the IOMMU
         nests without a vIOMMU."""
-        if self.viommu is None:
-            return None
-        vdevice = self.viommu.vdevice(device, virt_id)
-        self.vdevices[device.name] = vdevice
-        return vdevice
+        return self.viommu.vdevice(device, virt_id) if self.viommu is not None else None

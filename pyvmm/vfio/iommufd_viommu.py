@@ -18,19 +18,14 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import os
 from collections.abc import Sequence
 
 from pyvmm.uapi import iommufd as uapi
 from pyvmm.uapi.ioctl import IoctlError, ioctl
-from pyvmm.vfio.errors import VfioError
+from pyvmm.vfio.errors import VfioError, errno_reason
 from pyvmm.vfio.iommufd import BoundDevice, IommufdObject
-from pyvmm.vfio.iommufd_events import Veventq
+from pyvmm.vfio.iommufd_events import FaultQueue, Veventq
 from pyvmm.vfio.iommufd_hwpt import Hwpt, invalidate
-
-
-def _why(err: OSError, known: dict[int, str]) -> str:
-    return known.get(err.errno or 0, os.strerror(err.errno or 0))
 
 
 class Viommu(IommufdObject):
@@ -58,7 +53,7 @@ class Viommu(IommufdObject):
         try:
             ioctl(parent.iommufd.fd, uapi.IOMMU_VIOMMU_ALLOC, request)
         except IoctlError as err:
-            why = _why(
+            why = errno_reason(
                 err,
                 {
                     errno.EOPNOTSUPP: "its IOMMU driver has no vIOMMU of that type",
@@ -92,9 +87,11 @@ class Viommu(IommufdObject):
     ) -> HwQueue:
         return HwQueue(self, queue_type, index, iova, length)
 
-    def nested_hwpt(self, device: BoundDevice, data: ctypes.Structure, **kwargs: object) -> Hwpt:
+    def nested_hwpt(
+        self, device: BoundDevice, data: ctypes.Structure, *, fault: FaultQueue | None = None
+    ) -> Hwpt:
         """A stage-1 HWPT for `device` (which needs a vDEVICE here before it attaches)."""
-        return Hwpt.nested(self, device, data, **kwargs)  # type: ignore[arg-type]
+        return Hwpt.nested(self, device, data, fault=fault)
 
     def invalidate(self, requests: Sequence[ctypes.Structure]) -> None:
         """Invalidate the vIOMMU's caches (per-device caches, the SMMUv3 command queue's
@@ -117,7 +114,7 @@ class Vdevice(IommufdObject):
         try:
             ioctl(viommu.iommufd.fd, uapi.IOMMU_VDEVICE_ALLOC, request)
         except IoctlError as err:
-            why = _why(
+            why = errno_reason(
                 err,
                 {
                     errno.EEXIST: "the device, or that virtual id, has a vDEVICE already",
@@ -165,7 +162,7 @@ class HwQueue(IommufdObject):
         try:
             ioctl(viommu.iommufd.fd, uapi.IOMMU_HW_QUEUE_ALLOC, request)
         except IoctlError as err:
-            why = _why(
+            why = errno_reason(
                 err,
                 {
                     errno.ENOENT: "nothing is mapped there in the nesting parent",

@@ -24,7 +24,8 @@ from pyvmm.migration.control import ControlClient, ControlError, ControlServer
 from pyvmm.uapi import iommufd as uapi
 from pyvmm.vfio import iommufd_mock as mock
 from pyvmm.vfio.errors import VfioError
-from pyvmm.vfio.iommufd import Iommufd, IommufdContext
+from pyvmm.vfio.iommufd import Iommufd
+from pyvmm.vfio.iommufd_backend import IommufdContext
 from pyvmm.vfio.iommufd_hwpt import Hwpt
 from pyvmm.vfio.iommufd_mock import MockDevice
 from pyvmm.vfio.iommufd_nesting import Nesting, can_nest

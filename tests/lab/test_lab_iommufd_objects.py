@@ -73,13 +73,24 @@ def running() -> Iterator[tuple[Machine, int]]:
         machine.console.wait_for(rf"count {last + 1024}\n", 60)  # type: ignore[attr-defined]
 
 
-@pytest.mark.lab(before=build_guests)
-def test_every_nesting_object_on_the_mock_over_a_running_machines_guest_ram(
-    running: tuple[Machine, int],
-) -> None:
-    _, ram = running
+@pytest.fixture
+def fresh_iommufd() -> Iterator[tuple[Iommufd, int]]:
+    """An iommufd, and how many fds this process had before it; closed whatever happens (it
+    may pin a running guest's RAM)."""
     fds = open_fds()
     iommufd = Iommufd()
+    try:
+        yield iommufd, fds
+    finally:
+        iommufd.close()
+
+
+@pytest.mark.lab(before=build_guests)
+def test_every_nesting_object_on_the_mock_over_a_running_machines_guest_ram(
+    running: tuple[Machine, int], fresh_iommufd: tuple[Iommufd, int]
+) -> None:
+    _, ram = running
+    iommufd, fds = fresh_iommufd
     assert mock.available(iommufd), "the lab kernel has CONFIG_IOMMUFD_TEST"
     ioas = iommufd.alloc_ioas()
     ioas.map(RAM_GPA, ram, RAM_SIZE)

@@ -120,6 +120,10 @@ class PciBus:
                 function.bus = self
                 function.devfn = devfn
                 self.functions[devfn] = function
+                pin = function.config[PCI_INTERRUPT_PIN]
+                if 1 <= pin <= 4:
+                    function.config[PCI_INTERRUPT_LINE] = layout.pci_intx_gsi(slot, pin)
+                function.plugged()  # what fails here unplugs it (its owner closes it)
                 if self._on_plug is not None:
                     self._on_plug(function)
             except BaseException:  # nothing plugged, nothing allocated
@@ -128,10 +132,6 @@ class PciBus:
                 for window, base in zip(windows, bases, strict=True):
                     window.base = base
                 raise
-            pin = function.config[PCI_INTERRUPT_PIN]
-            if 1 <= pin <= 4:
-                function.config[PCI_INTERRUPT_LINE] = layout.pci_intx_gsi(slot, pin)
-            function.plugged()
             command = 0
             for index, address in addresses.items():
                 function.set_bar_address(index, address)
