@@ -575,7 +575,7 @@ elif mode == "agent-error":
     agent(Kind.ERROR, b"the lab has no nvme device")
 elif mode == "hang":
     time.sleep(60)
-elif mode.startswith(("crash", "hang-")):  # a tier's run: the tests' reports, then it breaks
+elif mode.startswith(("crash", "hang-", "reset-")):  # a tier's run: reports, then it breaks
     nodeids = spec["command"][spec["command"].index("-q") + 1:]
     boots = Path(os.environ["FAKE_QEMU_RECORD"]).with_name("boots")
     boots.write_text(str(boot := int(boots.read_text() if boots.exists() else 0) + 1))
@@ -589,6 +589,8 @@ elif mode.startswith(("crash", "hang-")):  # a tier's run: the tests' reports, t
                 results.write(json.dumps(record) + "\\n")
 
     def crash():
+        if mode.startswith("reset-"):  # the lab's kernel triple-faults: QEMU just exits
+            sys.exit(0)
         if mode.startswith("hang-"):  # the lab's kernel stalls, saying so on its console
             stall = b"[  412.000001] rcu: INFO: rcu_preempt self-detected stall\\n"
             os.write(fds["console"], stall)
@@ -798,9 +800,23 @@ def test_after_the_lab_hangs_past_its_budget_the_tests_left_run_in_a_new_boot(
     assert (
         "lab: the lab hung (timed out after 3 s; QEMU stopped; its console last said: "
         "[    0.000000] Linux version 7.3.4-lab | [  412.000001] rcu: INFO: rcu_preempt "
-        "self-detected stall); a new boot runs what it left without a result (2 of 3 tests)"
+        "self-detected stall) during "
     ) in output
+    assert "::test_two; a new boot runs what it left without a result (2 of 3 tests)" in output
     assert "lab: running 2 tests in QEMU" in output
+
+
+def test_after_the_lab_machine_resets_itself_the_tests_left_run_in_a_new_boot(
+    pytester: pytest.Pytester, fake_lab: FakeLab
+) -> None:
+    result = run_tier(pytester, fake_lab, "reset-once")
+    result.assert_outcomes(passed=3)
+    output = result.stdout.str()
+    assert (
+        "lab: the lab machine reset (the lab stopped before the command finished: the lab "
+        "machine reset (QEMU exited 0 under -no-reboot; no panic was printed)"
+    ) in output
+    assert "a new boot runs what it left without a result (2 of 3 tests)" in output
 
 
 def test_a_lab_that_hangs_again_fails_what_it_left(

@@ -23,3 +23,11 @@ class LabCrashed(LabError):
 
     The lab test tier boots once more for the tests left without a result.
     """
+
+
+class LabReset(LabError):
+    """The lab machine reset itself before the command finished (QEMU, run with -no-reboot,
+    exited 0) with no panic and no init failure on its console: a triple fault of the lab
+    kernel, as TCG's nested virtualization now and then causes. The lab test tier boots once
+    more for the tests left without a result, as for a crash.
+    """

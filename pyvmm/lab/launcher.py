@@ -32,7 +32,7 @@ from typing import Any
 
 import pyvmm
 from pyvmm.lab import initramfs, protocol, qemu
-from pyvmm.lab.errors import LabCrashed, LabError, LabTimeout, LabUnavailable
+from pyvmm.lab.errors import LabCrashed, LabError, LabReset, LabTimeout, LabUnavailable
 from pyvmm.lab.kernel import check_kernel, find_kernel
 from pyvmm.lab.protocol import Kind
 
@@ -349,6 +349,8 @@ def run(
             why = relay.failure(qemu_log.read().decode(errors="replace"))
             if process.returncode is not None and -process.returncode in _CRASH_SIGNALS:
                 raise LabCrashed(why)
+            if process.returncode == 0 and relay.reset_itself():
+                raise LabReset(why)
             raise LabError(why)
         return result
 
@@ -454,6 +456,11 @@ class _Relay:
     def _hint(self) -> str:
         return "" if self.options.verbose else " (rerun with --verbose to see its console)"
 
+    def reset_itself(self) -> bool:
+        """Whether the lab's kernel went without a word: no panic, no init failure."""
+        console = self.console_tail.decode(errors="replace")
+        return "Kernel panic" not in console and initramfs.FAIL_PREFIX not in console
+
     def failure(self, qemu_log: str) -> str:
         """One line on why the guest stopped before the command's exit status arrived."""
         console = self.console_tail.decode(errors="replace").splitlines()
@@ -474,6 +481,8 @@ class _Relay:
             why = qemu_lines[-1]
         elif self.process.returncode is not None and self.process.returncode < 0:
             why = f"QEMU was killed by {_signal_name(-self.process.returncode)}"
+        elif self.process.returncode == 0:
+            why = "the lab machine reset (QEMU exited 0 under -no-reboot; no panic was printed)"
         else:
             why = f"QEMU exited with status {self.process.returncode}"
         return f"the lab stopped before the command finished: {why}{self._hint()}"

@@ -6,7 +6,8 @@ first stand-in to run boots the lab once and runs every lab test there with one 
 PYVMM_IN_LAB=1) appends one JSON line per test report to a file on the results share, and each
 stand-in then passes, fails with the inner failure text, or skips with the inner reason. A
 test counts once its teardown is reported; should QEMU itself crash (die of a signal) or the lab
-hang past its budget, the tests left without a result run in one more boot. When QEMU, busybox
+hang past its budget or its machine reset itself, the tests left without a result run in one
+more boot. When QEMU, busybox
 or a lab kernel is missing, the stand-ins skip and say which.
 
 A test asks for lab hardware with the marker's keywords: `@pytest.mark.lab(devices=("nvme",))`
@@ -37,7 +38,7 @@ from typing import Any
 import pytest
 
 from pyvmm.lab import launcher
-from pyvmm.lab.errors import LabCrashed, LabError, LabTimeout, LabUnavailable
+from pyvmm.lab.errors import LabCrashed, LabError, LabReset, LabTimeout, LabUnavailable
 from pyvmm.lab.protocol import Kind
 
 ENV_IN_LAB = "PYVMM_IN_LAB"
@@ -299,21 +300,25 @@ class LabTier:
             session.results = {}
             return
         session.results = {}
-        stopped: LabCrashed | LabTimeout | None = None
+        stopped: LabCrashed | LabReset | LabTimeout | None = None
         for boot in range(1, _MAX_BOOTS + 1):
             left = [item.nodeid for item in session.items if _rerun(session.results, item)]
             if not left:  # (QEMU died after the last test was done)
                 return
             if stopped is not None:
-                what = "QEMU crashed" if isinstance(stopped, LabCrashed) else "the lab hung"
+                what = {LabCrashed: "QEMU crashed", LabReset: "the lab machine reset"}.get(
+                    type(stopped), "the lab hung"
+                )
+                # tests run in order: the first left that had begun (or the first left) was on
+                during = next((n for n in left if n in session.results), left[0])
                 output.line(
-                    f"lab: {what} ({stopped}); a new boot runs what it left without a "
-                    f"result ({len(left)} of {len(session.items)} tests)"
+                    f"lab: {what} ({stopped}) during {during}; a new boot runs what it left "
+                    f"without a result ({len(left)} of {len(session.items)} tests)"
                 )
             try:
                 self._boot(session, left, share / f"boot{boot}", output)
                 return
-            except (LabCrashed, LabTimeout) as exc:
+            except (LabCrashed, LabReset, LabTimeout) as exc:
                 session.problem = f"{exc}\n{output.tail()}"
                 stopped = exc
 
@@ -352,7 +357,7 @@ class LabTier:
             result = launcher.run(
                 command, options, cwd=str(self.config.rootpath), output=output.write, share=share
             )
-        except (LabCrashed, LabTimeout):
+        except (LabCrashed, LabReset, LabTimeout):
             raise
         except LabError as exc:
             session.problem = f"{exc}\n{output.tail()}"

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
+from collections.abc import Mapping
 
 from pyvmm.errors import PyvmmError
+from pyvmm.uapi.ioctl import IoctlError, ioctl
 
 
 class VfioError(PyvmmError):
@@ -45,6 +48,17 @@ def dma_map_error(err: OSError) -> str:
     return f"{os.strerror(err.errno or 0)}{_DMA_MAP_HINTS.get(err.errno or 0, '')}"
 
 
-def errno_reason(err: OSError, known: dict[int, str]) -> str:
+def errno_reason(err: OSError, known: Mapping[int, str]) -> str:
     """What an ioctl's errno means for the step that failed (`known`), else the OS's words."""
     return known.get(err.errno or 0, os.strerror(err.errno or 0))
+
+
+def checked_ioctl(
+    fd: int, request: int, arg: ctypes.Structure, failed: str, known: Mapping[int, str]
+) -> None:
+    """One ioctl whose failure the user must hear of: a VfioError `failed: why` (the errno's
+    meaning for this step from `known`, else the OS's words)."""
+    try:
+        ioctl(fd, request, arg)
+    except IoctlError as err:
+        raise VfioError(f"{failed}: {errno_reason(err, known)}") from None

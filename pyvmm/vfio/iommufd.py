@@ -29,7 +29,7 @@ from pyvmm.uapi import iommufd as uapi
 from pyvmm.uapi import vfio as vfio_uapi
 from pyvmm.uapi.ioctl import IoctlError, ioctl
 from pyvmm.vfio.device import VfioDevice
-from pyvmm.vfio.errors import VfioError, dma_map_error, errno_reason, open_node
+from pyvmm.vfio.errors import VfioError, checked_ioctl, dma_map_error, open_node
 
 if TYPE_CHECKING:
     from pyvmm.vfio.iommufd_hwpt import Hwpt
@@ -318,17 +318,16 @@ class IoAddressSpace(IommufdObject):
             num_iovas=len(ranges),
             allowed_iovas=ctypes.addressof(array),
         )
-        try:
-            ioctl(self.iommufd.fd, uapi.IOMMU_IOAS_ALLOW_IOVAS, request)
-        except IoctlError as err:
-            what = errno_reason(
-                err,
-                {
-                    errno.EADDRINUSE: "an attached device's IOMMU reserves IOVAs in them",
-                    errno.EINVAL: "a range ends before it starts, or two ranges overlap",
-                },
-            )
-            raise VfioError(f"IOAS {self.id}: cannot keep those IOVA ranges: {what}") from None
+        checked_ioctl(
+            self.iommufd.fd,
+            uapi.IOMMU_IOAS_ALLOW_IOVAS,
+            request,
+            f"IOAS {self.id}: cannot keep those IOVA ranges",
+            {
+                errno.EADDRINUSE: "an attached device's IOMMU reserves IOVAs in them",
+                errno.EINVAL: "a range ends before it starts, or two ranges overlap",
+            },
+        )
 
     @property
     def huge_pages(self) -> bool:

@@ -24,8 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pyvmm.uapi import iommufd as uapi
-from pyvmm.uapi.ioctl import IoctlError, ioctl
-from pyvmm.vfio.errors import VfioError, errno_reason
+from pyvmm.vfio.errors import VfioError, checked_ioctl, errno_reason
 from pyvmm.vfio.iommufd import Iommufd, IommufdObject
 
 if TYPE_CHECKING:
@@ -81,10 +80,8 @@ class FaultQueue(_QueueObject):
 
     def __init__(self, iommufd: Iommufd) -> None:
         request = uapi.iommu_fault_alloc(size=ctypes.sizeof(uapi.iommu_fault_alloc))
-        try:
-            ioctl(iommufd.fd, uapi.IOMMU_FAULT_QUEUE_ALLOC, request)
-        except IoctlError as err:
-            raise VfioError(f"cannot allocate an iommufd fault queue: {err}") from None
+        failed = "cannot allocate an iommufd fault queue"
+        checked_ioctl(iommufd.fd, uapi.IOMMU_FAULT_QUEUE_ALLOC, request, failed, {})
         super().__init__(iommufd, request.out_fault_id, request.out_fault_fd)
 
     def read(self) -> list[PageFault]:
@@ -151,20 +148,17 @@ class Veventq(_QueueObject):
             type=event_type,
             veventq_depth=depth,
         )
-        try:
-            ioctl(viommu.iommufd.fd, uapi.IOMMU_VEVENTQ_ALLOC, request)
-        except IoctlError as err:
-            what = errno_reason(
-                err,
-                {
-                    errno.EEXIST: "the vIOMMU has a queue of that type already",
-                    errno.EOPNOTSUPP: "its IOMMU has no such event type",
-                    errno.EINVAL: "the depth must be at least 1",
-                },
-            )
-            raise VfioError(
-                f"viommu {viommu.id}: cannot allocate a {event_type.name} vEVENTQ: {what}"
-            ) from None
+        checked_ioctl(
+            viommu.iommufd.fd,
+            uapi.IOMMU_VEVENTQ_ALLOC,
+            request,
+            f"viommu {viommu.id}: cannot allocate a {event_type.name} vEVENTQ",
+            {
+                errno.EEXIST: "the vIOMMU has a queue of that type already",
+                errno.EOPNOTSUPP: "its IOMMU has no such event type",
+                errno.EINVAL: "the depth must be at least 1",
+            },
+        )
         self.viommu = viommu
         self.event_type = uapi.IommuVeventqType(event_type)
         self.depth = depth

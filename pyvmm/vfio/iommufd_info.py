@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from enum import IntFlag
 
 from pyvmm.uapi import iommufd as uapi
-from pyvmm.uapi.ioctl import IoctlError, ioctl
-from pyvmm.vfio.errors import VfioError, errno_reason
+from pyvmm.vfio.errors import checked_ioctl
 from pyvmm.vfio.iommufd import BoundDevice, flag_names
 
 #: The driver data structure of each IOMMU type, and the name pyvmm shows for the type.
@@ -131,11 +130,9 @@ def hw_info(device: BoundDevice) -> HwInfo:
         data_len=len(buffer),
         data_uptr=ctypes.addressof(buffer),
     )
-    try:
-        ioctl(device.iommufd.fd, uapi.IOMMU_GET_HW_INFO, request)
-    except IoctlError as err:
-        why = errno_reason(err, {errno.EOPNOTSUPP: "its IOMMU driver gives none"})
-        raise VfioError(f"{device.name}: cannot read its IOMMU's hardware info: {why}") from None
+    failed = f"{device.name}: cannot read its IOMMU's hardware info"
+    none = {errno.EOPNOTSUPP: "its IOMMU driver gives none"}
+    checked_ioctl(device.iommufd.fd, uapi.IOMMU_GET_HW_INFO, request, failed, none)
     try:
         info_type = uapi.IommuHwInfoType(request.out_data_type)
     except ValueError:

@@ -21,8 +21,7 @@ import errno
 from collections.abc import Sequence
 
 from pyvmm.uapi import iommufd as uapi
-from pyvmm.uapi.ioctl import IoctlError, ioctl
-from pyvmm.vfio.errors import VfioError, errno_reason
+from pyvmm.vfio.errors import checked_ioctl
 from pyvmm.vfio.iommufd import BoundDevice, IommufdObject
 from pyvmm.vfio.iommufd_events import FaultQueue, Veventq
 from pyvmm.vfio.iommufd_hwpt import Hwpt, invalidate
@@ -50,20 +49,17 @@ class Viommu(IommufdObject):
             data_len=ctypes.sizeof(data) if data is not None else 0,
             data_uptr=ctypes.addressof(data) if data is not None else 0,
         )
-        try:
-            ioctl(parent.iommufd.fd, uapi.IOMMU_VIOMMU_ALLOC, request)
-        except IoctlError as err:
-            why = errno_reason(
-                err,
-                {
-                    errno.EOPNOTSUPP: "its IOMMU driver has no vIOMMU of that type",
-                    errno.EINVAL: f"HWPT {parent.id} is not a nesting parent",
-                },
-            )
-            raise VfioError(
-                f"{device.name}: cannot allocate a {uapi.IommuViommuType(viommu_type).name} "
-                f"vIOMMU over HWPT {parent.id}: {why}"
-            ) from None
+        checked_ioctl(
+            parent.iommufd.fd,
+            uapi.IOMMU_VIOMMU_ALLOC,
+            request,
+            f"{device.name}: cannot allocate a {uapi.IommuViommuType(viommu_type).name} vIOMMU "
+            f"over HWPT {parent.id}",
+            {
+                errno.EOPNOTSUPP: "its IOMMU driver has no vIOMMU of that type",
+                errno.EINVAL: f"HWPT {parent.id} is not a nesting parent",
+            },
+        )
         self.parent = parent
         self.viommu_type = uapi.IommuViommuType(viommu_type)
         self.data = data
@@ -111,19 +107,16 @@ class Vdevice(IommufdObject):
             dev_id=device.id,
             virt_id=virt_id,
         )
-        try:
-            ioctl(viommu.iommufd.fd, uapi.IOMMU_VDEVICE_ALLOC, request)
-        except IoctlError as err:
-            why = errno_reason(
-                err,
-                {
-                    errno.EEXIST: "the device, or that virtual id, has a vDEVICE already",
-                    errno.EINVAL: "the device is behind another IOMMU than the vIOMMU",
-                },
-            )
-            raise VfioError(
-                f"{device.name}: cannot allocate vDEVICE {virt_id:#x} in viommu {viommu.id}: {why}"
-            ) from None
+        checked_ioctl(
+            viommu.iommufd.fd,
+            uapi.IOMMU_VDEVICE_ALLOC,
+            request,
+            f"{device.name}: cannot allocate vDEVICE {virt_id:#x} in viommu {viommu.id}",
+            {
+                errno.EEXIST: "the device, or that virtual id, has a vDEVICE already",
+                errno.EINVAL: "the device is behind another IOMMU than the vIOMMU",
+            },
+        )
         self.viommu = viommu
         self.device = device
         self.virt_id = virt_id
@@ -159,23 +152,20 @@ class HwQueue(IommufdObject):
             nesting_parent_iova=iova,
             length=length,
         )
-        try:
-            ioctl(viommu.iommufd.fd, uapi.IOMMU_HW_QUEUE_ALLOC, request)
-        except IoctlError as err:
-            why = errno_reason(
-                err,
-                {
-                    errno.ENOENT: "nothing is mapped there in the nesting parent",
-                    errno.EFAULT: "that memory is not physically contiguous",
-                    errno.EEXIST: "the vIOMMU has a queue of that index already",
-                    errno.EIO: "the queues before it must exist first",
-                    errno.EOPNOTSUPP: "its IOMMU driver has no HW queue of that type",
-                },
-            )
-            raise VfioError(
-                f"viommu {viommu.id}: cannot allocate HW queue {index} of {length:#x} bytes at "
-                f"IOVA {iova:#x}: {why}"
-            ) from None
+        checked_ioctl(
+            viommu.iommufd.fd,
+            uapi.IOMMU_HW_QUEUE_ALLOC,
+            request,
+            f"viommu {viommu.id}: cannot allocate HW queue {index} of {length:#x} bytes at IOVA "
+            f"{iova:#x}",
+            {
+                errno.ENOENT: "nothing is mapped there in the nesting parent",
+                errno.EFAULT: "that memory is not physically contiguous",
+                errno.EEXIST: "the vIOMMU has a queue of that index already",
+                errno.EIO: "the queues before it must exist first",
+                errno.EOPNOTSUPP: "its IOMMU driver has no HW queue of that type",
+            },
+        )
         self.viommu = viommu
         self.queue_type = uapi.IommuHwQueueType(queue_type)
         self.index = index

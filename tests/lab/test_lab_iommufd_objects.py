@@ -109,6 +109,17 @@ def test_every_nesting_object_on_the_mock_over_a_running_machines_guest_ram(
     assert mock.maps(iommufd, parent.id, RAM_GPA, RAM_SIZE, ram)
     assert mock.pinned(iommufd, ram, RAM_SIZE, 1)  # one IOAS: its pages are pinned once
 
+    # a stage 1 straight over the nesting parent (no vIOMMU), its IOTLB invalidated
+    stage1 = Hwpt.nested(parent, device, uapi.iommu_hwpt_selftest(iotlb=NESTED_IOTLB))
+    device.attach(stage1)
+    assert device.hwpt_id == stage1.id and iommufd.describe()[-1]["parents"] == [parent.id]
+    stage1.invalidate(
+        [uapi.iommu_hwpt_invalidate_selftest(flags=uapi.IOMMU_TEST_INVALIDATE_FLAG_ALL)]
+    )
+    assert all(mock.iotlb_holds(stage1, i, 0) for i in range(4))
+    device.attach(parent)
+    stage1.close()
+
     data = uapi.iommu_viommu_selftest(in_data=0xC0FFEE)
     viommu = Viommu(parent, device, uapi.IommuViommuType.SELFTEST, data)
     assert data.out_data == 0xC0FFEE and data.out_mmap_length >= PAGE
