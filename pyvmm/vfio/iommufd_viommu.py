@@ -62,7 +62,6 @@ class Viommu(IommufdObject):
         )
         self.parent = parent
         self.viommu_type = uapi.IommuViommuType(viommu_type)
-        self.data = data
         super().__init__(parent.iommufd, request.out_viommu_id)
 
     @property
