@@ -1,6 +1,7 @@
 """The C library, loaded once, with the prototypes of the calls pyvmm makes that `os` lacks:
-ioctl, mmap, munmap, madvise, pthread_sigmask and syscall. Calls through it release the GIL
-(a vCPU's KVM_RUN, a page fault served by a userfaultfd) and set errno for `ctypes.get_errno`."""
+ioctl, mmap, munmap, madvise, memcmp, pthread_sigmask and syscall. Calls through it release the
+GIL (a vCPU's KVM_RUN, a page fault served by a userfaultfd, a look at megabytes of guest RAM)
+and set errno for `ctypes.get_errno`."""
 
 from __future__ import annotations
 
@@ -24,4 +25,6 @@ libc.munmap.restype = ctypes.c_int
 libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 libc.madvise.restype = ctypes.c_int
 libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+libc.memcmp.restype = ctypes.c_int
+libc.memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
 libc.syscall.restype = ctypes.c_long

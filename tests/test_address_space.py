@@ -4,6 +4,7 @@ DMA mapping of guest RAM for assigned devices and the dirty log of pyvmm's own w
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import os
 import struct
@@ -17,11 +18,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyvmm.devices.virtio.queue import VIRTQ_DESC_F_WRITE, Virtqueue
-from pyvmm.kvm.mmap import Mapping
+from pyvmm.kvm.mmap import PAGE_SIZE, Mapping
 from pyvmm.machine.address_space import AddressSpace, AddressSpaceError
 from pyvmm.machine.dirty import DirtyBitmap, DirtyLog
 from pyvmm.machine.dma import IdentityDma
-from pyvmm.machine.memory import GuestMemory, MemoryRegion, RamRegion, RegionKind
+from pyvmm.machine.memory import (
+    GuestMemory,
+    GuestMemoryError,
+    MemoryRegion,
+    RamRegion,
+    RegionKind,
+)
 from pyvmm.uapi import kvm as uapi
 from pyvmm.vfio.context import HostDevice, VfioContext
 from pyvmm.vfio.device import VfioDevice
@@ -447,3 +454,25 @@ def test_written_pages_are_in_the_mapping_when_populated(populate: bool) -> None
         assert memory.read(MiB, 4) == b"\x5a" * 4 and memory.read(2 * MiB - 1, 1) == b"\x5a"
     finally:
         region.close()
+
+
+def test_copy_out_copies_one_regions_bytes_after_making_them_present() -> None:
+    """What a migration sends is copied with copy_out: the bytes of guest RAM, the pages made
+    present first (a post-copy's before_access), and nothing read beyond a region."""
+    memory = GuestMemory()
+    low, high = RamRegion(0, 2 * MiB), RamRegion(4 * MiB, MiB)
+    memory.add(low)
+    memory.add(high)
+    asked: list[tuple[int, int]] = []
+    memory.before_access = lambda gpa, length: asked.append((gpa, length))
+    into = ctypes.create_string_buffer(3 * PAGE_SIZE)
+    try:
+        memory.write(4 * MiB + PAGE_SIZE, b"\xa5" * PAGE_SIZE + b"tail")
+        memory.copy_out(4 * MiB + PAGE_SIZE, ctypes.addressof(into), 2 * PAGE_SIZE)
+        assert into.raw == b"\xa5" * PAGE_SIZE + b"tail" + bytes(2 * PAGE_SIZE - 4)
+        assert asked[-1] == (4 * MiB + PAGE_SIZE, 2 * PAGE_SIZE)
+        with pytest.raises(GuestMemoryError):  # spans the hole between the regions
+            memory.copy_out(2 * MiB - PAGE_SIZE, ctypes.addressof(into), 2 * PAGE_SIZE)
+    finally:
+        low.close()
+        high.close()

@@ -42,6 +42,7 @@ untrusted), restores the state after END, starts it, and answers.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import json
 import logging
@@ -61,13 +62,14 @@ from pyvmm.errors import ConfigError, PyvmmError
 from pyvmm.kvm.errors import KvmError
 from pyvmm.kvm.mmap import PAGE_SIZE
 from pyvmm.kvm.userfaultfd import UserFaultFd
+from pyvmm.libc import libc
 from pyvmm.machine.component import SavedState
 from pyvmm.machine.config import MachineConfig
 from pyvmm.machine.console import Console
 from pyvmm.machine.devices import pins_guest_ram
 from pyvmm.machine.dirty import DirtyBitmap
 from pyvmm.machine.machine import Machine, RunState, SavedMachine, StopReason
-from pyvmm.machine.memory import GuestMemoryError
+from pyvmm.machine.memory import GuestMemory, GuestMemoryError
 from pyvmm.machine.state import StateError
 from pyvmm.machine.threads import start_thread
 from pyvmm.machine.vcpus import MAX_THROTTLE
@@ -232,6 +234,7 @@ class Migration:
         self._cancelled = False
         self._running = False  # run() has begun
         self._sock: socket.socket | None = None
+        self._pages = _PageCopy(machine.memory)
 
     def cancel(self) -> None:
         """End a migration under way and wait until it has (the machine is going away): it
@@ -399,7 +402,7 @@ class Migration:
         started, before = time.monotonic(), writer.written
         for region in self.machine.memory.regions:
             for lo, hi in memory_file.region_extents(region):
-                self._send_range(writer, region.gpa + lo, region.view[lo:hi], zeros=False)
+                self._send_range(writer, region.gpa + lo, hi - lo, zeros=False)
         writer.flush()
         self._round_done(started, writer.written - before)
 
@@ -408,30 +411,30 @@ class Migration:
         to a PAGE_RUNS section (a section apiece would cost more than the pages); long ones
         go as `_send_range` sends them, their chunks of zeros as ZERO_PAGES."""
         started, before = time.monotonic(), writer.written
-        memory = self.machine.memory
-        batch = _RunBatch(writer)
+        batch = _RunBatch(writer, self._pages)
         for bitmap in bitmaps:
             for gpa, size in bitmap.ranges():
                 if self._cancelled:
                     raise MigrationError("cancelled: the machine is ending")
                 if size >= LONG_RUN:
-                    self._send_range(writer, gpa, memory.slice(gpa, size), zeros=True)
+                    self._send_range(writer, gpa, size, zeros=True)
                 else:
-                    batch.add(gpa, memory.slice(gpa, size))
+                    batch.add(gpa, size)
         batch.send()
         writer.flush()
         self._round_done(started, writer.written - before)
 
-    def _send_range(self, writer: StreamWriter, gpa: int, view: memoryview, *, zeros: bool) -> None:
-        """Send pages at `gpa`; with `zeros`, all-zero chunks go as ZERO_PAGES (a page that
-        became zero must still reach the destination), without, they are skipped."""
-        for at in range(0, len(view), CHUNK):
+    def _send_range(self, writer: StreamWriter, gpa: int, size: int, *, zeros: bool) -> None:
+        """Send the pages of gpa..gpa+size; with `zeros`, all-zero chunks go as ZERO_PAGES (a
+        page that became zero must still reach the destination), without, they are skipped."""
+        for at in range(0, size, CHUNK):
             if self._cancelled:
                 raise MigrationError("cancelled: the machine is ending")
-            chunk = view[at : at + CHUNK].tobytes()  # one copy: compared, checksummed, sent
-            if chunk == _ZERO_CHUNK[: len(chunk)]:
+            length = min(CHUNK, size - at)
+            chunk = self._pages.copy(gpa + at, length)  # one copy: compared, checksummed, sent
+            if self._pages.zero(length):
                 if zeros:
-                    writer.section(SectionType.ZERO_PAGES, _ZERO.pack(gpa + at, len(chunk)))
+                    writer.section(SectionType.ZERO_PAGES, _ZERO.pack(gpa + at, length))
                 continue
             writer.section(SectionType.PAGES, _ADDRESS.pack(gpa + at), chunk)
 
@@ -452,10 +455,9 @@ class Migration:
         self.progress.postcopy_pages = pending.left
         heard: queue.SimpleQueue[tuple[int, int] | str | MigrationError] = queue.SimpleQueue()
         start_thread(_hear_destination, "migration-requests", answers, heard)
-        memory = self.machine.memory
 
         def send(gpa: int, size: int) -> None:
-            self._send_range(writer, gpa, memory.slice(gpa, size), zeros=True)
+            self._send_range(writer, gpa, size, zeros=True)
 
         def take(item: tuple[int, int] | str | MigrationError) -> bool:
             """Act on what the destination said; True if pages went out for it."""
@@ -606,31 +608,59 @@ def _union(first: list[DirtyBitmap], second: list[DirtyBitmap]) -> list[DirtyBit
     return [earlier[b.gpa] | b if b.gpa in earlier else b for b in second]
 
 
+class _PageCopy:
+    """The sender's copy of the pages it sends next, at most CHUNK bytes, made and compared to
+    zeros with the GIL released (GuestMemory.copy_out, memcmp): the guest runs meanwhile, and
+    its vCPU threads need the GIL for every exit pyvmm handles. A copy, because the section's
+    checksum must be of the bytes sent; valid until the next copy."""
+
+    def __init__(self, memory: GuestMemory) -> None:
+        self._memory = memory
+        self._buffer = (ctypes.c_char * CHUNK)()
+        self._address = ctypes.addressof(self._buffer)
+        self._view = memoryview(self._buffer).cast("B")
+
+    def copy(self, gpa: int, length: int, at: int = 0) -> memoryview:
+        """Guest RAM at gpa..gpa+length, copied to `at` in the buffer: that part of it."""
+        self._memory.copy_out(gpa, self._address + at, length)
+        return self._view[at : at + length]
+
+    def first(self, length: int) -> memoryview:
+        return self._view[:length]
+
+    def zero(self, length: int) -> bool:
+        """Whether the buffer's first `length` bytes are all zero."""
+        return libc.memcmp(self._address, _ZERO_CHUNK, length) == 0
+
+
 class _RunBatch:
     """Short runs of pages gathered into PAGE_RUNS sections: u32 count, count x (u64 address,
     u32 pages), then the runs' pages one after another."""
 
-    def __init__(self, writer: StreamWriter) -> None:
+    def __init__(self, writer: StreamWriter, pages: _PageCopy) -> None:
         self._writer = writer
-        self._runs: list[bytes] = []
-        self._pages: list[memoryview] = []
+        self._pages = pages
+        self._runs: list[tuple[int, int]] = []
         self._size = 0
 
-    def add(self, gpa: int, view: memoryview) -> None:
-        if self._size + len(view) > CHUNK or len(self._runs) == MAX_RUNS:
+    def add(self, gpa: int, size: int) -> None:
+        if self._size + size > CHUNK or len(self._runs) == MAX_RUNS:
             self.send()
-        self._runs.append(_RUN.pack(gpa, len(view) // PAGE_SIZE))
-        self._pages.append(view)
-        self._size += len(view)
+        self._runs.append((gpa, size))
+        self._size += size
 
     def send(self) -> None:
         if not self._runs:
             return
         # One copy of the pages (the guest may be running): checksummed and sent as it is.
-        pages = b"".join(self._pages)
-        head = _RUN_COUNT.pack(len(self._runs)) + b"".join(self._runs)
-        self._writer.section(SectionType.PAGE_RUNS, head, pages)
-        self._runs, self._pages, self._size = [], [], 0
+        at = 0
+        for gpa, size in self._runs:
+            self._pages.copy(gpa, size, at)
+            at += size
+        head = _RUN_COUNT.pack(len(self._runs))
+        head += b"".join(_RUN.pack(gpa, size // PAGE_SIZE) for gpa, size in self._runs)
+        self._writer.section(SectionType.PAGE_RUNS, head, self._pages.first(at))
+        self._runs, self._size = [], 0
 
 
 def _hear_destination(answers: BinaryIO, heard: queue.SimpleQueue[Any]) -> None:
