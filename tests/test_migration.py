@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from guestbuild import guest, requires_kvm
@@ -25,6 +26,7 @@ from test_snapshot_cli import pyvmm, start_counter
 from pyvmm.kvm.mmap import PAGE_SIZE
 from pyvmm.machine.console import CaptureConsole
 from pyvmm.machine.machine import Machine, RunState, StopReason
+from pyvmm.machine.memory import GuestMemory
 from pyvmm.machine.state import StateError
 from pyvmm.migration import live
 from pyvmm.migration.live import Endpoint, Migration, MigrationError
@@ -451,3 +453,31 @@ def test_control_refuses_pauses_and_snapshots_during_a_migration_and_quit_cancel
     thread.join(30)
     assert source.returncode == 0, err
     assert not (tmp_path / "snap").exists()
+
+
+def test_the_switch_over_waits_for_the_destination_to_read_what_the_rounds_sent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What is still unread in the socket when the source pauses would be read during the
+    downtime: the source waits (its guest running) until the destination has read all but
+    DRAINED bytes, and a destination that stops reading fails the migration before the pause."""
+    monkeypatch.setattr(live, "SEND_TIMEOUT", 0.5)
+    machine = SimpleNamespace(memory=GuestMemory())
+    migration = Migration(machine, Endpoint.parse("unix:/nowhere"), info={})  # type: ignore[arg-type]
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.sendall(bytes(2 * live.DRAINED))
+        with pytest.raises(MigrationError, match=r"stopped reading: \d+ KiB .* still unread"):
+            migration._drain(ours)
+        read: list[int] = []
+
+        def read_later() -> None:
+            time.sleep(0.1)
+            while sum(read) < 2 * live.DRAINED:
+                read.append(len(theirs.recv(65536)))
+
+        reader = threading.Thread(target=read_later)
+        reader.start()
+        migration._drain(ours)
+        assert sum(read) >= live.DRAINED  # it returned only once the peer had read
+        reader.join()

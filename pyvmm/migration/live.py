@@ -101,6 +101,8 @@ CONNECT_WAIT = 10.0  # seconds the source waits for a destination to listen
 THROTTLE_FIRST, THROTTLE_STEP = 0.2, 0.1  # auto-converge's first throttle and its increments
 THROTTLE_TRIGGER = 0.5  # dirty / sent (of the round before) above which a round is too hot
 PUSH_PAGES = 16  # pages per section of post-copy's push
+RECEIVE_BUFFER = 512 << 10  # a TCP destination's receive buffer (Endpoint.listen says why)
+DRAINED = 64 << 10  # bytes left unread in the socket when the source pauses, at most
 PUSH_AHEAD = 128 << 10  # bytes post-copy's push keeps queued in the socket at most
 MAX_REQUESTED_PAGES = 1 << 18  # pages one post-copy request may ask for (1 GiB)
 
@@ -165,6 +167,10 @@ class Endpoint:
         sock = socket.socket(self.family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # Bounded (the accepted socket inherits it): what the source sent and this side
+            # has not read yet, Linux's autotuning lets grow to megabytes, is read after the
+            # source paused, in the downtime; the source can only see its own queue drain.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
             sock.bind(self.address)
             sock.listen(1)
         except OSError as err:
@@ -309,6 +315,7 @@ class Migration:
                         self._converge(left)
                     self._send_round(writer, bitmaps)
                 self.progress.status = "completing"
+                self._drain(sock)
                 phases = _Phases()
                 if not self.machine.pause():
                     raise MigrationError("the machine stopped during the migration")
@@ -495,6 +502,21 @@ class Migration:
                 raise item
         self.progress.sent_bytes += writer.written - before
         self.progress.postcopy_ms = round((time.monotonic() - started) * 1000, 3)
+
+    def _drain(self, sock: socket.socket) -> None:
+        """Wait, the guest still running, until the destination has read what the rounds sent
+        (all but DRAINED bytes): what is still in the socket's buffers (megabytes, on TCP)
+        would otherwise be read during the downtime, which the budget did not count."""
+        deadline = time.monotonic() + SEND_TIMEOUT
+        while (unread := _queued(sock)) > DRAINED:
+            if self._cancelled:
+                raise MigrationError("cancelled: the machine is ending")
+            if time.monotonic() > deadline:
+                raise MigrationError(
+                    f"the destination stopped reading: {unread >> 10} KiB sent to it were "
+                    f"still unread after {SEND_TIMEOUT:.0f} s (the source runs on)"
+                )
+            time.sleep(0.001)
 
     def _round_done(self, started: float, sent: int) -> None:
         """`sent`: the bytes that went on the wire, so that the bandwidth is the link's, not
@@ -898,6 +920,8 @@ def receive(
         if on_listening is not None:
             on_listening()
         sock = _first_speaker(listener)
+        if endpoint.family != socket.AF_UNIX:  # ("resumed" is one short line, not to be held)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     finally:
         listener.close()
         if endpoint.family == socket.AF_UNIX:
