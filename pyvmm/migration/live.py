@@ -920,8 +920,8 @@ def receive(
         if on_listening is not None:
             on_listening()
         sock = _first_speaker(listener)
-        if endpoint.family != socket.AF_UNIX:  # ("resumed" is one short line, not to be held)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if endpoint.family != socket.AF_UNIX:  # its lines are short, and a post-copy fault's
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # must not wait on Nagle
     finally:
         listener.close()
         if endpoint.family == socket.AF_UNIX:
