@@ -156,9 +156,7 @@ class GuestMemory:
 
     def slice(self, gpa: int, length: int) -> memoryview:
         """A view of guest RAM at `gpa` to read; the whole range must lie inside one region."""
-        region = self.region_for(gpa, length)
-        if self.before_access is not None:
-            self.before_access(gpa, length)
+        region = self._present(gpa, length)
         start = gpa - region.gpa
         return region.view[start : start + length]
 
@@ -167,10 +165,15 @@ class GuestMemory:
         `slice()`: a thread that copies megabytes while the guest runs (a migration's rounds)
         would otherwise hold up every vCPU exit handled meanwhile, each for a whole copy (in
         the lab's TCG, a 4 MiB copy takes milliseconds, and each byte to the console is an exit)."""
+        region = self._present(gpa, length)
+        ctypes.memmove(into, region.host_addr + gpa - region.gpa, length)
+
+    def _present(self, gpa: int, length: int) -> RamRegion:
+        """The region holding gpa..gpa+length, its pages there made present."""
         region = self.region_for(gpa, length)
         if self.before_access is not None:
             self.before_access(gpa, length)
-        ctypes.memmove(into, region.host_addr + gpa - region.gpa, length)
+        return region
 
     def writable(self, gpa: int, length: int) -> memoryview:
         """A view of guest RAM at `gpa` that the caller writes into (counted as written now;
