@@ -173,6 +173,9 @@ def test_command_line_has_what_the_lab_needs() -> None:
         ["/t/initrd.cpio"],
     )
     assert "-no-reboot" in argv  # a guest panic ends QEMU (panic=-1 reboots)
+    # a reset says whether a CPU triple-faulted
+    assert option_values(argv, "-d") == ["cpu_reset"]
+    assert option_values(argv, "-D") == [str(machine().scratch / "qemu-reset.log")]
     assert {"console=ttyS0", "panic=-1", "intel_iommu=on"} <= set(
         option_values(argv, "-append")[0].split()
     )
@@ -590,6 +593,8 @@ elif mode.startswith(("crash", "hang-", "reset-")):  # a tier's run: reports, th
 
     def crash():
         if mode.startswith("reset-"):  # the lab's kernel triple-faults: QEMU just exits
+            reset_log = Path(sys.argv[sys.argv.index("-D") + 1])
+            reset_log.write_text("CPU Reset (CPU 0)\\nTriple fault\\n")
             sys.exit(0)
         if mode.startswith("hang-"):  # the lab's kernel stalls, saying so on its console
             stall = b"[  412.000001] rcu: INFO: rcu_preempt self-detected stall\\n"
@@ -814,7 +819,8 @@ def test_after_the_lab_machine_resets_itself_the_tests_left_run_in_a_new_boot(
     output = result.stdout.str()
     assert (
         "lab: the lab machine reset (the lab stopped before the command finished: the lab "
-        "machine reset (QEMU exited 0 under -no-reboot; no panic was printed)"
+        "machine reset (QEMU exited 0 under -no-reboot; no panic was printed; a CPU "
+        "triple-faulted, QEMU's reset log says)"
     ) in output
     assert "a new boot runs what it left without a result (2 of 3 tests)" in output
 

@@ -346,7 +346,7 @@ def run(
             log.debug("QEMU still running %.0f s after the command; stopping it", POWEROFF_GRACE)
         if result is None:
             qemu_log.seek(0)
-            why = relay.failure(qemu_log.read().decode(errors="replace"))
+            why = relay.failure(qemu_log.read().decode(errors="replace"), qemu.reset_log(config))
             if process.returncode is not None and -process.returncode in _CRASH_SIGNALS:
                 raise LabCrashed(why)
             if process.returncode == 0 and relay.reset_itself():
@@ -461,7 +461,7 @@ class _Relay:
         console = self.console_tail.decode(errors="replace")
         return "Kernel panic" not in console and initramfs.FAIL_PREFIX not in console
 
-    def failure(self, qemu_log: str) -> str:
+    def failure(self, qemu_log: str, reset_log: Path) -> str:
         """One line on why the guest stopped before the command's exit status arrived."""
         console = self.console_tail.decode(errors="replace").splitlines()
         init_failures = [
@@ -482,7 +482,11 @@ class _Relay:
         elif self.process.returncode is not None and self.process.returncode < 0:
             why = f"QEMU was killed by {_signal_name(-self.process.returncode)}"
         elif self.process.returncode == 0:
-            why = "the lab machine reset (QEMU exited 0 under -no-reboot; no panic was printed)"
+            why = "the lab machine reset (QEMU exited 0 under -no-reboot; no panic was printed"
+            with contextlib.suppress(OSError):
+                if "Triple fault" in reset_log.read_text(errors="replace"):
+                    why += "; a CPU triple-faulted, QEMU's reset log says"
+            why += ")"
         else:
             why = f"QEMU exited with status {self.process.returncode}"
         return f"the lab stopped before the command finished: {why}{self._hint()}"

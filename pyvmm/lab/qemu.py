@@ -146,6 +146,11 @@ class MachineConfig:
     verbose: bool = False
 
 
+def reset_log(config: MachineConfig) -> Path:
+    """Where QEMU logs each CPU reset (`-d cpu_reset`): the boot's two, and a triple fault's."""
+    return config.scratch / "qemu-reset.log"
+
+
 def command(qemu: str, config: MachineConfig) -> list[str]:
     """The full QEMU argv for `config`."""
     check_iommu(config.iommu)
@@ -157,6 +162,11 @@ def command(qemu: str, config: MachineConfig) -> list[str]:
         "-display",
         "none",
         "-no-reboot",
+        # what made the machine reset, should it: QEMU logs "Triple fault" where a CPU had one
+        "-d",
+        "cpu_reset",
+        "-D",
+        str(reset_log(config)),
         "-machine",
         "q35,kernel-irqchip=split",
         "-accel",
