@@ -277,6 +277,30 @@ def test_auto_converge_throttles_a_guest_that_never_converges_until_it_does(
             copy.wait()
 
 
+def test_a_source_whose_state_cannot_be_saved_runs_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Saving the components, in the downtime, fails (a kernel that refuses a vCPU's state):
+    the migration fails with the reason, and the source, paused for it, runs on."""
+
+    def fail(machine: Machine) -> object:
+        raise StateError("vcpu0: KVM_GET_MSRS failed: Input/output error")
+
+    with Machine(mem_size=64 << 20, console=CaptureConsole()) as source:
+        source.load_elf(str(guest("memtouch")))
+        source.start()
+        source.console.wait_for(r"pass 1\n", 30)  # type: ignore[attr-defined]
+        monkeypatch.setattr(Machine, "save", fail)
+        with pytest.raises(MigrationError, match=r"vcpu0: KVM_GET_MSRS failed"):
+            migrate_in_process(source, f"unix:{tmp_path / 'in.sock'}", downtime_limit=0.3)
+        assert "is truncated" in destination_errors.pop()  # it never had the state
+        assert source.state is RunState.RUNNING and not source.dirty.active
+        passes = counts_of_passes(source.console.text)[-1]  # type: ignore[attr-defined]
+        source.console.wait_for(rf"pass {passes + 2}\n", 30)  # type: ignore[attr-defined]
+        source.stop()
+        assert source.wait().reason is StopReason.STOPPED
+
+
 def test_a_destination_that_refuses_the_state_it_was_sent_leaves_the_source_running(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
