@@ -100,6 +100,46 @@ def test_the_count_goes_on_exactly_once_on_the_destination(tmp_path: Path, trans
     assert_consecutive(after)
 
 
+def test_a_tcp_migration_connection_is_set_for_the_downtime(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Over TCP, both ends' small writes go at once (TCP_NODELAY: the last sections in the
+    downtime, a post-copy fault's request line), and the destination's receive buffer is the
+    bounded one, not what Linux's autotuning would grow (what it holds unread when the source
+    pauses is read in the downtime)."""
+    endpoint = Endpoint.parse(f"tcp:127.0.0.1:{free_port()}")
+    accepted: dict[str, int] = {}
+
+    def take_in(sock: socket.socket, *_: object, **__: object) -> None:
+        accepted["nodelay"] = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        accepted["rcvbuf"] = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        raise MigrationError("(the test ends here)")
+
+    monkeypatch.setattr(live, "take_in", take_in)
+    listening = threading.Event()
+    refused: list[str] = []
+
+    def destination_side() -> None:
+        try:
+            live.receive(endpoint, lambda info: CaptureConsole(), on_listening=listening.set)
+        except MigrationError as err:
+            refused.append(str(err))
+
+    destination = threading.Thread(target=destination_side)
+    destination.start()
+    assert listening.wait(10)
+    with endpoint.connect(10) as source:
+        assert source.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        source.sendall(b"x")  # (the destination takes the first connection that speaks)
+        destination.join(10)
+    with socket.socket() as untuned, socket.socket() as bounded:
+        bounded.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, live.RECEIVE_BUFFER)
+        expected = bounded.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)  # (Linux doubles it)
+        default = untuned.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    assert refused == ["(the test ends here)"]
+    assert accepted == {"nodelay": 1, "rcvbuf": expected} and expected != default
+
+
 def socket_mode(path: Path) -> int | None:
     try:
         return stat.S_IMODE(path.stat().st_mode)

@@ -157,9 +157,15 @@ class Endpoint:
                     f"cannot connect to {self.uri}: {err.strerror or err}; is a pyvmm run "
                     f"--incoming {self.uri} waiting there?"
                 ) from None
+        self.no_delay(sock)
+        return sock
+
+    def no_delay(self, sock: socket.socket) -> None:
+        """A TCP connection's small writes go at once (TCP_NODELAY): the last sections the
+        source sends in the downtime, and the destination's answers (a post-copy fault's
+        request above all), must not wait on Nagle for the peer's ACK."""
         if self.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
 
     def listen(self) -> socket.socket:
         if self.family == socket.AF_UNIX:
@@ -920,8 +926,7 @@ def receive(
         if on_listening is not None:
             on_listening()
         sock = _first_speaker(listener)
-        if endpoint.family != socket.AF_UNIX:  # its lines are short, and a post-copy fault's
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # must not wait on Nagle
+        endpoint.no_delay(sock)
     finally:
         listener.close()
         if endpoint.family == socket.AF_UNIX:
