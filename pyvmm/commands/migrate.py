@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -50,7 +49,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from pyvmm.migration.control import ControlClient, ControlError
+    from pyvmm.migration.control import ControlClient, ControlError, follow_migration
 
     with ControlClient(args.control) as client:
         client.execute(
@@ -62,20 +61,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             postcopy=args.postcopy,
         )
         with ProgressBar() as bar:
-            while True:
-                try:
-                    status = client.execute("migrate-status")
-                except ControlError:
-                    # A migrated machine ends, and its control socket with it: the outcome
-                    # came just before, as the MIGRATION event.
-                    ends = [e["data"] for e in client.events if e.get("event") == "MIGRATION"]
-                    if not ends:
-                        raise
-                    status = ends[-1]
-                bar.update(status)
-                if status["status"] in ("completed", "failed"):
-                    break
-                time.sleep(0.05)
+            status = follow_migration(client, bar.update)
     if status["status"] == "failed":
         raise ControlError(f"migration failed: {status['error']}")
     print(

@@ -464,3 +464,23 @@ class ControlClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def follow_migration(
+    client: ControlClient, on_status: Callable[[dict[str, Any]], None], poll: float = 0.05
+) -> dict[str, Any]:
+    """Poll `migrate-status` (each status to `on_status`) until the migration has completed
+    or failed; that final status. A migrated machine ends, and its control socket with it:
+    its outcome came just before, as the MIGRATION event."""
+    while True:
+        try:
+            status = client.execute("migrate-status")
+        except ControlError:
+            ends = [e["data"] for e in client.events if e.get("event") == "MIGRATION"]
+            if not ends:
+                raise
+            status = ends[-1]
+        on_status(status)
+        if status["status"] in ("completed", "failed"):
+            return status
+        time.sleep(poll)
