@@ -81,6 +81,7 @@ def free_port() -> int:
 
 PRE_COPY = ("--downtime", "300", "--auto-converge")
 POST_COPY = ("--downtime", "1", "--postcopy")
+POST_COPY_TRIES = 3
 
 
 def migrate(
@@ -121,7 +122,7 @@ def test_a_linux_guest_is_snapshotted_restored_and_migrated_three_times_losing_n
     initrd.write_bytes(busybox_initramfs(find_busybox(), INIT))
     disk, console = tmp_path / "disk.img", tmp_path / "console.txt"
     disk.write_bytes(bytes(1 << 20))
-    controls = [tmp_path / f"vm{n}.sock" for n in range(5)]
+    controls = [tmp_path / f"vm{n}.sock" for n in range(4 + POST_COPY_TRIES)]
     first = spawn(
         "run", "-k", str(lab_kernel()), "-i", str(initrd), "-m", "256M", "-c", "2",
         "-p", "console=ttyS0 quiet panic=-1", "--disk", str(disk), "--rng", "--net", f"tap:{TAP}",
@@ -152,15 +153,23 @@ def test_a_linux_guest_is_snapshotted_restored_and_migrated_three_times_losing_n
         finished(by_unix, "migrated to tcp:")
         wait_for_more_ticks(console, 5)
 
-        uri = f"unix:{tmp_path / 'post.sock'}"
-        by_postcopy, said = migrate(by_tcp, controls[3], uri, controls[4], POST_COPY)
-        running.append(by_postcopy)
+        # Post-copy: a round can find the guest idle between two ticks, its few dirty pages
+        # within even a 1 ms limit, and then the migration rightly ends by pre-copy; so it
+        # migrates on (at most POST_COPY_TRIES times) until one has switched.
+        source, control, said = by_tcp, controls[3], ""
+        for attempt in range(POST_COPY_TRIES):
+            uri, next_control = f"unix:{tmp_path / f'post{attempt}.sock'}", controls[4 + attempt]
+            by_postcopy, said = migrate(source, control, uri, next_control, POST_COPY)
+            running.append(by_postcopy)
+            finished(source, "migrated to unix:")
+            wait_for_more_ticks(console, 5)
+            source, control = by_postcopy, next_control
+            if "; post-copy: " in said:
+                break
         assert "; post-copy: " in said, said
-        finished(by_tcp, "migrated to unix:")
-        wait_for_more_ticks(console, 5)
 
-        assert pyvmm("ctl", str(controls[4]), "quit").returncode == 0
-        finished(by_postcopy, "quit from the control socket")
+        assert pyvmm("ctl", str(control), "quit").returncode == 0
+        finished(source, "quit from the control socket")
     finally:
         for proc in running:
             proc.kill()
@@ -168,4 +177,7 @@ def test_a_linux_guest_is_snapshotted_restored_and_migrated_three_times_losing_n
     assert seen == list(range(1, len(seen) + 1)), seen
     assert "virtio_rng" in console.read_text(errors="replace")
     on_disk = int(disk.read_bytes()[:8])
-    assert on_disk in (seen[-1], seen[-1] - 1), (on_disk, seen[-1])  # quit may fall in between
+    # The quit may fall between a tick's echo and its write to the disk (the disk is a tick
+    # behind), or after both but before the serial driver had sent the echoed line out (a tick
+    # ahead: echo returns once the line is in the guest's tty buffer).
+    assert on_disk in (seen[-1] - 1, seen[-1], seen[-1] + 1), (on_disk, seen[-1])
