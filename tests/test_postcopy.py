@@ -251,6 +251,17 @@ def test_pending_pages_go_once_requests_first_then_on_from_there() -> None:
     assert pending.left == 0 and pending.take_next(64) is None
 
 
+def test_a_push_batch_gathers_scattered_runs_up_to_its_pages() -> None:
+    pending = postcopy.Pending([bitmap_of(0, 16, [1, 3, 4, 5, 9, 10, 11, 12, 15])])
+    assert pending.take_batch(6) == [
+        (PAGE_SIZE, PAGE_SIZE),
+        (3 * PAGE_SIZE, 3 * PAGE_SIZE),
+        (9 * PAGE_SIZE, 2 * PAGE_SIZE),  # cut at the batch's pages; the rest comes next
+    ]
+    assert pending.take_batch(6) == [(11 * PAGE_SIZE, 2 * PAGE_SIZE), (15 * PAGE_SIZE, PAGE_SIZE)]
+    assert pending.left == 0 and pending.take_batch(6) == []
+
+
 def test_a_postcopy_section_names_each_region_once_with_its_size() -> None:
     memory = GuestMemory()
     memory.add(RamRegion(0, 64 * PAGE_SIZE))

@@ -54,7 +54,7 @@ import sys
 import termios
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, BinaryIO
 
@@ -100,10 +100,10 @@ SEND_TIMEOUT = 60.0  # seconds a send may block (a destination that stopped read
 CONNECT_WAIT = 10.0  # seconds the source waits for a destination to listen
 THROTTLE_FIRST, THROTTLE_STEP = 0.2, 0.1  # auto-converge's first throttle and its increments
 THROTTLE_TRIGGER = 0.5  # dirty / sent (of the round before) above which a round is too hot
-PUSH_PAGES = 16  # pages per section of post-copy's push
+PUSH_PAGES = 32  # pages per section of post-copy's push (a run of them or many runs)
 RECEIVE_BUFFER = 512 << 10  # a TCP destination's receive buffer (Endpoint.listen says why)
 DRAINED = 64 << 10  # bytes left unread in the socket when the source pauses, at most
-PUSH_AHEAD = 128 << 10  # bytes post-copy's push keeps queued in the socket at most
+PUSH_AHEAD = 64 << 10  # bytes post-copy's push keeps queued in the socket at most
 MAX_REQUESTED_PAGES = 1 << 18  # pages one post-copy request may ask for (1 GiB)
 
 
@@ -330,19 +330,24 @@ class Migration:
                 # What the last look found dirty, and whatever was dirtied since: sent now,
                 # or with post-copy, named as what the destination lacks and sent later.
                 last = _union(bitmaps, dirty.collect())
-                if not switch_to_postcopy:
+                if switch_to_postcopy:  # named first: the destination drops them meanwhile
+                    writer.section(SectionType.POSTCOPY, postcopy.encode_pending(last))
+                    writer.flush()
+                else:
                     self._send_round(writer, last)
                     phases.end("last_pages")
                 saved = self.machine.save()
                 for state in saved.components:
                     writer.section(SectionType.COMPONENT, vmstate.encode_component(state))
                 if switch_to_postcopy:
-                    writer.section(SectionType.POSTCOPY, postcopy.encode_pending(last))
+                    writer.section(SectionType.RESUME, b"")
                     writer.flush()
                 else:
                     writer.end()
                 handed_over = True
                 phases.end("state")
+                # (made while the destination restores)
+                lacking = postcopy.Pending(last) if switch_to_postcopy else None
                 answer = _expect(answers, sock, "resumed", "restoring the machine")
                 phases.end("destination")
                 phases.split_last(answer.get("phases_ms"), "destination")
@@ -350,8 +355,8 @@ class Migration:
                 self.progress.downtime_phases_ms = phases.ms
                 dirty.stop()
                 self.machine.throttle(0)
-                if switch_to_postcopy:
-                    pending = postcopy.Pending(last)
+                if lacking is not None:
+                    pending = lacking  # from here on, the destination runs on what it has
                     self._push_postcopy(sock, writer, answers, pending)
         except BaseException as err:
             with contextlib.suppress(Exception):
@@ -424,18 +429,22 @@ class Migration:
         to a PAGE_RUNS section (a section apiece would cost more than the pages); long ones
         go as `_send_range` sends them, their chunks of zeros as ZERO_PAGES."""
         started, before = time.monotonic(), writer.written
-        batch = _RunBatch(writer, self._pages)
-        for bitmap in bitmaps:
-            for gpa, size in bitmap.ranges():
-                if self._cancelled:
-                    raise MigrationError("cancelled: the machine is ending")
-                if size >= LONG_RUN:
-                    self._send_range(writer, gpa, size, zeros=True)
-                else:
-                    batch.add(gpa, size)
-        batch.send()
+        self._send_runs(writer, (run for bitmap in bitmaps for run in bitmap.ranges()))
         writer.flush()
         self._round_done(started, writer.written - before)
+
+    def _send_runs(self, writer: StreamWriter, runs: Iterable[tuple[int, int]]) -> None:
+        """Runs (gpa, size) of pages: the short ones many to a PAGE_RUNS section, the long
+        ones as `_send_range` sends them."""
+        batch = _RunBatch(writer, self._pages)
+        for gpa, size in runs:
+            if self._cancelled:
+                raise MigrationError("cancelled: the machine is ending")
+            if size >= LONG_RUN:
+                self._send_range(writer, gpa, size, zeros=True)
+            else:
+                batch.add(gpa, size)
+        batch.send()
 
     def _send_range(self, writer: StreamWriter, gpa: int, size: int, *, zeros: bool) -> None:
         """Send the pages of gpa..gpa+size; with `zeros`, all-zero chunks go as ZERO_PAGES (a
@@ -459,9 +468,11 @@ class Migration:
         pending: postcopy.Pending,
     ) -> None:
         """Post-copy, once the destination runs: send the pages it lacks, those its faults ask
-        for first, then END, and wait until it has them all ("complete"). The push keeps at
-        most PUSH_AHEAD bytes queued in the socket: a requested page goes out behind those
-        only (the guest waits on it), not behind all that the socket's buffer could hold."""
+        for first, then END, and wait until it has them all ("complete"). The pages a guest
+        dirtied last are scattered, a page or a few apiece, and the destination's cost is per
+        section more than per byte: so they go PUSH_PAGES to a section. The push keeps at most
+        PUSH_AHEAD bytes queued in the socket: a requested page goes out behind those only
+        (the guest waits on it), not behind all that the socket's buffer could hold."""
         started, before = time.monotonic(), writer.written
         self.progress.status = "postcopy"
         self.progress.postcopy = True
@@ -469,36 +480,28 @@ class Migration:
         heard: queue.SimpleQueue[tuple[int, int] | str | MigrationError] = queue.SimpleQueue()
         start_thread(_hear_destination, "migration-requests", answers, heard)
 
-        def send(gpa: int, size: int) -> None:
-            self._send_range(writer, gpa, size, zeros=True)
-
-        def take(item: tuple[int, int] | str | MigrationError) -> bool:
-            """Act on what the destination said; True if pages went out for it."""
+        def take(item: tuple[int, int] | str | MigrationError) -> list[tuple[int, int]]:
+            """Act on what the destination said: the runs it asked for that are still unsent."""
             if isinstance(item, MigrationError):
                 raise item
             if not isinstance(item, tuple):
-                return False
+                return []
             self.progress.postcopy_requested_pages += item[1]
-            runs = pending.take_requested(*item)
-            for gpa, size in runs:
-                send(gpa, size)
-            return bool(runs)
+            return pending.take_requested(*item)
 
         while True:
-            requested = False
+            requested: list[tuple[int, int]] = []
             while not heard.empty():
-                requested = take(heard.get()) or requested
-            if requested:
-                writer.flush()
-            if _queued(sock) > PUSH_AHEAD:  # wait for the link, or for a request
+                requested += take(heard.get())
+            if not requested and _queued(sock) > PUSH_AHEAD:  # wait for the link, or a request
                 with contextlib.suppress(queue.Empty):
-                    if take(heard.get(timeout=0.002)):
-                        writer.flush()
-                continue
-            run = pending.take_next(PUSH_PAGES)
-            if run is None:
+                    requested = take(heard.get(timeout=0.002))
+                if not requested:
+                    continue
+            runs = requested or pending.take_batch(PUSH_PAGES)
+            if not runs:
                 break
-            send(*run)
+            self._send_runs(writer, runs)
             writer.flush()
             self.progress.sent_bytes += writer.written - before
             before = writer.written
@@ -594,7 +597,7 @@ class _Phases:
 
     def split_last(self, parts: object, name: str) -> None:
         """Split phase `name`, the last, by the destination's own account of its end (`parts`:
-        its {"restore": ms, "postcopy": ms, "start": ms}, untrusted, ignored unless
+        its {"restore": ms, "start": ms}, untrusted, ignored unless
         well-formed): what is left before them is `name`_reading (the stream still in transit
         or being read). The destination may have read the end while the source's last write
         was still returning: then its parts are scaled down to fit."""
@@ -604,7 +607,7 @@ class _Phases:
             for v in parts.values()
         ):
             return
-        known = {k: float(parts[k]) for k in ("restore", "postcopy", "start") if k in parts}
+        known = {k: float(parts[k]) for k in ("restore", "start") if k in parts}
         if not known:
             return
         scale = min(1.0, total / sum(known.values())) if sum(known.values()) else 1.0
@@ -799,10 +802,9 @@ class Incoming:
     machine: Machine
     info: dict[str, Any]
     _sock: socket.socket
-    restore_seconds: float = 0.0  # from the stream's END to the machine restored
+    restore_seconds: float = 0.0  # from the end of the state (END, or RESUME) to restored
     _restored_at: float = field(default_factory=time.monotonic)
     postcopy: _PostcopyIn | None = None
-    postcopy_seconds: float = 0.0  # then setting post-copy up (its RAM dropped, registered)
 
     def start(self) -> None:
         """Start the machine and let it run (its devices take host input from now on)."""
@@ -814,7 +816,6 @@ class Incoming:
         source then keeps its copy paused, and this one must not run on: stop it)."""
         phases = {
             "restore": round(self.restore_seconds * 1000, 3),
-            **({"postcopy": round(self.postcopy_seconds * 1000, 3)} if self.postcopy else {}),
             "start": round((time.monotonic() - self._restored_at) * 1000, 3),
         }
         resumed = {"resumed": True, "phases_ms": phases, "postcopy": self.postcopy is not None}
@@ -990,8 +991,18 @@ def take_in(
         raise
     except OSError as err:
         raise MigrationError(f"{what} broke: {err.strerror or err}") from None
+    postcopy_in: _PostcopyIn | None = None
+
+    def take_postcopy(pending: bytes) -> None:
+        """The source switches to post-copy: drop and register now, while it saves."""
+        nonlocal postcopy_in
+        try:
+            postcopy_in = _PostcopyIn(machine, pending, sock, reader)
+        except (postcopy.PostcopyError, OSError, KvmError) as err:  # (refused: the source runs on)
+            raise StateError(f"cannot take the post-copy in: {err}") from None
+
     try:
-        components, pending = _read_body(reader, machine, what)
+        components = _read_body(reader, machine, what, take_postcopy)
         ended = time.monotonic()
         machine.restore(SavedMachine(config, components))
         restored = time.monotonic()
@@ -999,26 +1010,13 @@ def take_in(
         machine.close()
         raise MigrationError(f"{what} broke: {err.strerror or err}") from None
     except StateError as err:
+        _answer(sock, {"error": str(err)})  # (before the close, which ends a post-copy's link)
         machine.close()
-        _answer(sock, {"error": str(err)})
         raise MigrationError(str(err)) from None
     except BaseException:
         machine.close()
         raise
-    postcopy_in = None
-    if pending is not None:
-        try:
-            postcopy_in = _PostcopyIn(machine, pending, sock, reader)
-        except (postcopy.PostcopyError, OSError, KvmError) as err:  # (refused: the source runs on)
-            machine.close()
-            why = f"cannot take the post-copy in: {err}"
-            _answer(sock, {"error": why})
-            raise MigrationError(why) from None
-        except BaseException:
-            machine.close()
-            raise
-    ready = time.monotonic()
-    return Incoming(machine, info, sock, restored - ended, ready, postcopy_in, ready - restored)
+    return Incoming(machine, info, sock, restored - ended, restored, postcopy_in)
 
 
 def _postcopy_ability(machine: Machine) -> dict[str, Any]:
@@ -1056,17 +1054,19 @@ class _PreFaults:
 
 
 def _read_body(
-    reader: StreamReader, machine: Machine, what: str
-) -> tuple[list[SavedState], bytes | None]:
-    """The pages and the components' states, up to END; or up to POSTCOPY, whose payload
-    (the pages this machine lacks) is returned with them."""
+    reader: StreamReader, machine: Machine, what: str, take_postcopy: Callable[[bytes], None]
+) -> list[SavedState]:
+    """The pages and the components' states, up to END; or, in a switch to post-copy, up to
+    RESUME: its POSTCOPY (the pages this machine lacks) comes before the components and goes
+    to `take_postcopy` at once, so that this side drops those pages while the source saves."""
     components: list[SavedState] = []
     memory = machine.memory
     pre_fault = _PreFaults(machine)
+    switching = False
     for section in reader.sections():
         kind = section.type
         try:
-            if kind in _PAGE_SECTIONS and not components:
+            if kind in _PAGE_SECTIONS and not components and not switching:
                 zeros = kind == SectionType.ZERO_PAGES
                 for gpa, pages in _page_writes(section):
                     # Where KVM can, the pages go into its page tables now, not when the
@@ -1082,15 +1082,20 @@ def _read_body(
                     pre_fault(gpa, len(pages))
             elif kind == SectionType.COMPONENT:
                 components.append(vmstate.decode_component(section, what))
-            elif kind == SectionType.POSTCOPY and components:
-                return components, section.payload
+            elif kind == SectionType.POSTCOPY and not components and not switching:
+                switching = True
+                take_postcopy(section.payload)
+            elif kind == SectionType.RESUME and components and switching:
+                return components
             else:
                 raise StreamError(f"{_where(what, section)} is out of place")
         except GuestMemoryError as err:
             raise StreamError(f"{_where(what, section)} has pages outside RAM ({err})") from None
         except _Malformed as err:
             raise StreamError(f"{_where(what, section)} is malformed ({err})") from None
-    return components, None
+    if switching:
+        raise StreamError(f"{what} ended in its switch to post-copy, with no RESUME")
+    return components
 
 
 _PAGE_SECTIONS = (SectionType.PAGES, SectionType.ZERO_PAGES, SectionType.PAGE_RUNS)

@@ -1,17 +1,19 @@
 """Post-copy migration: the destination runs before all of its RAM has arrived.
 
 A guest that dirties memory faster than it can be sent never fits a pre-copy's downtime limit.
-With post-copy it need not: once pre-copy rounds stop paying, the source pauses and sends its
-state and which pages the destination's copy lacks (those dirtied since they were sent); the
-destination drops those pages, registers its RAM with a userfaultfd, and runs at once. A page the
+With post-copy it need not: once pre-copy rounds stop paying, the source pauses and sends which
+pages the destination's copy lacks (those dirtied since they were sent), then its state; the
+destination drops those pages and registers its RAM with a userfaultfd while the source saves,
+then restores the state and runs at once. A page the
 guest touches that is not there yet faults: a vCPU waits inside KVM_RUN, a pyvmm thread in
 `GuestMemory.before_access`; the destination asks the source for it, and the source sends it
 ahead of its push of the rest, which then goes on from there (a guest's next touches are often
 near its last). When every page is in, the destination says so and the source ends.
 
     source                                      destination
-    ... pre-copy rounds, COMPONENT*
-    POSTCOPY: the pages the destination lacks   ->  drops them, registers its RAM, restores, runs
+    ... pre-copy rounds; paused:
+    POSTCOPY: the pages the destination lacks   ->  drops them, registers its RAM (meanwhile:)
+    COMPONENT*, RESUME                   ->     restores, runs
                                          <-     {"resumed": true, "postcopy": true, ...}
     PAGES / PAGE_RUNS / ZERO_PAGES (pushed)  ->    filled with UFFDIO_COPY / UFFDIO_ZEROPAGE
                                          <-     {"pages": [[gpa, count], ...]} (faults)
@@ -365,6 +367,15 @@ class Pending:
                 (run,) = self._take(region, start, end)
                 return run
         return None
+
+    def take_batch(self, max_pages: int) -> list[tuple[int, int]]:
+        """The next unsent runs from the cursor, at most `max_pages` in all, marked sent; an
+        empty list once all is sent."""
+        runs: list[tuple[int, int]] = []
+        while max_pages > 0 and (run := self.take_next(max_pages)) is not None:
+            runs.append(run)
+            max_pages -= run[1] // PAGE_SIZE
+        return runs
 
     def _take(self, region: int, first: int, last: int) -> Iterator[tuple[int, int]]:
         base, todo = self._todo[region]
