@@ -335,11 +335,11 @@ def test_the_destination_asks_for_each_page_once_and_pyvmm_reads_wait_for_it(
         wait_until(lambda: {"awaiting": 8} in sent)
         assert memory.read(8 * PAGE_SIZE, PAGE_SIZE) == b"\xaa" * PAGE_SIZE  # not dropped
         pages = os.urandom(8 * PAGE_SIZE)
-        destination.fill(0, pages)
+        destination.fill([(0, pages[:PAGE_SIZE]), (PAGE_SIZE, pages[PAGE_SIZE:])])  # two runs
         first.join(10)
         wider.join(10)
         assert reads == {"one": pages[:PAGE_SIZE], "eight": pages}
-        destination.fill(0, bytes(8 * PAGE_SIZE))  # again: filled pages keep what they have
+        destination.fill([(0, bytes(8 * PAGE_SIZE))])  # again: filled pages keep what they have
         assert memory.read(0, 8 * PAGE_SIZE) == pages
         assert destination.requested_pages == 8 and destination.awaited == 0
         destination.complete()

@@ -113,7 +113,11 @@ class UserFaultFd:
         """Fill the missing pages at `addr` with `data` (whole pages) and wake their waiters.
         False if some page there was not missing (filled already, which is no error for a
         page that two paths deliver): that page keeps what it has, the others are filled."""
-        source = (ctypes.c_char * len(data)).from_buffer_copy(data)
+        buffer = ctypes.c_char * len(data)
+        if isinstance(data, bytes) or memoryview(data).readonly:
+            source = buffer.from_buffer_copy(data)
+        else:  # (no copy: a migration section's own buffer)
+            source = buffer.from_buffer(data)
         request = uapi.uffdio_copy(dst=addr, src=ctypes.addressof(source), len=len(data))
         return self._fill(uapi.UFFDIO_COPY, request, len(data))
 

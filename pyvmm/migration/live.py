@@ -885,11 +885,12 @@ class _PostcopyIn:
             for section in self._reader.sections():
                 if section.type not in _PAGE_SECTIONS:
                     raise StreamError(f"{_where(self._reader.what, section)} is out of place")
-                for gpa, data in _page_writes(section):
-                    if section.type == SectionType.ZERO_PAGES:
-                        destination.fill_zeros(gpa, len(data))
-                    else:
-                        destination.fill(gpa, data)
+                writes = _page_writes(section)
+                if section.type == SectionType.ZERO_PAGES:
+                    ((gpa, zeros),) = writes
+                    destination.fill_zeros(gpa, len(zeros))
+                else:
+                    destination.fill(writes)
             destination.complete()
             with self._lock:
                 self._sock.sendall(_line({"complete": True}))

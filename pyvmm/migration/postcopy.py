@@ -165,22 +165,43 @@ class Destination:
 
     # what arrives
 
-    def fill(self, gpa: int, data: bytes | memoryview) -> None:
-        """Pages the source sent: the awaited ones among them go in (waking whoever waits on
-        them); any other page keeps what it has."""
-        region, states, first, last = self._place(gpa, len(data))
-        for start, end in _runs(states, _AWAITED, first, last):
-            piece = data[(start - first) * PAGE_SIZE : (end - first) * PAGE_SIZE]
-            if not self.uffd.copy(region.host_addr + start * PAGE_SIZE, piece):
-                raise PostcopyError(self._there_already(region, start, end))
-            self._filled(states, start, end)
+    def fill(self, writes: list[tuple[int, bytes | bytearray | memoryview]]) -> None:
+        """Pages the source sent, a section's (gpa, bytes) writes: the awaited ones among them
+        go in, and whoever waits on them wakes; any other page keeps what it has."""
+        self._fill([(gpa, len(data), data) for gpa, data in writes])
 
     def fill_zeros(self, gpa: int, size: int) -> None:
-        region, states, first, last = self._place(gpa, size)
-        for start, end in _runs(states, _AWAITED, first, last):
-            if not self.uffd.zero(region.host_addr + start * PAGE_SIZE, (end - start) * PAGE_SIZE):
-                raise PostcopyError(self._there_already(region, start, end))
-            self._filled(states, start, end)
+        self._fill([(gpa, size, None)])
+
+    def _fill(self, runs: list[tuple[int, int, bytes | bytearray | memoryview | None]]) -> None:
+        """(gpa, size, bytes, or None for zeros) runs. A guest's last pages are scattered, a
+        page or a few a run, and a section brings dozens of runs: so the states are marked,
+        and the waiters woken, once a section."""
+        filled: list[tuple[bytearray, int, int]] = []
+        try:
+            for gpa, size, data in runs:
+                region, states, first, last = self._place(gpa, size)
+                if last - first == 1:  # (most runs: no search)
+                    awaited = [(first, last)] if states[first] == _AWAITED else []
+                else:
+                    awaited = list(_runs(states, _AWAITED, first, last))
+                for start, end in awaited:
+                    address = region.host_addr + start * PAGE_SIZE
+                    if data is None:
+                        done = self.uffd.zero(address, (end - start) * PAGE_SIZE)
+                    else:
+                        piece = data[(start - first) * PAGE_SIZE : (end - first) * PAGE_SIZE]
+                        done = self.uffd.copy(address, piece)
+                    if not done:
+                        raise PostcopyError(self._there_already(region, start, end))
+                    filled.append((states, start, end))
+        finally:
+            if filled:
+                with self._cond:
+                    for states, start, end in filled:
+                        states[start:end] = bytes([_FILLED]) * (end - start)
+                        self.awaited -= end - start
+                    self._cond.notify_all()
 
     @staticmethod
     def _there_already(region: RamRegion, start: int, end: int) -> str:
@@ -188,12 +209,6 @@ class Destination:
             f"a page at {region.gpa + start * PAGE_SIZE:#x}+{(end - start) * PAGE_SIZE:#x} that "
             "was dropped at the switch was there again (not the source's)"
         )
-
-    def _filled(self, states: bytearray, start: int, end: int) -> None:
-        with self._cond:
-            states[start:end] = bytes([_FILLED]) * (end - start)
-            self.awaited -= end - start
-            self._cond.notify_all()
 
     def complete(self) -> None:
         """The stream ended: every page must be in; then RAM is the kernel's again."""
