@@ -19,9 +19,8 @@ from test_snapshot_fuzz import sections_of, stream
 
 from pyvmm.errors import PyvmmError
 from pyvmm.machine.console import CaptureConsole
-from pyvmm.machine.dirty import DirtyBitmap
 from pyvmm.machine.machine import Machine
-from pyvmm.migration import live, postcopy
+from pyvmm.migration import live
 from pyvmm.migration.live import Endpoint, Migration
 from pyvmm.migration.stream import SectionType, StreamReader
 
@@ -197,47 +196,3 @@ def test_a_dirty_round_sends_page_runs(migration_stream: bytes) -> None:
 @given(st.binary(max_size=600))
 def test_random_bytes_are_refused(junk: bytes) -> None:
     take_or_refuse(junk)
-
-
-def as_postcopy(sections: list[tuple[int, int, bytes]], end: SectionType) -> bytes:
-    """The real stream as a switch to post-copy would send it: POSTCOPY (here: no page
-    lacking) before the components, `end` after them."""
-    with Machine(mem_size=64 << 20, console=CaptureConsole()) as machine:
-        pending = postcopy.encode_pending(
-            [
-                DirtyBitmap(r.gpa, r.size // 4096, bytes(r.size // 32768), bytes(r.size // 32768))
-                for r in machine.memory.regions
-            ]
-        )
-    first = next(i for i, (kind, _, _) in enumerate(sections) if kind == SectionType.COMPONENT)
-    body = [*sections[:first], (SectionType.POSTCOPY, 0, pending), *sections[first:-1]]
-    return stream([*body, (end, 0, b"")])
-
-
-def test_a_switch_to_postcopy_names_what_lacks_first_and_resumes_after_the_state(
-    migration_stream: bytes,
-) -> None:
-    ours, theirs = socket.socketpair()
-    theirs.sendall(as_postcopy(sections_of(migration_stream), SectionType.RESUME))
-    incoming = live.take_in(ours, ENDPOINT, lambda info: CaptureConsole())
-    with incoming.machine:
-        assert incoming.postcopy is not None  # taken in, its pages to come
-    theirs.close()
-
-
-@pytest.mark.parametrize(
-    ("end", "why"),
-    [
-        (SectionType.END, r"ended in its switch to post-copy, with no RESUME"),
-        (SectionType.POSTCOPY, r"the POSTCOPY section at byte \d+ is out of place"),
-    ],
-)
-def test_a_switch_to_postcopy_without_its_resume_is_refused(
-    migration_stream: bytes, end: SectionType, why: str
-) -> None:
-    ours, theirs = socket.socketpair()
-    theirs.sendall(as_postcopy(sections_of(migration_stream), end))
-    with pytest.raises(PyvmmError, match=why):
-        live.take_in(ours, ENDPOINT, lambda info: CaptureConsole())
-    assert "error" in json.loads(theirs.makefile("rb").readlines()[-1])
-    theirs.close()

@@ -335,7 +335,8 @@ def test_the_destination_asks_for_each_page_once_and_pyvmm_reads_wait_for_it(
         wait_until(lambda: {"awaiting": 8} in sent)
         assert memory.read(8 * PAGE_SIZE, PAGE_SIZE) == b"\xaa" * PAGE_SIZE  # not dropped
         pages = os.urandom(8 * PAGE_SIZE)
-        destination.fill([(0, pages[:PAGE_SIZE]), (PAGE_SIZE, pages[PAGE_SIZE:])])  # two runs
+        runs = [(0, pages[:PAGE_SIZE]), (PAGE_SIZE, pages[PAGE_SIZE:]), (0, bytes(PAGE_SIZE))]
+        destination.fill(runs)  # a section of runs, one of them twice: taken the first time
         first.join(10)
         wider.join(10)
         assert reads == {"one": pages[:PAGE_SIZE], "eight": pages}

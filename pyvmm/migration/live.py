@@ -330,24 +330,19 @@ class Migration:
                 # What the last look found dirty, and whatever was dirtied since: sent now,
                 # or with post-copy, named as what the destination lacks and sent later.
                 last = _union(bitmaps, dirty.collect())
-                if switch_to_postcopy:  # named first: the destination drops them meanwhile
-                    writer.section(SectionType.POSTCOPY, postcopy.encode_pending(last))
-                    writer.flush()
-                else:
+                if not switch_to_postcopy:
                     self._send_round(writer, last)
                     phases.end("last_pages")
                 saved = self.machine.save()
                 for state in saved.components:
                     writer.section(SectionType.COMPONENT, vmstate.encode_component(state))
                 if switch_to_postcopy:
-                    writer.section(SectionType.RESUME, b"")
+                    writer.section(SectionType.POSTCOPY, postcopy.encode_pending(last))
                     writer.flush()
                 else:
                     writer.end()
                 handed_over = True
                 phases.end("state")
-                # (made while the destination restores)
-                lacking = postcopy.Pending(last) if switch_to_postcopy else None
                 answer = _expect(answers, sock, "resumed", "restoring the machine")
                 phases.end("destination")
                 phases.split_last(answer.get("phases_ms"), "destination")
@@ -355,8 +350,8 @@ class Migration:
                 self.progress.downtime_phases_ms = phases.ms
                 dirty.stop()
                 self.machine.throttle(0)
-                if lacking is not None:
-                    pending = lacking  # from here on, the destination runs on what it has
+                if switch_to_postcopy:
+                    pending = postcopy.Pending(last)
                     self._push_postcopy(sock, writer, answers, pending)
         except BaseException as err:
             with contextlib.suppress(Exception):
@@ -597,7 +592,7 @@ class _Phases:
 
     def split_last(self, parts: object, name: str) -> None:
         """Split phase `name`, the last, by the destination's own account of its end (`parts`:
-        its {"restore": ms, "start": ms}, untrusted, ignored unless
+        its {"restore": ms, "postcopy": ms, "start": ms}, untrusted, ignored unless
         well-formed): what is left before them is `name`_reading (the stream still in transit
         or being read). The destination may have read the end while the source's last write
         was still returning: then its parts are scaled down to fit."""
@@ -607,7 +602,7 @@ class _Phases:
             for v in parts.values()
         ):
             return
-        known = {k: float(parts[k]) for k in ("restore", "start") if k in parts}
+        known = {k: float(parts[k]) for k in ("restore", "postcopy", "start") if k in parts}
         if not known:
             return
         scale = min(1.0, total / sum(known.values())) if sum(known.values()) else 1.0
@@ -802,9 +797,10 @@ class Incoming:
     machine: Machine
     info: dict[str, Any]
     _sock: socket.socket
-    restore_seconds: float = 0.0  # from the end of the state (END, or RESUME) to restored
+    restore_seconds: float = 0.0  # from the stream's END to the machine restored
     _restored_at: float = field(default_factory=time.monotonic)
     postcopy: _PostcopyIn | None = None
+    postcopy_seconds: float = 0.0  # then setting post-copy up (its RAM dropped, registered)
 
     def start(self) -> None:
         """Start the machine and let it run (its devices take host input from now on)."""
@@ -816,6 +812,7 @@ class Incoming:
         source then keeps its copy paused, and this one must not run on: stop it)."""
         phases = {
             "restore": round(self.restore_seconds * 1000, 3),
+            **({"postcopy": round(self.postcopy_seconds * 1000, 3)} if self.postcopy else {}),
             "start": round((time.monotonic() - self._restored_at) * 1000, 3),
         }
         resumed = {"resumed": True, "phases_ms": phases, "postcopy": self.postcopy is not None}
@@ -992,18 +989,8 @@ def take_in(
         raise
     except OSError as err:
         raise MigrationError(f"{what} broke: {err.strerror or err}") from None
-    postcopy_in: _PostcopyIn | None = None
-
-    def take_postcopy(pending: bytes) -> None:
-        """The source switches to post-copy: drop and register now, while it saves."""
-        nonlocal postcopy_in
-        try:
-            postcopy_in = _PostcopyIn(machine, pending, sock, reader)
-        except (postcopy.PostcopyError, OSError, KvmError) as err:  # (refused: the source runs on)
-            raise StateError(f"cannot take the post-copy in: {err}") from None
-
     try:
-        components = _read_body(reader, machine, what, take_postcopy)
+        components, pending = _read_body(reader, machine, what)
         ended = time.monotonic()
         machine.restore(SavedMachine(config, components))
         restored = time.monotonic()
@@ -1011,13 +998,26 @@ def take_in(
         machine.close()
         raise MigrationError(f"{what} broke: {err.strerror or err}") from None
     except StateError as err:
-        _answer(sock, {"error": str(err)})  # (before the close, which ends a post-copy's link)
         machine.close()
+        _answer(sock, {"error": str(err)})
         raise MigrationError(str(err)) from None
     except BaseException:
         machine.close()
         raise
-    return Incoming(machine, info, sock, restored - ended, restored, postcopy_in)
+    postcopy_in = None
+    if pending is not None:
+        try:
+            postcopy_in = _PostcopyIn(machine, pending, sock, reader)
+        except (postcopy.PostcopyError, OSError, KvmError) as err:  # (refused: the source runs on)
+            machine.close()
+            why = f"cannot take the post-copy in: {err}"
+            _answer(sock, {"error": why})
+            raise MigrationError(why) from None
+        except BaseException:
+            machine.close()
+            raise
+    ready = time.monotonic()
+    return Incoming(machine, info, sock, restored - ended, ready, postcopy_in, ready - restored)
 
 
 def _postcopy_ability(machine: Machine) -> dict[str, Any]:
@@ -1055,19 +1055,17 @@ class _PreFaults:
 
 
 def _read_body(
-    reader: StreamReader, machine: Machine, what: str, take_postcopy: Callable[[bytes], None]
-) -> list[SavedState]:
-    """The pages and the components' states, up to END; or, in a switch to post-copy, up to
-    RESUME: its POSTCOPY (the pages this machine lacks) comes before the components and goes
-    to `take_postcopy` at once, so that this side drops those pages while the source saves."""
+    reader: StreamReader, machine: Machine, what: str
+) -> tuple[list[SavedState], bytes | None]:
+    """The pages and the components' states, up to END; or up to POSTCOPY, whose payload
+    (the pages this machine lacks) is returned with them."""
     components: list[SavedState] = []
     memory = machine.memory
     pre_fault = _PreFaults(machine)
-    switching = False
     for section in reader.sections():
         kind = section.type
         try:
-            if kind in _PAGE_SECTIONS and not components and not switching:
+            if kind in _PAGE_SECTIONS and not components:
                 zeros = kind == SectionType.ZERO_PAGES
                 for gpa, pages in _page_writes(section):
                     # Where KVM can, the pages go into its page tables now, not when the
@@ -1083,20 +1081,15 @@ def _read_body(
                     pre_fault(gpa, len(pages))
             elif kind == SectionType.COMPONENT:
                 components.append(vmstate.decode_component(section, what))
-            elif kind == SectionType.POSTCOPY and not components and not switching:
-                switching = True
-                take_postcopy(section.payload)
-            elif kind == SectionType.RESUME and components and switching:
-                return components
+            elif kind == SectionType.POSTCOPY and components:
+                return components, section.payload
             else:
                 raise StreamError(f"{_where(what, section)} is out of place")
         except GuestMemoryError as err:
             raise StreamError(f"{_where(what, section)} has pages outside RAM ({err})") from None
         except _Malformed as err:
             raise StreamError(f"{_where(what, section)} is malformed ({err})") from None
-    if switching:
-        raise StreamError(f"{what} ended in its switch to post-copy, with no RESUME")
-    return components
+    return components, None
 
 
 _PAGE_SECTIONS = (SectionType.PAGES, SectionType.ZERO_PAGES, SectionType.PAGE_RUNS)

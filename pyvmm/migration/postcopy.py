@@ -1,19 +1,19 @@
 """Post-copy migration: the destination runs before all of its RAM has arrived.
 
 A guest that dirties memory faster than it can be sent never fits a pre-copy's downtime limit.
-With post-copy it need not: once pre-copy rounds stop paying, the source pauses and sends which
-pages the destination's copy lacks (those dirtied since they were sent), then its state; the
-destination drops those pages and registers its RAM with a userfaultfd while the source saves,
-then restores the state and runs at once. A page the
+With post-copy it need not: once pre-copy rounds stop paying, the source pauses and sends its
+state and which pages the destination's copy lacks (those dirtied since they were sent); the
+destination restores the state, drops those pages, registers its RAM with a userfaultfd, and
+runs at once. (Not before the restore: restoring a vCPU's kvmclock MSRs makes KVM map or write
+their pages, and nothing serves a fault before the machine runs.) A page the
 guest touches that is not there yet faults: a vCPU waits inside KVM_RUN, a pyvmm thread in
 `GuestMemory.before_access`; the destination asks the source for it, and the source sends it
 ahead of its push of the rest, which then goes on from there (a guest's next touches are often
 near its last). When every page is in, the destination says so and the source ends.
 
     source                                      destination
-    ... pre-copy rounds; paused:
-    POSTCOPY: the pages the destination lacks   ->  drops them, registers its RAM (meanwhile:)
-    COMPONENT*, RESUME                   ->     restores, runs
+    ... pre-copy rounds, COMPONENT*
+    POSTCOPY: the pages the destination lacks   ->  restores, drops them, registers its RAM, runs
                                          <-     {"resumed": true, "postcopy": true, ...}
     PAGES / PAGE_RUNS / ZERO_PAGES (pushed)  ->    filled with UFFDIO_COPY / UFFDIO_ZEROPAGE
                                          <-     {"pages": [[gpa, count], ...]} (faults)
@@ -175,9 +175,10 @@ class Destination:
 
     def _fill(self, runs: list[tuple[int, int, bytes | bytearray | memoryview | None]]) -> None:
         """(gpa, size, bytes, or None for zeros) runs. A guest's last pages are scattered, a
-        page or a few a run, and a section brings dozens of runs: so the states are marked,
-        and the waiters woken, once a section."""
-        filled: list[tuple[bytearray, int, int]] = []
+        page or a few a run, and a section brings dozens of runs: so the waiters are woken
+        once a section (each page is marked as it goes in: only this thread marks awaited
+        pages filled, and a page that comes twice is taken once)."""
+        filled = 0
         try:
             for gpa, size, data in runs:
                 region, states, first, last = self._place(gpa, size)
@@ -194,13 +195,12 @@ class Destination:
                         done = self.uffd.copy(address, piece)
                     if not done:
                         raise PostcopyError(self._there_already(region, start, end))
-                    filled.append((states, start, end))
+                    states[start:end] = bytes([_FILLED]) * (end - start)
+                    filled += end - start
         finally:
             if filled:
                 with self._cond:
-                    for states, start, end in filled:
-                        states[start:end] = bytes([_FILLED]) * (end - start)
-                        self.awaited -= end - start
+                    self.awaited -= filled
                     self._cond.notify_all()
 
     @staticmethod

@@ -54,7 +54,6 @@ class SectionType(enum.IntEnum):
     PAGE_MAP = 7  # an incremental snapshot: which pages its memory file holds
     PAGE_RUNS = 8  # a migration: runs of guest pages, each with its address
     POSTCOPY = 9  # a migration switching to post-copy: the pages the destination lacks
-    RESUME = 10  # a post-copy migration's state is complete: run it; the lacking pages follow
 
 
 class SectionFlag(enum.IntFlag):

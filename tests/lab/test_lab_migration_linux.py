@@ -4,8 +4,8 @@ it is snapshotted and stopped, restored (by mmap), live-migrated over a unix soc
 tcp loopback, then with post-copy (its vCPUs' faults, through the lab's nested KVM, and its
 virtio devices' accesses, through pyvmm's, wait for pages still at the source), and quit. Every
 process prints into one console file (each inherits its predecessor's), whose ticks must run
-1, 2, 3, ... with none lost or repeated, and the disk must hold the last tick printed. In a lab
-session of its own ("linux-migrate")."""
+1, 2, 3, ... with none lost or repeated, and the disk must hold the last tick printed (give or
+take the one the quit cut short). In a lab session of its own ("linux-migrate")."""
 
 from __future__ import annotations
 
@@ -94,7 +94,8 @@ def migrate(
     """Migrate the machine at `control` to a new process at `uri`; the new process and what
     `pyvmm migrate` said. Pre-copy's downtime limit is QEMU's default; the lab (TCG) copies
     memory at a few MB/s, about as fast as the ticking guest dirties it, so the migration
-    throttles it (auto-converge). Post-copy's 1 ms never fits: it switches."""
+    throttles it (auto-converge). Post-copy's 1 ms seldom fits: it switches (the caller
+    migrates again when it did not)."""
     destination = spawn("run", "--incoming", uri, "--control", str(new_control))
     moved = pyvmm("migrate", str(control), uri, *options)
     if moved.returncode != 0:
