@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import re
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ from pyvmm.machine.console import CaptureConsole
 from pyvmm.machine.machine import Machine, RunState, StopReason
 from pyvmm.machine.memory import RegionKind
 from pyvmm.machine.state import StateError
+from pyvmm.machine.vcpus import VCPU_SWITCH_INTERVAL
 from pyvmm.uapi import kvm as uapi
 from pyvmm.uapi.ioctl import IoctlError
 from pyvmm.uapi.kvm import KvmExit
@@ -577,3 +579,19 @@ def test_pre_fault_is_for_a_machine_out_of_the_guest_and_gives_up_where_kvm_cann
             machine.pre_fault(MiB, MiB)
         machine.stop()
         machine.wait()
+
+
+def test_a_started_machine_shortens_the_interpreters_switch_interval_never_lengthens_it() -> None:
+    """A vCPU exit needs the GIL: behind a thread running Python it would wait a switch
+    interval (5 ms by default) for it, so starting a machine shortens the interval; a
+    process that set a shorter one keeps it."""
+    before = sys.getswitchinterval()
+    try:
+        for chosen, expected in ((0.005, VCPU_SWITCH_INTERVAL), (0.00005, 0.00005)):
+            sys.setswitchinterval(chosen)
+            with Machine(mem_size=8 << 20) as machine:
+                machine.load_elf(str(guest("hello")))
+                assert machine.run(timeout=30).exit_code == 0
+            assert sys.getswitchinterval() == pytest.approx(expected, abs=2e-6)  # (kept in µs)
+    finally:
+        sys.setswitchinterval(before)
