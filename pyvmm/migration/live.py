@@ -992,8 +992,6 @@ def take_in(
     try:
         components, pending = _read_body(reader, machine, what)
         ended = time.monotonic()
-        machine.restore(SavedMachine(config, components))
-        restored = time.monotonic()
     except OSError as err:
         machine.close()
         raise MigrationError(f"{what} broke: {err.strerror or err}") from None
@@ -1001,6 +999,17 @@ def take_in(
         machine.close()
         _answer(sock, {"error": str(err)})
         raise MigrationError(str(err)) from None
+    except BaseException:
+        machine.close()
+        raise
+    try:
+        machine.restore(SavedMachine(config, components))
+        restored = time.monotonic()
+    except (StateError, OSError, KvmError) as err:  # (the kernel refused a part: source runs on)
+        machine.close()
+        why = str(err) if isinstance(err, StateError) else f"restoring the machine failed: {err}"
+        _answer(sock, {"error": why})
+        raise MigrationError(why) from None
     except BaseException:
         machine.close()
         raise
