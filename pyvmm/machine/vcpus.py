@@ -29,8 +29,8 @@ post-copy's pages coming in, a device worker, the control socket) a vCPU waiting
 it only when that thread is made to let go: a switch interval later, 5 ms by Python's default,
 which a guest printing a line (an exit a character) feels. So `start()` shortens the process's
 switch interval to VCPU_SWITCH_INTERVAL (if it is longer): on this host, with one thread spinning
-in Python beside it, a port-write exit took 3.3 ms at the default and 0.16 ms at 0.2 ms; with no
-other thread running Python, the interval makes no difference.
+in Python beside it, a port-write exit took 2.8 ms at the default and 0.2 ms at 0.2 ms
+(scripts/bench-exits); with no other thread running Python, the interval makes no difference.
 """
 
 from __future__ import annotations
