@@ -49,7 +49,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from pyvmm.migration.control import ControlClient, ControlError, follow_migration
+    from pyvmm.migration.control import (
+        ControlClient,
+        ControlError,
+        describe_downtime,
+        follow_migration,
+    )
 
     with ControlClient(args.control) as client:
         client.execute(
@@ -67,16 +72,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     print(
         f"pyvmm: migrated to {args.uri} in {status['seconds']:.2f} s, "
         f"{status['round']} rounds, {status['sent_bytes'] / (1 << 20):.1f} MiB sent, "
-        f"downtime {status['downtime_ms']:.1f} ms ("
-        + ", ".join(f"{k} {v:.1f}" for k, v in status["downtime_phases_ms"].items())
-        + ")"
-        + (
-            f"; post-copy: {status['postcopy_pages'] * 4} KiB after the switch, "
-            f"{status['postcopy_requested_pages']} pages asked for by faults, all in after "
-            f"{status['postcopy_ms']:.0f} ms"
-            if status["postcopy"]
-            else ""
-        )
+        f"{describe_downtime(status)}"
     )
     return 0
 

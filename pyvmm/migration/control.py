@@ -484,3 +484,17 @@ def follow_migration(
         if status["status"] in ("completed", "failed"):
             return status
         time.sleep(poll)
+
+
+def describe_downtime(status: dict[str, Any]) -> str:
+    """A completed migration's downtime in words, with where it went and, after a switch to
+    post-copy, how the rest came in."""
+    phases = ", ".join(f"{k} {v:.1f}" for k, v in status["downtime_phases_ms"].items())
+    postcopy = (
+        f"; post-copy: {status['postcopy_pages'] * 4} KiB after the switch, "
+        f"{status['postcopy_requested_pages']} pages asked for by faults, all in after "
+        f"{status['postcopy_ms']:.0f} ms"
+        if status["postcopy"]
+        else ""
+    )
+    return f"downtime {status['downtime_ms']:.1f} ms ({phases}){postcopy}"
