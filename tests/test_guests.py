@@ -248,6 +248,31 @@ def test_triple_fault_is_reported_not_hidden() -> None:
     assert "vcpu0" in result.detail
 
 
+def test_a_crash_leaves_a_report_a_developer_can_act_on() -> None:
+    """`pyvmm run` of a guest that triple-faults: exit 1, and on stderr the vCPU's registers
+    (here the #UD's rip, with no IDT: the idt's limit 0), the event in flight, the exit pyvmm
+    handled before (the port write of the line's last byte) and the console's last lines."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pyvmm", "run", str(guest("crash")), "--timeout", "30"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert done.stdout == "crash: about to fault\n"
+    lines = done.stderr.splitlines()
+    assert lines[0] == "pyvmm: triple-fault: vcpu0: guest triple-faulted (reset)", done.stderr
+    assert re.fullmatch(
+        r"pyvmm:   vcpu0 rip=0x[0-9a-f]+ rsp=0x[0-9a-f]+ rflags=0x[0-9a-f]+ .*", lines[1]
+    )
+    assert re.fullmatch(
+        r"pyvmm:   vcpu0 cr0=0x[0-9a-f]+ cr2=0x[0-9a-f]+ cr3=0x[0-9a-f]+ .*", lines[2]
+    )
+    assert re.fullmatch(r"pyvmm:   vcpu0 idt=0x[0-9a-f]+\+0x[0-9a-f]+ gdt=.*", lines[3])
+    assert re.fullmatch(
+        r"pyvmm:   vcpu0 in flight: .*; last exit to pyvmm: port out 0x3f8 \(1 bytes\)", lines[4]
+    ), lines[4]
+    assert lines[5:] == ["pyvmm:   the console's last lines:", "pyvmm:   | crash: about to fault"]
+
+
 def test_a_console_reader_that_goes_away_costs_the_guest_nothing() -> None:
     """`pyvmm run GUEST | head -1`: once the reader is gone, the guest's output is dropped
     without a traceback and the guest's exit code still comes through."""

@@ -18,6 +18,7 @@ from pyvmm.machine.console import Console, open_console
 from pyvmm.machine.machine import Machine, StopReason
 
 DEFAULT_CMDLINE = "console=ttyS0 panic=-1"
+CRASH_CONSOLE_LINES = 12  # of the guest's console, after a crash
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -250,8 +251,12 @@ def run_until_done(
         print_exit_stats(machine)
     if result.reason in (StopReason.ERROR, StopReason.TRIPLE_FAULT, StopReason.STOPPED):
         print(f"pyvmm: {result.reason.value}: {result.detail}", file=sys.stderr)
-        for line in result.vcpus:
+        for line in (*result.crash, *result.vcpus):
             print(f"pyvmm:   {line}", file=sys.stderr)
+        if result.crash:
+            print("pyvmm:   the console's last lines:", file=sys.stderr)
+            for line in machine.console_tail.lines(CRASH_CONSOLE_LINES):
+                print(f"pyvmm:   | {line}", file=sys.stderr)
     return result.exit_code
 
 

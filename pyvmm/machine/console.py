@@ -34,6 +34,29 @@ class Console:
         pass
 
 
+class ConsoleTail:
+    """Passes the guest's console output on to its console and keeps the last few KiB of it:
+    a crash report shows what the guest printed last, wherever its console went (a file, a
+    socket, a terminal scrolled away)."""
+
+    def __init__(self, console: Console, keep: int = 4096) -> None:
+        self._console = console
+        self._keep = keep
+        self._tail = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self._console.write(data)
+        tail = self._tail
+        tail += data
+        if len(tail) > 2 * self._keep:  # trimmed now and then, not at every byte
+            del tail[: -self._keep]
+
+    def lines(self, count: int) -> list[str]:
+        """The last `count` lines the guest printed (a last line not yet ended included)."""
+        text = bytes(self._tail[-self._keep :]).decode(errors="replace")
+        return [line.rstrip("\r") for line in text.rstrip("\n").split("\n")[-count:] if line]
+
+
 class StdioConsole(Console):
     def __init__(self, interactive: bool | None = None) -> None:
         self._out = sys.stdout.buffer

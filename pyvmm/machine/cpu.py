@@ -176,32 +176,3 @@ def set_boot_msrs(vcpu: Vcpu) -> None:
             MSR_MTRR_DEF_TYPE: MTRR_ENABLE | MTRR_TYPE_WRBACK,
         }
     )
-
-
-RESET_RIP = 0xFFF0  # where a vCPU starts after RESET or INIT, in real mode
-RESET_CS_BASE = 0xFFFF_0000
-
-
-def describe_regs(vcpu: Vcpu, *, after_shutdown: bool = False) -> str:
-    """A one-line summary of where a vCPU is, for error messages. `after_shutdown`: the vCPU
-    just reported a triple fault, so say when its state is the reset state (KVM on AMD
-    re-initialises a vCPU at a shutdown, the VMCB being undefined after one: the state at the
-    fault is gone)."""
-    try:
-        regs = vcpu.get_regs()
-        sregs = vcpu.get_sregs()
-    except OSError as err:
-        return f"(registers unavailable: {err})"
-    where = (
-        f"rip={regs.rip:#x} rsp={regs.rsp:#x} rflags={regs.rflags:#x} "
-        f"cr0={sregs.cr0:#x} cr3={sregs.cr3:#x} efer={sregs.efer:#x}"
-    )
-    in_reset_state = (
-        regs.rip == RESET_RIP
-        and sregs.cs.base == RESET_CS_BASE
-        and not sregs.cr0 & X86_CR0_PE
-        and not sregs.efer
-    )
-    if after_shutdown and in_reset_state:
-        where += " (the reset state: KVM on AMD discards the state at a triple fault)"
-    return where

@@ -57,7 +57,7 @@ def wire_platform(machine: Machine) -> Platform:
     def poweroff() -> None:
         machine.stop(StopReason.POWEROFF, 0, "guest powered off")
 
-    serial = Serial8250(machine.console.write, machine.irq_line(layout.COM1_IRQ))
+    serial = Serial8250(machine.console_tail.write, machine.irq_line(layout.COM1_IRQ))
     machine.pio.register(layout.COM1_PORT, 8, serial, "COM1")
     machine.pio.register(
         layout.DEBUG_EXIT_PORT,

@@ -44,7 +44,7 @@ from pyvmm.machine.bus import Bus
 from pyvmm.machine.bzimage import LinuxBoot
 from pyvmm.machine.component import Components, SavedState
 from pyvmm.machine.config import DeviceConfig, MachineConfig
-from pyvmm.machine.console import CaptureConsole, Console, ConsoleInput
+from pyvmm.machine.console import CaptureConsole, Console, ConsoleInput, ConsoleTail
 from pyvmm.machine.devices import create_device, wire_platform
 from pyvmm.machine.dirty import DirtyLog
 from pyvmm.machine.dma import IdentityDma
@@ -108,6 +108,7 @@ class Machine:
             raise ConfigError(f"{vcpus} vCPUs: pyvmm supports 1 to {MAX_VCPUS}")
         self.mem_size = mem_size
         self.console = console or CaptureConsole()
+        self.console_tail = ConsoleTail(self.console)  # what the serial port writes to
         self.pio = Bus("port I/O")
         self.mmio = Bus("MMIO")
         self.components = Components()
@@ -336,12 +337,17 @@ class Machine:
         assert result is not None
         if timed_out and result.exit_code == 124:
             result = replace(result, vcpus=self._where_vcpus_are())
+        elif result.crashed_vcpu is not None:
+            result = replace(result, vcpus=self._where_vcpus_are(but=result.crashed_vcpu))
         return result
 
-    def _where_vcpus_are(self) -> tuple[str, ...]:
-        """A line for each vCPU (they are out of KVM_RUN): where a guest that hung was."""
+    def _where_vcpus_are(self, but: int | None = None) -> tuple[str, ...]:
+        """A line for each vCPU (they are out of KVM_RUN) but `but`: where a guest that hung
+        was, or what the others were doing when one crashed."""
         lines = []
         for vcpu in self.vcpus:
+            if vcpu.id == but:
+                continue
             try:
                 lines.append(vcpu_report.describe(vcpu))
             except (OSError, ValueError) as err:

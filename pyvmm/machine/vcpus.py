@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 from pyvmm.kvm.errors import KvmError
 from pyvmm.kvm.vcpu import Vcpu, install_kick_handler
-from pyvmm.machine import cpu
+from pyvmm.machine import vcpu_report
 from pyvmm.machine.bus import Bus, Range
 from pyvmm.machine.exits import ExitStats, exit_name
 from pyvmm.machine.threads import start_thread
@@ -84,7 +84,12 @@ class MachineExit:
     reason: StopReason
     exit_code: int
     detail: str = ""
-    #: where each vCPU was when a run that timed out was stopped (vcpu_report.describe)
+    #: the crashed vCPU's report (vcpu_report.describe_crash), after a triple fault or a KVM
+    #: internal error
+    crash: tuple[str, ...] = ()
+    crashed_vcpu: int | None = None
+    #: where each vCPU was when a run that timed out was stopped, or, after a crash, each of
+    #: the other vCPUs (vcpu_report.describe)
     vcpus: tuple[str, ...] = ()
 
 
@@ -131,11 +136,21 @@ class VcpuThreads:
                 self._threads[vcpu.id] = start_thread(self._thread, f"vcpu{vcpu.id}", vcpu)
             self._start_throttler()
 
-    def stop(self, reason: StopReason, code: int = 0, detail: str = "") -> None:
-        """End the run, from any thread (a vCPU's too). The first reason given wins."""
+    def stop(
+        self,
+        reason: StopReason,
+        code: int = 0,
+        detail: str = "",
+        *,
+        crashed: Vcpu | None = None,
+        crash: tuple[str, ...] = (),
+    ) -> None:
+        """End the run, from any thread (a vCPU's too). The first reason given wins. `crashed`:
+        the vCPU whose crash (`crash`: its report) ended the run."""
         with self._cond:
             if self.result is None:
-                self.result = MachineExit(reason, code, detail)
+                crashed_id = None if crashed is None else crashed.id
+                self.result = MachineExit(reason, code, detail, crash, crashed_id)
             self.state = RunState.STOPPED
             self._interrupt = True
             self._cond.notify_all()
@@ -281,8 +296,11 @@ class VcpuThreads:
         trace, counts, record = stats.trace, stats.per_vcpu[vcpu.id], stats.record
         exit_io, exit_mmio, exit_intr = int(KvmExit.IO), int(KvmExit.MMIO), int(KvmExit.INTR)
         io_out = uapi.KVM_EXIT_IO_OUT
+        # The last exit's details stay in these locals: a crash's report names the exit before
+        # it (KVM may reuse the run page's fields for the crash's own data).
+        reason, direction, size, port, addr, is_write, length = 0, 0, 0, 0, 0, 0, 0
         while True:
-            reason = run()
+            previous, reason = reason, run()
             stats.count += 1
             if reason == exit_io:
                 direction, size, port, count, offset = io_exit()
@@ -320,20 +338,18 @@ class VcpuThreads:
                 if self._throttle_sleep:
                     self._throttled()
             else:
-                self._exit_other(vcpu, reason)
+                last = vcpu_report.LastExit(previous, direction, size, port, is_write, length, addr)
+                self._exit_other(vcpu, reason, last)
                 if self.state is RunState.STOPPED:
                     return
 
-    def _exit_other(self, vcpu: Vcpu, reason: int) -> None:
+    def _exit_other(self, vcpu: Vcpu, reason: int, previous: vcpu_report.LastExit) -> None:
         if self.exits.trace is not None:
             self.exits.trace.append((reason, 0))
             ExitStats.record(self.exits.per_vcpu[vcpu.id], reason, 0)
         run = vcpu.exit_struct()
         if reason == KvmExit.SHUTDOWN:
-            where = cpu.describe_regs(vcpu, after_shutdown=True)
-            self.stop(
-                StopReason.TRIPLE_FAULT, 1, f"vcpu{vcpu.id}: guest triple-faulted (reset); {where}"
-            )
+            self._crashed(vcpu, previous, StopReason.TRIPLE_FAULT, "guest triple-faulted (reset)")
         elif reason == KvmExit.SYSTEM_EVENT:
             kind = run.system_event.type
             if kind == uapi.KvmSystemEvent.RESET:
@@ -346,21 +362,25 @@ class VcpuThreads:
             # Only without an in-kernel LAPIC; pyvmm always has one, so treat as poweroff.
             self.stop(StopReason.POWEROFF, 0, "guest halted")
         elif reason == KvmExit.INTERNAL_ERROR:
-            self.stop(
-                StopReason.ERROR,
-                1,
-                f"vcpu{vcpu.id}: KVM internal error, suberror {run.internal.suberror}; "
-                f"{cpu.describe_regs(vcpu)}",
-            )
+            error = vcpu_report.describe_internal_error(run)
+            self._crashed(vcpu, previous, StopReason.ERROR, f"KVM internal error, {error}")
         elif reason == KvmExit.FAIL_ENTRY:
-            self.stop(
+            self._crashed(
+                vcpu,
+                previous,
                 StopReason.ERROR,
-                1,
-                f"vcpu{vcpu.id}: VM entry failed, hardware reason "
+                "VM entry failed, hardware reason "
                 f"{run.fail_entry.hardware_entry_failure_reason:#x}",
             )
         else:
             self.stop(StopReason.ERROR, 1, f"vcpu{vcpu.id}: unhandled KVM exit {exit_name(reason)}")
+
+    def _crashed(
+        self, vcpu: Vcpu, previous: vcpu_report.LastExit, reason: StopReason, what: str
+    ) -> None:
+        """Stop the run on a vCPU's crash, with its report (read now: it is out of KVM_RUN)."""
+        crash = vcpu_report.describe_crash(vcpu, previous.describe())
+        self.stop(reason, 1, f"vcpu{vcpu.id}: {what}", crashed=vcpu, crash=crash)
 
 
 def _port_io(
