@@ -85,6 +85,14 @@ def _machine_options(parser: argparse.ArgumentParser) -> None:
         help="the lab kernel (default: $PYVMM_LAB_KERNEL, then ~/.cache/pyvmm/lab/bzImage)",
     )
     parser.add_argument(
+        "--cpus",
+        type=int,
+        default=qemu.DEFAULT_CPUS,
+        metavar="N",
+        help="the lab machine's CPUs (default %(default)s: with more, QEMU 10.0's TCG now and "
+        "then crashes nested guests; see docs/lab-crashes.md)",
+    )
+    parser.add_argument(
         "-v",
         "--verbose",
         dest="lab_verbose",
@@ -103,6 +111,7 @@ def _options(
         timeout=timeout,
         verbose=args.lab_verbose,
         env=env,
+        cpus=args.cpus,
     )
 
 

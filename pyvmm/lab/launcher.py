@@ -74,6 +74,7 @@ class LabOptions:
     timeout: float | None = 600.0
     verbose: bool = False
     env: Mapping[str, str] = field(default_factory=dict)
+    cpus: int = qemu.DEFAULT_CPUS  # the lab machine's (qemu.DEFAULT_CPUS says why one)
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,8 @@ def prerequisites(options: LabOptions, environ: Mapping[str, str] = os.environ) 
     """Everything the lab needs on this host, or the one-line reason it cannot start."""
     qemu.check_iommu(options.iommu)
     qemu.check_devices(options.devices)
+    if options.cpus < 1:
+        raise LabError(f"the lab machine needs at least 1 CPU, not {options.cpus}")
     prereq = Prerequisites(
         qemu=qemu.find_qemu(),
         busybox=find_busybox(),
@@ -287,6 +290,7 @@ def _machine(
         scratch=lab.workdir,
         iommu=options.iommu,
         devices=options.devices,
+        cpus=options.cpus,
         verbose=options.verbose,
     )
     qemu.create_disk_images(config)

@@ -21,6 +21,16 @@ QEMU = "qemu-system-x86_64"
 #: The virtio-serial port name the agent looks for.
 AGENT_PORT = "pyvmm.agent"
 
+#: The lab machine's CPUs. One: with two, QEMU 10.0's multi-threaded TCG now and then corrupts
+#: what a nested guest's vCPU sees of its own page tables while it runs nested SVM. The guest
+#: (Linux under pyvmm or under QEMU's own -accel kvm alike) then takes a #PF it cannot deliver:
+#: a triple fault, or a KVM internal error; and the lab's own kernel triple-faults now and then.
+#: scripts/lab-soak measured it: with two CPUs, 8 of 15 pyvmm and 4 of 6 QEMU boots of the lab
+#: kernel did not end clean, the same with kvm_amd.vgif=0, kvm.tdp_mmu=0, no LA57 or no SVM in
+#: the guest; with one, none of 9 (docs/lab-crashes.md has the evidence). It costs speed: a
+#: nested Linux boot takes 60-110 s instead of 25-60 s.
+DEFAULT_CPUS = 1
+
 IOMMUS = ("intel", "virtio")
 _REFUSED_IOMMUS = {
     "amd": "QEMU 10.0's amd-iommu is broken (device DMA data never arrives); use intel or virtio",
@@ -142,7 +152,7 @@ class MachineConfig:
     iommu: str = "intel"
     devices: tuple[str, ...] = ("edu",)
     memory: str = "2G"
-    smp: int = 2
+    cpus: int = DEFAULT_CPUS
     verbose: bool = False
 
 
@@ -176,7 +186,7 @@ def command(qemu: str, config: MachineConfig) -> list[str]:
         "-m",
         config.memory,
         "-smp",
-        str(config.smp),
+        str(config.cpus),
         "-kernel",
         str(config.kernel),
         "-initrd",
