@@ -234,6 +234,8 @@ class LabTier:
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
         self.sessions: dict[tuple[str, str], LabSession] = {}
+        #: each lab boot that had to be run again (the lab crashed, hung or reset), why
+        self.retries: list[str] = []
 
     @pytest.hookimpl(trylast=True)  # after -m and -k have deselected
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
@@ -252,6 +254,16 @@ class LabTier:
                 )
                 session.items.append(stand_in)
             items[index] = stand_in
+
+    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
+        """Say, at the end of every run that booted the lab, how many lab boots had to be run
+        again: a retry is a crash of the lab to explain, never noise."""
+        booted = sum(1 for session in self.sessions.values() if session.results is not None)
+        if not booted:
+            return
+        terminalreporter.write_sep("-", f"lab: {booted} lab sessions, {len(self.retries)} retried")
+        for retry in self.retries:
+            terminalreporter.write_line(f"lab retry: {retry}")
 
     def _unavailable(self) -> str:
         """Why the lab cannot run on this host (so its tests skip), or "" if it can."""
@@ -311,10 +323,12 @@ class LabTier:
                 )
                 # tests run in order: the first left that had begun (or the first left) was on
                 during = next((n for n in left if n in session.results), left[0])
-                output.line(
-                    f"lab: {what} ({stopped}) during {during}; a new boot runs what it left "
+                retry = (
+                    f"{what} ({stopped}) during {during}; a new boot runs what it left "
                     f"without a result ({len(left)} of {len(session.items)} tests)"
                 )
+                self.retries.append(retry)
+                output.line(f"lab: {retry}")
             try:
                 self._boot(session, left, share / f"boot{boot}", output)
                 return
