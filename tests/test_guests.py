@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -246,6 +247,22 @@ def test_triple_fault_is_reported_not_hidden() -> None:
     assert result.reason in (StopReason.TRIPLE_FAULT, StopReason.ERROR)
     assert result.exit_code != 0
     assert "vcpu0" in result.detail
+
+
+def test_an_interrupted_run_says_where_each_vcpu_was() -> None:
+    """Ctrl-C on a guest that seems hung is a question: where is it? Answered as a timeout is."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyvmm", "run", str(guest("ticker")), "--timeout", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().startswith("ticker: ")  # running, its timer programmed
+    proc.send_signal(signal.SIGINT)
+    err = proc.stderr.read()
+    assert proc.wait(30) == 130
+    first, where = err.strip().splitlines()
+    assert first == "pyvmm: stopped: interrupted"
+    assert re.fullmatch(r"pyvmm:   vcpu0 (halted|runnable) at rip 0x[0-9a-f]+, .*", where), where
 
 
 def test_a_crash_leaves_a_report_a_developer_can_act_on() -> None:

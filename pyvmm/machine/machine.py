@@ -315,7 +315,7 @@ class Machine:
         """Wait until the machine stops; returns how it ended. With `timeout` (seconds) it is
         stopped when that expires; Ctrl-C stops it too."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        timed_out = False
+        stopped_here = False  # by the timeout or Ctrl-C: then say where each vCPU was
         try:
             # In slices, not one wait: Python runs a signal's handler (Ctrl-C) only when the
             # main thread runs bytecode, and a wait the signal did not interrupt (it went to
@@ -326,16 +326,17 @@ class Machine:
                     break
                 if deadline is not None and time.monotonic() >= deadline:
                     self.stop(StopReason.STOPPED, 124, f"timed out after {timeout} s")
-                    timed_out = True
+                    stopped_here = True
                     break
         except KeyboardInterrupt:
             self.stop(StopReason.STOPPED, 130, "interrupted")
+            stopped_here = True
         finally:
             self._run_control.join()
             self._stop_input()
         result = self._run_control.result
         assert result is not None
-        if timed_out and result.exit_code == 124:
+        if stopped_here and result.reason is StopReason.STOPPED:
             result = replace(result, vcpus=self._where_vcpus_are())
         elif result.crashed_vcpu is not None:
             result = replace(result, vcpus=self._where_vcpus_are(but=result.crashed_vcpu))
@@ -343,7 +344,7 @@ class Machine:
 
     def _where_vcpus_are(self, but: int | None = None) -> tuple[str, ...]:
         """A line for each vCPU (they are out of KVM_RUN) but `but`: where a guest that hung
-        was, or what the others were doing when one crashed."""
+        (or was interrupted) was, or what the others were doing when one crashed."""
         lines = []
         for vcpu in self.vcpus:
             if vcpu.id == but:
