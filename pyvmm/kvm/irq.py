@@ -77,7 +77,11 @@ class GsiRouting:
 
     def __init__(self, vm: Vm, max_routes: int) -> None:
         self._vm = vm
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the table
+        #: One commit at a time, the table read inside it: KVM_SET_GSI_ROUTING releases the
+        #: GIL, and two commits racing (two vCPUs programming MSI-X on two functions) could
+        #: otherwise land the older table last, a live vector's route lost under its irqfd.
+        self._commit_lock = threading.Lock()
         self._irqchip = default_irqchip_routes()
         self._msi: dict[int, MsiRoute] = {}
         self._next_gsi = IOAPIC_PINS
@@ -112,4 +116,7 @@ class GsiRouting:
             return [*self._irqchip, *self._msi.values()]
 
     def commit(self) -> None:
-        self._vm.set_gsi_routing(self.routes())
+        """Hand KVM the table as it is now. Commits are serialised and each reads the table
+        once it holds the commit lock, so the last to reach KVM has every route set before it."""
+        with self._commit_lock:
+            self._vm.set_gsi_routing(self.routes())
