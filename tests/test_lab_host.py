@@ -338,7 +338,7 @@ def test_amd_iommu_and_unknown_devices_are_refused() -> None:
         LabError, match="unknown lab device 'gpu'; choose from edu, nvme, e1000e, igb"
     ):
         qemu.command("q", machine(devices=("edu", "gpu")))
-    with pytest.raises(LabError, match="^the lab machine needs at least 1 CPU, not 0$"):
+    with pytest.raises(LabError, match=r"^the lab machine needs at least 1 CPU, not 0$"):
         launcher.prerequisites(launcher.LabOptions(cpus=0))
 
 

@@ -27,8 +27,8 @@ AGENT_PORT = "pyvmm.agent"
 #: a triple fault, or a KVM internal error; and the lab's own kernel triple-faults now and then.
 #: scripts/lab-soak measured it: with two CPUs, 8 of 15 pyvmm and 4 of 6 QEMU boots of the lab
 #: kernel did not end clean, the same with kvm_amd.vgif=0, kvm.tdp_mmu=0, no LA57 or no SVM in
-#: the guest; with one, none of 9 (docs/lab-crashes.md has the evidence). It costs speed: a
-#: nested Linux boot takes 60-110 s instead of 25-60 s.
+#: the guest; with one, no guest crashed in 27 boots (docs/lab-crashes.md has the evidence).
+#: It costs speed: a nested Linux boot takes 60-120 s instead of 25-60 s.
 DEFAULT_CPUS = 1
 
 IOMMUS = ("intel", "virtio")
