@@ -171,7 +171,9 @@ def test_ctrl_c_stops_the_guest_cleanly() -> None:
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130
     assert "Traceback" not in err
-    assert err.strip() == "pyvmm: stopped: interrupted"
+    first, where = err.strip().splitlines()  # and where its vCPU was
+    assert first == "pyvmm: stopped: interrupted"
+    assert where.startswith("pyvmm:   vcpu0 ")
 
 
 def blocked_signals(thread: threading.Thread) -> set[int]:
