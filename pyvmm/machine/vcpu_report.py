@@ -22,6 +22,7 @@ _ISR, _IRR = 0x100, 0x200
 _LVT_TIMER, _TIMER_INITIAL, _TIMER_CURRENT = 0x320, 0x380, 0x390
 _LVT_MASKED = 1 << 16
 _RESET_RIP, _RESET_CS_BASE = 0xFFF0, 0xFFFF_0000  # where a vCPU starts after RESET or INIT
+_CR0_PE = 1 << 0
 _TIMER_MODES = {0: "one-shot", 1: "periodic", 2: "tsc-deadline"}
 
 
@@ -130,7 +131,12 @@ def describe_crash(vcpu: Vcpu, last_exit: str) -> tuple[str, ...]:
     except OSError as err:
         unreadable = f"vcpu{vcpu.id}: its state cannot be read ({err})"
         return (f"{unreadable}; last exit to pyvmm: {last_exit}",)
-    reset = regs.rip == _RESET_RIP and sregs.cs.base == _RESET_CS_BASE and not sregs.cr0 & 1
+    reset = (
+        regs.rip == _RESET_RIP
+        and sregs.cs.base == _RESET_CS_BASE
+        and not sregs.cr0 & _CR0_PE
+        and not sregs.efer
+    )
     lines = [
         f"vcpu{vcpu.id} rip={regs.rip:#x} rsp={regs.rsp:#x} rflags={regs.rflags:#x} "
         f"cs={sregs.cs.selector:#x}"
