@@ -536,7 +536,7 @@ def test_the_agent_says_which_device_the_lab_lacks(lab_sysfs: FakeKernel) -> Non
 
 FAKE_QEMU = """\
 #!{python}
-import json, os, re, sys, time
+import json, os, re, socket, sys, time
 from pathlib import Path
 from pyvmm.lab import protocol
 from pyvmm.lab.protocol import Kind
@@ -556,6 +556,26 @@ mode = os.environ["FAKE_QEMU_MODE"]
 
 def agent(kind, payload):
     os.write(fds["agent"], protocol.encode(kind, payload))
+
+REGISTERS = ("\\r\\nCPU#0\\r\\nRAX=0000000000000000 RBX=0000000000000000\\r\\n"
+             "RIP=ffffffff81000000 RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=1\\r\\n"
+             "CR0=80050033 CR2=0000000000000000 CR3=0000000001234000 CR4=00751ef0\\r\\n"
+             "FPR0=0000000000000000 0000 FPR1=0000000000000000 0000\\r\\n")
+
+def hang():
+    # a hung lab: its CPUs stopped, QEMU's monitor still answering (an event first, as QMP may)
+    sock = socket.socket(fileno=fds["qmp"])
+    sock.sendall(b'{{"QMP": {{"version": {{}}, "capabilities": []}}}}\\r\\n')
+    for line in sock.makefile("rb"):
+        request = json.loads(line)
+        answer = {{}}
+        if request["execute"] == "query-cpus-fast":
+            answer = [{{"cpu-index": 0, "thread-id": os.getpid()}}]
+        elif request["execute"] == "human-monitor-command":
+            command = request["arguments"]["command-line"]
+            answer = REGISTERS if command == "info registers -a" else "LVTT 0x000000ec\\r\\n"
+            sock.sendall(b'{{"event": "RTC_CHANGE", "data": {{"offset": 0}}}}\\r\\n')
+        sock.sendall(json.dumps({{"return": answer}}).encode() + b"\\r\\n")
 
 os.write(fds["console"], b"[    0.000000] Linux version 7.3.4-lab\\n")
 if mode == "qemu-error":
@@ -583,7 +603,10 @@ if mode == "ok":
 elif mode == "agent-error":
     agent(Kind.ERROR, b"the lab has no nvme device")
 elif mode == "hang":
-    time.sleep(60)
+    hang()
+elif mode == "silent":  # the command said something, then nothing more
+    agent(Kind.STDOUT, b"started\\n")
+    hang()
 elif mode.startswith(("crash", "hang-", "reset-")):  # a tier's run: reports, then it breaks
     nodeids = spec["command"][spec["command"].index("-q") + 1:]
     boots = Path(os.environ["FAKE_QEMU_RECORD"]).with_name("boots")
@@ -605,7 +628,7 @@ elif mode.startswith(("crash", "hang-", "reset-")):  # a tier's run: reports, th
         if mode.startswith("hang-"):  # the lab's kernel stalls, saying so on its console
             stall = b"[  412.000001] rcu: INFO: rcu_preempt self-detected stall\\n"
             os.write(fds["console"], stall)
-            time.sleep(60)
+            hang()
         sys.stderr.write("qemu-system-x86_64: physmem.c:2678: iotlb_to_section: Assertion\\n")
         sys.stderr.flush()
         os.abort()
@@ -736,13 +759,31 @@ def test_an_agent_error_is_reported_as_is(fake_lab: FakeLab) -> None:
     assert str(excinfo.value) == "the lab has no nvme device"
 
 
-def test_a_timeout_stops_qemu(fake_lab: FakeLab) -> None:
-    with pytest.raises(LabTimeout, match=r"timed out after 1.5 s; QEMU stopped"):
+def test_a_timeout_stops_qemu_and_says_where_the_labs_cpus_were(fake_lab: FakeLab) -> None:
+    with pytest.raises(LabTimeout) as excinfo:
         fake_lab.run("hang", timeout=1.5)
+    assert re.fullmatch(
+        r"timed out after 1.5 s; QEMU stopped; the lab's CPUs: CPU 0 at ffffffff81000000 each "
+        r"time, halted, CPL 0, cr3 0x1234000, thread busy \d+% \(3 samples over 1.\d s\); "
+        r"its console last said: \[    0.000000\] Linux version 7.3.4-lab",
+        str(excinfo.value),
+    )
+    # the whole of what the monitor said, without the FPU's registers
+    evidence = excinfo.value.evidence
+    assert evidence.count("RIP=ffffffff81000000") == 3
+    assert "-- info lapic (CPU 0)\nLVTT 0x000000ec" in evidence
+    assert "FPR0" not in evidence and "\r" not in evidence
     pid = fake_lab.record["pid"]
     assert isinstance(pid, int)
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_a_lab_silent_for_longer_than_allowed_is_stopped(fake_lab: FakeLab) -> None:
+    silent = r"^the command inside wrote nothing for 1 s \(the lab hung\); QEMU stopped; "
+    with pytest.raises(LabTimeout, match=silent + "the lab's CPUs: CPU 0 at ffffffff81000000 "):
+        fake_lab.run("silent", silence=1.0)
+    assert fake_lab.output == [(Kind.STDOUT, b"started\n")]
 
 
 def test_an_exception_in_the_output_sink_stops_qemu(
@@ -812,9 +853,11 @@ def test_after_the_lab_hangs_past_its_budget_the_tests_left_run_in_a_new_boot(
     result.assert_outcomes(passed=3)
     output = result.stdout.str()
     assert (
-        "lab: the lab hung (timed out after 3 s; QEMU stopped; its console last said: "
-        "[    0.000000] Linux version 7.3.4-lab | [  412.000001] rcu: INFO: rcu_preempt "
-        "self-detected stall) during "
+        "lab: the lab hung (timed out after 3 s; QEMU stopped; the lab's CPUs: CPU 0 at " in output
+    )
+    assert (
+        "; its console last said: [    0.000000] Linux version 7.3.4-lab | [  412.000001] rcu: "
+        "INFO: rcu_preempt self-detected stall) during "
     ) in output
     assert "::test_two; a new boot runs what it left without a result (2 of 3 tests)" in output
     assert "lab: running 2 tests in QEMU" in output
@@ -933,10 +976,10 @@ def test_cli_passes_the_exit_status_through(
 def test_cli_timeout_exits_124(fake_lab: FakeLab, capsys: pytest.CaptureFixture[str]) -> None:
     fake_lab.monkeypatch.setenv("FAKE_QEMU_MODE", "hang")
     assert run_cli("run", "--kernel", str(fake_lab.kernel), "--timeout", "1", "--", "x") == 124
-    assert capsys.readouterr().err == (
-        "pyvmm lab: timed out after 1 s; QEMU stopped; its console last said: "
-        "[    0.000000] Linux version 7.3.4-lab\n"
-    )
+    err = capsys.readouterr().err
+    assert err.startswith("pyvmm lab: timed out after 1 s; QEMU stopped; the lab's CPUs: CPU 0 ")
+    assert err.endswith("; its console last said: [    0.000000] Linux version 7.3.4-lab\n")
+    assert err.count("\n") == 1
 
 
 # -- the test tier's folding of inner reports ------------------------------------------------------

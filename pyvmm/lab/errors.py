@@ -15,7 +15,15 @@ class LabUnavailable(LabError):
 
 
 class LabTimeout(LabError):
-    """The command inside the lab did not finish in time; QEMU was stopped."""
+    """The command inside the lab did not finish in time (or went silent); QEMU was stopped.
+
+    `evidence` is what QEMU's monitor showed of the lab's CPUs before that (see
+    `pyvmm.lab.monitor`); the message has its one-line summary.
+    """
+
+    def __init__(self, message: str, evidence: str = "") -> None:
+        super().__init__(message)
+        self.evidence = evidence
 
 
 class LabCrashed(LabError):

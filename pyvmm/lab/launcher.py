@@ -16,8 +16,6 @@ import ctypes
 import json
 import logging
 import os
-import re
-import selectors
 import shutil
 import signal
 import socket
@@ -25,26 +23,23 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyvmm
-from pyvmm.lab import initramfs, protocol, qemu
-from pyvmm.lab.errors import LabCrashed, LabError, LabReset, LabTimeout, LabUnavailable
+from pyvmm.lab import initramfs, qemu
+from pyvmm.lab.errors import LabCrashed, LabError, LabReset, LabUnavailable
 from pyvmm.lab.kernel import check_kernel, find_kernel
 from pyvmm.lab.protocol import Kind
+from pyvmm.lab.relay import LabResult, OutputSink, Relay
 
 log = logging.getLogger(__name__)
 
-#: How long the guest may take from QEMU's start to the agent's first frame.
-BOOT_TIMEOUT = 120.0
 #: How long QEMU may take to power off after the agent is done, before it is stopped.
 POWEROFF_GRACE = 5.0
 
-_CONSOLE_TAIL = 16384
-_KERNEL_LINE = re.compile(r"^\[\s*\d+\.\d+\] ")  # a kernel log line on the console
 #: The signals QEMU dies of when it crashes (an assertion aborts); SIGKILL or SIGTERM from the
 #: OOM killer or an operator are not crashes.
 _CRASH_SIGNALS = frozenset(
@@ -62,9 +57,6 @@ _PASSED_ENV = frozenset(
 )
 _PASSED_PREFIXES = ("LC_", "PYVMM_", "PYTEST_", "HYPOTHESIS_")
 
-#: Receives the command's output: (Kind.STDOUT or Kind.STDERR, bytes).
-OutputSink = Callable[[Kind, bytes], None]
-
 
 @dataclass(frozen=True)
 class LabOptions:
@@ -75,6 +67,9 @@ class LabOptions:
     verbose: bool = False
     env: Mapping[str, str] = field(default_factory=dict)
     cpus: int = qemu.DEFAULT_CPUS  # the lab machine's (qemu.DEFAULT_CPUS says why one)
+    #: Stop the lab when the command has written nothing for this long (a lab hung as a whole;
+    #: for a command that says it is alive more often than this).
+    silence: float | None = None
 
 
 @dataclass(frozen=True)
@@ -82,13 +77,6 @@ class Prerequisites:
     qemu: str
     busybox: Path
     kernel: Path
-
-
-@dataclass(frozen=True)
-class LabResult:
-    exit_code: int
-    boot_seconds: float  # QEMU's start to the agent's first frame
-    seconds: float  # QEMU's start to the command's exit status
 
 
 def is_static_elf(path: Path) -> bool:
@@ -217,13 +205,6 @@ def qemu_process(argv: Sequence[str], **popen: Any) -> Iterator[subprocess.Popen
                 process.wait()
 
 
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
-
-
 def _write_output(kind: Kind, data: bytes) -> None:
     stream = sys.stdout if kind is Kind.STDOUT else sys.stderr
     stream.buffer.write(data)
@@ -277,7 +258,13 @@ def _prepare(
 
 
 def _machine(
-    prereq: Prerequisites, options: LabOptions, lab: _Lab, *, console: str, agent: str
+    prereq: Prerequisites,
+    options: LabOptions,
+    lab: _Lab,
+    *,
+    console: str,
+    agent: str,
+    monitor: str | None = None,
 ) -> qemu.MachineConfig:
     """The lab machine for `options`, its devices' disk images written into the boot's
     directory (removed with it)."""
@@ -287,6 +274,7 @@ def _machine(
         share=lab.share,
         console=console,
         agent=agent,
+        monitor=monitor,
         scratch=lab.workdir,
         iommu=options.iommu,
         devices=options.devices,
@@ -319,7 +307,8 @@ def run(
         )
         console, console_guest = socket.socketpair()
         agent, agent_guest = socket.socketpair()
-        for sock in (console, console_guest, agent, agent_guest):
+        qmp, qmp_guest = socket.socketpair()  # QEMU's monitor: where the CPUs are, on a hang
+        for sock in (console, console_guest, agent, agent_guest, qmp, qmp_guest):
             stack.enter_context(sock)
         config = _machine(
             prereq,
@@ -327,22 +316,23 @@ def run(
             lab,
             console=f"socket,fd={console_guest.fileno()}",
             agent=f"socket,fd={agent_guest.fileno()}",
+            monitor=f"socket,fd={qmp_guest.fileno()}",
         )
         qemu_log = stack.enter_context((lab.workdir / "qemu.log").open("w+b"))
         started = time.monotonic()
         process = stack.enter_context(
             qemu_process(
                 qemu.command(prereq.qemu, config),
-                pass_fds=(console_guest.fileno(), agent_guest.fileno()),
+                pass_fds=(console_guest.fileno(), agent_guest.fileno(), qmp_guest.fileno()),
                 stdin=subprocess.DEVNULL,
                 stdout=qemu_log,
                 stderr=None if options.verbose else qemu_log,
                 start_new_session=True,  # Ctrl-C is ours to handle; QEMU is stopped in order
             )
         )
-        console_guest.close()
-        agent_guest.close()
-        relay = _Relay(process, console, agent, output, options, started)
+        for guest_end in (console_guest, agent_guest, qmp_guest):
+            guest_end.close()
+        relay = Relay(process, console, agent, output, options, started, qmp)
         result = relay.run()
         try:
             process.wait(POWEROFF_GRACE)
@@ -357,143 +347,6 @@ def run(
                 raise LabReset(why)
             raise LabError(why)
         return result
-
-
-class _Relay:
-    """Moves bytes from QEMU's sockets to where they belong until the agent's last frame."""
-
-    def __init__(
-        self,
-        process: subprocess.Popen[bytes],
-        console: socket.socket,
-        agent: socket.socket,
-        output: OutputSink,
-        options: LabOptions,
-        started: float,
-    ) -> None:
-        self.process = process
-        self.console = console
-        self.agent = agent
-        self.output = output
-        self.options = options
-        self.started = started
-        self.console_tail = bytearray()
-        self.frames = protocol.FrameReader()
-        self.boot_seconds: float | None = None
-        self.exit_code: int | None = None
-        self.error: str | None = None
-
-    def run(self) -> LabResult | None:
-        """The result, or None if QEMU exited before the agent's last frame."""
-        pidfd = os.pidfd_open(self.process.pid)
-        try:
-            with selectors.DefaultSelector() as selector:
-                selector.register(self.console, selectors.EVENT_READ, self._on_console)
-                selector.register(self.agent, selectors.EVENT_READ, self._on_agent)
-                selector.register(pidfd, selectors.EVENT_READ, None)
-                while self.exit_code is None and self.error is None:
-                    if not selector.get_map().keys() - {pidfd}:
-                        return None  # QEMU exited and both sockets are drained
-                    for key, _ in selector.select(self._remaining()):
-                        if key.data is None:
-                            selector.unregister(pidfd)  # keep reading until the sockets' EOF
-                        else:
-                            key.data(selector)
-                    self._check_deadlines()
-        finally:
-            os.close(pidfd)
-        if self.error is not None:
-            raise LabError(self.error)
-        assert self.exit_code is not None and self.boot_seconds is not None
-        return LabResult(self.exit_code, self.boot_seconds, time.monotonic() - self.started)
-
-    def _remaining(self) -> float:
-        deadlines = [BOOT_TIMEOUT if self.boot_seconds is None else float("inf")]
-        if self.options.timeout:
-            deadlines.append(self.options.timeout)
-        return max(0.0, min(deadlines) - (time.monotonic() - self.started))
-
-    def _check_deadlines(self) -> None:
-        elapsed = time.monotonic() - self.started
-        if self.boot_seconds is None and elapsed >= BOOT_TIMEOUT:
-            raise LabTimeout(f"the lab did not boot within {BOOT_TIMEOUT:.0f} s{self._hint()}")
-        if self.options.timeout and elapsed >= self.options.timeout:
-            raise LabTimeout(
-                f"timed out after {self.options.timeout:g} s; QEMU stopped{self._console_said()}"
-            )
-
-    def _console_said(self) -> str:
-        """The lab kernel's last lines on its console, if any (with `quiet`, its warnings:
-        a stall, a lockup, an oops), for a timeout's message."""
-        console = self.console_tail.decode(errors="replace").splitlines()
-        kernel = [line.strip() for line in console if _KERNEL_LINE.match(line)]
-        return f"; its console last said: {' | '.join(kernel[-2:])}" if kernel else ""
-
-    def _on_console(self, selector: selectors.BaseSelector) -> None:
-        data = self.console.recv(65536)
-        if not data:
-            selector.unregister(self.console)
-            return
-        self.console_tail += data
-        del self.console_tail[:-_CONSOLE_TAIL]
-        if self.options.verbose:
-            sys.stderr.buffer.write(data)
-            sys.stderr.flush()
-
-    def _on_agent(self, selector: selectors.BaseSelector) -> None:
-        data = self.agent.recv(65536)
-        if not data:
-            selector.unregister(self.agent)
-            return
-        for kind, payload in self.frames.feed(data):
-            if kind is Kind.HELLO:
-                self.boot_seconds = time.monotonic() - self.started
-                uptime = json.loads(payload)["uptime"]
-                log.info("lab up in %.1f s (guest uptime %.1f s)", self.boot_seconds, uptime)
-            elif kind in (Kind.STDOUT, Kind.STDERR):
-                self.output(kind, payload)
-            elif kind is Kind.EXIT:
-                self.exit_code = int(json.loads(payload)["code"])
-            elif kind is Kind.ERROR:
-                self.error = payload.decode(errors="replace")
-
-    def _hint(self) -> str:
-        return "" if self.options.verbose else " (rerun with --verbose to see its console)"
-
-    def reset_itself(self) -> bool:
-        """Whether the lab's kernel went without a word: no panic, no init failure."""
-        console = self.console_tail.decode(errors="replace")
-        return "Kernel panic" not in console and initramfs.FAIL_PREFIX not in console
-
-    def failure(self, qemu_log: str, reset_log: Path) -> str:
-        """One line on why the guest stopped before the command's exit status arrived."""
-        console = self.console_tail.decode(errors="replace").splitlines()
-        init_failures = [
-            line.split(initramfs.FAIL_PREFIX, 1)[1]
-            for line in console
-            if initramfs.FAIL_PREFIX in line
-        ]
-        panics = [line.strip() for line in console if "Kernel panic" in line]
-        qemu_lines = [line.strip() for line in qemu_log.splitlines() if line.strip()]
-        if init_failures:
-            why = init_failures[-1]
-        elif panics:
-            # where it crashed: the last oops' RIP, so that a report names the function
-            rips = [line.split("RIP:", 1)[1].strip() for line in console if "RIP:" in line]
-            why = panics[-1] + (f" (RIP: {rips[-1]})" if rips else "")
-        elif qemu_lines:
-            why = qemu_lines[-1]
-        elif self.process.returncode is not None and self.process.returncode < 0:
-            why = f"QEMU was killed by {_signal_name(-self.process.returncode)}"
-        elif self.process.returncode == 0:
-            why = "the lab machine reset (QEMU exited 0 under -no-reboot; no panic was printed"
-            with contextlib.suppress(OSError):
-                if "Triple fault" in reset_log.read_text(errors="replace"):
-                    why += "; a CPU triple-faulted, QEMU's reset log says"
-            why += ")"
-        else:
-            why = f"QEMU exited with status {self.process.returncode}"
-        return f"the lab stopped before the command finished: {why}{self._hint()}"
 
 
 def shell(options: LabOptions, *, cwd: str | None = None) -> int:

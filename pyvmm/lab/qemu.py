@@ -154,6 +154,7 @@ class MachineConfig:
     memory: str = "2G"
     cpus: int = DEFAULT_CPUS
     verbose: bool = False
+    monitor: str | None = None  # a chardev for QEMU's QMP monitor (pyvmm.lab.monitor)
 
 
 def reset_log(config: MachineConfig) -> Path:
@@ -204,6 +205,8 @@ def command(qemu: str, config: MachineConfig) -> list[str]:
         args += ["-mon", "chardev=console,mode=readline"]
     else:
         args += ["-monitor", "none"]
+    if config.monitor:
+        args += ["-chardev", f"{config.monitor},id=qmp", "-mon", "chardev=qmp,mode=control"]
     args += [
         "-device",
         "virtio-serial-pci,id=vser",
