@@ -1,21 +1,23 @@
-"""The migration stream is untrusted input to a destination (hypothesis): a real stream, then
-truncated, bit-flipped, with pages aimed outside RAM, or replaced by random bytes, is taken in or
-refused with one line (a PyvmmError), never a traceback, never a machine left built."""
+"""The migration stream is untrusted input to a destination (hypothesis): a real stream cut
+short, bit-flipped or replaced by random bytes is refused with one line (a PyvmmError) that says
+why, never a traceback, never a machine left built; pages aimed anywhere by a source whose
+checksums are valid are refused unless they lie whole in RAM, and then they are written there."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+import re
 import socket
 import struct
 import threading
 
 import pytest
 from guestbuild import guest, requires_kvm
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from test_snapshot_fuzz import sections_of, stream
+from test_snapshot_fuzz import DAMAGED, sections_of, stream
 
 from pyvmm.errors import PyvmmError
 from pyvmm.machine.console import CaptureConsole
@@ -23,6 +25,8 @@ from pyvmm.machine.machine import Machine
 from pyvmm.migration import live
 from pyvmm.migration.live import Endpoint, Migration
 from pyvmm.migration.stream import SectionType, StreamReader
+
+PAGE_SECTIONS = [SectionType.PAGES, SectionType.ZERO_PAGES, SectionType.PAGE_RUNS]
 
 pytestmark = [pytest.mark.kvm, requires_kvm]
 
@@ -80,9 +84,9 @@ def migration_stream(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     return record_a_migration(str(tmp_path_factory.mktemp("mig") / "in.sock"))
 
 
-def take_or_refuse(data: bytes) -> None:
-    """Feed `data` to a destination as a source would; it takes the machine in or refuses it
-    with one line."""
+def take(data: bytes) -> Machine | str:
+    """Feed `data` to a destination as a source would: the machine it took in (the caller
+    closes it), or its refusal, checked to be one line."""
     ours, theirs = socket.socketpair()
 
     def send() -> None:
@@ -96,14 +100,20 @@ def take_or_refuse(data: bytes) -> None:
     sender = threading.Thread(target=send)
     sender.start()
     try:
-        incoming = live.take_in(ours, ENDPOINT, lambda info: CaptureConsole())
+        return live.take_in(ours, ENDPOINT, lambda info: CaptureConsole()).machine
     except PyvmmError as err:
         assert str(err) and "\n" not in str(err), str(err)
-    else:
-        incoming.machine.close()
+        return str(err)
     finally:
         ours.close()
         sender.join(30)
+
+
+def assert_refused(outcome: Machine | str, reason: str) -> None:
+    if isinstance(outcome, Machine):
+        outcome.close()
+        pytest.fail("the destination took the machine in")
+    assert re.search(reason, outcome), outcome
 
 
 # (this host has userfaultfd, so its destinations can take post-copy: tests/test_userfaultfd.py)
@@ -140,7 +150,8 @@ def test_an_unknown_optional_section_before_info_is_skipped(migration_stream: by
 @FUZZ
 @given(st.data())
 def test_a_cut_stream_is_refused(migration_stream: bytes, data: st.DataObject) -> None:
-    take_or_refuse(migration_stream[: data.draw(st.integers(0, len(migration_stream) - 1))])
+    cut = migration_stream[: data.draw(st.integers(0, len(migration_stream) - 1))]
+    assert_refused(take(cut), DAMAGED)
 
 
 @FUZZ
@@ -150,7 +161,17 @@ def test_a_bit_flipped_stream_is_refused(migration_stream: bytes, data: st.DataO
     for _ in range(data.draw(st.integers(1, 8))):
         bit = data.draw(st.integers(0, len(damaged) * 8 - 1))
         damaged[bit // 8] ^= 1 << (bit % 8)
-    take_or_refuse(bytes(damaged))
+    if damaged == migration_stream:  # (the same bit flipped back)
+        take(bytes(damaged)).close()  # type: ignore[union-attr]
+    else:
+        assert_refused(take(bytes(damaged)), DAMAGED)
+
+
+RAM_END = 64 << 20  # the recorded machine's RAM: one region from 0
+
+
+def in_ram(gpa: int, size: int) -> bool:
+    return gpa % 4096 == 0 and size > 0 and size % 4096 == 0 and gpa + size <= RAM_END
 
 
 @FUZZ
@@ -158,11 +179,12 @@ def test_a_bit_flipped_stream_is_refused(migration_stream: bytes, data: st.DataO
 def test_pages_aimed_anywhere_are_refused_or_land_in_ram(
     migration_stream: bytes, data: st.DataObject
 ) -> None:
-    """Valid checksums around a page batch whose address and length a hostile source chose:
-    outside RAM, across a region's end, unaligned, huge: refused; inside RAM: written there."""
+    """Valid checksums around a page batch whose address and length a hostile source chose,
+    after the stream's last pages: outside RAM, across RAM's end, unaligned, empty, over a
+    section's 4 MiB or with a run table that does not add up: refused; whole pages in RAM:
+    written there."""
     sections = sections_of(migration_stream)
-    pages = [i for i, (kind, _, _) in enumerate(sections) if kind == SectionType.PAGES]
-    index = data.draw(st.sampled_from(pages))
+    last_pages = max(i for i, (kind, _, _) in enumerate(sections) if kind in PAGE_SECTIONS)
     page = st.integers(0, (80 << 20) // 4096).map(lambda n: n * 4096)  # in RAM, or just past
     gpa = data.draw(
         st.one_of(
@@ -170,21 +192,41 @@ def test_pages_aimed_anywhere_are_refused_or_land_in_ram(
         )
     )
     size = data.draw(st.sampled_from([0, 1, 4096, 8192, 4 << 20, (4 << 20) + 4096]))
-    kind = data.draw(
-        st.sampled_from([SectionType.PAGES, SectionType.ZERO_PAGES, SectionType.PAGE_RUNS])
-    )
+    kind = data.draw(st.sampled_from(PAGE_SECTIONS))
+    pattern = (b"hostile!" * (size // 8 + 1))[:size]
+    writes = [(gpa, pattern)]
     if kind == SectionType.PAGES:
-        payload = struct.pack("<Q", gpa) + bytes(size)
+        payload = struct.pack("<Q", gpa) + pattern
+        fits = in_ram(gpa, size) and size <= live.CHUNK
     elif kind == SectionType.ZERO_PAGES:
-        payload = struct.pack("<QQ", gpa, data.draw(st.sampled_from([size, 2**64 - 1])))
+        length = data.draw(st.sampled_from([size, 2**64 - 1]))
+        payload = struct.pack("<QQ", gpa, length)
+        writes = [(gpa, bytes(size))]
+        fits = in_ram(gpa, size) and length == size <= live.CHUNK
     else:  # runs: the hostile one among good ones, counts and lengths that may not agree
-        runs = [(4096, 1), (gpa, size // 4096), (1 << 20, 2)]
+        runs = [(4096, 1, b"run one!" * 512), (gpa, size // 4096, pattern[: size // 4096 * 4096])]
+        runs.append((1 << 20, 2, b"run two!" * 1024))
         count = data.draw(st.sampled_from([len(runs), 0, 2**32 - 1]))
-        pages = sum(n for _, n in runs) * 4096 + data.draw(st.sampled_from([0, -4096, 4096, 1]))
-        table = b"".join(struct.pack("<QI", at, n) for at, n in runs)
-        payload = struct.pack("<I", count) + table + bytes(max(pages, 0))
-    sections[index] = (kind, 0, payload)
-    take_or_refuse(stream(sections))
+        extra = data.draw(st.sampled_from([0, -4096, 4096, 1]))
+        table = b"".join(struct.pack("<QI", at, n) for at, n, _ in runs)
+        pages = b"".join(run for _, _, run in runs)
+        payload = (
+            struct.pack("<I", count) + table + (pages + bytes(max(extra, 0)))[: len(pages) + extra]
+        )
+        writes = [(at, run) for at, _, run in runs]
+        total = sum(len(run) for _, _, run in runs)
+        fits = count == len(runs) and extra == 0 and in_ram(gpa, size // 4096 * 4096)
+        fits = fits and total <= live.CHUNK
+    sections.insert(last_pages + 1, (kind, 0, payload))
+    event("written to RAM" if fits else "refused")
+    outcome = take(stream(sections))
+    if not fits:
+        assert_refused(outcome, r"is malformed|has pages outside RAM")
+        return
+    assert isinstance(outcome, Machine), f"refused pages that fit in RAM: {outcome}"
+    with outcome as machine:
+        for at, expected in writes:
+            assert machine.memory.read(at, len(expected)) == expected
 
 
 def test_a_dirty_round_sends_page_runs(migration_stream: bytes) -> None:
@@ -195,4 +237,4 @@ def test_a_dirty_round_sends_page_runs(migration_stream: bytes) -> None:
 @FUZZ
 @given(st.binary(max_size=600))
 def test_random_bytes_are_refused(junk: bytes) -> None:
-    take_or_refuse(junk)
+    assert_refused(take(junk), DAMAGED)
