@@ -3,7 +3,6 @@ test_pci.py."""
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 
 import pytest
@@ -46,13 +45,21 @@ def test_bus_finds_ranges_and_refuses_overlaps() -> None:
 
 
 @given(st.lists(st.tuples(st.integers(0, 0xFFFF), st.integers(1, 0x100)), max_size=30))
-def test_bus_never_holds_overlapping_ranges(requests: list[tuple[int, int]]) -> None:
+def test_bus_takes_a_range_exactly_when_it_overlaps_none_it_holds(
+    requests: list[tuple[int, int]],
+) -> None:
     bus = Bus("prop")
+    held: list[tuple[int, int]] = []  # the model: (base, end) of what the bus took
     for base, length in requests:
-        with contextlib.suppress(BusConflict):
+        overlaps = any(base < end and held_base < base + length for held_base, end in held)
+        if overlaps:
+            with pytest.raises(BusConflict):
+                bus.register(base, length, Recorder())
+        else:
             bus.register(base, length, Recorder())
-    ranges = bus.ranges()
-    for first, second in itertools.pairwise(ranges):
+            held.append((base, base + length))
+    assert [(r.base, r.end) for r in bus.ranges()] == sorted(held)
+    for first, second in itertools.pairwise(bus.ranges()):
         assert first.end <= second.base
 
 

@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import gzip
 import json
+import logging
 import lzma
 import os
 import re
@@ -107,13 +108,20 @@ def test_read_ikconfig(tmp_path: Path, compress: str) -> None:
     assert "CONFIG_MODULES" not in config
 
 
-def test_kernels_whose_config_cannot_be_read_pass(tmp_path: Path) -> None:
+def test_kernels_whose_config_cannot_be_read_pass_unchecked_and_say_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     no_ikconfig = fake_bzimage(tmp_path / "plain", None)
     not_a_kernel = tmp_path / "junk"
     not_a_kernel.write_bytes(b"junk" * 300)
+    caplog.set_level(logging.INFO, logger=kernel.__name__)
     for path in (no_ikconfig, not_a_kernel):
         assert kernel.read_ikconfig(path) is None
-        kernel.check_kernel(path, "intel")
+        caplog.clear()
+        kernel.check_kernel(path, "intel")  # (the agent probes for /dev/iommu instead)
+        assert caplog.messages == [
+            f"lab kernel {path} has no readable config (CONFIG_IKCONFIG); not checked"
+        ]
 
 
 def test_kernel_without_iommufd_is_refused(tmp_path: Path) -> None:

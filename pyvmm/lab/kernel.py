@@ -143,6 +143,7 @@ def check_kernel(kernel: Path, iommu: str) -> None:
     """
     config = read_ikconfig(kernel)
     if config is None:
+        log.info("lab kernel %s has no readable config (CONFIG_IKCONFIG); not checked", kernel)
         return
     missing = missing_options(config, iommu)
     if missing:
