@@ -573,6 +573,7 @@ class FakeGsi:
         self.routes: dict[int, tuple[int, int]] = {}
         self.free: list[int] = []
         self.next_gsi = 24
+        self.commits = 0
         self.refuse: Callable[[int, int], bool] = lambda address, data: False
 
     def allocate_gsi(self) -> int:
@@ -585,11 +586,13 @@ class FakeGsi:
         self.routes.pop(gsi, None)
         self.free.append(gsi)
 
-    def set_msi(self, gsi: int, address: int, data: int) -> None:
+    def set_msi(self, gsi: int, address: int, data: int, *, commit: bool = True) -> None:
         self.routes[gsi] = (address, data)
-        self.commit()
+        if commit:
+            self.commit()
 
     def commit(self) -> None:
+        self.commits += 1
         if any(self.refuse(*route) for route in self.routes.values()):
             raise OSError(22, "KVM_SET_GSI_ROUTING: Invalid argument")
 

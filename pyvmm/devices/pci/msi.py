@@ -123,10 +123,11 @@ class Msi:
             enabled = self.enabled_vectors()
             address, data = self.capability.message()
             masked = self.capability.mask_bits()
+            messages = {}
             for vector in range(self.vectors):
                 live = vector < enabled and not masked >> vector & 1
-                message = (address, data & ~(enabled - 1) | vector) if live else None
-                self._irqs.sync(vector, message)
+                messages[vector] = (address, data & ~(enabled - 1) | vector) if live else None
+            self._irqs.sync_all(messages)
             changed, self._enabled = enabled != self._enabled, enabled
         if changed and self._on_control is not None:
             self._on_control(enabled)

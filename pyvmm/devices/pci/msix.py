@@ -125,8 +125,7 @@ class Msix:
             if (enabled, masked) == (self._enabled, self._masked):
                 return
             self._enabled, self._masked = enabled, masked
-            for vector in range(self.vectors):
-                self._sync(vector)
+            self._sync(range(self.vectors))
         if self._on_control is not None:
             self._on_control(enabled, masked)
 
@@ -145,8 +144,7 @@ class Msix:
                 byte = (value >> (8 * i)) & 0xFF
                 old = self._table[offset + i]
                 self._table[offset + i] = (old & ~mask) | (byte & mask)
-            for vector in range(offset // ENTRY_SIZE, (offset + size - 1) // ENTRY_SIZE + 1):
-                self._sync(vector)
+            self._sync(range(offset // ENTRY_SIZE, (offset + size - 1) // ENTRY_SIZE + 1))
 
     def pba_read(self, offset: int, size: int) -> int:
         if offset < 0 or offset + size > self.pba_size:
@@ -171,13 +169,17 @@ class Msix:
             and not self._get(vector, ENTRY_CTRL) & ENTRY_CTRL_MASKBIT
         )
 
-    def _sync(self, vector: int) -> None:
-        """Make KVM match the vector's table entry (called with the lock held)."""
+    def _message(self, vector: int) -> tuple[int, int] | None:
+        """The vector's (address, data) while it is live, else None."""
         if not self._live(vector):
-            self._irqs.sync(vector, None)
-            return
+            return None
         address = self._get(vector, ENTRY_ADDR_HI) << 32 | self._get(vector, ENTRY_ADDR_LO)
-        self._irqs.sync(vector, (address, self._get(vector, ENTRY_DATA)))
+        return address, self._get(vector, ENTRY_DATA)
+
+    def _sync(self, vectors: range) -> None:
+        """Make KVM match the vectors' table entries, in one routing commit (called with the
+        lock held)."""
+        self._irqs.sync_all({vector: self._message(vector) for vector in vectors})
 
     # snapshot
 
@@ -199,8 +201,7 @@ class Msix:
             self._irqs.clear()
             self._enabled, self._masked = state.enabled, state.masked
             self._table[:] = state.table
-            for vector in range(self.vectors):
-                self._sync(vector)
+            self._sync(range(self.vectors))
         if self._on_control is not None:  # a device behind it (VFIO) follows the restored bits
             self._on_control(state.enabled, state.masked)
         for vector in state.pending:

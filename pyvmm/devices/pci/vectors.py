@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import select
+from collections.abc import Mapping
 from contextlib import ExitStack
 from typing import TYPE_CHECKING
 
@@ -55,37 +56,75 @@ class IrqfdVectors:
             self.eventfds[vector].signal()
 
     def sync(self, vector: int, message: Message | None) -> None:
-        """Make KVM match the vector: live with `message` (routed, irqfd attached), or not
+        """Make KVM match one vector: live with `message` (routed, irqfd attached), or not
         live (None: irqfd detached, signals pend)."""
-        fd = self.eventfds[vector].fd
-        if message is None:
-            if self._attached[vector]:
+        self.sync_all({vector: message})
+
+    def sync_all(self, messages: Mapping[int, Message | None]) -> None:
+        """Make KVM match several vectors at once (an enable, a restore). The routes that
+        changed reach KVM in one commit, made before any irqfd is attached: attaching one
+        delivers a signal already pending, and it must find its route. A message the vector
+        already has commits nothing."""
+        live = {}
+        for vector, message in messages.items():
+            if message is not None:
+                live[vector] = message
+            elif self._attached[vector]:
                 self._detach(vector)
-            return
-        gsi = self._gsi[vector]
+        changed = {v: m for v, m in live.items() if self._route[v] != m}
+        if changed:
+            self._route_all(changed)
+        for vector, message in live.items():
+            if self._route[vector] == message and not self._attached[vector]:
+                self._attach(vector, message)
+
+    def _route_all(self, messages: dict[int, Message]) -> None:
+        """Route each vector to its message in one commit; if KVM refuses the table, route
+        them one commit each, so that only the vectors KVM refuses go without."""
         try:
-            if gsi is None:
-                gsi = self._gsi[vector] = self._gsi_routing.allocate_gsi()
-            if self._route[vector] != message:
+            for vector, message in messages.items():
+                gsi = self._gsi[vector]
+                if gsi is None:
+                    gsi = self._gsi[vector] = self._gsi_routing.allocate_gsi()
                 self._route[vector] = None
-                self._gsi_routing.set_msi(gsi, *message)
-                self._route[vector] = message
-            if not self._attached[vector]:
-                self._vm.irqfd(fd, gsi)
-                self._attached[vector] = True
-                # KVM_IRQFD injected a signal already in the counter but left the counter as
-                # is (later signals are consumed as they come); clear it, or a later mask
-                # would show it as pending and deliver it twice.
-                self.eventfds[vector].read()
+                self._gsi_routing.set_msi(gsi, *message, commit=False)
+            self._gsi_routing.commit()
         except _ERRORS as err:
-            log.warning(
-                "%s vector %d (address %#x data %#x) has no interrupt route: %s",
-                self._what,
-                vector,
-                *message,
-                err,
-            )
-            self._drop_route(vector)
+            if len(messages) == 1:
+                vector, message = next(iter(messages.items()))
+                self._no_route(vector, message, err)
+                return
+            for vector in messages:
+                self._drop_route(vector, commit=False)
+            for vector, message in messages.items():
+                self._route_all({vector: message})
+            return
+        for vector, message in messages.items():
+            self._route[vector] = message
+
+    def _attach(self, vector: int, message: Message) -> None:
+        gsi = self._gsi[vector]
+        assert gsi is not None
+        try:
+            self._vm.irqfd(self.eventfds[vector].fd, gsi)
+        except _ERRORS as err:
+            self._no_route(vector, message, err)
+            return
+        self._attached[vector] = True
+        # KVM_IRQFD injected a signal already in the counter but left the counter as is
+        # (later signals are consumed as they come); clear it, or a later mask would show it
+        # as pending and deliver it twice.
+        self.eventfds[vector].read()
+
+    def _no_route(self, vector: int, message: Message, err: Exception) -> None:
+        log.warning(
+            "%s vector %d (address %#x data %#x) has no interrupt route: %s",
+            self._what,
+            vector,
+            *message,
+            err,
+        )
+        self._drop_route(vector)
 
     def pending(self, vectors: range) -> list[int]:
         """Vectors in `vectors` that are not live and have an unconsumed signal."""
@@ -114,7 +153,7 @@ class IrqfdVectors:
             log.warning("%s vector %d: removing its irqfd failed: %s", self._what, vector, err)
         self._attached[vector] = False
 
-    def _drop_route(self, vector: int) -> None:
+    def _drop_route(self, vector: int, commit: bool = True) -> None:
         gsi = self._gsi[vector]
         if gsi is None:
             return
@@ -123,6 +162,8 @@ class IrqfdVectors:
         self._gsi[vector] = None
         self._route[vector] = None
         self._gsi_routing.release_gsi(gsi)
+        if not commit:
+            return
         try:
             self._gsi_routing.commit()
         except _ERRORS as err:
