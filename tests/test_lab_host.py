@@ -333,8 +333,15 @@ def test_the_spec_asks_the_agent_for_igbs_vfs() -> None:
 
 def test_shell_console_is_muxed_with_the_monitor() -> None:
     argv = qemu.command("q", machine(console="stdio,mux=on,signal=off", agent="null"))
-    assert option_values(argv, "-mon") == ["chardev=console,mode=readline"]
-    assert "-monitor" not in argv
+    assert option_values(argv, "-monitor") == ["chardev:console"]
+    assert "-mon" not in argv  # (deprecated in QEMU 11)
+
+
+def test_a_run_has_a_qmp_monitor_and_no_human_one() -> None:
+    argv = qemu.command("q", machine(monitor="socket,fd=9"))
+    assert option_values(argv, "-monitor") == ["none"]
+    assert option_values(argv, "-qmp") == ["chardev:qmp"]
+    assert "socket,fd=9,id=qmp" in option_values(argv, "-chardev")
 
 
 def test_amd_iommu_and_unknown_devices_are_refused() -> None:
@@ -588,6 +595,7 @@ def hang():
 os.write(fds["console"], b"[    0.000000] Linux version 7.3.4-lab\\n")
 if mode == "qemu-error":
     sys.stderr.write("qemu-system-x86_64: -device edu: something broke\\n")
+    sys.stderr.write("qemu-system-x86_64: -qmp chardev:qmp: warning: not why it stopped\\n")
     sys.exit(1)
 if mode.startswith(("aborts", "crash")):
     import resource

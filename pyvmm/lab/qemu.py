@@ -201,12 +201,13 @@ def command(qemu: str, config: MachineConfig) -> list[str]:
     else:
         args += ["-device", "virtio-iommu-pci"]
     args += ["-chardev", f"{config.console},id=console", "-serial", "chardev:console"]
+    # (-monitor and -qmp with "chardev:ID": QEMU 11 deprecates -mon)
     if config.console.startswith("stdio"):
-        args += ["-mon", "chardev=console,mode=readline"]
+        args += ["-monitor", "chardev:console"]
     else:
         args += ["-monitor", "none"]
     if config.monitor:
-        args += ["-chardev", f"{config.monitor},id=qmp", "-mon", "chardev=qmp,mode=control"]
+        args += ["-chardev", f"{config.monitor},id=qmp", "-qmp", "chardev:qmp"]
     args += [
         "-device",
         "virtio-serial-pci,id=vser",

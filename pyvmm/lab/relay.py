@@ -194,7 +194,12 @@ class Relay:
             if initramfs.FAIL_PREFIX in line
         ]
         panics = [line.strip() for line in console if "Kernel panic" in line]
-        qemu_lines = [line.strip() for line in qemu_log.splitlines() if line.strip()]
+        # what QEMU said, but not its warnings (a deprecated option is not why a lab stopped)
+        qemu_lines = [
+            line.strip()
+            for line in qemu_log.splitlines()
+            if line.strip() and ": warning: " not in line
+        ]
         if init_failures:
             why = init_failures[-1]
         elif panics:
