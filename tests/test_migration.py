@@ -29,9 +29,11 @@ from pyvmm.machine.console import CaptureConsole
 from pyvmm.machine.machine import Machine, RunState, StopReason
 from pyvmm.machine.memory import GuestMemory
 from pyvmm.machine.state import StateError
-from pyvmm.migration import live
-from pyvmm.migration.live import Endpoint, Migration, MigrationError
+from pyvmm.migration.destination import receive
+from pyvmm.migration.progress import Progress
+from pyvmm.migration.source import DRAINED, Migration
 from pyvmm.migration.stream import StreamReader
+from pyvmm.migration.transport import RECEIVE_BUFFER, Endpoint, MigrationError
 from pyvmm.uapi.ioctl import IoctlError
 
 pytestmark = [pytest.mark.kvm, requires_kvm]
@@ -117,13 +119,13 @@ def test_a_tcp_migration_connection_is_set_for_the_downtime(
         accepted["rcvbuf"] = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
         raise MigrationError("(the test ends here)")
 
-    monkeypatch.setattr(live, "take_in", take_in)
+    monkeypatch.setattr("pyvmm.migration.destination.take_in", take_in)
     listening = threading.Event()
     refused: list[str] = []
 
     def destination_side() -> None:
         try:
-            live.receive(endpoint, lambda info: CaptureConsole(), on_listening=listening.set)
+            receive(endpoint, lambda info: CaptureConsole(), on_listening=listening.set)
         except MigrationError as err:
             refused.append(str(err))
 
@@ -135,7 +137,7 @@ def test_a_tcp_migration_connection_is_set_for_the_downtime(
         source.sendall(b"x")  # (the destination takes the first connection that speaks)
         destination.join(10)
     with socket.socket() as untuned, socket.socket() as bounded:
-        bounded.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, live.RECEIVE_BUFFER)
+        bounded.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
         expected = bounded.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)  # (Linux doubles it)
         default = untuned.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
     assert refused == ["(the test ends here)"]
@@ -186,7 +188,7 @@ destination_errors: list[str] = []
 
 def migrate_in_process(
     source: Machine, uri: str, **options: object
-) -> tuple[Machine, str, live.Progress]:
+) -> tuple[Machine, str, Progress]:
     """Migrate `source` (running) to a destination in this process, which records a digest of
     its RAM before it starts; returns the destination's machine (running), that digest and
     the migration's progress."""
@@ -195,7 +197,7 @@ def migrate_in_process(
 
     def destination() -> None:
         try:
-            incoming = live.receive(
+            incoming = receive(
                 Endpoint.parse(uri), lambda info: CaptureConsole(), on_listening=ready.set
             )
         except MigrationError as err:
@@ -540,23 +542,23 @@ def test_the_switch_over_waits_for_the_destination_to_read_what_the_rounds_sent(
     """What is still unread in the socket when the source pauses would be read during the
     downtime: the source waits (its guest running) until the destination has read all but
     DRAINED bytes, and a destination that stops reading fails the migration before the pause."""
-    monkeypatch.setattr(live, "SEND_TIMEOUT", 0.5)
-    machine = SimpleNamespace(memory=GuestMemory())
+    monkeypatch.setattr("pyvmm.migration.source.SEND_TIMEOUT", 0.5)
+    machine = SimpleNamespace(memory=GuestMemory(), throttle=lambda fraction: None)
     migration = Migration(machine, Endpoint.parse("unix:/nowhere"), info={})  # type: ignore[arg-type]
     ours, theirs = socket.socketpair()
     with ours, theirs:
-        ours.sendall(bytes(2 * live.DRAINED))
+        ours.sendall(bytes(2 * DRAINED))
         with pytest.raises(MigrationError, match=r"stopped reading: \d+ KiB .* still unread"):
             migration._drain(ours)
         read: list[int] = []
 
         def read_later() -> None:
             time.sleep(0.1)
-            while sum(read) < 2 * live.DRAINED:
+            while sum(read) < 2 * DRAINED:
                 read.append(len(theirs.recv(65536)))
 
         reader = threading.Thread(target=read_later)
         reader.start()
         migration._drain(ours)
-        assert sum(read) >= live.DRAINED  # it returned only once the peer had read
+        assert sum(read) >= DRAINED  # it returned only once the peer had read
         reader.join()

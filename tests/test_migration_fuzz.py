@@ -12,6 +12,7 @@ import re
 import socket
 import struct
 import threading
+import time
 
 import pytest
 from guestbuild import guest, requires_kvm
@@ -22,9 +23,11 @@ from test_snapshot_fuzz import DAMAGED, sections_of, stream
 from pyvmm.errors import PyvmmError
 from pyvmm.machine.console import CaptureConsole
 from pyvmm.machine.machine import Machine
-from pyvmm.migration import live
-from pyvmm.migration.live import Endpoint, Migration
+from pyvmm.migration.destination import take_in
+from pyvmm.migration.pages import CHUNK
+from pyvmm.migration.source import Migration
 from pyvmm.migration.stream import SectionType, StreamReader
+from pyvmm.migration.transport import Endpoint
 
 PAGE_SECTIONS = [SectionType.PAGES, SectionType.ZERO_PAGES, SectionType.PAGE_RUNS]
 
@@ -38,13 +41,17 @@ ENDPOINT = Endpoint.parse("unix:/nonexistent/fuzz.sock")  # only named in messag
 
 def record_a_migration(path: str) -> bytes:
     """The bytes a real migration of the counter guest sends (to a destination that records
-    them and answers as a real one does)."""
+    them and answers as a real one does). The destination stalls a moment after the first
+    pages, and the source waits until it has read all (DRAINED 0) before it pauses: so the
+    guest surely runs, and dirties pages, while the dirty log is on, however busy the host."""
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(path)
     listener.listen(1)
     recorded = io.BytesIO()
+    stalled = False
 
     def destination() -> None:
+        nonlocal stalled
         conn, _ = listener.accept()
         with conn:
             reader = StreamReader(conn.makefile("rb"))
@@ -56,6 +63,9 @@ def record_a_migration(path: str) -> bytes:
                 recorded.write(section.payload)
                 if section.type == SectionType.INFO:
                     conn.sendall(b'{"accept": true}\n')
+                if section.type == SectionType.PAGES and not stalled:
+                    time.sleep(0.3)
+                    stalled = True
                 if section.type == SectionType.END:
                     conn.sendall(b'{"resumed": true}\n')
                     return
@@ -67,7 +77,9 @@ def record_a_migration(path: str) -> bytes:
         source.add_device("virtio-rng")
         source.start()
         source.console.wait_for(r"count 1024\n", 30)  # type: ignore[attr-defined]
-        Migration(source, Endpoint.parse(f"unix:{path}"), info={}).run()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr("pyvmm.migration.source.DRAINED", 0)
+            Migration(source, Endpoint.parse(f"unix:{path}"), info={}).run()
     thread.join(30)
     listener.close()
     data, sections = recorded.getvalue(), []
@@ -100,7 +112,7 @@ def take(data: bytes) -> Machine | str:
     sender = threading.Thread(target=send)
     sender.start()
     try:
-        return live.take_in(ours, ENDPOINT, lambda info: CaptureConsole()).machine
+        return take_in(ours, ENDPOINT, lambda info: CaptureConsole()).machine
     except PyvmmError as err:
         assert str(err) and "\n" not in str(err), str(err)
         return str(err)
@@ -124,7 +136,7 @@ def test_the_real_stream_is_taken_in(migration_stream: bytes) -> None:
     ours, theirs = socket.socketpair()
     theirs.sendall(migration_stream)
     theirs.shutdown(socket.SHUT_WR)
-    incoming = live.take_in(ours, ENDPOINT, lambda info: CaptureConsole())
+    incoming = take_in(ours, ENDPOINT, lambda info: CaptureConsole())
     with incoming.machine as machine:
         assert [d.kind for d in machine.config.devices] == ["virtio-rng"]
     assert json.loads(theirs.recv(100)) == ACCEPTED
@@ -139,7 +151,7 @@ def test_an_unknown_optional_section_before_info_is_skipped(migration_stream: by
         target=theirs.sendall, args=(stream([sections[0], (99, 1, b"new"), *sections[1:]]),)
     )
     sender.start()
-    incoming = live.take_in(ours, ENDPOINT, lambda info: CaptureConsole())
+    incoming = take_in(ours, ENDPOINT, lambda info: CaptureConsole())
     incoming.machine.close()
     sender.join(30)
     assert json.loads(theirs.recv(100)) == ACCEPTED
@@ -197,12 +209,12 @@ def test_pages_aimed_anywhere_are_refused_or_land_in_ram(
     writes = [(gpa, pattern)]
     if kind == SectionType.PAGES:
         payload = struct.pack("<Q", gpa) + pattern
-        fits = in_ram(gpa, size) and size <= live.CHUNK
+        fits = in_ram(gpa, size) and size <= CHUNK
     elif kind == SectionType.ZERO_PAGES:
         length = data.draw(st.sampled_from([size, 2**64 - 1]))
         payload = struct.pack("<QQ", gpa, length)
         writes = [(gpa, bytes(size))]
-        fits = in_ram(gpa, size) and length == size <= live.CHUNK
+        fits = in_ram(gpa, size) and length == size <= CHUNK
     else:  # runs: the hostile one among good ones, counts and lengths that may not agree
         runs = [(4096, 1, b"run one!" * 512), (gpa, size // 4096, pattern[: size // 4096 * 4096])]
         runs.append((1 << 20, 2, b"run two!" * 1024))
@@ -216,7 +228,7 @@ def test_pages_aimed_anywhere_are_refused_or_land_in_ram(
         writes = [(at, run) for at, _, run in runs]
         total = sum(len(run) for _, _, run in runs)
         fits = count == len(runs) and extra == 0 and in_ram(gpa, size // 4096 * 4096)
-        fits = fits and total <= live.CHUNK
+        fits = fits and total <= CHUNK
     sections.insert(last_pages + 1, (kind, 0, payload))
     event("written to RAM" if fits else "refused")
     outcome = take(stream(sections))

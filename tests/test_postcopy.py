@@ -25,8 +25,10 @@ from pyvmm.machine.console import CaptureConsole
 from pyvmm.machine.dirty import DirtyBitmap
 from pyvmm.machine.machine import Machine, RunState, StopReason
 from pyvmm.machine.memory import GuestMemory, RamRegion
-from pyvmm.migration import live, postcopy, snapshot
-from pyvmm.migration.live import Endpoint, Migration, MigrationError
+from pyvmm.migration import postcopy, snapshot
+from pyvmm.migration.destination import Incoming, receive
+from pyvmm.migration.source import Migration
+from pyvmm.migration.transport import Endpoint, MigrationError
 
 REGION, REGION_END = 32 << 20, 48 << 20  # what memtouch rewrites, a quadword a page
 STILL = (48 << 20, 56 << 20)  # data the guest never touches
@@ -56,16 +58,16 @@ def slow_push(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
 
 def migrate(
     source: Machine, uri: str, during_postcopy, **options: object
-) -> tuple[live.Incoming | None, Migration, BaseException | None]:
+) -> tuple[Incoming | None, Migration, BaseException | None]:
     """Migrate `source` to a destination thread in this process, which calls
     `during_postcopy(incoming, migration)` once it has confirmed; returns what came in, the
     migration, and what its run raised."""
-    arrived: list[live.Incoming] = []
+    arrived: list[Incoming] = []
     ready = threading.Event()
     migration = Migration(source, Endpoint.parse(uri), info={}, **options)  # type: ignore[arg-type]
 
     def destination() -> None:
-        incoming = live.receive(
+        incoming = receive(
             Endpoint.parse(uri), lambda info: CaptureConsole(), on_listening=ready.set
         )
         arrived.append(incoming)
@@ -97,7 +99,7 @@ def running_memtouch() -> Iterator[Machine]:
 
 def postcopy_of(
     source: Machine, tmp_path: Path, during_postcopy
-) -> tuple[live.Incoming | None, Migration, BaseException | None]:
+) -> tuple[Incoming | None, Migration, BaseException | None]:
     """`migrate` with a downtime limit memtouch never fits: it switches to post-copy."""
     uri = f"unix:{tmp_path / 'in.sock'}"
     return migrate(source, uri, during_postcopy, downtime_limit=0.0001, postcopy=True)
@@ -112,7 +114,7 @@ def test_a_guest_that_never_converges_migrates_with_postcopy_every_page_as_it_wa
     read_during: list[tuple[bool, bytes]] = []
     last_page = REGION_END - PAGE_SIZE
 
-    def during_postcopy(incoming: live.Incoming, _: Migration) -> None:
+    def during_postcopy(incoming: Incoming, _: Migration) -> None:
         # pyvmm's own read of a page that may not be here yet waits for it (a Python thread
         # touching it unasked would fault holding the GIL the fault's server needs)
         missing = bool(incoming.machine.memory.missing)
@@ -167,7 +169,7 @@ def test_a_source_lost_during_postcopy_stops_the_destination_with_the_reason(
     slow_push(monkeypatch, 0.02)
     ended: list[object] = []
 
-    def during_postcopy(incoming: live.Incoming, migration: Migration) -> None:
+    def during_postcopy(incoming: Incoming, migration: Migration) -> None:
         time.sleep(0.2)
         migration.cancel()  # as a source going away: its connection shut down
         ended.append(incoming.machine.wait(30))
@@ -379,9 +381,7 @@ def test_a_destination_that_cannot_take_postcopy_in_leaves_the_source_running(
 
         def destination() -> None:
             try:
-                live.receive(
-                    Endpoint.parse(uri), lambda info: CaptureConsole(), on_listening=ready.set
-                )
+                receive(Endpoint.parse(uri), lambda info: CaptureConsole(), on_listening=ready.set)
             except MigrationError as err:
                 refused.append(str(err))
 
@@ -413,7 +413,7 @@ def test_a_destination_that_quits_during_postcopy_ends_cleanly_and_the_source_sa
     slow_push(monkeypatch, 0.02)
     closed: list[bool] = []
 
-    def during_postcopy(incoming: live.Incoming, _: Migration) -> None:
+    def during_postcopy(incoming: Incoming, _: Migration) -> None:
         time.sleep(0.2)
         incoming.machine.stop()
         incoming.machine.wait(30)

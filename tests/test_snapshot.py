@@ -23,9 +23,10 @@ from pyvmm.machine.devices import pins_guest_ram
 from pyvmm.machine.machine import Machine, RunState
 from pyvmm.migration import snapshot
 from pyvmm.migration.control import ControlServer
-from pyvmm.migration.live import Endpoint, Migration, MigrationError
 from pyvmm.migration.memory_file import GRANULE
 from pyvmm.migration.snapshot import SnapshotError
+from pyvmm.migration.source import Migration
+from pyvmm.migration.transport import Endpoint, MigrationError
 
 pytestmark = [pytest.mark.kvm, requires_kvm]
 

@@ -175,7 +175,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def run_incoming(args: argparse.Namespace) -> int:
     """`run --incoming`: take in a migrated machine, run it, and let the source stop."""
     from pyvmm.machine.config import MachineConfig
-    from pyvmm.migration import live
+    from pyvmm.migration import destination
+    from pyvmm.migration.transport import Endpoint
 
     given = [args.image, args.kernel, args.initrd, args.params, *args.disk, args.rng, *args.net]
     if any(given) or args.vfio_pci or args.vfio_dev:
@@ -199,8 +200,8 @@ def run_incoming(args: argparse.Namespace) -> int:
 
         control = listen_control(args.control)
     try:
-        incoming = live.receive(
-            live.Endpoint.parse(args.incoming), console, expect=expect, trace_exits=args.exit_stats
+        incoming = destination.receive(
+            Endpoint.parse(args.incoming), console, expect=expect, trace_exits=args.exit_stats
         )
     except BaseException:
         if control is not None:

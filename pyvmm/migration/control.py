@@ -35,8 +35,9 @@ from pyvmm.errors import PyvmmError
 from pyvmm.machine.machine import Machine, RunState, StopReason
 from pyvmm.machine.threads import start_thread
 from pyvmm.migration import snapshot
-from pyvmm.migration.live import Endpoint, Migration
-from pyvmm.migration.sockets import listen_unix
+from pyvmm.migration.sockets import json_line, listen_unix
+from pyvmm.migration.source import Migration
+from pyvmm.migration.transport import Endpoint
 from pyvmm.vfio import control as vfio_control
 
 log = logging.getLogger(__name__)
@@ -239,7 +240,7 @@ class ControlServer:
 
     def event(self, name: str, **data: Any) -> None:
         """Send an event to every client (from any thread)."""
-        line = _line({"event": name, "data": data, "timestamp": round(time.time(), 6)})
+        line = json_line({"event": name, "data": data, "timestamp": round(time.time(), 6)})
         with self._lock:
             for client in list(self._clients):
                 self._send(client, line)
@@ -264,7 +265,9 @@ class ControlServer:
                 self._clients[client] = bytearray()
                 self._send(
                     client,
-                    _line({"pyvmm": {"version": _version(), "commands": sorted(self.commands)}}),
+                    json_line(
+                        {"pyvmm": {"version": _version(), "commands": sorted(self.commands)}}
+                    ),
                 )
             self._selector.register(client, selectors.EVENT_READ)
 
@@ -287,11 +290,11 @@ class ControlServer:
             reply = self._handle(bytes(pending[start:end]))
             start = end + 1
             with self._lock:
-                self._send(client, _line(reply))
+                self._send(client, json_line(reply))
         del pending[:start]
         if len(pending) > MAX_REQUEST:
             with self._lock:
-                self._send(client, _line(_error("GenericError", "request line too long")))
+                self._send(client, json_line(_error("GenericError", "request line too long")))
             self._drop(client)
 
     def _handle(self, line: bytes) -> dict[str, Any]:
@@ -385,10 +388,6 @@ def _error(kind: str, desc: str) -> dict[str, Any]:
     return {"error": {"class": kind, "desc": desc}}
 
 
-def _line(message: dict[str, Any]) -> bytes:
-    return json.dumps(message).encode() + b"\n"
-
-
 class ControlClient:
     """A connection to a control socket: `execute()` returns a command's result, or raises
     ControlError with the server's error; `events` collects the events seen meanwhile."""
@@ -432,7 +431,7 @@ class ControlClient:
         self._next_id += 1
         request = {"execute": command, "arguments": arguments, "id": request_id}
         try:
-            self._sock.sendall(_line(request))
+            self._sock.sendall(json_line(request))
         except OSError as err:
             self._drain()
             raise ControlError(f"the control socket failed: {err.strerror}") from None

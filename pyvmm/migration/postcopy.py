@@ -26,7 +26,7 @@ side dying, before "complete" loses the VM: the destination stops with an error 
 on pages it does not have, and the source stays paused (its copy is older than what the
 destination has run). QEMU's post-copy makes the same trade.
 
-This module holds each side's bookkeeping; live.py drives the stream.
+This module holds each side's bookkeeping; postcopy_link.py drives the stream.
 """
 
 from __future__ import annotations

@@ -1,18 +1,21 @@
 """The unix sockets pyvmm listens on (a control socket, a migration's --incoming): private to
 the user (0600), and a stale socket file left by a pyvmm that ended without removing it is
-replaced, but never a live one, another user's, or a file that is not a socket.
+replaced, but never a live one, another user's, or a file that is not a socket. And the JSON
+lines that both the control socket and a migration's destination send.
 
 Whether a socket file is live is asked by connecting to it (refused: stale), so a listener must
 expect connections that close without a word: the control server drops them, and a migration's
-destination goes on waiting (live.receive)."""
+destination goes on waiting (Endpoint.accept_source)."""
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import socket
 import stat
 from pathlib import Path
+from typing import Any
 
 from pyvmm.errors import ConfigError
 
@@ -53,3 +56,9 @@ def listen_unix(path: str, what: str, backlog: int = 8) -> socket.socket:
         listener.close()
         raise ConfigError(f"{what}: cannot listen there: {err.strerror}") from None
     return listener
+
+
+def json_line(message: dict[str, Any]) -> bytes:
+    """`message` as one line of JSON, as both the control socket and a migration's destination
+    send them."""
+    return json.dumps(message).encode() + b"\n"

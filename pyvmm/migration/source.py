@@ -1,0 +1,307 @@
+"""Live migration's source: iterative pre-copy of a running machine to another pyvmm.
+
+The source sends one VM state stream (stream.py) and the destination (destination.py) answers on
+the same socket with JSON lines (transport.py):
+
+    source                                      destination (pyvmm run --incoming URI)
+    header, CONFIG, INFO                 ->
+                                         <-     {"accept": true} | {"error": "why"}
+    PAGES / ZERO_PAGES / PAGE_RUNS: all RAM (round 0), then each round the pages dirtied since
+    (the machine paused) last dirty pages, COMPONENT*, END
+                                         <-     {"resumed": true, "phases_ms": ...} | {"error": ..}
+
+The page sections are pages.py's; when the rounds end, and how a guest that dirties too fast is
+slowed down, is convergence.py's. Then the source pauses, sends the rest and the machine's
+state, and waits for the destination to say that its copy runs; only then does the source
+stop. Anything failing before the destination's "resumed" (a cut connection, a refusal, a
+timeout) resumes the source, which never stopped being the machine; so does a destination's
+refusal of the state it was sent (it says it does not run it). With post-copy (postcopy.py), the
+pause comes with pages still to send: the state goes with the list of them (POSTCOPY), the
+destination runs, and the pages follow (postcopy_link.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, BinaryIO
+
+from pyvmm.errors import PyvmmError
+from pyvmm.kvm.mmap import PAGE_SIZE
+from pyvmm.machine.dirty import DirtyBitmap
+from pyvmm.machine.machine import Machine, RunState, StopReason
+from pyvmm.machine.threads import start_thread
+from pyvmm.migration import memory_file, postcopy, postcopy_link, vmstate
+from pyvmm.migration.convergence import Convergence, Step
+from pyvmm.migration.pages import PageSender, union
+from pyvmm.migration.progress import Phases, Progress
+from pyvmm.migration.stream import SectionType, StreamWriter
+from pyvmm.migration.transport import (
+    SEND_TIMEOUT,
+    Endpoint,
+    MigrationError,
+    Refused,
+    connection,
+    expect,
+    queued,
+)
+
+DRAINED = 64 << 10  # bytes left unread in the socket when the source pauses, at most
+
+
+class Migration:
+    """Migrates `machine` to `endpoint` on a thread of its own (`start()`); `progress` says how
+    far it is and `done` is set when it ends, either way."""
+
+    def __init__(
+        self,
+        machine: Machine,
+        endpoint: Endpoint,
+        *,
+        info: dict[str, Any],
+        downtime_limit: float = 0.03,
+        max_rounds: int = 30,
+        auto_converge: bool = False,
+        postcopy: bool = False,
+        on_end: Callable[[Progress], None] | None = None,
+    ) -> None:
+        self.machine = machine
+        self.endpoint = endpoint
+        self.info = info
+        self.progress = Progress(ram_bytes=machine.memory.size)
+        self.convergence = Convergence(
+            self.progress,
+            machine.throttle,
+            downtime_limit=downtime_limit,
+            max_rounds=max_rounds,
+            auto_converge=auto_converge,
+            postcopy=postcopy,
+        )
+        self.done = threading.Event()
+        self._on_end = on_end
+        self._cancelled = False
+        self._running = False  # run() has begun
+        self._sock: socket.socket | None = None
+        self._sender = PageSender(machine.memory, self._check_cancelled)
+        # how far it got, for what a failure leaves behind
+        self._paused = False
+        self._handed_over = False  # the state went to the destination
+        self._pending: postcopy.Pending | None = None  # post-copy's pages still to send
+
+    def cancel(self) -> None:
+        """End a migration under way and wait until it has (the machine is going away): it
+        fails at its next batch, its connection shut down so that no send blocks it."""
+        self._cancelled = True
+        sock = self._sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        if self._running:
+            self.done.wait(SEND_TIMEOUT)
+
+    def start(self) -> None:
+        """Migrate on a thread of its own; the outcome is in `progress` once `done` is set."""
+
+        def run() -> None:
+            with contextlib.suppress(MigrationError):
+                self.run()
+
+        start_thread(run, "migration")
+
+    def run(self) -> None:
+        """Migrate now, on this thread (not a vCPU's); MigrationError if it fails. A failure
+        leaves the source as it was (running, or paused if it was), except once the machine's
+        state has gone to the destination and it did not refuse it: then it stays paused,
+        since the destination may be running it (and is, after a switch to post-copy)."""
+        self._running = True
+        started = time.monotonic()
+        self._refuse_unmigratable(started)
+        was_running = self.machine.state is RunState.RUNNING
+        try:
+            with connection(self.endpoint) as sock:
+                self._sock = sock
+                self._migrate(sock)
+        except BaseException as err:
+            self._recover(err, was_running)
+            self._finish(started)
+            if isinstance(err, (OSError, PyvmmError)):
+                raise MigrationError(self.progress.error) from None
+            raise
+        finally:
+            self._sock = None
+        self.progress.status = "completed"
+        self._finish(started)  # (before the stop: the control socket goes with the machine)
+        self.machine.stop(StopReason.STOPPED, 0, f"migrated to {self.endpoint.uri}")
+
+    def _refuse_unmigratable(self, started: float) -> None:
+        """A machine with a part that cannot migrate (and the destination could not open a
+        device while this one has it) is refused before anything is sent."""
+        caveats = self.machine.components.caveats()
+        if self.machine.memory.missing:
+            caveats = {"its RAM": self.machine.memory.missing}
+        if caveats:
+            first, caveat = next(iter(caveats.items()))
+            self.progress.status, self.progress.error = "failed", f"{first}: {caveat}"
+            self._finish(started)
+            raise MigrationError(f"cannot migrate this machine: {first}: {caveat}")
+
+    def _migrate(self, sock: socket.socket) -> None:
+        out = sock.makefile("wb", buffering=1 << 20)
+        answers = sock.makefile("rb")
+        writer = StreamWriter(out)
+        writer.section(SectionType.CONFIG, vmstate.encode_config(self.machine.config))
+        writer.section(SectionType.INFO, vmstate.encode_info(self.info))
+        asked = time.monotonic()
+        out.flush()
+        accepted = expect(answers, sock, "accept", "building its machine")
+        if self.convergence.postcopy and accepted.get("postcopy") is not True:
+            why = accepted.get("postcopy_unavailable") or "it does not say it can"
+            raise MigrationError(
+                f"the destination cannot take a post-copy migration ({why}); migrate "
+                "without post-copy (the source runs on)"
+            )
+        self.convergence.destination_built(time.monotonic() - asked)
+        self.progress.status = "active"
+        self.machine.dirty.start()
+        bitmaps, step = self._precopy(writer)
+        self.progress.status = "completing"
+        self._drain(sock)
+        self._switch_over(sock, writer, answers, bitmaps, step)
+        if self._pending is not None:
+            postcopy_link.push(sock, writer, answers, self._pending, self._sender, self.progress)
+
+    def _precopy(self, writer: StreamWriter) -> tuple[list[DirtyBitmap], Step]:
+        """Round 0, then rounds of dirty pages until the policy says to stop: what the last
+        look at the dirty log found, and how the migration goes on."""
+        self._send_all(writer)
+        while True:
+            bitmaps = self.machine.dirty.collect()
+            left = sum(bitmap.count() for bitmap in bitmaps) * PAGE_SIZE
+            self.progress.dirty_bytes = left
+            step = self.convergence.next_step(left)
+            if step is not Step.ROUND:
+                return bitmaps, step
+            self._send_round(writer, bitmaps)
+
+    def _switch_over(
+        self,
+        sock: socket.socket,
+        writer: StreamWriter,
+        answers: BinaryIO,
+        bitmaps: list[DirtyBitmap],
+        step: Step,
+    ) -> None:
+        """The downtime: pause, send the last pages (or, for post-copy, name them) and the
+        state, and wait until the destination runs."""
+        phases = Phases()
+        if not self.machine.pause():
+            raise MigrationError("the machine stopped during the migration")
+        self._paused = True
+        phases.end("pause")
+        # What the last look found dirty, and whatever was dirtied since: sent now, or with
+        # post-copy, named as what the destination lacks and sent later.
+        last = union(bitmaps, self.machine.dirty.collect())
+        if step is Step.SWITCH_OVER:
+            self._send_round(writer, last)
+            phases.end("last_pages")
+        saved = self.machine.save()
+        for state in saved.components:
+            writer.section(SectionType.COMPONENT, vmstate.encode_component(state))
+        if step is Step.POSTCOPY:
+            writer.section(SectionType.POSTCOPY, postcopy.encode_pending(last))
+            writer.flush()
+        else:
+            writer.end()
+        self._handed_over = True
+        phases.end("state")
+        reply = expect(answers, sock, "resumed", "restoring the machine")
+        phases.end("destination")
+        phases.split_last(reply.get("phases_ms"), "destination")
+        self.progress.downtime_ms = phases.total_ms
+        self.progress.downtime_phases_ms = phases.ms
+        self.machine.dirty.stop()
+        self.convergence.end()
+        if step is Step.POSTCOPY:
+            self._pending = postcopy.Pending(last)
+
+    def _recover(self, err: BaseException, was_running: bool) -> None:
+        """After a failure: the guest at full speed, the reason in `progress`, and the source
+        running again if the destination cannot be running the machine."""
+        with contextlib.suppress(Exception):
+            self.machine.dirty.stop()
+        self.convergence.end()
+        self.progress.status = "failed"
+        self.progress.error = _failure(self.endpoint, err)
+        if self._pending is not None:
+            self.progress.error += postcopy_link.pages_lost_message(self._pending)
+        elif self._handed_over and isinstance(err, Refused):
+            if was_running:  # it said it does not run the machine
+                self.machine.resume()
+        elif self._handed_over:
+            self.progress.error += (
+                "; the machine's state had been sent, so this copy stays paused: if the "
+                f"destination at {self.endpoint.uri} does not run it, resume this one "
+                "(pyvmm ctl CONTROL resume)"
+            )
+        elif self._paused and was_running:
+            self.machine.resume()
+
+    def _finish(self, started: float) -> None:
+        self.progress.seconds = time.monotonic() - started
+        self.done.set()
+        if self._on_end is not None:
+            self._on_end(self.progress)
+
+    def _check_cancelled(self) -> None:
+        if self._cancelled:
+            raise MigrationError("cancelled: the machine is ending")
+
+    # rounds
+
+    def _send_all(self, writer: StreamWriter) -> None:
+        """Round 0: every page the RAM's file has (the destination's RAM starts zeroed, so
+        what was never touched, and chunks of zeros, need not be sent)."""
+        started, before = time.monotonic(), writer.written
+        for region in self.machine.memory.regions:
+            for lo, hi in memory_file.region_extents(region):
+                self._sender.send_range(writer, region.gpa + lo, hi - lo, zeros=False)
+        writer.flush()
+        self.progress.round_done(time.monotonic() - started, writer.written - before)
+
+    def _send_round(self, writer: StreamWriter, bitmaps: list[DirtyBitmap]) -> None:
+        """The pages of `bitmaps`: a guest dirties pages here and there, so short runs go many
+        to a PAGE_RUNS section (a section apiece would cost more than the pages); long ones
+        go as PageSender.send_range sends them, their chunks of zeros as ZERO_PAGES."""
+        started, before = time.monotonic(), writer.written
+        self._sender.send_bitmaps(writer, bitmaps)
+        writer.flush()
+        self.progress.round_done(time.monotonic() - started, writer.written - before)
+
+    def _drain(self, sock: socket.socket) -> None:
+        """Wait, the guest still running, until the destination has read what the rounds sent
+        (all but DRAINED bytes): what is still in the socket's buffers (megabytes, on TCP)
+        would otherwise be read during the downtime, which the budget did not count."""
+        deadline = time.monotonic() + SEND_TIMEOUT
+        while (unread := queued(sock)) > DRAINED:
+            self._check_cancelled()
+            if time.monotonic() > deadline:
+                raise MigrationError(
+                    f"the destination stopped reading: {unread >> 10} KiB sent to it were "
+                    f"still unread after {SEND_TIMEOUT:.0f} s (the source runs on)"
+                )
+            time.sleep(0.001)
+
+
+def _failure(endpoint: Endpoint, err: BaseException) -> str:
+    if isinstance(err, PyvmmError):
+        return str(err)
+    if not isinstance(err, OSError):
+        return f"the migration failed: {type(err).__name__}: {err}"
+    if isinstance(err, TimeoutError):
+        return f"sending to {endpoint.uri} timed out: the destination stopped reading"
+    if isinstance(err, (BrokenPipeError, ConnectionResetError)):
+        return f"the connection to {endpoint.uri} broke (did the destination end?)"
+    return f"the migration to {endpoint.uri} failed: {err.strerror or err}"
