@@ -14,7 +14,8 @@ import pytest
 from pyvmm.commands.iommufd import tree_lines
 from pyvmm.errors import ConfigError
 from pyvmm.machine.machine import Machine
-from pyvmm.migration.control import ControlClient, ControlError, ControlServer
+from pyvmm.migration.control import ControlServer
+from pyvmm.migration.control_client import ControlClient, ControlError
 from pyvmm.uapi import iommufd as uapi
 from pyvmm.vfio import iommufd
 from pyvmm.vfio.iommufd import IommufdObject

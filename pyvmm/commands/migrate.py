@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -49,12 +50,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from pyvmm.migration.control import (
-        ControlClient,
-        ControlError,
-        describe_downtime,
-        follow_migration,
-    )
+    from pyvmm.migration.control_client import ControlClient, ControlError, follow_migration
 
     with ControlClient(args.control) as client:
         client.execute(
@@ -75,6 +71,20 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         f"{describe_downtime(status)}"
     )
     return 0
+
+
+def describe_downtime(status: dict[str, Any]) -> str:
+    """A completed migration's downtime in words, with where it went and, after a switch to
+    post-copy, how the rest came in."""
+    phases = ", ".join(f"{k} {v:.1f}" for k, v in status["downtime_phases_ms"].items())
+    postcopy = (
+        f"; post-copy: {status['postcopy_pages'] * 4} KiB after the switch, "
+        f"{status['postcopy_requested_pages']} pages asked for by faults, all in after "
+        f"{status['postcopy_ms']:.0f} ms"
+        if status["postcopy"]
+        else ""
+    )
+    return f"downtime {status['downtime_ms']:.1f} ms ({phases}){postcopy}"
 
 
 class ProgressBar:

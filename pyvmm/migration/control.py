@@ -35,6 +35,7 @@ from pyvmm.errors import PyvmmError
 from pyvmm.machine.machine import Machine, RunState, StopReason
 from pyvmm.machine.threads import start_thread
 from pyvmm.migration import snapshot
+from pyvmm.migration.control_client import MAX_REQUEST, ControlError
 from pyvmm.migration.sockets import json_line, listen_unix
 from pyvmm.migration.source import Migration
 from pyvmm.migration.transport import Endpoint
@@ -42,12 +43,7 @@ from pyvmm.vfio import control as vfio_control
 
 log = logging.getLogger(__name__)
 
-MAX_REQUEST = 1 << 20  # bytes in one request line
 SEND_TIMEOUT = 5.0  # seconds a reply or event may wait for a client to read
-
-
-class ControlError(PyvmmError):
-    """A control request failed, or the control socket cannot be used."""
 
 
 def _version() -> str:
@@ -386,114 +382,3 @@ def _check_arguments(command: Callable[..., Any], arguments: dict[str, Any]) -> 
 
 def _error(kind: str, desc: str) -> dict[str, Any]:
     return {"error": {"class": kind, "desc": desc}}
-
-
-class ControlClient:
-    """A connection to a control socket: `execute()` returns a command's result, or raises
-    ControlError with the server's error; `events` collects the events seen meanwhile."""
-
-    def __init__(self, path: str, timeout: float | None = None) -> None:
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(timeout)
-        try:
-            self._sock.connect(path)
-        except OSError as err:
-            self._sock.close()
-            raise ControlError(
-                f"cannot connect to the control socket {path}: {err.strerror}; is a pyvmm "
-                "running with --control there?"
-            ) from None
-        self._file = self._sock.makefile("rb")
-        self.events: list[dict[str, Any]] = []
-        self._next_id = 1
-        self.greeting = self._read()
-        if "pyvmm" not in self.greeting:
-            self.close()
-            raise ControlError(f"{path} is not a pyvmm control socket")
-
-    def _read(self) -> dict[str, Any]:
-        try:
-            line = self._file.readline(MAX_REQUEST)
-        except OSError as err:
-            raise ControlError(f"the control socket failed: {err}") from None
-        if not line:
-            raise ControlError("the control socket closed (the machine ended?)")
-        try:
-            message = json.loads(line)
-        except ValueError:
-            raise ControlError("the control socket sent something that is not JSON") from None
-        if not isinstance(message, dict):
-            raise ControlError("the control socket sent something that is not an object")
-        return message
-
-    def execute(self, command: str, **arguments: Any) -> dict[str, Any]:
-        request_id = self._next_id
-        self._next_id += 1
-        request = {"execute": command, "arguments": arguments, "id": request_id}
-        try:
-            self._sock.sendall(json_line(request))
-        except OSError as err:
-            self._drain()
-            raise ControlError(f"the control socket failed: {err.strerror}") from None
-        while True:
-            message = self._read()
-            if "event" in message:
-                self.events.append(message)
-                continue
-            if message.get("id") != request_id:
-                continue
-            if "error" in message:
-                raise ControlError(str(message["error"].get("desc", message["error"])))
-            return message.get("return", {})
-
-    def _drain(self) -> None:
-        """Keep the events the server sent before it went away."""
-        with contextlib.suppress(ControlError):
-            while True:
-                message = self._read()
-                if "event" in message:
-                    self.events.append(message)
-
-    def close(self) -> None:
-        self._file.close()
-        self._sock.close()
-
-    def __enter__(self) -> ControlClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def follow_migration(
-    client: ControlClient, on_status: Callable[[dict[str, Any]], None], poll: float = 0.05
-) -> dict[str, Any]:
-    """Poll `migrate-status` (each status to `on_status`) until the migration has completed
-    or failed; that final status. A migrated machine ends, and its control socket with it:
-    its outcome came just before, as the MIGRATION event."""
-    while True:
-        try:
-            status = client.execute("migrate-status")
-        except ControlError:
-            ends = [e["data"] for e in client.events if e.get("event") == "MIGRATION"]
-            if not ends:
-                raise
-            status = ends[-1]
-        on_status(status)
-        if status["status"] in ("completed", "failed"):
-            return status
-        time.sleep(poll)
-
-
-def describe_downtime(status: dict[str, Any]) -> str:
-    """A completed migration's downtime in words, with where it went and, after a switch to
-    post-copy, how the rest came in."""
-    phases = ", ".join(f"{k} {v:.1f}" for k, v in status["downtime_phases_ms"].items())
-    postcopy = (
-        f"; post-copy: {status['postcopy_pages'] * 4} KiB after the switch, "
-        f"{status['postcopy_requested_pages']} pages asked for by faults, all in after "
-        f"{status['postcopy_ms']:.0f} ms"
-        if status["postcopy"]
-        else ""
-    )
-    return f"downtime {status['downtime_ms']:.1f} ms ({phases}){postcopy}"

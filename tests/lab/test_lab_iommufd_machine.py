@@ -20,7 +20,8 @@ from test_lab_passthrough import build_passthrough_guests
 from pyvmm.devices.pci.device import PCI_COMMAND
 from pyvmm.machine.console import CaptureConsole
 from pyvmm.machine.machine import Machine
-from pyvmm.migration.control import ControlClient, ControlError, ControlServer
+from pyvmm.migration.control import ControlServer
+from pyvmm.migration.control_client import ControlClient, ControlError
 from pyvmm.uapi import iommufd as uapi
 from pyvmm.vfio import iommufd_mock as mock
 from pyvmm.vfio.errors import VfioError
