@@ -232,7 +232,7 @@ class Machine:
     def vfio(self, backend: str | None = None) -> VfioContext:
         """The machine's one IOMMU context, made on first use: every assigned device shares
         it (`backend` "iommufd" or "container"; by default what the host supports)."""
-        from pyvmm.vfio.context import open_context
+        from pyvmm.vfio.backends import open_context
 
         if self._vfio is None:
             self._vfio = open_context(backend, self.vm, self.address_space)

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 from pyvmm.uapi import vfio as uapi
 from pyvmm.uapi.ioctl import IoctlError
-from pyvmm.vfio.context import backends, default_backend, open_context
+from pyvmm.vfio.backends import BACKENDS, default_backend, open_context
 from pyvmm.vfio.device import VfioDevice
 from pyvmm.vfio.dma import DmaSpace
 from pyvmm.vfio.errors import VfioError
@@ -90,7 +90,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     info.add_argument("bdf", metavar="BDF", help="a device bound to vfio-pci")
     info.add_argument(
         "--backend",
-        choices=sorted(backends()),
+        choices=sorted(BACKENDS),
         help="how to open it (default: iommufd where /dev/iommu and VFIO cdevs exist)",
     )
     info.set_defaults(func=_info)

@@ -13,18 +13,16 @@ the device fds opened through it, and what the VM must know about them:
 
 `Machine.vfio()` makes the machine's context; a context without a VM or an address space (for
 tools and tests that only want device fds) skips those two jobs. The backends are classes in
-their own modules; `backends()` names them.
+their own modules; backends.py names them.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from pyvmm.errors import ConfigError
 from pyvmm.vfio.dma import DmaSpace, GuestRamMapper
 from pyvmm.vfio.errors import VfioError
 
@@ -127,31 +125,3 @@ class VfioContext:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def backends() -> dict[str, type[VfioContext]]:
-    """The backends by name (imported here, not at the top: each module subclasses this)."""
-    from pyvmm.vfio.container import ContainerContext
-    from pyvmm.vfio.iommufd_backend import IommufdContext
-
-    return {"iommufd": IommufdContext, "container": ContainerContext}
-
-
-def default_backend() -> str:
-    """iommufd where the kernel has /dev/iommu and VFIO device cdevs, else the container."""
-    from pyvmm.vfio.iommufd import CDEV_DIR, IOMMUFD_PATH
-
-    return "iommufd" if os.path.exists(IOMMUFD_PATH) and os.path.isdir(CDEV_DIR) else "container"
-
-
-def open_context(
-    backend: str | None = None, vm: Vm | None = None, address_space: AddressSpace | None = None
-) -> VfioContext:
-    """A new IOMMU context of `backend` (by default what this host supports, logged)."""
-    if backend is None:
-        backend = default_backend()
-        log.info("VFIO backend: %s (the default on this host)", backend)
-    known = backends()
-    if backend not in known:
-        raise ConfigError(f"unknown VFIO backend {backend!r}: use {' or '.join(known)}")
-    return known[backend](vm, address_space)

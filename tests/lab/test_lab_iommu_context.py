@@ -12,8 +12,8 @@ from pyvmm.kvm.mmap import Mapping
 from pyvmm.machine.machine import Machine
 from pyvmm.machine.memory import MemoryRegion, RegionKind
 from pyvmm.uapi.ioctl import IoctlError
+from pyvmm.vfio.backends import BACKENDS
 from pyvmm.vfio.container import ContainerContext
-from pyvmm.vfio.context import backends
 from pyvmm.vfio.errors import VfioError
 from pyvmm.vfio.iommufd_backend import IommufdContext
 from pyvmm.vfio.sysfs import Sysfs
@@ -21,7 +21,7 @@ from pyvmm.vfio.sysfs import Sysfs
 pytestmark = pytest.mark.lab(devices=("nvme",))
 
 MiB = 1 << 20
-BACKENDS = sorted(backends())
+BACKENDS = sorted(BACKENDS)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

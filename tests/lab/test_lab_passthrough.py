@@ -16,11 +16,11 @@ from pyvmm.machine import layout
 from pyvmm.machine.console import CaptureConsole
 from pyvmm.machine.machine import Machine
 from pyvmm.uapi.kvm import KvmExit
-from pyvmm.vfio.context import backends
+from pyvmm.vfio.backends import BACKENDS
 from pyvmm.vfio.sysfs import Sysfs
 
 MiB = 1 << 20
-BACKENDS = sorted(backends())
+BACKENDS = sorted(BACKENDS)
 
 
 def build_passthrough_guests() -> None:

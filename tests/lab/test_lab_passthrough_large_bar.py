@@ -17,7 +17,7 @@ from linuxkernel import lab_kernel
 from pyvmm.initramfs import BUSYBOX_INIT_PRELUDE, busybox_initramfs
 from pyvmm.lab.launcher import find_busybox
 from pyvmm.machine import layout
-from pyvmm.vfio.context import backends
+from pyvmm.vfio.backends import BACKENDS
 
 MARK = "pyvmm-guest:"
 GiB = 1 << 30
@@ -52,7 +52,7 @@ def boot(tmp_path: Path, step: str, bdf: str, backend: str) -> subprocess.Comple
 
 
 @pytest.mark.lab(devices=("ivshmem",), session="linux")
-@pytest.mark.parametrize("backend", sorted(backends()))
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_a_bar_larger_than_the_32_bit_window_goes_above_4_gib(
     backend: str, lab_devices, tmp_path: Path
 ) -> None:

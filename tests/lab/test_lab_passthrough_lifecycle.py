@@ -14,11 +14,11 @@ from guestbuild import guest
 
 from pyvmm.machine.console import CaptureConsole
 from pyvmm.machine.machine import Machine, StopReason
+from pyvmm.vfio.backends import BACKENDS
 from pyvmm.vfio.container import Container, Group
-from pyvmm.vfio.context import backends
 from pyvmm.vfio.sysfs import VFIO_PCI, Sysfs
 
-BACKENDS = sorted(backends())
+BACKENDS = sorted(BACKENDS)
 
 
 def build_guests() -> None:

@@ -22,7 +22,7 @@ import pytest
 
 from pyvmm.cli import main
 from pyvmm.uapi import vfio as uapi
-from pyvmm.vfio.context import backends, open_context
+from pyvmm.vfio.backends import BACKENDS, open_context
 from pyvmm.vfio.sysfs import VFIO_PCI, Sysfs
 
 pytestmark = pytest.mark.lab(devices=("igb",))
@@ -77,7 +77,7 @@ def test_each_vf_is_on_vfio_pci_in_a_group_of_its_own(
 
 
 @ON_EACH_IOMMU
-@pytest.mark.parametrize("backend", sorted(backends()))
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_vfio_opens_a_vf(
     iommu: str, backend: str, lab_devices: dict[str, str], sysfs: Sysfs
 ) -> None:

@@ -30,8 +30,8 @@ from lab_edu import (
 from pyvmm.kvm.eventfd import EventFd
 from pyvmm.kvm.mmap import Mapping
 from pyvmm.uapi import vfio as uapi
+from pyvmm.vfio.backends import BACKENDS, open_context
 from pyvmm.vfio.container import Container, Group
-from pyvmm.vfio.context import backends, open_context
 from pyvmm.vfio.device import RegionFlag, VfioDevice
 from pyvmm.vfio.dma import DmaSpace
 from pyvmm.vfio.errors import VfioError
@@ -44,7 +44,7 @@ IOVA = 0x100000
 DMA_SIZE = 0x10000
 
 
-@pytest.fixture(params=sorted(backends()))
+@pytest.fixture(params=sorted(BACKENDS))
 def edu(
     request: pytest.FixtureRequest, lab_devices: dict[str, str], sysfs: Sysfs
 ) -> Iterator[tuple[DmaSpace, VfioDevice]]:
