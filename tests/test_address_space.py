@@ -10,6 +10,7 @@ import os
 import struct
 from collections.abc import Iterator
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
@@ -240,6 +241,89 @@ def test_dirty_log_merges_kvm_and_pyvmm_writes_in_bitmaps(space, bar: Mapping) -
     assert not any(flags & uapi.KVM_MEM_LOG_DIRTY_PAGES for *_, flags in slots.slots.values())
     space.memory.write(0x9000, b"after")
     assert space.memory.on_write is None
+
+
+@dataclass(frozen=True)
+class Reported:
+    gpa: int
+    pages: int
+    bitmap: bytes
+
+
+class FakeDmaSource:
+    """A device's DMA dirty tracking as a source of the log: the pages in `written` (guest
+    addresses) are reported over the ranges it tracks ({gpa: pages}), then cleared."""
+
+    def __init__(self, tracked: dict[int, int], refuse: str = "") -> None:
+        self.tracked = tracked
+        self.refuse = refuse
+        self.written: set[int] = set()
+        self.calls: list[str] = []
+
+    def start(self) -> None:
+        self.calls.append("start")
+        if self.refuse:
+            raise VfioError(self.refuse)
+
+    def collect(self) -> list[Reported]:
+        found = []
+        for gpa, pages in self.tracked.items():
+            bits = sum(
+                1 << (a - gpa) // PAGE for a in self.written if gpa <= a < gpa + pages * PAGE
+            )
+            found.append(Reported(gpa, pages, bits.to_bytes((pages + 7) // 8, "little")))
+        self.written.clear()
+        return found
+
+    def stop(self) -> None:
+        self.calls.append("stop")
+
+
+def test_a_dirty_source_is_merged_into_the_regions_it_overlaps(space) -> None:
+    """A device's DMA, reported by a source over ranges of its own (IOVA = GPA, not the RAM
+    regions' bounds), is in the collect of each region it falls in, beside KVM's and pyvmm's."""
+    space, slots = space
+    log = DirtyLog(space)
+    source = FakeDmaSource({2 * MiB: 512, 1 << 32: 16})  # half of low, part of high
+    log.add_source(source)
+    assert source.calls == []  # started with the log
+    log.start()
+    assert source.calls == ["start"]
+    low, _ = space.regions(RegionKind.RAM)
+    slots.dirty[low.slot] = {1}
+    source.written |= {2 * MiB, 2 * MiB + 5 * PAGE, 4 * MiB - PAGE, (1 << 32) + 15 * PAGE}
+    low_map, high_map = log.collect()
+    assert list(low_map.addresses("dma")) == [2 * MiB, 2 * MiB + 5 * PAGE, 4 * MiB - PAGE]
+    assert list(low_map.addresses()) == [PAGE, 2 * MiB, 2 * MiB + 5 * PAGE, 4 * MiB - PAGE]
+    assert list(high_map.addresses("dma")) == [(1 << 32) + 15 * PAGE]
+    assert (low_map | DirtyBitmap(low.gpa, low_map.pages, b"", b"")).dma == low_map.dma
+    assert [b.count() for b in log.collect()] == [0, 0]  # the source's read clears it
+    log.stop()
+    assert source.calls == ["start", "stop"]
+    log.remove_source(source)
+    log.start()
+    log.stop()
+    assert source.calls == ["start", "stop"]  # removed: no longer started
+
+
+def test_a_source_that_cannot_track_leaves_nothing_logging(space) -> None:
+    space, slots = space
+    log = DirtyLog(space)
+    tracking = FakeDmaSource({0: 16})
+    log.add_source(tracking)
+    log.add_source(FakeDmaSource({0: 16}, refuse="its IOMMU cannot track dirty pages"))
+    with pytest.raises(VfioError, match="cannot track dirty pages"):
+        log.start()
+    assert not log.active and space.memory.on_write is None
+    assert not any(flags & uapi.KVM_MEM_LOG_DIRTY_PAGES for *_, flags in slots.slots.values())
+    assert tracking.calls == ["start", "stop"]  # the one started was stopped
+    log.remove_source(log._sources[-1])
+    log.start()
+    late = FakeDmaSource({0: 16}, refuse="no")
+    with pytest.raises(VfioError):
+        log.add_source(late)  # the log is on: started now, and refused
+    assert log.active and late not in log._sources
+    log.stop()
 
 
 @given(st.integers(1, 3000), st.integers(0, 2**3000 - 1), st.integers(0, 2**3000 - 1))

@@ -1,11 +1,14 @@
-"""Dirty-page tracking of guest RAM: KVM's dirty log merged with the pages pyvmm wrote itself.
+"""Dirty-page tracking of guest RAM: KVM's dirty log merged with the pages pyvmm wrote itself
+and those other sources report (a device's DMA).
 
 KVM logs the pages the guest's vCPUs write (KVM_MEM_LOG_DIRTY_PAGES on each RAM slot). It never
 sees pyvmm's own writes into guest RAM through the mapping: virtqueue used rings, block reads
 landing in guest buffers, the loaders. Those reach `DirtyLog.mark` through GuestMemory's
-`on_write` and are kept in a second bitmap per RAM region, as Firecracker keeps one. `collect()`
-reads and clears both and returns one `DirtyBitmap` per RAM region: the bitmaps themselves, not
-a Python object per page.
+`on_write` and are kept in a second bitmap per RAM region, as Firecracker keeps one. Nor does it
+see what an assigned device writes by DMA: a `DirtySource` added to the log (the IOMMU's dirty
+bits through iommufd, a device's own DMA logging) reports those, and is started and stopped
+with the log. `collect()` reads and clears them all and returns one `DirtyBitmap` per RAM
+region: the bitmaps themselves, not a Python object per page.
 
 The log follows the address space: a RAM region added while logging is on is logged from then
 on (and reported dirty in full, since nothing of it was ever collected).
@@ -16,8 +19,9 @@ from __future__ import annotations
 import functools
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from pyvmm.kvm.mmap import PAGE_SIZE
 from pyvmm.machine.address_space import AddressSpace
@@ -30,20 +34,48 @@ def _bits_to_bytes(bits: int, pages: int) -> bytes:
     return bits.to_bytes((pages + 7) // 8, "little")
 
 
+class DirtyPages(Protocol):
+    """Pages a source found dirty: bit i of `bitmap` (little-endian) is the page at
+    gpa + i * 4096."""
+
+    @property
+    def gpa(self) -> int: ...
+    @property
+    def pages(self) -> int: ...
+    @property
+    def bitmap(self) -> bytes: ...
+
+
+class DirtySource(Protocol):
+    """A writer of guest RAM that KVM's log does not see, able to say what it wrote: started
+    with the log, read and cleared by each collect, stopped with it. `start` raises (and
+    leaves nothing started) where it cannot track."""
+
+    def start(self) -> None: ...
+    def collect(self) -> Sequence[DirtyPages]: ...
+    def stop(self) -> None: ...
+
+
 @dataclass(frozen=True)
 class DirtyBitmap:
-    """The dirty pages of one RAM region: bit i of `kvm` (a vCPU wrote page i) or of `vmm`
-    (pyvmm wrote it), little-endian as KVM's log is; page i is at gpa + i * 4096."""
+    """The dirty pages of one RAM region: bit i of `kvm` (a vCPU wrote page i), of `vmm`
+    (pyvmm wrote it) or of `dma` (a source of the log, a device, wrote it; empty if none),
+    little-endian as KVM's log is; page i is at gpa + i * 4096."""
 
     gpa: int
     pages: int
     kvm: bytes
     vmm: bytes
+    dma: bytes = b""
 
     @functools.cached_property
     def bitmap(self) -> bytes:
-        """Both sources merged: every page written since the last collect."""
-        merged = int.from_bytes(self.kvm, "little") | int.from_bytes(self.vmm, "little")
+        """All of them merged: every page written since the last collect."""
+        merged = (
+            int.from_bytes(self.kvm, "little")
+            | int.from_bytes(self.vmm, "little")
+            | int.from_bytes(self.dma, "little")
+        )
         return _bits_to_bytes(merged, self.pages)
 
     def __or__(self, other: DirtyBitmap) -> DirtyBitmap:
@@ -56,7 +88,11 @@ class DirtyBitmap:
             return _bits_to_bytes(bits, self.pages)
 
         return DirtyBitmap(
-            self.gpa, self.pages, merged(self.kvm, other.kvm), merged(self.vmm, other.vmm)
+            self.gpa,
+            self.pages,
+            merged(self.kvm, other.kvm),
+            merged(self.vmm, other.vmm),
+            merged(self.dma, other.dma) if self.dma or other.dma else b"",
         )
 
     def count(self) -> int:
@@ -69,9 +105,9 @@ class DirtyBitmap:
         return bool(self.bitmap[page // 8] >> (page % 8) & 1)
 
     def addresses(self, which: str = "both") -> Iterator[int]:
-        """Guest-physical addresses of the dirty pages, ascending; `which` is "kvm", "vmm" or
-        "both". For tests and reports: a migration sends `ranges()`."""
-        data = {"kvm": self.kvm, "vmm": self.vmm, "both": self.bitmap}[which]
+        """Guest-physical addresses of the dirty pages, ascending; `which` is "kvm", "vmm",
+        "dma" or "both" (all). For tests and reports: a migration sends `ranges()`."""
+        data = {"kvm": self.kvm, "vmm": self.vmm, "dma": self.dma, "both": self.bitmap}[which]
         for index, byte in enumerate(data):
             while byte:
                 low = byte & -byte
@@ -102,11 +138,26 @@ class DirtyLog:
         self._space = space
         self._lock = threading.Lock()
         self._vmm: dict[MemoryRegion, bytearray] = {}  # while active
+        self._sources: list[DirtySource] = []
         self.active = False
         space.listen(self)
 
+    def add_source(self, source: DirtySource) -> None:
+        """Merge what `source` reports from now on: started now if the log is on (raising if
+        it cannot be), else with the log."""
+        if self.active:
+            source.start()
+        self._sources.append(source)
+
+    def remove_source(self, source: DirtySource) -> None:
+        """Stop merging `source` (its device is going); stopped if the log is on."""
+        self._sources.remove(source)
+        if self.active:
+            source.stop()
+
     def start(self) -> None:
-        """Log from now on: KVM's log on every RAM slot, and pyvmm's own writes."""
+        """Log from now on: KVM's log on every RAM slot, pyvmm's own writes, and the sources;
+        should a source refuse, nothing is left logging and its error is raised."""
         with self._lock:
             if self.active:
                 return
@@ -114,8 +165,19 @@ class DirtyLog:
         for region in self._space.regions(RegionKind.RAM):
             self._log(region, full=False)
         self._space.memory.on_write = self.mark
+        started: list[DirtySource] = []
+        try:
+            for source in self._sources:
+                source.start()
+                started.append(source)
+        except BaseException:
+            self._stop(started)
+            raise
 
     def stop(self) -> None:
+        self._stop(self._sources)
+
+    def _stop(self, sources: list[DirtySource]) -> None:
         self._space.memory.on_write = None
         with self._lock:
             self.active = False
@@ -123,6 +185,8 @@ class DirtyLog:
             self._vmm.clear()
         for region in regions:
             self._space.set_dirty_logging(region, False)
+        for source in sources:
+            source.stop()
 
     def _log(self, region: MemoryRegion, *, full: bool) -> None:
         pages = region.size // PAGE_SIZE
@@ -171,9 +235,10 @@ class DirtyLog:
     # the query
 
     def collect(self) -> list[DirtyBitmap]:
-        """Read and clear both logs: one DirtyBitmap per RAM region, in address order."""
+        """Read and clear every log: one DirtyBitmap per RAM region, in address order."""
         if not self.active:
             raise RuntimeError("dirty logging is off; call start() first")
+        reported = [pages for source in self._sources for pages in source.collect()]
         result = []
         for region in self._space.regions(RegionKind.RAM):
             kvm = self._space.get_dirty_log(region)
@@ -184,5 +249,20 @@ class DirtyLog:
                     continue
                 self._vmm[region] = bytearray(len(vmm))
             size = (pages + 7) // 8
-            result.append(DirtyBitmap(region.gpa, pages, kvm[:size], bytes(vmm)))
+            dma = _within(region, reported)
+            result.append(DirtyBitmap(region.gpa, pages, kvm[:size], bytes(vmm), dma))
         return result
+
+
+def _within(region: MemoryRegion, reported: list[DirtyPages]) -> bytes:
+    """The pages of `region` that the sources reported, as a bitmap of the region's pages
+    (b"" if none did): a source's ranges need not match the regions."""
+    pages = region.size // PAGE_SIZE
+    bits = 0
+    for found in reported:
+        first = (found.gpa - region.gpa) // PAGE_SIZE  # of the source's, in the region's pages
+        if found.gpa % PAGE_SIZE or first >= pages or first + found.pages <= 0:
+            continue
+        ours = int.from_bytes(found.bitmap, "little") & ((1 << found.pages) - 1)
+        bits |= ours << first if first >= 0 else ours >> -first
+    return _bits_to_bytes(bits & ((1 << pages) - 1), pages) if bits else b""

@@ -211,7 +211,7 @@ def test_every_nesting_object_on_the_mock_over_a_running_machines_guest_ram(
 def test_dirty_tracking_on_the_mock_reads_and_clears_what_dma_wrote(
     running: tuple[Machine, int],
 ) -> None:
-    _, ram = running
+    machine, ram = running
     with Iommufd() as iommufd:
         ioas = iommufd.alloc_ioas()
         assert ioas.huge_pages
@@ -247,6 +247,20 @@ def test_dirty_tracking_on_the_mock_reads_and_clears_what_dma_wrote(
         assert list(pages.page_numbers()) == [first + 5, first + 7]
         assert list(log.collect()[0].page_numbers()) == []  # collected means cleared
         log.stop()
+        assert device.attached is plain and log.hwpt is None
+
+        # ... as a source of the machine's one dirty log: started, read and stopped with it
+        machine.dirty.add_source(log)
+        machine.dirty.start()
+        assert log.hwpt is not None and device.attached is log.hwpt
+        assert mock.mark_dirty(log.hwpt, RAM_GPA + 9 * PAGE, PAGE, b"\x01") >= 1
+        bitmaps = machine.dirty.collect()
+        assert [a for b in bitmaps for a in b.addresses("dma")] == [RAM_GPA + 9 * PAGE]
+        assert any(RAM_GPA + 9 * PAGE in b for b in bitmaps)  # in what a migration sends
+        assert any(any(b.kvm) for b in bitmaps)  # beside what the counting vCPU wrote
+        assert not [a for b in machine.dirty.collect() for a in b.addresses("dma")]
+        machine.dirty.stop()
+        machine.dirty.remove_source(log)
         assert device.attached is plain and log.hwpt is None
 
         untrackable = MockDevice(ioas, uapi.MockDeviceFlag.NO_DIRTY, name="no-dirty mock")
