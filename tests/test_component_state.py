@@ -19,7 +19,7 @@ from test_pci import Pci
 from test_virtqueue import virtio_device
 
 from pyvmm.devices import rtc, serial
-from pyvmm.devices.virtio import pci as vpci
+from pyvmm.devices.virtio import pci_layout
 from pyvmm.machine import state as state_module
 from pyvmm.machine.component import Components, SavedState
 from pyvmm.machine.console import ConsoleInput
@@ -248,7 +248,7 @@ def test_a_failed_pause_resumes_the_parts_already_paused() -> None:
 def test_a_paused_virtio_worker_serves_a_doorbell_only_after_resume() -> None:
     with virtio_device() as (machine, device, driver):
         driver.start(0)
-        doorbell = machine.vm.ioeventfds[(device.bar_address(0) + vpci.NOTIFY_OFFSET, 2)]
+        doorbell = machine.vm.ioeventfds[(device.bar_address(0) + pci_layout.NOTIFY_OFFSET, 2)]
         device.pause()
         device.pause()  # twice is once
         driver.post(0, [(0x200000, 16, True)])

@@ -23,7 +23,8 @@ from test_virtqueue import HostDriver, virtio_device
 from pyvmm.devices.pci.msix import Msix
 from pyvmm.devices.virtio import blk as vblk
 from pyvmm.devices.virtio import net as vnet
-from pyvmm.devices.virtio.pci import NOTIFY_OFFSET, VirtioPciDevice
+from pyvmm.devices.virtio.pci import VirtioPciDevice
+from pyvmm.devices.virtio.pci_layout import NOTIFY_OFFSET
 from pyvmm.errors import ConfigError
 from pyvmm.kvm.irq import MsiRoute
 from pyvmm.machine import layout

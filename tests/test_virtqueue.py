@@ -23,6 +23,7 @@ from pyvmm.devices.pci.capability import PCI_CAP_ID_MSIX, PCI_CAP_ID_VNDR
 from pyvmm.devices.pci.device import PCI_BASE_ADDRESS_0, PCI_COMMAND, PCI_COMMAND_MASTER
 from pyvmm.devices.pci.msix import Msix
 from pyvmm.devices.virtio import pci as vpci
+from pyvmm.devices.virtio import pci_common, pci_layout
 from pyvmm.devices.virtio.backend import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, VirtioBackend
 from pyvmm.devices.virtio.queue import (
     MAX_CHAIN_BYTES,
@@ -791,16 +792,16 @@ class HostDriver:
 
     @staticmethod
     def _field(name: str) -> tuple[int, int]:
-        return next((o, s) for o, s, n in vpci._COMMON_FIELDS if n == name)
+        return next((o, s) for o, s, n in pci_common._COMMON_FIELDS if n == name)
 
     def negotiate(self, features: int = VIRTIO_F_VERSION_1) -> bool:
         self.write("device_status", 0)
-        self.write("device_status", vpci.STATUS_ACKNOWLEDGE | vpci.STATUS_DRIVER)
+        self.write("device_status", pci_common.STATUS_ACKNOWLEDGE | pci_common.STATUS_DRIVER)
         for select_ in (0, 1):
             self.write("driver_feature_select", select_)
             self.write("driver_feature", (features >> (32 * select_)) & 0xFFFFFFFF)
-        self.write("device_status", vpci.STATUS_FEATURES_OK)
-        return bool(self.read("device_status") & vpci.STATUS_FEATURES_OK)
+        self.write("device_status", pci_common.STATUS_FEATURES_OK)
+        return bool(self.read("device_status") & pci_common.STATUS_FEATURES_OK)
 
     def rings(self, index: int) -> tuple[int, int, int]:
         base = self.RINGS + index * 0x10000
@@ -821,9 +822,9 @@ class HostDriver:
     def enable_msix(self) -> None:
         cap = self.device.msix.capability.offset
         for v in range(self.device.msix.vectors):
-            self.device.bar_write(0, vpci.MSIX_TABLE_OFFSET + 16 * v, 4, 0xFEE0_0000)
-            self.device.bar_write(0, vpci.MSIX_TABLE_OFFSET + 16 * v + 8, 4, 0x40 + v)
-            self.device.bar_write(0, vpci.MSIX_TABLE_OFFSET + 16 * v + 12, 4, 0)
+            self.device.bar_write(0, pci_layout.MSIX_TABLE_OFFSET + 16 * v, 4, 0xFEE0_0000)
+            self.device.bar_write(0, pci_layout.MSIX_TABLE_OFFSET + 16 * v + 8, 4, 0x40 + v)
+            self.device.bar_write(0, pci_layout.MSIX_TABLE_OFFSET + 16 * v + 12, 4, 0)
         self.device.config_write(cap + 2, 2, 0x8000)
 
     def start(self, *queues: int) -> None:
@@ -833,7 +834,7 @@ class HostDriver:
         self.enable_msix()
         for index in queues:
             self.setup_queue(index)
-        self.write("device_status", vpci.STATUS_DRIVER_OK)
+        self.write("device_status", pci_common.STATUS_DRIVER_OK)
 
     def post(self, index: int, buffers: list[tuple[int, int, bool]]) -> int:
         desc = self.rings(index)[0]
@@ -856,7 +857,9 @@ class HostDriver:
         self.mem.write(avail + 2, struct.pack("<H", self.avail[index]))
 
     def notify(self, index: int) -> None:
-        self.device.bar_write(0, vpci.NOTIFY_OFFSET + vpci.NOTIFY_MULTIPLIER * index, 2, index)
+        self.device.bar_write(
+            0, pci_layout.NOTIFY_OFFSET + pci_layout.NOTIFY_MULTIPLIER * index, 2, index
+        )
 
     def used(self, index: int) -> list[tuple[int, int]]:
         _, _, used = self.rings(index)
@@ -908,7 +911,7 @@ def caps_by_type(device: vpci.VirtioPciDevice) -> dict[int, dict[str, int]]:
                 "offset": device.config_read(pos + 8, 4),
                 "length": device.config_read(pos + 12, 4),
             }
-            if cfg_type == vpci.VIRTIO_PCI_CAP_NOTIFY_CFG:
+            if cfg_type == pci_layout.VIRTIO_PCI_CAP_NOTIFY_CFG:
                 found[cfg_type]["multiplier"] = device.config_read(pos + 16, 4)
         pos = device.config_read(pos + 1, 1)
     return found
@@ -920,19 +923,19 @@ def test_virtio_pci_identity_and_capabilities() -> None:
         assert device.config_read(0x08, 1) >= 1  # revision: non-transitional
         assert device.config_read(0x2E, 2) >= 0x40
         caps = caps_by_type(device)
-        common = caps[vpci.VIRTIO_PCI_CAP_COMMON_CFG]
+        common = caps[pci_layout.VIRTIO_PCI_CAP_COMMON_CFG]
         assert (common["bar"], common["offset"], common["length"]) == (0, 0, 0x3C)
-        notify = caps[vpci.VIRTIO_PCI_CAP_NOTIFY_CFG]
+        notify = caps[pci_layout.VIRTIO_PCI_CAP_NOTIFY_CFG]
         assert notify["len"] == 20 and notify["multiplier"] == 4
-        assert caps[vpci.VIRTIO_PCI_CAP_ISR_CFG]["length"] >= 1
-        assert vpci.VIRTIO_PCI_CAP_DEVICE_CFG not in caps  # virtio-rng has no config
-        assert caps[vpci.VIRTIO_PCI_CAP_PCI_CFG]["len"] == 20
+        assert caps[pci_layout.VIRTIO_PCI_CAP_ISR_CFG]["length"] >= 1
+        assert pci_layout.VIRTIO_PCI_CAP_DEVICE_CFG not in caps  # virtio-rng has no config
+        assert caps[pci_layout.VIRTIO_PCI_CAP_PCI_CFG]["len"] == 20
         assert device.capabilities.find(PCI_CAP_ID_MSIX) is device.msix.capability
         # the capabilities are read-only to the guest
         before = bytes(device.config[0x40:0x100])
         for offset in range(0x40, 0x100, 4):
             device.config_write(offset, 4, 0xFFFF_FFFF)
-        pci_cfg = caps[vpci.VIRTIO_PCI_CAP_PCI_CFG]["pos"]
+        pci_cfg = caps[pci_layout.VIRTIO_PCI_CAP_PCI_CFG]["pos"]
         msix_cap = device.msix.capability.offset
         for offset in range(0x40, 0x100):
             if pci_cfg + 4 <= offset < pci_cfg + 20 or msix_cap + 2 <= offset < msix_cap + 4:
@@ -955,7 +958,7 @@ def test_feature_negotiation_requires_version_1() -> None:
 def test_rng_request_is_processed_by_the_worker_and_raises_its_vector() -> None:
     with virtio_device() as (machine, device, driver):
         driver.start(0)
-        doorbell = device.bar_address(0) + vpci.NOTIFY_OFFSET
+        doorbell = device.bar_address(0) + pci_layout.NOTIFY_OFFSET
         queue_fd = machine.vm.ioeventfds[(doorbell, 2)]
         vector_fd = device.msix.eventfds[0].fd
         assert vector_fd in machine.vm.irqfds
@@ -983,7 +986,7 @@ def test_nothing_is_processed_before_driver_ok_or_without_bus_mastering() -> Non
         assert driver.used(0) == []
         command = device.config_read(PCI_COMMAND, 2)
         device.config_write(PCI_COMMAND, 2, command & ~PCI_COMMAND_MASTER)
-        driver.write("device_status", vpci.STATUS_DRIVER_OK)
+        driver.write("device_status", pci_common.STATUS_DRIVER_OK)
         time.sleep(0.05)
         assert driver.used(0) == []
         device.config_write(PCI_COMMAND, 2, command | PCI_COMMAND_MASTER)  # kicks the queue
@@ -1019,9 +1022,9 @@ def test_doorbell_follows_the_bar() -> None:
     with virtio_device() as (machine, device, driver):
         driver.start(0)
         old = device.bar_address(0)
-        assert (old + vpci.NOTIFY_OFFSET, 2) in machine.vm.ioeventfds
+        assert (old + pci_layout.NOTIFY_OFFSET, 2) in machine.vm.ioeventfds
         device.config_write(PCI_BASE_ADDRESS_0, 4, 0xD000_0004)
-        assert list(machine.vm.ioeventfds) == [(0xD000_0000 + vpci.NOTIFY_OFFSET, 2)]
+        assert list(machine.vm.ioeventfds) == [(0xD000_0000 + pci_layout.NOTIFY_OFFSET, 2)]
         command = device.config_read(PCI_COMMAND, 2)
         device.config_write(PCI_COMMAND, 2, command & ~2)  # memory decode off
         assert machine.vm.ioeventfds == {}
@@ -1036,10 +1039,10 @@ def test_bad_ring_sets_needs_reset_and_stops_that_queue_only_until_reset() -> No
         put_desc(driver.mem, desc, 0, 0x10000, 1, N, 0)  # a loop
         driver.publish(0, 0)
         driver.notify(0)
-        driver.wait_status(vpci.STATUS_DEVICE_NEEDS_RESET)
+        driver.wait_status(pci_common.STATUS_DEVICE_NEEDS_RESET)
         assert readable(device.msix.eventfds[1].fd) is False  # config vector: none set
-        assert device.bar_read(0, vpci.ISR_OFFSET, 1) == vpci.ISR_CONFIG
-        assert device.bar_read(0, vpci.ISR_OFFSET, 1) == 0  # read to clear
+        assert device.bar_read(0, pci_layout.ISR_OFFSET, 1) == vpci.ISR_CONFIG
+        assert device.bar_read(0, pci_layout.ISR_OFFSET, 1) == 0  # read to clear
         driver.publish(0, 1)
         driver.notify(0)
         time.sleep(0.05)
@@ -1052,14 +1055,14 @@ def test_bad_ring_sets_needs_reset_and_stops_that_queue_only_until_reset() -> No
 
 def test_pci_cfg_capability_reaches_the_common_config() -> None:
     with virtio_device() as (_, device, _):
-        pos = caps_by_type(device)[vpci.VIRTIO_PCI_CAP_PCI_CFG]["pos"]
+        pos = caps_by_type(device)[pci_layout.VIRTIO_PCI_CAP_PCI_CFG]["pos"]
         device.config_write(pos + 4, 1, 0)  # BAR 0
         device.config_write(pos + 8, 4, 0x12)  # num_queues
         device.config_write(pos + 12, 4, 2)
         assert device.config_read(pos + 16, 2) == 1
         device.config_write(pos + 8, 4, 0x16)  # queue_select, written through the window
         device.config_write(pos + 16, 2, 3)
-        assert device.queue_select == 3
+        assert device.common.queue_select == 3
         device.config_write(pos + 12, 4, 3)  # bad length: no access
         assert device.config_read(pos + 16, 4) == 3
 
@@ -1086,7 +1089,7 @@ def test_transport_state_round_trip() -> None:
 REGISTERS = st.one_of(
     st.tuples(
         st.just("bar"),
-        st.integers(0, vpci.BAR_SIZE),
+        st.integers(0, pci_layout.BAR_SIZE),
         st.sampled_from([1, 2, 4, 8]),
         st.integers(0, 2**64 - 1),
     ),

@@ -3,7 +3,9 @@
 One PCI function per device: vendor 0x1AF4, device 0x1040 + the virtio device ID, and a single
 64-bit memory BAR (BAR 0) holding, a page each, the common configuration, the ISR byte, the
 device configuration, the queue notification doorbells and the MSI-X table and PBA. Vendor
-capabilities (common, notify, ISR, device, PCI-config access) point the driver at them.
+capabilities (common, notify, ISR, device, PCI-config access) point the driver at them (all of
+which pyvmm.devices.virtio.pci_layout places); the common configuration's registers are
+pyvmm.devices.virtio.pci_common's.
 
 The hot paths never run on a vCPU thread:
 
@@ -14,26 +16,24 @@ The hot paths never run on a vCPU thread:
 - Interrupt: after processing, the worker raises the queue's MSI-X vector, which is one eventfd
   write into a KVM irqfd (see pyvmm.devices.pci.msix).
 
-The worker thread (one per device) polls the queue eventfds, a wake-up eventfd and whatever the
-backend waits on (a tap). vCPU-side register accesses and the worker share `_lock`, so a reset
-or a queue change never happens in the middle of processing. `pause()` parks the worker between
-two rounds of processing, so every request it took is completed (its used element written and
-its interrupt raised) before pause returns; doorbells rung meanwhile wait in their eventfds and
-are served after `resume()`. The worker stops when the device is closed (with its bus).
+The worker thread (one per device, pyvmm.devices.virtio.worker) polls the queue eventfds, a
+wake-up eventfd and whatever the backend waits on (a tap). vCPU-side register accesses and the
+worker share `_lock`, so a reset or a queue change never happens in the middle of processing.
+`pause()` parks the worker between two rounds of processing, so every request it took is
+completed (its used element written and its interrupt raised) before pause returns; doorbells
+rung meanwhile wait in their eventfds and are served after `resume()`. The worker stops when the
+device is closed (with its bus).
 """
 
 from __future__ import annotations
 
 import logging
-import select
-import struct
 import threading
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pyvmm.devices.pci.capability import PCI_CAP_ID_VNDR, Capability
 from pyvmm.devices.pci.device import (
     NUM_BARS,
     PCI_BASE_ADDRESS_0,
@@ -45,17 +45,32 @@ from pyvmm.devices.pci.device import (
     PciFunctionState,
 )
 from pyvmm.devices.pci.msix import Msix, MsixState
-from pyvmm.devices.virtio.backend import (
-    VIRTIO_F_EVENT_IDX,
-    VIRTIO_F_INDIRECT_DESC,
-    VIRTIO_F_VERSION_1,
-    VirtioBackend,
+from pyvmm.devices.virtio.backend import VirtioBackend
+from pyvmm.devices.virtio.pci_common import (
+    COMMON_SIZE,
+    STATUS_DEVICE_NEEDS_RESET,
+    STATUS_DRIVER_OK,
+    CommonConfig,
+)
+from pyvmm.devices.virtio.pci_layout import (
+    BAR_INDEX,
+    BAR_SIZE,
+    DEVICE_MAX,
+    DEVICE_OFFSET,
+    ISR_OFFSET,
+    MAX_QUEUES,
+    MSIX_PBA_OFFSET,
+    MSIX_TABLE_OFFSET,
+    NOTIFY_MULTIPLIER,
+    NOTIFY_OFFSET,
+    NOTIFY_WIDTH,
+    virtio_capabilities,
 )
 from pyvmm.devices.virtio.queue import NO_VECTOR, QueueState, Virtqueue, VirtqueueError
+from pyvmm.devices.virtio.worker import QueueWorker
 from pyvmm.kvm.eventfd import EventFd
 from pyvmm.machine.memory import GuestMemoryError
 from pyvmm.machine.state import StateError
-from pyvmm.machine.threads import start_thread
 
 if TYPE_CHECKING:
     from pyvmm.machine.machine import Machine
@@ -66,107 +81,8 @@ VIRTIO_PCI_VENDOR = 0x1AF4
 VIRTIO_PCI_DEVICE_BASE = 0x1040
 VIRTIO_PCI_SUBSYSTEM = 0x1100  # "SHOULD be 0x40 or higher" for non-transitional devices
 
-# virtio_pci_cap.cfg_type
-VIRTIO_PCI_CAP_COMMON_CFG = 1
-VIRTIO_PCI_CAP_NOTIFY_CFG = 2
-VIRTIO_PCI_CAP_ISR_CFG = 3
-VIRTIO_PCI_CAP_DEVICE_CFG = 4
-VIRTIO_PCI_CAP_PCI_CFG = 5
-
-# device_status
-STATUS_ACKNOWLEDGE = 1
-STATUS_DRIVER = 2
-STATUS_DRIVER_OK = 4
-STATUS_FEATURES_OK = 8
-STATUS_DEVICE_NEEDS_RESET = 0x40
-
 ISR_QUEUE = 0x1
 ISR_CONFIG = 0x2
-
-# BAR 0 layout
-BAR_INDEX = 0
-BAR_SIZE = 0x8000
-COMMON_OFFSET = 0x0000
-COMMON_SIZE = 0x3C  # through queue_reset
-ISR_OFFSET = 0x1000
-ISR_SIZE = 4
-DEVICE_OFFSET = 0x2000
-DEVICE_MAX = 0x1000
-NOTIFY_OFFSET = 0x3000
-NOTIFY_MULTIPLIER = 4
-NOTIFY_WIDTH = 2  # the driver writes the 16-bit queue index
-MSIX_TABLE_OFFSET = 0x4000
-MSIX_PBA_OFFSET = 0x6000
-MAX_QUEUES = (MSIX_PBA_OFFSET - MSIX_TABLE_OFFSET) // 16 - 1  # one vector each + config
-
-# struct virtio_pci_common_cfg, in order: one format for the whole block, and each field's
-# (offset, size, name) for decoding writes of any width.
-_COMMON = struct.Struct("<IIIIHHBBHHHHHQQQHH")
-_COMMON_FIELDS = (
-    (0x00, 4, "device_feature_select"),
-    (0x04, 4, "device_feature"),
-    (0x08, 4, "driver_feature_select"),
-    (0x0C, 4, "driver_feature"),
-    (0x10, 2, "config_msix_vector"),
-    (0x12, 2, "num_queues"),
-    (0x14, 1, "device_status"),
-    (0x15, 1, "config_generation"),
-    (0x16, 2, "queue_select"),
-    (0x18, 2, "queue_size"),
-    (0x1A, 2, "queue_msix_vector"),
-    (0x1C, 2, "queue_enable"),
-    (0x1E, 2, "queue_notify_off"),
-    (0x20, 8, "queue_desc"),
-    (0x28, 8, "queue_driver"),
-    (0x30, 8, "queue_device"),
-    (0x38, 2, "queue_notif_config_data"),
-    (0x3A, 2, "queue_reset"),
-)
-assert _COMMON.size == COMMON_SIZE
-
-
-def _virtio_cap(cfg_type: int, offset: int, length: int, extra: bytes = b"") -> Capability:
-    """A read-only struct virtio_pci_cap (plus `extra` trailing bytes) pointing into BAR 0."""
-    cap_len = 16 + len(extra)
-    body = struct.pack("<BBBBxxII", cap_len, cfg_type, BAR_INDEX, 0, offset, length) + extra
-    return Capability(PCI_CAP_ID_VNDR, body)
-
-
-class PciCfgCapability(Capability):
-    """VIRTIO_PCI_CAP_PCI_CFG: a window into the BARs through config space (§4.1.4.9), for
-    drivers that cannot map BARs yet. The driver sets bar/offset/length; reading or writing
-    pci_cfg_data then accesses the BAR there."""
-
-    BAR, OFFSET, LENGTH, DATA = 4, 8, 12, 16
-
-    def __init__(self, function: VirtioPciDevice) -> None:
-        body = struct.pack("<BBBBxxIII", 20, VIRTIO_PCI_CAP_PCI_CFG, 0, 0, 0, 0, 0)
-        wmask = struct.pack("<BBBBxxIII", 0, 0, 0xFF, 0, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF)
-        super().__init__(PCI_CAP_ID_VNDR, body, wmask)
-        self._function = function
-
-    def _target(self) -> tuple[int, int, int] | None:
-        bar, offset, length = (
-            self.get(self.BAR, 1),
-            self.get(self.OFFSET, 4),
-            self.get(self.LENGTH, 4),
-        )
-        if length not in (1, 2, 4) or offset % length or offset + length > BAR_SIZE:
-            return None
-        return bar, offset, length
-
-    def _touches_data(self, offset: int, size: int) -> bool:
-        return offset + size > self.DATA
-
-    def before_read(self, offset: int, size: int) -> None:
-        target = self._target()
-        if target is not None and self._touches_data(offset, size):
-            self.put(self.DATA, target[2], self._function.bar_read(*target))
-
-    def after_write(self, offset: int, size: int) -> None:
-        target = self._target()
-        if target is not None and self._touches_data(offset, size):
-            self._function.bar_write(*target, self.get(self.DATA, target[2]))
 
 
 @dataclass
@@ -213,9 +129,6 @@ class VirtioPciDevice(PciFunction):
             name=backend.name,
         )
         self.backend = backend
-        self.offered_features = (
-            backend.features | VIRTIO_F_VERSION_1 | VIRTIO_F_EVENT_IDX | VIRTIO_F_INDIRECT_DESC
-        )
         self.queues = [Virtqueue(machine.dma, size) for size in backend.queue_sizes]
         self._vm = machine.vm
         self._lock = threading.Lock()
@@ -230,48 +143,35 @@ class VirtioPciDevice(PciFunction):
             )
             self._stack.callback(self.msix.close)
             self._notify = [self._stack.enter_context(EventFd()) for _ in range(nqueues)]
-            self._wake = self._stack.enter_context(EventFd())
         except BaseException:
             self._stack.close()
             raise
         self._stack.callback(backend.close)
         self._ioeventfds: dict[int, int] = {}  # queue -> registered doorbell address
-        self._park = threading.Condition()
-        self._pausing = False
-        self._parked = False
-        self._stopping = False
-        self._reset_registers()
-        self._add_capabilities()
-        self._worker = start_thread(self._work, f"{backend.name}-worker")
+        self.common = CommonConfig(
+            self.name,
+            self.queues,
+            backend.features,
+            self.msix.vectors,
+            reset=self._reset,
+            enable_queue=self._enable_queue,
+            driver_ok=self._start,
+        )
+        self.isr = 0
+        for cap in virtio_capabilities(self, len(backend.config()), nqueues):
+            self.add_capability(cap)
+        self.add_capability(self.msix.capability)
+        self._queue_of = {eventfd.fd: index for index, eventfd in enumerate(self._notify)}
+        self._worker = QueueWorker(
+            self.name,
+            list(self._queue_of),
+            watch=self._watch,
+            serve=self._serve,
+            failed=self._fail_all,
+        )
 
     def chosen_options(self) -> dict[str, Any]:
         return self.backend.chosen_options()
-
-    def _reset_registers(self) -> None:
-        self.status = 0
-        self.device_feature_select = 0
-        self.driver_feature_select = 0
-        self.driver_features = 0
-        self.config_msix_vector = NO_VECTOR
-        self.queue_select = 0
-        self.isr = 0
-
-    def _add_capabilities(self) -> None:
-        self.add_capability(_virtio_cap(VIRTIO_PCI_CAP_COMMON_CFG, COMMON_OFFSET, COMMON_SIZE))
-        self.add_capability(_virtio_cap(VIRTIO_PCI_CAP_ISR_CFG, ISR_OFFSET, ISR_SIZE))
-        config_len = len(self.backend.config())
-        if config_len:
-            self.add_capability(_virtio_cap(VIRTIO_PCI_CAP_DEVICE_CFG, DEVICE_OFFSET, config_len))
-        self.add_capability(
-            _virtio_cap(
-                VIRTIO_PCI_CAP_NOTIFY_CFG,
-                NOTIFY_OFFSET,
-                NOTIFY_MULTIPLIER * len(self.queues),
-                struct.pack("<I", NOTIFY_MULTIPLIER),
-            )
-        )
-        self.add_capability(PciCfgCapability(self))
-        self.add_capability(self.msix.capability)
 
     # BAR 0
 
@@ -280,8 +180,7 @@ class VirtioPciDevice(PciFunction):
             return (1 << (8 * size)) - 1
         if offset + size <= COMMON_SIZE:
             with self._lock:
-                data = self._common_bytes()
-            return int.from_bytes(data[offset : offset + size], "little")
+                return self.common.read(offset, size)
         if offset == ISR_OFFSET:
             with self._lock:
                 value, self.isr = self.isr, 0  # reading acknowledges (INTx semantics)
@@ -301,124 +200,17 @@ class VirtioPciDevice(PciFunction):
             return
         if offset + size <= COMMON_SIZE:
             with self._lock:
-                self._common_write(offset, size, value)
+                self.common.write(offset, size, value)
         elif NOTIFY_OFFSET <= offset < NOTIFY_OFFSET + NOTIFY_MULTIPLIER * len(self.queues):
             # Only reached when KVM's ioeventfd did not take the write.
             self._notify[(offset - NOTIFY_OFFSET) // NOTIFY_MULTIPLIER].signal()
         elif MSIX_TABLE_OFFSET <= offset < MSIX_PBA_OFFSET:
             self.msix.table_write(offset - MSIX_TABLE_OFFSET, size, value)
 
-    # common configuration (called with _lock held)
-
-    def _selected(self) -> Virtqueue | None:
-        return self.queues[self.queue_select] if self.queue_select < len(self.queues) else None
-
-    def _common_bytes(self) -> bytes:
-        queue = self._selected()
-        select = self.device_feature_select
-        return _COMMON.pack(
-            self.device_feature_select,
-            (self.offered_features >> (32 * select)) & 0xFFFFFFFF if select < 2 else 0,
-            self.driver_feature_select,
-            (self.driver_features >> (32 * self.driver_feature_select)) & 0xFFFFFFFF
-            if self.driver_feature_select < 2
-            else 0,
-            self.config_msix_vector,
-            len(self.queues),
-            self.status,
-            0,  # config_generation: no backend changes its configuration at run time
-            self.queue_select,
-            queue.size if queue else 0,
-            queue.msix_vector if queue else NO_VECTOR,
-            int(queue.ready) if queue else 0,
-            self.queue_select if queue else 0,
-            queue.desc if queue else 0,
-            queue.driver if queue else 0,
-            queue.device if queue else 0,
-            0,
-            0,
-        )
-
-    def _common_write(self, offset: int, size: int, value: int) -> None:
-        merged = bytearray(self._common_bytes())
-        merged[offset : offset + size] = value.to_bytes(size, "little")
-        for field_offset, field_size, name in _COMMON_FIELDS:
-            if field_offset < offset + size and offset < field_offset + field_size:
-                new = int.from_bytes(merged[field_offset : field_offset + field_size], "little")
-                self._set_field(name, new)
-
-    def _valid_vector(self, vector: int) -> int:
-        """The vector, or NO_VECTOR if the table has no such entry (the driver reads back
-        NO_VECTOR to learn that the mapping failed)."""
-        return vector if vector < self.msix.vectors else NO_VECTOR
-
-    def _set_field(self, name: str, value: int) -> None:
-        queue = self._selected()
-        if name == "device_feature_select":
-            self.device_feature_select = value
-        elif name == "driver_feature_select":
-            self.driver_feature_select = value
-        elif name == "driver_feature":
-            if self.status & STATUS_FEATURES_OK or self.driver_feature_select > 1:
-                return
-            shift = 32 * self.driver_feature_select
-            self.driver_features = (self.driver_features & ~(0xFFFFFFFF << shift)) | (
-                value << shift
-            )
-        elif name == "config_msix_vector":
-            self.config_msix_vector = self._valid_vector(value)
-        elif name == "device_status":
-            self._set_status(value)
-        elif name == "queue_select":
-            self.queue_select = value
-        elif queue is None:
-            return
-        elif name == "queue_msix_vector":
-            queue.msix_vector = self._valid_vector(value)
-        elif name == "queue_enable":
-            if value == 1 and not queue.ready and not queue.broken:
-                self._enable_queue(self.queue_select)
-        elif queue.ready:
-            return  # the rest of a queue's set-up is fixed once it is enabled
-        elif name == "queue_size":
-            queue.size = value
-        elif name == "queue_desc":
-            queue.desc = value
-        elif name == "queue_driver":
-            queue.driver = value
-        elif name == "queue_device":
-            queue.device = value
-
-    def _set_status(self, value: int) -> None:
-        if value == 0:
-            self._reset()
-            return
-        old = self.status
-        new = old | (value & ~STATUS_DEVICE_NEEDS_RESET)  # the driver never clears bits
-        if new & ~old & STATUS_FEATURES_OK and not self._features_acceptable():
-            log.info("%s: refusing driver features %#x", self.name, self.driver_features)
-            new &= ~STATUS_FEATURES_OK
-        if new & ~old & STATUS_DRIVER_OK and not new & STATUS_FEATURES_OK:
-            log.info("%s: DRIVER_OK without FEATURES_OK ignored", self.name)
-            new &= ~STATUS_DRIVER_OK
-        self.status = new
-        if new & ~old & STATUS_DRIVER_OK:
-            for queue in self.queues:
-                self._apply_ring_features(queue)
-            self.backend.activate(self.driver_features, self.queues)
-            self._kick_all()
-
-    def _features_acceptable(self) -> bool:
-        features = self.driver_features
-        return bool(features & VIRTIO_F_VERSION_1) and not features & ~self.offered_features
-
-    def _apply_ring_features(self, queue: Virtqueue) -> None:
-        queue.event_idx = bool(self.driver_features & VIRTIO_F_EVENT_IDX)
-        queue.indirect = bool(self.driver_features & VIRTIO_F_INDIRECT_DESC)
+    # what the common configuration sets off (called with _lock held)
 
     def _enable_queue(self, index: int) -> None:
         queue = self.queues[index]
-        self._apply_ring_features(queue)
         try:
             queue.activate()
         except VirtqueueError as err:
@@ -427,24 +219,32 @@ class VirtioPciDevice(PciFunction):
         self._sync_ioeventfds()
         self._notify[index].signal()  # buffers may already be waiting
 
+    def _start(self) -> None:
+        """DRIVER_OK: the backend starts on the queues, which are served from now on."""
+        self.backend.activate(self.common.driver_features, self.queues)
+        self._kick_all()
+
     def _reset(self) -> None:
+        """The driver reset the device: the common configuration resets its registers
+        itself, after this."""
         for queue in self.queues:
             queue.reset()
         self._sync_ioeventfds()
         for eventfd in self._notify:
             eventfd.read()
         self.backend.reset()
-        self._reset_registers()
+        self.isr = 0
 
     def _fail(self, index: int, err: Exception) -> None:
         """A queue is unusable: stop using it and tell the driver to reset the device."""
         log.warning("%s: queue %d: %s; the device needs a reset", self.name, index, err)
         self.queues[index].broken = True
-        if not self.status & STATUS_DEVICE_NEEDS_RESET:
-            self.status |= STATUS_DEVICE_NEEDS_RESET
+        common = self.common
+        if not common.status & STATUS_DEVICE_NEEDS_RESET:
+            common.status |= STATUS_DEVICE_NEEDS_RESET
             self.isr |= ISR_CONFIG
-            if self.config_msix_vector != NO_VECTOR:
-                self.msix.signal(self.config_msix_vector)
+            if common.config_msix_vector != NO_VECTOR:
+                self.msix.signal(common.config_msix_vector)
 
     # doorbells
 
@@ -489,77 +289,26 @@ class VirtioPciDevice(PciFunction):
             if queue.ready:
                 self._notify[index].signal()
 
-    # the worker thread
+    # what the worker thread does
 
     def _running(self) -> bool:
-        return bool(self.status & STATUS_DRIVER_OK and self.command & PCI_COMMAND_MASTER)
+        return bool(self.common.status & STATUS_DRIVER_OK and self.command & PCI_COMMAND_MASTER)
 
-    def _work(self) -> None:
-        poller = select.poll()
-        queue_of = {eventfd.fd: index for index, eventfd in enumerate(self._notify)}
-        for fd in (self._wake.fd, *queue_of):
-            poller.register(fd, select.POLLIN)
-        watched: set[int] = set()
-        while True:
-            try:
-                with self._lock:
-                    wanted = self.backend.input_fds() if self._running() else {}
-                for fd in watched - wanted.keys():
-                    poller.unregister(fd)
-                for fd in wanted.keys() - watched:
-                    poller.register(fd, select.POLLIN)
-                watched = set(wanted)
-                ready = [fd for fd, _ in poller.poll()]
-                if self._wake.fd in ready:
-                    self._wake.read()
-                    if not self._park_while_paused():
-                        return
-                    continue  # poll again: what is ready was not taken
-                with self._lock:
-                    for fd in ready:
-                        index = queue_of.get(fd)
-                        if index is not None:
-                            self._notify[index].read()
-                            self._guarded(index, self.backend.process, index)
-                        elif fd in wanted:
-                            self._guarded(wanted[fd], self.backend.input_ready, fd)
-                    self._raise_used_interrupts()
-            except Exception as err:  # a pyvmm bug: the device stops, the worker does not
-                log.exception("%s: worker failed", self.name)
-                with self._lock:
-                    for index in range(len(self.queues)):
-                        self._fail(index, err)
+    def _watch(self) -> dict[int, int]:
+        """The backend's input fds (fd -> the queue it feeds), while the device runs."""
+        with self._lock:
+            return self.backend.input_fds() if self._running() else {}
 
-    def _park_while_paused(self) -> bool:
-        """Wait here, between requests, while paused; False when the worker is to stop."""
-        with self._park:
-            while self._pausing and not self._stopping:
-                self._parked = True
-                self._park.notify_all()
-                self._park.wait()
-            self._parked = False
-            return not self._stopping
-
-    # pause (the component protocol)
-
-    def pause(self) -> None:
-        """Return once the worker is parked with no request half done (or a resume() came
-        first)."""
-        if threading.current_thread() is self._worker:
-            raise RuntimeError(f"{self.name}: pause() on its own worker would wait for itself")
-        with self._park:
-            self._pausing = True
-        self._wake.signal()
-        with self._park:
-            while self._pausing and not self._parked and self._worker.is_alive():
-                self._park.wait(0.1)
-        self.backend.pause()
-
-    def resume(self) -> None:
-        self.backend.resume()
-        with self._park:
-            self._pausing = False
-            self._park.notify_all()
+    def _serve(self, ready: list[int], inputs: dict[int, int]) -> None:
+        with self._lock:
+            for fd in ready:
+                index = self._queue_of.get(fd)
+                if index is not None:
+                    self._notify[index].read()
+                    self._guarded(index, self.backend.process, index)
+                elif fd in inputs:
+                    self._guarded(inputs[fd], self.backend.input_ready, fd)
+            self._raise_used_interrupts()
 
     def _guarded(self, index: int, work: Callable[[int], None], arg: int) -> None:
         """Run backend work that feeds queue `index`, if it may run; a bad ring (or a backend
@@ -582,18 +331,36 @@ class VirtioPciDevice(PciFunction):
                 if queue.msix_vector != NO_VECTOR:
                     self.msix.signal(queue.msix_vector)
 
+    def _fail_all(self, err: Exception) -> None:
+        with self._lock:
+            for index in range(len(self.queues)):
+                self._fail(index, err)
+
+    # pause (the component protocol)
+
+    def pause(self) -> None:
+        """Return once the worker is parked with no request half done (or a resume() came
+        first)."""
+        self._worker.pause()
+        self.backend.pause()
+
+    def resume(self) -> None:
+        self.backend.resume()
+        self._worker.resume()
+
     # state
 
     def save(self) -> VirtioPciState:
         with self._lock:
+            common = self.common
             return VirtioPciState(
                 function=super().save(),
-                status=self.status,
-                device_feature_select=self.device_feature_select,
-                driver_feature_select=self.driver_feature_select,
-                driver_features=self.driver_features,
-                config_msix_vector=self.config_msix_vector,
-                queue_select=self.queue_select,
+                status=common.status,
+                device_feature_select=common.device_feature_select,
+                driver_feature_select=common.driver_feature_select,
+                driver_features=common.driver_features,
+                config_msix_vector=common.config_msix_vector,
+                queue_select=common.queue_select,
                 isr=self.isr,
                 queues=[queue.save() for queue in self.queues],
                 msix=self.msix.save(),
@@ -624,36 +391,23 @@ class VirtioPciDevice(PciFunction):
         self.check(state)
         self.restore_config(state.function)  # config space, and the BARs where it puts them
         with self._lock:
-            for name in (
-                "status",
-                "device_feature_select",
-                "driver_feature_select",
-                "driver_features",
-                "config_msix_vector",
-                "queue_select",
-                "isr",
-            ):
-                setattr(self, name, getattr(state, name))
+            for name in CommonConfig.REGISTERS:
+                setattr(self.common, name, getattr(state, name))
+            self.isr = state.isr
             for queue, queue_state in zip(self.queues, state.queues, strict=True):
                 queue.restore(queue_state)
         self.msix.restore(state.msix)
         with self._lock:
             self._sync_ioeventfds()
-            if self.status & STATUS_DRIVER_OK:
-                self.backend.activate(self.driver_features, self.queues)
-                self._kick_all()
+            if self.common.status & STATUS_DRIVER_OK:
+                self._start()
 
     # teardown
 
     def close(self) -> None:
         """Stop the worker, remove the doorbells and irqfds, unmap the BAR, release the
         backend."""
-        if self._worker.is_alive():
-            with self._park:
-                self._stopping = True
-                self._park.notify_all()
-            self._wake.signal()
-            self._worker.join()
+        self._worker.close()
         with self._lock:
             for queue in self.queues:
                 queue.ready = False
