@@ -12,12 +12,12 @@ import threading
 import pytest
 from guestbuild import guest, requires_kvm
 
+from pyvmm.board.machine import Machine, StopReason
 from pyvmm.devices.pci.testdev import BARS, PciTestDevice
 from pyvmm.devices.testports import BenchSink, Checkpoint
 from pyvmm.kvm.eventfd import EventFd
 from pyvmm.machine import layout
 from pyvmm.machine.console import CaptureConsole
-from pyvmm.machine.machine import Machine, StopReason
 from pyvmm.uapi.kvm import KvmExit
 
 pytestmark = [pytest.mark.kvm, requires_kvm]

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from pyvmm.board.machine import Machine
 from pyvmm.commands.iommufd import tree_lines
 from pyvmm.errors import ConfigError
-from pyvmm.machine.machine import Machine
 from pyvmm.migration.control import ControlServer
 from pyvmm.migration.control_client import ControlClient, ControlError
 from pyvmm.uapi import iommufd as uapi

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from guestbuild import guest, requires_kvm
 
+from pyvmm.board.machine import Machine, StopReason
 from pyvmm.kvm.errors import KvmUnavailable
 from pyvmm.kvm.system import System
 from pyvmm.kvm.vcpu import KICK_SIGNAL
 from pyvmm.machine.console import CaptureConsole
-from pyvmm.machine.machine import Machine, StopReason
 from pyvmm.uapi import kvm as uapi
 
 pytestmark = [pytest.mark.kvm, requires_kvm]
@@ -211,7 +211,7 @@ def test_a_machine_first_started_off_the_main_thread_says_why_it_cannot_start() 
     the process (the signal's default action), so start() refuses in one line instead."""
     script = f"""
 import threading
-from pyvmm.machine.machine import Machine
+from pyvmm.board.machine import Machine
 from pyvmm.kvm.errors import KvmError
 
 def off_main():

@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 from guestbuild import guest, requires_kvm
 
+from pyvmm.board.machine import Machine, StopReason
 from pyvmm.machine.component import Components
 from pyvmm.machine.console import CaptureConsole
-from pyvmm.machine.machine import Machine, StopReason
 from pyvmm.machine.state import StateError, from_plain, to_plain
 from pyvmm.machine.vcpu_state import (
     MSR_IA32_TSC,

@@ -7,8 +7,8 @@ import os
 import pytest
 from guestbuild import guest, requires_kvm
 
+from pyvmm.board.machine import Machine
 from pyvmm.kvm.system import System
-from pyvmm.machine.machine import Machine
 
 pytestmark = [pytest.mark.kvm, requires_kvm]
 

@@ -19,10 +19,10 @@ import pytest
 from guestbuild import requires_kvm
 from linuxkernel import lab_kernel, lab_vmlinux
 
+from pyvmm.board.machine import Machine, StopReason
 from pyvmm.errors import BootError
 from pyvmm.machine import acpi, boot, bzimage, layout
 from pyvmm.machine.console import CaptureConsole
-from pyvmm.machine.machine import Machine, StopReason
 from pyvmm.machine.memory import GuestMemory, GuestMemoryError, RamRegion
 
 MiB = layout.MiB

@@ -19,13 +19,13 @@ from elftools.elf.elffile import ELFFile
 from guestbuild import guest, requires_kvm
 from test_address_space import RecordingDma
 
+from pyvmm.board.machine import Machine, RunState, StopReason
 from pyvmm.devices.pci.testdev import MAPPED_BAR, MAPPED_OFFSET, PciTestDevice
 from pyvmm.devices.testports import Checkpoint
 from pyvmm.kvm.eventfd import EventFd
 from pyvmm.machine import layout
 from pyvmm.machine.address_space import AddressSpaceError
 from pyvmm.machine.console import CaptureConsole
-from pyvmm.machine.machine import Machine, RunState, StopReason
 from pyvmm.machine.memory import RegionKind
 from pyvmm.machine.state import StateError
 from pyvmm.machine.vcpus import VCPU_SWITCH_INTERVAL

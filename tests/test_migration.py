@@ -24,9 +24,9 @@ from test_machine_layer import assert_consecutive, counts
 from test_snapshot import digest
 from test_snapshot_cli import pyvmm, start_counter
 
+from pyvmm.board.machine import Machine, RunState, StopReason
 from pyvmm.kvm.mmap import PAGE_SIZE
 from pyvmm.machine.console import CaptureConsole
-from pyvmm.machine.machine import Machine, RunState, StopReason
 from pyvmm.machine.memory import GuestMemory
 from pyvmm.machine.state import StateError
 from pyvmm.migration.destination import receive

@@ -20,9 +20,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from test_snapshot_fuzz import DAMAGED, sections_of, stream
 
+from pyvmm.board.machine import Machine
 from pyvmm.errors import PyvmmError
 from pyvmm.machine.console import CaptureConsole
-from pyvmm.machine.machine import Machine
 from pyvmm.migration.destination import take_in
 from pyvmm.migration.pages import CHUNK
 from pyvmm.migration.source import Migration

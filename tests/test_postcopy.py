@@ -20,10 +20,10 @@ from guestbuild import guest, requires_kvm
 from test_migration import counts_of_passes, start_destination
 from test_snapshot_cli import pyvmm
 
+from pyvmm.board.machine import Machine, RunState, StopReason
 from pyvmm.kvm.mmap import PAGE_SIZE
 from pyvmm.machine.console import CaptureConsole
 from pyvmm.machine.dirty import DirtyBitmap
-from pyvmm.machine.machine import Machine, RunState, StopReason
 from pyvmm.machine.memory import GuestMemory, RamRegion
 from pyvmm.migration import postcopy, snapshot
 from pyvmm.migration.destination import Incoming, receive

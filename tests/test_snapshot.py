@@ -15,12 +15,12 @@ import pytest
 from guestbuild import guest, requires_kvm
 from test_machine_layer import assert_consecutive, console_of, count_in_ram, counts
 
+from pyvmm.board.devices import pins_guest_ram
+from pyvmm.board.machine import Machine, RunState
 from pyvmm.errors import PyvmmError
 from pyvmm.machine import layout
 from pyvmm.machine.config import MachineConfig
 from pyvmm.machine.console import CaptureConsole
-from pyvmm.machine.devices import pins_guest_ram
-from pyvmm.machine.machine import Machine, RunState
 from pyvmm.migration import snapshot
 from pyvmm.migration.control import ControlServer
 from pyvmm.migration.memory_file import GRANULE

@@ -12,10 +12,10 @@ import pytest
 from guestbuild import guest, requires_kvm
 from test_machine_layer import COUNTER, assert_consecutive, counts
 
+from pyvmm.board.machine import Machine
 from pyvmm.kvm.mmap import PAGE_SIZE
 from pyvmm.kvm.userfaultfd import UserFaultFd, UserfaultfdUnavailable
 from pyvmm.machine.console import CaptureConsole
-from pyvmm.machine.machine import Machine
 from pyvmm.machine.memory import RamRegion
 
 MiB = 1 << 20

@@ -20,6 +20,7 @@ import pytest
 from guestbuild import guest, requires_kvm
 from test_virtqueue import HostDriver, virtio_device
 
+from pyvmm.board.machine import Machine, StopReason
 from pyvmm.devices.pci.msix import Msix
 from pyvmm.devices.virtio import blk as vblk
 from pyvmm.devices.virtio import net as vnet
@@ -29,7 +30,6 @@ from pyvmm.errors import ConfigError
 from pyvmm.kvm.irq import MsiRoute
 from pyvmm.machine import layout
 from pyvmm.machine.console import CaptureConsole
-from pyvmm.machine.machine import Machine, StopReason
 from pyvmm.uapi.kvm import KvmExit
 
 MiB = layout.MiB

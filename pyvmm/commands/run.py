@@ -13,16 +13,16 @@ import socket
 import sys
 from collections.abc import Callable
 
+from pyvmm.board.machine import Machine, StopReason
 from pyvmm.errors import ConfigError
 from pyvmm.machine.console import Console, open_console
-from pyvmm.machine.machine import Machine, StopReason
 
 DEFAULT_CMDLINE = "console=ttyS0 panic=-1"
 CRASH_CONSOLE_LINES = 12  # of the guest's console, after a crash
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    from pyvmm.cli import parse_size
+    from pyvmm.commands.options import parse_size
 
     run = subparsers.add_parser(
         "run",

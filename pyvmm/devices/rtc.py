@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from pyvmm.machine import layout
 from pyvmm.machine.state import StateError
 
 INDEX_PORT_OFFSET = 0
@@ -34,7 +35,7 @@ REG_A = 0x0A
 REG_B = 0x0B
 REG_C = 0x0C
 REG_D = 0x0D
-CENTURY = 0x32  # where the FADT's CENTURY field points (as in QEMU and most PCs)
+CENTURY = layout.RTC_CENTURY  # (as in QEMU and most PCs)
 TIME_REGISTERS = (SECONDS, MINUTES, HOURS, DAY_OF_WEEK, DAY_OF_MONTH, MONTH, YEAR, CENTURY)
 
 REG_A_UIP = 0x80

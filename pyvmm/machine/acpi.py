@@ -19,7 +19,6 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pyvmm.devices import rtc
 from pyvmm.machine import aml, layout
 from pyvmm.machine.memory import GuestMemory
 
@@ -162,7 +161,7 @@ def fadt(dsdt_address: int) -> bytes:
 
     put(40, "<I", dsdt_address)  # DSDT (32-bit)
     # No i8042 flag: Linux then skips probing a keyboard controller; it resets via RESET_REG.
-    put(108, "<B", rtc.CENTURY)  # the CMOS RTC's century register
+    put(108, "<B", layout.RTC_CENTURY)  # the CMOS RTC's century register
     put(109, "<H", IAPC_BOOT_ARCH_LEGACY_DEVICES | IAPC_BOOT_ARCH_NO_VGA)
     put(112, "<I", FADT_HW_REDUCED_ACPI | FADT_RESET_REG_SUP | FADT_PWR_BUTTON | FADT_SLP_BUTTON)
     body[116 - 36 : 128 - 36] = _gas(layout.RESET_PORT)

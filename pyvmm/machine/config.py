@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 @dataclass(frozen=True)
 class DeviceConfig:
-    """One optional device: its kind (a name in pyvmm.machine.devices.DEVICE_KINDS), the
+    """One optional device: its kind (a name in pyvmm.board.devices.DEVICE_KINDS), the
     options its `create` takes, and its PCI slot on bus 0."""
 
     kind: str

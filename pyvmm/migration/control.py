@@ -31,8 +31,8 @@ from collections.abc import Callable
 from importlib import metadata
 from typing import Any
 
+from pyvmm.board.machine import Machine, RunState, StopReason
 from pyvmm.errors import PyvmmError
-from pyvmm.machine.machine import Machine, RunState, StopReason
 from pyvmm.machine.threads import start_thread
 from pyvmm.migration import snapshot
 from pyvmm.migration.control_client import MAX_REQUEST, ControlError

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pyvmm.board.devices import pins_guest_ram
+from pyvmm.board.machine import Machine, SavedMachine
 from pyvmm.errors import PyvmmError
 from pyvmm.kvm.errors import KvmError
 from pyvmm.kvm.mmap import PAGE_SIZE
@@ -24,8 +26,6 @@ from pyvmm.kvm.userfaultfd import UserFaultFd
 from pyvmm.machine.component import SavedState
 from pyvmm.machine.config import MachineConfig
 from pyvmm.machine.console import Console
-from pyvmm.machine.devices import pins_guest_ram
-from pyvmm.machine.machine import Machine, SavedMachine
 from pyvmm.machine.memory import GuestMemoryError
 from pyvmm.machine.state import StateError
 from pyvmm.migration import postcopy, vmstate

@@ -12,8 +12,8 @@ import threading
 import time
 from typing import Any, BinaryIO
 
+from pyvmm.board.machine import Machine, StopReason
 from pyvmm.kvm.mmap import PAGE_SIZE
-from pyvmm.machine.machine import Machine, StopReason
 from pyvmm.machine.memory import GuestMemoryError
 from pyvmm.machine.threads import start_thread
 from pyvmm.migration import postcopy

@@ -33,15 +33,15 @@ from typing import Any, TypeVar
 
 import msgpack
 
+from pyvmm.board.devices import pins_guest_ram
+from pyvmm.board.machine import Machine, SavedMachine
 from pyvmm.errors import PyvmmError
 from pyvmm.kvm.mmap import PAGE_SIZE
 from pyvmm.machine import layout
 from pyvmm.machine.component import SavedState
 from pyvmm.machine.config import MachineConfig
 from pyvmm.machine.console import Console
-from pyvmm.machine.devices import pins_guest_ram
 from pyvmm.machine.dirty import DirtyBitmap
-from pyvmm.machine.machine import Machine, SavedMachine
 from pyvmm.machine.memory import RamRegion
 from pyvmm.machine.state import StateError, from_plain, to_plain
 from pyvmm.migration import memory_file, vmstate

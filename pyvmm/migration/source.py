@@ -29,10 +29,10 @@ import time
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
+from pyvmm.board.machine import Machine, RunState, StopReason
 from pyvmm.errors import PyvmmError
 from pyvmm.kvm.mmap import PAGE_SIZE
 from pyvmm.machine.dirty import DirtyBitmap
-from pyvmm.machine.machine import Machine, RunState, StopReason
 from pyvmm.machine.threads import start_thread
 from pyvmm.migration import memory_file, postcopy, postcopy_link, vmstate
 from pyvmm.migration.convergence import Convergence, Step

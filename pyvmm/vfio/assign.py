@@ -32,7 +32,7 @@ from pyvmm.vfio.pci import VfioPciFunction
 from pyvmm.vfio.sysfs import VFIO_PCI, Sysfs, SysfsError
 
 if TYPE_CHECKING:
-    from pyvmm.machine.machine import Machine
+    from pyvmm.vfio.context import VfioHost
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def _vfio_driver(driver: str | None) -> bool:
 
 
 def create(
-    machine: Machine,
+    machine: VfioHost,
     host: str,
     backend: str | None = None,
     hwpt: bool = False,
@@ -151,7 +151,7 @@ def _host_device(sysfs: Sysfs, host: str) -> tuple[HostDevice, bool]:
 
 
 def _backend(
-    machine: Machine, sysfs: Sysfs, device: HostDevice, cdev_exists: bool, backend: str | None
+    machine: VfioHost, sysfs: Sysfs, device: HostDevice, cdev_exists: bool, backend: str | None
 ) -> str:
     """The backend to open `device` with: asked for, the machine's already, or the default
     (said in one log line)."""

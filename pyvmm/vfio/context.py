@@ -21,8 +21,9 @@ from __future__ import annotations
 import logging
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
+from pyvmm.machine.host import DeviceHost
 from pyvmm.vfio.dma import DmaSpace, GuestRamMapper
 from pyvmm.vfio.errors import VfioError
 
@@ -125,3 +126,13 @@ class VfioContext:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class VfioHost(DeviceHost, Protocol):
+    """What assigning a device needs of the machine: a DeviceHost with its one IOMMU context
+    (made by the first device assigned, in the backend asked for or the host's default)."""
+
+    @property
+    def vfio_backend(self) -> str | None: ...
+
+    def vfio(self, backend: str | None = None) -> VfioContext: ...

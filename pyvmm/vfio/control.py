@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any
 from pyvmm.vfio.errors import VfioError
 
 if TYPE_CHECKING:
-    from pyvmm.machine.machine import Machine
+    from pyvmm.vfio.context import VfioHost
     from pyvmm.vfio.iommufd_backend import IommufdContext
 
 
-def commands(machine: Machine) -> dict[str, Callable[..., dict[str, Any]]]:
+def commands(machine: VfioHost) -> dict[str, Callable[..., dict[str, Any]]]:
     """The commands, by name, for the control server of `machine`."""
 
     def context() -> IommufdContext:

@@ -43,7 +43,7 @@ from pyvmm.vfio.pci_bars import PassthroughBars
 from pyvmm.vfio.pci_config import PM_CTRL, PM_CTRL_STATE, PassthroughConfig
 
 if TYPE_CHECKING:
-    from pyvmm.machine.machine import Machine
+    from pyvmm.machine.host import DeviceHost
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class VfioPciFunction(PciFunction):
 
     def __init__(
         self,
-        machine: Machine,
+        machine: DeviceHost,
         device: VfioDevice,
         name: str,
         *,

@@ -47,7 +47,7 @@ from pyvmm.vfio.device import VfioDevice
 from pyvmm.vfio.interrupts import VfioInterrupts
 
 if TYPE_CHECKING:
-    from pyvmm.machine.machine import Machine
+    from pyvmm.machine.host import DeviceHost
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class PassthroughConfig:
         self.msi: Msi | None = None
         self.msix: Msix | None = None
 
-    def virtualize(self, raw: bytes, machine: Machine, interrupts: VfioInterrupts) -> None:
+    def virtualize(self, raw: bytes, machine: DeviceHost, interrupts: VfioInterrupts) -> None:
         """Present the header and the capabilities kept; the vectors of MSI and MSI-X are
         handed to `interrupts` as the guest enables them."""
         self._virtualize_header(raw)
@@ -145,7 +145,7 @@ class PassthroughConfig:
         return found
 
     def _virtualize_capabilities(
-        self, machine: Machine, interrupts: VfioInterrupts, raw: bytes
+        self, machine: DeviceHost, interrupts: VfioInterrupts, raw: bytes
     ) -> None:
         name = self._function.name
         found = self._device_capabilities(raw)
@@ -217,7 +217,7 @@ class PassthroughConfig:
                 cap.put(field, 4, 0)
 
     def _add_msi(
-        self, machine: Machine, interrupts: VfioInterrupts, raw: bytes, offset: int
+        self, machine: DeviceHost, interrupts: VfioInterrupts, raw: bytes, offset: int
     ) -> None:
         control = struct.unpack_from("<H", raw, offset + 2)[0]
         offered = 1 << ((control & MSI_FLAGS_QMASK) >> 1)
@@ -233,7 +233,7 @@ class PassthroughConfig:
         self._function.add_capability(self.msi.capability, offset)
 
     def _add_msix(
-        self, machine: Machine, interrupts: VfioInterrupts, raw: bytes, offset: int
+        self, machine: DeviceHost, interrupts: VfioInterrupts, raw: bytes, offset: int
     ) -> None:
         control, table, pba = struct.unpack_from("<HII", raw, offset + 2)
         # as many vectors as the device has and VFIO offers: the guest sees that table size

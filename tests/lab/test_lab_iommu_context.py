@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 from lab_edu import EDU_BUFFER, bar0, dma, enable_dma, lab_pci_device
 
+from pyvmm.board.machine import Machine
 from pyvmm.kvm.mmap import Mapping
-from pyvmm.machine.machine import Machine
 from pyvmm.machine.memory import MemoryRegion, RegionKind
 from pyvmm.uapi.ioctl import IoctlError
 from pyvmm.vfio.backends import BACKENDS

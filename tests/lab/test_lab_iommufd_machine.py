@@ -17,9 +17,9 @@ from guestbuild import guest
 from lab_edu import EDU_BUFFER, bar0, dma
 from test_lab_passthrough import build_passthrough_guests
 
+from pyvmm.board.machine import Machine
 from pyvmm.devices.pci.device import PCI_COMMAND
 from pyvmm.machine.console import CaptureConsole
-from pyvmm.machine.machine import Machine
 from pyvmm.migration.control import ControlServer
 from pyvmm.migration.control_client import ControlClient, ControlError
 from pyvmm.uapi import iommufd as uapi

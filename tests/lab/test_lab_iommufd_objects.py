@@ -25,9 +25,9 @@ from guestbuild import guest
 from lab_edu import EDU_BUFFER, bar0, dma, enable_dma, lab_pci_device
 from test_machine_layer import counts
 
+from pyvmm.board.machine import Machine
 from pyvmm.kvm.mmap import Mapping
 from pyvmm.machine.console import CaptureConsole
-from pyvmm.machine.machine import Machine
 from pyvmm.machine.vcpus import RunState
 from pyvmm.uapi import iommufd as uapi
 from pyvmm.vfio import iommufd_mock as mock

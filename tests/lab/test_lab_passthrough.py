@@ -11,10 +11,10 @@ from collections.abc import Iterator
 import pytest
 from guestbuild import guest
 
+from pyvmm.board.machine import Machine
 from pyvmm.devices.testports import Checkpoint
 from pyvmm.machine import layout
 from pyvmm.machine.console import CaptureConsole
-from pyvmm.machine.machine import Machine
 from pyvmm.uapi.kvm import KvmExit
 from pyvmm.vfio.backends import BACKENDS
 from pyvmm.vfio.sysfs import Sysfs

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from guestbuild import guest
 
+from pyvmm.board.machine import Machine, StopReason
 from pyvmm.machine.console import CaptureConsole
-from pyvmm.machine.machine import Machine, StopReason
 from pyvmm.vfio.backends import BACKENDS
 from pyvmm.vfio.container import Container, Group
 from pyvmm.vfio.sysfs import VFIO_PCI, Sysfs

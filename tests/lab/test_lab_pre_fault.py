@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from pyvmm.board.machine import Machine
 from pyvmm.machine.console import CaptureConsole
-from pyvmm.machine.machine import Machine
 
 pytestmark = pytest.mark.lab
 

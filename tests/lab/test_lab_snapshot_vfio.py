@@ -19,9 +19,9 @@ from lab_edu import EDU_BUFFER, bar0, dma
 from test_lab_passthrough import BACKENDS
 from test_machine_layer import assert_consecutive, counts
 
+from pyvmm.board.machine import Machine
 from pyvmm.devices.pci.device import PCI_COMMAND
 from pyvmm.machine.console import CaptureConsole
-from pyvmm.machine.machine import Machine
 from pyvmm.migration import snapshot
 from pyvmm.migration.snapshot import SnapshotError
 from pyvmm.vfio.pci import VfioPciFunction

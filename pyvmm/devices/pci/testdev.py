@@ -26,7 +26,7 @@ from pyvmm.kvm.mmap import PAGE_SIZE, Mapping
 from pyvmm.machine.state import StateError
 
 if TYPE_CHECKING:
-    from pyvmm.machine.machine import Machine
+    from pyvmm.machine.host import DeviceHost
 
 TESTDEV_VENDOR = 0x5056
 TESTDEV_DEVICE = 0x0001
@@ -119,6 +119,6 @@ class PciTestDevice(PciFunction):
         self.device_memory.close()
 
 
-def create(machine: Machine) -> PciTestDevice:
+def create(machine: DeviceHost) -> PciTestDevice:
     """The PCI test function (device kind "pci-testdev")."""
     return PciTestDevice()

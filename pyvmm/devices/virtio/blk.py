@@ -21,7 +21,7 @@ from pyvmm.devices.virtio.queue import DescriptorChain
 from pyvmm.errors import ConfigError
 
 if TYPE_CHECKING:
-    from pyvmm.machine.machine import Machine
+    from pyvmm.machine.host import DeviceHost
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ class VirtioBlk(VirtioBackend):
 
 
 def create(
-    machine: Machine, path: str, read_only: bool = False, serial: str | None = None
+    machine: DeviceHost, path: str, read_only: bool = False, serial: str | None = None
 ) -> VirtioPciDevice:
     """A virtio-blk PCI function on the raw image `path` (device kind "virtio-blk")."""
     return VirtioPciDevice(machine, VirtioBlk(path, read_only=read_only, serial=serial))

@@ -29,7 +29,7 @@ from pyvmm.devices.virtio.queue import Virtqueue
 from pyvmm.errors import ConfigError
 
 if TYPE_CHECKING:
-    from pyvmm.machine.machine import Machine
+    from pyvmm.machine.host import DeviceHost
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ class VirtioNet(VirtioBackend):
             self._tap = -1
 
 
-def create(machine: Machine, tap: str, mac: str | None = None) -> VirtioPciDevice:
+def create(machine: DeviceHost, tap: str, mac: str | None = None) -> VirtioPciDevice:
     """A virtio-net PCI function on tap `tap`, with MAC address `mac` ("52:54:00:12:34:56"; by
     default a random one) (device kind "virtio-net")."""
     return VirtioPciDevice(machine, VirtioNet(tap, parse_mac(mac) if mac else None))

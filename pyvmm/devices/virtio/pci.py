@@ -73,7 +73,7 @@ from pyvmm.machine.memory import GuestMemoryError
 from pyvmm.machine.state import StateError
 
 if TYPE_CHECKING:
-    from pyvmm.machine.machine import Machine
+    from pyvmm.machine.host import DeviceHost
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class VirtioPciDevice(PciFunction):
 
     state_type: ClassVar[type] = VirtioPciState
 
-    def __init__(self, machine: Machine, backend: VirtioBackend) -> None:
+    def __init__(self, machine: DeviceHost, backend: VirtioBackend) -> None:
         nqueues = len(backend.queue_sizes)
         if not 1 <= nqueues <= MAX_QUEUES:
             raise ValueError(f"{backend.name}: {nqueues} queues (1 to {MAX_QUEUES} supported)")

@@ -10,7 +10,7 @@ from pyvmm.devices.virtio.backend import VIRTIO_ID_RNG, VirtioBackend
 from pyvmm.devices.virtio.pci import VirtioPciDevice
 
 if TYPE_CHECKING:
-    from pyvmm.machine.machine import Machine
+    from pyvmm.machine.host import DeviceHost
 
 QUEUE_SIZE = 256
 # Bytes given per request at most: the spec lets the device fill less than offered, and a guest
@@ -31,6 +31,6 @@ class VirtioRng(VirtioBackend):
             queue.push(chain, written)
 
 
-def create(machine: Machine) -> VirtioPciDevice:
+def create(machine: DeviceHost) -> VirtioPciDevice:
     """A virtio-rng PCI function (device kind "virtio-rng")."""
     return VirtioPciDevice(machine, VirtioRng())

@@ -32,6 +32,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from pyvmm.board.devices import create_device, wire_platform
 from pyvmm.devices.pci.device import PciFunction
 from pyvmm.errors import ConfigError
 from pyvmm.kvm.irq import GsiRouting
@@ -45,7 +46,6 @@ from pyvmm.machine.bzimage import LinuxBoot
 from pyvmm.machine.component import Components, SavedState
 from pyvmm.machine.config import DeviceConfig, MachineConfig
 from pyvmm.machine.console import CaptureConsole, Console, ConsoleInput, ConsoleTail
-from pyvmm.machine.devices import create_device, wire_platform
 from pyvmm.machine.dirty import DirtyLog
 from pyvmm.machine.dma import IdentityDma
 from pyvmm.machine.exits import ExitStats
@@ -204,7 +204,7 @@ class Machine:
     # devices
 
     def add_device(self, kind: str, *, slot: int | None = None, **options: Any) -> PciFunction:
-        """Add an optional device (a kind in pyvmm.machine.devices.DEVICE_KINDS: virtio-blk,
+        """Add an optional device (a kind in pyvmm.board.devices.DEVICE_KINDS: virtio-blk,
         virtio-net, virtio-rng, vfio-pci, pci-testdev) with its options, at `slot` or the first
         free one; recorded in `config`."""
         if self._run_control.started:

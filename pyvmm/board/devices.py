@@ -30,7 +30,7 @@ from pyvmm.machine import acpi, layout
 from pyvmm.machine.vcpus import StopReason
 
 if TYPE_CHECKING:
-    from pyvmm.machine.machine import Machine
+    from pyvmm.board.machine import Machine
 
 DEVICE_KINDS = {
     "virtio-blk": "pyvmm.devices.virtio.blk",
