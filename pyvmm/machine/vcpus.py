@@ -28,7 +28,8 @@ An exit pyvmm handles needs the GIL, and while another thread runs Python (a mig
 post-copy's pages coming in, a device worker, the control socket) a vCPU waiting for the GIL gets
 it only when that thread is made to let go: a switch interval later, 5 ms by Python's default,
 which a guest printing a line (an exit a character) feels. So `start()` shortens the process's
-switch interval to VCPU_SWITCH_INTERVAL (if it is longer): on this host, with one thread spinning
+switch interval to VCPU_SWITCH_INTERVAL (if it is longer), until the last machine running stops
+(then it is put back as it was): on this host, with one thread spinning
 in Python beside it, a port-write exit took 2.8 ms at the default and 0.2 ms at 0.2 ms
 (scripts/bench-exits); with no other thread running Python, the interval makes no difference.
 """
@@ -93,6 +94,32 @@ class MachineExit:
     vcpus: tuple[str, ...] = ()
 
 
+class _SwitchInterval:
+    """The process's switch interval: at most VCPU_SWITCH_INTERVAL while any machine's vCPUs
+    run, and as it was before once the last of them has stopped."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._before = 0.0
+
+    def hold(self) -> None:
+        with self._lock:
+            if not self._holders:
+                self._before = sys.getswitchinterval()
+                sys.setswitchinterval(min(self._before, VCPU_SWITCH_INTERVAL))
+            self._holders += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._holders -= 1
+            if not self._holders:
+                sys.setswitchinterval(self._before)
+
+
+_SWITCH_INTERVAL = _SwitchInterval()
+
+
 class VcpuThreads:
     """The vCPU threads of one machine and the run state they share."""
 
@@ -114,6 +141,7 @@ class VcpuThreads:
         self._throttle_sleep = 0.0  # what each kicked vCPU sleeps now (0: no throttle)
         self._throttler: threading.Thread | None = None
         self.throttled_seconds = 0.0  # the vCPUs' sleeps, summed (approximate, unlocked)
+        self._holds_switch_interval = False
 
     # control (any thread but a vCPU's)
 
@@ -131,7 +159,8 @@ class VcpuThreads:
                     "install: build (or start) the first machine from the main thread"
                 )
             self.state = RunState.PAUSED if self._pausing else RunState.RUNNING
-            sys.setswitchinterval(min(sys.getswitchinterval(), VCPU_SWITCH_INTERVAL))
+            _SWITCH_INTERVAL.hold()
+            self._holds_switch_interval = True
             for vcpu in self.vcpus:
                 self._threads[vcpu.id] = start_thread(self._thread, f"vcpu{vcpu.id}", vcpu)
             self._start_throttler()
@@ -154,6 +183,9 @@ class VcpuThreads:
             self.state = RunState.STOPPED
             self._interrupt = True
             self._cond.notify_all()
+            if self._holds_switch_interval:
+                self._holds_switch_interval = False
+                _SWITCH_INTERVAL.release()
         self.done.set()
         self._kick_all()
 
