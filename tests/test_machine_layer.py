@@ -22,6 +22,7 @@ from test_address_space import RecordingDma
 from pyvmm.board.machine import Machine, RunState, StopReason
 from pyvmm.devices.pci.testdev import MAPPED_BAR, MAPPED_OFFSET, PciTestDevice
 from pyvmm.devices.testports import Checkpoint
+from pyvmm.errors import ConfigError
 from pyvmm.kvm.eventfd import EventFd
 from pyvmm.machine import layout
 from pyvmm.machine.address_space import AddressSpaceError
@@ -432,11 +433,32 @@ def test_devices_are_added_by_kind_and_errors_are_one_line(tmp_path: Path) -> No
             machine.add_device("virtio-rng", x=1)
         with pytest.raises(Exception, match="PCI slot 0 is taken by host-bridge"):
             machine.add_device("virtio-rng", slot=0)
+        # options of the wrong type (a configuration from a stream may hold any JSON value)
+        disk = tmp_path / "disk"
+        disk.write_bytes(bytes(4096))
+        with pytest.raises(ConfigError, match=r"virtio-blk: option path must be str, not int 5"):
+            machine.add_device("virtio-blk", path=5)
+        with pytest.raises(ConfigError, match=r"option read_only must be bool, not int 1$"):
+            machine.add_device("virtio-blk", path=str(disk), read_only=1)
+        with pytest.raises(ConfigError, match=r"option serial must be str \| None, not list"):
+            machine.add_device("virtio-blk", path=str(disk), serial=["x"])
         machine.add_device("virtio-rng", slot=5)
         assert [d.slot for d in machine.config.devices] == [5]
         assert machine.run(timeout=30).exit_code == 0
         with pytest.raises(Exception, match="devices are added before the machine starts"):
             machine.add_device("virtio-rng")
+
+
+def test_a_bug_inside_a_device_is_not_called_a_bad_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A TypeError raised inside a device's constructor is a bug to see, with its traceback,
+    not "options do not fit"."""
+
+    def broken(machine: object) -> None:
+        raise TypeError("a bug inside the device")
+
+    monkeypatch.setattr("pyvmm.devices.pci.testdev.create", broken)
+    with boot("hello") as machine, pytest.raises(TypeError, match="a bug inside the device"):
+        machine.add_device("pci-testdev")
 
 
 # device memory in the guest's address space

@@ -105,12 +105,31 @@ def create_device(machine: Machine, kind: str, options: dict[str, Any]) -> PciFu
     if module_name is None:
         raise ConfigError(f"unknown device kind {kind!r}: choose from {', '.join(DEVICE_KINDS)}")
     create = importlib.import_module(module_name).create
+    signature = inspect.signature(create)
     try:
-        inspect.signature(create).bind(machine, **options)
+        signature.bind(machine, **options)
     except TypeError as err:
         raise ConfigError(f"{kind}: {err}") from None
-    try:
-        return create(machine, **options)
-    except (TypeError, AttributeError, OverflowError) as err:
-        # options of the wrong type (a configuration read from a stream): say so in one line
-        raise ConfigError(f"{kind}: options {options} do not fit it: {err}") from None
+    for name, value in options.items():
+        # (a configuration read from a stream may give any JSON value)
+        annotation = signature.parameters[name].annotation
+        wanted = annotation if isinstance(annotation, str) else inspect.formatannotation(annotation)
+        if not _of_type(value, wanted):
+            raise ConfigError(
+                f"{kind}: option {name} must be {wanted}, not {type(value).__name__} {value!r}"
+            )
+    return create(machine, **options)
+
+
+_OPTION_TYPES: dict[str, type] = {"str": str, "int": int, "bool": bool, "None": type(None)}
+
+
+def _of_type(value: object, annotation: str) -> bool:
+    """Whether `value` is of the plain type a device factory's option is annotated with
+    ("str", "bool", "int | None", ...); a bool is not an int here."""
+    for name in (part.strip() for part in annotation.split("|")):
+        if name not in _OPTION_TYPES:
+            raise TypeError(f"a device option must be annotated with plain types, not {name}")
+        if type(value) is _OPTION_TYPES[name]:
+            return True
+    return False
