@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 from guestbuild import guest, requires_kvm
 
-from pyvmm.board.machine import Machine, RunState
+from pyvmm.board.machine import Machine
 from pyvmm.kvm.system import System
-from pyvmm.machine.console import CaptureConsole
-from pyvmm.machine.vcpus import VCPU_SWITCH_INTERVAL
 
 pytestmark = [pytest.mark.kvm, requires_kvm]
 
@@ -55,20 +52,3 @@ def test_failed_boot_releases_everything(tmp_path) -> None:
         with Machine(mem_size=8 << 20) as machine, pytest.raises(Exception, match="not an ELF"):
             machine.load_elf(str(bad))
     assert open_fds() == before
-
-
-def test_the_switch_interval_is_short_while_machines_run_and_put_back_after_the_last() -> None:
-    """vCPUs shorten the process's GIL switch interval (pyvmm.machine.vcpus says why); a
-    program that ran machines gets its own back when the last one stops."""
-    before = sys.getswitchinterval()
-    assert before > VCPU_SWITCH_INTERVAL  # (Python's default)
-    with Machine(mem_size=32 << 20, console=CaptureConsole()) as first:
-        first.load_elf(str(guest("counter")))  # (counts for ever)
-        first.start()
-        assert sys.getswitchinterval() == pytest.approx(VCPU_SWITCH_INTERVAL)
-        with Machine(mem_size=8 << 20, console=CaptureConsole()) as second:
-            second.load_elf(str(guest("hello")))
-            assert second.run(timeout=30).exit_code == 0
-        assert first.state is RunState.RUNNING
-        assert sys.getswitchinterval() == pytest.approx(VCPU_SWITCH_INTERVAL)
-    assert sys.getswitchinterval() == before
