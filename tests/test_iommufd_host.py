@@ -13,9 +13,9 @@ import pytest
 
 from pyvmm.board.machine import Machine
 from pyvmm.commands.iommufd import tree_lines
+from pyvmm.control.client import ControlClient, ControlError
+from pyvmm.control.server import ControlServer
 from pyvmm.errors import ConfigError
-from pyvmm.migration.control import ControlServer
-from pyvmm.migration.control_client import ControlClient, ControlError
 from pyvmm.uapi import iommufd as uapi
 from pyvmm.vfio import iommufd
 from pyvmm.vfio.iommufd import IommufdObject

@@ -20,6 +20,7 @@ LAYERS = [
     {"pyvmm.vfio"},
     {"pyvmm.board"},  # the Machine, wiring the above together
     {"pyvmm.migration"},
+    {"pyvmm.control"},
     {"pyvmm.lab"},
     {"pyvmm.commands"},
     {"pyvmm.cli", "pyvmm.__main__"},

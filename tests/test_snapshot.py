@@ -17,12 +17,12 @@ from test_machine_layer import assert_consecutive, console_of, count_in_ram, cou
 
 from pyvmm.board.devices import pins_guest_ram
 from pyvmm.board.machine import Machine, RunState
+from pyvmm.control.server import ControlServer
 from pyvmm.errors import PyvmmError
 from pyvmm.machine import layout
 from pyvmm.machine.config import MachineConfig
 from pyvmm.machine.console import CaptureConsole
 from pyvmm.migration import snapshot
-from pyvmm.migration.control import ControlServer
 from pyvmm.migration.memory_file import GRANULE
 from pyvmm.migration.snapshot import SnapshotError
 from pyvmm.migration.source import Migration

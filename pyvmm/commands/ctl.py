@@ -44,7 +44,7 @@ def parse_arguments(items: list[str]) -> dict[str, Any]:
 
 
 def cmd_ctl(args: argparse.Namespace) -> int:
-    from pyvmm.migration.control_client import ControlClient
+    from pyvmm.control.client import ControlClient
 
     with ControlClient(args.control) as client:
         result = client.execute(args.name, **parse_arguments(args.arguments))

@@ -50,7 +50,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_objects(args: argparse.Namespace) -> int:
-    from pyvmm.migration.control_client import ControlClient
+    from pyvmm.control.client import ControlClient
 
     with ControlClient(args.control) as client:
         objects = client.execute("iommufd-objects")["objects"]

@@ -50,7 +50,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from pyvmm.migration.control_client import ControlClient, ControlError, follow_migration
+    from pyvmm.control.client import ControlClient, ControlError, follow_migration
 
     with ControlClient(args.control) as client:
         client.execute(

@@ -196,7 +196,7 @@ def run_incoming(args: argparse.Namespace) -> int:
 
     control = None
     if args.control:  # now: once the machine has come across, the source cannot have it back
-        from pyvmm.migration.control import listen_control
+        from pyvmm.control.server import listen_control
 
         control = listen_control(args.control)
     try:
@@ -237,7 +237,7 @@ def run_until_done(
     `start` starts it (by default `machine.start`); `started` is called once the vCPUs run."""
     server = None
     if args.control:
-        from pyvmm.migration.control import ControlServer  # (start-up time: only when asked)
+        from pyvmm.control.server import ControlServer  # (start-up time: only when asked)
 
         server = ControlServer(machine, args.control, args.console, listener=control)
     try:

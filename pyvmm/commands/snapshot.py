@@ -38,7 +38,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 def cmd_snapshot(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pyvmm.migration.control_client import ControlClient
+    from pyvmm.control.client import ControlClient
 
     directory = str(Path(args.directory).absolute())  # the server's working directory may differ
     with ControlClient(args.control) as client:

@@ -18,10 +18,10 @@ from lab_edu import EDU_BUFFER, bar0, dma
 from test_lab_passthrough import build_passthrough_guests
 
 from pyvmm.board.machine import Machine
+from pyvmm.control.client import ControlClient, ControlError
+from pyvmm.control.server import ControlServer
 from pyvmm.devices.pci.device import PCI_COMMAND
 from pyvmm.machine.console import CaptureConsole
-from pyvmm.migration.control import ControlServer
-from pyvmm.migration.control_client import ControlClient, ControlError
 from pyvmm.uapi import iommufd as uapi
 from pyvmm.vfio import iommufd_mock as mock
 from pyvmm.vfio.errors import VfioError

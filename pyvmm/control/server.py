@@ -32,10 +32,10 @@ from importlib import metadata
 from typing import Any
 
 from pyvmm.board.machine import Machine, RunState, StopReason
+from pyvmm.control.client import MAX_REQUEST, ControlError
 from pyvmm.errors import PyvmmError
 from pyvmm.machine.threads import start_thread
 from pyvmm.migration import snapshot
-from pyvmm.migration.control_client import MAX_REQUEST, ControlError
 from pyvmm.migration.sockets import json_line, listen_unix
 from pyvmm.migration.source import Migration
 from pyvmm.migration.transport import Endpoint

@@ -1,4 +1,4 @@
-"""A client of the control socket (control.py has the protocol): what `pyvmm ctl`, `pyvmm
+"""A client of the control socket (server.py has the protocol): what `pyvmm ctl`, `pyvmm
 migrate` and scripts use. It imports nothing of the machine, so a command that only talks to a
 running pyvmm starts quickly."""
 
