@@ -17,9 +17,9 @@ from pyvmm.control.client import ControlClient, ControlError
 from pyvmm.control.server import ControlServer
 from pyvmm.errors import ConfigError
 from pyvmm.uapi import iommufd as uapi
-from pyvmm.vfio import iommufd
-from pyvmm.vfio.iommufd import IommufdObject
-from pyvmm.vfio.iommufd_info import VTD_ECAP_BITS, HwInfo, decode_fields
+from pyvmm.vfio.iommufd import objects as iommufd
+from pyvmm.vfio.iommufd.info import VTD_ECAP_BITS, HwInfo, decode_fields
+from pyvmm.vfio.iommufd.objects import IommufdObject
 
 needs_kvm = pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="no /dev/kvm on this host")
 

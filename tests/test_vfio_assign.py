@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from fakesysfs import FakeTree
 
-from pyvmm.vfio import assign
 from pyvmm.vfio.errors import VfioError
+from pyvmm.vfio.passthrough import assign
 from pyvmm.vfio.sysfs import NoSuchDevice, Sysfs
 
 EDU, NIC, BRIDGE = "0000:00:04.0", "0000:00:05.0", "0000:00:06.0"

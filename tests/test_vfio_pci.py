@@ -28,8 +28,8 @@ from pyvmm.machine.state import StateError, from_plain, to_plain
 from pyvmm.uapi import vfio as uapi
 from pyvmm.uapi.ioctl import IoctlError
 from pyvmm.vfio.device import DeviceInfo, IrqInfo, Region
-from pyvmm.vfio.interrupts import IrqMode
-from pyvmm.vfio.pci import VfioPciFunction, VfioPciFunctionState
+from pyvmm.vfio.passthrough.function import VfioPciFunction, VfioPciFunctionState
+from pyvmm.vfio.passthrough.interrupts import IrqMode
 
 MiB = 1 << 20
 F = uapi.VfioRegionInfoFlag

@@ -36,7 +36,7 @@ DEVICE_KINDS = {
     "virtio-blk": "pyvmm.devices.virtio.blk",
     "virtio-net": "pyvmm.devices.virtio.net",
     "virtio-rng": "pyvmm.devices.virtio.rng",
-    "vfio-pci": "pyvmm.vfio.assign",
+    "vfio-pci": "pyvmm.vfio.passthrough.assign",
     "pci-testdev": "pyvmm.devices.pci.testdev",
 }
 

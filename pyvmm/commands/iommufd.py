@@ -30,8 +30,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from pyvmm.vfio.errors import VfioError
-    from pyvmm.vfio.iommufd import Iommufd, VfioBinding, open_cdev
-    from pyvmm.vfio.iommufd_info import hw_info
+    from pyvmm.vfio.iommufd.info import hw_info
+    from pyvmm.vfio.iommufd.objects import Iommufd, VfioBinding, open_cdev
     from pyvmm.vfio.sysfs import Sysfs, SysfsError
 
     try:

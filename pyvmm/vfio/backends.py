@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 from pyvmm.errors import ConfigError
 from pyvmm.vfio.container import ContainerContext
 from pyvmm.vfio.context import VfioContext
-from pyvmm.vfio.iommufd import CDEV_DIR, IOMMUFD_PATH
-from pyvmm.vfio.iommufd_backend import IommufdContext
+from pyvmm.vfio.iommufd.backend import IommufdContext
+from pyvmm.vfio.iommufd.objects import CDEV_DIR, IOMMUFD_PATH
 
 if TYPE_CHECKING:
     from pyvmm.kvm.vm import Vm

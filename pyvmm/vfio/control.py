@@ -19,14 +19,14 @@ from pyvmm.vfio.errors import VfioError
 
 if TYPE_CHECKING:
     from pyvmm.vfio.context import VfioHost
-    from pyvmm.vfio.iommufd_backend import IommufdContext
+    from pyvmm.vfio.iommufd.backend import IommufdContext
 
 
 def commands(machine: VfioHost) -> dict[str, Callable[..., dict[str, Any]]]:
     """The commands, by name, for the control server of `machine`."""
 
     def context() -> IommufdContext:
-        from pyvmm.vfio.iommufd_backend import (
+        from pyvmm.vfio.iommufd.backend import (
             IommufdContext,
         )  # only when asked: start-up time counts
 

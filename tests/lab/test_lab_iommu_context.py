@@ -15,7 +15,7 @@ from pyvmm.uapi.ioctl import IoctlError
 from pyvmm.vfio.backends import BACKENDS
 from pyvmm.vfio.container import ContainerContext
 from pyvmm.vfio.errors import VfioError
-from pyvmm.vfio.iommufd_backend import IommufdContext
+from pyvmm.vfio.iommufd.backend import IommufdContext
 from pyvmm.vfio.sysfs import Sysfs
 
 pytestmark = pytest.mark.lab(devices=("nvme",))

@@ -23,14 +23,14 @@ from pyvmm.control.server import ControlServer
 from pyvmm.devices.pci.device import PCI_COMMAND
 from pyvmm.machine.console import CaptureConsole
 from pyvmm.uapi import iommufd as uapi
-from pyvmm.vfio import iommufd_mock as mock
 from pyvmm.vfio.errors import VfioError
-from pyvmm.vfio.iommufd import Iommufd
-from pyvmm.vfio.iommufd_backend import IommufdContext
-from pyvmm.vfio.iommufd_hwpt import Hwpt
-from pyvmm.vfio.iommufd_mock import MockDevice
-from pyvmm.vfio.iommufd_nesting import Nesting, can_nest
-from pyvmm.vfio.pci import VfioPciFunction
+from pyvmm.vfio.iommufd import mock
+from pyvmm.vfio.iommufd.backend import IommufdContext
+from pyvmm.vfio.iommufd.hwpt import Hwpt
+from pyvmm.vfio.iommufd.mock import MockDevice
+from pyvmm.vfio.iommufd.nesting import Nesting, can_nest
+from pyvmm.vfio.iommufd.objects import Iommufd
+from pyvmm.vfio.passthrough.function import VfioPciFunction
 
 MiB = 1 << 20
 PAGE = 4096

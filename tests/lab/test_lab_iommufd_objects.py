@@ -30,15 +30,15 @@ from pyvmm.kvm.mmap import Mapping
 from pyvmm.machine.console import CaptureConsole
 from pyvmm.machine.vcpus import RunState
 from pyvmm.uapi import iommufd as uapi
-from pyvmm.vfio import iommufd_mock as mock
 from pyvmm.vfio.errors import VfioError
-from pyvmm.vfio.iommufd import Iommufd, VfioBinding, open_cdev
-from pyvmm.vfio.iommufd_dirty import DmaDirtyLog
-from pyvmm.vfio.iommufd_events import FaultQueue
-from pyvmm.vfio.iommufd_hwpt import Hwpt, InvalidationError
-from pyvmm.vfio.iommufd_info import hw_info
-from pyvmm.vfio.iommufd_mock import MockDevice
-from pyvmm.vfio.iommufd_viommu import Viommu
+from pyvmm.vfio.iommufd import mock
+from pyvmm.vfio.iommufd.dirty import DmaDirtyLog
+from pyvmm.vfio.iommufd.events import FaultQueue
+from pyvmm.vfio.iommufd.hwpt import Hwpt, InvalidationError
+from pyvmm.vfio.iommufd.info import hw_info
+from pyvmm.vfio.iommufd.mock import MockDevice
+from pyvmm.vfio.iommufd.objects import Iommufd, VfioBinding, open_cdev
+from pyvmm.vfio.iommufd.viommu import Viommu
 from pyvmm.vfio.sysfs import Sysfs
 
 MiB = 1 << 20

@@ -24,7 +24,7 @@ from pyvmm.devices.pci.device import PCI_COMMAND
 from pyvmm.machine.console import CaptureConsole
 from pyvmm.migration import snapshot
 from pyvmm.migration.snapshot import SnapshotError
-from pyvmm.vfio.pci import VfioPciFunction
+from pyvmm.vfio.passthrough.function import VfioPciFunction
 
 MiB = 1 << 20
 PAGE = 4096

@@ -35,7 +35,7 @@ from pyvmm.vfio.container import Container, Group
 from pyvmm.vfio.device import RegionFlag, VfioDevice
 from pyvmm.vfio.dma import DmaSpace
 from pyvmm.vfio.errors import VfioError
-from pyvmm.vfio.iommufd import Iommufd, VfioBinding, open_cdev
+from pyvmm.vfio.iommufd.objects import Iommufd, VfioBinding, open_cdev
 from pyvmm.vfio.sysfs import Sysfs
 
 pytestmark = pytest.mark.lab

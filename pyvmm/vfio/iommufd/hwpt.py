@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING
 from pyvmm.uapi import iommufd as uapi
 from pyvmm.uapi.ioctl import IoctlError, ioctl
 from pyvmm.vfio.errors import VfioError, errno_reason
-from pyvmm.vfio.iommufd import BoundDevice, IoAddressSpace, IommufdObject, flag_names
+from pyvmm.vfio.iommufd.objects import BoundDevice, IoAddressSpace, IommufdObject, flag_names
 
 if TYPE_CHECKING:
-    from pyvmm.vfio.iommufd_events import FaultQueue
-    from pyvmm.vfio.iommufd_viommu import Viommu
+    from pyvmm.vfio.iommufd.events import FaultQueue
+    from pyvmm.vfio.iommufd.viommu import Viommu
 
 _Invalidate = uapi.IommuHwptInvalidateDataType
 

@@ -4,15 +4,15 @@ device cdevs (/dev/vfio/devices/vfioN) bound to it.
 Where the legacy backend maps DMA on a container shared by groups, iommufd names every object by
 an id in one fd: an IOAS (I/O address space) holds IOVA -> memory mappings; a device is bound
 (getting a device id) and attached to an IOAS, the kernel then making (or reusing) a hardware
-page table (HWPT) for it, or to a HWPT made explicitly over the IOAS (pyvmm.vfio.iommufd_hwpt);
+page table (HWPT) for it, or to a HWPT made explicitly over the IOAS (pyvmm.vfio.iommufd.hwpt);
 for hardware nesting a vIOMMU wraps a nesting-parent HWPT and holds vDEVICEs, event queues and HW
-queues (pyvmm.vfio.iommufd_viommu, pyvmm.vfio.iommufd_events). The kernel's iommufd selftest mock
-gives devices without hardware (pyvmm.vfio.iommufd_mock).
+queues (pyvmm.vfio.iommufd.viommu, pyvmm.vfio.iommufd.events). The kernel's iommufd selftest mock
+gives devices without hardware (pyvmm.vfio.iommufd.mock).
 
 Every object is an `IommufdObject`: it owns its id, knows the objects it depends on (its
 parents), closes (IOMMU_DESTROY) once, and is listed by `Iommufd.objects()`. Closing the
 `Iommufd` destroys what is left in dependency order, children first, then closes the fd.
-The backend's IOMMU context for a VM is `iommufd_backend.IommufdContext`.
+The backend's IOMMU context for a VM is `backend.IommufdContext`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pyvmm.vfio.device import VfioDevice
 from pyvmm.vfio.errors import VfioError, checked_ioctl, dma_map_error, open_node
 
 if TYPE_CHECKING:
-    from pyvmm.vfio.iommufd_hwpt import Hwpt
+    from pyvmm.vfio.iommufd.hwpt import Hwpt
 
 IOMMUFD_PATH = "/dev/iommu"
 CDEV_DIR = "/dev/vfio/devices"

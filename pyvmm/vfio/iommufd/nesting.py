@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from pyvmm.uapi import iommufd as uapi
 from pyvmm.vfio.errors import VfioError
-from pyvmm.vfio.iommufd import BoundDevice, IoAddressSpace
-from pyvmm.vfio.iommufd_hwpt import Hwpt
-from pyvmm.vfio.iommufd_info import HwInfo, hw_info
-from pyvmm.vfio.iommufd_viommu import Vdevice, Viommu
+from pyvmm.vfio.iommufd.hwpt import Hwpt
+from pyvmm.vfio.iommufd.info import HwInfo, hw_info
+from pyvmm.vfio.iommufd.objects import BoundDevice, IoAddressSpace
+from pyvmm.vfio.iommufd.viommu import Vdevice, Viommu
 
 #: The vIOMMU type of each IOMMU that has one; an IOMMU listed as None nests without one.
 VIOMMU_TYPES: dict[uapi.IommuHwInfoType, uapi.IommuViommuType | None] = {

@@ -17,9 +17,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from pyvmm.vfio.errors import VfioError
-from pyvmm.vfio.iommufd import BoundDevice, IoAddressSpace, IommufdObject
-from pyvmm.vfio.iommufd_hwpt import Hwpt
-from pyvmm.vfio.iommufd_info import hw_info
+from pyvmm.vfio.iommufd.hwpt import Hwpt
+from pyvmm.vfio.iommufd.info import hw_info
+from pyvmm.vfio.iommufd.objects import BoundDevice, IoAddressSpace, IommufdObject
 
 PAGE_SIZE = 4096
 

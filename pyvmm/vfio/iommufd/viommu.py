@@ -3,14 +3,14 @@
 A **vIOMMU** is a VM's slice of a physical IOMMU: it wraps a nesting-parent HWPT (the stage 2
 that translates guest-physical addresses, i.e. the guest RAM IOAS) and is where the guest's
 stage-1 tables (nested HWPTs allocated over it), its per-device caches (invalidated through it)
-and its event queue (`iommufd_events.Veventq`) hang. A **vDEVICE** tells the vIOMMU a device's
+and its event queue (`events.Veventq`) hang. A **vDEVICE** tells the vIOMMU a device's
 identity as the guest sees it (`virt_id`: its stream id on SMMUv3, its requester id / BDF on
 VT-d), which is how invalidations and events name devices. A **HW queue** is a guest queue in
 guest memory that the IOMMU consumes directly (a Tegra241 CMDQV command queue, say): its memory
 is the nesting parent's, pinned for as long as the queue exists.
 
 The type of each (`IommuViommuType`, ...) must be what the device's IOMMU driver implements;
-`iommufd_info.hw_info` tells which that is. The kernel's selftest mock implements the SELFTEST
+`info.hw_info` tells which that is. The kernel's selftest mock implements the SELFTEST
 types of all of them.
 """
 
@@ -22,9 +22,9 @@ from collections.abc import Sequence
 
 from pyvmm.uapi import iommufd as uapi
 from pyvmm.vfio.errors import checked_ioctl
-from pyvmm.vfio.iommufd import BoundDevice, IommufdObject
-from pyvmm.vfio.iommufd_events import FaultQueue, Veventq
-from pyvmm.vfio.iommufd_hwpt import Hwpt, invalidate
+from pyvmm.vfio.iommufd.events import FaultQueue, Veventq
+from pyvmm.vfio.iommufd.hwpt import Hwpt, invalidate
+from pyvmm.vfio.iommufd.objects import BoundDevice, IommufdObject
 
 
 class Viommu(IommufdObject):

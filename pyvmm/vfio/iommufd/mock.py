@@ -21,8 +21,8 @@ import os
 from pyvmm.uapi import iommufd as uapi
 from pyvmm.uapi.ioctl import IoctlError, ioctl
 from pyvmm.vfio.errors import VfioError
-from pyvmm.vfio.iommufd import BoundDevice, IoAddressSpace, Iommufd, IommufdObject
-from pyvmm.vfio.iommufd_hwpt import Hwpt
+from pyvmm.vfio.iommufd.hwpt import Hwpt
+from pyvmm.vfio.iommufd.objects import BoundDevice, IoAddressSpace, Iommufd, IommufdObject
 
 Op = uapi.IommuTestOp
 

@@ -18,7 +18,7 @@ from enum import IntFlag
 
 from pyvmm.uapi import iommufd as uapi
 from pyvmm.vfio.errors import checked_ioctl
-from pyvmm.vfio.iommufd import BoundDevice, flag_names
+from pyvmm.vfio.iommufd.objects import BoundDevice, flag_names
 
 #: The driver data structure of each IOMMU type, and the name pyvmm shows for the type.
 DATA: dict[uapi.IommuHwInfoType, tuple[str, type[ctypes.Structure] | None]] = {

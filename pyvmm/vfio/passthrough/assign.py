@@ -28,7 +28,7 @@ from pyvmm.errors import ConfigError
 from pyvmm.uapi import vfio as uapi
 from pyvmm.vfio.context import HostDevice
 from pyvmm.vfio.errors import VfioError
-from pyvmm.vfio.pci import VfioPciFunction
+from pyvmm.vfio.passthrough.function import VfioPciFunction
 from pyvmm.vfio.sysfs import VFIO_PCI, Sysfs, SysfsError
 
 if TYPE_CHECKING:
@@ -87,7 +87,7 @@ def create(
     on_plugged = None
     try:
         if hwpt or viommu != "none":
-            from pyvmm.vfio.iommufd_backend import IommufdContext  # only iommufd has them
+            from pyvmm.vfio.iommufd.backend import IommufdContext  # only iommufd has them
 
             assert isinstance(context, IommufdContext)
             if hwpt:

@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING
 
 from pyvmm.uapi import iommufd as uapi
 from pyvmm.vfio.errors import VfioError, checked_ioctl, errno_reason
-from pyvmm.vfio.iommufd import Iommufd, IommufdObject
+from pyvmm.vfio.iommufd.objects import Iommufd, IommufdObject
 
 if TYPE_CHECKING:
-    from pyvmm.vfio.iommufd_viommu import Viommu
+    from pyvmm.vfio.iommufd.viommu import Viommu
 
 #: Records room is made for per read: the kernel hands out whole fault groups only (a PRI group
 #: holds up to 512 requests in practice), and a read with no room for the next one gets nothing.

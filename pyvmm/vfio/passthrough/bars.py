@@ -5,7 +5,7 @@ Each memory BAR of at least a page is mapped by pieces (`areas`): the region's m
 PBA, which stay trapped with whatever else cannot be mapped; trapped accesses go to the
 emulated MSI-X table and PBA, or to the device with pread/pwrite. I/O BARs and BARs smaller
 than a page are trapped whole. Where the guest puts them, and when they decode, is the
-function's (pyvmm.vfio.pci).
+function's (pyvmm.vfio.passthrough.function).
 """
 
 from __future__ import annotations

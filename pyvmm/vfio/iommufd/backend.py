@@ -12,7 +12,10 @@ from typing import TYPE_CHECKING
 from pyvmm.vfio.context import HostDevice, VfioContext
 from pyvmm.vfio.device import VfioDevice
 from pyvmm.vfio.errors import VfioError
-from pyvmm.vfio.iommufd import (
+from pyvmm.vfio.iommufd.dirty import DmaDirtyLog
+from pyvmm.vfio.iommufd.hwpt import Hwpt
+from pyvmm.vfio.iommufd.nesting import Nesting, can_nest
+from pyvmm.vfio.iommufd.objects import (
     BoundDevice,
     IoAddressSpace,
     Iommufd,
@@ -20,10 +23,7 @@ from pyvmm.vfio.iommufd import (
     VfioBinding,
     open_cdev,
 )
-from pyvmm.vfio.iommufd_dirty import DmaDirtyLog
-from pyvmm.vfio.iommufd_hwpt import Hwpt
-from pyvmm.vfio.iommufd_nesting import Nesting, can_nest
-from pyvmm.vfio.iommufd_viommu import Vdevice
+from pyvmm.vfio.iommufd.viommu import Vdevice
 
 if TYPE_CHECKING:
     from pyvmm.kvm.vm import Vm
@@ -131,7 +131,7 @@ class IommufdContext(VfioContext):
         return self.nesting
 
     def dirty_log(self) -> DmaDirtyLog:
-        """DMA dirty tracking of guest RAM for the devices assigned now (pyvmm.vfio.iommufd_dirty);
+        """DMA dirty tracking of guest RAM for the devices assigned now (pyvmm.vfio.iommufd.dirty);
         it refuses to start where their IOMMU cannot track dirty pages."""
 
         def mapped() -> dict[int, int]:

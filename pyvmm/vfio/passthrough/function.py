@@ -1,8 +1,8 @@
 """A passed-through PCI function: the device's config space, virtualized, and its BARs.
 
 The guest sees the device's identity and registers, but pyvmm decides what it may touch: the
-rules, by config-space range, are pyvmm.vfio.pci_config's; how the BARs are mapped (the
-device's mmap in KVM slots, the MSI-X table and PBA trapped) is pyvmm.vfio.pci_bars'. The
+rules, by config-space range, are pyvmm.vfio.passthrough.config's; how the BARs are mapped (the
+device's mmap in KVM slots, the MSI-X table and PBA trapped) is pyvmm.vfio.passthrough.bars'. The
 function puts the two together: vfio-pci zaps its BAR mmaps when the guest turns memory decode
 off or leaves D0, so the slots over them go before such a write reaches the device, and come
 back when the device decodes again (a BAR decodes only in D0).
@@ -38,9 +38,9 @@ from pyvmm.machine.state import StateError
 from pyvmm.uapi import vfio as uapi
 from pyvmm.vfio.device import VfioDevice
 from pyvmm.vfio.errors import VfioError
-from pyvmm.vfio.interrupts import VfioInterrupts
-from pyvmm.vfio.pci_bars import PassthroughBars
-from pyvmm.vfio.pci_config import PM_CTRL, PM_CTRL_STATE, PassthroughConfig
+from pyvmm.vfio.passthrough.bars import PassthroughBars
+from pyvmm.vfio.passthrough.config import PM_CTRL, PM_CTRL_STATE, PassthroughConfig
+from pyvmm.vfio.passthrough.interrupts import VfioInterrupts
 
 if TYPE_CHECKING:
     from pyvmm.machine.host import DeviceHost

@@ -15,7 +15,7 @@ capabilities through):
   Interrupt line: emulated, the GSI of the slot's INTx (pyvmm.machine.layout).
 - Capabilities: only PM, PCI Express, MSI and MSI-X stay in the list, at the device's offsets
   (others are unlinked, and their bytes read 0; one the region cannot hold is hidden too). MSI
-  and MSI-X are emulated entirely (pyvmm.vfio.interrupts). PM's power state and PCIe's device
+  and MSI-X are emulated entirely (interrupts.py). PM's power state and PCIe's device
   control registers are the device's (live, the guest's writes forwarded; vfio-pci carries out
   power-state changes and FLR); PCIe's device status is read-only; the link registers are
   emulated as a trained x1 2.5 GT/s link, since the guest's link is not the host's.
@@ -44,7 +44,7 @@ from pyvmm.devices.pci.msi import MSI_FLAGS_64BIT, MSI_FLAGS_MASKBIT, MSI_FLAGS_
 from pyvmm.devices.pci.msix import Msix
 from pyvmm.uapi import vfio as uapi
 from pyvmm.vfio.device import VfioDevice
-from pyvmm.vfio.interrupts import VfioInterrupts
+from pyvmm.vfio.passthrough.interrupts import VfioInterrupts
 
 if TYPE_CHECKING:
     from pyvmm.machine.host import DeviceHost
