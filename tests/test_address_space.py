@@ -33,7 +33,7 @@ from pyvmm.machine.memory import (
 from pyvmm.uapi import kvm as uapi
 from pyvmm.vfio.context import HostDevice, VfioContext
 from pyvmm.vfio.device import VfioDevice
-from pyvmm.vfio.dma import GuestRamMapper
+from pyvmm.vfio.dma_space import GuestRamMapper
 from pyvmm.vfio.errors import VfioError
 from pyvmm.vfio.sysfs import PciDevice
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from fakesysfs import EDU, IGB, IGB_VFS, NVME, FakeKernel, FakeTree
 
-from pyvmm.lab import agent, cli, initramfs, kernel, launcher, protocol, qemu
+from pyvmm.lab import agent, chroot_init, cli, kernel, launcher, protocol, qemu
 from pyvmm.lab.errors import LabCrashed, LabError, LabTimeout, LabUnavailable
 from pyvmm.lab.protocol import Kind
 from pyvmm.lab.pytest_plugin import InnerResult, read_results
@@ -140,7 +140,7 @@ def test_kernel_without_iommufd_is_refused(tmp_path: Path) -> None:
 SHARED_LAB = Path(__file__).resolve().parents[2] / "shared" / "lab"  # beside the checkout
 
 
-def machine(**overrides: object) -> qemu.MachineConfig:
+def machine(**overrides: object) -> qemu.LabMachine:
     fields: dict[str, object] = {
         "kernel": Path("/k/bzImage"),
         "initrd": Path("/t/initrd.cpio"),
@@ -150,7 +150,7 @@ def machine(**overrides: object) -> qemu.MachineConfig:
         "scratch": Path("/t"),
     }
     fields.update(overrides)
-    return qemu.MachineConfig(**fields)  # type: ignore[arg-type]
+    return qemu.LabMachine(**fields)  # type: ignore[arg-type]
 
 
 def option_values(argv: list[str], option: str) -> list[str]:
@@ -387,10 +387,10 @@ def read_cpio(data: bytes) -> dict[str, tuple[int, bytes, tuple[int, int]]]:
 def test_initramfs_layout(tmp_path: Path) -> None:
     busybox = tmp_path / "busybox"
     busybox.write_bytes(b"\x7fELF busybox")
-    config = initramfs.InitConfig(
+    config = chroot_init.InitConfig(
         python="/opt/py/bin/python3", pythonpath="/src/pyvmm co", share="/tmp/x y/share"
     )
-    entries = read_cpio(initramfs.build(busybox, config))
+    entries = read_cpio(chroot_init.build(busybox, config))
     assert {"bin", "dev", "proc", "sys", "root", "tmp", "init", "bin/sh"} <= entries.keys()
     mode, body, _ = entries["bin/busybox"]
     assert body == b"\x7fELF busybox" and mode & 0o111
@@ -669,7 +669,7 @@ class FakeLab:
         self.tmp_path = tmp_path
         self.record_path = tmp_path / "record.json"
         script = tmp_path / "qemu-system-x86_64"
-        script.write_text(FAKE_QEMU.format(python=sys.executable, fail=initramfs.FAIL_PREFIX))
+        script.write_text(FAKE_QEMU.format(python=sys.executable, fail=chroot_init.FAIL_PREFIX))
         script.chmod(0o755)
         busybox = tmp_path / "busybox"
         busybox.write_bytes(b"busybox")

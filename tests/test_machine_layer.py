@@ -33,7 +33,7 @@ from pyvmm.machine.vcpus import VCPU_SWITCH_INTERVAL
 from pyvmm.uapi import kvm as uapi
 from pyvmm.uapi.ioctl import IoctlError
 from pyvmm.uapi.kvm import KvmExit
-from pyvmm.vfio.dma import GuestRamMapper
+from pyvmm.vfio.dma_space import GuestRamMapper
 
 pytestmark = [pytest.mark.kvm, requires_kvm]
 

@@ -114,12 +114,12 @@ def test_a_tcp_migration_connection_is_set_for_the_downtime(
     endpoint = Endpoint.parse(f"tcp:127.0.0.1:{free_port()}")
     accepted: dict[str, int] = {}
 
-    def take_in(sock: socket.socket, *_: object, **__: object) -> None:
+    def receive_from(sock: socket.socket, *_: object, **__: object) -> None:
         accepted["nodelay"] = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         accepted["rcvbuf"] = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
         raise MigrationError("(the test ends here)")
 
-    monkeypatch.setattr("pyvmm.migration.destination.take_in", take_in)
+    monkeypatch.setattr("pyvmm.migration.destination.receive_from", receive_from)
     listening = threading.Event()
     refused: list[str] = []
 
@@ -205,7 +205,7 @@ def migrate_in_process(
             return
         arrived.append((incoming.machine, digest(incoming.machine)))
         incoming.start()
-        incoming.confirm()
+        incoming.report_running()
 
     thread = threading.Thread(target=destination)
     thread.start()

@@ -23,7 +23,7 @@ from test_snapshot_fuzz import DAMAGED, sections_of, stream
 from pyvmm.board.machine import Machine
 from pyvmm.errors import PyvmmError
 from pyvmm.machine.console import CaptureConsole
-from pyvmm.migration.destination import take_in
+from pyvmm.migration.destination import receive_from
 from pyvmm.migration.pages import CHUNK
 from pyvmm.migration.source import Migration
 from pyvmm.migration.stream import SectionType, StreamReader
@@ -112,7 +112,7 @@ def take(data: bytes) -> Machine | str:
     sender = threading.Thread(target=send)
     sender.start()
     try:
-        return take_in(ours, ENDPOINT, lambda info: CaptureConsole()).machine
+        return receive_from(ours, ENDPOINT, lambda info: CaptureConsole()).machine
     except PyvmmError as err:
         assert str(err) and "\n" not in str(err), str(err)
         return str(err)
@@ -136,7 +136,7 @@ def test_the_real_stream_is_taken_in(migration_stream: bytes) -> None:
     ours, theirs = socket.socketpair()
     theirs.sendall(migration_stream)
     theirs.shutdown(socket.SHUT_WR)
-    incoming = take_in(ours, ENDPOINT, lambda info: CaptureConsole())
+    incoming = receive_from(ours, ENDPOINT, lambda info: CaptureConsole())
     with incoming.machine as machine:
         assert [d.kind for d in machine.config.devices] == ["virtio-rng"]
     assert json.loads(theirs.recv(100)) == ACCEPTED
@@ -151,7 +151,7 @@ def test_an_unknown_optional_section_before_info_is_skipped(migration_stream: by
         target=theirs.sendall, args=(stream([sections[0], (99, 1, b"new"), *sections[1:]]),)
     )
     sender.start()
-    incoming = take_in(ours, ENDPOINT, lambda info: CaptureConsole())
+    incoming = receive_from(ours, ENDPOINT, lambda info: CaptureConsole())
     incoming.machine.close()
     sender.join(30)
     assert json.loads(theirs.recv(100)) == ACCEPTED

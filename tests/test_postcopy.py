@@ -72,7 +72,7 @@ def migrate(
         )
         arrived.append(incoming)
         incoming.start()
-        incoming.confirm()
+        incoming.report_running()
         during_postcopy(incoming, migration)
 
     thread = threading.Thread(target=destination)

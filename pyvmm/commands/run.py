@@ -211,7 +211,7 @@ def run_incoming(args: argparse.Namespace) -> int:
         raise
     with incoming.machine as machine:
         return run_until_done(
-            machine, args, start=incoming.start, started=incoming.confirm, control=control
+            machine, args, start=incoming.start, started=incoming.report_running, control=control
         )
 
 

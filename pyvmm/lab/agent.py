@@ -21,7 +21,7 @@ import termios
 from pathlib import Path
 from typing import Any
 
-from pyvmm.lab import initramfs, protocol
+from pyvmm.lab import chroot_init, protocol
 from pyvmm.lab.protocol import Kind
 from pyvmm.vfio.sysfs import Sysfs, SysfsError
 
@@ -183,7 +183,7 @@ def serve_command(spec: dict[str, Any]) -> None:
         if not os.path.isdir(spec["cwd"]):
             raise AgentError(
                 f"the working directory {spec['cwd']} is not visible inside the lab "
-                f"({', '.join(initramfs.LAB_OWN_DIRS)} are the lab's own)"
+                f"({', '.join(chroot_init.LAB_OWN_DIRS)} are the lab's own)"
             )
         port.send_json(Kind.EXIT, {"code": run_command(spec, env, port)})
     except (AgentError, SysfsError) as exc:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pyvmm
-from pyvmm.lab import initramfs, qemu
+from pyvmm.lab import chroot_init, qemu
 from pyvmm.lab.errors import LabCrashed, LabError, LabReset, LabUnavailable
 from pyvmm.lab.kernel import check_kernel, find_kernel
 from pyvmm.lab.protocol import Kind
@@ -224,7 +224,7 @@ class _Lab:
 def check_visible(paths: Mapping[str, Path]) -> None:
     """Refuse host paths the lab cannot see: those under the directories it mounts its own."""
     for what, path in paths.items():
-        for own in initramfs.LAB_OWN_DIRS:
+        for own in chroot_init.LAB_OWN_DIRS:
             if path == Path(own) or Path(own) in path.parents:
                 raise LabError(f"{what} {path} is under {own}, which the lab has its own of")
 
@@ -250,10 +250,10 @@ def _prepare(
         lab = _Lab(workdir, share, workdir / "initrd.cpio", share / "spec.json")
         env = guest_env(os.environ, share, options.env)
         write_spec(lab.spec, mode, command, cwd, env, options.devices)
-        config = initramfs.InitConfig(
+        config = chroot_init.InitConfig(
             python=sys.executable, pythonpath=str(package_root()), share=str(share)
         )
-        lab.initrd.write_bytes(initramfs.build(prereq.busybox, config))
+        lab.initrd.write_bytes(chroot_init.build(prereq.busybox, config))
         yield lab
 
 
@@ -265,10 +265,10 @@ def _machine(
     console: str,
     agent: str,
     monitor: str | None = None,
-) -> qemu.MachineConfig:
+) -> qemu.LabMachine:
     """The lab machine for `options`, its devices' disk images written into the boot's
     directory (removed with it)."""
-    config = qemu.MachineConfig(
+    config = qemu.LabMachine(
         kernel=prereq.kernel,
         initrd=lab.initrd,
         share=lab.share,

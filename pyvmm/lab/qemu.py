@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyvmm.lab import initramfs
+from pyvmm.lab import chroot_init
 from pyvmm.lab.errors import LabError, LabUnavailable
 
 QEMU = "qemu-system-x86_64"
@@ -140,7 +140,7 @@ def kernel_cmdline(iommu: str, verbose: bool) -> str:
 
 
 @dataclass(frozen=True)
-class MachineConfig:
+class LabMachine:
     """One lab machine. The chardevs are QEMU backend specs without the id, e.g. "socket,fd=5"."""
 
     kernel: Path
@@ -157,12 +157,12 @@ class MachineConfig:
     monitor: str | None = None  # a chardev for QEMU's QMP monitor (pyvmm.lab.monitor)
 
 
-def reset_log(config: MachineConfig) -> Path:
+def reset_log(config: LabMachine) -> Path:
     """Where QEMU logs each CPU reset (`-d cpu_reset`): the boot's two, and a triple fault's."""
     return config.scratch / "qemu-reset.log"
 
 
-def command(qemu: str, config: MachineConfig) -> list[str]:
+def command(qemu: str, config: LabMachine) -> list[str]:
     """The full QEMU argv for `config`."""
     check_iommu(config.iommu)
     check_devices(config.devices)
@@ -219,10 +219,10 @@ def command(qemu: str, config: MachineConfig) -> list[str]:
     # multidevs=remap: the host's root spans several filesystems; keep inode numbers unique.
     args += [
         "-virtfs",
-        f"local,path=/,mount_tag={initramfs.ROOT_TAG},security_model=none,readonly=on,"
+        f"local,path=/,mount_tag={chroot_init.ROOT_TAG},security_model=none,readonly=on,"
         "multidevs=remap",
         "-virtfs",
-        f"local,path={config.share},mount_tag={initramfs.SHARE_TAG},security_model=none",
+        f"local,path={config.share},mount_tag={chroot_init.SHARE_TAG},security_model=none",
     ]
     ports = 0
     for device, index, ident in _instances(config.devices):
@@ -257,11 +257,11 @@ def _instances(devices: Sequence[str]) -> list[tuple[LabDevice, int, str]]:
     return numbered
 
 
-def _disk_image(config: MachineConfig, ident: str) -> Path:
+def _disk_image(config: LabMachine, ident: str) -> Path:
     return config.scratch / f"{ident}.img"
 
 
-def create_disk_images(config: MachineConfig) -> list[Path]:
+def create_disk_images(config: LabMachine) -> list[Path]:
     """Write the sparse raw images the devices of `config` are backed by; returns their paths.
 
     Sparse: a 64 MiB image takes no space until the guest writes to it. The images live in the

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pyvmm.lab import initramfs, monitor, protocol
+from pyvmm.lab import chroot_init, monitor, protocol
 from pyvmm.lab.errors import LabError, LabTimeout
 from pyvmm.lab.protocol import Kind
 
@@ -183,15 +183,15 @@ class Relay:
     def reset_itself(self) -> bool:
         """Whether the lab's kernel went without a word: no panic, no init failure."""
         console = self.console_tail.decode(errors="replace")
-        return "Kernel panic" not in console and initramfs.FAIL_PREFIX not in console
+        return "Kernel panic" not in console and chroot_init.FAIL_PREFIX not in console
 
     def failure(self, qemu_log: str, reset_log: Path) -> str:
         """One line on why the guest stopped before the command's exit status arrived."""
         console = self.console_tail.decode(errors="replace").splitlines()
         init_failures = [
-            line.split(initramfs.FAIL_PREFIX, 1)[1]
+            line.split(chroot_init.FAIL_PREFIX, 1)[1]
             for line in console
-            if initramfs.FAIL_PREFIX in line
+            if chroot_init.FAIL_PREFIX in line
         ]
         panics = [line.strip() for line in console if "Kernel panic" in line]
         # what QEMU said, but not its warnings (a deprecated option is not why a lab stopped)

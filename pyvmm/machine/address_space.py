@@ -4,8 +4,8 @@ This is the one place that calls KVM_SET_USER_MEMORY_REGION. It gives RAM and DE
 slot number (the lowest free one, reused after a removal), refuses a region that overlaps
 another (RESERVED ones included), moves DEVICE regions when their BAR moves, and tells its
 listeners about every region added or removed, as QEMU's memory listeners are told: the DMA
-mapping of assigned devices (pyvmm.vfio.dma) and the dirty log (pyvmm.machine.dirty) follow the
-map instead of being called by hand. A listener registered late is told about the regions
+mapping of assigned devices (pyvmm.vfio.dma_space) and the dirty log (pyvmm.machine.dirty)
+follow the map instead of being called by hand. A listener registered late is told about the regions
 already there; if a listener refuses a region, the add is undone and the error raised.
 
 Thread-safe: BAR moves arrive on vCPU threads while other threads may read the map.

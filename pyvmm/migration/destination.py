@@ -28,7 +28,7 @@ from pyvmm.machine.config import MachineConfig
 from pyvmm.machine.console import Console
 from pyvmm.machine.memory import GuestMemoryError
 from pyvmm.machine.state import StateError
-from pyvmm.migration import postcopy, vmstate
+from pyvmm.migration import machine_sections, postcopy
 from pyvmm.migration.pages import LONG_RUN, PAGE_SECTIONS, Malformed, page_writes, where
 from pyvmm.migration.postcopy_link import PostcopyIn
 from pyvmm.migration.sockets import json_line
@@ -40,8 +40,8 @@ from pyvmm.migration.transport import REPLY_TIMEOUT, Endpoint, MigrationError, a
 class Incoming:
     """A machine received from a migration, restored, paused and not yet started (its devices
     take no host input yet: a tap's frames still go to the source): `start()` it, then
-    `confirm()` so that the source stops. After a switch to post-copy (`postcopy`), its RAM
-    still comes in, on a thread of its own from `confirm()` on; should the source be lost
+    `report_running()` so that the source stops. After a switch to post-copy (`postcopy`), its RAM
+    still comes in, on a thread of its own from `report_running()` on; should the source be lost
     before it is all in, the machine stops with the error."""
 
     machine: Machine
@@ -57,7 +57,7 @@ class Incoming:
         self.machine.start()
         self.machine.resume()
 
-    def confirm(self) -> None:
+    def report_running(self) -> None:
         """Tell the source that this copy runs; MigrationError if it cannot be told (the
         source then keeps its copy paused, and this one must not run on: stop it)."""
         phases = {
@@ -68,7 +68,7 @@ class Incoming:
         resumed = {"resumed": True, "phases_ms": phases, "postcopy": self.postcopy is not None}
         try:
             if self.postcopy is not None:
-                self.postcopy.confirm(resumed)
+                self.postcopy.report_running(resumed)
                 return
             self._sock.sendall(json_line(resumed))
         except OSError as err:
@@ -97,13 +97,13 @@ def receive(
     is sent to the source as a refusal, and raised here."""
     sock = endpoint.accept_source(on_listening)
     try:
-        return take_in(sock, endpoint, console, expect=expect, trace_exits=trace_exits)
+        return receive_from(sock, endpoint, console, expect=expect, trace_exits=trace_exits)
     except BaseException:
         sock.close()
         raise
 
 
-def take_in(
+def receive_from(
     sock: socket.socket,
     endpoint: Endpoint,
     console: Callable[[dict[str, Any]], Console],
@@ -118,11 +118,11 @@ def take_in(
     stream = sock.makefile("rb", buffering=1 << 20)
     try:
         reader = StreamReader(stream, what)
-        config = vmstate.decode_config(reader.next(), what)
+        config = machine_sections.decode_config(reader.next(), what)
         section = reader.next_known()
         if section.type != SectionType.INFO:
             raise StreamError(f"{what}: the configuration is not followed by INFO")
-        info = vmstate.decode_info(section, what)
+        info = machine_sections.decode_info(section, what)
         problem = expect(config) if expect is not None else ""
         if problem:
             answer(sock, {"error": problem})
@@ -152,7 +152,7 @@ def _restore(
     info: dict[str, Any],
     what: str,
 ) -> Incoming:
-    """The rest of `take_in`, once the machine is built: accept, read the pages and the state,
+    """The rest of `receive_from`, once the machine is built: accept, read the pages and the state,
     restore it; a failure the source should hear of is answered to it, and raised (the
     caller closes the machine)."""
     machine.pause()  # not started: it will start paused, its devices quiet
@@ -245,7 +245,7 @@ def _read_body(
                     memory.write_pages(gpa, pages, populate=populate)
                     pre_fault(gpa, len(pages))
             elif kind == SectionType.COMPONENT:
-                components.append(vmstate.decode_component(section, what))
+                components.append(machine_sections.decode_component(section, what))
             elif kind == SectionType.POSTCOPY and components:
                 return components, section.payload
             else:

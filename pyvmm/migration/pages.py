@@ -52,7 +52,8 @@ class _PageCopy:
         self._memory.copy_out(gpa, self._address + at, length)
         return self._view[at : at + length]
 
-    def first(self, length: int) -> memoryview:
+    def copied(self, length: int) -> memoryview:
+        """The buffer's first `length` bytes, as the copies since the last section left them."""
         return self._view[:length]
 
     def zero(self, length: int) -> bool:
@@ -123,7 +124,7 @@ class _RunBatch:
             at += size
         head = _RUN_COUNT.pack(len(self._runs))
         head += b"".join(_RUN.pack(gpa, size // PAGE_SIZE) for gpa, size in self._runs)
-        self._writer.section(SectionType.PAGE_RUNS, head, self._pages.first(at))
+        self._writer.section(SectionType.PAGE_RUNS, head, self._pages.copied(at))
         self._runs, self._size = [], 0
 
 
@@ -158,7 +159,7 @@ def page_writes(section: Section) -> list[tuple[int, memoryview | bytes]]:
             raise Malformed(f"zero pages are at most {CHUNK >> 20} MiB a section")
         writes = [(gpa, _ZERO_CHUNK[:size])]
     elif section.type == SectionType.PAGE_RUNS and len(payload) >= _RUN_COUNT.size:
-        writes = _runs(memoryview(payload))
+        writes = _run_writes(memoryview(payload))
     else:
         raise Malformed("too short for its type")
     if not 0 < sum(len(data) for _, data in writes) <= CHUNK:
@@ -169,7 +170,7 @@ def page_writes(section: Section) -> list[tuple[int, memoryview | bytes]]:
     return writes
 
 
-def _runs(payload: memoryview) -> list[tuple[int, memoryview]]:
+def _run_writes(payload: memoryview) -> list[tuple[int, memoryview]]:
     (count,) = _RUN_COUNT.unpack_from(payload)
     table_end = _RUN_COUNT.size + count * _RUN.size
     if not 0 < count <= MAX_RUNS or table_end > len(payload):

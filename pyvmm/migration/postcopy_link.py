@@ -52,7 +52,7 @@ def push(
     progress.postcopy = True
     progress.postcopy_pages = pending.left
     heard: queue.SimpleQueue[_Heard] = queue.SimpleQueue()
-    start_thread(_hear_destination, "migration-requests", answers, heard)
+    start_thread(_read_requests, "migration-requests", answers, heard)
 
     def take(item: _Heard) -> list[tuple[int, int]]:
         """Act on what the destination said: the runs it asked for that are still unsent."""
@@ -87,7 +87,7 @@ def push(
     progress.postcopy_ms = round((time.monotonic() - started) * 1000, 3)
 
 
-def _hear_destination(answers: BinaryIO, heard: queue.SimpleQueue[_Heard]) -> None:
+def _read_requests(answers: BinaryIO, heard: queue.SimpleQueue[_Heard]) -> None:
     """The destination's lines, each to `heard` as a requested (gpa, pages), "complete", or a
     MigrationError (its error, a malformed line, or the end of the connection, after which
     nothing more comes)."""
@@ -171,7 +171,7 @@ class PostcopyIn:
                 return
             answer(self._sock, message)  # (on a broken link, the reading thread fails)
 
-    def confirm(self, resumed: dict[str, Any]) -> None:
+    def report_running(self, resumed: dict[str, Any]) -> None:
         """Send "resumed", then the requests held back until it went, and take pages in."""
         with self._lock:
             self._sock.sendall(json_line(resumed))

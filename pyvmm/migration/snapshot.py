@@ -44,7 +44,7 @@ from pyvmm.machine.console import Console
 from pyvmm.machine.dirty import DirtyBitmap
 from pyvmm.machine.memory import RamRegion
 from pyvmm.machine.state import StateError, from_plain, to_plain
-from pyvmm.migration import memory_file, vmstate
+from pyvmm.migration import machine_sections, memory_file
 from pyvmm.migration.memory_file import RamExtent
 from pyvmm.migration.stream import SectionType, StreamError, StreamReader, StreamWriter
 
@@ -219,10 +219,10 @@ def _write_state(
 ) -> None:
     with open(path, "xb") as file:
         writer = StreamWriter(file)
-        writer.section(SectionType.CONFIG, vmstate.encode_config(saved.config))
-        writer.section(SectionType.INFO, vmstate.encode_info(info))
+        writer.section(SectionType.CONFIG, machine_sections.encode_config(saved.config))
+        writer.section(SectionType.INFO, machine_sections.encode_info(info))
         for state in saved.components:
-            writer.section(SectionType.COMPONENT, vmstate.encode_component(state))
+            writer.section(SectionType.COMPONENT, machine_sections.encode_component(state))
         ram = msgpack.packb([to_plain(extent) for extent in extents])
         writer.section(SectionType.RAM_LAYOUT, ram)
         if pages is not None:
@@ -284,16 +284,16 @@ def read(directory: str | os.PathLike[str], _depth: int = 0) -> Snapshot:
             state = file.read(size + 1)  # (one that grew meanwhile has data after its END)
         with io.BytesIO(state) as file:
             reader = StreamReader(file, f"{what}'s {STATE_FILE}")
-            config = vmstate.decode_config(reader.next(), what)
+            config = machine_sections.decode_config(reader.next(), what)
             info: dict[str, Any] = {}
             components: list[SavedState] = []
             ram: list[RamExtent] | None = None
             pages: list[PageMap] | None = None
             for section in reader.sections():
                 if section.type == SectionType.INFO and not info:
-                    info = vmstate.decode_info(section, what)
+                    info = machine_sections.decode_info(section, what)
                 elif section.type == SectionType.COMPONENT and ram is None:
-                    components.append(vmstate.decode_component(section, what))
+                    components.append(machine_sections.decode_component(section, what))
                 elif section.type == SectionType.RAM_LAYOUT and ram is None:
                     ram = _decode_list(RamExtent, section.payload, f"{what}: RAM layout")
                 elif section.type == SectionType.PAGE_MAP and ram is not None and pages is None:
@@ -351,7 +351,7 @@ def _read_parent(
 def _decode_list(kind: type[T], payload: bytes, what: str) -> list[T]:
     try:
         items = msgpack.unpackb(payload, raw=False)
-    except Exception as err:  # see vmstate.decode_component
+    except Exception as err:  # see machine_sections.decode_component
         raise StreamError(f"{what} cannot be decoded ({err})") from None
     if not isinstance(items, list):
         raise StreamError(f"{what} is not a list")

@@ -34,7 +34,7 @@ from pyvmm.errors import PyvmmError
 from pyvmm.kvm.mmap import PAGE_SIZE
 from pyvmm.machine.dirty import DirtyBitmap
 from pyvmm.machine.threads import start_thread
-from pyvmm.migration import memory_file, postcopy, postcopy_link, vmstate
+from pyvmm.migration import machine_sections, memory_file, postcopy, postcopy_link
 from pyvmm.migration.convergence import Convergence, Step
 from pyvmm.migration.pages import PageSender, union
 from pyvmm.migration.progress import Phases, Progress
@@ -152,8 +152,8 @@ class Migration:
         out = sock.makefile("wb", buffering=1 << 20)
         answers = sock.makefile("rb")
         writer = StreamWriter(out)
-        writer.section(SectionType.CONFIG, vmstate.encode_config(self.machine.config))
-        writer.section(SectionType.INFO, vmstate.encode_info(self.info))
+        writer.section(SectionType.CONFIG, machine_sections.encode_config(self.machine.config))
+        writer.section(SectionType.INFO, machine_sections.encode_info(self.info))
         asked = time.monotonic()
         out.flush()
         accepted = expect(answers, sock, "accept", "building its machine")
@@ -209,7 +209,7 @@ class Migration:
             phases.end("last_pages")
         saved = self.machine.save()
         for state in saved.components:
-            writer.section(SectionType.COMPONENT, vmstate.encode_component(state))
+            writer.section(SectionType.COMPONENT, machine_sections.encode_component(state))
         if step is Step.POSTCOPY:
             writer.section(SectionType.POSTCOPY, postcopy.encode_pending(last))
             writer.flush()

@@ -13,10 +13,10 @@ with END: a stream cut short anywhere before it (a full disk, a dropped connecti
 as truncated, never taken for a complete one.
 
 This module knows only the container. What the sections hold, and in which order, is the
-business of pyvmm.migration.vmstate (the machine's configuration and state) and of the memory
-formats (a snapshot's memory file, a migration's page batches). The stream is untrusted input:
-every length is checked against `MAX_SECTION` before anything is allocated, and every problem
-is a `StreamError` saying where in the stream it is.
+business of pyvmm.migration.machine_sections (the machine's configuration and state) and of
+the memory formats (a snapshot's memory file, a migration's page sections). The stream is
+untrusted input: every length is checked against `MAX_SECTION` before anything is allocated,
+and every problem is a `StreamError` saying where in the stream it is.
 """
 
 from __future__ import annotations

@@ -117,7 +117,7 @@ class Endpoint:
         try:
             if on_listening is not None:
                 on_listening()
-            sock = _first_speaker(listener)
+            sock = _first_source(listener)
             self.no_delay(sock)
             return sock
         finally:
@@ -127,7 +127,7 @@ class Endpoint:
                     os.unlink(str(self.address))
 
 
-def _first_speaker(listener: socket.socket) -> socket.socket:
+def _first_source(listener: socket.socket) -> socket.socket:
     """The first connection that sends something: one that closes without a word (another
     pyvmm asking whether this socket is live, sockets.py) is not the source."""
     while True:

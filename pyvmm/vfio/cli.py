@@ -13,7 +13,7 @@ from pyvmm.uapi import vfio as uapi
 from pyvmm.uapi.ioctl import IoctlError
 from pyvmm.vfio.backends import BACKENDS, default_backend, open_context
 from pyvmm.vfio.device import VfioDevice
-from pyvmm.vfio.dma import DmaSpace
+from pyvmm.vfio.dma_space import DmaSpace
 from pyvmm.vfio.errors import VfioError
 from pyvmm.vfio.sysfs import PciDevice, Sysfs, SysfsError, normalize_bdf
 

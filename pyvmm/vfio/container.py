@@ -1,6 +1,6 @@
 """The legacy VFIO backend: a container (/dev/vfio/vfio) holding IOMMU groups (/dev/vfio/N).
 
-The container is a `DmaSpace` (pyvmm.vfio.dma), as the iommufd backend's IOAS is, and
+The container is a `DmaSpace` (pyvmm.vfio.dma_space), as the iommufd backend's IOAS is, and
 `ContainerContext` is this backend's IOMMU context for a VM (pyvmm.vfio.context).
 
 A device is reached through its group; the group joins a container, whose Type1 v2 IOMMU holds

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from pyvmm.machine.host import DeviceHost
-from pyvmm.vfio.dma import DmaSpace, GuestRamMapper
+from pyvmm.vfio.dma_space import DmaSpace, GuestRamMapper
 from pyvmm.vfio.errors import VfioError
 
 if TYPE_CHECKING:

@@ -33,7 +33,7 @@ from pyvmm.uapi import vfio as uapi
 from pyvmm.vfio.backends import BACKENDS, open_context
 from pyvmm.vfio.container import Container, Group
 from pyvmm.vfio.device import RegionFlag, VfioDevice
-from pyvmm.vfio.dma import DmaSpace
+from pyvmm.vfio.dma_space import DmaSpace
 from pyvmm.vfio.errors import VfioError
 from pyvmm.vfio.iommufd.objects import Iommufd, VfioBinding, open_cdev
 from pyvmm.vfio.sysfs import Sysfs
