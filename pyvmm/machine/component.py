@@ -1,16 +1,26 @@
 """The parts of a machine that hold state or run threads, and what the machine asks of them.
 
-Two small protocols, stacked by what a part can do (cloud-hypervisor's Pausable/Snapshottable):
+Two small protocols, stacked by what a part can do (cloud-hypervisor's Pausable/Snapshottable),
+and three optional members:
 
 - `Pausable`: `pause()` returns once the part has stopped touching the guest (a device worker
   parks between requests, finishing the one in flight); `resume()` lets it go on.
 - `Stateful`: `save()` returns the part's state as a versioned dataclass (`state_type`, with a
   `VERSION` class attribute; see pyvmm.machine.state) and `restore(state)` puts it back into a
   part built the same way (Firecracker's persist modules: state is plain data, the part is
-  rebuilt from the machine's configuration, then given its state). A part may also have
-  `check(state)`, raising StateError when a well-formed state still does not fit it (another
-  number of queues, another kernel's struct sizes), and `prepare_restore()`, doing ahead what
-  its first restore would (a vCPU probes its MSRs), for a restore that must be quick.
+  rebuilt from the machine's configuration, then given its state).
+
+A stateful part may also have any of three optional members, which the registry looks up by
+name (getattr) rather than making every part define them:
+
+- `check(state)`: raise StateError when a well-formed state still does not fit this part
+  (another number of queues, another kernel's struct sizes); called for every part before any
+  is restored.
+- `prepare_restore()`: do ahead what the first restore would (a vCPU probes its MSRs), for a
+  restore that must be quick (a migration's destination, before the downtime).
+- `state_caveat`: a non-empty string when the saved state leaves out part of what the part is
+  (a passed-through device, whose own state needs VFIO migration): a migration is refused
+  with it, and a snapshot is taken only when asked for knowingly.
 
 The Machine registers every such part in one `Components` registry under a stable id (`vcpu0`,
 `rtc`, `pci/00:03.0`), in the order that restore needs: the VM-wide KVM state, then the vCPUs,
