@@ -6,10 +6,10 @@ import ctypes
 import errno
 import os
 from collections.abc import Callable
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from pyvmm.kvm.errors import KvmUnavailable
+from pyvmm.kvm.fd import FdOwner
 from pyvmm.kvm.flexarray import flexible
 from pyvmm.uapi import kvm as uapi
 from pyvmm.uapi.ioctl import IoctlError, ioctl
@@ -40,7 +40,7 @@ REQUIRED_CAPABILITIES = (
 _HOST_ANSWERS: dict[tuple[str, str, int], Any] = {}
 
 
-class System:
+class System(FdOwner):
     """An open /dev/kvm. Close it (or use it as a context manager) when done."""
 
     def __init__(self, path: str = KVM_DEVICE) -> None:
@@ -59,22 +59,6 @@ class System:
         if version != uapi.KVM_API_VERSION:
             os.close(self.fd)
             raise KvmUnavailable(f"KVM API version {version}, expected {uapi.KVM_API_VERSION}")
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> System:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _asked_once(self, question: str, argument: int, ask: Callable[[], Any]) -> Any:
         key = (self.path, question, argument)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from types import TracebackType
 
 from pyvmm.kvm.errors import KvmError
+from pyvmm.kvm.fd import FdOwner
 from pyvmm.kvm.mmap import PAGE_SIZE
 from pyvmm.libc import libc
 from pyvmm.uapi import userfaultfd as uapi
@@ -53,7 +53,7 @@ def _open() -> int:
         os.close(device)
 
 
-class UserFaultFd:
+class UserFaultFd(FdOwner):
     """One userfaultfd, handshaken for missing pages of anonymous memory and shmem (memfd RAM).
 
     Non-blocking: `faults()` returns what is pending now; wait for the fd to be readable
@@ -72,9 +72,6 @@ class UserFaultFd:
         except BaseException:
             os.close(self.fd)
             raise
-
-    def fileno(self) -> int:
-        return self.fd
 
     def register(self, addr: int, size: int) -> None:
         """Take over the missing pages of [addr, addr + size) (page-aligned, mapped memory)."""
@@ -157,19 +154,3 @@ class UserFaultFd:
             else:
                 request.range.start, request.range.len = request.range.start + done, size
                 request.zeropage = 0
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> UserFaultFd:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

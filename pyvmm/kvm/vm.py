@@ -1,13 +1,13 @@
 """A KVM virtual machine fd: memory slots, in-kernel irqchip and PIT, GSI routing, irqfd,
-ioeventfd, dirty logging, the KVM VFIO pseudo-device, and vCPU creation."""
+ioeventfd, dirty logging, vCPU creation, and its KVM-VFIO device."""
 
 from __future__ import annotations
 
 import ctypes
-import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from pyvmm.kvm.fd import FdOwner
 from pyvmm.kvm.flexarray import flexible
 from pyvmm.kvm.mmap import PAGE_SIZE
 from pyvmm.uapi import kvm as uapi
@@ -19,27 +19,19 @@ if TYPE_CHECKING:
     from pyvmm.kvm.vcpu import Vcpu
 
 
-class Vm:
+class Vm(FdOwner):
     """One VM. Created by `System.create_vm()`; close it to release the kernel object."""
 
     def __init__(self, system: System, fd: int) -> None:
         self.system = system
         self.fd = fd
-        self._vfio_device_fd = -1
+        self._vfio_device: KvmVfioDevice | None = None
 
     def close(self) -> None:
-        if self._vfio_device_fd >= 0:
-            os.close(self._vfio_device_fd)
-            self._vfio_device_fd = -1
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> Vm:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        if self._vfio_device is not None:
+            self._vfio_device.close()
+            self._vfio_device = None
+        super().close()
 
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION on the VM fd (some answers differ per VM)."""
@@ -188,23 +180,13 @@ class Vm:
 
     # the KVM-VFIO pseudo device
 
-    def vfio_file_add(self, fd: int) -> None:
-        """Tell KVM about a VFIO group or device cdev fd (KVM_DEV_VFIO_FILE_ADD)."""
-        self._vfio_file(uapi.KVM_DEV_VFIO_FILE_ADD, fd)
-
-    def vfio_file_del(self, fd: int) -> None:
-        self._vfio_file(uapi.KVM_DEV_VFIO_FILE_DEL, fd)
-
-    def _vfio_file(self, attr: int, fd: int) -> None:
-        if self._vfio_device_fd < 0:
-            dev = uapi.kvm_create_device(type=uapi.KVM_DEV_TYPE_VFIO)
-            ioctl(self.fd, uapi.KVM_CREATE_DEVICE, dev)
-            self._vfio_device_fd = dev.fd
-        value = ctypes.c_int32(fd)
-        req = uapi.kvm_device_attr(
-            group=uapi.KVM_DEV_VFIO_FILE, attr=attr, addr=ctypes.addressof(value)
-        )
-        ioctl(self._vfio_device_fd, uapi.KVM_SET_DEVICE_ATTR, req)
+    @property
+    def vfio_device(self) -> KvmVfioDevice:
+        """The VM's KVM-VFIO device, made the first time it is asked for (a VM without
+        assigned devices has none); it goes with the VM."""
+        if self._vfio_device is None:
+            self._vfio_device = KvmVfioDevice(self)
+        return self._vfio_device
 
     # vCPUs
 
@@ -213,3 +195,29 @@ class Vm:
 
         fd = ioctl(self.fd, uapi.KVM_CREATE_VCPU, vcpu_id)
         return Vcpu(self, vcpu_id, fd)
+
+
+class KvmVfioDevice(FdOwner):
+    """The KVM-VFIO pseudo device (KVM_DEV_TYPE_VFIO), through which KVM is told of the VFIO
+    groups or device cdevs of its VM's assigned devices: KVM needs them for devices whose DMA
+    must stay coherent with the guest's caches (non-coherent DMA), as QEMU tells it too."""
+
+    def __init__(self, vm: Vm) -> None:
+        device = uapi.kvm_create_device(type=uapi.KVM_DEV_TYPE_VFIO)
+        ioctl(vm.fd, uapi.KVM_CREATE_DEVICE, device)
+        self.fd = device.fd
+
+    def add(self, fd: int) -> None:
+        """Tell KVM about a VFIO group or device cdev fd (KVM_DEV_VFIO_FILE_ADD)."""
+        self._file(uapi.KVM_DEV_VFIO_FILE_ADD, fd)
+
+    def remove(self, fd: int) -> None:
+        """KVM_DEV_VFIO_FILE_DEL: the file is no longer the VM's."""
+        self._file(uapi.KVM_DEV_VFIO_FILE_DEL, fd)
+
+    def _file(self, attr: int, fd: int) -> None:
+        value = ctypes.c_int32(fd)
+        request = uapi.kvm_device_attr(
+            group=uapi.KVM_DEV_VFIO_FILE, attr=attr, addr=ctypes.addressof(value)
+        )
+        ioctl(self.fd, uapi.KVM_SET_DEVICE_ATTR, request)

@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pyvmm.kvm.fd import FdOwner
 from pyvmm.uapi import vfio as uapi
 from pyvmm.uapi.ioctl import IoctlError, ioctl
 from pyvmm.vfio.context import HostDevice, VfioContext
@@ -38,7 +39,7 @@ class IommuInfo:
     dma_mappings_available: int | None  # how many more MAP_DMAs the kernel allows, if told
 
 
-class Group:
+class Group(FdOwner):
     """An IOMMU group opened through the legacy interface; owns its fd."""
 
     def __init__(self, number: int | str) -> None:
@@ -77,21 +78,13 @@ class Group:
         return VfioDevice(fd, bdf)
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)  # the kernel takes the group out of its container
-            self.fd = -1
+        super().close()  # the kernel takes the group out of its container
         if self.container is not None:
             self.container.group_closed(self)
             self.container = None
 
-    def __enter__(self) -> Group:
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class Container:
+class Container(FdOwner):
     """A VFIO container with a Type1 v2 IOMMU; owns its fd."""
 
     def __init__(self) -> None:
@@ -190,17 +183,6 @@ class Container:
 
     def iova_ranges(self) -> tuple[tuple[int, int], ...]:
         return self.iommu_info().iova_ranges
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> Container:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class ContainerContext(VfioContext):

@@ -108,8 +108,8 @@ class VfioContext:
     def _tell_kvm(self, fd: int, stack: ExitStack) -> None:
         """Tell the VM's KVM-VFIO device about a VFIO file, and forget it with `stack`."""
         if self._vm is not None:
-            self._vm.vfio_file_add(fd)
-            stack.callback(self._vm.vfio_file_del, fd)
+            self._vm.vfio_device.add(fd)
+            stack.callback(self._vm.vfio_device.remove, fd)
 
     def close(self) -> None:
         """Unmap guest RAM, close the devices (the last opened first), release the DMA

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from pyvmm.kvm.fd import FdOwner
 from pyvmm.kvm.mmap import Mapping
 from pyvmm.uapi import vfio as uapi
 from pyvmm.uapi.ioctl import IoctlError, ioctl, request_name
@@ -119,7 +120,7 @@ def sparse_mmap_areas(buffer: bytes, offset: int, region_size: int) -> tuple[tup
     return tuple(areas)
 
 
-class VfioDevice:
+class VfioDevice(FdOwner):
     """A VFIO device fd; owns it and closes it."""
 
     def __init__(self, fd: int, name: str) -> None:
@@ -252,15 +253,7 @@ class VfioDevice:
     def close(self) -> None:
         """Unmap every mapping, then close the fd, whatever fails on the way."""
         with contextlib.ExitStack() as stack:
-            if self.fd >= 0:
-                stack.callback(os.close, self.fd)
-                self.fd = -1
+            stack.callback(super().close)
             for mapping in self._mappings:
                 stack.callback(mapping.close)
             self._mappings.clear()
-
-    def __enter__(self) -> VfioDevice:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -48,7 +48,7 @@ def test_two_assigned_devices_share_one_iommu_context(
         # The machine told KVM about each file: KVM refuses to be told again.
         for fd in files:
             with pytest.raises(IoctlError, match=r"KVM_SET_DEVICE_ATTR failed: File exists"):
-                machine.vm.vfio_file_add(fd)
+                machine.vm.vfio_device.add(fd)
         with pytest.raises(VfioError, match="already assigned"):
             context.open_pci(lab_pci_device(lab_devices, sysfs, "edu"))
 

@@ -21,14 +21,14 @@ def test_vfio_file_add_and_del(lab_devices: dict[str, str], sysfs: Sysfs, kind: 
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     try:
         with System() as kvm, kvm.create_vm() as vm:
-            vm.vfio_file_add(fd)
-            vm.vfio_file_del(fd)
+            vm.vfio_device.add(fd)
+            vm.vfio_device.remove(fd)
             with pytest.raises(IoctlError, match="KVM_SET_DEVICE_ATTR"):
-                vm.vfio_file_del(fd)  # no longer known: the kernel says so
+                vm.vfio_device.remove(fd)  # no longer known: the kernel says so
             kvm_fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
             try:
                 with pytest.raises(IoctlError, match="KVM_SET_DEVICE_ATTR"):
-                    vm.vfio_file_add(kvm_fd)  # not a VFIO file
+                    vm.vfio_device.add(kvm_fd)  # not a VFIO file
             finally:
                 os.close(kvm_fd)
     finally:

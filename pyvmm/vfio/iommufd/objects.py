@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from enum import IntFlag
 from typing import TYPE_CHECKING, ClassVar, Self
 
+from pyvmm.kvm.fd import FdOwner
 from pyvmm.uapi import iommufd as uapi
 from pyvmm.uapi import vfio as vfio_uapi
 from pyvmm.uapi.ioctl import IoctlError, ioctl
@@ -39,7 +40,7 @@ CDEV_DIR = "/dev/vfio/devices"
 MAX_IOVA_RANGES = 4096  # a handful in practice (reserved regions split the space)
 
 
-class Iommufd:
+class Iommufd(FdOwner):
     """An open /dev/iommu; owns its fd and the objects made in it."""
 
     def __init__(self) -> None:
@@ -98,8 +99,7 @@ class Iommufd:
                     closing.callback(item.close)
         finally:
             self._objects.clear()
-            os.close(self.fd)
-            self.fd = -1
+            super().close()
 
     def _teardown_order(self) -> list[IommufdObject]:
         """Every live object, parents before children (an ExitStack runs them in reverse)."""
@@ -112,12 +112,6 @@ class Iommufd:
             order.extend(ready)
             remaining = [item for item in remaining if item not in ready]
         return order
-
-    def __enter__(self) -> Iommufd:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _ignore_if_gone(
