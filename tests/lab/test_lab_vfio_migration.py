@@ -1,0 +1,125 @@
+"""VFIO device migration's state machine on a real kernel: the lab kernel's mtty sample (an
+mdev with STOP_COPY, P2P and PRE_COPY) walked from every state to every other, one arc at a
+time, on both backends; the kernel's own state checked after each walk, and its data fds read
+and written."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from itertools import product
+
+import pytest
+
+from pyvmm.uapi.vfio import VfioDeviceState as State
+from pyvmm.uapi.vfio import VfioMigrationFlag as Flag
+from pyvmm.vfio.backends import BACKENDS, open_context
+from pyvmm.vfio.context import HostDevice
+from pyvmm.vfio.errors import VfioError
+from pyvmm.vfio.migration.device import DeviceMigration, MigrationData
+from pyvmm.vfio.migration.states import ForbiddenArc, path
+from pyvmm.vfio.sysfs import Sysfs
+
+pytestmark = pytest.mark.lab
+
+MTTY_HEADER = 24  # struct mtty_data up to its ports: magic, versions, flags, nr_ports
+
+
+@pytest.fixture
+def mtty(sysfs: Sysfs) -> Iterator[HostDevice]:
+    uuid = sysfs.create_mdev("mtty-2")
+    try:
+        mdev = sysfs.mdev(uuid)
+        yield HostDevice(mdev.uuid, mdev.iommu_group, mdev.cdev, mdev=True)
+    finally:
+        sysfs.remove_mdev(uuid)
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_every_state_reaches_every_other_arc_by_arc_as_the_kernel_says(
+    mtty: HostDevice, backend: str
+) -> None:
+    with open_context(backend) as context:
+        migration = DeviceMigration(context.open(mtty))
+        assert migration.flags == Flag.STOP_COPY | Flag.P2P | Flag.PRE_COPY
+        assert migration.state is State.RUNNING
+
+        # the device's state, saved once: what RESUMING is given, so that it can be left
+        data = migration.move_to(State.STOP_COPY)
+        assert data is not None and data.opened_in is State.STOP_COPY
+        with data:
+            saved = data.read_all()
+        assert len(saved) == migration.data_size() > MTTY_HEADER
+        assert migration.arcs == [
+            (State.RUNNING, State.RUNNING_P2P),
+            (State.RUNNING_P2P, State.STOP),
+            (State.STOP, State.STOP_COPY),
+        ]
+
+        opened: list[MigrationData] = []
+
+        def go(target: State) -> None:
+            before, start = len(migration.arcs), migration.state
+            data = migration.move_to(target)
+            assert migration.state is target
+            taken = [arc[1] for arc in migration.arcs[before:]]
+            assert taken == path(start, target, migration.flags)
+            for previous in opened:
+                previous.close()
+            opened.clear()
+            if data is not None:
+                opened.append(data)
+                if target is State.RESUMING:
+                    data.write_all(saved)  # (else RESUMING could not be left)
+
+        for start, target in product([s for s in State if s is not State.ERROR], repeat=2):
+            go(start)
+            if start is State.STOP_COPY and target in (State.PRE_COPY, State.PRE_COPY_P2P):
+                arcs = len(migration.arcs)
+                with pytest.raises(ForbiddenArc, match="the kernel blocks it"):
+                    migration.move_to(target)
+                assert len(migration.arcs) == arcs and migration.state is start  # no ioctl
+                continue
+            go(target)
+        go(State.RUNNING)
+        for data in opened:
+            data.close()
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_pre_copy_gives_its_initial_bytes_then_stop_copy_the_rest_on_the_same_fd(
+    mtty: HostDevice, backend: str
+) -> None:
+    with open_context(backend) as context:
+        migration = DeviceMigration(context.open(mtty))
+        size = migration.data_size()
+        data = migration.move_to(State.PRE_COPY)
+        assert data is not None and data.opened_in is State.PRE_COPY
+        with data:
+            assert data.precopy_info() == (MTTY_HEADER, 0)  # mtty's initial bytes: its header
+            header = data.read_available()
+            assert len(header) == MTTY_HEADER and data.precopy_info() == (0, 0)
+            assert migration.move_to(State.STOP_COPY) is None  # via PRE_COPY_P2P: the fd goes on
+            assert migration.arcs[-2:] == [
+                (State.PRE_COPY, State.PRE_COPY_P2P),
+                (State.PRE_COPY_P2P, State.STOP_COPY),
+            ]
+            rest = data.read_all()
+        assert len(header + rest) == size
+        migration.move_to(State.RUNNING)
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_a_state_that_does_not_fit_is_refused_and_the_device_recovers(
+    mtty: HostDevice, backend: str
+) -> None:
+    """Resuming from a short state fails on the way out of RESUMING, naming the arc; the
+    device is where the kernel says, and recover() takes it back to RUNNING."""
+    with open_context(backend) as context:
+        migration = DeviceMigration(context.open(mtty))
+        data = migration.move_to(State.RESUMING)
+        assert data is not None
+        with data, pytest.raises(VfioError, match=r"RESUMING -> STOP failed .*the device is in"):
+            migration.move_to(State.RUNNING)
+        assert migration.state in (State.RESUMING, State.ERROR)
+        migration.recover()
+        assert migration.state is State.RUNNING
