@@ -35,7 +35,7 @@ def tree(tmp_path: Path) -> FakeTree:
 
 
 def host(tree: FakeTree, name: str):
-    return assign._host_device(Sysfs(tree.root), name)
+    return assign.host_device(Sysfs(tree.root), name)
 
 
 def test_a_device_bound_to_vfio_pci_is_described_for_its_backend(tree: FakeTree) -> None:

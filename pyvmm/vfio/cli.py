@@ -1,4 +1,5 @@
-"""`pyvmm vfio list|bind|unbind|sriov|info|mdev ...`: look at and prepare devices for VFIO."""
+"""`pyvmm vfio list|bind|unbind|sriov|info|mdev|migration ...`: look at and prepare devices for
+VFIO."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from pyvmm.vfio.backends import BACKENDS, default_backend, open_context
 from pyvmm.vfio.device import VfioDevice
 from pyvmm.vfio.dma_space import DmaSpace
 from pyvmm.vfio.errors import VfioError
+from pyvmm.vfio.migration.device import DeviceMigration
+from pyvmm.vfio.passthrough.assign import host_device
 from pyvmm.vfio.sysfs import PciDevice, Sysfs, SysfsError, normalize_bdf
 
 #: PCI base class names (PCI Code and ID Assignment Specification), for the CLASS column.
@@ -94,6 +97,24 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="how to open it (default: iommufd where /dev/iommu and VFIO cdevs exist)",
     )
     info.set_defaults(func=_info)
+
+    migration = commands.add_parser(
+        "migration",
+        help="show a device's VFIO migration flags and state; --to walks it to a state",
+        description="Open the device (a PCI address, an mdev's UUID or sysfs path) and show its "
+        "migration flags, state and STOP_COPY data size; with --to, take it to STATE one arc at "
+        "a time, printing each. The device is closed when the command ends, and its driver "
+        "then decides its state.",
+    )
+    migration.add_argument("device", metavar="DEVICE", help="BDF, mdev UUID or sysfs path")
+    migration.add_argument(
+        "--to",
+        type=str.upper,
+        choices=[state.name for state in uapi.VfioDeviceState if state.name != "ERROR"],
+        help="the state to walk the device to",
+    )
+    migration.add_argument("--backend", choices=sorted(BACKENDS), help="how to open it")
+    migration.set_defaults(func=_migration)
 
     mdev = commands.add_parser("mdev", help="mediated devices").add_subparsers(
         dest="mdev_command", required=True, metavar="COMMAND"
@@ -295,3 +316,28 @@ def _info(sysfs: Sysfs, args: argparse.Namespace) -> None:
     with open_context(backend) as context:
         device = context.open_pci(sysfs.pci_device(args.bdf))
         print(format_device_info(device, context.dma, backend))
+
+
+@_command
+def _migration(sysfs: Sysfs, args: argparse.Namespace) -> None:
+    host, _ = host_device(sysfs, args.device)
+    with open_context(args.backend or default_backend()) as context:
+        migration = DeviceMigration(context.open(host))
+        if missing := migration.missing():
+            raise VfioError(f"{host.name}: {missing}")
+        flags = "|".join(
+            flag.name or "" for flag in uapi.VfioMigrationFlag if flag in migration.flags
+        )
+        print(
+            f"{host.name}: migration flags {flags}, state {migration.state.name}, "
+            f"STOP_COPY data {migration.data_size()} bytes"
+        )
+        if args.to is None:
+            return
+        data = migration.move_to(uapi.VfioDeviceState[args.to])
+        for start, end in migration.arcs:
+            print(f"  {start.name} -> {end.name}")
+        opened = f", data fd open for {data.opened_in.name}" if data is not None else ""
+        print(f"{host.name}: state {migration.state.name}{opened}")
+        if data is not None:
+            data.close()

@@ -10,6 +10,7 @@ from itertools import product
 
 import pytest
 
+from pyvmm.cli import main
 from pyvmm.uapi.vfio import VfioDeviceState as State
 from pyvmm.uapi.vfio import VfioMigrationFlag as Flag
 from pyvmm.vfio.backends import BACKENDS, open_context
@@ -123,3 +124,19 @@ def test_a_state_that_does_not_fit_is_refused_and_the_device_recovers(
         assert migration.state in (State.RESUMING, State.ERROR)
         migration.recover()
         assert migration.state is State.RUNNING
+
+
+def test_pyvmm_vfio_migration_shows_a_device_and_walks_it(
+    mtty: HostDevice, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["vfio", "migration", mtty.name, "--to", "stop_copy"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"{mtty.name}: migration flags STOP_COPY|P2P|PRE_COPY, state RUNNING")
+    assert out[1:] == [
+        "  RUNNING -> RUNNING_P2P",
+        "  RUNNING_P2P -> STOP",
+        "  STOP -> STOP_COPY",
+        f"{mtty.name}: state STOP_COPY, data fd open for STOP_COPY",
+    ]
+    assert main(["vfio", "migration", "0000:00:1f.7"]) == 1
+    assert capsys.readouterr().err.startswith("pyvmm vfio: ")

@@ -31,6 +31,7 @@ from collections import deque
 
 from pyvmm.uapi.vfio import VfioDeviceState as State
 from pyvmm.uapi.vfio import VfioMigrationFlag as Flag
+from pyvmm.vfio.errors import VfioError
 
 #: The states where data moves: a data_fd is opened on the arc into one (or carried on).
 TRANSFER_STATES = frozenset({State.STOP_COPY, State.RESUMING, State.PRE_COPY, State.PRE_COPY_P2P})
@@ -38,7 +39,7 @@ TRANSFER_STATES = frozenset({State.STOP_COPY, State.RESUMING, State.PRE_COPY, St
 SAVING_STATES = frozenset({State.PRE_COPY, State.PRE_COPY_P2P, State.STOP_COPY})
 
 
-class ForbiddenArc(ValueError):
+class ForbiddenArc(VfioError):
     """No way leads from one state to the other on this device."""
 
 

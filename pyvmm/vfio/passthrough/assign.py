@@ -68,7 +68,7 @@ def create(
         raise ConfigError("--hwpt and --viommu nested each choose the page table: give one")
     sysfs = Sysfs("/")
     try:
-        device, cdev_exists = _host_device(sysfs, host)
+        device, cdev_exists = host_device(sysfs, host)
     except SysfsError as err:
         raise VfioError(str(err)) from None
     chosen = _backend(machine, sysfs, device, cdev_exists, backend)
@@ -122,7 +122,7 @@ def _is_mdev(host: str) -> bool:
     return Path(host, "subsystem").resolve().name == "mdev"
 
 
-def _host_device(sysfs: Sysfs, host: str) -> tuple[HostDevice, bool]:
+def host_device(sysfs: Sysfs, host: str) -> tuple[HostDevice, bool]:
     """The device as VFIO will open it, and whether its cdev node exists; SysfsError or
     VfioError saying what is wrong with it."""
     if _is_mdev(host):
