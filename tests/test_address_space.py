@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import cast
 
 import pytest
+from fakes import RecordingDma, RecordingSlots
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -39,49 +40,6 @@ from pyvmm.vfio.sysfs import PciDevice
 
 MiB = 1 << 20
 PAGE = 4096
-
-
-class RecordingSlots:
-    """KVM's memory slots as KVM_SET_USER_MEMORY_REGION leaves them (a size of 0 deletes),
-    with a dirty bitmap a test can set."""
-
-    def __init__(self) -> None:
-        self.slots: dict[int, tuple[int, int, int, int]] = {}  # slot -> gpa, size, host, flags
-        self.dirty: dict[int, set[int]] = {}  # slot -> page numbers KVM would report
-
-    def set_user_memory_region(
-        self, slot: int, gpa: int, size: int, host_addr: int, flags: int = 0
-    ) -> None:
-        if size == 0:
-            del self.slots[slot]
-            return
-        for other, (ogpa, osize, _, _) in self.slots.items():
-            assert other == slot or not (ogpa < gpa + size and gpa < ogpa + osize), "overlap"
-        self.slots[slot] = (gpa, size, host_addr, flags)
-
-    def get_dirty_log(self, slot: int, size: int) -> bytes:
-        assert self.slots[slot][3] & uapi.KVM_MEM_LOG_DIRTY_PAGES
-        pages = self.dirty.pop(slot, set())
-        bits = sum(1 << page for page in pages)
-        return bits.to_bytes((size // PAGE + 63) // 64 * 8, "little")
-
-
-class RecordingDma:
-    def __init__(self, ranges: tuple[tuple[int, int], ...] = (), fail_at: int | None = None):
-        self.ranges = ranges
-        self.fail_at = fail_at
-        self.mapped: dict[int, tuple[int, int]] = {}
-
-    def map(self, iova: int, vaddr: int, size: int, *, writable: bool = True) -> None:
-        if iova == self.fail_at:
-            raise VfioError("no more mappings")
-        self.mapped[iova] = (vaddr, size)
-
-    def unmap(self, iova: int, size: int) -> int:
-        return self.mapped.pop(iova)[1]
-
-    def iova_ranges(self) -> tuple[tuple[int, int], ...]:
-        return self.ranges
 
 
 @pytest.fixture

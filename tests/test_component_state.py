@@ -15,8 +15,7 @@ from typing import Any, ClassVar
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_pci import Pci
-from test_virtqueue import virtio_device
+from pcibench import Pci, virtio_device
 
 from pyvmm.devices import rtc, serial
 from pyvmm.devices.virtio import pci_layout

@@ -5,7 +5,6 @@ dirty log of pyvmm's own writes."""
 from __future__ import annotations
 
 import errno
-import re
 import struct
 import sys
 import threading
@@ -15,9 +14,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from counting import assert_consecutive, console_of, count_in_ram, counts
 from elftools.elf.elffile import ELFFile
+from fakes import RecordingDma
 from guestbuild import guest, requires_kvm
-from test_address_space import RecordingDma
 
 from pyvmm.board.machine import Machine, RunState, StopReason
 from pyvmm.devices.pci.testdev import MAPPED_BAR, MAPPED_OFFSET, PciTestDevice
@@ -38,32 +38,12 @@ from pyvmm.vfio.dma_space import GuestRamMapper
 pytestmark = [pytest.mark.kvm, requires_kvm]
 
 MiB = layout.MiB
-COUNTER = 0x1F00000  # where the counter guest stores r12 (guests/README.md)
 
 
 def boot(name: str, *, mem: int = 64 * MiB, cpus: int = 1, **kwargs: object) -> Machine:
     machine = Machine(mem_size=mem, vcpus=cpus, console=CaptureConsole(), **kwargs)
     machine.load_elf(str(guest(name)))
     return machine
-
-
-def console_of(machine: Machine) -> CaptureConsole:
-    assert isinstance(machine.console, CaptureConsole)
-    return machine.console
-
-
-def count_in_ram(machine: Machine) -> int:
-    return struct.unpack("<Q", machine.memory.read(COUNTER, 8))[0]
-
-
-def counts(text: str) -> list[int]:
-    """The counter guest's `count N` lines (whole lines only)."""
-    return [int(n) for n in re.findall(r"^count (\d+)\n", text, re.M)]
-
-
-def assert_consecutive(values: list[int]) -> None:
-    assert values, "no count lines"
-    assert values == [1024 * k for k in range(1, len(values) + 1)], values
 
 
 @pytest.fixture

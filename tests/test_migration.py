@@ -11,18 +11,15 @@ import os
 import re
 import socket
 import stat
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from counting import assert_consecutive, counts, counts_of_passes, digest
 from guestbuild import guest, requires_kvm
-from test_machine_layer import assert_consecutive, counts
-from test_snapshot import digest
-from test_snapshot_cli import pyvmm, start_counter
+from processes import pyvmm, start_counter, start_destination
 
 from pyvmm.board.machine import Machine, RunState, StopReason
 from pyvmm.kvm.mmap import PAGE_SIZE
@@ -43,13 +40,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def start_destination(uri: str, *options: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "pyvmm", "run", "--incoming", uri, *options],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
 
 
 def wait_for_counts(console: Path, how_many: int) -> None:
@@ -270,12 +260,6 @@ def test_the_destination_pre_faults_every_page_that_arrives_before_the_guest_run
     assert len(offered) == len(set(offered))
     assert holding_data and holding_data <= set(offered)
     assert len(offered) < (64 << 20) // PAGE_SIZE  # not all of RAM: memtouch leaves zeros
-
-
-def counts_of_passes(text: str) -> list[int]:
-    """The counts of memtouch's whole "pass N" lines in `text` (a console cut at a switch-over
-    may end inside one)."""
-    return [int(count) for count in re.findall(r"^pass (\d+)\n", text, re.MULTILINE)]
 
 
 def test_a_guest_that_never_converges_fails_clearly_and_runs_on(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import pytest
 from guestbuild import guest, requires_kvm
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from test_snapshot_fuzz import DAMAGED, sections_of, stream
+from streams import DAMAGED, sections_of, stream
 
 from pyvmm.board.machine import Machine
 from pyvmm.errors import PyvmmError

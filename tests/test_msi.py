@@ -9,7 +9,7 @@ import select
 from collections.abc import Iterator
 
 import pytest
-from test_virtqueue import FakeGsi
+from fakes import FakeGsi
 
 from pyvmm.devices.pci.device import PciFunction
 from pyvmm.devices.pci.msi import Msi

@@ -8,9 +8,10 @@ import itertools
 import struct
 
 import pytest
+from fakes import RecordingSlots
 from hypothesis import given
 from hypothesis import strategies as st
-from test_address_space import RecordingSlots
+from pcibench import Pci
 
 from pyvmm.devices.pci.bus import PciBus
 from pyvmm.devices.pci.capability import (
@@ -32,44 +33,16 @@ from pyvmm.devices.pci.testdev import (
     MAPPED_OFFSET,
     MAPPED_SIZE,
     VSEC_IDS,
-    PciTestDevice,
 )
 from pyvmm.kvm.mmap import Mapping
 from pyvmm.machine import layout
 from pyvmm.machine.address_space import AddressSpace
 from pyvmm.machine.bus import Bus
-from pyvmm.machine.memory import MemoryRegion, RamRegion, RegionKind
+from pyvmm.machine.memory import MemoryRegion, RegionKind
 from pyvmm.machine.state import StateError, from_plain, to_plain
 
 PCI_STATUS = 0x06
 MiB = 1 << 20
-
-
-class Pci:
-    """Bus 0 with the host bridge and the test device in slot 3, over recording KVM slots."""
-
-    def __init__(self) -> None:
-        self.pio, self.mmio = Bus("pio"), Bus("mmio")
-        self.slots = RecordingSlots()
-        self.space = AddressSpace(self.slots, 16)
-        self.space.add(RamRegion(0, 16 * MiB, name="ram"))
-        self.bus = PciBus(
-            self.pio, self.mmio, self.space, (0xC000_0000, 0xE000_0000), (0xC000, 0x10000)
-        )
-        self.bus.plug(HostBridge(), slot=0)
-        self.dev = PciTestDevice()
-        self.bus.plug(self.dev, slot=3)
-        self.ports = ConfigPorts(self.bus, lambda: None)
-
-    def cf8(self, slot: int, reg: int) -> None:
-        self.ports.write(0, 4, 0x8000_0000 | slot << 11 | reg)
-
-    def device_regions(self) -> list[MemoryRegion]:
-        return self.space.regions(RegionKind.DEVICE)
-
-    def close(self) -> None:
-        self.bus.close()
-        self.space.memory.close()
 
 
 @pytest.fixture

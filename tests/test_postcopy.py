@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from counting import counts_of_passes
 from guestbuild import guest, requires_kvm
-from test_migration import counts_of_passes, start_destination
-from test_snapshot_cli import pyvmm
+from processes import pyvmm, start_destination
 
 from pyvmm.board.machine import Machine, RunState, StopReason
 from pyvmm.kvm.mmap import PAGE_SIZE

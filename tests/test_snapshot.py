@@ -4,7 +4,6 @@ holds; bad snapshots refused in one line, with nothing built."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -12,8 +11,15 @@ import time
 from pathlib import Path
 
 import pytest
+from counting import (
+    assert_consecutive,
+    console_of,
+    count_in_ram,
+    counting_machine,
+    counts,
+    digest,
+)
 from guestbuild import guest, requires_kvm
-from test_machine_layer import assert_consecutive, console_of, count_in_ram, counts
 
 from pyvmm.board.devices import pins_guest_ram
 from pyvmm.board.machine import Machine, RunState
@@ -31,20 +37,6 @@ from pyvmm.migration.transport import Endpoint, MigrationError
 pytestmark = [pytest.mark.kvm, requires_kvm]
 
 MiB = layout.MiB
-
-
-def counting_machine(mem: int = 64 * MiB) -> Machine:
-    machine = Machine(mem_size=mem, console=CaptureConsole())
-    machine.load_elf(str(guest("counter")))
-    machine.add_device("virtio-rng")
-    return machine
-
-
-def digest(machine: Machine) -> str:
-    ram = hashlib.sha256()
-    for region in machine.memory.regions:
-        ram.update(region.view)
-    return ram.hexdigest()
 
 
 digest_at_snapshot: dict[Path, str] = {}

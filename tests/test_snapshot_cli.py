@@ -7,36 +7,15 @@ import json
 import re
 import socket
 import stat
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from counting import assert_consecutive, counts
 from guestbuild import guest, requires_kvm
-from test_machine_layer import assert_consecutive, counts
+from processes import pyvmm, start_counter
 
 pytestmark = [pytest.mark.kvm, requires_kvm]
-
-
-def pyvmm(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pyvmm", *args], capture_output=True, text=True, timeout=timeout
-    )
-
-
-def start_counter(control: Path, *options: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pyvmm", "run", str(guest("counter")), "--control", str(control),
-         *options],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    deadline = time.monotonic() + 30
-    while not control.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "no control socket"
-        time.sleep(0.02)
-    return proc
 
 
 def test_ctl_pauses_resumes_and_quits_a_running_machine(tmp_path: Path) -> None:

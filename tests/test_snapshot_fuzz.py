@@ -6,7 +6,6 @@ never a machine left built."""
 
 from __future__ import annotations
 
-import io
 import itertools
 import os
 import re
@@ -14,15 +13,16 @@ from pathlib import Path
 
 import msgpack
 import pytest
+from counting import counting_machine
 from guestbuild import requires_kvm
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from test_snapshot import counting_machine
+from streams import DAMAGED, sections_of, stream
 
 from pyvmm.errors import PyvmmError
 from pyvmm.machine.console import CaptureConsole
 from pyvmm.migration import snapshot
-from pyvmm.migration.stream import MAGIC, SectionType, StreamReader, StreamWriter
+from pyvmm.migration.stream import MAGIC, SectionType
 
 pytestmark = [pytest.mark.kvm, requires_kvm]
 
@@ -30,13 +30,6 @@ FUZZ = settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 _names = itertools.count()
-
-#: Why a damaged stream is refused: it ends early, a checksum fails, or what the damage made
-#: of the stream's header or a section's head is not something this pyvmm reads.
-DAMAGED = (
-    r"is truncated|is corrupt|is not a pyvmm VM state stream|in stream format \d+;"
-    r"|header flags|which this pyvmm does not know"
-)
 
 
 @pytest.fixture(scope="module")
@@ -49,25 +42,6 @@ def original(tmp_path_factory: pytest.TempPathFactory) -> Path:
         machine.stop()
         machine.wait()
     return target
-
-
-def sections_of(state: bytes) -> list[tuple[int, int, bytes]]:
-    reader = StreamReader(io.BytesIO(state))
-    found = []
-    while True:
-        section = reader.next()
-        found.append((section.type, section.flags, section.payload))
-        if section.type == SectionType.END:
-            return found
-
-
-def stream(sections: list[tuple[int, int, bytes]]) -> bytes:
-    """Sections as a stream with valid checksums (and no END unless given one)."""
-    out = io.BytesIO()
-    writer = StreamWriter(out)
-    for kind, flags, payload in sections:
-        writer.section(kind, payload, flags=flags)  # type: ignore[arg-type]
-    return out.getvalue()
 
 
 def restore(original: Path, state: bytes) -> str | None:

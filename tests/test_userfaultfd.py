@@ -4,18 +4,15 @@ for a thread of this process and for a vCPU inside KVM (what post-copy migration
 from __future__ import annotations
 
 import ctypes
-import select
 import threading
 import time
 
 import pytest
-from guestbuild import guest, requires_kvm
-from test_machine_layer import COUNTER, assert_consecutive, counts
+from counting import next_faults, run_counter_on_demand
+from guestbuild import requires_kvm
 
-from pyvmm.board.machine import Machine
 from pyvmm.kvm.mmap import PAGE_SIZE
 from pyvmm.kvm.userfaultfd import UserFaultFd, UserfaultfdUnavailable
-from pyvmm.machine.console import CaptureConsole
 from pyvmm.machine.memory import RamRegion
 
 MiB = 1 << 20
@@ -40,12 +37,6 @@ def uffd() -> UserFaultFd:
         pytest.fail(f"this host should have userfaultfd: {err}")
     yield fd
     fd.close()
-
-
-def next_faults(uffd: UserFaultFd, timeout: float = 10.0) -> list[tuple[int, bool]]:
-    ready, _, _ = select.select([uffd], [], [], timeout)
-    assert ready, f"no page fault within {timeout} s"
-    return uffd.faults()
 
 
 def test_a_thread_touching_a_missing_page_waits_for_it_to_be_copied(uffd: UserFaultFd) -> None:
@@ -91,31 +82,3 @@ def test_a_vcpu_touching_a_missing_page_waits_in_kvm_until_it_is_filled(
     uffd: UserFaultFd,
 ) -> None:
     run_counter_on_demand(uffd)
-
-
-def run_counter_on_demand(uffd: UserFaultFd) -> None:
-    """The counter guest's code is in RAM; the page it counts in is not, nor is what else it
-    touches first: each faults to the fd from inside KVM_RUN, and the guest runs on once it
-    is filled (here, and in the lab: tests/lab/test_lab_userfaultfd.py)."""
-    with Machine(mem_size=64 * MiB, console=CaptureConsole()) as machine:
-        machine.load_elf(str(guest("counter")))
-        (region,) = [r for r in machine.memory.regions if r.contains(COUNTER)]
-        uffd.register(region.host_addr, region.size)
-        machine.start()
-        counter_page = region.host_addr + (COUNTER - region.gpa) // PAGE_SIZE * PAGE_SIZE
-        filled: list[int] = []
-        before_the_counter = None
-        deadline = time.monotonic() + 20
-        while counter_page not in filled and time.monotonic() < deadline:
-            for page, _ in next_faults(uffd):
-                if page == counter_page:
-                    before_the_counter = machine.console.text  # type: ignore[attr-defined]
-                assert uffd.zero(page, PAGE_SIZE)
-                filled.append(page)
-        assert counter_page in filled
-        assert before_the_counter is not None and counts(before_the_counter) == []
-        machine.console.wait_for(r"count 4096\n", 20)  # type: ignore[attr-defined]
-        machine.stop()
-        machine.wait()
-        assert_consecutive(counts(machine.console.text))  # type: ignore[attr-defined]
-        assert len(filled) == len(set(filled))

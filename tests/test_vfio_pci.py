@@ -12,10 +12,9 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from fakes import FakeGsi, RecordingSlots
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from test_address_space import RecordingSlots
-from test_virtqueue import FakeGsi
 
 from pyvmm.devices.pci.bus import PciBus
 from pyvmm.devices.pci.device import PCI_BASE_ADDRESS_0, PCI_COMMAND, BarKind

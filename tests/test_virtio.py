@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from guestbuild import guest, requires_kvm
-from test_virtqueue import HostDriver, virtio_device
+from pcibench import HostDriver, virtio_device
 
 from pyvmm.board.machine import Machine, StopReason
 from pyvmm.devices.pci.msix import Msix

@@ -9,22 +9,22 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import struct
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from fakes import FakeGsi, FakeVm, readable
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pcibench import put_desc, virtio_device
 
-from pyvmm.devices.pci.bus import PciBus
 from pyvmm.devices.pci.capability import PCI_CAP_ID_MSIX, PCI_CAP_ID_VNDR
 from pyvmm.devices.pci.device import PCI_BASE_ADDRESS_0, PCI_COMMAND, PCI_COMMAND_MASTER
 from pyvmm.devices.pci.msix import Msix
 from pyvmm.devices.virtio import pci as vpci
 from pyvmm.devices.virtio import pci_common, pci_layout
-from pyvmm.devices.virtio.backend import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, VirtioBackend
+from pyvmm.devices.virtio.backend import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1
 from pyvmm.devices.virtio.queue import (
     MAX_CHAIN_BYTES,
     MAX_INDIRECT,
@@ -35,9 +35,6 @@ from pyvmm.devices.virtio.queue import (
     Virtqueue,
     VirtqueueError,
 )
-from pyvmm.devices.virtio.rng import VirtioRng
-from pyvmm.machine.address_space import AddressSpace
-from pyvmm.machine.bus import Bus
 from pyvmm.machine.dma import IdentityDma
 from pyvmm.machine.memory import GuestMemory, RamRegion
 
@@ -63,18 +60,6 @@ def guest_memory(*ranges: tuple[int, int]) -> Iterator[GuestMemory]:
 def memory() -> Iterator[GuestMemory]:
     with guest_memory() as mem:
         yield mem
-
-
-def put_desc(
-    mem: GuestMemory,
-    table: int,
-    index: int,
-    addr: int,
-    length: int,
-    flags: int = 0,
-    next_index: int = 0,
-) -> None:
-    mem.write(table + 16 * index, struct.pack("<QIHH", addr, length, flags, next_index))
 
 
 def make_queue(
@@ -534,74 +519,6 @@ def test_valid_rings_round_trip_and_mutated_ones_fail_cleanly(
 # MSI-X
 
 
-class FakeVm:
-    """Records the irqfds and ioeventfds a device asks KVM for."""
-
-    def __init__(self) -> None:
-        self.irqfds: dict[int, int] = {}
-        self.ioeventfds: dict[tuple[int, int], int] = {}
-        self.fired_on_assign: list[int] = []
-
-    def irqfd(self, fd: int, gsi: int) -> None:
-        assert fd not in self.irqfds, "irqfd assigned twice"
-        self.irqfds[fd] = gsi
-        if readable(fd):  # KVM injects an event already pending when the irqfd is assigned
-            self.fired_on_assign.append(gsi)
-
-    def irqfd_remove(self, fd: int, gsi: int) -> None:
-        assert self.irqfds.pop(fd) == gsi
-
-    def ioeventfd(self, fd: int, addr: int, length: int) -> None:
-        assert (addr, length) not in self.ioeventfds
-        self.ioeventfds[(addr, length)] = fd
-
-    def ioeventfd_remove(self, fd: int, addr: int, length: int) -> None:
-        assert self.ioeventfds.pop((addr, length)) == fd
-
-    def set_user_memory_region(
-        self, slot: int, gpa: int, size: int, host_addr: int, flags: int = 0
-    ) -> None:
-        """No KVM here: memory slots are the address space's bookkeeping only."""
-
-    def get_dirty_log(self, slot: int, size: int) -> bytes:
-        return bytes((size // 4096 + 63) // 64 * 8)
-
-
-class FakeGsi:
-    """GSI routing that can be told to refuse routes, as KVM might."""
-
-    def __init__(self) -> None:
-        self.routes: dict[int, tuple[int, int]] = {}
-        self.free: list[int] = []
-        self.next_gsi = 24
-        self.commits = 0
-        self.refuse: Callable[[int, int], bool] = lambda address, data: False
-
-    def allocate_gsi(self) -> int:
-        if self.free:
-            return self.free.pop()
-        self.next_gsi += 1
-        return self.next_gsi - 1
-
-    def release_gsi(self, gsi: int) -> None:
-        self.routes.pop(gsi, None)
-        self.free.append(gsi)
-
-    def set_msi(self, gsi: int, address: int, data: int, *, commit: bool = True) -> None:
-        self.routes[gsi] = (address, data)
-        if commit:
-            self.commit()
-
-    def commit(self) -> None:
-        self.commits += 1
-        if any(self.refuse(*route) for route in self.routes.values()):
-            raise OSError(22, "KVM_SET_GSI_ROUTING: Invalid argument")
-
-
-def readable(fd: int) -> bool:
-    return bool(select.select([fd], [], [], 0)[0])
-
-
 @contextlib.contextmanager
 def msix_table(vectors: int = 4) -> Iterator[tuple[Msix, FakeVm, FakeGsi, bytearray]]:
     vm, gsi = FakeVm(), FakeGsi()
@@ -745,152 +662,6 @@ def test_msix_state_round_trip_keeps_pending_vectors() -> None:
 
 
 # the virtio-pci transport, driven through its registers
-
-
-class FakeMachine:
-    """What VirtioPciDevice uses of a Machine: the DMA view of RAM, the VM, GSI routing, and
-    PCI bus 0 (whose BARs land in an address space over the fake VM)."""
-
-    def __init__(self) -> None:
-        self.vm = FakeVm()
-        self.address_space = AddressSpace(self.vm, 32)
-        self.memory = self.address_space.memory
-        self.address_space.add(RamRegion(0, 4 * MiB))
-        self.dma = IdentityDma(self.memory)
-        self.gsi = FakeGsi()
-        self.mmio = Bus("mmio")
-        self.pci = PciBus(
-            Bus("pio"), self.mmio, self.address_space, (0xC000_0000, 0xE000_0000), (0xC000, 0x10000)
-        )
-
-    def close(self) -> None:
-        self.pci.close()
-        self.memory.close()
-
-
-class HostDriver:
-    """A virtio driver on the host side of the fake machine: rings in its RAM, registers through
-    the device's BAR and config-space handlers."""
-
-    RINGS = 0x100000  # queue i's rings at RINGS + i * 0x10000
-
-    def __init__(self, machine: FakeMachine, device: vpci.VirtioPciDevice) -> None:
-        self.machine = machine
-        self.device = device
-        self.mem = machine.memory
-        self.sizes: dict[int, int] = {}
-        self.avail: dict[int, int] = {}
-        self.free: dict[int, int] = {}
-
-    def read(self, field: str) -> int:
-        offset, size = self._field(field)
-        return self.device.bar_read(0, offset, size)
-
-    def write(self, field: str, value: int) -> None:
-        offset, size = self._field(field)
-        self.device.bar_write(0, offset, size, value)
-
-    @staticmethod
-    def _field(name: str) -> tuple[int, int]:
-        return next((o, s) for o, s, n in pci_common._COMMON_FIELDS if n == name)
-
-    def negotiate(self, features: int = VIRTIO_F_VERSION_1) -> bool:
-        self.write("device_status", 0)
-        self.write("device_status", pci_common.STATUS_ACKNOWLEDGE | pci_common.STATUS_DRIVER)
-        for select_ in (0, 1):
-            self.write("driver_feature_select", select_)
-            self.write("driver_feature", (features >> (32 * select_)) & 0xFFFFFFFF)
-        self.write("device_status", pci_common.STATUS_FEATURES_OK)
-        return bool(self.read("device_status") & pci_common.STATUS_FEATURES_OK)
-
-    def rings(self, index: int) -> tuple[int, int, int]:
-        base = self.RINGS + index * 0x10000
-        return base, base + 0x4000, base + 0x8000
-
-    def setup_queue(self, index: int, size: int = 8, vector: int = 0) -> None:
-        desc, avail, used = self.rings(index)
-        self.mem.write(desc, bytes(0xC000))
-        self.write("queue_select", index)
-        self.write("queue_size", size)
-        self.write("queue_msix_vector", vector)
-        self.write("queue_desc", desc)
-        self.write("queue_driver", avail)
-        self.write("queue_device", used)
-        self.write("queue_enable", 1)
-        self.sizes[index], self.avail[index], self.free[index] = size, 0, 0
-
-    def enable_msix(self) -> None:
-        cap = self.device.msix.capability.offset
-        for v in range(self.device.msix.vectors):
-            self.device.bar_write(0, pci_layout.MSIX_TABLE_OFFSET + 16 * v, 4, 0xFEE0_0000)
-            self.device.bar_write(0, pci_layout.MSIX_TABLE_OFFSET + 16 * v + 8, 4, 0x40 + v)
-            self.device.bar_write(0, pci_layout.MSIX_TABLE_OFFSET + 16 * v + 12, 4, 0)
-        self.device.config_write(cap + 2, 2, 0x8000)
-
-    def start(self, *queues: int) -> None:
-        command = self.device.config_read(PCI_COMMAND, 2)
-        self.device.config_write(PCI_COMMAND, 2, command | PCI_COMMAND_MASTER)
-        assert self.negotiate()
-        self.enable_msix()
-        for index in queues:
-            self.setup_queue(index)
-        self.write("device_status", pci_common.STATUS_DRIVER_OK)
-
-    def post(self, index: int, buffers: list[tuple[int, int, bool]]) -> int:
-        desc = self.rings(index)[0]
-        size = self.sizes[index]
-        head = self.free[index]
-        for n, (addr, length, writable) in enumerate(buffers):
-            slot = (head + n) % size
-            flags = (W if writable else 0) | (N if n + 1 < len(buffers) else 0)
-            put_desc(self.mem, desc, slot, addr, length, flags, (slot + 1) % size)
-        self.free[index] = (head + len(buffers)) % size
-        self.publish(index, head)
-        return head
-
-    def publish(self, index: int, head: int) -> None:
-        avail = self.rings(index)[1]
-        self.mem.write(
-            avail + 4 + 2 * (self.avail[index] % self.sizes[index]), struct.pack("<H", head)
-        )
-        self.avail[index] = (self.avail[index] + 1) & 0xFFFF
-        self.mem.write(avail + 2, struct.pack("<H", self.avail[index]))
-
-    def notify(self, index: int) -> None:
-        self.device.bar_write(
-            0, pci_layout.NOTIFY_OFFSET + pci_layout.NOTIFY_MULTIPLIER * index, 2, index
-        )
-
-    def used(self, index: int) -> list[tuple[int, int]]:
-        _, _, used = self.rings(index)
-        count = struct.unpack("<H", self.mem.read(used + 2, 2))[0]
-        return [struct.unpack("<II", self.mem.read(used + 4 + 8 * i, 8)) for i in range(count)]
-
-    def wait_used(self, index: int, count: int, timeout: float = 5.0) -> list[tuple[int, int]]:
-        deadline = time.monotonic() + timeout
-        while len(used := self.used(index)) < count:
-            assert time.monotonic() < deadline, f"queue {index}: {len(used)} of {count} used"
-            time.sleep(0.002)
-        return used
-
-    def wait_status(self, bits: int, timeout: float = 5.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.read("device_status") & bits:
-            assert time.monotonic() < deadline, f"status never got {bits:#x}"
-            time.sleep(0.002)
-
-
-@contextlib.contextmanager
-def virtio_device(
-    backend: VirtioBackend | None = None,
-) -> Iterator[tuple[FakeMachine, vpci.VirtioPciDevice, HostDriver]]:
-    machine = FakeMachine()
-    try:
-        device = vpci.VirtioPciDevice(machine, backend or VirtioRng())  # type: ignore[arg-type]
-        machine.pci.plug(device)
-        yield machine, device, HostDriver(machine, device)
-    finally:
-        machine.close()
 
 
 def caps_by_type(device: vpci.VirtioPciDevice) -> dict[int, dict[str, int]]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from guestbuild import guest
 from lab_edu import EDU_BUFFER, bar0, dma
-from test_lab_passthrough import build_passthrough_guests
+from lab_passthrough import build_passthrough_guests
 
 from pyvmm.board.machine import Machine
 from pyvmm.control.client import ControlClient, ControlError

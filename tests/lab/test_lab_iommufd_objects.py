@@ -21,9 +21,9 @@ import re
 from collections.abc import Iterator
 
 import pytest
+from counting import counts
 from guestbuild import guest
 from lab_edu import EDU_BUFFER, bar0, dma, enable_dma, lab_pci_device
-from test_machine_layer import counts
 
 from pyvmm.board.machine import Machine
 from pyvmm.kvm.mmap import Mapping

@@ -10,23 +10,16 @@ from collections.abc import Iterator
 
 import pytest
 from guestbuild import guest
+from lab_passthrough import BACKENDS, build_passthrough_guests
 
 from pyvmm.board.machine import Machine
 from pyvmm.devices.testports import Checkpoint
 from pyvmm.machine import layout
 from pyvmm.machine.console import CaptureConsole
 from pyvmm.uapi.kvm import KvmExit
-from pyvmm.vfio.backends import BACKENDS
 from pyvmm.vfio.sysfs import Sysfs
 
 MiB = 1 << 20
-BACKENDS = sorted(BACKENDS)
-
-
-def build_passthrough_guests() -> None:
-    """Build the guests on the host: inside the lab the checkout is read-only."""
-    for name in ("pci-probe", "edu", "e1000e-msix", "mtty"):
-        guest(name)
 
 
 @pytest.mark.lab(before=build_passthrough_guests)

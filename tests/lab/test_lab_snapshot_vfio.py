@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
+from counting import assert_consecutive, counts
 from guestbuild import guest
 from lab_edu import EDU_BUFFER, bar0, dma
-from test_lab_passthrough import BACKENDS
-from test_machine_layer import assert_consecutive, counts
+from lab_passthrough import BACKENDS
 
 from pyvmm.board.machine import Machine
 from pyvmm.devices.pci.device import PCI_COMMAND

@@ -4,8 +4,8 @@ vCPU's access to a missing page of memfd RAM waits in KVM until the fd's reader 
 from __future__ import annotations
 
 import pytest
+from counting import run_counter_on_demand
 from guestbuild import guest
-from test_userfaultfd import run_counter_on_demand
 
 from pyvmm.kvm.userfaultfd import UserFaultFd
 

@@ -1,0 +1,40 @@
+"""pyvmm's command line as scripts use it, run in processes of their own (`python -m pyvmm`):
+one command run to its end (`pyvmm`), a machine running the counter guest with a control socket
+to drive it by (`start_counter`), and a machine waiting for a migration to come in
+(`start_destination`)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from guestbuild import guest
+
+
+def pyvmm(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pyvmm", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def start_counter(control: Path, *options: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyvmm", "run", str(guest("counter")), "--control", str(control),
+         *options],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not control.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no control socket"
+        time.sleep(0.02)
+    return proc
+
+
+def start_destination(uri: str, *options: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pyvmm", "run", "--incoming", uri, *options],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
