@@ -284,6 +284,37 @@ def test_a_source_that_cannot_track_leaves_nothing_logging(space) -> None:
     log.stop()
 
 
+class StuckSource(FakeDmaSource):
+    """A source whose stop fails (its device would not go back to its page table)."""
+
+    def stop(self) -> None:
+        super().stop()
+        raise VfioError("stuck")
+
+
+def test_sources_stop_once_each_and_what_a_leaving_one_found_is_kept(space) -> None:
+    space, _ = space
+    log = DirtyLog(space)
+    first, second = StuckSource({0: 16}), FakeDmaSource({0: 16})
+    log.add_source(first)
+    log.stop()  # never started: nothing to stop
+    assert first.calls == []
+    log.start()
+    log.add_source(second)  # the log is on: started now
+    second.written.add(3 * PAGE)
+    log.remove_source(second)  # its last pages stay in the log
+    assert second.calls == ["start", "stop"]
+    (low, _) = log.collect()
+    assert 3 * PAGE in low
+    third = FakeDmaSource({0: 16})
+    log.add_source(third)
+    with pytest.raises(VfioError, match="stuck"):
+        log.stop()
+    assert third.calls == ["start", "stop"] and not log.active  # one failing strands none
+    log.stop()
+    assert third.calls == ["start", "stop"]  # stopped once
+
+
 @given(st.integers(1, 3000), st.integers(0, 2**3000 - 1), st.integers(0, 2**3000 - 1))
 def test_dirty_ranges_are_the_runs_of_dirty_pages(pages: int, kvm: int, vmm: int) -> None:
     kvm, vmm = kvm >> (3000 - pages), vmm >> (3000 - pages)  # (any pattern, down to one page)

@@ -526,7 +526,7 @@ def test_the_switch_over_waits_for_the_destination_to_read_what_the_rounds_sent(
     """What is still unread in the socket when the source pauses would be read during the
     downtime: the source waits (its guest running) until the destination has read all but
     DRAINED bytes, and a destination that stops reading fails the migration before the pause."""
-    monkeypatch.setattr("pyvmm.migration.source.SEND_TIMEOUT", 0.5)
+    monkeypatch.setattr("pyvmm.migration.transport.SEND_TIMEOUT", 0.5)
     machine = SimpleNamespace(memory=GuestMemory(), throttle=lambda fraction: None)
     migration = Migration(machine, Endpoint.parse("unix:/nowhere"), info={})  # type: ignore[arg-type]
     ours, theirs = socket.socketpair()

@@ -16,6 +16,7 @@ on (and reported dirty in full, since nothing of it was ever collected).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import threading
@@ -139,6 +140,7 @@ class DirtyLog:
         self._lock = threading.Lock()
         self._vmm: dict[MemoryRegion, bytearray] = {}  # while active
         self._sources: list[DirtySource] = []
+        self._started: list[DirtySource] = []  # the sources logging now
         self.active = False
         space.listen(self)
 
@@ -147,13 +149,19 @@ class DirtyLog:
         it cannot be), else with the log."""
         if self.active:
             source.start()
+            self._started.append(source)
         self._sources.append(source)
 
     def remove_source(self, source: DirtySource) -> None:
-        """Stop merging `source` (its device is going); stopped if the log is on."""
+        """Stop merging `source` (its device is going); if it is logging, what it found since
+        the last collect is kept in the log (reported by the next one) and it is stopped."""
         self._sources.remove(source)
-        if self.active:
-            source.stop()
+        if source in self._started:
+            self._started.remove(source)
+            try:
+                self._keep(list(source.collect()))
+            finally:
+                source.stop()
 
     def start(self) -> None:
         """Log from now on: KVM's log on every RAM slot, pyvmm's own writes, and the sources;
@@ -165,28 +173,28 @@ class DirtyLog:
         for region in self._space.regions(RegionKind.RAM):
             self._log(region, full=False)
         self._space.memory.on_write = self.mark
-        started: list[DirtySource] = []
         try:
             for source in self._sources:
                 source.start()
-                started.append(source)
+                self._started.append(source)
         except BaseException:
-            self._stop(started)
+            self.stop()
             raise
 
     def stop(self) -> None:
-        self._stop(self._sources)
-
-    def _stop(self, sources: list[DirtySource]) -> None:
+        """Log no more; every source that was logging is stopped, whichever fails (the first
+        error is raised once all have been asked)."""
         self._space.memory.on_write = None
         with self._lock:
             self.active = False
             regions = list(self._vmm)
             self._vmm.clear()
-        for region in regions:
-            self._space.set_dirty_logging(region, False)
-        for source in sources:
-            source.stop()
+        started, self._started = self._started, []
+        with contextlib.ExitStack() as stopping:
+            for source in started:
+                stopping.callback(source.stop)
+            for region in regions:
+                stopping.callback(self._space.set_dirty_logging, region, False)
 
     def _log(self, region: MemoryRegion, *, full: bool) -> None:
         pages = region.size // PAGE_SIZE
@@ -232,13 +240,29 @@ class DirtyLog:
                         )
                         vmm[:] = _bits_to_bytes(both, bitmap.pages)
 
+    def _keep(self, reported: list[DirtyPages]) -> None:
+        """Pages a source reported that no collect will return: into the log, so the next
+        collect reports them (as pyvmm's own writes)."""
+        with self._lock:
+            for region, vmm in self._vmm.items():
+                found = _within(region, reported)
+                if found:
+                    both = int.from_bytes(vmm, "little") | int.from_bytes(found, "little")
+                    vmm[:] = _bits_to_bytes(both, region.size // PAGE_SIZE)
+
     # the query
 
     def collect(self) -> list[DirtyBitmap]:
         """Read and clear every log: one DirtyBitmap per RAM region, in address order."""
         if not self.active:
             raise RuntimeError("dirty logging is off; call start() first")
-        reported = [pages for source in self._sources for pages in source.collect()]
+        reported: list[DirtyPages] = []
+        try:
+            for source in self._started:
+                reported += source.collect()
+        except BaseException:
+            self._keep(reported)  # (what was read and cleared is not lost)
+            raise
         result = []
         for region in self._space.regions(RegionKind.RAM):
             kvm = self._space.get_dirty_log(region)
@@ -260,8 +284,10 @@ def _within(region: MemoryRegion, reported: list[DirtyPages]) -> bytes:
     pages = region.size // PAGE_SIZE
     bits = 0
     for found in reported:
+        if found.gpa % PAGE_SIZE:
+            raise ValueError(f"a dirty source reported pages at {found.gpa:#x}, not page-aligned")
         first = (found.gpa - region.gpa) // PAGE_SIZE  # of the source's, in the region's pages
-        if found.gpa % PAGE_SIZE or first >= pages or first + found.pages <= 0:
+        if first >= pages or first + found.pages <= 0:
             continue
         ours = int.from_bytes(found.bitmap, "little") & ((1 << found.pages) - 1)
         bits |= ours << first if first >= 0 else ours >> -first

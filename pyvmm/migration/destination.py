@@ -28,12 +28,12 @@ from pyvmm.machine.config import MachineConfig
 from pyvmm.machine.console import Console
 from pyvmm.machine.memory import GuestMemoryError
 from pyvmm.machine.state import StateError
-from pyvmm.migration import machine_sections, postcopy
+from pyvmm.migration import machine_sections, postcopy, transport
 from pyvmm.migration.pages import LONG_RUN, PAGE_SECTIONS, Malformed, page_writes, where
 from pyvmm.migration.postcopy_link import PostcopyIn
 from pyvmm.migration.sockets import json_line
 from pyvmm.migration.stream import SectionType, StreamError, StreamReader
-from pyvmm.migration.transport import REPLY_TIMEOUT, Endpoint, MigrationError, answer
+from pyvmm.migration.transport import Endpoint, MigrationError, answer
 
 
 @dataclass
@@ -114,7 +114,7 @@ def receive_from(
     """Take in the migration a source sends on the connected `sock` (see `receive`; `endpoint`
     names the source's address in messages)."""
     what = f"the migration stream from {endpoint.uri}"
-    sock.settimeout(REPLY_TIMEOUT)  # a source that stalls this long has gone
+    sock.settimeout(transport.REPLY_TIMEOUT)  # a source that stalls this long has gone
     stream = sock.makefile("rb", buffering=1 << 20)
     try:
         reader = StreamReader(stream, what)
@@ -156,7 +156,12 @@ def _restore(
     restore it; a failure the source should hear of is answered to it, and raised (the
     caller closes the machine)."""
     machine.pause()  # not started: it will start paused, its devices quiet
-    machine.components.prepare_restore()  # (now: not in the downtime)
+    try:
+        machine.components.prepare_restore()  # (now: not in the downtime)
+    except (OSError, KvmError) as err:
+        why = f"cannot prepare the machine for its state: {err}"
+        answer(sock, {"error": why})
+        raise MigrationError(why) from None
     answer(sock, {"accept": True, **_postcopy_ability(machine)})
     try:
         components, pending = _read_body(reader, machine, what)

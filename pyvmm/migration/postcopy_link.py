@@ -16,12 +16,12 @@ from pyvmm.board.machine import Machine, StopReason
 from pyvmm.kvm.mmap import PAGE_SIZE
 from pyvmm.machine.memory import GuestMemoryError
 from pyvmm.machine.threads import start_thread
-from pyvmm.migration import postcopy
+from pyvmm.migration import postcopy, transport
 from pyvmm.migration.pages import PAGE_SECTIONS, Malformed, PageSender, page_writes, where
 from pyvmm.migration.progress import Progress
 from pyvmm.migration.sockets import json_line
 from pyvmm.migration.stream import SectionType, StreamError, StreamReader, StreamWriter
-from pyvmm.migration.transport import REPLY_TIMEOUT, MigrationError, answer, queued
+from pyvmm.migration.transport import MigrationError, answer, queued
 
 PUSH_PAGES = 32  # pages per section of post-copy's push (a run of them or many runs)
 PUSH_AHEAD = 64 << 10  # bytes post-copy's push keeps queued in the socket at most
@@ -127,10 +127,11 @@ def _is_run(run: object) -> bool:
 
 def _next_heard(heard: queue.SimpleQueue[_Heard]) -> _Heard:
     try:
-        return heard.get(timeout=REPLY_TIMEOUT)
+        return heard.get(timeout=transport.REPLY_TIMEOUT)
     except queue.Empty:
         return MigrationError(
-            f"the destination did not say within {REPLY_TIMEOUT:.0f} s that it has every page"
+            f"the destination did not say within {transport.REPLY_TIMEOUT:.0f} s that it has "
+            "every page"
         )
 
 

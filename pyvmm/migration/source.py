@@ -23,6 +23,7 @@ destination runs, and the pages follow (postcopy_link.py).
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import threading
 import time
@@ -34,20 +35,14 @@ from pyvmm.errors import PyvmmError
 from pyvmm.kvm.mmap import PAGE_SIZE
 from pyvmm.machine.dirty import DirtyBitmap
 from pyvmm.machine.threads import start_thread
-from pyvmm.migration import machine_sections, memory_file, postcopy, postcopy_link
+from pyvmm.migration import machine_sections, memory_file, postcopy, postcopy_link, transport
 from pyvmm.migration.convergence import Convergence, Step
 from pyvmm.migration.pages import PageSender, union
 from pyvmm.migration.progress import Phases, Progress
 from pyvmm.migration.stream import SectionType, StreamWriter
-from pyvmm.migration.transport import (
-    SEND_TIMEOUT,
-    Endpoint,
-    MigrationError,
-    Refused,
-    connection,
-    expect,
-    queued,
-)
+from pyvmm.migration.transport import Endpoint, MigrationError, Refused, connection, expect, queued
+
+log = logging.getLogger(__name__)
 
 DRAINED = 64 << 10  # bytes left unread in the socket when the source pauses, at most
 
@@ -100,7 +95,7 @@ class Migration:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
         if self._running:
-            self.done.wait(SEND_TIMEOUT)
+            self.done.wait(transport.SEND_TIMEOUT)
 
     def start(self) -> None:
         """Migrate on a thread of its own; the outcome is in `progress` once `done` is set."""
@@ -222,16 +217,21 @@ class Migration:
         phases.split_last(reply.get("phases_ms"), "destination")
         self.progress.downtime_ms = phases.total_ms
         self.progress.downtime_phases_ms = phases.ms
-        self.machine.dirty.stop()
+        self._stop_logging()  # (the destination runs the machine now: nothing may fail it)
         self.convergence.end()
         if step is Step.POSTCOPY:
             self._pending = postcopy.Pending(last)
 
+    def _stop_logging(self) -> None:
+        try:
+            self.machine.dirty.stop()
+        except Exception as err:  # (a DMA source whose device would not go back, say)
+            log.warning("the dirty log did not stop cleanly after the migration: %s", err)
+
     def _recover(self, err: BaseException, was_running: bool) -> None:
         """After a failure: the guest at full speed, the reason in `progress`, and the source
         running again if the destination cannot be running the machine."""
-        with contextlib.suppress(Exception):
-            self.machine.dirty.stop()
+        self._stop_logging()
         self.convergence.end()
         self.progress.status = "failed"
         self.progress.error = _failure(self.endpoint, err)
@@ -284,13 +284,13 @@ class Migration:
         """Wait, the guest still running, until the destination has read what the rounds sent
         (all but DRAINED bytes): what is still in the socket's buffers (megabytes, on TCP)
         would otherwise be read during the downtime, which the budget did not count."""
-        deadline = time.monotonic() + SEND_TIMEOUT
+        deadline = time.monotonic() + transport.SEND_TIMEOUT
         while (unread := queued(sock)) > DRAINED:
             self._check_cancelled()
             if time.monotonic() > deadline:
                 raise MigrationError(
                     f"the destination stopped reading: {unread >> 10} KiB sent to it were "
-                    f"still unread after {SEND_TIMEOUT:.0f} s (the source runs on)"
+                    f"still unread after {transport.SEND_TIMEOUT:.0f} s (the source runs on)"
                 )
             time.sleep(0.001)
 
