@@ -50,6 +50,31 @@ def test_kernel_lookup_order(tmp_path: Path, home: dict[str, str]) -> None:
     assert cached == tmp_path / "home/.cache/pyvmm/lab/bzImage"
 
 
+def test_the_lab_runs_on_the_qemu_asked_for_then_the_unpacked_one_then_the_paths(
+    tmp_path: Path,
+) -> None:
+    def executable(path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("#!/bin/sh\n")
+        path.chmod(0o755)
+        return path
+
+    on_path = executable(tmp_path / "usr/bin/qemu-system-x86_64")
+    env = {"PYVMM_CACHE": str(tmp_path / "cache"), "PATH": str(on_path.parent)}
+    assert qemu.find_qemu(env) == str(on_path)
+    unpacked = executable(qemu.cached_qemu(env))
+    assert unpacked == tmp_path / "cache/lab-qemu/bin/qemu-system-x86_64"
+    assert qemu.find_qemu(env) == str(on_path)  # not verified by its fetch yet
+    (tmp_path / "cache/lab-qemu/.complete").write_text("QEMU emulator version 11.1.3\n")
+    assert qemu.find_qemu(env) == str(unpacked)
+    chosen = executable(tmp_path / "mine/qemu")
+    assert qemu.find_qemu({**env, "PYVMM_LAB_QEMU": str(chosen)}) == str(chosen)
+    with pytest.raises(LabUnavailable, match=r"\$PYVMM_LAB_QEMU is /nope, which is not an exec"):
+        qemu.find_qemu({**env, "PYVMM_LAB_QEMU": "/nope"})
+    with pytest.raises(LabUnavailable, match="qemu-system-x86_64 not installed"):
+        qemu.find_qemu({"PYVMM_CACHE": str(tmp_path / "empty"), "PATH": str(tmp_path)})
+
+
 def test_cache_dir_follows_pyvmm_cache_then_xdg() -> None:
     assert kernel.cache_dir({"PYVMM_CACHE": "/c", "XDG_CACHE_HOME": "/x"}) == Path("/c")
     assert kernel.cache_dir({"XDG_CACHE_HOME": "/x", "HOME": "/h"}) == Path("/x/pyvmm")
@@ -856,7 +881,7 @@ def test_after_qemu_crashes_the_tests_left_without_a_result_run_in_a_new_boot(
     # test_one had finished; test_two was under way when QEMU aborted, so it runs again
     assert "lab: running 2 tests in QEMU" in output
     # and the end of the run counts the retry, and says what it was
-    assert re.search(r"-+ lab: 1 lab sessions, 1 retried -+", output)
+    assert re.search(r"-+ lab: 1 lab sessions on QEMU \S+, 1 retried -+", output)
     assert "\nlab retry: QEMU crashed (the lab stopped before the command finished" in output
 
 
@@ -924,7 +949,7 @@ def test_a_crash_after_the_last_test_boots_nothing_more(
     result.assert_outcomes(passed=3)
     assert result.stdout.str().count("lab: running") == 1
     assert "lab: QEMU crashed" not in result.stdout.str()
-    assert re.search(r"-+ lab: 1 lab sessions, 0 retried -+", result.stdout.str())
+    assert re.search(r"-+ lab: 1 lab sessions on QEMU \S+, 0 retried -+", result.stdout.str())
     assert "lab retry:" not in result.stdout.str()
 
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import pytest
 
-from pyvmm.lab import launcher
+from pyvmm.lab import launcher, qemu
 from pyvmm.lab.errors import LabCrashed, LabError, LabReset, LabTimeout, LabUnavailable
 from pyvmm.lab.kmsg import KernelLog
 from pyvmm.lab.protocol import Kind
@@ -224,7 +224,10 @@ class LabTier:
         booted = sum(1 for session in self.sessions.values() if session.results is not None)
         if not booted:
             return
-        terminalreporter.write_sep("-", f"lab: {booted} lab sessions, {len(self.retries)} retried")
+        version = qemu.qemu_version(qemu.find_qemu())
+        terminalreporter.write_sep(
+            "-", f"lab: {booted} lab sessions on QEMU {version}, {len(self.retries)} retried"
+        )
         for retry in self.retries:
             terminalreporter.write_line(f"lab retry: {retry}")
 

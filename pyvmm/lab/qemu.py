@@ -8,15 +8,19 @@ one virtio-serial port for the guest agent.
 
 from __future__ import annotations
 
+import os
 import shutil
-from collections.abc import Sequence
+import subprocess
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from pyvmm.lab import chroot_init
 from pyvmm.lab.errors import LabError, LabUnavailable
+from pyvmm.lab.kernel import cache_dir
 
 QEMU = "qemu-system-x86_64"
+ENV_QEMU = "PYVMM_LAB_QEMU"
 
 #: The virtio-serial port name the agent looks for.
 AGENT_PORT = "pyvmm.agent"
@@ -109,11 +113,40 @@ DEVICES = {
 }
 
 
-def find_qemu() -> str:
-    path = shutil.which(QEMU)
+def cached_qemu(environ: Mapping[str, str] = os.environ) -> Path:
+    """Where scripts/fetch-lab-qemu (run by scripts/setup-lab, as the user who runs the lab)
+    puts QEMU 11; it is used once the fetch has verified it (its `.complete` mark)."""
+    return cache_dir(environ) / "lab-qemu" / "bin" / QEMU
+
+
+def find_qemu(environ: Mapping[str, str] = os.environ) -> str:
+    """The QEMU that runs the lab machine: $PYVMM_LAB_QEMU, else the QEMU 11 that
+    scripts/setup-lab unpacks (QEMU 10.0's TCG hangs whole labs: docs/lab-crashes.md), else
+    qemu-system-x86_64 on the PATH."""
+    if environ.get(ENV_QEMU):
+        chosen = environ[ENV_QEMU]
+        if not (os.path.isfile(chosen) and os.access(chosen, os.X_OK)):
+            raise LabUnavailable(f"${ENV_QEMU} is {chosen}, which is not an executable file")
+        return chosen
+    cached = cached_qemu(environ)
+    if cached.is_file() and (cached.parent.parent / ".complete").is_file():
+        return str(cached)
+    path = shutil.which(QEMU, path=environ.get("PATH"))
     if path is None:
         raise LabUnavailable(f"{QEMU} not installed (run scripts/setup-lab)")
     return path
+
+
+def qemu_version(qemu: str) -> str:
+    """`qemu --version`'s version ("11.1.3"), or what it said instead."""
+    try:
+        said = subprocess.run(
+            [qemu, "--version"], capture_output=True, text=True, timeout=30, check=False
+        ).stdout
+    except OSError as err:
+        return f"unknown ({err.strerror})"
+    first = said.splitlines()[0] if said else ""
+    return first.removeprefix("QEMU emulator version ").split(" ")[0] or "unknown"
 
 
 def check_iommu(iommu: str) -> None:
