@@ -1,6 +1,6 @@
 """PCI functions driven without KVM, over the recording fakes of `fakes`: bus 0 with the host
 bridge and pyvmm's PCI test device (`Pci`); a virtio-pci device on a machine of fakes
-(`FakeMachine`, which gives the device what `pyvmm.machine.host.DeviceHost` names, and RAM and
+(`DeviceBench`, which gives the device what `pyvmm.machine.host.DeviceHost` names, and RAM and
 PCI bus 0 besides), with `HostDriver` playing the guest's driver through its registers and its
 rings in that RAM (`virtio_device` builds the three); and `put_desc`, which writes a
 descriptor of a virtqueue's table."""
@@ -58,9 +58,10 @@ class Pci:
         self.space.memory.close()
 
 
-class FakeMachine:
-    """What VirtioPciDevice uses of a Machine: the DMA view of RAM, the VM, GSI routing, and
-    PCI bus 0 (whose BARs land in an address space over the fake VM)."""
+class DeviceBench:
+    """A bench to plug a device into: what it is given (a DeviceHost: the VM, GSI routing, the
+    DMA view of RAM), and what the test drives it through (RAM, and PCI bus 0, whose BARs land
+    in an address space over the fake VM)."""
 
     def __init__(self) -> None:
         self.vm = FakeVm()
@@ -85,7 +86,7 @@ class HostDriver:
 
     RINGS = 0x100000  # queue i's rings at RINGS + i * 0x10000
 
-    def __init__(self, machine: FakeMachine, device: vpci.VirtioPciDevice) -> None:
+    def __init__(self, machine: DeviceBench, device: vpci.VirtioPciDevice) -> None:
         self.machine = machine
         self.device = device
         self.mem = machine.memory
@@ -195,8 +196,8 @@ class HostDriver:
 @contextlib.contextmanager
 def virtio_device(
     backend: VirtioBackend | None = None,
-) -> Iterator[tuple[FakeMachine, vpci.VirtioPciDevice, HostDriver]]:
-    machine = FakeMachine()
+) -> Iterator[tuple[DeviceBench, vpci.VirtioPciDevice, HostDriver]]:
+    machine = DeviceBench()
     try:
         device = vpci.VirtioPciDevice(machine, backend or VirtioRng())  # type: ignore[arg-type]
         machine.pci.plug(device)

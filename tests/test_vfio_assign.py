@@ -16,7 +16,9 @@ from pyvmm.vfio.sysfs import NoSuchDevice, Sysfs
 EDU, NIC, BRIDGE = "0000:00:04.0", "0000:00:05.0", "0000:00:06.0"
 
 
-class FakeMachine:
+class FakeVfioHost:
+    """What the backend choice asks of the machine: the backend its IOMMU context has, if any."""
+
     def __init__(self, backend: str | None = None) -> None:
         self.vfio_backend = backend
 
@@ -67,19 +69,19 @@ def test_refusals_say_what_to_do(tree: FakeTree) -> None:
 def test_the_backend_is_the_machines_or_what_the_host_and_device_allow(tree: FakeTree) -> None:
     sysfs = Sysfs(tree.root)
     device, cdev = host(tree, EDU)
-    assert assign._backend(FakeMachine(), sysfs, device, cdev, None) == "container"  # no iommufd
+    assert assign._backend(FakeVfioHost(), sysfs, device, cdev, None) == "container"  # no iommufd
     (tree.root / "dev/iommu").touch()
-    assert assign._backend(FakeMachine(), sysfs, device, cdev, None) == "iommufd"
-    assert assign._backend(FakeMachine("container"), sysfs, device, cdev, None) == "container"
-    assert assign._backend(FakeMachine(), sysfs, device, False, "container") == "container"
+    assert assign._backend(FakeVfioHost(), sysfs, device, cdev, None) == "iommufd"
+    assert assign._backend(FakeVfioHost("container"), sysfs, device, cdev, None) == "container"
+    assert assign._backend(FakeVfioHost(), sysfs, device, False, "container") == "container"
     with pytest.raises(
         VfioError, match=rf"iommufd \(asked for\), but there is no VFIO cdev for {EDU}"
     ):
-        assign._backend(FakeMachine(), sysfs, device, False, "iommufd")
+        assign._backend(FakeVfioHost(), sysfs, device, False, "iommufd")
     with pytest.raises(VfioError, match=r"iommufd \(the backend of this machine's other devices\)"):
-        assign._backend(FakeMachine("iommufd"), sysfs, device, False, None)
+        assign._backend(FakeVfioHost("iommufd"), sysfs, device, False, None)
     (tree.root / "dev/iommu").unlink()
     with pytest.raises(
         VfioError, match=r"there is no /dev/iommu \(the kernel needs CONFIG_IOMMUFD"
     ):
-        assign._backend(FakeMachine(), sysfs, device, cdev, "iommufd")
+        assign._backend(FakeVfioHost(), sysfs, device, cdev, "iommufd")
