@@ -30,6 +30,14 @@ from pyvmm.lab.pytest_plugin import InnerResult, read_results
 # -- kernel lookup ---------------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def no_unpacked_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests choose their QEMU (a fake, or none): not the QEMU 11 that scripts/setup-lab
+    unpacked into this host's cache."""
+    monkeypatch.setenv("PYVMM_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.delenv("PYVMM_LAB_QEMU", raising=False)
+
+
 @pytest.fixture
 def home(tmp_path: Path) -> dict[str, str]:
     return {"HOME": str(tmp_path / "home")}

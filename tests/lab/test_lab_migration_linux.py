@@ -97,6 +97,9 @@ def migrate(
     throttles it (auto-converge). Post-copy's 1 ms seldom fits: it switches (the caller
     migrates again when it did not)."""
     destination = spawn("run", "--incoming", uri, "--control", str(new_control))
+    # (its control socket comes just before it listens: a Python starting in the lab's TCG
+    # can take longer than the source's connect waits)
+    wait_for_socket(new_control, destination)
     moved = pyvmm("migrate", str(control), uri, *options)
     if moved.returncode != 0:
         source.kill()

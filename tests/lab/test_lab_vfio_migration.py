@@ -73,6 +73,7 @@ def test_every_state_reaches_every_other_arc_by_arc_as_the_kernel_says(
                     data.write_all(saved)  # (else RESUMING could not be left)
 
         for start, target in product([s for s in State if s is not State.ERROR], repeat=2):
+            go(State.RUNNING)  # (from wherever the last pair ended, STOP_COPY included)
             go(start)
             if start is State.STOP_COPY and target in (State.PRE_COPY, State.PRE_COPY_P2P):
                 arcs = len(migration.arcs)
@@ -110,19 +111,32 @@ def test_pre_copy_gives_its_initial_bytes_then_stop_copy_the_rest_on_the_same_fd
 
 
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
-def test_a_state_that_does_not_fit_is_refused_and_the_device_recovers(
+def test_a_state_cut_short_is_refused_naming_the_arc_and_can_be_completed(
     mtty: HostDevice, backend: str
 ) -> None:
-    """Resuming from a short state fails on the way out of RESUMING, naming the arc; the
-    device is where the kernel says, and recover() takes it back to RUNNING."""
+    """Resuming from the first bytes of a saved state fails on the way out of RESUMING,
+    naming the arc, and leaves the device in RESUMING (mtty checks the state's length there).
+    mtty has no VFIO reset, so recover() says it cannot; the rest of the state, written to the
+    same fd, completes it."""
     with open_context(backend) as context:
         migration = DeviceMigration(context.open(mtty))
+        data = migration.move_to(State.STOP_COPY)
+        assert data is not None
+        with data:
+            saved = data.read_all()
+        migration.move_to(State.RUNNING)
         data = migration.move_to(State.RESUMING)
         assert data is not None
-        with data, pytest.raises(VfioError, match=r"RESUMING -> STOP failed .*the device is in"):
+        with data:
+            data.write_all(saved[:MTTY_HEADER])
+            with pytest.raises(VfioError, match=r"RESUMING -> STOP failed .*device is in RESUMING"):
+                migration.move_to(State.RUNNING)
+            assert migration.state is State.RESUMING
+            with pytest.raises(VfioError, match="the device has no reset"):
+                migration.recover()
+            assert migration.state is State.RESUMING
+            data.write_all(saved[MTTY_HEADER:])
             migration.move_to(State.RUNNING)
-        assert migration.state in (State.RESUMING, State.ERROR)
-        migration.recover()
         assert migration.state is State.RUNNING
 
 
