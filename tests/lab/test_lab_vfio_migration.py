@@ -35,109 +35,107 @@ def mtty(sysfs: Sysfs) -> Iterator[HostDevice]:
         sysfs.remove_mdev(uuid)
 
 
-@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.fixture(params=sorted(BACKENDS))
+def migration(mtty: HostDevice, request: pytest.FixtureRequest) -> Iterator[DeviceMigration]:
+    """The mtty opened through each backend in turn."""
+    with open_context(request.param) as context:
+        yield DeviceMigration(context.open(mtty))
+
+
 def test_every_state_reaches_every_other_arc_by_arc_as_the_kernel_says(
-    mtty: HostDevice, backend: str
+    migration: DeviceMigration,
 ) -> None:
-    with open_context(backend) as context:
-        migration = DeviceMigration(context.open(mtty))
-        assert migration.flags == Flag.STOP_COPY | Flag.P2P | Flag.PRE_COPY
-        assert migration.state is State.RUNNING
+    assert migration.flags == Flag.STOP_COPY | Flag.P2P | Flag.PRE_COPY
+    assert migration.state is State.RUNNING
 
-        # the device's state, saved once: what RESUMING is given, so that it can be left
-        data = migration.move_to(State.STOP_COPY)
-        assert data is not None and data.opened_in is State.STOP_COPY
-        with data:
-            saved = data.read_all()
-        assert len(saved) == migration.data_size() > MTTY_HEADER
-        assert migration.arcs == [
-            (State.RUNNING, State.RUNNING_P2P),
-            (State.RUNNING_P2P, State.STOP),
-            (State.STOP, State.STOP_COPY),
-        ]
+    # the device's state, saved once: what RESUMING is given, so that it can be left
+    data = migration.move_to(State.STOP_COPY)
+    assert data is not None and data.opened_in is State.STOP_COPY
+    with data:
+        saved = data.read_all()
+    assert len(saved) == migration.data_size() > MTTY_HEADER
+    assert migration.arcs == [
+        (State.RUNNING, State.RUNNING_P2P),
+        (State.RUNNING_P2P, State.STOP),
+        (State.STOP, State.STOP_COPY),
+    ]
 
-        opened: list[MigrationData] = []
+    opened: list[MigrationData] = []
 
-        def go(target: State) -> None:
-            before, start = len(migration.arcs), migration.state
-            data = migration.move_to(target)
-            assert migration.state is target
-            taken = [arc[1] for arc in migration.arcs[before:]]
-            assert taken == path(start, target, migration.flags)
-            for previous in opened:
-                previous.close()
-            opened.clear()
-            if data is not None:
-                opened.append(data)
-                if target is State.RESUMING:
-                    data.write_all(saved)  # (else RESUMING could not be left)
+    def go(target: State) -> None:
+        before, start = len(migration.arcs), migration.state
+        data = migration.move_to(target)
+        assert migration.state is target
+        taken = [arc[1] for arc in migration.arcs[before:]]
+        assert taken == path(start, target, migration.flags)
+        for previous in opened:
+            previous.close()
+        opened.clear()
+        if data is not None:
+            opened.append(data)
+            if target is State.RESUMING:
+                data.write_all(saved)  # (else RESUMING could not be left)
 
-        for start, target in product([s for s in State if s is not State.ERROR], repeat=2):
-            go(State.RUNNING)  # (from wherever the last pair ended, STOP_COPY included)
-            go(start)
-            if start is State.STOP_COPY and target in (State.PRE_COPY, State.PRE_COPY_P2P):
-                arcs = len(migration.arcs)
-                with pytest.raises(ForbiddenArc, match="the kernel blocks it"):
-                    migration.move_to(target)
-                assert len(migration.arcs) == arcs and migration.state is start  # no ioctl
-                continue
-            go(target)
-        go(State.RUNNING)
-        for data in opened:
-            data.close()
+    for start, target in product([s for s in State if s is not State.ERROR], repeat=2):
+        go(State.RUNNING)  # (from wherever the last pair ended, STOP_COPY included)
+        go(start)
+        if start is State.STOP_COPY and target in (State.PRE_COPY, State.PRE_COPY_P2P):
+            arcs = len(migration.arcs)
+            with pytest.raises(ForbiddenArc, match="the kernel blocks it"):
+                migration.move_to(target)
+            assert len(migration.arcs) == arcs and migration.state is start  # no ioctl
+            continue
+        go(target)
+    go(State.RUNNING)
+    for data in opened:
+        data.close()
 
 
-@pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_pre_copy_gives_its_initial_bytes_then_stop_copy_the_rest_on_the_same_fd(
-    mtty: HostDevice, backend: str
+    migration: DeviceMigration,
 ) -> None:
-    with open_context(backend) as context:
-        migration = DeviceMigration(context.open(mtty))
-        size = migration.data_size()
-        data = migration.move_to(State.PRE_COPY)
-        assert data is not None and data.opened_in is State.PRE_COPY
-        with data:
-            assert data.precopy_info() == (MTTY_HEADER, 0)  # mtty's initial bytes: its header
-            header = data.read_available()
-            assert len(header) == MTTY_HEADER and data.precopy_info() == (0, 0)
-            assert migration.move_to(State.STOP_COPY) is None  # via PRE_COPY_P2P: the fd goes on
-            assert migration.arcs[-2:] == [
-                (State.PRE_COPY, State.PRE_COPY_P2P),
-                (State.PRE_COPY_P2P, State.STOP_COPY),
-            ]
-            rest = data.read_all()
-        assert len(header + rest) == size
-        migration.move_to(State.RUNNING)
+    size = migration.data_size()
+    data = migration.move_to(State.PRE_COPY)
+    assert data is not None and data.opened_in is State.PRE_COPY
+    with data:
+        assert data.precopy_info() == (MTTY_HEADER, 0)  # mtty's initial bytes: its header
+        header = data.read_available()
+        assert len(header) == MTTY_HEADER and data.precopy_info() == (0, 0)
+        assert migration.move_to(State.STOP_COPY) is None  # via PRE_COPY_P2P: the fd goes on
+        assert migration.arcs[-2:] == [
+            (State.PRE_COPY, State.PRE_COPY_P2P),
+            (State.PRE_COPY_P2P, State.STOP_COPY),
+        ]
+        rest = data.read_all()
+    assert len(header + rest) == size
+    migration.move_to(State.RUNNING)
 
 
-@pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_a_state_cut_short_is_refused_naming_the_arc_and_can_be_completed(
-    mtty: HostDevice, backend: str
+    migration: DeviceMigration,
 ) -> None:
     """Resuming from the first bytes of a saved state fails on the way out of RESUMING,
     naming the arc, and leaves the device in RESUMING (mtty checks the state's length there).
     mtty has no VFIO reset, so recover() says it cannot; the rest of the state, written to the
     same fd, completes it."""
-    with open_context(backend) as context:
-        migration = DeviceMigration(context.open(mtty))
-        data = migration.move_to(State.STOP_COPY)
-        assert data is not None
-        with data:
-            saved = data.read_all()
-        migration.move_to(State.RUNNING)
-        data = migration.move_to(State.RESUMING)
-        assert data is not None
-        with data:
-            data.write_all(saved[:MTTY_HEADER])
-            with pytest.raises(VfioError, match=r"RESUMING -> STOP failed .*device is in RESUMING"):
-                migration.move_to(State.RUNNING)
-            assert migration.state is State.RESUMING
-            with pytest.raises(VfioError, match="the device has no reset"):
-                migration.recover()
-            assert migration.state is State.RESUMING
-            data.write_all(saved[MTTY_HEADER:])
+    data = migration.move_to(State.STOP_COPY)
+    assert data is not None
+    with data:
+        saved = data.read_all()
+    migration.move_to(State.RUNNING)
+    data = migration.move_to(State.RESUMING)
+    assert data is not None
+    with data:
+        data.write_all(saved[:MTTY_HEADER])
+        with pytest.raises(VfioError, match=r"RESUMING -> STOP failed .*device is in RESUMING"):
             migration.move_to(State.RUNNING)
-        assert migration.state is State.RUNNING
+        assert migration.state is State.RESUMING
+        with pytest.raises(VfioError, match="the device has no reset"):
+            migration.recover()
+        assert migration.state is State.RESUMING
+        data.write_all(saved[MTTY_HEADER:])
+        migration.move_to(State.RUNNING)
+    assert migration.state is State.RUNNING
 
 
 def test_pyvmm_vfio_migration_shows_a_device_and_walks_it(

@@ -21,6 +21,7 @@ import errno
 import functools
 import logging
 import os
+from typing import Any
 
 from pyvmm.kvm.fd import FdOwner
 from pyvmm.uapi import vfio as uapi
@@ -113,17 +114,17 @@ class DeviceMigration:
 
     def _probe(self) -> Flag:
         try:
-            found = feature(
-                self.device,
-                uapi.VfioDeviceFeature.MIGRATION,
-                uapi.VfioDeviceFeatureFlag.GET,
-                uapi.vfio_device_feature_migration(),
+            found = self._get(
+                uapi.VfioDeviceFeature.MIGRATION, uapi.vfio_device_feature_migration()
             )
         except IoctlError as err:
             if err.errno == errno.ENOTTY:  # (no migration driver ops at all)
                 return Flag(0)
             raise VfioError(f"{self.name}: cannot ask whether it migrates: {err}") from None
         return Flag(found.flags)
+
+    def _get(self, index: uapi.VfioDeviceFeature, data: ctypes.Structure) -> Any:
+        return feature(self.device, index, uapi.VfioDeviceFeatureFlag.GET, data)
 
     def missing(self) -> str:
         """Why this device cannot migrate ("" if it can)."""
@@ -134,11 +135,8 @@ class DeviceMigration:
     @property
     def state(self) -> State:
         """The state the kernel says the device is in."""
-        found = feature(
-            self.device,
-            uapi.VfioDeviceFeature.MIG_DEVICE_STATE,
-            uapi.VfioDeviceFeatureFlag.GET,
-            uapi.vfio_device_feature_mig_state(),
+        found = self._get(
+            uapi.VfioDeviceFeature.MIG_DEVICE_STATE, uapi.vfio_device_feature_mig_state()
         )
         return State(found.device_state)
 
@@ -192,11 +190,8 @@ class DeviceMigration:
 
     def data_size(self) -> int:
         """What STOP_COPY would give, as the device estimates it now (MIG_DATA_SIZE)."""
-        found = feature(
-            self.device,
-            uapi.VfioDeviceFeature.MIG_DATA_SIZE,
-            uapi.VfioDeviceFeatureFlag.GET,
-            uapi.vfio_device_feature_mig_data_size(),
+        found = self._get(
+            uapi.VfioDeviceFeature.MIG_DATA_SIZE, uapi.vfio_device_feature_mig_data_size()
         )
         return int(found.stop_copy_length)
 
