@@ -236,6 +236,8 @@ class Machine:
 
         if self._vfio is None:
             self._vfio = open_context(backend, self.vm, self.address_space)
+            # (its migrating devices stop when the machine pauses, in P2P order: group.py)
+            self.components.add("vfio-migration", self._vfio.migrations)
         elif backend is not None and backend != self._vfio.backend:
             raise ConfigError(
                 f"this machine's assigned devices use the {self._vfio.backend} backend; all of "

@@ -10,7 +10,7 @@ and three optional members:
   part built the same way (Firecracker's persist modules: state is plain data, the part is
   rebuilt from the machine's configuration, then given its state).
 
-A stateful part may also have any of three optional members, which the registry looks up by
+A stateful part may also have any of four optional members, which the registry looks up by
 name (getattr) rather than making every part define them:
 
 - `check(state)`: raise StateError when a well-formed state still does not fit this part
@@ -18,6 +18,8 @@ name (getattr) rather than making every part define them:
   is restored.
 - `prepare_restore()`: do ahead what the first restore would (a vCPU probes its MSRs), for a
   restore that must be quick (a migration's destination, before the downtime).
+- `upgrade_state(version, data)`: the plain data of a state saved by an older version of the
+  part, made into the current version's (None if it cannot be).
 - `state_caveat`: a non-empty string when the saved state leaves out part of what the part is
   (a passed-through device, whose own state needs VFIO migration): a migration is refused
   with it, and a snapshot is taken only when asked for knowingly.
@@ -214,12 +216,17 @@ class Components:
             kind, version = part.state_type.__name__, state_version(part.state_type)
             if item.kind != kind:
                 raise StateError(f"{component_id}: saved state is a {item.kind!r}, not a {kind}")
+            data = item.data
+            upgrade = getattr(part, "upgrade_state", None)
             if item.version != version:
+                older = item.version < version and upgrade is not None
+                data = upgrade(item.version, data) if older else None  # type: ignore[misc]
+            if data is None:
                 raise StateError(
                     f"{component_id}: saved {kind} is version {item.version}; this pyvmm reads "
-                    f"version {version} only"
+                    f"version {version}" + (" and some older ones" if upgrade else " only")
                 )
-            state = from_plain(part.state_type, item.data, component_id)
+            state = from_plain(part.state_type, data, component_id)
             check = getattr(part, "check", None)
             if check is not None:
                 check(state)

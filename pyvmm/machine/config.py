@@ -8,8 +8,13 @@ plain values (str, int, bool), as a command line or a JSON document gives them.
 
 from __future__ import annotations
 
+import dataclasses
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+from pyvmm.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,30 @@ class MachineConfig:
             if a != b:
                 found.append(f"slot {slot}: {_describe(a)}, not {_describe(b)}")
         return found
+
+    def with_hosts(self, hosts: Mapping[str, str]) -> MachineConfig:
+        """This configuration with its assigned devices on other host devices: `hosts` maps
+        the `host` a device was saved with (a PCI address, an mdev's UUID or sysfs path, or
+        its last path component) to the one to open here, for a snapshot restored or a
+        migration received where the devices have other addresses (a second mdev).
+        ConfigError for a host that no device of the saved machine has."""
+        unused = dict(hosts)
+        devices = []
+        for device in self.devices:
+            saved = device.options.get("host")
+            keys = (saved, os.path.basename(saved.rstrip("/"))) if isinstance(saved, str) else ()
+            key = next((k for k in keys if k in hosts), None)
+            if key is not None:
+                unused.pop(key, None)
+                device = dataclasses.replace(device, options={**device.options, "host": hosts[key]})
+            devices.append(device)
+        if unused:
+            saved_hosts = [d.options["host"] for d in self.devices if "host" in d.options]
+            raise ConfigError(
+                f"no device of the saved machine is on host {next(iter(unused))} (its devices' "
+                f"hosts: {', '.join(saved_hosts) or 'none'})"
+            )
+        return dataclasses.replace(self, devices=tuple(devices))
 
 
 def _describe(device: DeviceConfig | None) -> str:

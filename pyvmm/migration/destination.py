@@ -19,7 +19,7 @@ from typing import Any
 
 from pyvmm.board.devices import pins_guest_ram
 from pyvmm.board.machine import Machine, SavedMachine
-from pyvmm.errors import PyvmmError
+from pyvmm.errors import ConfigError, PyvmmError
 from pyvmm.kvm.errors import KvmError
 from pyvmm.kvm.mmap import PAGE_SIZE
 from pyvmm.kvm.userfaultfd import UserFaultFd
@@ -90,14 +90,18 @@ def receive(
     expect: Callable[[MachineConfig], str] | None = None,
     trace_exits: bool = False,
     on_listening: Callable[[], None] | None = None,
+    hosts: dict[str, str] | None = None,
 ) -> Incoming:
     """Wait for one migration at `endpoint` and take it in. `console(info)` opens the machine's
     console, knowing where the source's went (`info["console"]`); `expect(config)` says what
     is wrong with the incoming configuration for this destination ("" if nothing). A problem
-    is sent to the source as a refusal, and raised here."""
+    is sent to the source as a refusal, and raised here. `hosts` moves assigned devices to
+    other host devices (MachineConfig.with_hosts)."""
     sock = endpoint.accept_source(on_listening)
     try:
-        return receive_from(sock, endpoint, console, expect=expect, trace_exits=trace_exits)
+        return receive_from(
+            sock, endpoint, console, expect=expect, trace_exits=trace_exits, hosts=hosts
+        )
     except BaseException:
         sock.close()
         raise
@@ -110,6 +114,7 @@ def receive_from(
     *,
     expect: Callable[[MachineConfig], str] | None = None,
     trace_exits: bool = False,
+    hosts: dict[str, str] | None = None,
 ) -> Incoming:
     """Take in the migration a source sends on the connected `sock` (see `receive`; `endpoint`
     names the source's address in messages)."""
@@ -119,6 +124,11 @@ def receive_from(
     try:
         reader = StreamReader(stream, what)
         config = machine_sections.decode_config(reader.next(), what)
+        try:
+            config = config.with_hosts(hosts or {})
+        except ConfigError as err:
+            answer(sock, {"error": str(err)})
+            raise
         section = reader.next_known()
         if section.type != SectionType.INFO:
             raise StreamError(f"{what}: the configuration is not followed by INFO")

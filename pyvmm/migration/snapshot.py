@@ -403,6 +403,7 @@ def restore(
     *,
     copy: bool | None = None,
     trace_exits: bool = False,
+    hosts: dict[str, str] | None = None,
 ) -> Machine:
     """A machine built from the snapshot's configuration holding its RAM and state, not yet
     started (`start()` or `run()` it). Its RAM maps the memory file privately, or with `copy`
@@ -411,9 +412,11 @@ def restore(
     breaking its copy-on-write page by page, which takes about twice as long as the copy
     (measured in the lab), and a memfd can be given to the IOMMU by file. The RAM of an
     incremental snapshot is its full snapshot's, mapped or copied, with each later layer's
-    pages copied over it in turn."""
+    pages copied over it in turn. `hosts` moves assigned devices to other host devices
+    (MachineConfig.with_hosts)."""
+    config = snapshot.config.with_hosts(hosts or {})
     if copy is None:
-        copy = any(pins_guest_ram(device.kind) for device in snapshot.config.devices)
+        copy = any(pins_guest_ram(device.kind) for device in config.devices)
     layers = snapshot.layers
     fds: list[int] = []
     try:
@@ -444,14 +447,14 @@ def restore(
         return region
 
     try:
-        machine = Machine.from_config(snapshot.config, console, trace_exits=trace_exits, ram=ram)
+        machine = Machine.from_config(config, console, trace_exits=trace_exits, ram=ram)
     except OSError as err:
         raise SnapshotError(f"cannot restore {snapshot.directory}: {err.strerror or err}") from None
     finally:
         for fd in fds:
             os.close(fd)
     try:
-        machine.restore(snapshot.saved)
+        machine.restore(SavedMachine(config, snapshot.saved.components))
     except BaseException:
         machine.close()
         raise

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, ClassVar, Protocol
 from pyvmm.machine.host import DeviceHost
 from pyvmm.vfio.dma_space import DmaSpace, GuestRamMapper
 from pyvmm.vfio.errors import VfioError
+from pyvmm.vfio.migration.group import MigratingDevices
 
 if TYPE_CHECKING:
     from pyvmm.kvm.vm import Vm
@@ -61,6 +62,7 @@ class VfioContext:
         self._mapper: GuestRamMapper | None = None
         self.devices: dict[str, VfioDevice] = {}
         self._device_stacks: dict[str, ExitStack] = {}  # what closes each device
+        self.migrations = MigratingDevices()  # those of the devices that migrate
 
     @property
     def dma(self) -> DmaSpace:
@@ -93,6 +95,7 @@ class VfioContext:
         with the last one goes the mapping of guest RAM."""
         stack = self._device_stacks.pop(name)
         del self.devices[name]
+        self.migrations.forget(name)
         try:
             if not self.devices:
                 self._unmap_ram()  # while a device still holds the IOMMU domain
@@ -119,6 +122,7 @@ class VfioContext:
             for name in list(self._device_stacks):
                 closing.callback(self._device_stacks.pop(name).close)
             self.devices.clear()
+            self.migrations.devices.clear()
             self._unmap_ram()
 
     def __enter__(self) -> VfioContext:

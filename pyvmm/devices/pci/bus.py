@@ -63,7 +63,7 @@ class PciBusState:
     VERSION: ClassVar[int] = 1
 
     config_address: int
-    functions: dict[int, str]  # devfn -> function name
+    functions: dict[int, str]  # devfn -> function model (PciFunction.model)
 
 
 class PciBus:
@@ -182,12 +182,12 @@ class PciBus:
 
     def save(self) -> PciBusState:
         with self._lock:
-            names = {devfn: function.name for devfn, function in self.functions.items()}
-            return PciBusState(self._config_address, names)
+            models = {devfn: function.model for devfn, function in self.functions.items()}
+            return PciBusState(self._config_address, models)
 
     def check(self, state: PciBusState) -> None:
         """The saved bus must hold the same functions in the same slots."""
-        have = {devfn: function.name for devfn, function in self.functions.items()}
+        have = {devfn: function.model for devfn, function in self.functions.items()}
         if state.functions != have:
             saved = ", ".join(f"{bdf(d)} {n}" for d, n in sorted(state.functions.items()))
             raise StateError(f"PCI bus 0: saved with {saved or 'no functions'}, not these")

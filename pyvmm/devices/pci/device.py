@@ -149,6 +149,9 @@ class PciFunction:
         name: str = "",
     ) -> None:
         self.name = name or type(self).__name__
+        # What the bus's saved state names it by: the same on any machine built alike (a
+        # passed-through function's name has its host device, which a restore may change).
+        self.model = self.name
         self.config = bytearray(PCIE_CONFIG_SPACE_SIZE)
         self.wmask = bytearray(PCIE_CONFIG_SPACE_SIZE)
         self.w1cmask = bytearray(PCIE_CONFIG_SPACE_SIZE)

@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 20  # bytes a data fd read asks for at once
 
+#: Arcs taken by several devices, in the order the kernel was asked: (device, from, to).
+Journal = list[tuple[str, State, State]]
+
 
 @functools.cache
 def _request_type(payload: type[ctypes.Structure]) -> type[ctypes.Structure]:
@@ -103,10 +106,11 @@ class MigrationData(FdOwner):
 class DeviceMigration:
     """The migration of `device`: its flags, its state, and the arcs between states."""
 
-    def __init__(self, device: VfioDevice) -> None:
+    def __init__(self, device: VfioDevice, journal: Journal | None = None) -> None:
         self.device = device
         self.flags = self._probe()
         self.arcs: list[tuple[State, State]] = []  # every arc taken, in order
+        self._journal = journal  # shared with the machine's other devices (group.py)
 
     @property
     def name(self) -> str:
@@ -179,6 +183,8 @@ class DeviceMigration:
                 f"({os.strerror(err.errno)}); the device is in {now}"
             ) from None
         self.arcs.append((current, following))
+        if self._journal is not None:
+            self._journal.append((self.name, current, following))
         log.info("%s: migration state %s -> %s", self.name, current.name, following.name)
         return MigrationData(done.data_fd, following) if done.data_fd >= 0 else None
 

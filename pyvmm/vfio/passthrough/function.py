@@ -9,10 +9,13 @@ back when the device decodes again (a BAR decodes only in D0).
 
 State: what pyvmm virtualizes is saved and restored (`VfioPciFunctionState`): the config space
 as the guest sees it, the guest's writes to the device's own registers (command, PM control,
-PCIe device control), MSI and MSI-X. The device's own state (its registers, buffers, queues)
-would need VFIO migration, which pyvmm does not do yet: a restored device is as the reset at
-open left it, reprogrammed with the guest's config writes, and the machine says so
-(`state_caveat`), so that a snapshot of it is taken only when asked for knowingly.
+PCIe device control), MSI and MSI-X. The device's own state (its registers, buffers, queues) is
+saved too where its driver migrates it (VFIO migration, `migration`): read from its data fd in
+STOP_COPY when the function is saved, written back in RESUMING when it is restored, with the
+machine paused (so the device is in STOP: group.py orders the stops). A device that does not
+migrate is restored as the reset at open left it, reprogrammed with the guest's config writes,
+and the machine says so (`state_caveat`), so that a snapshot of it is taken only when asked for
+knowingly.
 """
 
 from __future__ import annotations
@@ -36,8 +39,10 @@ from pyvmm.devices.pci.msi import Msi
 from pyvmm.devices.pci.msix import Msix, MsixState
 from pyvmm.machine.state import StateError
 from pyvmm.uapi import vfio as uapi
+from pyvmm.uapi.vfio import VfioDeviceState as State
 from pyvmm.vfio.device import VfioDevice
 from pyvmm.vfio.errors import VfioError
+from pyvmm.vfio.migration.device import DeviceMigration
 from pyvmm.vfio.passthrough.bars import PassthroughBars
 from pyvmm.vfio.passthrough.config import PM_CTRL, PM_CTRL_STATE, PassthroughConfig
 from pyvmm.vfio.passthrough.interrupts import VfioInterrupts
@@ -50,23 +55,25 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class VfioPciFunctionState:
-    """A passed-through function's virtualized state (not the device's own: see above)."""
+    """A passed-through function's virtualized state, and the device's own if it migrates."""
 
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
 
     function: PciFunctionState  # the config space the guest sees, its writes to live fields
     msix: MsixState | None  # the emulated table and pending bits (MSI lives in config space)
+    device: bytes | None  # what the device's data fd gave in STOP_COPY (None: no migration)
+
+
+NO_MIGRATION_CAVEAT = (
+    "its own state (registers, buffers, queues) cannot be saved: {why}; restored, the device "
+    "is as reset, with the config space, BARs and interrupts the guest set up"
+)
 
 
 class VfioPciFunction(PciFunction):
     """A VFIO device as a PCI function of the guest; plug it into the machine's bus 0."""
 
     state_type: ClassVar[type] = VfioPciFunctionState
-    state_caveat: ClassVar[str] = (
-        "a passed-through device's own state (its registers, buffers, queues) cannot be saved "
-        "without VFIO migration: restored, the device is as reset, with the config space, BARs "
-        "and interrupts the guest set up"
-    )
 
     def __init__(
         self,
@@ -76,8 +83,10 @@ class VfioPciFunction(PciFunction):
         *,
         release: Callable[[], None] | None = None,
         on_plugged: Callable[[int], None] | None = None,
+        migration: DeviceMigration | None = None,
     ) -> None:
         self.device = device
+        self.migration = migration  # its VFIO migration, if probed (it may lack one)
         self._release = release  # gives the device back to its context when closed
         self._on_plugged = on_plugged  # told the function's guest devfn
         self._config_region = device.region(uapi.VfioPciRegion.CONFIG)
@@ -96,6 +105,7 @@ class VfioPciFunction(PciFunction):
             subsystem_id=struct.unpack_from("<H", raw, 0x2E)[0],
             name=name,
         )
+        self.model = f"vfio {vendor:04x}:{device_id:04x}"  # (restored onto another, the same)
         self.interrupts = VfioInterrupts(machine.vm, device)
         self._passthrough_config = PassthroughConfig(self, device, size)
         try:
@@ -172,15 +182,59 @@ class VfioPciFunction(PciFunction):
             return
         super().config_write(offset, size, value)
 
-    # state (see the module docstring: the device's own is not in it)
+    # state (see the module docstring)
+
+    @property
+    def migrates(self) -> bool:
+        return self.migration is not None and not self.migration.missing()
+
+    @property
+    def state_caveat(self) -> str:
+        """What a save of this function leaves out ("" for a device that migrates)."""
+        if self.migrates:
+            return ""
+        return f"{self.name}: " + NO_MIGRATION_CAVEAT.format(why=self._no_migration())
+
+    def _no_migration(self) -> str:
+        if self.migration is None:
+            return "its migration was not probed"
+        return self.migration.missing()
 
     def save(self) -> VfioPciFunctionState:
         return VfioPciFunctionState(
-            super().save(), self.msix.save() if self.msix is not None else None
+            super().save(),
+            self.msix.save() if self.msix is not None else None,
+            self._save_device() if self.migrates else None,
         )
+
+    def _save_device(self) -> bytes:
+        """The device's state, read to its end in STOP_COPY; the device is then back in the
+        state it was in (STOP: the machine is paused)."""
+        assert self.migration is not None
+        before = self.migration.state
+        data = self.migration.move_to(State.STOP_COPY)
+        if data is None:
+            raise VfioError(f"{self.name}: STOP_COPY gave no data fd")
+        with data:
+            saved = data.read_all()
+        self.migration.move_to(before)
+        log.info("%s: saved %d bytes of device state", self.name, len(saved))
+        return saved
+
+    @staticmethod
+    def upgrade_state(version: int, data: object) -> object:
+        """Version 1 had no device state: a device restored from it is as reset."""
+        if version == 1 and isinstance(data, dict):
+            return {**data, "device": None}
+        return None
 
     def check(self, state: VfioPciFunctionState) -> None:
         self.check_config(state.function)
+        if state.device is not None and not self.migrates:
+            raise StateError(
+                f"{self.name}: the saved state holds the device's own state, which this "
+                f"device cannot take ({self._no_migration()})"
+            )
         if (state.msix is None) != (self.msix is None):
             raise StateError(f"{self.name}: saved MSI-X state does not fit this device's")
         if self.msix is not None and len(state.msix.table) != self.msix.table_size:
@@ -194,6 +248,8 @@ class VfioPciFunction(PciFunction):
         (power state and device control first, the command register last), its interrupts
         routed again, and the BARs where it put them."""
         self.check(state)
+        if state.device is not None:
+            self._restore_device(state.device)
         self.unplace_bars()
         self.config[:] = state.function.config
         for offset, size, writable in self._passthrough_config.live_fields:
@@ -204,6 +260,23 @@ class VfioPciFunction(PciFunction):
         if self.msix is not None and state.msix is not None:
             self.msix.restore(state.msix)
         self.update_bars()
+
+    def _restore_device(self, saved: bytes) -> None:
+        """The device's state written in RESUMING; the device then back in the state it was in
+        (STOP: the machine is paused). A device that refuses it leaves a StateError."""
+        assert self.migration is not None
+        before = self.migration.state
+        try:
+            data = self.migration.move_to(State.RESUMING)
+            if data is None:
+                raise VfioError(f"{self.name}: RESUMING gave no data fd")
+            with data:
+                data.write_all(saved)
+            self.migration.move_to(before)
+        except (VfioError, OSError) as err:
+            why = err.strerror if isinstance(err, OSError) and err.strerror else err
+            raise StateError(f"{self.name}: the device refused its saved state: {why}") from None
+        log.info("%s: restored %d bytes of device state", self.name, len(saved))
 
     # teardown
 

@@ -1,0 +1,114 @@
+"""A VM with an mtty mdev saved and restored with the mdev's own state (VFIO device migration):
+the mtty-state guest programs the port and leaves a pattern in its FIFO, the VM is snapshotted
+(no --allow-device-reset: the device migrates) and restored onto a second mdev, and the guest
+reads back the registers and the pattern, which only the device's saved state can give (a
+reset mtty has LCR 0 and an empty FIFO), then takes an interrupt from it. The arcs each side's
+devices took are checked in order, on both backends."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from guestbuild import guest
+from lab_passthrough import BACKENDS
+
+from pyvmm.board.machine import Machine
+from pyvmm.machine.console import CaptureConsole
+from pyvmm.machine.vcpus import StopReason
+from pyvmm.migration import snapshot
+from pyvmm.uapi.vfio import VfioDeviceState as State
+from pyvmm.vfio.sysfs import Sysfs
+
+MiB = 1 << 20
+GO_ADDR = 0x2000000  # guests/mtty-state.c: the word the guest waits on
+REGISTERS = r"lcr 0x[0-9a-f]+ mcr 0x[0-9a-f]+ scr 0x[0-9a-f]+ lsr 0x[0-9a-f]+"
+
+PAUSE = [(State.RUNNING, State.RUNNING_P2P), (State.RUNNING_P2P, State.STOP)]
+RESUME = [(State.STOP, State.RUNNING_P2P), (State.RUNNING_P2P, State.RUNNING)]
+
+
+def build_guests() -> None:
+    guest("mtty-state")  # on the host: inside the lab the checkout is read-only
+
+
+@pytest.fixture
+def mttys(sysfs: Sysfs) -> Iterator[tuple[str, str]]:
+    """Two mtty-2 mdevs (their UUIDs): the source's and the destination's."""
+    made: list[str] = []
+    try:
+        for _ in range(2):
+            made.append(sysfs.create_mdev("mtty-2"))
+        yield made[0], made[1]
+    finally:
+        for uuid in made:
+            sysfs.remove_mdev(uuid)
+
+
+def start_programmed(backend: str, mdev: str) -> tuple[Machine, str]:
+    """A machine with `mdev` running mtty-state up to its wait; the registers it programmed."""
+    machine = Machine(mem_size=64 * MiB, console=CaptureConsole())
+    try:
+        machine.add_device("vfio-pci", host=mdev, backend=backend)
+        machine.load_elf(str(guest("mtty-state")))
+        machine.start()
+        console = machine.console
+        before = console.wait_for(rf"mtty-state: before ({REGISTERS})\n", 120).group(1)  # type: ignore[attr-defined]
+        console.wait_for(r"mtty-state: ready\n", 60)  # type: ignore[attr-defined]
+    except BaseException:
+        machine.close()
+        raise
+    return machine, before
+
+
+def journal(machine: Machine) -> list[tuple[State, State]]:
+    return [(start, end) for _, start, end in machine.vfio().migrations.journal]
+
+
+def finish(machine: Machine, before: str) -> None:
+    """Let the restored guest go on; it must find the device as it left it."""
+    machine.memory.write(GO_ADDR, (1).to_bytes(4, "little"))
+    ended = machine.run(timeout=120)
+    out = machine.console.text  # type: ignore[attr-defined]
+    assert (ended.reason, ended.exit_code) == (StopReason.DEBUG_EXIT, 0), out
+    assert f"mtty-state: after {before}\n" in out, out
+    assert "mtty-state: fifo 'pyvmm-42'\n" in out, out
+    assert out.endswith("mtty-state: looped back z\nmtty-state: done\n"), out
+
+
+@pytest.mark.lab(before=build_guests)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_mtty_vm_restored_onto_a_second_mdev_finds_the_device_as_it_left_it(
+    backend: str, mttys: tuple[str, str], tmp_path: Path
+) -> None:
+    first, second = mttys
+    machine, before = start_programmed(backend, first)
+    with machine:
+        assert re.match(r"lcr 0x1b mcr 0xb scr 0xa5 lsr 0x1", before)  # (DR: the pattern), before
+        assert machine.components.caveats() == {}
+        assert machine.pause()
+        snapshot.write(machine, tmp_path / "snap", {})  # no --allow-device-reset: it migrates
+        machine.resume()  # (the source's device runs again: its state was only read)
+        assert journal(machine) == [
+            *PAUSE,
+            (State.STOP, State.STOP_COPY),
+            (State.STOP_COPY, State.STOP),
+            *RESUME,
+        ]
+        machine.stop()
+
+    restored = snapshot.restore(
+        snapshot.read(tmp_path / "snap"), CaptureConsole(), hosts={first: second}
+    )
+    with restored:
+        (device,) = restored.config.devices
+        assert device.options["host"] == second
+        assert journal(restored) == [
+            *PAUSE,
+            (State.STOP, State.RESUMING),
+            (State.RESUMING, State.STOP),
+            *RESUME,
+        ]
+        finish(restored, before)
