@@ -236,8 +236,10 @@ class Machine:
 
         if self._vfio is None:
             self._vfio = open_context(backend, self.vm, self.address_space)
-            # (its migrating devices stop when the machine pauses, in P2P order: group.py)
+            # Its migrating devices stop when the machine pauses, in P2P order, and their DMA
+            # writes are in the machine's dirty log (pyvmm.vfio.migration.group).
             self.components.add("vfio-migration", self._vfio.migrations)
+            self.dirty.add_source(self._vfio.migrations)
         elif backend is not None and backend != self._vfio.backend:
             raise ConfigError(
                 f"this machine's assigned devices use the {self._vfio.backend} backend; all of "

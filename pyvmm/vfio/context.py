@@ -62,7 +62,10 @@ class VfioContext:
         self._mapper: GuestRamMapper | None = None
         self.devices: dict[str, VfioDevice] = {}
         self._device_stacks: dict[str, ExitStack] = {}  # what closes each device
-        self.migrations = MigratingDevices()  # those of the devices that migrate
+        # those of the devices that migrate, with the RAM mapped for their DMA
+        self.migrations = MigratingDevices(
+            lambda: dict(self._mapper.mapped) if self._mapper is not None else {}
+        )
 
     @property
     def dma(self) -> DmaSpace:

@@ -1,13 +1,16 @@
 """A VM with an mtty mdev saved and restored with the mdev's own state (VFIO device migration):
 the mtty-state guest programs the port and leaves a pattern in its FIFO, the VM is snapshotted
-(no --allow-device-reset: the device migrates) and restored onto a second mdev, and the guest
-reads back the registers and the pattern, which only the device's saved state can give (a
+(no --allow-device-reset: the device migrates) and restored onto a second mdev, or live-migrated
+onto one (source and destination machines in this process, on threads of their own), and the
+guest reads back the registers and the pattern, which only the device's saved state can give (a
 reset mtty has LCR 0 and an empty FIFO), then takes an interrupt from it. The arcs each side's
-devices took are checked in order, on both backends."""
+devices took are checked in order, on both backends; the live migration runs with the mtty's
+own DMA log (its driver has the ops) started, read and stopped around it."""
 
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,10 +18,13 @@ import pytest
 from guestbuild import guest
 from lab_passthrough import BACKENDS
 
-from pyvmm.board.machine import Machine
+from pyvmm.board.machine import Machine, RunState
 from pyvmm.machine.console import CaptureConsole
 from pyvmm.machine.vcpus import StopReason
 from pyvmm.migration import snapshot
+from pyvmm.migration.destination import Incoming, receive
+from pyvmm.migration.source import Migration
+from pyvmm.migration.transport import Endpoint
 from pyvmm.uapi.vfio import VfioDeviceState as State
 from pyvmm.vfio.sysfs import Sysfs
 
@@ -68,9 +74,12 @@ def journal(machine: Machine) -> list[tuple[State, State]]:
 
 
 def finish(machine: Machine, before: str) -> None:
-    """Let the restored guest go on; it must find the device as it left it."""
+    """Let the restored guest go on (started here, unless it runs); it must find the device
+    as it left it."""
     machine.memory.write(GO_ADDR, (1).to_bytes(4, "little"))
-    ended = machine.run(timeout=120)
+    if machine.state is not RunState.RUNNING:
+        machine.start()
+    ended = machine.wait(timeout=120)
     out = machine.console.text  # type: ignore[attr-defined]
     assert (ended.reason, ended.exit_code) == (StopReason.DEBUG_EXIT, 0), out
     assert f"mtty-state: after {before}\n" in out, out
@@ -112,3 +121,59 @@ def test_an_mtty_vm_restored_onto_a_second_mdev_finds_the_device_as_it_left_it(
             *RESUME,
         ]
         finish(restored, before)
+
+
+@pytest.mark.lab(before=build_guests)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_mtty_vm_live_migrated_onto_a_second_mdev_finds_the_device_as_it_left_it(
+    backend: str, mttys: tuple[str, str], tmp_path: Path
+) -> None:
+    first, second = mttys
+    uri = f"unix:{tmp_path / 'migration.sock'}"
+    arrived: list[Incoming] = []
+    listening = threading.Event()
+
+    def destination() -> None:
+        incoming = receive(
+            Endpoint.parse(uri),
+            lambda info: CaptureConsole(),
+            on_listening=listening.set,
+            hosts={first: second},
+        )
+        arrived.append(incoming)
+        incoming.start()
+        incoming.report_running()
+
+    machine, before = start_programmed(backend, first)
+    with machine:
+        migrating = machine.vfio().migrations
+        assert list(migrating.dma_logs) == [first]  # (mtty's driver has DMA logging)
+        thread = threading.Thread(target=destination)
+        thread.start()
+        try:
+            assert listening.wait(60)
+            migration = Migration(machine, Endpoint.parse(uri), info={})
+            migration.run()
+        finally:
+            thread.join(120)
+        assert migration.progress.status == "completed"
+        assert not migrating.dma_logs[first].logging  # started with the log, stopped with it
+        assert journal(machine) == [
+            *PAUSE,
+            (State.STOP, State.STOP_COPY),
+            (State.STOP_COPY, State.STOP),
+        ]
+        print(
+            f"mtty live migration ({backend}): downtime {migration.progress.downtime_ms:.1f} ms, "
+            f"phases {migration.progress.downtime_phases_ms}"
+        )
+
+    (incoming,) = arrived
+    with incoming.machine as moved:
+        assert journal(moved) == [
+            *PAUSE,
+            (State.STOP, State.RESUMING),
+            (State.RESUMING, State.STOP),
+            *RESUME,
+        ]
+        finish(moved, before)

@@ -13,17 +13,27 @@ the last look at the dirty log misses nothing), and resuming goes back the same 
 any device takes goes into `journal` (device, from, to), in the order the kernel was asked, so
 that a test can check the order and a learner can read it. The devices' data themselves are
 each VfioPciFunction's to save and restore, with the rest of its state.
+
+It is also the source of the devices' DMA writes in the machine's dirty log (a DirtySource):
+each device's own DMA log where its driver has one (dma_log.py); for a device without one, the
+pages it wrote cannot be known, so once the devices are stopped (the last look of a migration,
+or of an incremental snapshot) every page mapped for DMA is reported dirty and goes again:
+`untracked` names those devices, for the progress to say so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable
 
 from pyvmm.uapi.vfio import VfioDeviceState as State
 from pyvmm.uapi.vfio import VfioMigrationFlag as Flag
 from pyvmm.vfio.device import VfioDevice
 from pyvmm.vfio.errors import VfioError
+from pyvmm.vfio.migration import dma_log
 from pyvmm.vfio.migration.device import DeviceMigration, Journal
+from pyvmm.vfio.migration.dma_log import PAGE_SIZE, DeviceDmaLog, LoggedPages
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +41,12 @@ log = logging.getLogger(__name__)
 class MigratingDevices:
     """The devices of one machine that migrate (their flags say STOP_COPY)."""
 
-    def __init__(self) -> None:
+    def __init__(self, mapped: Callable[[], dict[int, int]] = dict) -> None:
         self.devices: list[DeviceMigration] = []
         self.journal: Journal = []  # every arc of every device, in order: (name, from, to)
+        self._mapped = mapped  # the RAM mapped for the devices' DMA: {gpa: size}
+        self.dma_logs: dict[str, DeviceDmaLog] = {}  # of the devices that have one
+        self._paused = False
 
     def add(self, device: VfioDevice) -> DeviceMigration:
         """The migration of `device`, probed; a device that migrates joins the group (one that
@@ -41,11 +54,55 @@ class MigratingDevices:
         migration = DeviceMigration(device, journal=self.journal)
         if not migration.missing():
             self.devices.append(migration)
+            if dma_log.supported(device):
+                self.dma_logs[device.name] = DeviceDmaLog(device, self._mapped)
         return migration
 
     def forget(self, name: str) -> None:
         """Device `name` is going (closed, or its assignment failed)."""
         self.devices = [migration for migration in self.devices if migration.name != name]
+        log_of_it = self.dma_logs.pop(name, None)
+        if log_of_it is not None:
+            log_of_it.stop()
+
+    @property
+    def untracked(self) -> list[str]:
+        """The migrating devices whose DMA writes no log records."""
+        return [m.name for m in self.devices if m.name not in self.dma_logs]
+
+    # DirtySource
+
+    def start(self) -> None:
+        for name in self.untracked:
+            log.warning(
+                "%s: its driver logs no DMA writes: every page mapped for its DMA goes again "
+                "once it has stopped",
+                name,
+            )
+        started: list[DeviceDmaLog] = []
+        try:
+            for device_log in self.dma_logs.values():
+                device_log.start()
+                started.append(device_log)
+        except BaseException:
+            for device_log in started:
+                device_log.stop()
+            raise
+
+    def collect(self) -> list[LoggedPages]:
+        found = [pages for log_ in self.dma_logs.values() for pages in log_.collect()]
+        if self._paused and self.untracked:
+            for gpa, size in sorted(self._mapped().items()):
+                pages = size // PAGE_SIZE
+                found.append(
+                    LoggedPages(gpa, pages, ((1 << pages) - 1).to_bytes((pages + 7) // 8, "little"))
+                )
+        return found
+
+    def stop(self) -> None:
+        with contextlib.ExitStack() as stopping:
+            for device_log in self.dma_logs.values():
+                stopping.callback(device_log.stop)
 
     # Pausable
 
@@ -53,9 +110,11 @@ class MigratingDevices:
         """Every device to RUNNING_P2P (those with P2P), then every one to STOP; should one
         refuse, those already moved go back to RUNNING and the error is raised."""
         self._move_all([(State.RUNNING_P2P, True), (State.STOP, False)], undo=State.RUNNING)
+        self._paused = True
 
     def resume(self) -> None:
         """Every device to RUNNING_P2P (those with P2P), then every one to RUNNING."""
+        self._paused = False
         self._move_all([(State.RUNNING_P2P, True), (State.RUNNING, False)], undo=None)
 
     def _move_all(self, steps: list[tuple[State, bool]], undo: State | None) -> None:
