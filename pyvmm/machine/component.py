@@ -10,7 +10,7 @@ and three optional members:
   part built the same way (Firecracker's persist modules: state is plain data, the part is
   rebuilt from the machine's configuration, then given its state).
 
-A stateful part may also have any of four optional members, which the registry looks up by
+A stateful part may also have any of five optional members, which the registry looks up by
 name (getattr) rather than making every part define them:
 
 - `check(state)`: raise StateError when a well-formed state still does not fit this part
@@ -23,6 +23,9 @@ name (getattr) rather than making every part define them:
 - `state_caveat`: a non-empty string when the saved state leaves out part of what the part is
   (a passed-through device, whose own state needs VFIO migration): a migration is refused
   with it, and a snapshot is taken only when asked for knowingly.
+- `precopy`: true when part of the state can be read ahead while the part runs (a device with
+  VFIO PRE_COPY); a live migration then sends it during its rounds (the part's
+  `precopy_begin/read/abort/load` and `stop_copy_bytes`: pyvmm.migration.device_precopy).
 
 The Machine registers every such part in one `Components` registry under a stable id (`vcpu0`,
 `rtc`, `pci/00:03.0`), in the order that restore needs: the VM-wide KVM state, then the vCPUs,
@@ -179,6 +182,12 @@ class Components:
             cid: caveat
             for cid, part in self._stateful().items()
             if (caveat := getattr(part, "state_caveat", ""))
+        }
+
+    def precopy_parts(self) -> dict[str, Any]:
+        """The parts whose state can be read ahead while they run (`precopy`), by id."""
+        return {
+            cid: part for cid, part in self._stateful().items() if getattr(part, "precopy", False)
         }
 
     def prepare_restore(self) -> None:

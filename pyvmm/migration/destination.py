@@ -29,6 +29,7 @@ from pyvmm.machine.console import Console
 from pyvmm.machine.memory import GuestMemoryError
 from pyvmm.machine.state import StateError
 from pyvmm.migration import machine_sections, postcopy, transport
+from pyvmm.migration.device_precopy import DeviceLoader
 from pyvmm.migration.pages import LONG_RUN, PAGE_SECTIONS, Malformed, page_writes, where
 from pyvmm.migration.postcopy_link import PostcopyIn
 from pyvmm.migration.sockets import json_line
@@ -173,8 +174,9 @@ def _restore(
         answer(sock, {"error": why})
         raise MigrationError(why) from None
     answer(sock, {"accept": True, **_postcopy_ability(machine)})
+    devices = DeviceLoader(machine.components, lambda: answer(sock, {"switchover_ack": True}))
     try:
-        components, pending = _read_body(reader, machine, what)
+        components, pending = _read_body(reader, machine, devices, what)
         ended = time.monotonic()
     except OSError as err:
         raise MigrationError(f"{what} broke: {err.strerror or err}") from None
@@ -235,10 +237,10 @@ class _PreFaults:
 
 
 def _read_body(
-    reader: StreamReader, machine: Machine, what: str
+    reader: StreamReader, machine: Machine, devices: DeviceLoader, what: str
 ) -> tuple[list[SavedState], bytes | None]:
-    """The pages and the components' states, up to END; or up to POSTCOPY, whose payload
-    (the pages this machine lacks) is returned with them."""
+    """The pages, the devices' data sent ahead and the components' states, up to END; or up
+    to POSTCOPY, whose payload (the pages this machine lacks) is returned with them."""
     components: list[SavedState] = []
     memory = machine.memory
     pre_fault = _PreFaults(machine)
@@ -259,6 +261,8 @@ def _read_body(
                     populate = len(pages) >= LONG_RUN and not machine.can_pre_fault
                     memory.write_pages(gpa, pages, populate=populate)
                     pre_fault(gpa, len(pages))
+            elif kind == SectionType.DEVICE_DATA and not components:
+                devices.load(section, what)
             elif kind == SectionType.COMPONENT:
                 components.append(machine_sections.decode_component(section, what))
             elif kind == SectionType.POSTCOPY and components:

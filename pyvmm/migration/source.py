@@ -6,12 +6,15 @@ the same socket with JSON lines (transport.py):
     source                                      destination (pyvmm run --incoming URI)
     header, CONFIG, INFO                 ->
                                          <-     {"accept": true} | {"error": "why"}
-    PAGES / ZERO_PAGES / PAGE_RUNS: all RAM (round 0), then each round the pages dirtied since
+    PAGES / ZERO_PAGES / PAGE_RUNS: all RAM (round 0), then each round the pages dirtied since,
+    each round followed by DEVICE_DATA (devices saving ahead)
+                                         <-     {"switchover_ack": true} (devices saving ahead)
     (the machine paused) last dirty pages, COMPONENT*, END
                                          <-     {"resumed": true, "phases_ms": ...} | {"error": ..}
 
-The page sections are pages.py's; when the rounds end, and how a guest that dirties too fast is
-slowed down, is convergence.py's. Then the source pauses, sends the rest and the machine's
+The page sections are pages.py's, the devices' data sent ahead and the switch-over acknowledgement
+device_precopy.py's; when the rounds end, and how a guest that dirties too fast is slowed down,
+is convergence.py's. Then the source pauses, sends the rest and the machine's
 state, and waits for the destination to say that its copy runs; only then does the source
 stop. Anything failing before the destination's "resumed" (a cut connection, a refusal, a
 timeout) resumes the source, which never stopped being the machine; so does a destination's
@@ -37,6 +40,7 @@ from pyvmm.machine.dirty import DirtyBitmap
 from pyvmm.machine.threads import start_thread
 from pyvmm.migration import machine_sections, memory_file, postcopy, postcopy_link, transport
 from pyvmm.migration.convergence import Convergence, Step
+from pyvmm.migration.device_precopy import DevicePrecopy
 from pyvmm.migration.pages import PageSender, union
 from pyvmm.migration.progress import Phases, Progress
 from pyvmm.migration.stream import SectionType, StreamWriter
@@ -45,6 +49,7 @@ from pyvmm.migration.transport import Endpoint, MigrationError, Refused, connect
 log = logging.getLogger(__name__)
 
 DRAINED = 64 << 10  # bytes left unread in the socket when the source pauses, at most
+MAX_INITIAL_READS = 1000  # reads of a device's initial bytes before the switch-over, at most
 
 
 class Migration:
@@ -85,6 +90,7 @@ class Migration:
         self._paused = False
         self._handed_over = False  # the state went to the destination
         self._pending: postcopy.Pending | None = None  # post-copy's pages still to send
+        self._devices = DevicePrecopy({})  # the devices that save ahead (once it starts)
 
     def cancel(self) -> None:
         """End a migration under way and wait until it has (the machine is going away): it
@@ -161,6 +167,8 @@ class Migration:
         self.convergence.destination_built(time.monotonic() - asked)
         self.progress.status = "active"
         self.machine.dirty.start()
+        self._devices = DevicePrecopy(self.machine.components.precopy_parts())
+        self._devices.begin()
         bitmaps, step = self._precopy(writer)
         self.progress.status = "completing"
         self._drain(sock)
@@ -176,6 +184,7 @@ class Migration:
             bitmaps = self.machine.dirty.collect()
             left = sum(bitmap.count() for bitmap in bitmaps) * PAGE_SIZE
             self.progress.dirty_bytes = left
+            left += self._devices.stop_copy_bytes()
             step = self.convergence.next_step(left)
             if step is not Step.ROUND:
                 return bitmaps, step
@@ -191,6 +200,7 @@ class Migration:
     ) -> None:
         """The downtime: pause, send the last pages (or, for post-copy, name them) and the
         state, and wait until the destination runs."""
+        self._await_switchover_ack(sock, writer, answers)
         phases = Phases()
         if not self.machine.pause():
             raise MigrationError("the machine stopped during the migration")
@@ -200,7 +210,7 @@ class Migration:
         # post-copy, named as what the destination lacks and sent later.
         last = union(bitmaps, self.machine.dirty.collect())
         if step is Step.SWITCH_OVER:
-            self._send_round(writer, last)
+            self._send_round(writer, last, last=True)
             phases.end("last_pages")
         saved = self.machine.save()
         for state in saved.components:
@@ -221,6 +231,28 @@ class Migration:
         self.convergence.end()
         if step is Step.POSTCOPY:
             self._pending = postcopy.Pending(last)
+
+    def _await_switchover_ack(
+        self, sock: socket.socket, writer: StreamWriter, answers: BinaryIO
+    ) -> None:
+        """With devices saving ahead: their initial bytes all sent (more reads if a device
+        still had some), then the destination's word that it has loaded them."""
+        if not self._devices.parts:
+            return
+        for _ in range(MAX_INITIAL_READS):
+            if self._devices.initial_sent:
+                break
+            self._devices.send(writer)
+        else:
+            raise MigrationError(
+                f"the devices' initial data did not end after {MAX_INITIAL_READS} reads "
+                "(the source runs on)"
+            )
+        writer.flush()
+        asked = time.monotonic()
+        expect(answers, sock, "switchover_ack", "loading the devices' initial data")
+        self.progress.switchover_ack_ms = round((time.monotonic() - asked) * 1000, 3)
+        log.info("switch-over acknowledged by the destination")
 
     def _stop_logging(self) -> None:
         try:
@@ -247,7 +279,9 @@ class Migration:
                 "(pyvmm ctl CONTROL resume)"
             )
         elif self._paused and was_running:
-            self.machine.resume()
+            self.machine.resume()  # (its devices come back from STOP_COPY with it)
+        if not self._paused:
+            self._devices.abort()
 
     def _finish(self, started: float) -> None:
         self.progress.seconds = time.monotonic() - started
@@ -268,17 +302,28 @@ class Migration:
         for region in self.machine.memory.regions:
             for lo, hi in memory_file.region_extents(region):
                 self._sender.send_range(writer, region.gpa + lo, hi - lo, zeros=False)
+        self._send_devices(writer)
         writer.flush()
         self.progress.round_done(time.monotonic() - started, writer.written - before)
 
-    def _send_round(self, writer: StreamWriter, bitmaps: list[DirtyBitmap]) -> None:
+    def _send_round(
+        self, writer: StreamWriter, bitmaps: list[DirtyBitmap], *, last: bool = False
+    ) -> None:
         """The pages of `bitmaps`: a guest dirties pages here and there, so short runs go many
         to a PAGE_RUNS section (a section apiece would cost more than the pages); long ones
-        go as PageSender.send_range sends them, their chunks of zeros as ZERO_PAGES."""
+        go as PageSender.send_range sends them, their chunks of zeros as ZERO_PAGES. Then what
+        the devices saving ahead have, but not in the `last` round (they have stopped: what
+        is left of theirs goes with their state)."""
         started, before = time.monotonic(), writer.written
         self._sender.send_bitmaps(writer, bitmaps)
+        if not last:
+            self._send_devices(writer)
         writer.flush()
         self.progress.round_done(time.monotonic() - started, writer.written - before)
+
+    def _send_devices(self, writer: StreamWriter) -> None:
+        self._devices.send(writer)
+        self.progress.device_precopy_bytes = self._devices.sent_bytes
 
     def _drain(self, sock: socket.socket) -> None:
         """Wait, the guest still running, until the destination has read what the rounds sent

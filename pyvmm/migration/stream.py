@@ -54,6 +54,7 @@ class SectionType(enum.IntEnum):
     PAGE_MAP = 7  # an incremental snapshot: which pages its memory file holds
     PAGE_RUNS = 8  # a migration: runs of guest pages, each with its address
     POSTCOPY = 9  # a migration switching to post-copy: the pages the destination lacks
+    DEVICE_DATA = 10  # a migration: a part's state read ahead of the stop (VFIO PRE_COPY)
 
 
 class SectionFlag(enum.IntFlag):

@@ -16,7 +16,7 @@ from pyvmm.uapi.vfio import VfioMigrationFlag as Flag
 from pyvmm.vfio.backends import BACKENDS, open_context
 from pyvmm.vfio.context import HostDevice
 from pyvmm.vfio.errors import VfioError
-from pyvmm.vfio.migration.device import DeviceMigration, MigrationData
+from pyvmm.vfio.migration.device import DeviceMigration
 from pyvmm.vfio.migration.states import ForbiddenArc, path
 from pyvmm.vfio.sysfs import Sysfs
 
@@ -60,21 +60,14 @@ def test_every_state_reaches_every_other_arc_by_arc_as_the_kernel_says(
         (State.STOP, State.STOP_COPY),
     ]
 
-    opened: list[MigrationData] = []
-
     def go(target: State) -> None:
-        before, start = len(migration.arcs), migration.state
+        before, start, open_before = len(migration.arcs), migration.state, migration.data
         data = migration.move_to(target)
         assert migration.state is target
         taken = [arc[1] for arc in migration.arcs[before:]]
         assert taken == path(start, target, migration.flags)
-        for previous in opened:
-            previous.close()
-        opened.clear()
-        if data is not None:
-            opened.append(data)
-            if target is State.RESUMING:
-                data.write_all(saved)  # (else RESUMING could not be left)
+        if target is State.RESUMING and data is not open_before:
+            data.write_all(saved)  # (else RESUMING could not be left)
 
     for start, target in product([s for s in State if s is not State.ERROR], repeat=2):
         go(State.RUNNING)  # (from wherever the last pair ended, STOP_COPY included)
@@ -87,8 +80,7 @@ def test_every_state_reaches_every_other_arc_by_arc_as_the_kernel_says(
             continue
         go(target)
     go(State.RUNNING)
-    for data in opened:
-        data.close()
+    assert migration.data is None  # (each fd closed once its transfer was left)
 
 
 def test_pre_copy_gives_its_initial_bytes_then_stop_copy_the_rest_on_the_same_fd(
@@ -101,7 +93,7 @@ def test_pre_copy_gives_its_initial_bytes_then_stop_copy_the_rest_on_the_same_fd
         assert data.precopy_info() == (MTTY_HEADER, 0)  # mtty's initial bytes: its header
         header = data.read_available()
         assert len(header) == MTTY_HEADER and data.precopy_info() == (0, 0)
-        assert migration.move_to(State.STOP_COPY) is None  # via PRE_COPY_P2P: the fd goes on
+        assert migration.move_to(State.STOP_COPY) is data  # via PRE_COPY_P2P: the fd goes on
         assert migration.arcs[-2:] == [
             (State.PRE_COPY, State.PRE_COPY_P2P),
             (State.PRE_COPY_P2P, State.STOP_COPY),

@@ -6,10 +6,12 @@
     saved = data.read_all()                       # the device's state, read to the end
     migration.move_to(State.RUNNING)              # (the data fd is closed by then)
 
-An arc into a state where data moves hands out a data fd (`MigrationData`): read it in
-STOP_COPY or a PRE_COPY state (`precopy_info()` says how much there is, VFIO_MIG_GET_PRECOPY_INFO),
-write it in RESUMING. Every arc taken is logged and kept in `arcs` (in order), so that a
-learner, or a test checking the P2P order across devices, sees exactly what the kernel was asked.
+An arc into a state where data moves hands out a data fd (`MigrationData`, kept as `data`
+until the transfer is left; from a PRE_COPY state into STOP_COPY the same fd carries on): read
+it in STOP_COPY or a PRE_COPY state (`precopy_info()` says how much there is,
+VFIO_MIG_GET_PRECOPY_INFO), write it in RESUMING. Every arc taken is logged and kept in `arcs`
+(in order), so that a learner, or a test checking the P2P order across devices, sees exactly
+what the kernel was asked.
 A failed arc leaves the device where the kernel says it is (ERROR, often): `recover()` resets
 a device in ERROR back to RUNNING.
 """
@@ -30,7 +32,7 @@ from pyvmm.uapi.vfio import VfioDeviceState as State
 from pyvmm.uapi.vfio import VfioMigrationFlag as Flag
 from pyvmm.vfio.device import VfioDevice
 from pyvmm.vfio.errors import VfioError
-from pyvmm.vfio.migration.states import ForbiddenArc, path
+from pyvmm.vfio.migration.states import TRANSFER_STATES, ForbiddenArc, path
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +113,7 @@ class DeviceMigration:
         self.flags = self._probe()
         self.arcs: list[tuple[State, State]] = []  # every arc taken, in order
         self._journal = journal  # shared with the machine's other devices (group.py)
+        self.data: MigrationData | None = None  # the data fd of the transfer under way
 
     @property
     def name(self) -> str:
@@ -146,9 +149,10 @@ class DeviceMigration:
 
     def move_to(self, target: State) -> MigrationData | None:
         """Take the device to `target` one arc at a time (states.path), each logged; the data
-        fd of the transfer `target` is in, if the way opened one (None otherwise, or if it
-        was opened before and carries on: keep that one). ForbiddenArc, before any ioctl, for
-        a state this device cannot reach; VfioError naming the arc the kernel refused."""
+        fd of the transfer `target` is in (`data`: opened on the way, or carried on from a
+        PRE_COPY state into the next saving state), None where no data moves. A fd is closed
+        once its transfer is left. ForbiddenArc, before any ioctl, for a state this device
+        cannot reach; VfioError naming the arc the kernel refused."""
         if missing := self.missing():
             raise VfioError(f"{self.name}: {missing}")
         start = self.state
@@ -156,16 +160,21 @@ class DeviceMigration:
             way = path(start, target, self.flags)
         except ForbiddenArc as err:
             raise ForbiddenArc(f"{self.name}: {err}") from None
-        data: MigrationData | None = None
         current = start
         for following in way:
             opened = self._arc(current, following)
             if opened is not None:
-                if data is not None:
-                    data.close()
-                data = opened
+                self._close_data()
+                self.data = opened
             current = following
-        return data
+        if target not in TRANSFER_STATES:
+            self._close_data()
+        return self.data
+
+    def _close_data(self) -> None:
+        if self.data is not None:
+            self.data.close()
+            self.data = None
 
     def _arc(self, current: State, following: State) -> MigrationData | None:
         request = uapi.vfio_device_feature_mig_state(device_state=following, data_fd=-1)
@@ -211,8 +220,9 @@ class DeviceMigration:
                 self.move_to(State.RUNNING)
                 return
             except VfioError as err:
-                log.warning("%s: %s", self.name, err)
+                log.warning("%s", err)
         log.warning("%s: its migration failed in %s: resetting the device", self.name, state.name)
         self.device.reset()
+        self._close_data()
         if (now := self.state) is not State.RUNNING:
             raise VfioError(f"{self.name}: still in {now.name} after a reset")

@@ -2,8 +2,9 @@
 
 A device that migrates may also log which pages it writes by DMA, in the device itself (mlx5's
 and the mtty sample's drivers have the ops): START gives it the IOVA ranges to watch and the
-page size of its log (a SET), REPORT (a GET) reads and clears the log of one range into a bitmap (one bit per
-page, in u64s, little-endian: on x86 the same bytes as KVM's dirty bitmaps), STOP ends it. The
+page size of its log (a SET), REPORT (a GET) reads and clears the log of one range into a
+bitmap (one bit per page, in u64s, little-endian: on x86 the same bytes as KVM's dirty
+bitmaps), STOP ends it. The
 guest's RAM is mapped for DMA at IOVA = GPA, so the ranges are the RAM regions and a report is
 already in guest pages. The kernel bounds the ranges (vfio_ioctl_device_feature_logging_start:
 at most LOG_MAX_RANGES, none overlapping, and a page size that is a power of two), and so do we.

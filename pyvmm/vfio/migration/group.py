@@ -38,6 +38,22 @@ from pyvmm.vfio.migration.dma_log import PAGE_SIZE, DeviceDmaLog, LoggedPages
 log = logging.getLogger(__name__)
 
 
+# from -> to, for each step of a pause and of a resume
+_PAUSE_P2P = {State.RUNNING: State.RUNNING_P2P, State.PRE_COPY: State.PRE_COPY_P2P}
+_PAUSE_STOP = {
+    State.RUNNING: State.STOP,
+    State.RUNNING_P2P: State.STOP,
+    State.PRE_COPY: State.STOP_COPY,
+    State.PRE_COPY_P2P: State.STOP_COPY,
+}
+_RESUME_P2P = {State.STOP: State.RUNNING_P2P, State.STOP_COPY: State.RUNNING_P2P}
+_RESUME_RUN = {
+    State.STOP: State.RUNNING,
+    State.STOP_COPY: State.RUNNING,
+    State.RUNNING_P2P: State.RUNNING,
+}
+
+
 class MigratingDevices:
     """The devices of one machine that migrate (their flags say STOP_COPY)."""
 
@@ -107,30 +123,32 @@ class MigratingDevices:
     # Pausable
 
     def pause(self) -> None:
-        """Every device to RUNNING_P2P (those with P2P), then every one to STOP; should one
-        refuse, those already moved go back to RUNNING and the error is raised."""
-        self._move_all([(State.RUNNING_P2P, True), (State.STOP, False)], undo=State.RUNNING)
+        """Every device to RUNNING_P2P (PRE_COPY_P2P if it is saving ahead; those with P2P),
+        then every one to STOP (STOP_COPY if it is saving ahead: its data fd carries on); a
+        device already stopped or being restored stays. Should one refuse, those already
+        moved go back to RUNNING and the error is raised."""
+        try:
+            self._move_all(_PAUSE_P2P, p2p_only=True)
+            self._move_all(_PAUSE_STOP)
+        except VfioError:
+            self.recover()
+            raise
         self._paused = True
 
     def resume(self) -> None:
         """Every device to RUNNING_P2P (those with P2P), then every one to RUNNING."""
         self._paused = False
-        self._move_all([(State.RUNNING_P2P, True), (State.RUNNING, False)], undo=None)
+        self._move_all(_RESUME_P2P, p2p_only=True)
+        self._move_all(_RESUME_RUN)
 
-    def _move_all(self, steps: list[tuple[State, bool]], undo: State | None) -> None:
-        try:
-            for target, needs_p2p in steps:
-                for migration in self.devices:
-                    if needs_p2p and not migration.flags & Flag.P2P:
-                        continue
-                    if migration.state is not target:
-                        data = migration.move_to(target)
-                        if data is not None:  # (no transfer ends in these states)
-                            data.close()
-        except VfioError:
-            if undo is not None:
-                self.recover()
-            raise
+    def _move_all(self, targets: dict[State, State], p2p_only: bool = False) -> None:
+        """Each device in a state of `targets` to the state it maps to."""
+        for migration in self.devices:
+            if p2p_only and not migration.flags & Flag.P2P:
+                continue
+            target = targets.get(migration.state)
+            if target is not None:
+                migration.move_to(target)
 
     def recover(self) -> None:
         """After a failure: every device back in RUNNING (by a reset for one in ERROR), each

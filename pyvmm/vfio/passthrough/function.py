@@ -40,6 +40,7 @@ from pyvmm.devices.pci.msix import Msix, MsixState
 from pyvmm.machine.state import StateError
 from pyvmm.uapi import vfio as uapi
 from pyvmm.uapi.vfio import VfioDeviceState as State
+from pyvmm.uapi.vfio import VfioMigrationFlag as Flag
 from pyvmm.vfio.device import VfioDevice
 from pyvmm.vfio.errors import VfioError
 from pyvmm.vfio.migration.device import DeviceMigration
@@ -208,18 +209,62 @@ class VfioPciFunction(PciFunction):
         )
 
     def _save_device(self) -> bytes:
-        """The device's state, read to its end in STOP_COPY; the device is then back in the
-        state it was in (STOP: the machine is paused)."""
+        """The device's state, read to its end in STOP_COPY (the rest of it, after a saving
+        ahead: the machine's pause took it on to STOP_COPY, its data fd carrying on); the
+        device is left in STOP (the machine is paused)."""
         assert self.migration is not None
-        before = self.migration.state
         data = self.migration.move_to(State.STOP_COPY)
         if data is None:
             raise VfioError(f"{self.name}: STOP_COPY gave no data fd")
-        with data:
-            saved = data.read_all()
-        self.migration.move_to(before)
+        saved = data.read_all()
+        self.migration.move_to(State.STOP)
         log.info("%s: saved %d bytes of device state", self.name, len(saved))
         return saved
+
+    # saving ahead (a live migration's pre-copy: pyvmm.migration.device_precopy)
+
+    @property
+    def precopy(self) -> bool:
+        """Whether the device's state can be read ahead, the device running (PRE_COPY)."""
+        return (
+            self.migration is not None
+            and not self.migration.missing()
+            and bool(self.migration.flags & Flag.PRE_COPY)
+        )
+
+    def precopy_begin(self) -> None:
+        """RUNNING -> PRE_COPY: from now on its state can be read while it runs."""
+        assert self.migration is not None
+        self.migration.move_to(State.PRE_COPY)
+
+    def precopy_read(self) -> tuple[bytes, bool]:
+        """What the device has to give ahead now, and whether its initial bytes are all out
+        (VFIO_MIG_GET_PRECOPY_INFO): the destination may then load them before the stop."""
+        assert self.migration is not None and self.migration.data is not None
+        chunk = self.migration.data.read_available()
+        initial, _dirty = self.migration.data.precopy_info()
+        return chunk, initial == 0
+
+    def precopy_abort(self) -> None:
+        """The migration failed before the stop: back to RUNNING (a paused machine's resume
+        brings the device back from STOP_COPY itself)."""
+        assert self.migration is not None
+        if self.migration.state in (State.PRE_COPY, State.PRE_COPY_P2P):
+            self.migration.move_to(State.RUNNING)
+
+    def precopy_load(self, chunk: bytes) -> None:
+        """On the destination: data the source's device gave ahead, written in RESUMING (the
+        machine is paused, the device stopped: the first chunk takes it there)."""
+        assert self.migration is not None
+        if self.migration.state is not State.RESUMING:
+            self.migration.move_to(State.RESUMING)
+        assert self.migration.data is not None
+        self.migration.data.write_all(chunk)
+
+    def stop_copy_bytes(self) -> int:
+        """What the stop would read, as the device estimates it now (MIG_DATA_SIZE)."""
+        assert self.migration is not None
+        return self.migration.data_size()
 
     @staticmethod
     def upgrade_state(version: int, data: object) -> object:
@@ -262,17 +307,18 @@ class VfioPciFunction(PciFunction):
         self.update_bars()
 
     def _restore_device(self, saved: bytes) -> None:
-        """The device's state written in RESUMING; the device then back in the state it was in
-        (STOP: the machine is paused). A device that refuses it leaves a StateError."""
+        """The device's state written in RESUMING (after what a pre-copy gave, if it did: the
+        same data fd); the device is left in STOP (the machine is paused). A device that
+        refuses it leaves a StateError."""
         assert self.migration is not None
-        before = self.migration.state
         try:
-            data = self.migration.move_to(State.RESUMING)
+            data = self.migration.data
+            if self.migration.state is not State.RESUMING or data is None:
+                data = self.migration.move_to(State.RESUMING)
             if data is None:
                 raise VfioError(f"{self.name}: RESUMING gave no data fd")
-            with data:
-                data.write_all(saved)
-            self.migration.move_to(before)
+            data.write_all(saved)
+            self.migration.move_to(State.STOP)
         except (VfioError, OSError) as err:
             why = err.strerror if isinstance(err, OSError) and err.strerror else err
             raise StateError(f"{self.name}: the device refused its saved state: {why}") from None

@@ -1,0 +1,126 @@
+"""Devices' state sent ahead of the stop (VFIO PRE_COPY), and the switch-over acknowledgement.
+
+A device whose driver has PRE_COPY gives part of its state while it runs: on the source, a
+live migration moves it from RUNNING to PRE_COPY with its first round of pages, and each round
+reads what the device has for now and sends it as a DEVICE_DATA section (msgpack
+`[component id, data, initial_done]`). `initial_done` says that VFIO_MIG_GET_PRECOPY_INFO
+reported no initial bytes left: what the device needs to have loaded before it can take the
+rest quickly (for a NIC, its ring setup). On the destination, the first chunk takes the stopped
+device to RESUMING and each chunk is written to its data fd; once every device the destination
+has that saves ahead has its initial bytes loaded, it answers `{"switchover_ack": true}`, and
+the source does not stop its machine before it has that answer (QEMU's switchover-ack, for the
+same reason: loading the initial bytes can take long, and it must not take the downtime). At
+the stop, the device goes from PRE_COPY_P2P to STOP_COPY on the same data fd, and what is left
+is its saved state (VfioPciFunction.save), written on the destination after the chunks.
+
+What MIG_DATA_SIZE says the stop would still read counts in the downtime estimate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+
+from pyvmm.machine.component import Components
+from pyvmm.machine.state import StateError
+from pyvmm.migration.stream import Section, SectionType, StreamError, StreamWriter
+from pyvmm.uapi.ioctl import IoctlError
+from pyvmm.vfio.errors import VfioError
+
+log = logging.getLogger(__name__)
+
+
+class DevicePrecopy:
+    """The source's side: the parts of a machine that save ahead, and what they sent."""
+
+    def __init__(self, parts: dict[str, Any]) -> None:
+        self.parts = parts  # Components.precopy_parts()
+        self.initial_done: set[str] = set()
+        self.sent_bytes = 0
+        self.rounds = 0
+        self._begun: list[Any] = []
+
+    def begin(self) -> None:
+        """Every part to PRE_COPY (as the first round of pages starts)."""
+        for component_id, part in self.parts.items():
+            part.precopy_begin()
+            self._begun.append(part)
+            log.info("%s: saving ahead (PRE_COPY)", component_id)
+
+    def send(self, writer: StreamWriter) -> None:
+        """One round: what each part has for now, as a DEVICE_DATA section each."""
+        for component_id, part in self.parts.items():
+            chunk, initial_done = part.precopy_read()
+            if initial_done and component_id not in self.initial_done:
+                self.initial_done.add(component_id)
+                log.info("%s: its initial bytes are out", component_id)
+            payload = [component_id, chunk, component_id in self.initial_done]
+            writer.section(SectionType.DEVICE_DATA, msgpack.packb(payload, use_bin_type=True))
+            self.sent_bytes += len(chunk)
+        if self.parts:
+            self.rounds += 1
+
+    @property
+    def initial_sent(self) -> bool:
+        return self.initial_done == set(self.parts)
+
+    def stop_copy_bytes(self) -> int:
+        """What the stop would still read of the parts, as they estimate it (0 where the
+        driver cannot say)."""
+        total = 0
+        for part in self.parts.values():
+            with contextlib.suppress(IoctlError, VfioError):
+                total += part.stop_copy_bytes()
+        return total
+
+    def abort(self) -> None:
+        """The migration failed before the stop: every part that began back to RUNNING."""
+        for part in self._begun:
+            try:
+                part.precopy_abort()
+            except VfioError as err:
+                log.error("%s", err)
+        self._begun.clear()
+
+
+class DeviceLoader:
+    """The destination's side: chunks into the parts, and the acknowledgement once every part
+    that saves ahead has its initial bytes (`acknowledge()` is called once)."""
+
+    def __init__(self, components: Components, acknowledge: Callable[[], None]) -> None:
+        self.parts = components.precopy_parts()
+        self._acknowledge = acknowledge
+        self._initial_done: set[str] = set()
+        self.acknowledged = False
+
+    def load(self, section: Section, what: str) -> None:
+        where = f"{what}: the device data at byte {section.offset}"
+        try:
+            item = msgpack.unpackb(section.payload, raw=False)
+        except Exception as err:  # msgpack's errors have no common base: all mean "not msgpack"
+            raise StreamError(f"{where} cannot be decoded ({err})") from None
+        if not (
+            isinstance(item, list)
+            and len(item) == 3
+            and isinstance(item[0], str)
+            and isinstance(item[1], bytes)
+            and isinstance(item[2], bool)
+        ):
+            raise StreamError(f"{where} is not [id, data, initial_done]")
+        component_id, chunk, initial_done = item
+        part = self.parts.get(component_id)
+        if part is None:
+            raise StreamError(f"{where} is for {component_id!r}, which saves nothing ahead here")
+        try:
+            part.precopy_load(chunk)
+        except (VfioError, OSError) as err:
+            raise StateError(f"{component_id}: the device refused its data: {err}") from None
+        if initial_done:
+            self._initial_done.add(component_id)
+        if not self.acknowledged and self._initial_done == set(self.parts):
+            self.acknowledged = True
+            self._acknowledge()
