@@ -118,7 +118,8 @@ class DeviceLoader:
         try:
             part.precopy_load(chunk)
         except (VfioError, OSError) as err:
-            raise StateError(f"{component_id}: the device refused its data: {err}") from None
+            name = getattr(part, "name", component_id)
+            raise StateError(f"{name}: the device refused the data sent ahead: {err}") from None
         if initial_done:
             self._initial_done.add(component_id)
         if not self.acknowledged and self._initial_done == set(self.parts):

@@ -9,9 +9,11 @@ own DMA log (its driver has the ops) started, read and stopped around it."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,8 +26,9 @@ from pyvmm.machine.vcpus import StopReason
 from pyvmm.migration import snapshot
 from pyvmm.migration.destination import Incoming, receive
 from pyvmm.migration.source import Migration
-from pyvmm.migration.transport import Endpoint
+from pyvmm.migration.transport import Endpoint, MigrationError, answer
 from pyvmm.uapi.vfio import VfioDeviceState as State
+from pyvmm.vfio.migration.device import Journal, MigrationData
 from pyvmm.vfio.sysfs import Sysfs
 
 MiB = 1 << 20
@@ -42,23 +45,36 @@ def build_guests() -> None:
 
 
 @pytest.fixture
-def mttys(sysfs: Sysfs) -> Iterator[tuple[str, str]]:
-    """Two mtty-2 mdevs (their UUIDs): the source's and the destination's."""
+def make_mttys(sysfs: Sysfs) -> Iterator[Callable[[int], list[str]]]:
+    """Makes mtty-2 mdevs (their UUIDs), all removed afterwards."""
     made: list[str] = []
+
+    def make(count: int) -> list[str]:
+        new = [sysfs.create_mdev("mtty-2") for _ in range(count)]
+        made.extend(new)
+        return new
+
     try:
-        for _ in range(2):
-            made.append(sysfs.create_mdev("mtty-2"))
-        yield made[0], made[1]
+        yield make
     finally:
         for uuid in made:
             sysfs.remove_mdev(uuid)
 
 
-def start_programmed(backend: str, mdev: str) -> tuple[Machine, str]:
-    """A machine with `mdev` running mtty-state up to its wait; the registers it programmed."""
+@pytest.fixture
+def mttys(make_mttys: Callable[[int], list[str]]) -> tuple[str, str]:
+    """Two mtty-2 mdevs: the source's and the destination's."""
+    first, second = make_mttys(2)
+    return first, second
+
+
+def start_programmed(backend: str, *mdevs: str) -> tuple[Machine, str]:
+    """A machine with `mdevs` running mtty-state (on the first) up to its wait; the registers
+    it programmed."""
     machine = Machine(mem_size=64 * MiB, console=CaptureConsole())
     try:
-        machine.add_device("vfio-pci", host=mdev, backend=backend)
+        for mdev in mdevs:
+            machine.add_device("vfio-pci", host=mdev, backend=backend)
         machine.load_elf(str(guest("mtty-state")))
         machine.start()
         console = machine.console
@@ -124,6 +140,44 @@ def test_an_mtty_vm_restored_onto_a_second_mdev_finds_the_device_as_it_left_it(
         finish(restored, before)
 
 
+@contextmanager
+def destination(uri: str, hosts: dict[str, str]) -> Iterator[list[Incoming]]:
+    """A destination on a thread of its own, listening at `uri` once this yields: the machine
+    it took in, started, is in the list it yields (and closed on the way out, also after a
+    failure: a destination left holding its mdev would hang the mdev's removal)."""
+    arrived: list[Incoming] = []
+    listening = threading.Event()
+
+    def take_in() -> None:
+        with contextlib.suppress(MigrationError):  # (the source's side says why)
+            incoming = receive(
+                Endpoint.parse(uri),
+                lambda info: CaptureConsole(),
+                on_listening=listening.set,
+                hosts=hosts,
+            )
+            arrived.append(incoming)
+            incoming.start()
+            incoming.report_running()
+
+    thread = threading.Thread(target=take_in)
+    thread.start()
+    try:
+        assert listening.wait(60)
+        yield arrived
+    finally:
+        thread.join(120)
+        for incoming in arrived:
+            incoming.machine.close()
+
+
+def migrate(machine: Machine, uri: str) -> Migration:
+    migration = Migration(machine, Endpoint.parse(uri), info={})
+    with contextlib.suppress(MigrationError):
+        migration.run()
+    return migration
+
+
 @pytest.mark.lab(before=build_guests)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_an_mtty_vm_live_migrated_onto_a_second_mdev_finds_the_device_as_it_left_it(
@@ -131,23 +185,29 @@ def test_an_mtty_vm_live_migrated_onto_a_second_mdev_finds_the_device_as_it_left
 ) -> None:
     first, second = mttys
     uri = f"unix:{tmp_path / 'migration.sock'}"
-    arrived: list[Incoming] = []
-    listening = threading.Event()
-
-    def destination() -> None:
-        incoming = receive(
-            Endpoint.parse(uri),
-            lambda info: CaptureConsole(),
-            on_listening=listening.set,
-            hosts={first: second},
-        )
-        arrived.append(incoming)
-        incoming.start()
-        incoming.report_running()
-
     machine, before = start_programmed(backend, first)
-    try:
-        migrate_and_check(machine, backend, first, uri, destination, listening)
+    with destination(uri, {first: second}) as arrived:
+        with machine:
+            migrating = machine.vfio().migrations
+            assert list(migrating.dma_logs) == [first]  # (mtty's driver has DMA logging)
+            progress = migrate(machine, uri).progress
+            assert progress.status == "completed", progress.error
+            assert not migrating.dma_logs[first].logging  # started with the log, stopped with it
+            # saved ahead from the first round (PRE_COPY), stopped on the same data fd, the
+            # rest read at the stop; the switch-over waited for the destination's word
+            assert journal(machine) == [
+                (State.RUNNING, State.PRE_COPY),
+                (State.PRE_COPY, State.PRE_COPY_P2P),
+                (State.PRE_COPY_P2P, State.STOP_COPY),
+                (State.STOP_COPY, State.STOP),
+            ]
+            assert progress.device_precopy_bytes == MTTY_HEADER  # its initial bytes; no dirty
+            assert progress.switchover_ack_ms > 0
+            print(
+                f"mtty live migration ({backend}): downtime {progress.downtime_ms:.1f} ms, "
+                f"phases {progress.downtime_phases_ms}, {progress.device_precopy_bytes} device "
+                f"bytes ahead, switch-over acknowledged in {progress.switchover_ack_ms:.1f} ms"
+            )
         (incoming,) = arrived
         assert journal(incoming.machine) == [
             *PAUSE,
@@ -156,46 +216,95 @@ def test_an_mtty_vm_live_migrated_onto_a_second_mdev_finds_the_device_as_it_left
             *RESUME,
         ]
         finish(incoming.machine, before)
-    finally:  # (also on a failure: a destination left holding its mdev hangs the removal)
-        for incoming in arrived:
-            incoming.machine.close()
 
 
-def migrate_and_check(
-    machine: Machine,
-    backend: str,
-    first: str,
-    uri: str,
-    destination: Callable[[], None],
-    listening: threading.Event,
+def ordered(entries: Journal, first: State, then: State) -> bool:
+    """Whether every device's arc into `first` came before any device's arc into `then`."""
+    into = [end for _, _, end in entries]
+    return max(i for i, end in enumerate(into) if end is first) < min(
+        i for i, end in enumerate(into) if end is then
+    )
+
+
+@pytest.mark.lab(before=build_guests)
+def test_two_mttys_stop_and_start_in_p2p_order_on_both_sides(
+    make_mttys: Callable[[int], list[str]], tmp_path: Path
 ) -> None:
-    """Migrate `machine` to the destination thread; check the source's side."""
+    """Every device reaches PRE_COPY_P2P before any reaches STOP_COPY on the source; on the
+    destination every device is in RUNNING_P2P before any runs."""
+    ours, theirs = make_mttys(2), make_mttys(2)
+    uri = f"unix:{tmp_path / 'migration.sock'}"
+    machine, before = start_programmed("iommufd", *ours)
+    with destination(uri, dict(zip(ours, theirs, strict=True))) as arrived:
+        with machine:
+            progress = migrate(machine, uri).progress
+            assert progress.status == "completed", progress.error
+            source = machine.vfio().migrations.journal
+        (incoming,) = arrived
+        moved = incoming.machine.vfio().migrations.journal
+        for entries in (source, moved):
+            print("\n".join(f"{name}: {a.name} -> {b.name}" for name, a, b in entries))
+        assert {name for name, _, _ in source} == set(ours)
+        assert {name for name, _, _ in moved} == set(theirs)
+        assert ordered(source, State.PRE_COPY_P2P, State.STOP_COPY)
+        assert ordered(moved, State.RUNNING_P2P, State.RUNNING)
+        assert [end for _, _, end in moved].count(State.RUNNING) == 2
+        finish(incoming.machine, before)
+
+
+def corrupt_device_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The source's device data flipped on its way out: the magic of mtty's header."""
+    read_available = MigrationData.read_available
+
+    def flipped(self: MigrationData) -> bytes:
+        data = read_available(self)
+        return bytes([data[0] ^ 0xFF]) + data[1:] if data else data
+
+    monkeypatch.setattr(MigrationData, "read_available", flipped)
+
+
+@pytest.mark.lab(before=build_guests)
+def test_a_destination_that_refuses_the_device_data_leaves_the_source_running(
+    mttys: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = mttys
+    uri = f"unix:{tmp_path / 'migration.sock'}"
+    machine, before = start_programmed("iommufd", first)
     with machine:
-        migrating = machine.vfio().migrations
-        assert list(migrating.dma_logs) == [first]  # (mtty's driver has DMA logging)
-        thread = threading.Thread(target=destination)
+        corrupt_device_data(monkeypatch)
+        with destination(uri, {first: second}) as arrived:
+            progress = migrate(machine, uri).progress
+        assert arrived == []
+        assert progress.status == "failed"
+        assert re.search(rf"{second}: the device refused", progress.error), progress.error
+        (function,) = [f for f in machine.pci.functions.values() if hasattr(f, "migration")]
+        assert function.migration.state is State.RUNNING
+        monkeypatch.undo()
+        finish(machine, before)  # the source's guest finds its device as it was
+
+
+@pytest.mark.lab(before=build_guests)
+def test_a_destination_that_dies_mid_transfer_leaves_the_source_running(
+    mttys: tuple[str, str], tmp_path: Path
+) -> None:
+    first, _ = mttys
+    endpoint = Endpoint.parse(f"unix:{tmp_path / 'migration.sock'}")
+    listening = threading.Event()
+
+    def dies() -> None:
+        sock = endpoint.accept_source(listening.set)
+        with sock:
+            answer(sock, {"accept": True})
+            sock.recv(4096)  # some of round 0, then gone
+
+    machine, before = start_programmed("iommufd", first)
+    with machine:
+        thread = threading.Thread(target=dies)
         thread.start()
-        try:
-            assert listening.wait(60)
-            migration = Migration(machine, Endpoint.parse(uri), info={})
-            migration.run()
-        finally:
-            thread.join(120)
-        progress = migration.progress
-        assert progress.status == "completed"
-        assert not migrating.dma_logs[first].logging  # started with the log, stopped with it
-        # saved ahead from the first round (PRE_COPY), stopped on the same data fd, the rest
-        # read at the stop; the switch-over waited for the destination's acknowledgement
-        assert journal(machine) == [
-            (State.RUNNING, State.PRE_COPY),
-            (State.PRE_COPY, State.PRE_COPY_P2P),
-            (State.PRE_COPY_P2P, State.STOP_COPY),
-            (State.STOP_COPY, State.STOP),
-        ]
-        assert progress.device_precopy_bytes == MTTY_HEADER  # mtty's initial bytes, no dirty
-        assert progress.switchover_ack_ms > 0
-        print(
-            f"mtty live migration ({backend}): downtime {progress.downtime_ms:.1f} ms, "
-            f"phases {progress.downtime_phases_ms}, {progress.device_precopy_bytes} device "
-            f"bytes ahead, switch-over acknowledged in {progress.switchover_ack_ms:.1f} ms"
-        )
+        assert listening.wait(60)
+        progress = migrate(machine, endpoint.uri).progress
+        thread.join(60)
+        assert progress.status == "failed"
+        assert journal(machine)[:1] == [(State.RUNNING, State.PRE_COPY)]
+        assert journal(machine)[-1:] == [(State.PRE_COPY, State.RUNNING)]
+        finish(machine, before)
