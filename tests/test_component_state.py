@@ -316,3 +316,35 @@ def test_a_prepared_state_type_is_decoded_without_evaluating_annotations() -> No
     tree = _Tree([_Leaf(1)], {"a": _Leaf(2), "b": None}, _Leaf(3))
     assert from_plain(_Tree, to_plain(tree)) == tree
     assert state_module._record.cache_info().misses == learned == 2
+
+
+class UpgradingPart(Part):
+    """A part whose state is at version 2; version 1 lacked `value` (it meant 0)."""
+
+    @dataclass
+    class State:
+        VERSION: ClassVar[int] = 2
+        value: int
+
+    state_type: ClassVar[type] = State
+
+    @staticmethod
+    def upgrade_state(version: int, data: object) -> object:
+        return {"value": 0} if version == 1 and data == {} else None
+
+
+def test_an_older_state_is_upgraded_by_its_part_and_a_newer_one_refused() -> None:
+    parts = Components()
+    part = UpgradingPart("a", [])
+    parts.add("a", part)
+    part.value = 9
+    parts.restore_all([SavedState("a", "State", 1, {})])
+    assert part.value == 0
+    with pytest.raises(StateError, match=r"version 1; this pyvmm reads version 2 and some older"):
+        parts.restore_all([SavedState("a", "State", 1, {"value": 3})])  # (not a version 1)
+    with pytest.raises(StateError, match=r"version 3; this pyvmm reads version 2"):
+        parts.restore_all([SavedState("a", "State", 3, {"value": 3})])
+    plain = Components()
+    plain.add("b", Part("b", []))
+    with pytest.raises(StateError, match=r"version 0; this pyvmm reads version 1 only"):
+        plain.restore_all([SavedState("b", "State", 0, {"value": 3})])

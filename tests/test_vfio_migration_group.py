@@ -1,0 +1,204 @@
+"""A machine's migrating devices on the host, with stand-ins for the kernel's side (the real
+one is the lab's: tests/lab/test_lab_vfio_device_state.py): the P2P order of a pause and a
+resume across devices, a device that refuses, the destination's loading of data sent ahead
+(hostile input included) and its acknowledgement, and assigned devices moved to other hosts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import msgpack
+import pytest
+
+from pyvmm.errors import ConfigError
+from pyvmm.machine.component import Components
+from pyvmm.machine.config import DeviceConfig, MachineConfig
+from pyvmm.machine.state import StateError
+from pyvmm.migration.device_precopy import DeviceLoader
+from pyvmm.migration.stream import Section, SectionType, StreamError
+from pyvmm.uapi.vfio import VfioDeviceState as State
+from pyvmm.uapi.vfio import VfioMigrationFlag as Flag
+from pyvmm.vfio.errors import VfioError
+from pyvmm.vfio.migration.device import Journal
+from pyvmm.vfio.migration.group import MigratingDevices
+from pyvmm.vfio.migration.states import path
+
+ALL_FLAGS = Flag.STOP_COPY | Flag.P2P | Flag.PRE_COPY
+
+
+class FakeMigration:
+    """A device's migration that takes the kernel's ways (states.path) and logs each arc to
+    the group's journal; `refuse` is a state it will not enter."""
+
+    def __init__(self, name: str, journal: Journal, flags: Flag = ALL_FLAGS) -> None:
+        self.name, self.journal, self.flags = name, journal, flags
+        self.state = State.RUNNING
+        self.refuse: State | None = None
+        self.recovered = False
+
+    def move_to(self, target: State) -> None:
+        for following in path(self.state, target, self.flags):
+            if following is self.refuse:
+                raise VfioError(f"{self.name}: {self.state.name} -> {following.name} failed")
+            self.journal.append((self.name, self.state, following))
+            self.state = following
+
+    def recover(self) -> None:
+        self.recovered = True
+        self.move_to(State.RUNNING)
+
+
+def group_of(*devices: tuple[str, Flag]) -> tuple[MigratingDevices, list[FakeMigration]]:
+    group = MigratingDevices()
+    fakes = [FakeMigration(name, group.journal, flags) for name, flags in devices]
+    group.devices.extend(fakes)  # type: ignore[arg-type]
+    return group, fakes
+
+
+def entered(group: MigratingDevices) -> list[tuple[str, State]]:
+    return [(name, end) for name, _, end in group.journal]
+
+
+def test_a_pause_takes_every_device_to_p2p_before_any_stops_and_a_resume_likewise() -> None:
+    group, _ = group_of(("a", ALL_FLAGS), ("b", ALL_FLAGS))
+    group.pause()
+    assert entered(group) == [
+        ("a", State.RUNNING_P2P),
+        ("b", State.RUNNING_P2P),
+        ("a", State.STOP),
+        ("b", State.STOP),
+    ]
+    group.journal.clear()
+    group.resume()
+    assert entered(group) == [
+        ("a", State.RUNNING_P2P),
+        ("b", State.RUNNING_P2P),
+        ("a", State.RUNNING),
+        ("b", State.RUNNING),
+    ]
+
+
+def test_devices_saving_ahead_stop_into_stop_copy_and_one_without_p2p_skips_it() -> None:
+    group, (a, b) = group_of(("a", ALL_FLAGS), ("b", Flag.STOP_COPY | Flag.PRE_COPY))
+    a.state = b.state = State.PRE_COPY
+    group.pause()
+    assert entered(group) == [
+        ("a", State.PRE_COPY_P2P),
+        ("a", State.STOP_COPY),  # (the data fd carries on: no stop in between)
+        ("b", State.STOP_COPY),
+    ]
+    group.journal.clear()
+    group.resume()
+    assert (a.state, b.state) == (State.RUNNING, State.RUNNING)
+    assert entered(group)[0] == ("a", State.STOP)  # STOP_COPY -> STOP -> RUNNING_P2P: a first
+    assert entered(group)[-1] == ("b", State.RUNNING)
+
+
+def test_a_device_being_restored_or_already_stopped_is_left_where_it_is() -> None:
+    group, (a, b) = group_of(("a", ALL_FLAGS), ("b", ALL_FLAGS))
+    a.state, b.state = State.RESUMING, State.STOP
+    group.pause()
+    assert group.journal == []
+
+
+def test_a_device_that_refuses_to_stop_takes_the_others_back_to_running() -> None:
+    group, (a, b) = group_of(("a", ALL_FLAGS), ("b", ALL_FLAGS))
+    b.refuse = State.STOP
+    with pytest.raises(VfioError, match="b: RUNNING_P2P -> STOP failed"):
+        group.pause()
+    assert (a.state, b.state) == (State.RUNNING, State.RUNNING)
+    assert a.recovered and b.recovered
+
+
+class FakeSavingAhead:
+    """A part that takes data sent ahead (a passed-through device with PRE_COPY)."""
+
+    precopy = True
+
+    def __init__(self, name: str, *, refuse: bool = False) -> None:
+        self.name, self.refuse, self.loaded = name, refuse, b""
+
+    def precopy_load(self, chunk: bytes) -> None:
+        if self.refuse:
+            raise VfioError("Invalid argument")
+        self.loaded += chunk
+
+    # Stateful, for the registry
+    @dataclass
+    class State:
+        VERSION: ClassVar[int] = 1
+
+    state_type: ClassVar[type] = State
+
+    def save(self) -> FakeSavingAhead.State:
+        return FakeSavingAhead.State()
+
+    def restore(self, state: FakeSavingAhead.State) -> None:
+        pass
+
+
+def loader_of(*parts: FakeSavingAhead) -> tuple[DeviceLoader, list[int]]:
+    components = Components()
+    for index, part in enumerate(parts):
+        components.add(f"pci/00:0{index + 1}.0", part)
+    acks: list[int] = []
+    return DeviceLoader(components, lambda: acks.append(1)), acks
+
+
+def section(*item: object) -> Section:
+    return Section(SectionType.DEVICE_DATA, msgpack.packb(list(item), use_bin_type=True))
+
+
+def test_the_destination_acknowledges_once_every_device_has_its_initial_bytes() -> None:
+    a, b = FakeSavingAhead("vfio a"), FakeSavingAhead("vfio b")
+    loader, acks = loader_of(a, b)
+    loader.load(section("pci/00:01.0", b"head", True), "the stream")
+    assert acks == []  # (b has sent nothing yet)
+    loader.load(section("pci/00:02.0", b"", False), "the stream")
+    loader.load(section("pci/00:02.0", b"HEAD", True), "the stream")
+    loader.load(section("pci/00:01.0", b"+more", True), "the stream")
+    assert acks == [1]
+    assert (a.loaded, b.loaded) == (b"head+more", b"HEAD")
+
+
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        (b"\xc1", "cannot be decoded"),
+        (msgpack.packb(["pci/00:01.0", b"x"]), r"is not \[id, data, initial_done\]"),
+        (msgpack.packb(["pci/00:01.0", "text", True]), r"is not \[id, data, initial_done\]"),
+        (msgpack.packb(["pci/00:09.0", b"x", True]), "for 'pci/00:09.0', which saves nothing"),
+    ],
+)
+def test_device_data_that_does_not_fit_is_refused_saying_where(
+    payload: bytes, message: str
+) -> None:
+    loader, acks = loader_of(FakeSavingAhead("vfio a"))
+    with pytest.raises(StreamError, match=message):
+        loader.load(Section(SectionType.DEVICE_DATA, payload, offset=77), "the stream")
+    assert acks == []
+
+
+def test_a_device_that_refuses_its_data_is_named() -> None:
+    loader, _ = loader_of(FakeSavingAhead("vfio 1234", refuse=True))
+    with pytest.raises(StateError, match=r"^vfio 1234: the device refused the data sent ahead"):
+        loader.load(section("pci/00:01.0", b"x", True), "the stream")
+
+
+def test_assigned_devices_move_to_other_hosts_by_address_uuid_or_path() -> None:
+    config = MachineConfig(
+        64 << 20,
+        1,
+        (
+            DeviceConfig("vfio-pci", {"host": "/sys/bus/mdev/devices/uuid-1"}, 1),
+            DeviceConfig("vfio-pci", {"host": "0000:00:04.0", "backend": "iommufd"}, 2),
+            DeviceConfig("virtio-rng", {}, 3),
+        ),
+    )
+    moved = config.with_hosts({"uuid-1": "uuid-2", "0000:00:04.0": "0000:00:05.0"})
+    assert [d.options.get("host") for d in moved.devices] == ["uuid-2", "0000:00:05.0", None]
+    assert moved.devices[1].options["backend"] == "iommufd"
+    assert config.with_hosts({}) == config
+    with pytest.raises(ConfigError, match=r"no device of the saved machine is on host uuid-9"):
+        config.with_hosts({"uuid-9": "uuid-2"})
