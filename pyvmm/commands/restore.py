@@ -1,6 +1,7 @@
 """`pyvmm restore`: run a machine from a snapshot directory.
 
-pyvmm restore DIR [--copy | --mmap] [--console SPEC] [--control PATH] [--timeout S]
+pyvmm restore DIR [--copy | --mmap] [--console SPEC] [--vfio-host OLD=NEW ...] [--control PATH]
+              [--timeout S]
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import argparse
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    from pyvmm.commands.options import add_host_moves
     from pyvmm.commands.run import add_run_options
 
     command = subparsers.add_parser(
@@ -42,6 +44,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="where COM1 goes: stdio, file:PATH or socket:PATH (default: where the snapshotted "
         "machine had it)",
     )
+    add_host_moves(command)
     add_run_options(command)
     command.set_defaults(func=cmd_restore)
 
@@ -54,5 +57,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     saved = snapshot.read(args.directory)
     args.console = inherited_console(args.console, saved.info)
     console = open_console(args.console)
-    with snapshot.restore(saved, console, copy=args.copy, trace_exits=args.exit_stats) as machine:
+    with snapshot.restore(
+        saved, console, copy=args.copy, trace_exits=args.exit_stats, hosts=dict(args.vfio_host)
+    ) as machine:
         return run_until_done(machine, args)

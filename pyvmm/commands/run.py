@@ -22,7 +22,7 @@ CRASH_CONSOLE_LINES = 12  # of the guest's console, after a crash
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    from pyvmm.commands.options import parse_size
+    from pyvmm.commands.options import add_host_moves, parse_size
 
     run = subparsers.add_parser(
         "run",
@@ -53,6 +53,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="instead of booting, wait at unix:PATH or tcp:HOST:PORT for a machine migrated "
         "there (pyvmm migrate); -m and -c, if given, must match it",
     )
+    add_host_moves(run)
     run.add_argument(
         "--disk",
         action="append",
@@ -153,6 +154,11 @@ def add_devices(machine: Machine, args: argparse.Namespace) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     if args.incoming:
         return run_incoming(args)
+    if args.vfio_host:
+        raise ConfigError(
+            "--vfio-host moves the devices of a machine that comes from elsewhere: use it "
+            "with --incoming (or pyvmm restore)"
+        )
     if (args.image is None) == (args.kernel is None):
         raise ConfigError("give one thing to boot: a test guest (GUEST.elf) or a kernel (-k)")
     if args.kernel is None and (args.initrd or args.params is not None):
@@ -201,7 +207,11 @@ def run_incoming(args: argparse.Namespace) -> int:
         control = listen_control(args.control)
     try:
         incoming = destination.receive(
-            Endpoint.parse(args.incoming), console, expect=expect, trace_exits=args.exit_stats
+            Endpoint.parse(args.incoming),
+            console,
+            expect=expect,
+            trace_exits=args.exit_stats,
+            hosts=dict(args.vfio_host),
         )
     except BaseException:
         if control is not None:

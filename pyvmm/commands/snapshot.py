@@ -28,9 +28,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     command.add_argument(
         "--allow-device-reset",
         action="store_true",
-        help="snapshot a machine with passed-through devices although their own state cannot "
-        "be saved (no VFIO migration yet): restored, each is as reset, with the config space, "
-        "BARs and interrupts its guest set up",
+        help="snapshot a machine with passed-through devices whose drivers have no VFIO "
+        "migration, although their own state cannot be saved: restored, each is as reset, "
+        "with the config space, BARs and interrupts its guest set up (devices that migrate "
+        "are saved whole without it)",
     )
     command.set_defaults(func=cmd_snapshot)
 

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import re
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -308,3 +311,67 @@ def test_a_destination_that_dies_mid_transfer_leaves_the_source_running(
         assert journal(machine)[:1] == [(State.RUNNING, State.PRE_COPY)]
         assert journal(machine)[-1:] == [(State.PRE_COPY, State.RUNNING)]
         finish(machine, before)
+
+
+def wait_for(path: Path, proc: subprocess.Popen[str], text: str = "", timeout: float = 120) -> None:
+    """Until `path` exists (and holds `text`), `proc` still running."""
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and (not text or text in path.read_text(errors="replace"))):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"no {text or path}"
+        time.sleep(0.1)
+
+
+@pytest.mark.lab(before=build_guests)
+def test_pyvmm_migrate_moves_an_mtty_vm_between_processes_and_snapshot_keeps_its_state(
+    mttys: tuple[str, str], tmp_path: Path
+) -> None:
+    """From the command line: `pyvmm run --vfio-dev A`, then `pyvmm migrate` to a
+    `pyvmm run --incoming --vfio-host A=B` process, which `pyvmm snapshot --stop` then writes
+    out with no --allow-device-reset; restored onto A, the guest finds its device as it left
+    it before the migration."""
+    first, second = mttys
+    console, control, moved_control = tmp_path / "console", tmp_path / "c1", tmp_path / "c2"
+    uri = f"unix:{tmp_path / 'migration.sock'}"
+    source = spawn("run", str(guest("mtty-state")), "--vfio-dev", first,
+                   "--console", f"file:{console}", "--control", str(control))  # fmt: skip
+    moved = spawn("run", "--incoming", uri, "--vfio-host", f"{first}={second}",
+                  "--control", str(moved_control))  # fmt: skip
+    try:
+        wait_for(console, source, "mtty-state: ready\n")
+        before = re.search(rf"mtty-state: before ({REGISTERS})\n", console.read_text())
+        assert before is not None
+        wait_for(moved_control, moved)
+        migrated = run_pyvmm("migrate", str(control), uri, "--downtime", "300")
+        assert migrated.returncode == 0, migrated.stderr
+        assert re.search(r"devices: 24 bytes sent ahead, switch-over acknowledged", migrated.stdout)
+        print(migrated.stdout.strip())
+        source.communicate(timeout=60)
+        assert source.returncode == 0
+        wait_for(moved_control, moved)
+        saved = run_pyvmm("snapshot", str(moved_control), str(tmp_path / "snap"), "--stop")
+        assert saved.returncode == 0, saved.stderr
+        moved.communicate(timeout=60)
+    finally:
+        for proc in (source, moved):
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    restored = snapshot.restore(
+        snapshot.read(tmp_path / "snap"), CaptureConsole(), hosts={second: first}
+    )
+    with restored:
+        finish(restored, before.group(1))
+
+
+def spawn(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pyvmm", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def run_pyvmm(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pyvmm", *args], capture_output=True, text=True, timeout=180
+    )
