@@ -5,8 +5,10 @@ and written."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from itertools import product
+from pathlib import Path
 
 import pytest
 
@@ -144,3 +146,18 @@ def test_pyvmm_vfio_migration_shows_a_device_and_walks_it(
     ]
     assert main(["vfio", "migration", "0000:00:1f.7"]) == 1
     assert capsys.readouterr().err.startswith("pyvmm vfio: ")
+
+
+def test_the_docs_examples_do_as_they_say(
+    mtty: HostDevice, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/vfio-migration.md's Python example, and its `pyvmm vfio migration` session, run on
+    an mtty mdev (its UUID in place of UUID)."""
+    document = (Path(__file__).parents[2] / "docs" / "vfio-migration.md").read_text()
+    (example,) = re.findall(r"```python\n(.*?)```", document, re.S)
+    exec(compile(example, "docs/vfio-migration.md", "exec"), {"mtty": mtty})
+    capsys.readouterr()
+    (session,) = re.findall(r"```\n\$ pyvmm (.*?)\n(.*?)```", document, re.S)
+    command, shown = (part.replace("UUID", mtty.name) for part in session)
+    assert main(command.split()) == 0
+    assert capsys.readouterr().out == shown
