@@ -1,8 +1,19 @@
-"""Shared pytest set-up: the lab test tier (`pyvmm.lab.pytest_plugin`), and `pytester` for
-the tests of that tier.
+"""Shared pytest set-up: the lab test tier (`pyvmm.lab.pytest_plugin`), `pytester` for the
+tests of that tier, and Ctrl-C as a terminal gives it.
 
 Tests marked `@pytest.mark.lab` run inside the lab; on the host they are stand-ins for the
 results of one lab boot per session.
+
+A shell without job control starts an asynchronous command (`scripts/test > log &` in a script)
+with SIGINT ignored, and an ignored signal stays ignored across fork and exec: every `pyvmm run`
+a test starts would then ignore the SIGINT the Ctrl-C tests send it (as it should: that is the
+shell's intent), and those tests would fail for a reason that is not pyvmm's. So the test
+process takes SIGINT back as Python's default before any test starts a process.
 """
 
+import signal
+
 pytest_plugins = ["pyvmm.lab.pytest_plugin", "pytester"]
+
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
