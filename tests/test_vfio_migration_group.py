@@ -33,16 +33,16 @@ class FakeMigration:
 
     def __init__(self, name: str, journal: Journal, flags: Flag = ALL_FLAGS) -> None:
         self.name, self.journal, self.flags = name, journal, flags
-        self.state = State.RUNNING
+        self.current = State.RUNNING
         self.refuse: State | None = None
         self.recovered = False
 
     def move_to(self, target: State) -> None:
-        for following in path(self.state, target, self.flags):
+        for following in path(self.current, target, self.flags):
             if following is self.refuse:
-                raise VfioError(f"{self.name}: {self.state.name} -> {following.name} failed")
-            self.journal.append((self.name, self.state, following))
-            self.state = following
+                raise VfioError(f"{self.name}: {self.current.name} -> {following.name} failed")
+            self.journal.append((self.name, self.current, following))
+            self.current = following
 
     def recover(self) -> None:
         self.recovered = True
@@ -81,7 +81,7 @@ def test_a_pause_takes_every_device_to_p2p_before_any_stops_and_a_resume_likewis
 
 def test_devices_saving_ahead_stop_into_stop_copy_and_one_without_p2p_skips_it() -> None:
     group, (a, b) = group_of(("a", ALL_FLAGS), ("b", Flag.STOP_COPY | Flag.PRE_COPY))
-    a.state = b.state = State.PRE_COPY
+    a.current = b.current = State.PRE_COPY
     group.pause()
     assert entered(group) == [
         ("a", State.PRE_COPY_P2P),
@@ -90,14 +90,14 @@ def test_devices_saving_ahead_stop_into_stop_copy_and_one_without_p2p_skips_it()
     ]
     group.journal.clear()
     group.resume()
-    assert (a.state, b.state) == (State.RUNNING, State.RUNNING)
+    assert (a.current, b.current) == (State.RUNNING, State.RUNNING)
     assert entered(group)[0] == ("a", State.STOP)  # STOP_COPY -> STOP -> RUNNING_P2P: a first
     assert entered(group)[-1] == ("b", State.RUNNING)
 
 
 def test_a_device_being_restored_or_already_stopped_is_left_where_it_is() -> None:
     group, (a, b) = group_of(("a", ALL_FLAGS), ("b", ALL_FLAGS))
-    a.state, b.state = State.RESUMING, State.STOP
+    a.current, b.current = State.RESUMING, State.STOP
     group.pause()
     assert group.journal == []
 
@@ -107,7 +107,7 @@ def test_a_device_that_refuses_to_stop_takes_the_others_back_to_running() -> Non
     b.refuse = State.STOP
     with pytest.raises(VfioError, match="b: RUNNING_P2P -> STOP failed"):
         group.pause()
-    assert (a.state, b.state) == (State.RUNNING, State.RUNNING)
+    assert (a.current, b.current) == (State.RUNNING, State.RUNNING)
     assert a.recovered and b.recovered
 
 

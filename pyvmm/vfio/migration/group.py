@@ -146,7 +146,7 @@ class MigratingDevices:
         for migration in self.devices:
             if p2p_only and not migration.flags & Flag.P2P:
                 continue
-            target = targets.get(migration.state)
+            target = targets.get(migration.current)
             if target is not None:
                 migration.move_to(target)
 

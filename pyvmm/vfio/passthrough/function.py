@@ -249,14 +249,14 @@ class VfioPciFunction(PciFunction):
         """The migration failed before the stop: back to RUNNING (a paused machine's resume
         brings the device back from STOP_COPY itself)."""
         assert self.migration is not None
-        if self.migration.state in (State.PRE_COPY, State.PRE_COPY_P2P):
+        if self.migration.current in (State.PRE_COPY, State.PRE_COPY_P2P):
             self.migration.move_to(State.RUNNING)
 
     def precopy_load(self, chunk: bytes) -> None:
         """On the destination: data the source's device gave ahead, written in RESUMING (the
         machine is paused, the device stopped: the first chunk takes it there)."""
         assert self.migration is not None
-        if self.migration.state is not State.RESUMING:
+        if self.migration.current is not State.RESUMING:
             self.migration.move_to(State.RESUMING)
         assert self.migration.data is not None
         self.migration.data.write_all(chunk)
@@ -313,7 +313,7 @@ class VfioPciFunction(PciFunction):
         assert self.migration is not None
         try:
             data = self.migration.data
-            if self.migration.state is not State.RESUMING or data is None:
+            if self.migration.current is not State.RESUMING or data is None:
                 data = self.migration.move_to(State.RESUMING)
             if data is None:
                 raise VfioError(f"{self.name}: RESUMING gave no data fd")
