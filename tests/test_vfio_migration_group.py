@@ -46,6 +46,8 @@ class FakeMigration:
 
     def recover(self) -> None:
         self.recovered = True
+        if self.current is State.ERROR:
+            self.current = State.RUNNING  # (a reset)
         self.move_to(State.RUNNING)
 
 
@@ -100,6 +102,14 @@ def test_a_device_being_restored_or_already_stopped_is_left_where_it_is() -> Non
     a.current, b.current = State.RESUMING, State.STOP
     group.pause()
     assert group.journal == []
+
+
+def test_a_resume_resets_a_device_a_failure_left_in_error() -> None:
+    group, (a, b) = group_of(("a", ALL_FLAGS), ("b", ALL_FLAGS))
+    group.pause()
+    b.current = State.ERROR
+    group.resume()
+    assert b.recovered and (a.current, b.current) == (State.RUNNING, State.RUNNING)
 
 
 def test_a_device_that_refuses_to_stop_takes_the_others_back_to_running() -> None:

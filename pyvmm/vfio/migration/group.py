@@ -18,7 +18,7 @@ It is also the source of the devices' DMA writes in the machine's dirty log (a D
 each device's own DMA log where its driver has one (dma_log.py); for a device without one, the
 pages it wrote cannot be known, so once the devices are stopped (the last look of a migration,
 or of an incremental snapshot) every page mapped for DMA is reported dirty and goes again:
-`untracked` names those devices, for the progress to say so.
+`untracked` names those devices, and starting the log warns of each.
 """
 
 from __future__ import annotations
@@ -136,8 +136,12 @@ class MigratingDevices:
         self._paused = True
 
     def resume(self) -> None:
-        """Every device to RUNNING_P2P (those with P2P), then every one to RUNNING."""
+        """Every device to RUNNING_P2P (those with P2P), then every one to RUNNING; one that a
+        failed save or restore left in ERROR is reset (and the user told)."""
         self._paused = False
+        for migration in self.devices:
+            if migration.current is State.ERROR:
+                migration.recover()
         self._move_all(_RESUME_P2P, p2p_only=True)
         self._move_all(_RESUME_RUN)
 

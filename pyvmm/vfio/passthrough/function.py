@@ -228,7 +228,7 @@ class VfioPciFunction(PciFunction):
         """Whether the device's state can be read ahead, the device running (PRE_COPY)."""
         return (
             self.migration is not None
-            and not self.migration.missing()
+            and self.migrates
             and bool(self.migration.flags & Flag.PRE_COPY)
         )
 
