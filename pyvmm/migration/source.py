@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
+from pyvmm.board.devices import pins_guest_ram
 from pyvmm.board.machine import Machine, RunState, StopReason
 from pyvmm.errors import PyvmmError
 from pyvmm.kvm.mmap import PAGE_SIZE
@@ -49,6 +50,11 @@ from pyvmm.migration.transport import Endpoint, MigrationError, Refused, connect
 log = logging.getLogger(__name__)
 
 DRAINED = 64 << 10  # bytes left unread in the socket when the source pauses, at most
+POSTCOPY_WITH_DEVICE = (
+    "post-copy cannot take a passed-through device: its state must be loaded, and its DMA "
+    "mapping pins all of guest RAM, before the destination runs, so nothing could be left to "
+    "come later (QEMU refuses it too); migrate without --postcopy"
+)
 MAX_INITIAL_READS = 1000  # reads of a device's initial bytes before the switch-over, at most
 
 
@@ -143,6 +149,9 @@ class Migration:
         caveats = self.machine.components.caveats()
         if self.machine.memory.missing:
             caveats = {"its RAM": self.machine.memory.missing}
+        pinning = [d for d in self.machine.config.devices if pins_guest_ram(d.kind)]
+        if self.convergence.postcopy and pinning and not caveats:
+            caveats = {f"slot {pinning[0].slot} ({pinning[0].kind})": POSTCOPY_WITH_DEVICE}
         if caveats:
             first, caveat = next(iter(caveats.items()))
             self.progress.status, self.progress.error = "failed", f"{first}: {caveat}"

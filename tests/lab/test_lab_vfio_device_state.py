@@ -375,3 +375,22 @@ def run_pyvmm(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "pyvmm", *args], capture_output=True, text=True, timeout=180
     )
+
+
+@pytest.mark.lab(before=build_guests)
+def test_post_copy_with_a_migrating_device_is_refused_in_one_line_before_anything_moves(
+    mttys: tuple[str, str], tmp_path: Path
+) -> None:
+    first, _ = mttys
+    machine, before = start_programmed("iommufd", first)
+    with machine:
+        uri = f"unix:{tmp_path / 'nowhere.sock'}"
+        with pytest.raises(MigrationError) as refused:
+            Migration(machine, Endpoint.parse(uri), info={}, postcopy=True).run()
+        assert re.fullmatch(
+            r"cannot migrate this machine: slot \d+ \(vfio-pci\): post-copy cannot take a "
+            r"passed-through device: .*\(QEMU refuses it too\); migrate without --postcopy",
+            str(refused.value),
+        )
+        assert journal(machine) == []  # nothing was asked of the device
+        finish(machine, before)
