@@ -546,3 +546,40 @@ def test_the_switch_over_waits_for_the_destination_to_read_what_the_rounds_sent(
         migration._drain(ours)
         assert sum(read) >= DRAINED  # it returned only once the peer had read
         reader.join()
+
+
+def test_a_destination_that_refuses_mid_stream_is_heard_not_taken_for_a_broken_link(
+    tmp_path: Path,
+) -> None:
+    """A destination that cannot take what it is sent answers why and stops reading: the
+    source's sends fail then, and the answer waiting behind them is the reason it gives."""
+    path = tmp_path / "in.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen(1)
+
+    def refuses_the_first_pages() -> None:
+        conn, _ = listener.accept()
+        listener.close()
+        with conn:
+            reader = StreamReader(conn.makefile("rb"))
+            reader.next(), reader.next()
+            conn.sendall(b'{"accept": true}\n')
+            reader.next()
+            conn.sendall(b'{"error": "its pages at 0x1000 are outside RAM"}\n')
+            conn.shutdown(socket.SHUT_RDWR)
+
+    thread = threading.Thread(target=refuses_the_first_pages)
+    thread.start()
+    with Machine(mem_size=64 << 20, console=CaptureConsole()) as source:
+        source.load_elf(str(guest("counter")))
+        source.start()
+        source.console.wait_for(r"count 1024\n", 30)  # type: ignore[attr-defined]
+        with pytest.raises(
+            MigrationError, match=r"^the destination refused: its pages at 0x1000 are outside RAM$"
+        ):
+            Migration(source, Endpoint.parse(f"unix:{path}"), info={}).run()
+        thread.join(30)
+        assert source.state is RunState.RUNNING
+        source.stop()
+        source.wait()

@@ -104,6 +104,10 @@ def receive(
             sock, endpoint, console, expect=expect, trace_exits=trace_exits, hosts=hosts
         )
     except BaseException:
+        # Shut down, so that the source sees the end at once, its sends failing (the files
+        # made from the socket would otherwise keep it open), and reads the answer given.
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
         sock.close()
         raise
 

@@ -26,6 +26,7 @@ destination runs, and the pages follow (postcopy_link.py).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import socket
 import threading
@@ -55,6 +56,7 @@ POSTCOPY_WITH_DEVICE = (
     "mapping pins all of guest RAM, before the destination runs, so nothing could be left to "
     "come later (QEMU refuses it too); migrate without --postcopy"
 )
+REFUSAL_WAIT = 1.0  # seconds to look for the destination's refusal after a failed send
 MAX_INITIAL_READS = 1000  # reads of a device's initial bytes before the switch-over, at most
 
 
@@ -130,7 +132,13 @@ class Migration:
         try:
             with connection(self.endpoint) as sock:
                 self._sock = sock
-                self._migrate(sock)
+                answers = sock.makefile("rb")
+                try:
+                    self._migrate(sock, answers)
+                except (OSError, MigrationError) as err:
+                    if not isinstance(err, Refused) and (refusal := _refusal(sock, answers)):
+                        raise refusal from None
+                    raise
         except BaseException as err:
             self._recover(err, was_running)
             self._finish(started)
@@ -158,9 +166,8 @@ class Migration:
             self._finish(started)
             raise MigrationError(f"cannot migrate this machine: {first}: {caveat}")
 
-    def _migrate(self, sock: socket.socket) -> None:
+    def _migrate(self, sock: socket.socket, answers: BinaryIO) -> None:
         out = sock.makefile("wb", buffering=1 << 20)
-        answers = sock.makefile("rb")
         writer = StreamWriter(out)
         writer.section(SectionType.CONFIG, machine_sections.encode_config(self.machine.config))
         writer.section(SectionType.INFO, machine_sections.encode_info(self.info))
@@ -347,6 +354,18 @@ class Migration:
                     f"still unread after {transport.SEND_TIMEOUT:.0f} s (the source runs on)"
                 )
             time.sleep(0.001)
+
+
+def _refusal(sock: socket.socket, answers: BinaryIO) -> Refused | None:
+    """The destination's refusal, if one is waiting: a destination that refuses while this side
+    still sends (data it could not take) answers, then stops reading, so the send fails or
+    times out before the answer is read; the answer is the reason to give."""
+    with contextlib.suppress(OSError, ValueError):
+        sock.settimeout(REFUSAL_WAIT)
+        reply = json.loads(answers.readline(1 << 16) or b"null")
+        if isinstance(reply, dict) and reply.get("error"):
+            return Refused(f"the destination refused: {reply['error']}")
+    return None
 
 
 def _failure(endpoint: Endpoint, err: BaseException) -> str:

@@ -394,3 +394,33 @@ def test_post_copy_with_a_migrating_device_is_refused_in_one_line_before_anythin
         )
         assert journal(machine) == []  # nothing was asked of the device
         finish(machine, before)
+
+
+@pytest.mark.lab(before=build_guests)
+def test_an_incremental_snapshot_of_an_mtty_vm_logs_the_devices_dma_and_restores_whole(
+    mttys: tuple[str, str], tmp_path: Path
+) -> None:
+    """As the control socket takes them: the dirty log started with the full snapshot (the
+    mtty's own DMA log with it), an incremental one on top, restored onto a second mdev."""
+    first, second = mttys
+    machine, before = start_programmed("iommufd", first)
+    with machine:
+        device_log = machine.vfio().migrations.dma_logs[first]
+        assert machine.pause()
+        machine.dirty.start()
+        assert device_log.logging  # started with the machine's log
+        snapshot.write(machine, tmp_path / "full", {})
+        machine.resume()
+        time.sleep(0.5)  # (the guest's ticks write its RAM meanwhile)
+        assert machine.pause()
+        since = machine.dirty.collect()  # (the device's log read with KVM's)
+        assert any(bitmap.count() for bitmap in since)
+        snapshot.write(machine, tmp_path / "incremental", {}, parent=tmp_path / "full", dirty=since)
+        machine.dirty.stop()
+        assert not device_log.logging
+        machine.stop()
+    restored = snapshot.restore(
+        snapshot.read(tmp_path / "incremental"), CaptureConsole(), hosts={first: second}
+    )
+    with restored:
+        finish(restored, before)
