@@ -372,7 +372,11 @@ class Machine:
             if not self._run_control.pause():
                 return False
             if not self._components_paused:
-                self.components.pause_all()
+                try:
+                    self.components.pause_all()
+                except BaseException:
+                    self._run_control.resume()  # (a part that would not stop: run on)
+                    raise
                 self._components_paused = True
             return True
 

@@ -87,7 +87,7 @@ def describe_downtime(status: dict[str, Any]) -> str:
     devices = (
         f"; devices: {status['device_precopy_bytes']} bytes sent ahead, switch-over "
         f"acknowledged after {status['switchover_ack_ms']:.1f} ms"
-        if status.get("switchover_ack_ms")
+        if status.get("switchover_acked")
         else ""
     )
     return f"downtime {status['downtime_ms']:.1f} ms ({phases}){postcopy}{devices}"

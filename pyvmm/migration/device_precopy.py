@@ -33,6 +33,8 @@ from pyvmm.vfio.errors import VfioError
 
 log = logging.getLogger(__name__)
 
+SECTION_DATA = 32 << 20  # bytes of device data a DEVICE_DATA section carries, at most
+
 
 class DevicePrecopy:
     """The source's side: the parts of a machine that save ahead, and what they sent."""
@@ -42,24 +44,26 @@ class DevicePrecopy:
         self.initial_done: set[str] = set()
         self.sent_bytes = 0
         self.rounds = 0
-        self._begun: list[Any] = []
 
     def begin(self) -> None:
         """Every part to PRE_COPY (as the first round of pages starts)."""
         for component_id, part in self.parts.items():
             part.precopy_begin()
-            self._begun.append(part)
             log.info("%s: saving ahead (PRE_COPY)", component_id)
 
     def send(self, writer: StreamWriter) -> None:
-        """One round: what each part has for now, as a DEVICE_DATA section each."""
+        """One round: what each part has for now, as DEVICE_DATA sections (one at least, with
+        whether its initial bytes are out; a large chunk in pieces a section can hold)."""
         for component_id, part in self.parts.items():
             chunk, initial_done = part.precopy_read()
             if initial_done and component_id not in self.initial_done:
                 self.initial_done.add(component_id)
                 log.info("%s: its initial bytes are out", component_id)
-            payload = [component_id, chunk, component_id in self.initial_done]
-            writer.section(SectionType.DEVICE_DATA, msgpack.packb(payload, use_bin_type=True))
+            view = memoryview(chunk)
+            for start in range(0, max(len(view), 1), SECTION_DATA):
+                piece = bytes(view[start : start + SECTION_DATA])
+                payload = [component_id, piece, component_id in self.initial_done]
+                writer.section(SectionType.DEVICE_DATA, msgpack.packb(payload, use_bin_type=True))
             self.sent_bytes += len(chunk)
         if self.parts:
             self.rounds += 1
@@ -78,13 +82,13 @@ class DevicePrecopy:
         return total
 
     def abort(self) -> None:
-        """The migration failed before the stop: every part that began back to RUNNING."""
-        for part in self._begun:
+        """The migration failed before the stop: every part back to RUNNING (one whose
+        begin or a read failed too, by a reset if it must)."""
+        for part in self.parts.values():
             try:
                 part.precopy_abort()
             except VfioError as err:
                 log.error("%s", err)
-        self._begun.clear()
 
 
 class DeviceLoader:

@@ -25,7 +25,8 @@ class Progress:
     postcopy_ms: float = 0.0  # from the destination's start until it had every page
     downtime_ms: float = 0.0  # paused until the destination ran (when completed)
     device_precopy_bytes: int = 0  # devices' state sent ahead of the stop (VFIO PRE_COPY)
-    switchover_ack_ms: float = 0.0  # waited for the destination to load that state's start
+    switchover_acked: bool = False  # the destination loaded that state's start (acknowledged)
+    switchover_ack_ms: float = 0.0  # waited for its acknowledgement
     # where the downtime went: pausing, the last pages, saving and sending the state, and the
     # destination restoring and starting it (until its answer came)
     downtime_phases_ms: dict[str, float] = field(default_factory=dict)

@@ -57,7 +57,7 @@ POSTCOPY_WITH_DEVICE = (
     "come later (QEMU refuses it too); migrate without --postcopy"
 )
 REFUSAL_WAIT = 1.0  # seconds to look for the destination's refusal after a failed send
-MAX_INITIAL_READS = 1000  # reads of a device's initial bytes before the switch-over, at most
+INITIAL_READ_GAP = 0.01  # seconds between reads of devices' initial bytes not out yet
 
 
 class Migration:
@@ -183,8 +183,9 @@ class Migration:
         self.convergence.destination_built(time.monotonic() - asked)
         self.progress.status = "active"
         self.machine.dirty.start()
-        self._devices = DevicePrecopy(self.machine.components.precopy_parts())
-        self._devices.begin()
+        if self.machine.state is RunState.RUNNING:  # (a paused machine's devices stay stopped)
+            self._devices = DevicePrecopy(self.machine.components.precopy_parts())
+            self._devices.begin()
         bitmaps, step = self._precopy(writer)
         self.progress.status = "completing"
         self._drain(sock)
@@ -255,19 +256,20 @@ class Migration:
         still had some), then the destination's word that it has loaded them."""
         if not self._devices.parts:
             return
-        for _ in range(MAX_INITIAL_READS):
-            if self._devices.initial_sent:
-                break
+        deadline = time.monotonic() + transport.REPLY_TIMEOUT
+        while not self._devices.initial_sent:
+            if time.monotonic() > deadline:
+                raise MigrationError(
+                    f"the devices' initial data did not end within {transport.REPLY_TIMEOUT:.0f} "
+                    "s (the source runs on)"
+                )
+            time.sleep(INITIAL_READ_GAP)
             self._devices.send(writer)
-        else:
-            raise MigrationError(
-                f"the devices' initial data did not end after {MAX_INITIAL_READS} reads "
-                "(the source runs on)"
-            )
         writer.flush()
         asked = time.monotonic()
         expect(answers, sock, "switchover_ack", "loading the devices' initial data")
         self.progress.switchover_ack_ms = round((time.monotonic() - asked) * 1000, 3)
+        self.progress.switchover_acked = True
         log.info("switch-over acknowledged by the destination")
 
     def _stop_logging(self) -> None:
@@ -362,9 +364,10 @@ def _refusal(sock: socket.socket, answers: BinaryIO) -> Refused | None:
     times out before the answer is read; the answer is the reason to give."""
     with contextlib.suppress(OSError, ValueError):
         sock.settimeout(REFUSAL_WAIT)
-        reply = json.loads(answers.readline(1 << 16) or b"null")
-        if isinstance(reply, dict) and reply.get("error"):
-            return Refused(f"the destination refused: {reply['error']}")
+        while line := answers.readline(1 << 16):  # (after a switchover_ack, say)
+            reply = json.loads(line)
+            if isinstance(reply, dict) and reply.get("error"):
+                return Refused(f"the destination refused: {reply['error']}")
     return None
 
 

@@ -4,8 +4,8 @@ vfio.h's RUNNING_P2P exists for machines with more than one device: a device in 
 starts DMA to its peers (nor takes on new requests from them) but still answers what they sent
 before. So that no device is stopped while a peer may still be writing to it, every device
 reaches RUNNING_P2P before any goes on to STOP; and so that none runs before its peers can take
-its requests, every device leaves STOP (or RESUMING) for RUNNING_P2P before any goes on to
-RUNNING. QEMU orders its devices the same way (vfio_vmstate_change_prepare).
+its requests, every device leaves STOP for RUNNING_P2P before any goes on to RUNNING. QEMU
+orders its devices the same way (vfio_vmstate_change_prepare).
 
 `MigratingDevices` is one machine component for all of them: pausing the machine takes each
 device to RUNNING_P2P, then each to STOP (its DMA into RAM has ended when the pause returns, so
@@ -75,11 +75,18 @@ class MigratingDevices:
         return migration
 
     def forget(self, name: str) -> None:
-        """Device `name` is going (closed, or its assignment failed)."""
+        """Device `name` is going (closed, or its assignment failed): its transfer's data fd
+        closed, its DMA log stopped (a failure said, not raised: the device goes anyway)."""
+        for migration in self.devices:
+            if migration.name == name and migration.data is not None:
+                migration.data.close()
         self.devices = [migration for migration in self.devices if migration.name != name]
         log_of_it = self.dma_logs.pop(name, None)
         if log_of_it is not None:
-            log_of_it.stop()
+            try:
+                log_of_it.stop()
+            except VfioError as err:
+                log.warning("%s", err)
 
     @property
     def untracked(self) -> list[str]:

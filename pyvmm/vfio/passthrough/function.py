@@ -240,17 +240,22 @@ class VfioPciFunction(PciFunction):
     def precopy_read(self) -> tuple[bytes, bool]:
         """What the device has to give ahead now, and whether its initial bytes are all out
         (VFIO_MIG_GET_PRECOPY_INFO): the destination may then load them before the stop."""
-        assert self.migration is not None and self.migration.data is not None
+        assert self.migration is not None
+        if self.migration.current not in (State.PRE_COPY, State.PRE_COPY_P2P):
+            raise VfioError(
+                f"{self.name}: no longer saving ahead (in {self.migration.current.name})"
+            )
+        assert self.migration.data is not None
         chunk = self.migration.data.read_available()
         initial, _dirty = self.migration.data.precopy_info()
         return chunk, initial == 0
 
     def precopy_abort(self) -> None:
-        """The migration failed before the stop: back to RUNNING (a paused machine's resume
-        brings the device back from STOP_COPY itself)."""
+        """The migration failed before the stop (the machine runs): back to RUNNING, by a
+        reset if a failed arc left the device in ERROR."""
         assert self.migration is not None
-        if self.migration.current in (State.PRE_COPY, State.PRE_COPY_P2P):
-            self.migration.move_to(State.RUNNING)
+        if self.migration.current is not State.RUNNING:
+            self.migration.recover()
 
     def precopy_load(self, chunk: bytes) -> None:
         """On the destination: data the source's device gave ahead, written in RESUMING (the
@@ -295,6 +300,8 @@ class VfioPciFunction(PciFunction):
         self.check(state)
         if state.device is not None:
             self._restore_device(state.device)
+        elif self.migration is not None and self.migration.data is not None:
+            raise StateError(f"{self.name}: data was sent ahead for it, but no state follows")
         self.unplace_bars()
         self.config[:] = state.function.config
         for offset, size, writable in self._passthrough_config.live_fields:
