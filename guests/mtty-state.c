@@ -6,22 +6,7 @@
  * the device's own saved state can give (a reset mtty has LCR 0 and an empty FIFO), and proves
  * the device keeps working: one byte looped back with its INTx taken. The protocol is in
  * guests/README.md. */
-#include <pyvmmfw.h>
-
-#define MTTY_VENDOR 0x4348
-#define MTTY_DEVICE 0x3253
-
-#define UART_RX  0  /* read: RBR; write: THR; with DLAB: divisor latch low */
-#define UART_IER 1  /* with DLAB: divisor latch high */
-#define UART_IIR 2  /* read: IIR; write: FCR */
-#define UART_LCR 3
-#define UART_MCR 4
-#define UART_LSR 5
-#define UART_SCR 7
-#define UART_IER_RDI 0x01
-#define UART_FCR_ENABLE 0x01
-#define UART_LCR_DLAB 0x80
-#define UART_LSR_DR 0x01
+#include "mtty.h"
 
 #define LINE_SETTINGS 0x1b  /* 8 data bits, even parity, 1 stop bit */
 #define MODEM_CONTROL 0x0b  /* DTR, RTS, OUT2 */
@@ -33,22 +18,7 @@
 #define GO_ADDR     0x2000000UL  /* 32 MiB: the VMM writes a non-zero word here to go on */
 #define TICK_VECTOR 0x30
 #define TICK_US     10000u
-#define INTX_VECTOR 0x57
 #define IRQ_TICKS   300u  /* 3 s for the interrupt */
-
-static uint16_t port;
-static volatile uint32_t irq_count;
-static volatile uint8_t got;
-
-static void mtty_irq(struct int_frame *f)
-{
-    (void)f;
-    (void)inb(port + UART_IIR);
-    while (inb(port + UART_LSR) & UART_LSR_DR)
-        got = inb(port + UART_RX);
-    irq_count++;
-    lapic_eoi();
-}
 
 static void print_registers(const char *when)
 {
@@ -63,22 +33,14 @@ int main(void)
     pic_disable(0x20, 0x28);
     lapic_enable();
 
-    int dev = pci_find_device(MTTY_VENDOR, MTTY_DEVICE);
-    if (dev < 0) {
-        printf("mtty-state: no device\n");
+    int dev = mtty_find("mtty-state");
+    if (dev < 0)
         return 1;
-    }
-    uint32_t bar0 = pci_read32(0, dev, 0, PCI_BAR0);
     uint8_t line = pci_read8(0, dev, 0, PCI_INTERRUPT_LINE);
-    if (!(bar0 & 1) || !(pci_read16(0, dev, 0, PCI_COMMAND) & PCI_COMMAND_IO)) {
-        printf("mtty-state: bar0 unusable 0x%x\n", bar0);
-        return 1;
-    }
     if (line >= ioapic_pins()) {
         printf("mtty-state: no usable INTx (line %u)\n", line);
         return 1;
     }
-    port = bar0 & ~3u;
     idt_register(INTX_VECTOR, mtty_irq);
     ioapic_route(line, INTX_VECTOR, lapic_id(), IOAPIC_LEVEL);
 

@@ -5,41 +5,13 @@
  * What is written to the port's TX comes back on its RX: each round writes one byte, waits for
  * the data-ready interrupt and reads the byte back in the handler. The protocol is in
  * guests/README.md. */
-#include <pyvmmfw.h>
-
-#define MTTY_VENDOR 0x4348
-#define MTTY_DEVICE 0x3253
-
-#define UART_RX  0  /* read: RBR; write: THR */
-#define UART_IER 1
-#define UART_IIR 2  /* read: IIR; write: FCR */
-#define UART_LCR 3
-#define UART_LSR 5
-#define UART_IER_RDI 0x01
-#define UART_FCR_ENABLE 0x01  /* FIFO on, trigger level 1 byte */
-#define UART_LCR_8N1 0x03
-#define UART_LSR_DR 0x01
+#include "mtty.h"
 
 #define TICK_VECTOR 0x30
 #define TICK_US     10000u
-#define INTX_VECTOR 0x57
 #define ROUNDS      3u
 #define IRQ_TICKS   300u  /* 3 s for the interrupt */
 #define GAP_TICKS   5u    /* between rounds: the VMM re-arms mtty's INTx after the EOI */
-
-static uint16_t port;
-static volatile uint32_t irq_count;
-static volatile uint8_t got;
-
-static void mtty_irq(struct int_frame *f)
-{
-    (void)f;
-    (void)inb(port + UART_IIR);
-    while (inb(port + UART_LSR) & UART_LSR_DR)
-        got = inb(port + UART_RX);
-    irq_count++;
-    lapic_eoi();
-}
 
 int main(void)
 {
@@ -47,19 +19,11 @@ int main(void)
     pic_disable(0x20, 0x28);
     lapic_enable();
 
-    int dev = pci_find_device(MTTY_VENDOR, MTTY_DEVICE);
-    if (dev < 0) {
-        printf("mtty: no device\n");
+    int dev = mtty_find("mtty");
+    if (dev < 0)
         return 1;
-    }
-    uint32_t bar0 = pci_read32(0, dev, 0, PCI_BAR0);
     uint8_t pin = pci_read8(0, dev, 0, PCI_INTERRUPT_PIN);
     uint8_t line = pci_read8(0, dev, 0, PCI_INTERRUPT_LINE);
-    if (!(bar0 & 1) || !(pci_read16(0, dev, 0, PCI_COMMAND) & PCI_COMMAND_IO)) {
-        printf("mtty: bar0 unusable 0x%x\n", bar0);
-        return 1;
-    }
-    port = bar0 & ~3u;
     printf("mtty: 00:%02x.0 bar0 io 0x%x irq pin %u line %u\n", dev, port, pin, line);
     if (pin < 1 || pin > 4 || line >= ioapic_pins()) {
         printf("mtty: no usable INTx (pin %u line %u)\n", pin, line);
