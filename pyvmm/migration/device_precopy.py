@@ -27,6 +27,7 @@ import msgpack
 
 from pyvmm.machine.component import Components
 from pyvmm.machine.state import StateError
+from pyvmm.migration.machine_sections import unpack
 from pyvmm.migration.stream import Section, SectionType, StreamError, StreamWriter
 from pyvmm.uapi.ioctl import IoctlError
 from pyvmm.vfio.errors import VfioError
@@ -103,10 +104,7 @@ class DeviceLoader:
 
     def load(self, section: Section, what: str) -> None:
         where = f"{what}: the device data at byte {section.offset}"
-        try:
-            item = msgpack.unpackb(section.payload, raw=False)
-        except Exception as err:  # msgpack's errors have no common base: all mean "not msgpack"
-            raise StreamError(f"{where} cannot be decoded ({err})") from None
+        item = unpack(section.payload, where)
         if not (
             isinstance(item, list)
             and len(item) == 3

@@ -65,12 +65,18 @@ def encode_component(state: SavedState) -> bytes:
     )
 
 
-def decode_component(section: Section, what: str) -> SavedState:
-    where = f"{what}: the component state at byte {section.offset}"
+def unpack(payload: bytes, where: str) -> Any:
+    """A msgpack section's payload as plain data (int map keys allowed, as states have);
+    StreamError naming `where` if it is not msgpack. What it holds is the caller's to check."""
     try:
-        item = msgpack.unpackb(section.payload, raw=False, strict_map_key=False)
+        return msgpack.unpackb(payload, raw=False, strict_map_key=False)
     except Exception as err:  # msgpack's errors have no common base: all mean "not msgpack"
         raise StreamError(f"{where} cannot be decoded ({err})") from None
+
+
+def decode_component(section: Section, what: str) -> SavedState:
+    where = f"{what}: the component state at byte {section.offset}"
+    item = unpack(section.payload, where)
     if not (
         isinstance(item, list)
         and len(item) == 4

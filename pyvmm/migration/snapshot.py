@@ -349,10 +349,7 @@ def _read_parent(
 
 
 def _decode_list(kind: type[T], payload: bytes, what: str) -> list[T]:
-    try:
-        items = msgpack.unpackb(payload, raw=False)
-    except Exception as err:  # see machine_sections.decode_component
-        raise StreamError(f"{what} cannot be decoded ({err})") from None
+    items = machine_sections.unpack(payload, what)
     if not isinstance(items, list):
         raise StreamError(f"{what} is not a list")
     return [from_plain(kind, item, f"{what}[{i}]") for i, item in enumerate(items)]
