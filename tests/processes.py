@@ -1,7 +1,7 @@
 """pyvmm's command line as scripts use it, run in processes of their own (`python -m pyvmm`):
-one command run to its end (`pyvmm`), a machine running the counter guest with a control socket
-to drive it by (`start_counter`), and a machine waiting for a migration to come in
-(`start_destination`)."""
+one command run to its end (`pyvmm`), one left running (`spawn`) and a wait for what it makes
+(`wait_for_file`), a machine running the counter guest with a control socket to drive it by
+(`start_counter`), and a machine waiting for a migration to come in (`start_destination`)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,24 @@ def pyvmm(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "pyvmm", *args], capture_output=True, text=True, timeout=timeout
     )
+
+
+def spawn(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pyvmm", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def wait_for_file(
+    path: Path, proc: subprocess.Popen[str], text: str = "", timeout: float = 120
+) -> None:
+    """Until `path` exists (a socket, or a file holding `text`), `proc` still running."""
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and (not text or text in path.read_text(errors="replace"))):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"no {text or path}"
+        time.sleep(0.1)
 
 
 def start_counter(control: Path, *options: str) -> subprocess.Popen[str]:

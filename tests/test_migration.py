@@ -392,9 +392,7 @@ def test_a_destination_that_refuses_leaves_the_source_running(tmp_path: Path) ->
 def test_a_connection_cut_mid_stream_leaves_the_source_running(tmp_path: Path) -> None:
     """A destination that accepts, takes a few pages and goes away (as a killed one does)."""
     path = tmp_path / "in.sock"
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(str(path))
-    listener.listen(1)
+    listener = unix_listener(path)
 
     def vanishing_destination() -> None:
         conn, _ = listener.accept()
@@ -437,12 +435,18 @@ def test_a_migration_to_nowhere_is_refused_in_one_line(tmp_path: Path) -> None:
         source.kill()
 
 
-def fake_destination(path: Path, answer_accept: bytes | None) -> threading.Thread:
-    """A destination that answers CONFIG+INFO with `answer_accept` (None: never answers) and
-    goes away at END without a word."""
+def unix_listener(path: Path) -> socket.socket:
+    """A stand-in destination's listening socket at `path`."""
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(str(path))
     listener.listen(1)
+    return listener
+
+
+def fake_destination(path: Path, answer_accept: bytes | None) -> threading.Thread:
+    """A destination that answers CONFIG+INFO with `answer_accept` (None: never answers) and
+    goes away at END without a word."""
+    listener = unix_listener(path)
 
     def serve() -> None:
         conn, _ = listener.accept()
@@ -554,9 +558,7 @@ def test_a_destination_that_refuses_mid_stream_is_heard_not_taken_for_a_broken_l
     """A destination that cannot take what it is sent answers why and stops reading: the
     source's sends fail then, and the answer waiting behind them is the reason it gives."""
     path = tmp_path / "in.sock"
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(str(path))
-    listener.listen(1)
+    listener = unix_listener(path)
 
     def refuses_the_first_pages() -> None:
         conn, _ = listener.accept()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from linuxkernel import lab_kernel
+from processes import spawn, wait_for_file
 
 from pyvmm.initramfs import BUSYBOX_INIT_PRELUDE, busybox_initramfs
 from pyvmm.lab.launcher import find_busybox
@@ -57,21 +58,6 @@ def pyvmm(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     )
 
 
-def spawn(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "pyvmm", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-
-
-def wait_for_socket(path: Path, proc: subprocess.Popen[str], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, f"no {path}"
-        time.sleep(0.1)
-
-
 def free_port() -> int:
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)  # the lab's init leaves it down
     with socket.socket() as probe:
@@ -99,7 +85,7 @@ def migrate(
     destination = spawn("run", "--incoming", uri, "--control", str(new_control))
     # (its control socket comes just before it listens: a Python starting in the lab's TCG
     # can take longer than the source's connect waits)
-    wait_for_socket(new_control, destination)
+    wait_for_file(new_control, destination)
     moved = pyvmm("migrate", str(control), uri, *options)
     if moved.returncode != 0:
         source.kill()
@@ -109,7 +95,7 @@ def migrate(
             f"destination: {destination.communicate()[1]}"
         )
     print(moved.stdout.strip())
-    wait_for_socket(new_control, destination)
+    wait_for_file(new_control, destination)
     return destination, moved.stdout
 
 
@@ -134,7 +120,7 @@ def test_a_linux_guest_is_snapshotted_restored_and_migrated_three_times_losing_n
     )  # fmt: skip
     running: list[subprocess.Popen[str]] = [first]
     try:
-        wait_for_socket(controls[0], first)
+        wait_for_file(controls[0], first)
         wait_for_more_ticks(console, 5)
         snap = tmp_path / "snap"
         taken = pyvmm("snapshot", str(controls[0]), str(snap), "--stop")
@@ -144,7 +130,7 @@ def test_a_linux_guest_is_snapshotted_restored_and_migrated_three_times_losing_n
 
         restored = spawn("restore", str(snap), "--control", str(controls[1]))
         running.append(restored)
-        wait_for_socket(controls[1], restored)
+        wait_for_file(controls[1], restored)
         wait_for_more_ticks(console, 5)
 
         by_unix, _ = migrate(restored, controls[1], f"unix:{tmp_path / 'in.sock'}", controls[2])

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +20,7 @@ from pathlib import Path
 import pytest
 from guestbuild import guest
 from lab_passthrough import BACKENDS
+from processes import pyvmm, spawn, wait_for_file
 
 from pyvmm.board.machine import Machine, RunState
 from pyvmm.machine.console import CaptureConsole
@@ -313,15 +312,6 @@ def test_a_destination_that_dies_mid_transfer_leaves_the_source_running(
         finish(machine, before)
 
 
-def wait_for(path: Path, proc: subprocess.Popen[str], text: str = "", timeout: float = 120) -> None:
-    """Until `path` exists (and holds `text`), `proc` still running."""
-    deadline = time.monotonic() + timeout
-    while not (path.exists() and (not text or text in path.read_text(errors="replace"))):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, f"no {text or path}"
-        time.sleep(0.1)
-
-
 @pytest.mark.lab(before=build_guests)
 def test_pyvmm_migrate_moves_an_mtty_vm_between_processes_and_snapshot_keeps_its_state(
     mttys: tuple[str, str], tmp_path: Path
@@ -338,18 +328,18 @@ def test_pyvmm_migrate_moves_an_mtty_vm_between_processes_and_snapshot_keeps_its
     moved = spawn("run", "--incoming", uri, "--vfio-host", f"{first}={second}",
                   "--control", str(moved_control))  # fmt: skip
     try:
-        wait_for(console, source, "mtty-state: ready\n")
+        wait_for_file(console, source, "mtty-state: ready\n")
         before = re.search(rf"mtty-state: before ({REGISTERS})\n", console.read_text())
         assert before is not None
-        wait_for(moved_control, moved)
-        migrated = run_pyvmm("migrate", str(control), uri, "--downtime", "300")
+        wait_for_file(moved_control, moved)
+        migrated = pyvmm("migrate", str(control), uri, "--downtime", "300", timeout=180)
         assert migrated.returncode == 0, migrated.stderr
         assert re.search(r"devices: 24 bytes sent ahead, switch-over acknowledged", migrated.stdout)
         print(migrated.stdout.strip())
         source.communicate(timeout=60)
         assert source.returncode == 0
-        wait_for(moved_control, moved)
-        saved = run_pyvmm("snapshot", str(moved_control), str(tmp_path / "snap"), "--stop")
+        wait_for_file(moved_control, moved)
+        saved = pyvmm("snapshot", str(moved_control), str(tmp_path / "snap"), "--stop", timeout=180)
         assert saved.returncode == 0, saved.stderr
         moved.communicate(timeout=60)
     finally:
@@ -362,19 +352,6 @@ def test_pyvmm_migrate_moves_an_mtty_vm_between_processes_and_snapshot_keeps_its
     )
     with restored:
         finish(restored, before.group(1))
-
-
-def spawn(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "pyvmm", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-
-
-def run_pyvmm(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pyvmm", *args], capture_output=True, text=True, timeout=180
-    )
 
 
 @pytest.mark.lab(before=build_guests)
