@@ -17,7 +17,7 @@ from guestbuild import guest, requires_kvm
 from pyvmm.board.machine import Machine, StopReason
 from pyvmm.kvm.errors import KvmUnavailable
 from pyvmm.kvm.system import System
-from pyvmm.kvm.vcpu import KICK_SIGNAL
+from pyvmm.kvm.vcpu import KICK_SIGNAL, Vcpu
 from pyvmm.machine.console import CaptureConsole
 from pyvmm.uapi import kvm as uapi
 
@@ -48,6 +48,34 @@ def test_a_kvm_without_what_pyvmm_needs_is_refused_in_one_line(
     with pytest.raises(KvmUnavailable) as err:
         Machine(mem_size=16 << 20)
     assert str(err.value) == "this KVM lacks IRQFD_RESAMPLE, IOEVENTFD, which pyvmm needs"
+
+
+def test_a_new_vcpus_tsc_counts() -> None:
+    """The check every machine makes at vCPU creation passes on a working KVM: the TSC MSR,
+    read twice, has moved."""
+    with Machine(mem_size=16 << 20) as machine:
+        vcpu = machine.vcpus[0]
+        first = vcpu.get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC]
+        assert vcpu.get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC] > first
+
+
+def test_a_kvm_that_froze_the_tsc_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lab's KVM with a stale TSC rate leaves a vCPU's TSC standing still (a Linux guest
+    then hangs at its first idle): pyvmm says so before the guest runs, and what to do."""
+    real = Vcpu.get_msrs
+
+    def frozen(self: Vcpu, indices: list[int]) -> dict[int, int]:
+        values = real(self, indices)
+        if MSR_IA32_TSC in values:
+            values[MSR_IA32_TSC] = 123456
+        return values
+
+    monkeypatch.setattr(Vcpu, "get_msrs", frozen)
+    with pytest.raises(KvmUnavailable) as err:
+        Machine(mem_size=16 << 20)
+    message = str(err.value)
+    assert message.startswith("this KVM froze vCPU 0's TSC (the host kernel's log says 'kvm: ")
+    assert "tsc_early_khz=" in message and "\n" not in message
 
 
 def test_cli_kvm_info() -> None:

@@ -186,6 +186,7 @@ class Machine:
             vcpu = self.vm.create_vcpu(vcpu_id)
             self._stack.callback(vcpu.close)
             vcpu.set_cpuid2(cpu.guest_cpuid(supported, vcpu_id, vcpu_count))
+            cpu.check_tsc_counts(vcpu)
             self.vcpus.append(vcpu)
             self.components.add(f"vcpu{vcpu_id}", VcpuComponent(vcpu))
         self.exits = ExitStats(vcpu_count, self.pio, self.mmio, trace=trace_exits)

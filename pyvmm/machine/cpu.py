@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 
+from pyvmm.kvm.errors import KvmUnavailable
 from pyvmm.kvm.vcpu import Vcpu
 from pyvmm.machine import layout
 from pyvmm.machine.memory import GuestMemory
@@ -32,6 +33,8 @@ PTE_WRITE = 1 << 1
 PTE_HUGE = 1 << 7
 
 CPUID_HYPERVISOR_BIT = 1 << 31
+
+MSR_IA32_TSC = 0x10
 
 
 KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1
@@ -89,6 +92,29 @@ def guest_cpuid(
             continue
         entries.append(entry)
     return entries
+
+
+def check_tsc_counts(vcpu: Vcpu) -> None:
+    """KvmUnavailable if KVM's view of this new vCPU's TSC stands still.
+
+    KVM gives a new vCPU the TSC rate it measured when it loaded. On a CPU without a constant
+    TSC (no invtsc: QEMU's TCG, so the lab's own KVM) the host kernel refines its TSC
+    calibration a few seconds after boot, possibly after KVM loaded. When that rate ends up
+    more than 250 ppm below the refined one and the CPU cannot scale TSCs, KVM prints "user
+    requested TSC rate below hardware speed" and leaves the vCPU's TSC scaling ratio at 0:
+    every guest TSC KVM computes (the TSC MSR, the TSC-deadline timer) is then a constant, and
+    a Linux guest's timers never fire: it hangs at its first idle. Two reads of the TSC MSR,
+    microseconds apart, tell."""
+    first = vcpu.get_msrs([MSR_IA32_TSC]).get(MSR_IA32_TSC)
+    second = vcpu.get_msrs([MSR_IA32_TSC]).get(MSR_IA32_TSC)
+    if first is not None and first == second:
+        raise KvmUnavailable(
+            f"this KVM froze vCPU {vcpu.id}'s TSC (the host kernel's log says 'kvm: user "
+            f"requested TSC rate below hardware speed'): it measured {vcpu.get_tsc_khz()} kHz "
+            "when it loaded, the host's TSC calibration moved since, and it cannot scale TSCs, "
+            "so the guest's timers would never fire; boot the host with tsc_early_khz=<its TSC "
+            "rate in kHz> or on a CPU with an invariant TSC"
+        )
 
 
 def phys_bits(supported: list[uapi.kvm_cpuid_entry2]) -> int:
