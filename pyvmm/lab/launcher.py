@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pyvmm
-from pyvmm.lab import chroot_init, qemu
+from pyvmm.lab import chroot_init, qemu, tsc
 from pyvmm.lab.errors import LabCrashed, LabError, LabReset, LabUnavailable
 from pyvmm.lab.kernel import check_kernel, find_kernel
 from pyvmm.lab.protocol import Kind
@@ -70,6 +70,9 @@ class LabOptions:
     #: Stop the lab when the command has written nothing for this long (a lab hung as a whole;
     #: for a command that says it is alive more often than this).
     silence: float | None = None
+    #: Tell the lab kernel its TSC runs this many ppm off its real rate: a stale calibration,
+    #: for the test of what pyvmm says when KVM freezes a vCPU's TSC (pyvmm.lab.tsc).
+    tsc_skew_ppm: int = 0
 
 
 @dataclass(frozen=True)
@@ -280,9 +283,19 @@ def _machine(
         devices=options.devices,
         cpus=options.cpus,
         verbose=options.verbose,
+        tsc_khz=_lab_tsc_khz(options.tsc_skew_ppm),
     )
     qemu.create_disk_images(config)
     return config
+
+
+def _lab_tsc_khz(skew_ppm: int) -> int | None:
+    khz = tsc.host_tsc_khz()
+    if khz is None:
+        if skew_ppm:
+            raise LabUnavailable("this host's TSC rate is unknown, so it cannot be skewed")
+        return None
+    return tsc.skewed(khz, skew_ppm)
 
 
 def run(

@@ -14,7 +14,8 @@ A test asks for lab hardware with the marker's keywords: `@pytest.mark.lab(devic
 adds devices to the one boot (edu is always there; `("igb",)` brings an SR-IOV PF and its VFs,
 `igbvf` and `igbvf1` in PYVMM_LAB_DEVICES); `iommu="virtio"` puts the test in a second
 boot with that IOMMU; `session="name"` puts it in a boot of its own for tests of that name (long
-tests, such as Linux boots, each boot having the --lab-timeout budget); `before=callable` is
+tests, such as Linux boots, each boot having the --lab-timeout budget); `tsc_skew_ppm=N` boots
+the lab with its kernel told a TSC rate N ppm off the real one (pyvmm.lab.tsc); `before=callable` is
 called on the host before the boot, for what must be prepared where the files are writable
 (the host's root is read-only in the lab), such as building the test guests. A test's lab
 markers (its module's, its own, a parameter's) add up, the nearest one (a parameter's first)
@@ -171,6 +172,7 @@ class LabSession:
 
     iommu: str
     name: str = ""
+    tsc_skew_ppm: int = 0  # the lab kernel is told its TSC runs this far off (pyvmm.lab.tsc)
     items: list[LabItem] = field(default_factory=list)
     results: dict[str, InnerResult] | None = None
     problem: str = ""  # why tests have no result, when the session went wrong
@@ -196,7 +198,7 @@ class LabTier:
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
-        self.sessions: dict[tuple[str, str], LabSession] = {}
+        self.sessions: dict[tuple[str, str, int], LabSession] = {}
         #: each lab boot that had to be run again (the lab crashed, hung or reset), why
         self.retries: list[str] = []
 
@@ -213,7 +215,8 @@ class LabTier:
                 stand_in.skip_reason = f"lab unavailable: {unavailable}"
             else:
                 session = self.sessions.setdefault(
-                    stand_in.session_key, LabSession(stand_in.iommu, stand_in.session_name)
+                    stand_in.session_key,
+                    LabSession(stand_in.iommu, stand_in.session_name, stand_in.tsc_skew_ppm),
                 )
                 session.items.append(stand_in)
             items[index] = stand_in
@@ -321,6 +324,7 @@ class LabTier:
             iommu=session.iommu,
             devices=session.devices,
             timeout=self.config.getoption("--lab-timeout"),
+            tsc_skew_ppm=session.tsc_skew_ppm,
             env={
                 ENV_RESULTS: str(results),
                 "HYPOTHESIS_STORAGE_DIRECTORY": str(share / "hypothesis"),
@@ -329,7 +333,8 @@ class LabTier:
         output.line(
             f"lab: running {len(nodeids)} tests in QEMU "
             f"(iommu {session.iommu}, devices {', '.join(session.devices)}"
-            f"{', session ' + session.name if session.name else ''})"
+            f"{', session ' + session.name if session.name else ''}"
+            f"{f', TSC told {session.tsc_skew_ppm} ppm off' if session.tsc_skew_ppm else ''})"
         )
         started = time.monotonic()
         assert session.results is not None
@@ -408,7 +413,8 @@ class LabItem(pytest.Item):
         self.lab_devices: tuple[str, ...] = tuple(lab.get("devices", ()))
         self.iommu: str = lab.get("iommu", "intel")
         self.session_name: str = lab.get("session", "")
-        self.session_key = (self.iommu, self.session_name)
+        self.tsc_skew_ppm: int = lab.get("tsc_skew_ppm", 0)
+        self.session_key = (self.iommu, self.session_name, self.tsc_skew_ppm)
         self.before: Callable[[], object] | None = lab.get("before")
         self.skip_reason: str | None = None
 

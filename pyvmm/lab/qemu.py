@@ -162,13 +162,16 @@ def check_devices(devices: Sequence[str]) -> None:
         raise LabError(f"unknown lab device {unknown[0]!r}; choose from {', '.join(DEVICES)}")
 
 
-def kernel_cmdline(iommu: str, verbose: bool) -> str:
+def kernel_cmdline(iommu: str, verbose: bool, tsc_khz: int | None = None) -> str:
     args = ["console=ttyS0", "panic=-1", "intel_iommu=on"]
     if iommu == "virtio":
         # virtio-iommu has no interrupt remapping; VFIO refuses MSI without this.
         args += ["vfio_iommu_type1.allow_unsafe_interrupts=1", "iommufd.allow_unsafe_interrupts=1"]
     if not verbose:
         args.append("quiet")
+    if tsc_khz:
+        # the rate QEMU runs its TSC at, so that KVM's vCPUs get it (pyvmm.lab.tsc says why)
+        args.append(f"tsc_early_khz={tsc_khz}")
     return " ".join(args)
 
 
@@ -188,6 +191,7 @@ class LabMachine:
     cpus: int = DEFAULT_CPUS
     verbose: bool = False
     monitor: str | None = None  # a chardev for QEMU's QMP monitor (pyvmm.lab.monitor)
+    tsc_khz: int | None = None  # the lab kernel's TSC rate (pyvmm.lab.tsc); None: it measures
 
 
 def reset_log(config: LabMachine) -> Path:
@@ -226,7 +230,7 @@ def command(qemu: str, config: LabMachine) -> list[str]:
         "-initrd",
         str(config.initrd),
         "-append",
-        kernel_cmdline(config.iommu, config.verbose),
+        kernel_cmdline(config.iommu, config.verbose, config.tsc_khz),
     ]
     # The IOMMU comes first: it must exist before the PCI devices it translates.
     if config.iommu == "intel":

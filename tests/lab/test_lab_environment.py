@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,8 @@ from pyvmm.uapi import kvm as uapi
 from pyvmm.vfio.sysfs import VFIO_PCI, Sysfs
 
 pytestmark = pytest.mark.lab
+
+MSR_IA32_TSC = 0x10
 
 
 def test_device_nodes_exist() -> None:
@@ -40,6 +45,27 @@ def test_the_labs_kvm_has_what_pyvmm_needs() -> None:
     with System() as kvm:
         kvm.check_required()
         assert kvm.check_extension(uapi.KvmCap.NR_MEMSLOTS) >= 32
+
+
+def test_the_labs_kvm_gives_a_vcpu_the_tsc_rate_its_kernel_refined() -> None:
+    """The lab kernel is told its TSC rate (tsc_early_khz=, pyvmm.lab.tsc), so its KVM gives new
+    vCPUs the rate the kernel refined a few seconds into its boot, and their TSC runs. A stale
+    rate freezes them (test_lab_guest has that case)."""
+    assert re.search(r"(^| )tsc_early_khz=\d+( |$)", Path("/proc/cmdline").read_text().strip())
+    log = subprocess.run(["dmesg"], capture_output=True, text=True, check=True).stdout
+    assert "user requested TSC rate below hardware speed" not in log
+    refined = re.search(r"Refined TSC clocksource calibration: (\d+)\.(\d+) MHz", log)
+    assert refined, "the lab kernel did not refine its TSC rate"
+    refined_khz = int(refined[1]) * 1000 + int(refined[2])
+    with (
+        System() as kvm,
+        contextlib.closing(kvm.create_vm()) as vm,
+        contextlib.closing(vm.create_vcpu(0)) as vcpu,
+    ):
+        given = vcpu.get_tsc_khz()
+        first = vcpu.get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC]
+        assert vcpu.get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC] > first
+    assert abs(given - refined_khz) * 1_000_000 <= 250 * refined_khz, (given, refined_khz)
 
 
 def test_a_failing_lab_test_reports_what_the_labs_kernel_logged_during_it(
