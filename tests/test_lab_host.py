@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from fakesysfs import EDU, IGB, IGB_VFS, NVME, FakeKernel, FakeTree
 
-from pyvmm.lab import agent, chroot_init, cli, kernel, launcher, protocol, qemu
+from pyvmm.lab import agent, chroot_init, cli, kernel, launcher, protocol, qemu, tsc
 from pyvmm.lab.errors import LabCrashed, LabError, LabTimeout, LabUnavailable
 from pyvmm.lab.protocol import Kind
 from pyvmm.lab.pytest_plugin import InnerResult, read_results
@@ -229,6 +229,42 @@ def test_command_line_has_what_the_lab_needs() -> None:
     shares = {options(v)["mount_tag"]: options(v) for v in option_values(argv, "-virtfs")}
     assert shares["hostroot"]["path"] == "/" and shares["hostroot"]["readonly"] == "on"
     assert shares["results"]["path"] == "/t/share" and "readonly" not in shares["results"]
+
+
+def test_the_lab_kernel_is_told_its_tsc_rate_when_it_is_known() -> None:
+    """With the host's TSC rate the lab kernel never measures its own (a stale measurement makes
+    its KVM freeze vCPUs' TSCs: pyvmm.lab.tsc); without it, it measures as before."""
+    told = qemu.command("qemu", machine(tsc_khz=2445432))
+    assert "tsc_early_khz=2445432" in option_values(told, "-append")[0].split()
+    untold = qemu.command("qemu", machine())
+    assert not [a for a in option_values(untold, "-append")[0].split() if a.startswith("tsc_")]
+
+
+def test_the_hosts_tsc_rate() -> None:
+    """The host KVM's rate for a new vCPU where there is /dev/kvm; /proc/cpuinfo's "cpu MHz"
+    only where the kernel knows it is its TSC's (tsc_known_freq); a skew in ppm."""
+    if os.path.exists("/dev/kvm"):
+        khz = tsc.host_tsc_khz()
+        assert khz is not None and 100_000 < khz < 10_000_000
+    assert tsc.skewed(2_445_432, -500) == 2_445_432 - 1223
+    assert tsc.skewed(2_445_432, 0) == 2_445_432
+
+
+@pytest.mark.parametrize(
+    ("flags", "mhz", "khz"),
+    [
+        ("fpu tsc constant_tsc tsc_known_freq", "2445.432", 2445432),
+        ("fpu tsc constant_tsc", "2445.432", None),
+    ],
+)
+def test_cpuinfo_gives_the_tsc_rate_only_when_known(
+    tmp_path: Path, flags: str, mhz: str, khz: int | None
+) -> None:
+    cpu = f"processor\t: {{n}}\nvendor_id\t: AuthenticAMD\ncpu MHz\t\t: {mhz}\nflags\t\t: {flags}\n"
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(cpu.format(n=0) + "\n" + cpu.format(n=1).replace(mhz, "1.000"))
+    assert tsc.cpuinfo_tsc_khz(cpuinfo) == khz
+    assert tsc.cpuinfo_tsc_khz(tmp_path / "absent") is None
 
 
 @pytest.mark.parametrize("iommu", ["intel", "virtio"])

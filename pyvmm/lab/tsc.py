@@ -42,10 +42,10 @@ def host_tsc_khz(cpuinfo: Path = Path("/proc/cpuinfo")) -> int | None:
             return khz
     except (KvmError, IoctlError, OSError):
         pass
-    return _cpuinfo_tsc_khz(cpuinfo)
+    return cpuinfo_tsc_khz(cpuinfo)
 
 
-def _cpuinfo_tsc_khz(cpuinfo: Path) -> int | None:
+def cpuinfo_tsc_khz(cpuinfo: Path) -> int | None:
     try:
         text = cpuinfo.read_text()
     except OSError:
