@@ -5,18 +5,20 @@ resume across devices, a device that refuses, the destination's loading of data 
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from typing import ClassVar
 
 import msgpack
 import pytest
+from streams import sections_of
 
 from pyvmm.errors import ConfigError
 from pyvmm.machine.component import Components
 from pyvmm.machine.config import DeviceConfig, MachineConfig
 from pyvmm.machine.state import StateError
-from pyvmm.migration.device_precopy import DeviceLoader
-from pyvmm.migration.stream import Section, SectionType, StreamError
+from pyvmm.migration.device_precopy import DeviceLoader, DevicePrecopy
+from pyvmm.migration.stream import Section, SectionFlag, SectionType, StreamError, StreamWriter
 from pyvmm.uapi.vfio import VfioDeviceState as State
 from pyvmm.uapi.vfio import VfioMigrationFlag as Flag
 from pyvmm.vfio.errors import VfioError
@@ -170,6 +172,74 @@ def test_the_destination_acknowledges_once_every_device_has_its_initial_bytes() 
     loader.load(section("pci/00:01.0", b"+more", True), "the stream")
     assert acks == [1]
     assert (a.loaded, b.loaded) == (b"head+more", b"HEAD")
+
+
+def saving_ahead(*ids: object) -> Section:
+    return Section(SectionType.SAVING_AHEAD, msgpack.packb(list(ids)), offset=12)
+
+
+class FakePrecopySource:
+    def __init__(self) -> None:
+        self.began = False
+
+    def precopy_begin(self) -> None:
+        self.began = True
+
+    def precopy_read(self) -> tuple[bytes, bool]:
+        return b"chunk", True
+
+
+def test_the_source_names_the_devices_it_saves_ahead_before_their_data() -> None:
+    """SAVING_AHEAD, OPTIONAL (an older destination skips it and waits for all its own
+    devices), then each round's DEVICE_DATA."""
+    parts = {"pci/00:01.0": FakePrecopySource(), "pci/00:03.0": FakePrecopySource()}
+    out = io.BytesIO()
+    writer = StreamWriter(out)
+    precopy = DevicePrecopy(parts)
+    precopy.begin(writer)
+    precopy.send(writer)
+    writer.end()
+    assert all(part.began for part in parts.values())
+    found = [
+        (kind, flags, msgpack.unpackb(payload))
+        for kind, flags, payload in sections_of(out.getvalue())[:-1]
+    ]
+    assert found == [
+        (SectionType.SAVING_AHEAD, SectionFlag.OPTIONAL, ["pci/00:01.0", "pci/00:03.0"]),
+        (SectionType.DEVICE_DATA, 0, ["pci/00:01.0", b"chunk", True]),
+        (SectionType.DEVICE_DATA, 0, ["pci/00:03.0", b"chunk", True]),
+    ]
+    assert precopy.initial_sent
+
+
+def test_the_destination_waits_only_for_the_devices_the_source_saves_ahead() -> None:
+    """A device that saves ahead here but not on the source (another driver, paired with
+    --vfio-host) takes all its state at the stop: the acknowledgement does not wait for it."""
+    a, b = FakeSavingAhead("vfio a"), FakeSavingAhead("vfio b")
+    loader, acks = loader_of(a, b)
+    loader.expect(saving_ahead("pci/00:02.0"), "the stream")
+    assert loader.awaited == {"pci/00:02.0"}
+    loader.load(section("pci/00:02.0", b"HEAD", True), "the stream")
+    assert acks == [1] and (a.loaded, b.loaded) == (b"", b"HEAD")
+    with pytest.raises(StreamError, match=r"for 'pci/00:01.0', which the source did not name"):
+        loader.load(section("pci/00:01.0", b"x", True), "the stream")
+
+
+@pytest.mark.parametrize(
+    "ids, message",
+    [
+        (("pci/00:01.0", "pci/00:09.0"), "saves pci/00:09.0 ahead .*cannot take data ahead here"),
+        ((), "is not a list of component ids"),
+        (("pci/00:01.0", 7), "is not a list of component ids"),
+    ],
+)
+def test_a_source_that_saves_ahead_what_cannot_take_it_here_is_refused(
+    ids: tuple[object, ...], message: str
+) -> None:
+    loader, acks = loader_of(FakeSavingAhead("vfio a"))
+    with pytest.raises(StreamError, match=f"devices saving ahead at byte 12.*{message}"):
+        loader.expect(saving_ahead(*ids), "the stream")
+    assert loader.awaited == {"pci/00:01.0"} and acks == []
 
 
 @pytest.mark.parametrize(

@@ -265,6 +265,8 @@ def _read_body(
                     populate = len(pages) >= LONG_RUN and not machine.can_pre_fault
                     memory.write_pages(gpa, pages, populate=populate)
                     pre_fault(gpa, len(pages))
+            elif kind == SectionType.SAVING_AHEAD and not components:
+                devices.expect(section, what)
             elif kind == SectionType.DEVICE_DATA and not components:
                 devices.load(section, what)
             elif kind == SectionType.COMPONENT:

@@ -3,11 +3,14 @@
 A device whose driver has PRE_COPY gives part of its state while it runs: on the source, a
 live migration moves it from RUNNING to PRE_COPY with its first round of pages, and each round
 reads what the device has for now and sends it as a DEVICE_DATA section (msgpack
-`[component id, data, initial_done]`). `initial_done` says that VFIO_MIG_GET_PRECOPY_INFO
+`[component id, data, initial_done]`); a SAVING_AHEAD section (msgpack, the ids) names those
+devices before the first of it. `initial_done` says that VFIO_MIG_GET_PRECOPY_INFO
 reported no initial bytes left: what the device needs to have loaded before it can take the
 rest quickly (for a NIC, its ring setup). On the destination, the first chunk takes the stopped
-device to RESUMING and each chunk is written to its data fd; once every device the destination
-has that saves ahead has its initial bytes loaded, it answers `{"switchover_ack": true}`, and
+device to RESUMING and each chunk is written to its data fd; once every device the source
+named has its initial bytes loaded, it answers `{"switchover_ack": true}` (a device that saves
+ahead here but not on the source takes all its state at the stop, as one that never saves
+ahead does), and
 the source does not stop its machine before it has that answer (QEMU's switchover-ack, for the
 same reason: loading the initial bytes can take long, and it must not take the downtime). At
 the stop, the device goes from PRE_COPY_P2P to STOP_COPY on the same data fd, and what is left
@@ -28,7 +31,7 @@ import msgpack
 from pyvmm.machine.component import Components
 from pyvmm.machine.state import StateError
 from pyvmm.migration.machine_sections import unpack
-from pyvmm.migration.stream import Section, SectionType, StreamError, StreamWriter
+from pyvmm.migration.stream import Section, SectionFlag, SectionType, StreamError, StreamWriter
 from pyvmm.uapi.ioctl import IoctlError
 from pyvmm.vfio.errors import VfioError
 
@@ -46,11 +49,19 @@ class DevicePrecopy:
         self.sent_bytes = 0
         self.rounds = 0
 
-    def begin(self) -> None:
-        """Every part to PRE_COPY (as the first round of pages starts)."""
+    def begin(self, writer: StreamWriter) -> None:
+        """Every part to PRE_COPY (as the first round of pages starts), and the destination
+        told which parts will send data ahead."""
         for component_id, part in self.parts.items():
             part.precopy_begin()
             log.info("%s: saving ahead (PRE_COPY)", component_id)
+        if self.parts:
+            # OPTIONAL: a destination that does not know it waits for all its own parts
+            writer.section(
+                SectionType.SAVING_AHEAD,
+                msgpack.packb(list(self.parts), use_bin_type=True),
+                flags=SectionFlag.OPTIONAL,
+            )
 
     def send(self, writer: StreamWriter) -> None:
         """One round: what each part has for now, as DEVICE_DATA sections (one at least, with
@@ -94,13 +105,30 @@ class DevicePrecopy:
 
 class DeviceLoader:
     """The destination's side: chunks into the parts, and the acknowledgement once every part
-    that saves ahead has its initial bytes (`acknowledge()` is called once)."""
+    the source saves ahead has its initial bytes (`acknowledge()` is called once)."""
 
     def __init__(self, components: Components, acknowledge: Callable[[], None]) -> None:
         self.parts = components.precopy_parts()
         self._acknowledge = acknowledge
+        #: the parts whose initial bytes the acknowledgement waits for: those the source names
+        #: (all that save ahead here, for a source that names none)
+        self.awaited: set[str] = set(self.parts)
         self._initial_done: set[str] = set()
         self.acknowledged = False
+
+    def expect(self, section: Section, what: str) -> None:
+        """The SAVING_AHEAD section: the parts the source will send data ahead for."""
+        where = f"{what}: the list of devices saving ahead at byte {section.offset}"
+        ids = unpack(section.payload, where)
+        if not (isinstance(ids, list) and ids and all(isinstance(i, str) for i in ids)):
+            raise StreamError(f"{where} is not a list of component ids")
+        unable = [i for i in ids if i not in self.parts]
+        if unable:
+            raise StreamError(
+                f"{where}: the source saves {', '.join(unable)} ahead (VFIO PRE_COPY), which "
+                "cannot take data ahead here: pair it with a device whose driver has PRE_COPY"
+            )
+        self.awaited = set(ids)
 
     def load(self, section: Section, what: str) -> None:
         where = f"{what}: the device data at byte {section.offset}"
@@ -117,6 +145,8 @@ class DeviceLoader:
         part = self.parts.get(component_id)
         if part is None:
             raise StreamError(f"{where} is for {component_id!r}, which saves nothing ahead here")
+        if component_id not in self.awaited:
+            raise StreamError(f"{where} is for {component_id!r}, which the source did not name")
         try:
             part.precopy_load(chunk)
         except (VfioError, OSError) as err:
@@ -124,6 +154,6 @@ class DeviceLoader:
             raise StateError(f"{name}: the device refused the data sent ahead: {err}") from None
         if initial_done:
             self._initial_done.add(component_id)
-        if not self.acknowledged and self._initial_done == set(self.parts):
+        if not self.acknowledged and self._initial_done >= self.awaited:
             self.acknowledged = True
             self._acknowledge()

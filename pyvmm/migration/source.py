@@ -7,7 +7,8 @@ the same socket with JSON lines (transport.py):
     header, CONFIG, INFO                 ->
                                          <-     {"accept": true} | {"error": "why"}
     PAGES / ZERO_PAGES / PAGE_RUNS: all RAM (round 0), then each round the pages dirtied since,
-    each round followed by DEVICE_DATA (devices saving ahead)
+    each round followed by DEVICE_DATA (devices saving ahead,
+    named by SAVING_AHEAD before round 0)
                                          <-     {"switchover_ack": true} (devices saving ahead)
     (the machine paused) last dirty pages, COMPONENT*, END
                                          <-     {"resumed": true, "phases_ms": ...} | {"error": ..}
@@ -185,7 +186,7 @@ class Migration:
         self.machine.dirty.start()
         if self.machine.state is RunState.RUNNING:  # (a paused machine's devices stay stopped)
             self._devices = DevicePrecopy(self.machine.components.precopy_parts())
-            self._devices.begin()
+            self._devices.begin(writer)
         bitmaps, step = self._precopy(writer)
         self.progress.status = "completing"
         self._drain(sock)

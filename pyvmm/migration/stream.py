@@ -55,6 +55,7 @@ class SectionType(enum.IntEnum):
     PAGE_RUNS = 8  # a migration: runs of guest pages, each with its address
     POSTCOPY = 9  # a migration switching to post-copy: the pages the destination lacks
     DEVICE_DATA = 10  # a migration: a part's state read ahead of the stop (VFIO PRE_COPY)
+    SAVING_AHEAD = 11  # a migration: the parts that send DEVICE_DATA, before the first of it
 
 
 class SectionFlag(enum.IntFlag):
