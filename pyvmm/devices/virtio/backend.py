@@ -42,6 +42,10 @@ class VirtioBackend:
         """The device-specific configuration space, read-only by default."""
         return b""
 
+    def config_write(self, offset: int, size: int, value: int) -> None:
+        """The driver wrote `size` bytes at `offset` of the configuration space (ignored by
+        default: most fields are the device's to set)."""
+
     def chosen_options(self) -> dict[str, Any]:
         """Options the backend chose itself (see PciFunction.chosen_options)."""
         return {}

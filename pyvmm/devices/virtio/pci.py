@@ -201,6 +201,9 @@ class VirtioPciDevice(PciFunction):
         if offset + size <= COMMON_SIZE:
             with self._lock:
                 self.common.write(offset, size, value)
+        elif DEVICE_OFFSET <= offset < DEVICE_OFFSET + DEVICE_MAX:
+            with self._lock:
+                self.backend.config_write(offset - DEVICE_OFFSET, size, value)
         elif NOTIFY_OFFSET <= offset < NOTIFY_OFFSET + NOTIFY_MULTIPLIER * len(self.queues):
             # Only reached when KVM's ioeventfd did not take the write.
             self._notify[(offset - NOTIFY_OFFSET) // NOTIFY_MULTIPLIER].signal()
