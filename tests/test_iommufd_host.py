@@ -143,8 +143,10 @@ def test_iommufd_commands_on_a_machine_without_iommufd_say_so(tmp_path: Path) ->
 @needs_kvm
 def test_viommu_and_hwpt_options_are_checked_before_any_device_is_opened() -> None:
     with Machine(mem_size=16 << 20) as machine:
-        with pytest.raises(ConfigError, match=r"--viommu virtio: use none or nested"):
-            machine.add_device("vfio-pci", host="0000:00:04.0", viommu="virtio")
+        with pytest.raises(ConfigError, match=r"--viommu smmu: use none, nested, virtio"):
+            machine.add_device("vfio-pci", host="0000:00:04.0", viommu="smmu")
         with pytest.raises(ConfigError, match="--hwpt and --viommu nested each choose"):
             machine.add_device("vfio-pci", host="0000:00:04.0", hwpt=True, viommu="nested")
+        with pytest.raises(ConfigError, match="--hwpt and --viommu virtio each choose"):
+            machine.add_device("vfio-pci", host="0000:00:04.0", hwpt=True, viommu="virtio")
         assert machine.vfio_backend is None  # nothing was opened

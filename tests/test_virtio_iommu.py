@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import struct
+from collections.abc import Callable
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -27,11 +28,14 @@ from pyvmm.devices.virtio.iommu_domains import (
     MAP_F_WRITE,
     BackingError,
     GuestDomains,
+    GuestDomainsState,
     Refused,
     Status,
 )
 from pyvmm.devices.virtio.pci_common import STATUS_DRIVER_OK
 from pyvmm.devices.virtio.pci_layout import DEVICE_OFFSET
+from pyvmm.machine import acpi
+from pyvmm.machine.state import StateError, from_plain, to_plain
 
 RAM = (0, 64 << 20)  # guest RAM: [0, 64 MiB)
 EP_A, EP_B, EP_C = 0x08, 0x10, 0x18  # 00:01.0, 00:02.0, 00:03.0
@@ -360,3 +364,59 @@ def test_the_device_answers_linux_style_requests_through_its_ring() -> None:
         assert (backend.requests, backend.refused) == (7, 4)
         driver.write("device_status", 0)  # a reset: every domain gone, bypass on
         assert host.tables == {} and host.placement[EP_A] == "identity"
+
+
+def test_the_viot_names_the_iommu_and_each_endpoint_behind_it() -> None:
+    """As Linux's drivers/acpi/viot.c reads it: a virtio-pci IOMMU node, and a one-function PCI
+    range per endpoint whose output node is that IOMMU node."""
+    table = acpi.viot(0x18, [0x20, 0x28])
+    assert table[:4] == b"VIOT" and sum(table) % 256 == 0
+    length = struct.unpack_from("<I", table, 4)[0]
+    assert length == len(table) == 36 + 12 + 16 + 2 * 24
+    count, first = struct.unpack_from("<HH", table, 36)
+    assert (count, first) == (3, 48)
+    assert struct.unpack_from("<BxHHH", table, first) == (3, 16, 0, 0x18)
+    ranges = [struct.unpack_from("<BxHIHHHHH", table, first + 16 + 24 * i) for i in range(2)]
+    assert ranges == [(1, 24, 0x20, 0, 0, 0x20, 0x20, 48), (1, 24, 0x28, 0, 0, 0x28, 0x28, 48)]
+
+
+def test_the_domains_state_round_trips_into_a_new_host() -> None:
+    domains, host = model(EP_A, EP_B, EP_C)
+    domains.attach(1, EP_A, 0)
+    domains.attach(1, EP_B, 0)
+    domains.attach(3, EP_C, ATTACH_F_BYPASS)
+    domains.map(1, 0x10000, 0x1FFFF, 0x200000, MAP_F_READ | MAP_F_WRITE)
+    domains.map(1, 0x4000, 0x4FFF, 0x1000, MAP_F_READ)
+    domains.set_bypass(False)
+    state = from_plain(GuestDomainsState, to_plain(domains.save()))
+    again, new_host = model(EP_A, EP_B, EP_C)
+    again.restore(state)
+    agrees(again, new_host)
+    assert new_host.placement == host.placement and new_host.tables == host.tables
+    assert again.translate(EP_B, 0x10008) == 0x200008 and not again.bypass
+
+
+@pytest.mark.parametrize(
+    ("damage", "why"),
+    [
+        (lambda s: s.domains[0].endpoints.append(0x99), "no endpoint 0x99"),
+        (lambda s: s.domains[0].mappings.append(s.domains[0].mappings[0]), "already mapped"),
+        (lambda s: setattr(s.domains[0].mappings[0], "gpa", RAM[1]), "is not guest RAM"),
+        (lambda s: s.domains[0].endpoints.clear(), "domain 1 has no endpoint"),
+        (lambda s: s.domains.append(s.domains[0]), "in two domains"),
+    ],
+)
+def test_a_saved_state_no_guest_could_make_is_refused_leaving_nothing(
+    damage: Callable[[GuestDomainsState], object], why: str
+) -> None:
+    domains, _ = model()
+    domains.attach(1, EP_A, 0)
+    domains.map(1, 0, PAGE - 1, 0, MAP_F_READ)
+    state = domains.save()
+    damage(state)
+    again, host = model()
+    with pytest.raises(StateError, match=f"the saved virtio-iommu domains do not fit: .*{why}"):
+        again.restore(state)
+    assert (
+        host.tables == {} and again.domains == {} and set(host.placement.values()) == {"identity"}
+    )

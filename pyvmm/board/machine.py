@@ -59,6 +59,7 @@ from pyvmm.uapi import kvm as uapi
 from pyvmm.uapi.ioctl import IoctlError
 
 if TYPE_CHECKING:
+    from pyvmm.board.guest_iommu import GuestIommu
     from pyvmm.vfio.context import VfioContext
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ class Machine:
         self.vcpus: list[Vcpu] = []
         self._devices: list[DeviceConfig] = []
         self._vfio: VfioContext | None = None
+        self._guest_iommu: GuestIommu | None = None
         self._input: ConsoleInput | None = None
         self._components_paused = False
         self._unrunnable = ""  # why the machine must not start (a failed restore), if it must not
@@ -253,7 +255,18 @@ class Machine:
         """The backend of the machine's IOMMU context, once it has one."""
         return self._vfio.backend if self._vfio is not None else None
 
+    def guest_iommu(self) -> GuestIommu:
+        """The machine's virtio-iommu (`--viommu virtio`), made on first use."""
+        from pyvmm.board.guest_iommu import GuestIommu
+
+        if self._guest_iommu is None:
+            self._guest_iommu = GuestIommu(self)
+        return self._guest_iommu
+
     def _close_vfio(self) -> None:
+        if self._guest_iommu is not None:
+            self._guest_iommu.close()
+            self._guest_iommu = None
         if self._vfio is not None:
             self._vfio.close()
             self._vfio = None
@@ -264,8 +277,15 @@ class Machine:
         self, kernel: str, initrd: str | None = None, cmdline: str = ""
     ) -> LinuxBoot | PvhBoot:
         """Boot Linux: a bzImage, or a vmlinux with a PVH entry note (see pyvmm.machine.boot)."""
+        extra = (self._guest_iommu.viot(),) if self._guest_iommu is not None else ()
         return boot.boot_linux(
-            self.memory, self.vcpus, kernel, initrd, cmdline, pci_memory=self.pci.memory_windows
+            self.memory,
+            self.vcpus,
+            kernel,
+            initrd,
+            cmdline,
+            pci_memory=self.pci.memory_windows,
+            acpi_tables=extra,
         )
 
     def load_elf(self, path: str) -> None:

@@ -100,10 +100,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     page_table.add_argument(
         "--viommu",
-        choices=("none", "nested"),
+        choices=("none", "nested", "virtio"),
         default="none",
         help="iommufd: nested puts the devices on the stage 2 of hardware nesting (a "
-        "NEST_PARENT HWPT, a vIOMMU and a vDEVICE each); refused where the IOMMU cannot nest",
+        "NEST_PARENT HWPT, a vIOMMU and a vDEVICE each; refused where the IOMMU cannot nest); "
+        "virtio gives the guest a virtio-iommu in front of them (each guest domain an IOAS "
+        "and HWPT of its own)",
     )
     add_run_options(run)
     run.set_defaults(func=cmd_run)

@@ -6,6 +6,7 @@
 - DSDT: the PCI root bridge PCI0 (bus 0, its I/O window and its MMIO windows below
   and above 4 GiB) and the \\_S5 sleep state.
 - MCFG: ECAM for bus 0.
+- VIOT, with `--viommu virtio`: the virtio-iommu and the PCI functions behind it.
 
 Why ACPI rather than an MP table: SMP needs either, but an orderly guest power-off needs ACPI,
 and with ACPI present Linux finds PCI roots through the DSDT, so all of it comes together.
@@ -189,6 +190,28 @@ def mcfg() -> bytes:
     return _table(b"MCFG", 1, body)
 
 
+VIOT_NODE_PCI_RANGE = 1
+VIOT_NODE_VIRTIO_IOMMU_PCI = 3
+_VIOT_HEAD = struct.Struct("<HH8x")  # node count, offset of the first node
+_VIOT_IOMMU = struct.Struct("<BxHHH8x")  # type, length, segment, bdf
+_VIOT_RANGE = struct.Struct("<BxHIHHHHH6x")  # type, length, endpoint_start, segments, bdfs, output
+
+
+def viot(iommu_devfn: int, endpoints: Sequence[int]) -> bytes:
+    """The Virtual I/O Translation table (ACPI 6.4 §5.2.31): the virtio-iommu at `iommu_devfn`
+    of bus 0, and for each endpoint devfn a PCI range of one function whose endpoint id is its
+    requester id, translated by it."""
+    iommu_node = 36 + _VIOT_HEAD.size
+    nodes = [_VIOT_IOMMU.pack(VIOT_NODE_VIRTIO_IOMMU_PCI, _VIOT_IOMMU.size, 0, iommu_devfn)]
+    for devfn in endpoints:
+        nodes.append(
+            _VIOT_RANGE.pack(
+                VIOT_NODE_PCI_RANGE, _VIOT_RANGE.size, devfn, 0, 0, devfn, devfn, iommu_node
+            )
+        )
+    return _table(b"VIOT", 0, _VIOT_HEAD.pack(len(nodes), iommu_node) + b"".join(nodes))
+
+
 def xsdt(entries: list[int]) -> bytes:
     return _table(b"XSDT", 1, struct.pack(f"<{len(entries)}Q", *entries))
 
@@ -208,9 +231,13 @@ class AcpiTables:
 
 
 def write_tables(
-    memory: GuestMemory, vcpus: int, pci_memory: Sequence[tuple[int, int]]
+    memory: GuestMemory,
+    vcpus: int,
+    pci_memory: Sequence[tuple[int, int]],
+    extra: Sequence[bytes] = (),
 ) -> AcpiTables:
-    """Build every table, place them from ACPI_TABLES_START (16-byte aligned), return where."""
+    """Build every table (and the `extra` ones the board's devices give, such as the VIOT),
+    place them from ACPI_TABLES_START (16-byte aligned), return where."""
     cursor = ACPI_TABLES_START
     placed: dict[str, int] = {}
 
@@ -230,6 +257,7 @@ def write_tables(
         place("FACP", fadt(dsdt_address)),
         place("APIC", madt(vcpus)),
         place("MCFG", mcfg()),
+        *(place(table[:4].decode(), table) for table in extra),
     ]
     xsdt_address = place("XSDT", xsdt(entries))
     memory.write(rsdp_slot, rsdp(xsdt_address))

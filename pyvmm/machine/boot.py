@@ -27,10 +27,11 @@ def boot_linux(
     cmdline: str = "",
     *,
     pci_memory: Sequence[tuple[int, int]],
+    acpi_tables: Sequence[bytes] = (),
 ) -> LinuxBoot | PvhBoot:
     """Load Linux (bzImage, or vmlinux with a PVH note) and its initrd; set up the BSP.
-    `pci_memory` is the PCI bus's memory windows, for the DSDT."""
-    tables = acpi.write_tables(memory, len(vcpus), pci_memory)
+    `pci_memory` is the PCI bus's memory windows, for the DSDT; `acpi_tables` more tables."""
+    tables = acpi.write_tables(memory, len(vcpus), pci_memory, acpi_tables)
     write_reset_vector(memory)
     for vcpu in vcpus:
         cpu.set_boot_msrs(vcpu)

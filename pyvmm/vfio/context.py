@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from pyvmm.kvm.vm import Vm
     from pyvmm.machine.address_space import AddressSpace
     from pyvmm.vfio.device import VfioDevice
+    from pyvmm.vfio.iommufd.objects import VfioBinding
     from pyvmm.vfio.sysfs import PciDevice
 
 log = logging.getLogger(__name__)
@@ -135,11 +136,20 @@ class VfioContext:
         self.close()
 
 
+class GuestIommuEndpoints(Protocol):
+    """The machine's virtio-iommu as assignment sees it: where a device behind it registers."""
+
+    def add_endpoint(self, binding: VfioBinding, devfn: int) -> None: ...
+
+
 class VfioHost(DeviceHost, Protocol):
     """What assigning a device needs of the machine: a DeviceHost with its one IOMMU context
-    (made by the first device assigned, in the backend asked for or the host's default)."""
+    (made by the first device assigned, in the backend asked for or the host's default), and
+    its virtio-iommu (`--viommu virtio`, made by the first device behind it)."""
 
     @property
     def vfio_backend(self) -> str | None: ...
 
     def vfio(self, backend: str | None = None) -> VfioContext: ...
+
+    def guest_iommu(self) -> GuestIommuEndpoints: ...

@@ -25,7 +25,9 @@ import logging
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import ClassVar, Protocol
+
+from pyvmm.machine.state import StateError
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +128,10 @@ class Domain:
             found.append(mapping)
         return found[::-1]
 
+    def mapped(self) -> list[Mapping]:
+        """Its mappings, by IOVA."""
+        return [self.mappings[start] for start in self.starts]
+
     def add(self, mapping: Mapping) -> None:
         bisect.insort(self.starts, mapping.start)
         self.mappings[mapping.start] = mapping
@@ -133,6 +139,31 @@ class Domain:
     def remove(self, mapping: Mapping) -> None:
         self.starts.pop(bisect.bisect_left(self.starts, mapping.start))
         del self.mappings[mapping.start]
+
+
+@dataclass
+class SavedMapping:
+    start: int
+    end: int
+    gpa: int
+    flags: int
+
+
+@dataclass
+class SavedDomain:
+    id: int
+    bypass: bool
+    endpoints: list[int]
+    mappings: list[SavedMapping]
+
+
+@dataclass
+class GuestDomainsState:
+    """The guest's domains, their endpoints and mappings, and the bypass bit."""
+
+    VERSION: ClassVar[int] = 1
+    bypass: bool
+    domains: list[SavedDomain]
 
 
 @dataclass(frozen=True)
@@ -159,7 +190,7 @@ class GuestDomains:
         reserved: Callable[[int], list[tuple[int, int]]] = lambda endpoint: [],
     ) -> None:
         self.backing = backing
-        self.endpoints = frozenset(endpoints)
+        self.endpoints = set(endpoints)  # (added to before the guest runs)
         self.in_ram = in_ram
         self.limits = limits
         self.reserved = reserved
@@ -274,6 +305,43 @@ class GuestDomains:
                 self._quietly(self.backing.destroy, domain_id)
         self.domains.clear()
         self.attached.clear()
+
+    # state (a component of the machine: "viommu")
+
+    state_type: ClassVar[type] = GuestDomainsState
+
+    def save(self) -> GuestDomainsState:
+        return GuestDomainsState(
+            self.bypass,
+            [
+                SavedDomain(
+                    domain_id,
+                    domain.bypass,
+                    sorted(domain.endpoints),
+                    [SavedMapping(m.start, m.end, m.gpa, m.flags) for m in domain.mapped()],
+                )
+                for domain_id, domain in sorted(self.domains.items())
+            ],
+        )
+
+    def restore(self, state: GuestDomainsState) -> None:
+        """Make the saved domains again, by the requests that made them (so a state no guest
+        could have made is refused as such a request would be), into a reset model."""
+        self.reset()
+        try:
+            for saved in state.domains:
+                if not saved.endpoints:
+                    raise Refused(Status.INVAL, f"domain {saved.id} has no endpoint")
+                for endpoint in saved.endpoints:
+                    if endpoint in self.attached:
+                        raise Refused(Status.INVAL, f"endpoint {endpoint:#x} is in two domains")
+                    self.attach(saved.id, endpoint, ATTACH_F_BYPASS if saved.bypass else 0)
+                for m in saved.mappings:
+                    self.map(saved.id, m.start, m.end, m.gpa, m.flags)
+            self.set_bypass(state.bypass)
+        except Refused as err:
+            self.reset()
+            raise StateError(f"the saved virtio-iommu domains do not fit: {err}") from None
 
     # what the rest of pyvmm asks
 

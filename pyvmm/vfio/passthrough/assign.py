@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 PINS_GUEST_RAM = True
 
 MDEV_DIR = "/sys/bus/mdev/devices/"
-#: --viommu: none, or hardware nesting ("virtio", an emulated virtio-iommu, is to come)
-VIOMMU_MODES = ("none", "nested")
+#: --viommu: none, hardware nesting, or behind the machine's virtio-iommu (pyvmm.board.guest_iommu)
+VIOMMU_MODES = ("none", "nested", "virtio")
 # Drivers that leave DMA to whoever owns the IOMMU group (the kernel's driver_managed_dma):
 # another device of the group may be bound to one of these, as the kernel allows.
 DMA_SAFE_DRIVERS = frozenset({"pci-stub", "pcieport"})
@@ -61,11 +61,13 @@ def create(
 ) -> VfioPciFunction:
     """The function of host device `host` (a PCI address, or an mdev's sysfs path or UUID),
     opened in `machine`'s IOMMU context; with iommufd, attached to the guest-RAM IOAS, to an
-    explicit HWPT over it (`hwpt`), or to the stage 2 of hardware nesting (`viommu` "nested")."""
+    explicit HWPT over it (`hwpt`), to the stage 2 of hardware nesting (`viommu` "nested"), or
+    behind the machine's virtio-iommu, in whatever domain the guest puts it (`viommu`
+    "virtio")."""
     if viommu not in VIOMMU_MODES:
-        raise ConfigError(f"--viommu {viommu}: use {' or '.join(VIOMMU_MODES)}")
+        raise ConfigError(f"--viommu {viommu}: use {', '.join(VIOMMU_MODES)}")
     if hwpt and viommu != "none":
-        raise ConfigError("--hwpt and --viommu nested each choose the page table: give one")
+        raise ConfigError(f"--hwpt and --viommu {viommu} each choose the page table: give one")
     sysfs = Sysfs("/")
     try:
         device, cdev_exists = host_device(sysfs, host)
@@ -73,7 +75,7 @@ def create(
         raise VfioError(str(err)) from None
     chosen = _backend(machine, sysfs, device, cdev_exists, backend)
     if (hwpt or viommu != "none") and chosen != "iommufd":
-        option = "--hwpt" if hwpt else "--viommu nested"
+        option = "--hwpt" if hwpt else f"--viommu {viommu}"
         raise VfioError(
             f"{device.name}: {option} needs the iommufd backend (--vfio-backend iommufd)"
         )
@@ -92,6 +94,10 @@ def create(
             assert isinstance(context, IommufdContext)
             if hwpt:
                 context.use_hwpt(device.name)
+            elif viommu == "virtio":
+                guest_iommu = machine.guest_iommu()
+                binding = context.bindings[device.name]
+                on_plugged = functools.partial(guest_iommu.add_endpoint, binding)
             else:
                 nesting = context.nest(device.name)
                 binding = context.bindings[device.name]
