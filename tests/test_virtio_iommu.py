@@ -133,7 +133,16 @@ def test_attach_map_translate_unmap_detach() -> None:
     assert domains.translate(EP_B, 0x10123) == 0x10123  # attached nowhere, bypass on
     assert host.tables == {1: {0x10000: (0x200000, 0x10000, True)}}
     agrees(domains, host)
+    assert domains.describe() == {
+        "bypass": True,
+        "maps": 1,
+        "unmaps": 0,
+        "domains": [
+            {"id": 1, "bypass": False, "endpoints": [EP_A], "mappings": 1, "mapped_bytes": 0x10000}
+        ],
+    }
     domains.unmap(1, 0, (1 << 48) - 1)
+    assert (domains.maps, domains.unmaps) == (1, 1)
     assert host.tables == {1: {}}
     domains.detach(1, EP_A)
     assert host.tables == {} and host.placement[EP_A] == "identity"

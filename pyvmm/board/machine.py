@@ -263,6 +263,11 @@ class Machine:
             self._guest_iommu = GuestIommu(self)
         return self._guest_iommu
 
+    @property
+    def viommu_domains(self) -> dict[str, object] | None:
+        """The virtio-iommu's domains as GuestDomains.describe() gives them; None without one."""
+        return self._guest_iommu.domains.describe() if self._guest_iommu is not None else None
+
     def _close_vfio(self) -> None:
         if self._guest_iommu is not None:
             self._guest_iommu.close()

@@ -279,3 +279,19 @@ def print_exit_stats(machine: Machine) -> None:
     print(f"pyvmm: {total} exits to pyvmm, by kind and place:", file=sys.stderr)
     for kind, where, count in rows:
         print(f"{count:>10} {100 * count / total:5.1f}%  {kind:5} {where}", file=sys.stderr)
+    viommu = machine.viommu_domains
+    if viommu is not None:
+        domains = viommu["domains"]
+        assert isinstance(domains, list)
+        print(
+            f"pyvmm: virtio-iommu: {len(domains)} domains, {viommu['maps']} mappings made, "
+            f"{viommu['unmaps']} removed, bypass {'on' if viommu['bypass'] else 'off'}",
+            file=sys.stderr,
+        )
+        for domain in domains:
+            print(
+                f"pyvmm:   domain {domain['id']}: endpoints "
+                f"{', '.join(f'{e:#x}' for e in domain['endpoints'])}, "
+                f"{'bypass' if domain['bypass'] else str(domain['mappings']) + ' mappings'}",
+                file=sys.stderr,
+            )

@@ -76,6 +76,7 @@ class ControlServer:
             "migrate": self.migrate,
             "migrate-status": self.migrate_status,
             "quit": self.quit,
+            "viommu-domains": self.viommu_domains,
             **vfio_control.commands(machine),
         }
         self._migration: Migration | None = None
@@ -227,6 +228,12 @@ class ControlServer:
         if self._migration is None:
             return {"status": "none"}
         return self._migration.progress.as_dict()
+
+    def viommu_domains(self) -> dict[str, Any]:
+        domains = self.machine.viommu_domains
+        if domains is None:
+            raise ControlError("the machine has no virtio-iommu (--viommu virtio)")
+        return domains
 
     def quit(self) -> dict[str, Any]:
         self.machine.stop(StopReason.STOPPED, 0, "quit from the control socket")

@@ -65,7 +65,8 @@ def boot(tmp_path: Path, init: str, *args: str) -> subprocess.CompletedProcess[s
 def test_linux_drives_an_nvme_behind_the_guests_virtio_iommu(
     lab_devices: dict[str, str], tmp_path: Path
 ) -> None:
-    args = ("--vfio-pci", lab_devices["nvme"], "--vfio-backend", "iommufd", "--viommu", "virtio")
+    nvme = lab_devices["nvme"]
+    args = ("--vfio-pci", nvme, "--vfio-backend", "iommufd", "--viommu", "virtio", "--exit-stats")
     for step, wanted in ((WRITE, "read back same"), (CHECK, "after reboot same")):
         result = boot(tmp_path, INIT.replace("{ STEP }", step), *args)
         out = result.stdout
@@ -75,3 +76,10 @@ def test_linux_drives_an_nvme_behind_the_guests_virtio_iommu(
         assert found[3] in ("DMA", "DMA-FQ"), out[-3000:]  # translated, not identity
         assert f"{MARK} group {found[2]} has 1 devices" in out, out[-3000:]
         assert f"{MARK} {wanted}" in out, out[-3000:]
+        # pyvmm's view: the guest's DMA domain, its mappings made and removed as the I/O went
+        stats = re.search(
+            r"virtio-iommu: (\d+) domains, (\d+) mappings made, (\d+) removed", result.stderr
+        )
+        assert stats and int(stats[1]) >= 1 and int(stats[2]) > 0 and int(stats[3]) > 0, (
+            result.stderr
+        )

@@ -197,6 +197,7 @@ class GuestDomains:
         self.domains: dict[int, Domain] = {}
         self.attached: dict[int, int] = {}  # endpoint -> domain
         self.bypass = True
+        self.maps = self.unmaps = 0  # mappings made and removed, for pyvmm's own view
 
     # requests (§5.13.6.3-6)
 
@@ -257,6 +258,7 @@ class GuestDomains:
             raise Refused(Status.INVAL, f"{start:#x}-{end:#x} is already mapped")
         self._backing(self.backing.map, domain_id, start, gpa, size, bool(flags & MAP_F_WRITE))
         domain.add(Mapping(start, end, gpa, flags))
+        self.maps += 1
 
     def unmap(self, domain_id: int, start: int, end: int) -> None:
         domain = self._domain(domain_id)
@@ -270,6 +272,7 @@ class GuestDomains:
             # (one at a time: each is gone from the host before the model forgets it)
             self._backing(self.backing.unmap, domain_id, mapping.start, mapping.size)
             domain.remove(mapping)
+            self.unmaps += 1
 
     def probe(self, endpoint: int, room: int) -> bytes:
         """The endpoint's properties, in `room` bytes: the MSI window and the host's
@@ -344,6 +347,24 @@ class GuestDomains:
             raise StateError(f"the saved virtio-iommu domains do not fit: {err}") from None
 
     # what the rest of pyvmm asks
+
+    def describe(self) -> dict[str, object]:
+        """The domains as pyvmm's users see them (the control socket, --exit-stats)."""
+        return {
+            "bypass": self.bypass,
+            "maps": self.maps,
+            "unmaps": self.unmaps,
+            "domains": [
+                {
+                    "id": domain_id,
+                    "bypass": domain.bypass,
+                    "endpoints": sorted(domain.endpoints),
+                    "mappings": len(domain.mappings),
+                    "mapped_bytes": sum(m.size for m in domain.mappings.values()),
+                }
+                for domain_id, domain in sorted(self.domains.items())
+            ],
+        }
 
     def translate(self, endpoint: int, iova: int) -> int | None:
         """The guest-physical address `endpoint` reaches at `iova`, or None (blocked)."""
