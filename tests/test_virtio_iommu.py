@@ -135,6 +135,7 @@ def test_attach_map_translate_unmap_detach() -> None:
     agrees(domains, host)
     assert domains.describe() == {
         "bypass": True,
+        "created": 1,
         "maps": 1,
         "unmaps": 0,
         "domains": [

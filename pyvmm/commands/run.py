@@ -284,8 +284,9 @@ def print_exit_stats(machine: Machine) -> None:
         domains = viommu["domains"]
         assert isinstance(domains, list)
         print(
-            f"pyvmm: virtio-iommu: {len(domains)} domains, {viommu['maps']} mappings made, "
-            f"{viommu['unmaps']} removed, bypass {'on' if viommu['bypass'] else 'off'}",
+            f"pyvmm: virtio-iommu: {viommu['created']} domains made ({len(domains)} left), "
+            f"{viommu['maps']} mappings made, {viommu['unmaps']} removed, "
+            f"bypass {'on' if viommu['bypass'] else 'off'}",
             file=sys.stderr,
         )
         for domain in domains:

@@ -197,7 +197,8 @@ class GuestDomains:
         self.domains: dict[int, Domain] = {}
         self.attached: dict[int, int] = {}  # endpoint -> domain
         self.bypass = True
-        self.maps = self.unmaps = 0  # mappings made and removed, for pyvmm's own view
+        # domains made, mappings made and removed, for pyvmm's own view
+        self.created = self.maps = self.unmaps = 0
 
     # requests (§5.13.6.3-6)
 
@@ -228,6 +229,7 @@ class GuestDomains:
             raise
         if created:
             self.domains[domain_id] = domain
+            self.created += 1
         domain.endpoints.add(endpoint)
         self.attached[endpoint] = domain_id
         if previous is not None:
@@ -352,6 +354,7 @@ class GuestDomains:
         """The domains as pyvmm's users see them (the control socket, --exit-stats)."""
         return {
             "bypass": self.bypass,
+            "created": self.created,
             "maps": self.maps,
             "unmaps": self.unmaps,
             "domains": [

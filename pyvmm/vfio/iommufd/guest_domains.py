@@ -84,7 +84,8 @@ class IommufdDomains:
     def attach(self, endpoint: int, domain: int | None) -> None:
         binding = self.endpoints[endpoint]
         if domain is None:
-            self._host(binding.attach, self.context.ioas)
+            if binding.attached is not self.context.ioas:
+                self._host(binding.attach, self.context.ioas)
             return
         hwpt = self.hwpts.get(domain)
         if hwpt is None:
