@@ -6,33 +6,8 @@
  * Waits are bounded in time by a 10 ms LAPIC-timer tick (in-kernel under KVM: no VMM exits): the
  * guest keeps interrupts off and halts with sti; hlt between polls, so each wake-up is a tick or
  * the device's interrupt. */
-#include <pyvmmfw.h>
+#include "edu.h"
 
-#define EDU_VENDOR 0x1234
-#define EDU_DEVICE 0x11E8
-
-/* BAR0 registers (32-bit accesses; the device ignores other sizes below 0x80). */
-#define EDU_ID          0x00    /* 0xRRrr00ed: major RR, minor rr */
-#define EDU_LIVENESS    0x04    /* reads back the complement of what was written */
-#define EDU_FACTORIAL   0x08    /* write n, read n! when STATUS_COMPUTING is clear */
-#define EDU_STATUS      0x20
-#define EDU_STATUS_COMPUTING 0x01
-#define EDU_STATUS_IRQFACT   0x80  /* raise FACT_IRQ when the factorial is done */
-#define EDU_IRQ_STATUS  0x24
-#define EDU_IRQ_RAISE   0x60    /* irq status |= value, interrupt */
-#define EDU_IRQ_ACK     0x64    /* irq status &= ~value; INTx drops when it reaches 0 */
-#define EDU_DMA_SRC     0x80    /* a 32-bit write sets the whole 64-bit address (top half 0) */
-#define EDU_DMA_DST     0x88
-#define EDU_DMA_COUNT   0x90
-#define EDU_DMA_CMD     0x98
-#define EDU_DMA_RUN     0x1     /* cleared by the device when done (100 ms after the start) */
-#define EDU_DMA_TO_RAM  0x2     /* direction: 1 = edu buffer -> RAM, 0 = RAM -> edu buffer */
-#define EDU_DMA_IRQ     0x4
-#define EDU_FACT_IRQ    0x00000001
-#define EDU_ID_V1       0x010000EDu
-
-#define EDU_BUFFER      0x40000u  /* the device's 4 KiB DMA buffer, as a DMA address */
-#define EDU_DMA_LIMIT   (1u << 28) /* the device's DMA mask is 28 bits */
 #define DMA_BYTES       4096u
 #define DMA_WORDS       (DMA_BYTES / 8)
 
@@ -43,26 +18,13 @@
 #define ROUNDS          3u
 #define IRQ_TICKS       300u      /* 3 s for an interrupt to arrive */
 #define POLL_TICKS      300u      /* 3 s for a factorial */
-#define DMA_TICKS       500u      /* 5 s for a DMA (the device takes 100 ms) */
-#define QUICK_POLLS     16u       /* back-to-back reads before halting between polls */
 
 static uint8_t dev;
-static uintptr_t bar0;
 static uint64_t buf_a[DMA_WORDS] __attribute__((aligned(4096)));
 static uint64_t buf_b[DMA_WORDS] __attribute__((aligned(4096)));
 
 static volatile uint32_t irq_count;
 static volatile uint32_t irq_status;   /* what the handler last read from EDU_IRQ_STATUS */
-
-static uint32_t edu_read(uint32_t reg)
-{
-    return mmio_read32(bar0 + reg);
-}
-
-static void edu_write(uint32_t reg, uint32_t v)
-{
-    mmio_write32(bar0 + reg, v);
-}
 
 static void __attribute__((noreturn, format(printf, 1, 2))) fail(const char *fmt, ...)
 {
@@ -87,32 +49,11 @@ static void edu_irq(struct int_frame *f)
     lapic_eoi();
 }
 
-/* Reads reg until (value & mask) == want: QUICK_POLLS reads back to back, then one read per tick
- * for at most max_ticks ticks. Returns 0 and the last value in *last, or -1 on the time-out. */
-static int poll(uint32_t reg, uint32_t mask, uint32_t want, uint32_t max_ticks, uint32_t *last)
-{
-    for (unsigned i = 0; i < QUICK_POLLS; i++) {
-        *last = edu_read(reg);
-        if ((*last & mask) == want)
-            return 0;
-    }
-    uint32_t start = lapic_ticks;
-    for (;;) {
-        *last = edu_read(reg);
-        if ((*last & mask) == want)
-            return 0;
-        if (lapic_ticks - start >= max_ticks)
-            return -1;
-        sti_hlt();
-        cli();
-    }
-}
-
 static void factorial(uint32_t n, uint32_t want)
 {
     uint32_t status;
     edu_write(EDU_FACTORIAL, n);
-    if (poll(EDU_STATUS, EDU_STATUS_COMPUTING, 0, POLL_TICKS, &status) < 0)
+    if (edu_poll(EDU_STATUS, EDU_STATUS_COMPUTING, 0, POLL_TICKS, &status) < 0)
         fail("factorial failed: %u! still computing, status 0x%x", n, status);
     uint32_t got = edu_read(EDU_FACTORIAL);
     if (got != want)
@@ -123,13 +64,9 @@ static void factorial(uint32_t n, uint32_t want)
 static void dma(uint32_t src, uint32_t dst, uint32_t cmd)
 {
     uint32_t last;
-    edu_write(EDU_DMA_SRC, src);
-    edu_write(EDU_DMA_DST, dst);
-    edu_write(EDU_DMA_COUNT, DMA_BYTES);
-    edu_write(EDU_DMA_CMD, cmd | EDU_DMA_RUN);
-    if (poll(EDU_DMA_CMD, EDU_DMA_RUN, 0, DMA_TICKS, &last) < 0)
+    if (edu_dma(src, dst, DMA_BYTES, cmd, &last) < 0)
         fail("dma failed: 0x%x -> 0x%x still running after %u ticks, command 0x%x", src, dst,
-             DMA_TICKS, last);
+             EDU_DMA_TICKS, last);
 }
 
 static uint64_t pattern(unsigned i)
@@ -159,7 +96,7 @@ int main(void)
     lapic_enable();
 
     /* a. find it */
-    int found = pci_find_device(EDU_VENDOR, EDU_DEVICE);
+    int found = edu_find();
     if (found < 0) {
         printf("edu: no device\n");
         return 1;
@@ -167,7 +104,6 @@ int main(void)
     dev = (uint8_t)found;
     uint32_t bar = pci_read32(0, dev, 0, PCI_BAR0);
     uint16_t cmd = pci_read16(0, dev, 0, PCI_COMMAND);
-    bar0 = pci_bar_address(0, dev, 0, 0);
     if ((bar & 1) || bar0 == 0 || !(cmd & PCI_COMMAND_MEMORY))
         fail("bar0 failed: 0x%x command 0x%x", bar, cmd);
     uint8_t pin = pci_read8(0, dev, 0, PCI_INTERRUPT_PIN);
@@ -248,7 +184,7 @@ int main(void)
     if (irq_count != before + 1 || irq_status != EDU_FACT_IRQ)
         fail("factorial irq failed: %u interrupts, irq status 0x%x", irq_count - before,
              irq_status);
-    if (poll(EDU_STATUS, EDU_STATUS_COMPUTING, 0, POLL_TICKS, &status) < 0
+    if (edu_poll(EDU_STATUS, EDU_STATUS_COMPUTING, 0, POLL_TICKS, &status) < 0
         || edu_read(EDU_FACTORIAL) != 720)
         fail("factorial irq failed: status 0x%x, 6! = %u", status, edu_read(EDU_FACTORIAL));
     edu_write(EDU_STATUS, 0);

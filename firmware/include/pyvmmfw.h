@@ -13,6 +13,7 @@
 #include <fw/pic.h>
 #include <fw/pci.h>
 #include <fw/virtio.h>
+#include <fw/viommu.h>
 
 /* The guest's entry point, called by crt0; its return value is the debug-exit code. */
 int main(void);
