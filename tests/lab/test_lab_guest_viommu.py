@@ -57,7 +57,7 @@ def boot(tmp_path: Path, init: str, *args: str) -> subprocess.CompletedProcess[s
     initrd.write_bytes(busybox_initramfs(find_busybox(), init))
     command = [
         sys.executable, "-m", "pyvmm", "run", "--timeout", "150",
-        "-k", str(lab_kernel()), "-i", str(initrd), "-m", "256M", "-c", "2",
+        "-k", str(lab_kernel()), "-i", str(initrd), "-m", "256M", "-c", "1",
         "-p", "console=ttyS0 quiet panic=-1", *args,
     ]  # fmt: skip
     started = time.monotonic()
@@ -71,7 +71,9 @@ def boot(tmp_path: Path, init: str, *args: str) -> subprocess.CompletedProcess[s
 @pytest.mark.parametrize(
     "lab_iommu",
     [
-        pytest.param(iommu, marks=pytest.mark.lab(devices=("nvme",), iommu=iommu, session="viommu"))
+        pytest.param(
+            iommu, marks=pytest.mark.lab(devices=("nvme",), iommu=iommu, session="linux-pass")
+        )
         for iommu in ("intel", "virtio")
     ],
 )
