@@ -255,6 +255,7 @@ def test_the_hosts_tsc_rate() -> None:
     [
         ("fpu tsc constant_tsc tsc_known_freq", "2445.432", 2445432),
         ("fpu tsc constant_tsc", "2445.432", None),
+        ("fpu tsc constant_tsc tsc_known_freq aperfmperf", "3100.000", None),
     ],
 )
 def test_cpuinfo_gives_the_tsc_rate_only_when_known(

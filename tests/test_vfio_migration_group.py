@@ -22,6 +22,7 @@ from pyvmm.migration.stream import Section, SectionFlag, SectionType, StreamErro
 from pyvmm.uapi.vfio import VfioDeviceState as State
 from pyvmm.uapi.vfio import VfioMigrationFlag as Flag
 from pyvmm.vfio.errors import VfioError
+from pyvmm.vfio.migration import group as group_module
 from pyvmm.vfio.migration.device import Journal
 from pyvmm.vfio.migration.group import MigratingDevices
 from pyvmm.vfio.migration.states import path
@@ -46,6 +47,9 @@ class FakeMigration:
             self.journal.append((self.name, self.current, following))
             self.current = following
 
+    def missing(self) -> str:
+        return ""  # (it migrates)
+
     def recover(self) -> None:
         self.recovered = True
         if self.current is State.ERROR:
@@ -62,6 +66,33 @@ def group_of(*devices: tuple[str, Flag]) -> tuple[MigratingDevices, list[FakeMig
 
 def entered(group: MigratingDevices) -> list[tuple[str, State]]:
     return [(name, end) for name, _, end in group.journal]
+
+
+def test_a_device_behind_the_guests_virtio_iommu_is_not_logged_but_sent_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its DMA addresses are the guest's IOVAs: its own log would mark the wrong pages, so it
+    has none, and once it has stopped every page mapped for DMA is dirty."""
+
+    def migration(device: FakeDevice, journal: Journal) -> FakeMigration:
+        return FakeMigration(device.name, journal)
+
+    monkeypatch.setattr(group_module, "DeviceMigration", migration)
+    monkeypatch.setattr(group_module.dma_log, "supported", lambda device: True)
+    monkeypatch.setattr(group_module, "DeviceDmaLog", lambda device, mapped: object())
+    group = MigratingDevices(lambda: {0x100000: 2 * 4096})
+    group.add(FakeDevice("behind"), dma_by_iova=True)
+    group.add(FakeDevice("logged"))
+    assert group.untracked == ["behind"] and list(group.dma_logs) == ["logged"]
+    monkeypatch.setattr(group, "dma_logs", {})  # (the logged one's fake log reads nothing)
+    group.pause()
+    (pages,) = group.collect()
+    assert (pages.gpa, pages.pages, pages.bitmap) == (0x100000, 2, b"\x03")
+
+
+class FakeDevice:
+    def __init__(self, name: str) -> None:
+        self.name = name
 
 
 def test_a_pause_takes_every_device_to_p2p_before_any_stops_and_a_resume_likewise() -> None:
@@ -223,6 +254,18 @@ def test_the_destination_waits_only_for_the_devices_the_source_saves_ahead() -> 
     assert acks == [1] and (a.loaded, b.loaded) == (b"", b"HEAD")
     with pytest.raises(StreamError, match=r"for 'pci/00:01.0', which the source did not name"):
         loader.load(section("pci/00:01.0", b"x", True), "the stream")
+
+
+def test_a_second_or_late_list_of_devices_saving_ahead_is_refused() -> None:
+    """It would change what the acknowledgement waits for after the fact."""
+    loader, _ = loader_of(FakeSavingAhead("vfio a"), FakeSavingAhead("vfio b"))
+    loader.expect(saving_ahead("pci/00:01.0"), "the stream")
+    with pytest.raises(StreamError, match="comes after another or after the data it names"):
+        loader.expect(saving_ahead("pci/00:02.0"), "the stream")
+    late, _ = loader_of(FakeSavingAhead("vfio a"))
+    late.load(section("pci/00:01.0", b"x", False), "the stream")
+    with pytest.raises(StreamError, match="comes after another or after the data it names"):
+        late.expect(saving_ahead("pci/00:01.0"), "the stream")
 
 
 @pytest.mark.parametrize(

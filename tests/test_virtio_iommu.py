@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from pcibench import virtio_device
 
 from pyvmm.devices.pci.device import PCI_COMMAND, PCI_COMMAND_MASTER
+from pyvmm.devices.virtio import iommu_domains
 from pyvmm.devices.virtio.backend import VIRTIO_F_VERSION_1
 from pyvmm.devices.virtio.iommu import (
     PROBE_SIZE,
@@ -49,12 +50,13 @@ class FakeHostIommu:
     def __init__(self, endpoints: tuple[int, ...]) -> None:
         self.placement: dict[int, object] = dict.fromkeys(endpoints, "identity")
         self.tables: dict[int, dict[int, tuple[int, int, bool]]] = {}
-        self.fail = False
+        self.fail = False  # the next call refuses
+        self.fail_at: int | None = None  # the call with this index refuses
         self.calls: list[str] = []
 
     def _call(self, what: str) -> None:
         self.calls.append(what)
-        if self.fail:
+        if self.fail or self.fail_at == len(self.calls) - 1:
             self.fail = False
             raise BackingError(f"{what}: Invalid argument")
 
@@ -108,8 +110,12 @@ def agrees(domains: GuestDomains, host: FakeHostIommu) -> None:
         else:
             wanted = "identity" if domains.domains[domain_id].bypass else domain_id
         assert host.placement[endpoint] == wanted, endpoint
+    assert domains.mappings == sum(len(d.mappings) for d in domains.domains.values())
     translating = {d: dom for d, dom in domains.domains.items() if not dom.bypass}
-    assert set(host.tables) == set(translating)
+    # A domain whose destroy the host refused may be left there, unreachable: no endpoint in it
+    orphans = set(host.tables) - set(translating)
+    assert set(translating) <= set(host.tables)
+    assert not orphans & set(host.placement.values()), orphans
     for domain_id, domain in translating.items():
         mappings = domain.mappings.values()
         mapped = {m.start: (m.gpa, m.size, bool(m.flags & MAP_F_WRITE)) for m in mappings}
@@ -170,7 +176,7 @@ def test_bypass_domains_and_the_bypass_bit() -> None:
     assert host.placement[EP_A] == "identity" and host.tables == {}
     refused(Status.INVAL, domains.map, 5, 0, PAGE - 1, 0, MAP_F_READ)
     refused(Status.INVAL, domains.attach, 5, EP_B, 0)  # a translating attach to a bypass domain
-    domains.set_bypass(False)  # Linux clears it as it probes
+    domains.set_bypass(False)
     assert host.placement == {EP_A: "identity", EP_B: "blocked"}
     assert domains.translate(EP_B, 0x1000) is None
     domains.detach(5, EP_A)
@@ -282,23 +288,26 @@ _REQUESTS = st.one_of(
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.tuples(_REQUESTS, st.booleans()), max_size=40))
+@given(st.lists(st.tuples(_REQUESTS, st.one_of(st.none(), st.integers(0, 3))), max_size=40))
 def test_hostile_request_sequences_keep_the_host_and_the_model_in_step(
-    requests: list[tuple[tuple[object, ...], bool]],
+    requests: list[tuple[tuple[object, ...], int | None]],
 ) -> None:
-    """Whatever the guest sends, and whether the host IOMMU refuses a request's step: nothing
-    but a status escapes, a refused request changes nothing, the host IOMMU holds exactly what
-    the model says, and no mapping leaves RAM (the fake host asserts it)."""
+    """Whatever the guest sends, and whichever step of a request the host IOMMU refuses: nothing
+    but a status escapes, a refused request changes nothing the host did not, the host holds
+    exactly what the model says (but for domains it would not destroy, which no endpoint can
+    reach), and no mapping leaves RAM (the fake host asserts it)."""
     domains, host = model(EP_A, EP_B, EP_C)
-    for (name, *args), host_refuses in requests:
+    for (name, *args), refused_step in requests:
         # (a step the guest cannot be told of, in set_bypass and reset, is only logged)
-        host.fail = host_refuses and name not in ("set_bypass", "reset")
+        quiet = name in ("set_bypass", "reset")
+        host.fail_at = None if quiet or refused_step is None else len(host.calls) + refused_step
         before = (copy.deepcopy(domains.domains), dict(domains.attached), domains.bypass)
         try:
             getattr(domains, str(name))(*args)
-        except Refused:
-            assert (domains.domains, domains.attached, domains.bypass) == before
-        host.fail = False
+        except Refused as refusal:
+            if refusal.status is not Status.DEVERR or name != "unmap":
+                assert (domains.domains, domains.attached, domains.bypass) == before
+        host.fail_at = None
         agrees(domains, host)
 
 
@@ -347,7 +356,7 @@ def test_the_device_answers_linux_style_requests_through_its_ring() -> None:
         driver.setup_queue(0)
         driver.setup_queue(1)
         driver.write("device_status", STATUS_DRIVER_OK)
-        device.bar_write(0, DEVICE_OFFSET + 36, 1, 0)  # what Linux does at probe
+        device.bar_write(0, DEVICE_OFFSET + 36, 1, 0)  # (a driver may clear it at any time)
         assert host.placement[EP_A] == "blocked"
         requests = [
             (attach(1, EP_A), 4),
@@ -430,3 +439,34 @@ def test_a_saved_state_no_guest_could_make_is_refused_leaving_nothing(
     assert (
         host.tables == {} and again.domains == {} and set(host.placement.values()) == {"identity"}
     )
+
+
+def test_a_guest_that_maps_without_end_is_told_nomem(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(iommu_domains, "MAX_MAPPINGS", 3)
+    domains, host = model()
+    domains.attach(1, EP_A, 0)
+    for n in range(3):
+        domains.map(1, n * PAGE, n * PAGE + PAGE - 1, 0, MAP_F_READ)  # (one page, many IOVAs)
+    refused(Status.NOMEM, domains.map, 1, 3 * PAGE, 4 * PAGE - 1, 0, MAP_F_READ)
+    domains.unmap(1, 0, PAGE - 1)
+    domains.map(1, 3 * PAGE, 4 * PAGE - 1, 0, MAP_F_READ)  # room again
+    domains.detach(1, EP_A)  # the domain goes, and its mappings with it
+    assert domains.mappings == 0
+    agrees(domains, host)
+
+
+def test_the_bypass_bit_is_taken_before_driver_ok() -> None:
+    host = FakeHostIommu((EP_A,))
+    with virtio_device(VirtioIommu(GuestDomains(host, (EP_A,), in_ram))) as (_, device, driver):
+        assert driver.negotiate(VIRTIO_F_VERSION_1 | VIRTIO_IOMMU_F_BYPASS_CONFIG)
+        device.bar_write(0, DEVICE_OFFSET + 36, 1, 0)  # after FEATURES_OK, before DRIVER_OK
+        assert host.placement[EP_A] == "blocked"
+        assert device.bar_read(0, DEVICE_OFFSET + 36, 1) == 0
+
+
+def test_a_probe_when_the_host_cannot_say_its_ranges_is_deverr() -> None:
+    def unknown(endpoint: int) -> list[tuple[int, int]]:
+        raise BackingError("IOMMU_IOAS_IOVA_RANGES: Bad file descriptor")
+
+    domains = GuestDomains(FakeHostIommu((EP_A,)), (EP_A,), in_ram, reserved=unknown)
+    refused(Status.DEVERR, domains.probe, EP_A, PROBE_SIZE)

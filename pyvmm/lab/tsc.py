@@ -25,8 +25,8 @@ from pyvmm.uapi.ioctl import IoctlError
 @functools.cache
 def host_tsc_khz(cpuinfo: Path = Path("/proc/cpuinfo")) -> int | None:
     """This host's TSC rate in kHz: the rate this host's KVM gives a new vCPU (its kernel's own
-    TSC rate); else /proc/cpuinfo's "cpu MHz" when the kernel knows its TSC's rate
-    (tsc_known_freq: then that figure is the TSC's); else None."""
+    TSC rate); else /proc/cpuinfo's "cpu MHz" when it is the TSC's (see cpuinfo_tsc_khz); else
+    None."""
     try:
         with System() as kvm:
             vm = kvm.create_vm()
@@ -46,6 +46,9 @@ def host_tsc_khz(cpuinfo: Path = Path("/proc/cpuinfo")) -> int | None:
 
 
 def cpuinfo_tsc_khz(cpuinfo: Path) -> int | None:
+    """/proc/cpuinfo's "cpu MHz" where it is the TSC's rate: the kernel knows that rate
+    (tsc_known_freq) and the CPU has no APERF/MPERF, with which "cpu MHz" is the clock the CPU
+    runs at now."""
     try:
         text = cpuinfo.read_text()
     except OSError:
@@ -54,7 +57,8 @@ def cpuinfo_tsc_khz(cpuinfo: Path) -> int | None:
         (name.strip(), value.strip())
         for name, _, value in (line.partition(":") for line in text.split("\n\n")[0].splitlines())
     )
-    if "tsc_known_freq" not in fields.get("flags", "").split() or "cpu MHz" not in fields:
+    flags = fields.get("flags", "").split()
+    if "tsc_known_freq" not in flags or "aperfmperf" in flags or "cpu MHz" not in fields:
         return None
     return round(float(fields["cpu MHz"]) * 1000)
 

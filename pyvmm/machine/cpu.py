@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import struct
 
 from pyvmm.kvm.errors import KvmUnavailable
@@ -108,9 +109,12 @@ def check_tsc_counts(vcpu: Vcpu) -> None:
     first = vcpu.get_msrs([MSR_IA32_TSC]).get(MSR_IA32_TSC)
     second = vcpu.get_msrs([MSR_IA32_TSC]).get(MSR_IA32_TSC)
     if first is not None and first == second:
+        khz = "an unknown rate"
+        with contextlib.suppress(OSError):
+            khz = f"{vcpu.get_tsc_khz()} kHz"
         raise KvmUnavailable(
             f"this KVM froze vCPU {vcpu.id}'s TSC (the host kernel's log says 'kvm: user "
-            f"requested TSC rate below hardware speed'): it measured {vcpu.get_tsc_khz()} kHz "
+            f"requested TSC rate below hardware speed'): it measured {khz} "
             "when it loaded, the host's TSC calibration moved since, and it cannot scale TSCs, "
             "so the guest's timers would never fire; boot the host with tsc_early_khz=<its TSC "
             "rate in kHz> or on a CPU with an invariant TSC"

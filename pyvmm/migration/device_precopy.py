@@ -115,10 +115,14 @@ class DeviceLoader:
         self.awaited: set[str] = set(self.parts)
         self._initial_done: set[str] = set()
         self.acknowledged = False
+        self._named = self._loaded = False
 
     def expect(self, section: Section, what: str) -> None:
-        """The SAVING_AHEAD section: the parts the source will send data ahead for."""
+        """The SAVING_AHEAD section: the parts the source will send data ahead for (once, before
+        any of their data)."""
         where = f"{what}: the list of devices saving ahead at byte {section.offset}"
+        if self._named or self._loaded:
+            raise StreamError(f"{where} comes after another or after the data it names")
         ids = unpack(section.payload, where)
         if not (isinstance(ids, list) and ids and all(isinstance(i, str) for i in ids)):
             raise StreamError(f"{where} is not a list of component ids")
@@ -129,6 +133,7 @@ class DeviceLoader:
                 "cannot take data ahead here: pair it with a device whose driver has PRE_COPY"
             )
         self.awaited = set(ids)
+        self._named = True
 
     def load(self, section: Section, what: str) -> None:
         where = f"{what}: the device data at byte {section.offset}"
@@ -142,6 +147,7 @@ class DeviceLoader:
         ):
             raise StreamError(f"{where} is not [id, data, initial_done]")
         component_id, chunk, initial_done = item
+        self._loaded = True
         part = self.parts.get(component_id)
         if part is None:
             raise StreamError(f"{where} is for {component_id!r}, which saves nothing ahead here")

@@ -95,8 +95,9 @@ class VirtioIommu(VirtioBackend):
         )
 
     def config_write(self, offset: int, size: int, value: int) -> None:
-        # Only `bypass` is the driver's to write (with BYPASS_CONFIG negotiated).
-        if offset == _BYPASS_OFFSET and self.driver_features & VIRTIO_IOMMU_F_BYPASS_CONFIG:
+        # Only `bypass` is the driver's to write (BYPASS_CONFIG is always offered; a driver may
+        # write it before DRIVER_OK, when this backend has not yet been told the features).
+        if offset == _BYPASS_OFFSET:
             self.domains.set_bypass(bool(value & 0xFF))
 
     def process(self, index: int) -> None:

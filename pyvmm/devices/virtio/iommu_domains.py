@@ -4,15 +4,19 @@ is attached to which domain, each domain's mappings, and what each request does 
 `GuestDomains` decides and a `DomainBacking` carries the decision out in the host IOMMU
 (pyvmm.vfio.iommufd.guest_domains: an IOAS and a HWPT per domain). Every request is checked in
 full before the backing is asked for anything, so a request the guest gets an error status for
-changes nothing, here or in the host; and a backing that fails leaves the model as it was
-(DEVERR). The guest is hostile: ids, ranges and flags are whatever it wrote.
+changes nothing, here or in the host; a backing that fails leaves the model where the host is
+(DEVERR: nothing changed, or for an UNMAP, the mappings before the one that failed removed in
+both). The guest is hostile: ids, ranges and flags are whatever it wrote, and it may ask for at
+most MAX_MAPPINGS mappings in all (NOMEM beyond: each costs host memory and a kernel area).
+The requests come from the device's worker thread, the bypass bit from a vCPU, pyvmm's view
+from the control socket: one lock orders them.
 
 Choices where the specification leaves them to the device, as QEMU's virtio-iommu makes them:
 - a domain exists from its first ATTACH until its last endpoint leaves it (by DETACH, or by an
   ATTACH to another domain); its mappings go with it;
 - an endpoint attached nowhere bypasses the IOMMU (identity: guest-physical addresses) while
-  the `bypass` configuration bit is set, as it is at reset, and is blocked once the driver
-  clears it (Linux does as it probes the device);
+  the `bypass` configuration bit is set, as it is at reset (QEMU's boot-bypass), and is blocked
+  once the driver clears it (Linux leaves it set, and attaches every endpoint to a domain);
 - a MAP's guest-physical range must lie in guest RAM (pyvmm maps RAM for device DMA, not other
   devices' BARs): RANGE otherwise.
 """
@@ -21,17 +25,32 @@ from __future__ import annotations
 
 import bisect
 import enum
+import functools
 import logging
 import struct
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from pyvmm.machine.state import StateError
 
 log = logging.getLogger(__name__)
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _locked(method: F) -> F:
+    @functools.wraps(method)
+    def run(self: GuestDomains, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return run  # type: ignore[return-value]
+
+
 PAGE_SIZE = 4096
+MAX_MAPPINGS = 1 << 18  # in all domains: Linux's DMA API under load keeps thousands at most
 MSI_WINDOW = (0xFEE00000, 0xFEEFFFFF)  # x86: writes here are MSIs, never DMA
 
 ATTACH_F_BYPASS = 1
@@ -199,9 +218,12 @@ class GuestDomains:
         self.bypass = True
         # domains made, mappings made and removed, for pyvmm's own view
         self.created = self.maps = self.unmaps = 0
+        self.mappings = 0  # now, in all domains
+        self._lock = threading.RLock()
 
     # requests (§5.13.6.3-6)
 
+    @_locked
     def attach(self, domain_id: int, endpoint: int, flags: int) -> None:
         bypass = bool(flags & ATTACH_F_BYPASS)
         if flags & ~ATTACH_F_BYPASS:
@@ -235,6 +257,7 @@ class GuestDomains:
         if previous is not None:
             self._leave(previous, endpoint)
 
+    @_locked
     def detach(self, domain_id: int, endpoint: int) -> None:
         self._check_endpoint(endpoint)
         if self.attached.get(endpoint) != domain_id:
@@ -243,6 +266,7 @@ class GuestDomains:
         del self.attached[endpoint]
         self._leave(domain_id, endpoint)
 
+    @_locked
     def map(self, domain_id: int, start: int, end: int, gpa: int, flags: int) -> None:
         domain = self._domain(domain_id)
         if flags & ~(MAP_F_READ | MAP_F_WRITE) or not flags & (MAP_F_READ | MAP_F_WRITE):
@@ -258,10 +282,14 @@ class GuestDomains:
             raise Refused(Status.RANGE, f"{gpa:#x}+{size:#x} is not guest RAM")
         if domain.overlapping(start, end):
             raise Refused(Status.INVAL, f"{start:#x}-{end:#x} is already mapped")
+        if self.mappings >= MAX_MAPPINGS:
+            raise Refused(Status.NOMEM, f"{self.mappings} mappings already")
         self._backing(self.backing.map, domain_id, start, gpa, size, bool(flags & MAP_F_WRITE))
         domain.add(Mapping(start, end, gpa, flags))
         self.maps += 1
+        self.mappings += 1
 
+    @_locked
     def unmap(self, domain_id: int, start: int, end: int) -> None:
         domain = self._domain(domain_id)
         if end < start:
@@ -275,13 +303,19 @@ class GuestDomains:
             self._backing(self.backing.unmap, domain_id, mapping.start, mapping.size)
             domain.remove(mapping)
             self.unmaps += 1
+            self.mappings -= 1
 
+    @_locked
     def probe(self, endpoint: int, room: int) -> bytes:
         """The endpoint's properties, in `room` bytes: the MSI window and the host's
         reserved ranges, then zeros (the NONE property that ends them)."""
         self._check_endpoint(endpoint)
         regions = [(RESV_MEM_T_MSI, *MSI_WINDOW)]
-        regions += [(RESV_MEM_T_RESERVED, s, e) for s, e in self.reserved(endpoint)]
+        try:
+            reserved = self.reserved(endpoint)
+        except BackingError as err:
+            raise Refused(Status.DEVERR, f"the host IOMMU's ranges are unknown: {err}") from None
+        regions += [(RESV_MEM_T_RESERVED, s, e) for s, e in reserved]
         body = b"".join(
             _RESV_MEM.pack(PROBE_T_RESV_MEM, _RESV_MEM.size - 4, subtype, start, end)
             for subtype, start, end in regions
@@ -292,6 +326,7 @@ class GuestDomains:
 
     # the configuration's bypass bit, and reset
 
+    @_locked
     def set_bypass(self, enabled: bool) -> None:
         """The driver wrote the configuration's `bypass`: endpoints attached nowhere follow."""
         if enabled == self.bypass:
@@ -300,6 +335,7 @@ class GuestDomains:
         for endpoint in sorted(self.endpoints - self.attached.keys()):
             self._quietly(self._set_unattached, endpoint)
 
+    @_locked
     def reset(self) -> None:
         """The device reset: every domain gone, every endpoint attached nowhere, bypass on."""
         self.bypass = True
@@ -309,12 +345,14 @@ class GuestDomains:
             if not domain.bypass:
                 self._quietly(self.backing.destroy, domain_id)
         self.domains.clear()
+        self.mappings = 0
         self.attached.clear()
 
     # state (a component of the machine: "viommu")
 
     state_type: ClassVar[type] = GuestDomainsState
 
+    @_locked
     def save(self) -> GuestDomainsState:
         return GuestDomainsState(
             self.bypass,
@@ -329,6 +367,7 @@ class GuestDomains:
             ],
         )
 
+    @_locked
     def restore(self, state: GuestDomainsState) -> None:
         """Make the saved domains again, by the requests that made them (so a state no guest
         could have made is refused as such a request would be), into a reset model."""
@@ -350,6 +389,7 @@ class GuestDomains:
 
     # what the rest of pyvmm asks
 
+    @_locked
     def describe(self) -> dict[str, object]:
         """The domains as pyvmm's users see them (the control socket, --exit-stats)."""
         return {
@@ -369,6 +409,7 @@ class GuestDomains:
             ],
         }
 
+    @_locked
     def translate(self, endpoint: int, iova: int) -> int | None:
         """The guest-physical address `endpoint` reaches at `iova`, or None (blocked)."""
         domain_id = self.attached.get(endpoint)
@@ -413,6 +454,7 @@ class GuestDomains:
         domain.endpoints.discard(endpoint)
         if not domain.endpoints:
             del self.domains[domain_id]
+            self.mappings -= len(domain.mappings)
             if not domain.bypass:
                 self._quietly(self.backing.destroy, domain_id)
 

@@ -50,15 +50,17 @@ class IommufdDomains:
 
     def limits(self) -> Limits:
         """The IOVAs a guest mapping may use: up to the highest one the host IOMMU takes for
-        the machine's devices (QEMU's intel-iommu, say, has 39 bits)."""
-        ranges = self.context.ioas.iova_ranges()
+        the machine's devices as they are when the virtio-iommu is made, with its first
+        device (QEMU's intel-iommu, say, has 39 bits)."""
+        ranges = self._host(self.context.ioas.iova_ranges)
         top = max((last for _, last in ranges), default=(1 << 48) - 1)
         return Limits(input_range=(0, min(top, (1 << 64) - 1)))
 
     def reserved(self, endpoint: int) -> list[tuple[int, int]]:
         """The IOVAs below the top that the host IOMMU will not map for the machine's devices
-        (its reserved regions: the MSI window, the IOMMU's own), inclusive."""
-        ranges = sorted(self.context.ioas.iova_ranges())
+        (its reserved regions: the MSI window, the IOMMU's own), inclusive: those of all the
+        devices attached to the guest-RAM IOAS, which every endpoint starts on."""
+        ranges = sorted(self._host(self.context.ioas.iova_ranges))
         holes, cursor = [], 0
         for start, last in ranges:
             if start > cursor:
@@ -75,11 +77,12 @@ class IommufdDomains:
         self.spaces[domain] = self._host(self.context.iommufd.alloc_ioas)
 
     def destroy(self, domain: int) -> None:
-        hwpt = self.hwpts.pop(domain, None)
-        space = self.spaces.pop(domain)
+        hwpt = self.hwpts.get(domain)
         if hwpt is not None:
             self._host(hwpt.close)
-        self._host(space.close)
+            del self.hwpts[domain]
+        self._host(self.spaces[domain].close)
+        del self.spaces[domain]
 
     def attach(self, endpoint: int, domain: int | None) -> None:
         binding = self.endpoints[endpoint]

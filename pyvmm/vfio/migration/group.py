@@ -62,15 +62,20 @@ class MigratingDevices:
         self.journal: Journal = []  # every arc of every device, in order: (name, from, to)
         self._mapped = mapped  # the RAM mapped for the devices' DMA: {gpa: size}
         self.dma_logs: dict[str, DeviceDmaLog] = {}  # of the devices that have one
+        self.by_iova: set[str] = set()  # devices behind the guest's virtio-iommu
         self._paused = False
 
-    def add(self, device: VfioDevice) -> DeviceMigration:
+    def add(self, device: VfioDevice, *, dma_by_iova: bool = False) -> DeviceMigration:
         """The migration of `device`, probed; a device that migrates joins the group (one that
-        does not is only asked why: `migration.missing()`)."""
+        does not is only asked why: `migration.missing()`). A device whose DMA addresses are
+        the guest's IOVAs (behind its virtio-iommu) is not logged: its log would name IOVAs,
+        not guest pages, so every page mapped for DMA goes again once it has stopped."""
         migration = DeviceMigration(device, journal=self.journal)
         if not migration.missing():
             self.devices.append(migration)
-            if dma_log.supported(device):
+            if dma_by_iova:
+                self.by_iova.add(device.name)
+            elif dma_log.supported(device):
                 self.dma_logs[device.name] = DeviceDmaLog(device, self._mapped)
         return migration
 
@@ -81,6 +86,7 @@ class MigratingDevices:
             if migration.name == name and migration.data is not None:
                 migration.data.close()
         self.devices = [migration for migration in self.devices if migration.name != name]
+        self.by_iova.discard(name)
         log_of_it = self.dma_logs.pop(name, None)
         if log_of_it is not None:
             try:
@@ -97,10 +103,13 @@ class MigratingDevices:
 
     def start(self) -> None:
         for name in self.untracked:
+            why = (
+                "its DMA log would name the guest's IOVAs (it is behind the guest's virtio-iommu)"
+                if name in self.by_iova
+                else "its driver logs no DMA writes"
+            )
             log.warning(
-                "%s: its driver logs no DMA writes: every page mapped for its DMA goes again "
-                "once it has stopped",
-                name,
+                "%s: %s: every page mapped for its DMA goes again once it has stopped", name, why
             )
         started: list[DeviceDmaLog] = []
         try:

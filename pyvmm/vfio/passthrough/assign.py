@@ -110,7 +110,7 @@ def create(
             f"vfio {device.name}",
             release=lambda: context.release(device.name),
             on_plugged=on_plugged,
-            migration=context.migrations.add(vfio_device),
+            migration=context.migrations.add(vfio_device, dma_by_iova=viommu == "virtio"),
         )
     except OSError as err:  # out of eventfds, say
         context.release(device.name)
