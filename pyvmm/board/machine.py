@@ -269,12 +269,10 @@ class Machine:
         return self._guest_iommu.domains.describe() if self._guest_iommu is not None else None
 
     def _close_vfio(self) -> None:
-        if self._guest_iommu is not None:
-            self._guest_iommu.close()
-            self._guest_iommu = None
-        if self._vfio is not None:
-            self._vfio.close()
-            self._vfio = None
+        for part in (self._guest_iommu, self._vfio):  # the guest's domains before the context
+            if part is not None:
+                part.close()
+        self._guest_iommu = self._vfio = None
 
     # boot
 
