@@ -1,5 +1,6 @@
 """The package's layers point down only: every import of every module (at its top, inside a
-function, or for type checking alone) names a module of its own layer or of one below it."""
+function, or for type checking alone) names a module of its own layer or of one below it; and
+no module outside uapi/ is longer than 500 lines."""
 
 from __future__ import annotations
 
@@ -120,3 +121,17 @@ def test_every_pyvmm_name_a_script_imports_exists() -> None:
                         except ImportError:
                             missing.append(f"{script.name}: {node.module}.{alias.name}")
     assert not missing, missing
+
+
+MAX_LINES = 500  # a module outside uapi/ (kernel ABI tables are as long as the kernel's)
+
+
+def test_every_module_outside_uapi_is_at_most_500_lines() -> None:
+    """One module, one job: past 500 lines a module is doing two."""
+    long = {
+        str(path.relative_to(PACKAGE)): lines
+        for path in PACKAGE.rglob("*.py")
+        if "uapi" not in path.relative_to(PACKAGE).parts
+        and (lines := len(path.read_text().splitlines())) > MAX_LINES
+    }
+    assert long == {}
