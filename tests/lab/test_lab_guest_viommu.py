@@ -9,16 +9,14 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from guestbuild import guest
-from linuxkernel import lab_kernel
+from lab_passthrough import boot_linux
 
 from pyvmm.board.machine import Machine
-from pyvmm.initramfs import BUSYBOX_INIT_PRELUDE, busybox_initramfs
-from pyvmm.lab.launcher import find_busybox
+from pyvmm.initramfs import BUSYBOX_INIT_PRELUDE
 from pyvmm.machine.console import CaptureConsole
 from pyvmm.machine.vcpus import StopReason
 from pyvmm.migration import snapshot
@@ -52,22 +50,6 @@ poweroff -f
 """
 
 
-def boot(tmp_path: Path, init: str, *args: str) -> subprocess.CompletedProcess[str]:
-    initrd = tmp_path / "initrd.cpio"
-    initrd.write_bytes(busybox_initramfs(find_busybox(), init))
-    command = [
-        sys.executable, "-m", "pyvmm", "run", "--timeout", "150",
-        "-k", str(lab_kernel()), "-i", str(initrd), "-m", "256M", "-c", "1",
-        "-p", "console=ttyS0 quiet panic=-1", *args,
-    ]  # fmt: skip
-    started = time.monotonic()
-    result = subprocess.run(
-        command, capture_output=True, text=True, errors="replace", timeout=200, check=False
-    )
-    print(f"boot: exit {result.returncode} after {time.monotonic() - started:.1f} s")
-    return result
-
-
 @pytest.mark.parametrize(
     "lab_iommu",
     [
@@ -84,7 +66,7 @@ def test_linux_drives_an_nvme_behind_the_guests_virtio_iommu(
     nvme = lab_devices["nvme"]
     args = ("--vfio-pci", nvme, "--vfio-backend", "iommufd", "--viommu", "virtio", "--exit-stats")
     args += ("--rng",)  # an emulated device: outside the IOMMU (pyvmm.devices.virtio.iommu)
-    result = boot(tmp_path, INIT, *args)
+    result = boot_linux(tmp_path, INIT, *args, cpus=1)
     out = result.stdout
     assert result.returncode == 0, f"{out[-3000:]}\n{result.stderr[-3000:]}"
     found = re.search(rf"{MARK} nvme (0000:00:[0-9a-f]{{2}}\.0) group (\d+) type (\S+)", out)

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-from linuxkernel import lab_kernel
+from lab_passthrough import boot_linux
 
-from pyvmm.initramfs import BUSYBOX_INIT_PRELUDE, busybox_initramfs
-from pyvmm.lab.launcher import find_busybox
+from pyvmm.initramfs import BUSYBOX_INIT_PRELUDE
 
 MARK = "pyvmm-guest:"
 
@@ -56,27 +53,9 @@ poweroff -f
 """
 
 
-def boot(tmp_path: Path, init: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """Boot the lab kernel once: a guest that crashes or hangs fails the test (pyvmm's crash
-    report is in its stderr)."""
-    initrd = tmp_path / "initrd.cpio"
-    initrd.write_bytes(busybox_initramfs(find_busybox(), init))
-    command = [
-        sys.executable, "-m", "pyvmm", "run", "--timeout", "150",
-        "-k", str(lab_kernel()), "-i", str(initrd), "-m", "256M", "-c", "2",
-        "-p", "console=ttyS0 quiet panic=-1", *args,
-    ]  # fmt: skip
-    started = time.monotonic()
-    result = subprocess.run(
-        command, capture_output=True, text=True, errors="replace", timeout=200, check=False
-    )
-    print(f"boot: exit {result.returncode} after {time.monotonic() - started:.1f} s")
-    return result
-
-
 def e1000e_with_linux(tmp_path: Path, lab_devices: dict[str, str], backend: str) -> None:
     nic = lab_devices["e1000e"]
-    result = boot(tmp_path, E1000E_INIT, "--vfio-pci", nic, "--vfio-backend", backend)
+    result = boot_linux(tmp_path, E1000E_INIT, "--vfio-pci", nic, "--vfio-backend", backend)
     out = result.stdout
     assert result.returncode == 0, f"{out[-3000:]}\n{result.stderr}"
     assert re.search(rf"{MARK} e1000e bound 0000:00:[0-9a-f]{{2}}\.0", out), out[-3000:]
@@ -127,7 +106,7 @@ def nvme_with_linux(tmp_path: Path, lab_devices: dict[str, str], backend: str) -
     nvme = lab_devices["nvme"]
     args = ("--vfio-pci", nvme, "--vfio-backend", backend)
     for step, wanted in ((WRITE_STEP, "read back same"), (CHECK_STEP, "after reboot same")):
-        result = boot(tmp_path, NVME_WRITE.replace("{ BOOT_STEP }", step), *args)
+        result = boot_linux(tmp_path, NVME_WRITE.replace("{ BOOT_STEP }", step), *args)
         out = result.stdout
         assert result.returncode == 0, f"{out[-3000:]}\n{result.stderr}"
         assert re.search(rf"{MARK} nvme bound 0000:00:[0-9a-f]{{2}}\.0", out), out[-3000:]
@@ -173,7 +152,7 @@ def test_linux_drives_a_passed_through_igb_virtual_function(
     its MSI-X interrupts."""
     pf_up(lab_devices["igb"])
     vf = lab_devices["igbvf"]
-    result = boot(tmp_path, IGBVF_INIT, "--vfio-pci", vf, "--vfio-backend", backend)
+    result = boot_linux(tmp_path, IGBVF_INIT, "--vfio-pci", vf, "--vfio-backend", backend)
     out = result.stdout
     assert result.returncode == 0, f"{out[-3000:]}\n{result.stderr}"
     assert re.search(rf"{MARK} igbvf bound 0000:00:[0-9a-f]{{2}}\.0", out), out[-3000:]
