@@ -6,9 +6,20 @@ and set errno for `ctypes.get_errno`."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
-libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+def _load() -> ctypes.CDLL:
+    """glibc by its soname; else the library search (which runs `ldconfig -p`: milliseconds of
+    start-up that every `pyvmm` command would otherwise pay)."""
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        from ctypes.util import find_library
+
+        return ctypes.CDLL(find_library("c"), use_errno=True)
+
+
+libc = _load()
 
 libc.ioctl.restype = ctypes.c_int
 libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]

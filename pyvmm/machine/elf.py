@@ -1,5 +1,7 @@
-"""Loading ELF64 x86-64 executables (test guests, PVH kernels) into guest RAM with pyelftools.
+"""Loading ELF64 x86-64 executables (test guests, PVH kernels) into guest RAM.
 
+Only the file header, the program headers and notes are read, with `struct`: the layouts are
+fixed by the ELF64 ABI, and a full ELF library costs more start-up than booting a test guest.
 Every check that can fail on a user's file fails with a `BootError` naming the file and the fix;
 nothing is written to guest RAM until the whole image has been validated.
 """
@@ -7,14 +9,40 @@ nothing is written to guest RAM until the whole image has been validated.
 from __future__ import annotations
 
 import os
+import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import BinaryIO, NamedTuple
 
 from pyvmm.errors import BootError
 from pyvmm.machine.layout import HIMEM_START, MiB
 from pyvmm.machine.memory import GuestMemory, GuestMemoryError
 
-PT_LOAD = "PT_LOAD"
+ELFCLASS64 = 2
+ELFDATA2LSB = 1
+ET_EXEC = 2
+EM_X86_64 = 62
+PT_LOAD = 1
+PT_NOTE = 4
 PF_X = 1
+# e_machine values a wrong image is likely to carry, named in the error
+MACHINES = {3: "EM_386", 8: "EM_MIPS", 20: "EM_PPC", 21: "EM_PPC64", 22: "EM_S390", 40: "EM_ARM"}
+MACHINES |= {62: "EM_X86_64", 183: "EM_AARCH64", 243: "EM_RISCV", 258: "EM_LOONGARCH"}
+
+# Elf64_Ehdr: e_ident[16], e_type, e_machine, e_version, e_entry, e_phoff, e_shoff, e_flags,
+# e_ehsize, e_phentsize, e_phnum, e_shentsize, e_shnum, e_shstrndx
+_EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
+# Elf64_Phdr: p_type, p_flags, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_align
+_PHDR = struct.Struct("<IIQQQQQQ")
+# Elf64_Nhdr: n_namesz, n_descsz, n_type
+_NHDR = struct.Struct("<III")
+
+
+class _ElfHeader(NamedTuple):
+    entry: int
+    phoff: int
+    phentsize: int
+    phnum: int
 
 
 @dataclass(frozen=True)
@@ -47,37 +75,19 @@ def parse_elf(path: str, *, entry_must_be_in_image: bool = True) -> ElfImage:
 
     A PVH kernel enters through its ELF note, not e_entry: it passes
     `entry_must_be_in_image=False`."""
-    # Imported here, not at the top: pyelftools costs a second of start-up in the lab (nested
-    # KVM under TCG), and bzImage boots never need it.
-    from elftools.common.exceptions import ELFError
-    from elftools.elf.elffile import ELFFile
-
     try:
         with open(path, "rb") as f:
-            magic = f.read(4)
-            if magic != b"\x7fELF":
+            data = f.read(_EHDR.size)
+            if data[:4] != b"\x7fELF":
                 raise BootError(f"{path}: not an ELF file (expected an ELF64 x86-64 executable)")
-            f.seek(0)
-            elf = ELFFile(f)
+            header = _header(path, data)
             file_size = os.fstat(f.fileno()).st_size
-            if elf.elfclass != 64 or elf["e_machine"] != "EM_X86_64":
-                raise BootError(
-                    f"{path}: ELF for {elf['e_machine']} ({elf.elfclass}-bit), "
-                    "but pyvmm boots x86-64 (ELF64, EM_X86_64) images"
-                )
-            if elf["e_type"] != "ET_EXEC":
-                raise BootError(f"{path}: ELF type {elf['e_type']}; link a static ET_EXEC image")
             segments = []
-            for phdr in elf.iter_segments():
-                if phdr["p_type"] != PT_LOAD or phdr["p_memsz"] == 0:
+            for phdr in _program_headers(path, f, header):
+                p_type, p_flags, offset, _vaddr, paddr, filesz, memsz, _align = phdr
+                if p_type != PT_LOAD or memsz == 0:
                     continue
-                seg = Segment(
-                    paddr=phdr["p_paddr"],
-                    offset=phdr["p_offset"],
-                    filesz=phdr["p_filesz"],
-                    memsz=phdr["p_memsz"],
-                    executable=bool(phdr["p_flags"] & PF_X),
-                )
+                seg = Segment(paddr, offset, filesz, memsz, executable=bool(p_flags & PF_X))
                 if seg.filesz > seg.memsz:
                     raise BootError(f"{path}: segment at {seg.paddr:#x} has filesz > memsz")
                 if seg.offset + seg.filesz > file_size:
@@ -86,23 +96,81 @@ def parse_elf(path: str, *, entry_must_be_in_image: bool = True) -> ElfImage:
                         f"{seg.offset + seg.filesz} but the file has {file_size}"
                     )
                 segments.append(seg)
-            entry = elf["e_entry"]
     except FileNotFoundError:
         raise BootError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise BootError(f"{path}: is a directory, not a guest image") from None
     except PermissionError:
         raise BootError(f"{path}: permission denied") from None
-    except (ELFError, ValueError, OSError) as err:
-        if isinstance(err, BootError):
-            raise
-        raise BootError(f"{path}: corrupt or truncated ELF image ({err})") from None
+    except OSError as err:
+        raise BootError(f"{path}: cannot read the image ({err})") from None
     if not segments:
         raise BootError(f"{path}: no loadable (PT_LOAD) segments")
+    entry = header.entry
     inside = any(s.executable and s.paddr <= entry < s.paddr + s.memsz for s in segments)
     if entry_must_be_in_image and not inside:
         raise BootError(f"{path}: entry point {entry:#x} is not inside an executable segment")
     return ElfImage(path, entry, tuple(segments))
+
+
+def elf_notes(path: str) -> Iterator[tuple[bytes, int, bytes]]:
+    """(name, type, descriptor) of each note in the PT_NOTE segments of an ELF64 x86-64 file."""
+    try:
+        with open(path, "rb") as f:
+            header = _header(path, f.read(_EHDR.size))
+            notes = [p for p in _program_headers(path, f, header) if p[0] == PT_NOTE]
+            for _type, _flags, offset, _vaddr, _paddr, filesz, _memsz, _align in notes:
+                f.seek(offset)
+                yield from _parse_notes(path, f.read(filesz))
+    except OSError as err:
+        raise BootError(f"{path}: cannot read ELF notes ({err})") from None
+
+
+def _header(path: str, data: bytes) -> _ElfHeader:
+    if len(data) < _EHDR.size:
+        raise BootError(f"{path}: corrupt or truncated ELF image (header cut short)")
+    fields = _EHDR.unpack(data)
+    ident, e_type, machine, _version, entry, phoff = fields[:6]
+    phentsize, phnum = fields[9], fields[10]
+    elf_class, encoding = ident[4], ident[5]
+    if elf_class != ELFCLASS64 or encoding != ELFDATA2LSB or machine != EM_X86_64:
+        bits = {1: "32-bit", 2: "64-bit"}.get(elf_class, f"class {elf_class}")
+        order = {1: "little-endian", 2: "big-endian"}.get(encoding, f"encoding {encoding}")
+        raise BootError(
+            f"{path}: ELF for {MACHINES.get(machine, f'machine {machine}')} ({bits}, {order}), "
+            "but pyvmm boots x86-64 (ELF64, little-endian, EM_X86_64) images"
+        )
+    if e_type != ET_EXEC:
+        raise BootError(f"{path}: ELF type {e_type} is not ET_EXEC; link a static executable")
+    if phnum and phentsize < _PHDR.size:
+        raise BootError(f"{path}: corrupt ELF image (program headers of {phentsize} bytes)")
+    return _ElfHeader(entry, phoff, phentsize, phnum)
+
+
+def _program_headers(
+    path: str, f: BinaryIO, header: _ElfHeader
+) -> list[tuple[int, int, int, int, int, int, int, int]]:
+    f.seek(header.phoff)
+    table = f.read(header.phentsize * header.phnum)
+    if len(table) != header.phentsize * header.phnum:
+        raise BootError(f"{path}: corrupt or truncated ELF image (program headers cut short)")
+    return [_PHDR.unpack_from(table, i * header.phentsize) for i in range(header.phnum)]
+
+
+def _parse_notes(path: str, data: bytes) -> Iterator[tuple[bytes, int, bytes]]:
+    pos = 0
+    while pos + _NHDR.size <= len(data):
+        namesz, descsz, note_type = _NHDR.unpack_from(data, pos)
+        name_at = pos + _NHDR.size
+        desc_at = name_at + _align4(namesz)
+        pos = desc_at + _align4(descsz)
+        if pos > len(data):
+            raise BootError(f"{path}: corrupt ELF note (runs past its segment)")
+        yield data[name_at : name_at + namesz].rstrip(b"\0"), note_type, data[desc_at:][:descsz]
+
+
+def _align4(size: int) -> int:
+    return (size + 3) & ~3
 
 
 def load_elf(image: ElfImage, memory: GuestMemory) -> None:

@@ -16,7 +16,7 @@ from pyvmm.errors import BootError
 from pyvmm.kvm.vcpu import Vcpu
 from pyvmm.machine import cpu, layout
 from pyvmm.machine.bzimage import load_initrd, place_initrd
-from pyvmm.machine.elf import ElfImage, load_elf, parse_elf
+from pyvmm.machine.elf import ElfImage, elf_notes, load_elf, parse_elf
 from pyvmm.machine.memory import GuestMemory
 
 XEN_ELFNOTE_PHYS32_ENTRY = 18
@@ -42,24 +42,9 @@ class PvhBoot:
 
 def pvh_entry(path: str) -> int | None:
     """The PHYS32_ENTRY address from an ELF's Xen notes, or None when it has none."""
-    # Imported here, not at the top: pyelftools costs a second of start-up in the lab (nested
-    # KVM under TCG), and bzImage boots never need it.
-    from elftools.common.exceptions import ELFError
-    from elftools.elf.elffile import ELFFile
-
-    try:
-        with open(path, "rb") as f:
-            elf = ELFFile(f)
-            for segment in elf.iter_segments():
-                if segment["p_type"] != "PT_NOTE":
-                    continue
-                for note in segment.iter_notes():
-                    if note["n_name"] == "Xen" and note["n_type"] == XEN_ELFNOTE_PHYS32_ENTRY:
-                        desc = note["n_desc"]
-                        raw = desc if isinstance(desc, bytes) else desc.encode("latin-1")
-                        return int.from_bytes(raw[:4], "little")
-    except (ELFError, OSError, ValueError) as err:
-        raise BootError(f"{path}: cannot read ELF notes ({err})") from None
+    for name, note_type, desc in elf_notes(path):
+        if name == b"Xen" and note_type == XEN_ELFNOTE_PHYS32_ENTRY and len(desc) >= 4:
+            return int.from_bytes(desc[:4], "little")
     return None
 
 
