@@ -1,6 +1,8 @@
-/* The C peer of the exits benchmark: a minimal KVM VMM that boots guests/build/exits.elf the way
- * pyvmm does (long mode, identity-mapped 4 GiB, in-kernel irqchip and PIT) and handles the same
- * port exits in a plain C loop. Usage: exits-peer GUEST.elf N; prints "writes=W seconds=S". */
+/* The C peer of the exits and start-up benchmarks: a minimal KVM VMM that boots a test guest
+ * the way pyvmm does (long mode, identity-mapped 4 GiB, in-kernel irqchip and PIT) and handles
+ * its port exits in a plain C loop: the bench port (reads give N, writes are counted), COM1's
+ * transmitter (to stdout; its line status always "empty"), the debug-exit port (ends the run).
+ * Usage: exits-peer GUEST.elf N; prints "writes=W seconds=S" on stderr. */
 #define _GNU_SOURCE
 #include <elf.h>
 #include <errno.h>
@@ -18,6 +20,9 @@
 #define RAM_SIZE (64UL << 20)
 #define BENCH_PORT 0x510
 #define DEBUG_EXIT_PORT 0x501
+#define COM1 0x3F8
+#define UART_LSR 5
+#define LSR_EMPTY 0x60 /* transmitter holding register and shift register empty */
 
 static void die(const char *what)
 {
@@ -154,17 +159,24 @@ int main(int argc, char **argv)
             return 1;
         }
         uint8_t *data = (uint8_t *)run + run->io.data_offset;
+        int in = run->io.direction == KVM_EXIT_IO_IN;
         if (run->io.port == BENCH_PORT) {
-            if (run->io.direction == KVM_EXIT_IO_IN)
+            if (in)
                 memcpy(data, &n, 4);
             else
                 writes += run->io.count;
         } else if (run->io.port == DEBUG_EXIT_PORT) {
             break;
+        } else if (run->io.port == COM1 && !in) {
+            fwrite(data, 1, run->io.count, stdout);
+        } else if (in) {
+            memset(data, run->io.port == COM1 + UART_LSR ? LSR_EMPTY : 0xFF,
+                   (size_t)run->io.size * run->io.count);
         }
     }
     clock_gettime(CLOCK_MONOTONIC, &t1);
     double seconds = (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) / 1e9;
-    printf("writes=%llu seconds=%.6f\n", (unsigned long long)writes, seconds);
+    fflush(stdout);
+    fprintf(stderr, "writes=%llu seconds=%.6f\n", (unsigned long long)writes, seconds);
     return writes == n ? 0 : 1;
 }
