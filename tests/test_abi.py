@@ -247,3 +247,24 @@ def test_known_uapi_numbers() -> None:
     assert vfio.VFIO_DEVICE_BIND_IOMMUFD == 0x3B76
     assert iommufd.IOMMU_IOAS_ALLOC == 0x3B81
     assert iommufd.IOMMU_TEST_CMD == 0x3BA0
+
+
+# ---- the C exit loop reads kvm_run by the kernel's header; its offsets must be pyvmm.uapi's ----
+
+
+def test_the_c_exit_loop_reads_kvm_run_where_pyvmm_uapi_says() -> None:
+    from pyvmm.kvm.exitloop import ffi, lib
+    from pyvmm.uapi import kvm as uapi
+
+    run, union = uapi.kvm_run, uapi.kvm_run._exit.offset
+    io, mmio = uapi._kvm_run_io, uapi._kvm_run_mmio
+    expected = [
+        run.exit_reason.offset,
+        run.immediate_exit.offset,
+        *(union + getattr(io, f).offset for f in ("direction", "size", "port", "count")),
+        union + io.data_offset.offset,
+        *(union + getattr(mmio, f).offset for f in ("phys_addr", "data", "len", "is_write")),
+    ]
+    compiled = ffi.new("uint32_t[11]")
+    lib.pyvmm_exitloop_offsets(compiled)
+    assert list(compiled) == expected

@@ -1,7 +1,7 @@
 """A KVM vCPU fd: KVM_RUN over the mmap'd `struct kvm_run`, register state, and a cross-thread kick.
 
-The exit data in `kvm_run` is read with precompiled `struct` formats from a memoryview of the shared
-page rather than through ctypes attribute chains: this is the hot path of every PIO/MMIO exit.
+KVM_RUN is entered, and its exit decoded, in C (pyvmm.kvm.exitloop): this is the hot path of every
+PIO/MMIO access a Python device handles, and the C side leaves Python one small struct to read.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import errno
 import logging
 import os
 import signal
-import struct
 import threading
 from typing import TYPE_CHECKING
 
+from pyvmm.kvm.exitloop import ffi, lib
 from pyvmm.kvm.flexarray import flexible
 from pyvmm.kvm.mmap import Mapping
 from pyvmm.uapi import kvm as uapi
@@ -29,13 +29,7 @@ log = logging.getLogger(__name__)
 
 KICK_SIGNAL = signal.SIGRTMIN + 1
 
-_EXIT_REASON = struct.Struct("<I")
-_IO = struct.Struct("<BBHIQ")
-_MMIO = struct.Struct("<Q8sIB")
-_OFF_EXIT_REASON = uapi.kvm_run.exit_reason.offset
 _OFF_IMMEDIATE_EXIT = uapi.kvm_run.immediate_exit.offset
-_OFF_UNION = uapi.kvm_run._exit.offset
-_OFF_MMIO_DATA = _OFF_UNION + uapi._kvm_run_mmio.data.offset
 
 
 def kick_handler_installed() -> bool:
@@ -58,7 +52,9 @@ def install_kick_handler() -> bool:
 
 
 class Vcpu:
-    """One vCPU. `run()` enters the guest until the next exit and returns the exit reason."""
+    """One vCPU. `run()` enters the guest until the next exit and returns the exit reason;
+    `exit` then holds the access a PIO or MMIO exit asks for: `where` (port or address), `size`,
+    `is_write`, `value` (a write's), `count` and `data_offset` (PIO items in `run_page`)."""
 
     def __init__(self, vm: Vm, vcpu_id: int, fd: int) -> None:
         self.vm = vm
@@ -66,6 +62,8 @@ class Vcpu:
         self.fd = fd
         self._run_map = Mapping(vm.system.vcpu_mmap_size(), fd)
         self.run_page = self._run_map.view
+        self._page = ffi.cast("void *", self._run_map.addr)
+        self.exit = ffi.new("struct pyvmm_exit *")
         self.thread_id: int | None = None
 
     def close(self) -> None:
@@ -78,24 +76,15 @@ class Vcpu:
 
     def run(self) -> int:
         """KVM_RUN once. Returns the exit reason; a kick or signal gives KvmExit.INTR."""
-        if libc_ioctl(self.fd, uapi.KVM_RUN, None) < 0:
-            err = ctypes.get_errno()
-            if err in (errno.EINTR, errno.EAGAIN):
-                self.run_page[_OFF_IMMEDIATE_EXIT] = 0
-                return uapi.KvmExit.INTR
-            raise IoctlError("KVM_RUN", err)
-        return _EXIT_REASON.unpack_from(self.run_page, _OFF_EXIT_REASON)[0]
+        err = lib.pyvmm_vcpu_run(self.fd, self._page, self.exit)
+        if err:
+            raise IoctlError("KVM_RUN", -err)
+        return self.exit.reason
 
-    def io_exit(self) -> tuple[int, int, int, int, int]:
-        """(direction, size, port, count, data_offset) of a KVM_EXIT_IO."""
-        return _IO.unpack_from(self.run_page, _OFF_UNION)
-
-    def mmio_exit(self) -> tuple[int, bytes, int, int]:
-        """(phys_addr, data[8], len, is_write) of a KVM_EXIT_MMIO."""
-        return _MMIO.unpack_from(self.run_page, _OFF_UNION)
-
-    def set_mmio_data(self, data: bytes) -> None:
-        self.run_page[_OFF_MMIO_DATA : _OFF_MMIO_DATA + len(data)] = data
+    def complete_read(self, value: int) -> None:
+        """Answer the last exit's read (a single port in, or an MMIO read) with `value`, whose
+        low `exit.size` bytes the guest gets when it next enters KVM_RUN."""
+        lib.pyvmm_complete_read(self._page, self.exit, value)
 
     def exit_struct(self) -> uapi.kvm_run:
         """A ctypes view of kvm_run, for the rare exits whose details are reported to users."""

@@ -319,34 +319,38 @@ class VcpuThreads:
         """The exit loop: the hot path of every PIO/MMIO access the kernel does not handle.
         Returns on KVM_EXIT_INTR when a stop or pause was asked for.
 
-        Names are bound to locals and the request flag is only checked on KVM_EXIT_INTR (which
-        every kick causes), to keep per-exit Python work minimal.
+        KVM_RUN and the exit's decoding are C (Vcpu.run); names are bound to locals and the
+        request flag is only checked on KVM_EXIT_INTR (which every kick causes), to keep per-exit
+        Python work minimal.
         """
-        run, io_exit, page = vcpu.run, vcpu.io_exit, vcpu.run_page
+        run, exit_, complete_read, page = vcpu.run, vcpu.exit, vcpu.complete_read, vcpu.run_page
         find_port, find_mmio = self._pio.find, self._mmio.find
         stats = self.exits
         trace, counts, record = stats.trace, stats.per_vcpu[vcpu.id], stats.record
         exit_io, exit_mmio, exit_intr = int(KvmExit.IO), int(KvmExit.MMIO), int(KvmExit.INTR)
-        io_out = uapi.KVM_EXIT_IO_OUT
         # The last exit's details stay in these locals: a crash's report names the exit before
         # it (KVM may reuse the run page's fields for the crash's own data).
-        reason, direction, size, port, addr, is_write, length = 0, 0, 0, 0, 0, 0, 0
+        reason, size, port, port_write, addr, is_write, length = 0, 0, 0, 0, 0, 0, 0
         while True:
             previous, reason = reason, run()
             stats.count += 1
             if reason == exit_io:
-                direction, size, port, count, offset = io_exit()
+                port, size, port_write = exit_.where, exit_.size, exit_.is_write
                 if trace is not None:
                     trace.append((reason, port))
                     record(counts, reason, port)
                 found = find_port(port)
-                if direction == io_out and count == 1 and found is not None:
-                    value = int.from_bytes(page[offset : offset + size], "little")
-                    _access(found, port - found.base, size, value)
+                if exit_.count != 1:
+                    _port_io(found, port_write, size, port, exit_.count, exit_.data_offset, page)
+                elif port_write:
+                    if found is not None:
+                        _access(found, port - found.base, size, exit_.value)
+                elif found is not None:
+                    complete_read(_access(found, port - found.base, size, None))
                 else:
-                    _port_io(found, direction, size, port, count, offset, page)
+                    complete_read((1 << (8 * size)) - 1)
             elif reason == exit_mmio:
-                addr, data, length, is_write = vcpu.mmio_exit()
+                addr, length, is_write = exit_.where, exit_.size, exit_.is_write
                 if trace is not None:
                     trace.append((reason, addr))
                     record(counts, reason, addr)
@@ -355,13 +359,11 @@ class VcpuThreads:
                     continue
                 if is_write:
                     if found is not None:
-                        value = int.from_bytes(data[:length], "little")
-                        _access(found, addr - found.base, length, value)
+                        _access(found, addr - found.base, length, exit_.value)
+                elif found is not None:
+                    complete_read(_access(found, addr - found.base, length, None))
                 else:
-                    value = _access(found, addr - found.base, length, None) if found else -1
-                    vcpu.set_mmio_data(
-                        (value & ((1 << (8 * length)) - 1)).to_bytes(length, "little")
-                    )
+                    complete_read((1 << (8 * length)) - 1)
             elif reason == exit_intr:
                 if trace is not None:
                     record(counts, reason, 0)
@@ -370,6 +372,7 @@ class VcpuThreads:
                 if self._throttle_sleep:
                     self._throttled()
             else:
+                direction = uapi.KVM_EXIT_IO_OUT if port_write else uapi.KVM_EXIT_IO_IN
                 last = vcpu_report.LastExit(previous, direction, size, port, is_write, length, addr)
                 self._exit_other(vcpu, reason, last)
                 if self.state is RunState.STOPPED:
@@ -417,17 +420,17 @@ class VcpuThreads:
 
 def _port_io(
     found: Range | None,
-    direction: int,
+    is_write: int,
     size: int,
     port: int,
     count: int,
     offset: int,
     page: memoryview,
 ) -> None:
-    """Port input, and string (rep ins/outs) output: `count` items of `size` bytes."""
+    """String port I/O (rep ins/outs): `count` items of `size` bytes at `offset` in the run page."""
     all_ones = (1 << (8 * size)) - 1
     for pos in range(offset, offset + size * count, size):
-        if direction == uapi.KVM_EXIT_IO_OUT:
+        if is_write:
             if found is not None:
                 value = int.from_bytes(page[pos : pos + size], "little")
                 _access(found, port - found.base, size, value)

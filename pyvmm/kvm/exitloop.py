@@ -1,0 +1,37 @@
+"""The C exit path (exitloop.c, built by cffi into pyvmm.kvm._exitloop), loaded and checked.
+
+There is no ctypes fallback: a slower path that switches itself on would hide itself. A missing
+or stale build is refused in one line that says how to build it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from pyvmm.kvm.errors import KvmError
+
+_SOURCE = Path(__file__).with_name("exitloop.c")
+_REBUILD = "build it with scripts/setup (or pip install -e .), which needs gcc"
+
+try:
+    from pyvmm.kvm._exitloop import ffi, lib
+except ImportError as err:
+    raise KvmError(f"pyvmm's C exit loop is not built ({err}): {_REBUILD}") from None
+
+
+def _check_build() -> None:
+    """Refuse a build older than the source beside it (an edited checkout not rebuilt). An
+    installed wheel without the source has nothing to compare and is taken as built."""
+    try:
+        text = _SOURCE.read_text()
+    except OSError:
+        return
+    built = ffi.string(lib.pyvmm_exitloop_source_hash()).decode()
+    if built != hashlib.sha256(text.encode()).hexdigest()[:16]:
+        raise KvmError(f"pyvmm's C exit loop was built from an older {_SOURCE.name}: {_REBUILD}")
+
+
+_check_build()
+
+__all__ = ["ffi", "lib"]

@@ -1,0 +1,64 @@
+"""Builds pyvmm.kvm._exitloop from exitloop.c with cffi (API mode) and the system's C compiler.
+
+setup.py names this builder (cffi_modules), so a wheel and an editable install both compile it;
+a machine without a compiler gets one clear error at install. The module carries the SHA-256 of
+the source it was built from, so pyvmm.kvm.exitloop can refuse a stale build by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import sysconfig
+from pathlib import Path
+
+from cffi import FFI
+
+SOURCE = Path(__file__).with_name("exitloop.c")
+
+CDEF = """
+struct pyvmm_exit {
+    uint32_t reason;
+    uint32_t size;
+    uint64_t where;
+    uint64_t value;
+    uint32_t count;
+    uint32_t data_offset;
+    uint32_t is_write;
+    uint32_t pad;
+};
+int pyvmm_vcpu_run(int fd, void *page, struct pyvmm_exit *exit);
+void pyvmm_complete_read(void *page, const struct pyvmm_exit *exit, uint64_t value);
+void pyvmm_exitloop_offsets(uint32_t offsets[11]);
+const char *pyvmm_exitloop_source_hash(void);
+"""
+
+
+def source_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _builder() -> FFI:
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(compiler) is None:
+        raise SystemExit(
+            f"pyvmm: building its C exit loop needs a C compiler ({compiler!r} is not on PATH) "
+            "and the kernel's headers: install gcc and linux-libc-dev (Debian), then reinstall"
+        )
+    text = SOURCE.read_text()
+    ffi = FFI()
+    ffi.cdef(CDEF)
+    ffi.set_source(
+        "pyvmm.kvm._exitloop",
+        text
+        + "\nconst char *pyvmm_exitloop_source_hash(void) "
+        + f'{{ return "{source_hash(text)}"; }}\n',
+        extra_compile_args=["-O2", "-Wall"],
+    )
+    return ffi
+
+
+ffibuilder = _builder()
+
+if __name__ == "__main__":
+    ffibuilder.compile(tmpdir=str(Path(__file__).resolve().parents[2]), verbose=True)
