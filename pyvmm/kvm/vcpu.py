@@ -62,7 +62,7 @@ class Vcpu:
         self.fd = fd
         self._run_map = Mapping(vm.system.vcpu_mmap_size(), fd)
         self.run_page = self._run_map.view
-        self._page = ffi.cast("void *", self._run_map.addr)
+        self.run_page_ptr = ffi.cast("void *", self._run_map.addr)
         self.exit = ffi.new("struct pyvmm_exit *")
         self.thread_id: int | None = None
 
@@ -76,7 +76,7 @@ class Vcpu:
 
     def run(self) -> int:
         """KVM_RUN once. Returns the exit reason; a kick or signal gives KvmExit.INTR."""
-        err = lib.pyvmm_vcpu_run(self.fd, self._page, self.exit)
+        err = lib.pyvmm_vcpu_run(self.fd, self.run_page_ptr, self.exit)
         if err:
             raise IoctlError("KVM_RUN", -err)
         return self.exit.reason
@@ -84,7 +84,7 @@ class Vcpu:
     def complete_read(self, value: int) -> None:
         """Answer the last exit's read (a single port in, or an MMIO read) with `value`, whose
         low `exit.size` bytes the guest gets when it next enters KVM_RUN."""
-        lib.pyvmm_complete_read(self._page, self.exit, value)
+        lib.pyvmm_complete_read(self.run_page_ptr, self.exit, value)
 
     def exit_struct(self) -> uapi.kvm_run:
         """A ctypes view of kvm_run, for the rare exits whose details are reported to users."""

@@ -43,6 +43,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from pyvmm.kvm import exitloop
 from pyvmm.kvm.errors import KvmError
 from pyvmm.kvm.vcpu import Vcpu, install_kick_handler
 from pyvmm.machine import vcpu_report
@@ -50,6 +51,7 @@ from pyvmm.machine.bus import Bus, Range
 from pyvmm.machine.exits import ExitStats, exit_name
 from pyvmm.machine.threads import start_thread
 from pyvmm.uapi import kvm as uapi
+from pyvmm.uapi.ioctl import IoctlError
 
 log = logging.getLogger(__name__)
 
@@ -319,11 +321,12 @@ class VcpuThreads:
         """The exit loop: the hot path of every PIO/MMIO access the kernel does not handle.
         Returns on KVM_EXIT_INTR when a stop or pause was asked for.
 
-        KVM_RUN and the exit's decoding are C (Vcpu.run); names are bound to locals and the
+        KVM_RUN and the exit's decoding are C (Vcpu.run, inlined); names are bound to locals and the
         request flag is only checked on KVM_EXIT_INTR (which every kick causes), to keep per-exit
         Python work minimal.
         """
-        run, exit_, complete_read, page = vcpu.run, vcpu.exit, vcpu.complete_read, vcpu.run_page
+        enter, fd, run_page_ptr = exitloop.lib.pyvmm_vcpu_run, vcpu.fd, vcpu.run_page_ptr
+        exit_, complete_read, page = vcpu.exit, vcpu.complete_read, vcpu.run_page
         find_port, find_mmio = self._pio.find, self._mmio.find
         stats = self.exits
         trace, counts, record = stats.trace, stats.per_vcpu[vcpu.id], stats.record
@@ -332,7 +335,10 @@ class VcpuThreads:
         # it (KVM may reuse the run page's fields for the crash's own data).
         reason, size, port, port_write, addr, is_write, length = 0, 0, 0, 0, 0, 0, 0
         while True:
-            previous, reason = reason, run()
+            error = enter(fd, run_page_ptr, exit_)  # (Vcpu.run, inlined)
+            if error:
+                raise IoctlError("KVM_RUN", -error)
+            previous, reason = reason, exit_.reason
             stats.count += 1
             if reason == exit_io:
                 port, size, port_write = exit_.where, exit_.size, exit_.is_write
