@@ -62,14 +62,14 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(argv)
-    args = parser.parse_args(argv)
-    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
-    logging.basicConfig(level=level, format="pyvmm: %(name)s: %(message)s")
-    if not hasattr(args, "func"):
-        parser.print_help(sys.stderr)
-        return 2
     try:
+        parser = build_parser(argv)  # (imports the command's modules: a missing build says so)
+        args = parser.parse_args(argv)
+        level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+        logging.basicConfig(level=level, format="pyvmm: %(name)s: %(message)s")
+        if not hasattr(args, "func"):
+            parser.print_help(sys.stderr)
+            return 2
         return args.func(args)
     except (PyvmmError, KvmError, IoctlError) as err:
         print(f"pyvmm: error: {err}", file=sys.stderr)

@@ -3,8 +3,11 @@ reads and writes of every size, string port I/O, and accesses nothing claims."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
-from guestbuild import guest, requires_kvm
+from guestbuild import ROOT, guest, requires_kvm
 
 from pyvmm.board.machine import Machine
 from pyvmm.machine import layout
@@ -72,3 +75,29 @@ def test_a_build_older_than_its_source_is_refused_in_one_line(
     monkeypatch.setattr(exitloop, "_SOURCE", edited)
     with pytest.raises(KvmError, match=r"built from an older exitloop.c: build it with scripts"):
         exitloop._check_build()
+
+
+def test_pyvmm_without_its_built_exit_loop_says_so_in_one_line() -> None:
+    """As on a checkout nobody installed: the extension cannot be imported."""
+    probe = (
+        "import sys\n"
+        "class Unbuilt:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'pyvmm.kvm._exitloop': raise ImportError('no module ' + name)\n"
+        "sys.meta_path.insert(0, Unbuilt())\n"
+        "from pyvmm.cli import main\n"
+        "sys.exit(main(['run', sys.argv[1]]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe, str(guest("hello"))],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "pyvmm: error: pyvmm's C exit loop is not built (no module pyvmm.kvm._exitloop): "
+        "build it with scripts/setup (or pip install -e .), which needs gcc"
+    ]

@@ -9,13 +9,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import socket
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from pyvmm.board.machine import Machine, StopReason
 from pyvmm.errors import ConfigError
 from pyvmm.machine.console import Console, open_console
+
+if TYPE_CHECKING:
+    import socket
 
 DEFAULT_CMDLINE = "console=ttyS0 panic=-1"
 CRASH_CONSOLE_LINES = 12  # of the guest's console, after a crash

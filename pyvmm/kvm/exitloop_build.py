@@ -1,15 +1,15 @@
 """Builds pyvmm.kvm._exitloop from exitloop.c with cffi (API mode) and the system's C compiler.
 
 setup.py names this builder (cffi_modules), so a wheel and an editable install both compile it;
-a machine without a compiler gets one clear error at install. The module carries the SHA-256 of
+a machine without a compiler gets one clear error at install. The module carries a checksum of
 the source it was built from, so pyvmm.kvm.exitloop can refuse a stale build by name.
 """
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import sysconfig
+import zlib
 from pathlib import Path
 
 from cffi import FFI
@@ -30,12 +30,14 @@ struct pyvmm_exit {
 int pyvmm_vcpu_run(int fd, void *page, struct pyvmm_exit *exit);
 void pyvmm_complete_read(void *page, const struct pyvmm_exit *exit, uint64_t value);
 void pyvmm_exitloop_offsets(uint32_t offsets[11]);
-const char *pyvmm_exitloop_source_hash(void);
+const char *pyvmm_exitloop_source_checksum(void);
 """
 
 
-def source_hash(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+def source_checksum(text: str) -> str:
+    """The checksum the module embeds: exitloop.source_checksum, which must agree (the build
+    cannot import the package it is building; the exit-loop tests check a fresh build)."""
+    return f"{zlib.crc32(text.encode()):08x}"
 
 
 def _builder() -> FFI:
@@ -51,8 +53,8 @@ def _builder() -> FFI:
     ffi.set_source(
         "pyvmm.kvm._exitloop",
         text
-        + "\nconst char *pyvmm_exitloop_source_hash(void) "
-        + f'{{ return "{source_hash(text)}"; }}\n',
+        + "\nconst char *pyvmm_exitloop_source_checksum(void) "
+        + f'{{ return "{source_checksum(text)}"; }}\n',
         extra_compile_args=["-O2", "-Wall"],
     )
     return ffi

@@ -10,7 +10,6 @@ import contextlib
 import os
 import re
 import select
-import socket
 import sys
 import threading
 import time
@@ -102,6 +101,8 @@ class SocketConsole(Console):
     """Connects to a listening UNIX stream socket (e.g. `socat UNIX-LISTEN:PATH -`)."""
 
     def __init__(self, path: str) -> None:
+        import socket  # (here: the socket module's import is a tenth of a test guest's start-up)
+
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._sock.connect(path)
