@@ -24,6 +24,7 @@ from pyvmm.uapi.vfio import VfioMigrationFlag as Flag
 from pyvmm.vfio.errors import VfioError
 from pyvmm.vfio.migration import group as group_module
 from pyvmm.vfio.migration.device import Journal
+from pyvmm.vfio.migration.dma_log import LoggedPages
 from pyvmm.vfio.migration.group import MigratingDevices
 from pyvmm.vfio.migration.states import path
 
@@ -93,6 +94,80 @@ def test_a_device_behind_the_guests_virtio_iommu_is_not_logged_but_sent_whole(
 class FakeDevice:
     def __init__(self, name: str) -> None:
         self.name = name
+
+
+class FakeIommuLog:
+    """The IOMMU's dirty log of some devices: `refuse` makes its start fail as an IOMMU without
+    dirty tracking does; `pages` is what each collect reports."""
+
+    def __init__(self, names: list[str], refuse: str = "") -> None:
+        self.names, self.refuse = names, refuse
+        self.started = self.stopped = False
+        self.pages = [LoggedPages(0x200000, 1, b"\x01")]
+
+    def start(self) -> None:
+        if self.refuse:
+            raise VfioError(self.refuse)
+        self.started = True
+
+    def collect(self) -> list[LoggedPages]:
+        return self.pages
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def unlogged_group(
+    monkeypatch: pytest.MonkeyPatch, refuse: str = ""
+) -> tuple[MigratingDevices, list[FakeIommuLog]]:
+    """A group of a device without a DMA log of its own and one behind the guest's vIOMMU,
+    over two pages of RAM mapped for DMA, with an IOMMU log maker."""
+    monkeypatch.setattr(
+        group_module, "DeviceMigration", lambda d, journal: FakeMigration(d.name, journal)
+    )
+    monkeypatch.setattr(group_module.dma_log, "supported", lambda device: False)
+    made: list[FakeIommuLog] = []
+
+    def iommu_dirty(names: list[str]) -> FakeIommuLog:
+        made.append(FakeIommuLog(names, refuse))
+        return made[-1]
+
+    group = MigratingDevices(lambda: {0x100000: 2 * 4096}, iommu_dirty)
+    group.add(FakeDevice("plain"))
+    group.add(FakeDevice("behind"), dma_by_iova=True)
+    return group, made
+
+
+def test_a_device_without_its_own_log_is_tracked_by_its_iommus_dirty_bits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    group, made = unlogged_group(monkeypatch)
+    assert group.untracked == ["plain", "behind"]
+    group.start()
+    (iommu_log,) = made
+    assert iommu_log.names == ["plain"] and iommu_log.started  # (not the one behind the vIOMMU)
+    assert group.untracked == ["behind"]
+    assert [p.gpa for p in group.collect()] == [0x200000]  # the IOMMU's pages
+    group.pause()
+    found = [(p.gpa, p.pages, p.bitmap) for p in group.collect()]
+    assert found == [(0x200000, 1, b"\x01"), (0x100000, 2, b"\x03")]  # and all, for "behind"
+    group.stop()
+    assert iommu_log.stopped and group.untracked == ["plain", "behind"]
+
+
+def test_an_iommu_without_dirty_bits_leaves_the_device_to_be_sent_whole(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    group, made = unlogged_group(monkeypatch, refuse="plain: its IOMMU cannot track dirty pages")
+    group.start()
+    assert group.untracked == ["plain", "behind"] and group.iommu_log is None
+    assert "plain: its IOMMU cannot track dirty pages" in caplog.text
+    assert "plain: its driver logs no DMA writes: every page mapped" in caplog.text
+    assert group.collect() == []  # (running: nothing can be known yet)
+    group.pause()
+    assert [(p.gpa, p.bitmap) for p in group.collect()] == [(0x100000, b"\x03")]
+    group.stop()
+    assert not made[0].stopped  # (never started)
 
 
 def test_a_pause_takes_every_device_to_p2p_before_any_stops_and_a_resume_likewise() -> None:

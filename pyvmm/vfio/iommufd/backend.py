@@ -49,6 +49,7 @@ class IommufdContext(VfioContext):
             raise
         self.bindings: dict[str, VfioBinding] = {}  # by BDF
         self.nesting: Nesting | None = None
+        self.migrations.iommu_dirty = self.dirty_log  # (for devices that log no DMA themselves)
 
     @property
     def dma(self) -> IoAddressSpace:
@@ -130,14 +131,17 @@ class IommufdContext(VfioContext):
         self.nesting.add(binding, info)
         return self.nesting
 
-    def dirty_log(self) -> DmaDirtyLog:
-        """DMA dirty tracking of guest RAM for the devices assigned now (pyvmm.vfio.iommufd.dirty);
-        it refuses to start where their IOMMU cannot track dirty pages."""
+    def dirty_log(self, names: list[str] | None = None) -> DmaDirtyLog:
+        """DMA dirty tracking of guest RAM for the devices `names` (all those assigned now, by
+        default) by their IOMMU's dirty bits (pyvmm.vfio.iommufd.dirty): a VfioError for an
+        emulated device, which has no IOMMU page table; the log refuses to start where their
+        IOMMU cannot track dirty pages."""
 
         def mapped() -> dict[int, int]:
             return dict(self._mapper.mapped) if self._mapper is not None else {}
 
-        devices = [self._binding(name, "DMA dirty tracking") for name in self.bindings]
+        wanted = list(self.bindings) if names is None else names
+        devices = [self._binding(name, "DMA dirty tracking") for name in wanted]
         return DmaDirtyLog(self.ioas, devices, mapped)
 
     def object(self, object_id: int) -> IommufdObject:

@@ -14,11 +14,13 @@ any device takes goes into `journal` (device, from, to), in the order the kernel
 that a test can check the order and a learner can read it. The devices' data themselves are
 each VfioPciFunction's to save and restore, with the rest of its state.
 
-It is also the source of the devices' DMA writes in the machine's dirty log (a DirtySource):
-each device's own DMA log where its driver has one (dma_log.py); for a device without one, the
-pages it wrote cannot be known, so once the devices are stopped (the last look of a migration,
-or of an incremental snapshot) every page mapped for DMA is reported dirty and goes again:
-`untracked` names those devices, and starting the log warns of each.
+It is also the source of the devices' DMA writes in the machine's dirty log (a DirtySource),
+from the best of three: each device's own DMA log where its driver has one (dma_log.py); else,
+for the devices on iommufd, their IOMMU's dirty bits (a dirty-tracking HWPT: `iommu_dirty`,
+pyvmm.vfio.iommufd.dirty), where the IOMMU keeps them; else nothing can know the pages they
+wrote, so once the devices are stopped (the last look of a migration, or of an incremental
+snapshot) every page mapped for DMA is reported dirty and goes again: `untracked` names those
+devices, and starting the log warns of each.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from pyvmm.uapi.vfio import VfioDeviceState as State
 from pyvmm.uapi.vfio import VfioMigrationFlag as Flag
@@ -34,6 +37,13 @@ from pyvmm.vfio.errors import VfioError
 from pyvmm.vfio.migration import dma_log
 from pyvmm.vfio.migration.device import DeviceMigration, Journal
 from pyvmm.vfio.migration.dma_log import PAGE_SIZE, DeviceDmaLog, LoggedPages
+
+if TYPE_CHECKING:
+    from pyvmm.machine.dirty import DirtyPages, DirtySource
+
+#: Makes the IOMMU's dirty log of the named devices (a DirtySource whose start raises a
+#: VfioError where their IOMMU cannot track), for a group whose devices are on iommufd.
+IommuDirty = Callable[[list[str]], "DirtySource"]
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +67,17 @@ _RESUME_RUN = {
 class MigratingDevices:
     """The devices of one machine that migrate (their flags say STOP_COPY)."""
 
-    def __init__(self, mapped: Callable[[], dict[int, int]] = dict) -> None:
+    def __init__(
+        self, mapped: Callable[[], dict[int, int]] = dict, iommu_dirty: IommuDirty | None = None
+    ) -> None:
         self.devices: list[DeviceMigration] = []
         self.journal: Journal = []  # every arc of every device, in order: (name, from, to)
         self._mapped = mapped  # the RAM mapped for the devices' DMA: {gpa: size}
         self.dma_logs: dict[str, DeviceDmaLog] = {}  # of the devices that have one
         self.by_iova: set[str] = set()  # devices behind the guest's virtio-iommu
+        self.iommu_dirty = iommu_dirty  # (a backend on iommufd sets it)
+        self.iommu_log: DirtySource | None = None  # while started, for `iommu_logged`
+        self.iommu_logged: list[str] = []
         self._paused = False
 
     def add(self, device: VfioDevice, *, dma_by_iova: bool = False) -> DeviceMigration:
@@ -97,11 +112,13 @@ class MigratingDevices:
     @property
     def untracked(self) -> list[str]:
         """The migrating devices whose DMA writes no log records."""
-        return [m.name for m in self.devices if m.name not in self.dma_logs]
+        logged = {*self.dma_logs, *self.iommu_logged}
+        return [m.name for m in self.devices if m.name not in logged]
 
     # DirtySource
 
     def start(self) -> None:
+        self._start_iommu_log()
         for name in self.untracked:
             why = (
                 "its DMA log would name the guest's IOVAs (it is behind the guest's virtio-iommu)"
@@ -119,10 +136,35 @@ class MigratingDevices:
         except BaseException:
             for device_log in started:
                 device_log.stop()
+            self._stop_iommu_log()
             raise
 
-    def collect(self) -> list[LoggedPages]:
-        found = [pages for log_ in self.dma_logs.values() for pages in log_.collect()]
+    def _start_iommu_log(self) -> None:
+        """The IOMMU's dirty bits for the devices on iommufd that log nothing themselves;
+        where it cannot keep them, those devices stay untracked (and the user is told why)."""
+        wanted = [name for name in self.untracked if name not in self.by_iova]
+        if not wanted or self.iommu_dirty is None:
+            return
+        try:
+            iommu_log = self.iommu_dirty(wanted)
+            iommu_log.start()
+        except VfioError as err:
+            log.warning("%s", err)
+            return
+        self.iommu_log, self.iommu_logged = iommu_log, wanted
+        log.info("%s: DMA writes tracked by the IOMMU's dirty bits", ", ".join(wanted))
+
+    def _stop_iommu_log(self) -> None:
+        iommu_log, self.iommu_log, self.iommu_logged = self.iommu_log, None, []
+        if iommu_log is not None:
+            iommu_log.stop()
+
+    def collect(self) -> list[DirtyPages]:
+        found: list[DirtyPages] = [
+            pages for log_ in self.dma_logs.values() for pages in log_.collect()
+        ]
+        if self.iommu_log is not None:
+            found.extend(self.iommu_log.collect())
         if self._paused and self.untracked:
             for gpa, size in sorted(self._mapped().items()):
                 pages = size // PAGE_SIZE
@@ -133,6 +175,7 @@ class MigratingDevices:
 
     def stop(self) -> None:
         with contextlib.ExitStack() as stopping:
+            stopping.callback(self._stop_iommu_log)
             for device_log in self.dma_logs.values():
                 stopping.callback(device_log.stop)
 
