@@ -33,7 +33,8 @@ from pyvmm.devices.virtio.iommu_domains import (
     Refused,
     Status,
 )
-from pyvmm.devices.virtio.pci_common import STATUS_DRIVER_OK
+from pyvmm.devices.virtio.pci import ISR_CONFIG
+from pyvmm.devices.virtio.pci_common import STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER_OK
 from pyvmm.devices.virtio.pci_layout import DEVICE_OFFSET
 from pyvmm.machine import acpi
 from pyvmm.machine.state import StateError, from_plain, to_plain
@@ -311,11 +312,14 @@ def test_hostile_request_sequences_keep_the_host_and_the_model_in_step(
         agrees(domains, host)
 
 
-def test_a_step_the_guest_cannot_be_told_of_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_step_no_status_answers_is_logged_and_reported(caplog: pytest.LogCaptureFixture) -> None:
     domains, host = model()
     host.fail = True
-    domains.set_bypass(False)
+    assert domains.set_bypass(False) is False
     assert "virtio-iommu: the host IOMMU refused it: block: Invalid argument" in caplog.text
+    assert domains.set_bypass(True) is True
+    host.fail = True
+    assert domains.reset() is False
 
 
 # the device, over virtio-pci
@@ -462,6 +466,34 @@ def test_the_bypass_bit_is_taken_before_driver_ok() -> None:
         device.bar_write(0, DEVICE_OFFSET + 36, 1, 0)  # after FEATURES_OK, before DRIVER_OK
         assert host.placement[EP_A] == "blocked"
         assert device.bar_read(0, DEVICE_OFFSET + 36, 1) == 0
+
+
+def test_a_bypass_or_reset_the_host_refuses_tells_the_driver_to_reset_the_device() -> None:
+    """The endpoint's DMA is then not what the driver set up (after a refused block it still
+    reaches all of RAM): DEVICE_NEEDS_RESET, with a configuration interrupt (virtio 1.2 §2.1.2);
+    after a refused reset, as soon as the driver has set the device up again."""
+    host = FakeHostIommu((EP_A,))
+    with virtio_device(VirtioIommu(GuestDomains(host, (EP_A,), in_ram))) as (_, device, driver):
+        device.config_write(PCI_COMMAND, 2, PCI_COMMAND_MASTER)
+        assert driver.negotiate(VIRTIO_F_VERSION_1 | VIRTIO_IOMMU_F_BYPASS_CONFIG)
+        driver.setup_queue(0)
+        driver.setup_queue(1)
+        driver.write("device_status", STATUS_DRIVER_OK)
+        assert not driver.read("device_status") & STATUS_DEVICE_NEEDS_RESET
+        host.fail = True
+        device.bar_write(0, DEVICE_OFFSET + 36, 1, 0)
+        assert host.placement[EP_A] == "identity"  # (refused: it still reaches all of RAM)
+        assert driver.read("device_status") & STATUS_DEVICE_NEEDS_RESET
+        assert device.isr & ISR_CONFIG
+
+        host.placement[EP_A] = 1  # (as if attached to a domain the host would not let go of)
+        host.fail = True
+        assert driver.negotiate(VIRTIO_F_VERSION_1)  # (it resets the device first)
+        assert not driver.read("device_status") & STATUS_DEVICE_NEEDS_RESET
+        driver.setup_queue(0)
+        driver.setup_queue(1)
+        driver.write("device_status", STATUS_DRIVER_OK)
+        assert driver.read("device_status") & STATUS_DEVICE_NEEDS_RESET
 
 
 def test_a_probe_when_the_host_cannot_say_its_ranges_is_deverr() -> None:

@@ -9,9 +9,13 @@ ask for, so a backend only pops chains and pushes them back.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
 from pyvmm.devices.virtio.queue import Virtqueue
+
+log = logging.getLogger(__name__)
 
 # Device IDs (§5)
 VIRTIO_ID_NET = 1
@@ -37,6 +41,10 @@ class VirtioBackend:
     def __init__(self) -> None:
         self.queues: list[Virtqueue] = []
         self.driver_features = 0
+        #: Set by the transport: the backend calls it, saying why, when it can no longer work
+        #: as the driver set it up (the host refused a step); the driver is told to reset it
+        #: (DEVICE_NEEDS_RESET).
+        self.needs_reset: Callable[[str], None] = _no_transport
 
     def config(self) -> bytes:
         """The device-specific configuration space, read-only by default."""
@@ -80,3 +88,8 @@ class VirtioBackend:
 
     def close(self) -> None:
         """Release host resources (files, taps)."""
+
+
+def _no_transport(why: str) -> None:
+    """(A backend driven without a transport, as in a unit test: there is no driver to tell.)"""
+    log.warning("a virtio device on no transport needs a reset: %s", why)

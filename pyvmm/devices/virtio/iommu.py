@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from pyvmm.devices.virtio.backend import VirtioBackend
 from pyvmm.devices.virtio.iommu_domains import GuestDomains, Refused, Status
 from pyvmm.devices.virtio.pci import VirtioPciDevice
-from pyvmm.devices.virtio.queue import DescriptorChain
+from pyvmm.devices.virtio.queue import DescriptorChain, Virtqueue
 
 if TYPE_CHECKING:
     from pyvmm.machine.host import DeviceHost
@@ -83,6 +83,7 @@ class VirtioIommu(VirtioBackend):
         self.domains = domains
         self.requests = 0  # answered, for pyvmm's own view
         self.refused = 0
+        self._reset_failed = False
 
     def config(self) -> bytes:
         limits = self.domains.limits
@@ -97,8 +98,8 @@ class VirtioIommu(VirtioBackend):
     def config_write(self, offset: int, size: int, value: int) -> None:
         # Only `bypass` is the driver's to write (BYPASS_CONFIG is always offered; a driver may
         # write it before DRIVER_OK, when this backend has not yet been told the features).
-        if offset == _BYPASS_OFFSET:
-            self.domains.set_bypass(bool(value & 0xFF))
+        if offset == _BYPASS_OFFSET and not self.domains.set_bypass(bool(value & 0xFF)):
+            self.needs_reset("the host IOMMU refused to move an endpoint to the new bypass")
 
     def process(self, index: int) -> None:
         if index != 0:
@@ -107,9 +108,14 @@ class VirtioIommu(VirtioBackend):
         while (chain := queue.pop()) is not None:
             queue.push(chain, self._answer(chain))
 
+    def activate(self, features: int, queues: list[Virtqueue]) -> None:
+        super().activate(features, queues)
+        if self._reset_failed:  # (told now: the reset itself clears the device's status)
+            self.needs_reset("the host IOMMU refused to move an endpoint back at the last reset")
+
     def reset(self) -> None:
         super().reset()
-        self.domains.reset()
+        self._reset_failed = not self.domains.reset()
 
     def _answer(self, chain: DescriptorChain) -> int:
         """Carry out one request; the bytes written (0: no room for the status)."""

@@ -327,26 +327,33 @@ class GuestDomains:
     # the configuration's bypass bit, and reset
 
     @_locked
-    def set_bypass(self, enabled: bool) -> None:
-        """The driver wrote the configuration's `bypass`: endpoints attached nowhere follow."""
+    def set_bypass(self, enabled: bool) -> bool:
+        """The driver wrote the configuration's `bypass`: endpoints attached nowhere follow.
+        False if the host refused to move one: its DMA is not what the driver now expects
+        (the device must tell the driver to reset it)."""
         if enabled == self.bypass:
-            return
+            return True
         self.bypass = enabled
-        for endpoint in sorted(self.endpoints - self.attached.keys()):
+        moved = [
             self._quietly(self._set_unattached, endpoint)
+            for endpoint in sorted(self.endpoints - self.attached.keys())
+        ]
+        return all(moved)
 
     @_locked
-    def reset(self) -> None:
-        """The device reset: every domain gone, every endpoint attached nowhere, bypass on."""
+    def reset(self) -> bool:
+        """The device reset: every domain gone, every endpoint attached nowhere, bypass on.
+        False if the host refused to move an endpoint back (its DMA still goes through a
+        domain the driver no longer knows)."""
         self.bypass = True
-        for endpoint in sorted(self.endpoints):
-            self._quietly(self.backing.attach, endpoint, None)
+        moved = [self._quietly(self.backing.attach, endpoint, None) for endpoint in self.endpoints]
         for domain_id, domain in sorted(self.domains.items()):
             if not domain.bypass:
                 self._quietly(self.backing.destroy, domain_id)
         self.domains.clear()
         self.mappings = 0
         self.attached.clear()
+        return all(moved)
 
     # state (a component of the machine: "viommu")
 
@@ -470,10 +477,12 @@ class GuestDomains:
             raise Refused(Status.DEVERR, f"the host IOMMU refused it: {err}") from None
 
     @staticmethod
-    def _quietly(call: Callable[..., None], *args: object) -> None:
-        """A step the guest cannot be told of: a failure is logged, and leaves host state
-        behind that the backing owns and releases when it closes."""
+    def _quietly(call: Callable[..., None], *args: object) -> bool:
+        """A step no request status answers: False after a failure, which is logged and
+        leaves host state behind that the backing owns and releases when it closes."""
         try:
             call(*args)
         except (BackingError, Refused) as err:
             log.warning("virtio-iommu: %s", err)
+            return False
+        return True

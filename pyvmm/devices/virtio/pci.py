@@ -129,6 +129,7 @@ class VirtioPciDevice(PciFunction):
             name=backend.name,
         )
         self.backend = backend
+        backend.needs_reset = self._needs_reset
         self.queues = [Virtqueue(machine.dma, size) for size in backend.queue_sizes]
         self._vm = machine.vm
         self._lock = threading.Lock()
@@ -240,8 +241,13 @@ class VirtioPciDevice(PciFunction):
 
     def _fail(self, index: int, err: Exception) -> None:
         """A queue is unusable: stop using it and tell the driver to reset the device."""
-        log.warning("%s: queue %d: %s; the device needs a reset", self.name, index, err)
         self.queues[index].broken = True
+        self._needs_reset(f"queue {index}: {err}")
+
+    def _needs_reset(self, why: str) -> None:
+        """Tell the driver to reset the device (DEVICE_NEEDS_RESET and a configuration
+        interrupt; virtio 1.2 §2.1.2), once until it does."""
+        log.warning("%s: %s; the device needs a reset", self.name, why)
         common = self.common
         if not common.status & STATUS_DEVICE_NEEDS_RESET:
             common.status |= STATUS_DEVICE_NEEDS_RESET
