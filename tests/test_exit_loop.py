@@ -71,8 +71,9 @@ def test_a_build_older_than_its_source_is_refused_in_one_line(
 
     exitloop._check_build()  # (this checkout's build is current)
     edited = tmp_path / "exitloop.c"
-    edited.write_text(exitloop._SOURCE.read_text() + "/* edited */\n")
-    monkeypatch.setattr(exitloop, "_SOURCE", edited)
+    with open(exitloop._SOURCE) as source:
+        edited.write_text(source.read() + "/* edited */\n")
+    monkeypatch.setattr(exitloop, "_SOURCE", str(edited))
     with pytest.raises(KvmError, match=r"built from an older exitloop.c: build it with scripts"):
         exitloop._check_build()
 

@@ -42,7 +42,6 @@ from pyvmm.kvm.vcpu import Vcpu, install_kick_handler
 from pyvmm.machine import boot, cpu, layout, vcpu_report
 from pyvmm.machine.address_space import AddressSpace
 from pyvmm.machine.bus import Bus
-from pyvmm.machine.bzimage import LinuxBoot
 from pyvmm.machine.component import Components, SavedState
 from pyvmm.machine.config import DeviceConfig, MachineConfig
 from pyvmm.machine.console import CaptureConsole, Console, ConsoleInput, ConsoleTail
@@ -50,7 +49,6 @@ from pyvmm.machine.dirty import DirtyLog
 from pyvmm.machine.dma import IdentityDma
 from pyvmm.machine.exits import ExitStats
 from pyvmm.machine.memory import MemoryRegion, RamRegion, RegionKind
-from pyvmm.machine.pvh import PvhBoot
 from pyvmm.machine.state import StateError
 from pyvmm.machine.vcpu_state import VcpuComponent
 from pyvmm.machine.vcpus import MachineExit, RunState, StopReason, VcpuThreads
@@ -60,6 +58,8 @@ from pyvmm.uapi.ioctl import IoctlError
 
 if TYPE_CHECKING:
     from pyvmm.board.guest_iommu import GuestIommu
+    from pyvmm.machine.bzimage import LinuxBoot
+    from pyvmm.machine.pvh import PvhBoot
     from pyvmm.vfio.context import VfioContext
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,6 @@ register B are kept, and register C reads 0.
 
 from __future__ import annotations
 
-import calendar
 import threading
 import time
 from collections.abc import Callable
@@ -167,6 +166,8 @@ class CmosRtc:
 
         The first tick comes half a second later, as on the real part after SET clears: Linux
         writes the time half a second before the second it names (`set_offset_nsec`)."""
+        import calendar  # (here: the guest setting its clock is rare, the import not cheap)
+
         seconds, minutes, hours_reg, _, mday, month, year, century = fields
         try:
             if self._cmos[REG_B] & REG_B_24H:

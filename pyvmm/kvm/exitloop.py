@@ -6,12 +6,12 @@ or stale build is refused in one line that says how to build it.
 
 from __future__ import annotations
 
+import os
 import zlib
-from pathlib import Path
 
 from pyvmm.kvm.errors import KvmError
 
-_SOURCE = Path(__file__).with_name("exitloop.c")
+_SOURCE = os.path.join(os.path.dirname(__file__), "exitloop.c")  # (pathlib: slower to import)
 _REBUILD = "build it with scripts/setup (or pip install -e .), which needs gcc"
 
 try:
@@ -30,12 +30,14 @@ def _check_build() -> None:
     """Refuse a build older than the source beside it (an edited checkout not rebuilt). An
     installed wheel without the source has nothing to compare and is taken as built."""
     try:
-        text = _SOURCE.read_text()
+        with open(_SOURCE) as source:
+            text = source.read()
     except OSError:
         return
     built = ffi.string(lib.pyvmm_exitloop_source_checksum()).decode()
     if built != source_checksum(text):
-        raise KvmError(f"pyvmm's C exit loop was built from an older {_SOURCE.name}: {_REBUILD}")
+        name = os.path.basename(_SOURCE)
+        raise KvmError(f"pyvmm's C exit loop was built from an older {name}: {_REBUILD}")
 
 
 _check_build()

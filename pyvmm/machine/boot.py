@@ -9,14 +9,17 @@ tables (CPUs, PCI root, power-off), its command line and its initrd.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from pyvmm.errors import BootError
 from pyvmm.kvm.vcpu import Vcpu
 from pyvmm.machine import acpi, cpu, layout
-from pyvmm.machine.bzimage import LinuxBoot, load_linux, parse_bzimage
 from pyvmm.machine.elf import is_elf, load_elf, parse_elf
 from pyvmm.machine.memory import GuestMemory
-from pyvmm.machine.pvh import PvhBoot, enter_protected_mode, load_pvh, pvh_entry
+
+if TYPE_CHECKING:
+    from pyvmm.machine.bzimage import LinuxBoot
+    from pyvmm.machine.pvh import PvhBoot
 
 
 def boot_linux(
@@ -31,6 +34,10 @@ def boot_linux(
 ) -> LinuxBoot | PvhBoot:
     """Load Linux (bzImage, or vmlinux with a PVH note) and its initrd; set up the BSP.
     `pci_memory` is the PCI bus's memory windows, for the DSDT; `acpi_tables` more tables."""
+    # (Imported here: a test guest's start-up, which is most of its run, never needs them.)
+    from pyvmm.machine.bzimage import load_linux, parse_bzimage
+    from pyvmm.machine.pvh import enter_protected_mode, load_pvh, pvh_entry
+
     tables = acpi.write_tables(memory, len(vcpus), pci_memory, acpi_tables)
     write_reset_vector(memory)
     for vcpu in vcpus:
