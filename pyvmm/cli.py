@@ -4,7 +4,7 @@
     pyvmm snapshot CONTROL DIR [--incremental] [--stop]   |   pyvmm restore DIR [--copy]
     pyvmm ctl CONTROL COMMAND [NAME=VALUE ...]
     pyvmm run --incoming unix:P|tcp:H:PORT   |   pyvmm migrate CONTROL unix:P|tcp:H:PORT
-    pyvmm kvm info
+    pyvmm kvm info   |   pyvmm guest build FILE.c [-o FILE.elf]
     pyvmm vfio list | bind BDF | unbind BDF | mdev ...
     pyvmm iommufd info BDF | objects CONTROL
     pyvmm lab run [--iommu intel|virtio] [--device edu ...] -- CMD ...   |   pyvmm lab shell
@@ -36,6 +36,7 @@ COMMAND_MODULES = {
     "ctl": "pyvmm.commands.ctl",
     "migrate": "pyvmm.commands.migrate",
     "kvm": "pyvmm.commands.kvm",
+    "guest": "pyvmm.commands.guest",
     "vfio": "pyvmm.vfio.cli",
     "iommufd": "pyvmm.commands.iommufd",
     "lab": "pyvmm.lab.cli",

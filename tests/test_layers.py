@@ -16,7 +16,7 @@ PACKAGE = Path(pyvmm.__file__).parent
 
 #: From the bottom up; a module is in the layer of its folder (or, at the top, of its name).
 LAYERS = [
-    {"pyvmm", "pyvmm.errors", "pyvmm.libc", "pyvmm.initramfs"},
+    {"pyvmm", "pyvmm.errors", "pyvmm.libc", "pyvmm.initramfs", "pyvmm.guest_files"},
     {"pyvmm.uapi"},
     {"pyvmm.kvm"},
     {"pyvmm.machine"},  # the machine's building blocks

@@ -1,6 +1,7 @@
 """`pyvmm run`: boot a test guest or a Linux kernel and exit with the guest's exit code.
 
 pyvmm run GUEST.elf [-m 64M] [-c N] [--console stdio|file:PATH|socket:PATH] [--control PATH]
+pyvmm run --demo
 pyvmm run -k bzImage|vmlinux [-i initrd] [-p "console=ttyS0 ..."] [-m 256M] [-c 2]
 """
 
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from pyvmm.board.machine import Machine, StopReason
 from pyvmm.errors import ConfigError
+from pyvmm.guest_files import demo_guest
 from pyvmm.machine.console import Console, open_console
 
 if TYPE_CHECKING:
@@ -35,6 +37,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "the guest powers off or resets, 1 on error, 124 on --timeout, 130 on Ctrl-C.",
     )
     run.add_argument("image", metavar="GUEST.elf", nargs="?", help="ELF64 test guest to boot")
+    run.add_argument(
+        "--demo", action="store_true", help="boot the hello guest pyvmm carries (a first try)"
+    )
     run.add_argument("-k", "--kernel", help="Linux kernel: bzImage, or vmlinux with PVH entry")
     run.add_argument("-i", "--initrd", help="initramfs for the kernel")
     run.add_argument(
@@ -164,6 +169,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             "--vfio-host moves the devices of a machine that comes from elsewhere: use it "
             "with --incoming (or pyvmm restore)"
         )
+    if args.demo:
+        if args.image or args.kernel:
+            raise ConfigError("--demo boots pyvmm's own guest: give no GUEST.elf or -k with it")
+        args.image = demo_guest()
     if (args.image is None) == (args.kernel is None):
         raise ConfigError("give one thing to boot: a test guest (GUEST.elf) or a kernel (-k)")
     if args.kernel is None and (args.initrd or args.params is not None):
