@@ -75,7 +75,7 @@ def test_the_wheel_works_in_a_fresh_virtualenv_outside_the_checkout(tmp_path: Pa
         timeout=600,
     )
     assert built.returncode == 0, built.stderr
-    (wheel,) = wheels.glob("pyvmm-*.whl")
+    (wheel,) = wheels.glob("pyvmm_kvm-*.whl")
     home = tmp_path / "venv"
     venv.create(home, with_pip=True)
     python = str(home / "bin" / "python")

@@ -28,9 +28,9 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from importlib import metadata
 from typing import Any
 
+from pyvmm import __version__
 from pyvmm.board.machine import Machine, RunState, StopReason
 from pyvmm.control.client import MAX_REQUEST, ControlError
 from pyvmm.errors import PyvmmError
@@ -44,13 +44,6 @@ from pyvmm.vfio import control as vfio_control
 log = logging.getLogger(__name__)
 
 SEND_TIMEOUT = 5.0  # seconds a reply or event may wait for a client to read
-
-
-def _version() -> str:
-    try:
-        return metadata.version("pyvmm")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 class ControlServer:
@@ -269,7 +262,7 @@ class ControlServer:
                 self._send(
                     client,
                     json_line(
-                        {"pyvmm": {"version": _version(), "commands": sorted(self.commands)}}
+                        {"pyvmm": {"version": __version__, "commands": sorted(self.commands)}}
                     ),
                 )
             self._selector.register(client, selectors.EVENT_READ)
