@@ -8,7 +8,10 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from counting import (
@@ -28,10 +31,11 @@ from pyvmm.errors import PyvmmError
 from pyvmm.machine import layout
 from pyvmm.machine.config import MachineConfig
 from pyvmm.machine.console import CaptureConsole
-from pyvmm.migration import snapshot
+from pyvmm.migration import device_precopy, snapshot
 from pyvmm.migration.memory_file import GRANULE
 from pyvmm.migration.snapshot import SnapshotError
 from pyvmm.migration.source import Migration
+from pyvmm.migration.stream import StreamError
 from pyvmm.migration.transport import Endpoint, MigrationError
 
 pytestmark = [pytest.mark.kvm, requires_kvm]
@@ -300,3 +304,48 @@ def test_restore_maps_ram_unless_a_device_would_pin_it(tmp_path: Path) -> None:
         assert machine.memory.regions and not any(r.shared for r in machine.memory.regions)
     assert pins_guest_ram("vfio-pci")
     assert not any(pins_guest_ram(kind) for kind in ("virtio-blk", "virtio-net", "pci-testdev"))
+
+
+class StoppedStatePart:
+    """A part standing in for a device that migrates: its state at the stop is `state`, read
+    out in pieces (VfioPciFunction.stop_copy_pieces)."""
+
+    migrates = True
+
+    @dataclass
+    class State:
+        VERSION: ClassVar[int] = 1
+
+    state_type: ClassVar[type] = State
+
+    def __init__(self, state: bytes) -> None:
+        self.state = state
+
+    def stop_copy_pieces(self, size: int) -> Iterator[bytes]:
+        for start in range(0, len(self.state), size):
+            yield self.state[start : start + size]
+
+    def save(self) -> StoppedStatePart.State:
+        return StoppedStatePart.State()
+
+    def restore(self, state: StoppedStatePart.State) -> None:
+        pass
+
+
+def test_a_devices_state_at_the_stop_is_kept_in_pieces_and_needs_its_device_to_restore(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No size limit but the device's: its state goes into the state file in DEVICE_STATE
+    sections ahead of the components; a machine without that device refuses it, building
+    nothing."""
+    monkeypatch.setattr(device_precopy, "SECTION_DATA", 1000)
+    state = os.urandom(2500)
+    target = tmp_path / "snap"
+    with counting_machine() as machine:
+        machine.components.add("pci/00:07.0", StoppedStatePart(state))
+        snapshot.write(machine, target, {"console": "capture"})
+    read = snapshot.read(target)
+    assert [cid for cid, _ in read.device_states] == ["pci/00:07.0"] * 3
+    assert b"".join(piece for _, piece in read.device_states) == state
+    with pytest.raises(StreamError, match=r"for 'pci/00:07.0', which takes no device state here"):
+        snapshot.restore(read)

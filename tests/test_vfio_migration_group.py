@@ -6,6 +6,8 @@ resume across devices, a device that refuses, the destination's loading of data 
 from __future__ import annotations
 
 import io
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -17,13 +19,14 @@ from pyvmm.errors import ConfigError
 from pyvmm.machine.component import Components
 from pyvmm.machine.config import DeviceConfig, MachineConfig
 from pyvmm.machine.state import StateError
+from pyvmm.migration import device_precopy
 from pyvmm.migration.device_precopy import DeviceLoader, DevicePrecopy
 from pyvmm.migration.stream import Section, SectionFlag, SectionType, StreamError, StreamWriter
 from pyvmm.uapi.vfio import VfioDeviceState as State
 from pyvmm.uapi.vfio import VfioMigrationFlag as Flag
 from pyvmm.vfio.errors import VfioError
 from pyvmm.vfio.migration import group as group_module
-from pyvmm.vfio.migration.device import Journal
+from pyvmm.vfio.migration.device import Journal, MigrationData
 from pyvmm.vfio.migration.dma_log import LoggedPages
 from pyvmm.vfio.migration.group import MigratingDevices
 from pyvmm.vfio.migration.states import path
@@ -230,17 +233,23 @@ def test_a_device_that_refuses_to_stop_takes_the_others_back_to_running() -> Non
 
 
 class FakeSavingAhead:
-    """A part that takes data sent ahead (a passed-through device with PRE_COPY)."""
+    """A part that takes data sent ahead (a passed-through device with PRE_COPY), and its
+    state at the stop: `state`, given `stop_copy_pieces` at a time."""
 
     precopy = True
+    migrates = True
 
-    def __init__(self, name: str, *, refuse: bool = False) -> None:
-        self.name, self.refuse, self.loaded = name, refuse, b""
+    def __init__(self, name: str, *, refuse: bool = False, state: bytes = b"") -> None:
+        self.name, self.refuse, self.loaded, self.state = name, refuse, b"", state
 
-    def precopy_load(self, chunk: bytes) -> None:
+    def load_data(self, chunk: bytes) -> None:
         if self.refuse:
             raise VfioError("Invalid argument")
         self.loaded += chunk
+
+    def stop_copy_pieces(self, size: int) -> Iterator[bytes]:
+        for start in range(0, len(self.state), size):
+            yield self.state[start : start + size]
 
     # Stateful, for the registry
     @dataclass
@@ -400,3 +409,66 @@ def test_assigned_devices_move_to_other_hosts_by_address_uuid_or_path() -> None:
     assert config.with_hosts({}) == config
     with pytest.raises(ConfigError, match=r"no device of the saved machine is on host uuid-9"):
         config.with_hosts({"uuid-9": "uuid-2"})
+
+
+# the devices' state at the stop, in pieces (DEVICE_STATE)
+
+
+def test_a_devices_state_at_the_stop_goes_in_pieces_ahead_of_the_components(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(device_precopy, "SECTION_DATA", 4)
+    a = FakeSavingAhead("vfio a", state=b"0123456789")
+    components = Components()
+    components.add("pci/00:01.0", a)
+    out = io.BytesIO()
+    writer = StreamWriter(out)
+    assert device_precopy.send_stopped_states(writer, components) == 10
+    writer.end()
+    found = [
+        (kind, msgpack.unpackb(payload)) for kind, _, payload in sections_of(out.getvalue())[:-1]
+    ]
+    pieces = [["pci/00:01.0", b"0123"], ["pci/00:01.0", b"4567"], ["pci/00:01.0", b"89"]]
+    assert found == [(SectionType.DEVICE_STATE, piece) for piece in pieces]
+
+    b = FakeSavingAhead("vfio b")
+    loader, _ = loader_of(b)
+    for kind, payload in found:
+        loader.load_state(Section(kind, msgpack.packb(payload), offset=40), "the stream")
+    assert b.loaded == b"0123456789"
+
+
+def test_a_device_reads_its_stopped_state_to_the_end_in_pieces() -> None:
+    """MigrationData.read_pieces over a pipe standing in for the data fd (its reads may come
+    back shorter than asked, as a data fd's may)."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, bytes(range(10)))
+    os.close(write_end)
+    data = MigrationData(read_end, State.STOP_COPY)
+    try:
+        assert list(data.read_pieces(4)) == [bytes([0, 1, 2, 3]), bytes([4, 5, 6, 7]), b"\x08\x09"]
+    finally:
+        data.close()
+
+
+@pytest.mark.parametrize(
+    ("payload", "error"),
+    [
+        (["pci/00:09.0", b"x"], r"for 'pci/00:09.0', which takes no device state here"),
+        (["pci/00:01.0", b"x", True], r"at byte 40 is not \[id, data\]"),
+        ({"id": 1}, r"at byte 40 is not \[id, data\]"),
+    ],
+)
+def test_device_state_for_no_such_device_or_malformed_is_refused(
+    payload: object, error: str
+) -> None:
+    loader, _ = loader_of(FakeSavingAhead("vfio a"))
+    with pytest.raises(StreamError, match=error):
+        loader.load_state(Section(SectionType.DEVICE_STATE, msgpack.packb(payload), offset=40), "s")
+
+
+def test_a_device_that_refuses_its_stopped_state_is_named() -> None:
+    loader, _ = loader_of(FakeSavingAhead("vfio a", refuse=True))
+    section = Section(SectionType.DEVICE_STATE, msgpack.packb(["pci/00:01.0", b"x"]), offset=40)
+    with pytest.raises(StateError, match="vfio a: the device refused its state: Invalid argument"):
+        loader.load_state(section, "the stream")

@@ -90,6 +90,8 @@ def describe_downtime(status: dict[str, Any]) -> str:
         if status.get("switchover_acked")
         else ""
     )
+    if status.get("device_state_bytes"):
+        devices += f"; devices: {status['device_state_bytes']} bytes of state at the stop"
     return f"downtime {status['downtime_ms']:.1f} ms ({phases}){postcopy}{devices}"
 
 

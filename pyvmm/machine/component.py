@@ -190,6 +190,15 @@ class Components:
             cid: part for cid, part in self._stateful().items() if getattr(part, "precopy", False)
         }
 
+    def stopped_state_parts(self) -> dict[str, Any]:
+        """The parts whose state, at the stop, is read out in pieces ahead of their saved
+        state (`stop_copy_pieces`: a device that migrates), by id."""
+        return {
+            cid: part
+            for cid, part in self._stateful().items()
+            if hasattr(part, "stop_copy_pieces") and getattr(part, "migrates", False)
+        }
+
     def prepare_restore(self) -> None:
         """Do now what the first restore would otherwise spend on learning the state types,
         and whatever a part's own `prepare_restore()` does (a migration's destination, before

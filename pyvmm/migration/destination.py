@@ -269,6 +269,8 @@ def _read_body(
                 devices.expect(section, what)
             elif kind == SectionType.DEVICE_DATA and not components:
                 devices.load(section, what)
+            elif kind == SectionType.DEVICE_STATE and not components:
+                devices.load_state(section, what)
             elif kind == SectionType.COMPONENT:
                 components.append(machine_sections.decode_component(section, what))
             elif kind == SectionType.POSTCOPY and components:

@@ -17,13 +17,19 @@ the stop, the device goes from PRE_COPY_P2P to STOP_COPY on the same data fd, an
 is its saved state (VfioPciFunction.save), written on the destination after the chunks.
 
 What MIG_DATA_SIZE says the stop would still read counts in the downtime estimate.
+
+At the stop, every device that migrates gives the rest of its state (all of it, for one that
+did not save ahead) in DEVICE_STATE sections (msgpack `[component id, piece]`, SECTION_DATA
+bytes at most each) before the COMPONENT sections, so that a device's state has no size limit
+but the device's own; the destination writes each piece to the device as it comes, and the
+device's COMPONENT then holds none of it. A snapshot's state file carries them the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgpack
@@ -103,11 +109,60 @@ class DevicePrecopy:
                 log.error("%s", err)
 
 
+def stopped_states(components: Components) -> Iterator[tuple[str, bytes]]:
+    """At the stop (the machine paused): (component id, piece) of each part's state, read out
+    in pieces a DEVICE_STATE section holds."""
+    for component_id, part in components.stopped_state_parts().items():
+        for piece in part.stop_copy_pieces(SECTION_DATA):
+            yield component_id, piece
+
+
+def write_stopped_state(writer: StreamWriter, component_id: str, piece: bytes) -> None:
+    payload = msgpack.packb([component_id, piece], use_bin_type=True)
+    writer.section(SectionType.DEVICE_STATE, payload)
+
+
+def send_stopped_states(writer: StreamWriter, components: Components) -> int:
+    """Each part's state read at the stop, sent ahead of the COMPONENT sections; the bytes."""
+    sent = 0
+    for component_id, piece in stopped_states(components):
+        write_stopped_state(writer, component_id, piece)
+        sent += len(piece)
+    return sent
+
+
+def decode_stopped_state(section: Section, what: str) -> tuple[str, bytes]:
+    """A DEVICE_STATE section's (component id, piece), or a StreamError saying where."""
+    where = f"{what}: the device state at byte {section.offset}"
+    item = unpack(section.payload, where)
+    if not (
+        isinstance(item, list)
+        and len(item) == 2
+        and isinstance(item[0], str)
+        and isinstance(item[1], bytes)
+    ):
+        raise StreamError(f"{where} is not [id, data]")
+    return item[0], item[1]
+
+
+def load_stopped_state(components: Components, component_id: str, piece: bytes, where: str) -> None:
+    """Write one piece of a part's stopped state into it (RESUMING)."""
+    part = components.stopped_state_parts().get(component_id)
+    if part is None:
+        raise StreamError(f"{where} is for {component_id!r}, which takes no device state here")
+    try:
+        part.load_data(piece)
+    except (VfioError, OSError) as err:
+        name = getattr(part, "name", component_id)
+        raise StateError(f"{name}: the device refused its state: {err}") from None
+
+
 class DeviceLoader:
     """The destination's side: chunks into the parts, and the acknowledgement once every part
     the source saves ahead has its initial bytes (`acknowledge()` is called once)."""
 
     def __init__(self, components: Components, acknowledge: Callable[[], None]) -> None:
+        self._components = components
         self.parts = components.precopy_parts()
         self._acknowledge = acknowledge
         #: the parts whose initial bytes the acknowledgement waits for: those the source names
@@ -154,7 +209,7 @@ class DeviceLoader:
         if component_id not in self.awaited:
             raise StreamError(f"{where} is for {component_id!r}, which the source did not name")
         try:
-            part.precopy_load(chunk)
+            part.load_data(chunk)
         except (VfioError, OSError) as err:
             name = getattr(part, "name", component_id)
             raise StateError(f"{name}: the device refused the data sent ahead: {err}") from None
@@ -163,3 +218,9 @@ class DeviceLoader:
         if not self.acknowledged and self._initial_done >= self.awaited:
             self.acknowledged = True
             self._acknowledge()
+
+    def load_state(self, section: Section, what: str) -> None:
+        """A DEVICE_STATE section: a piece of a device's state read at the stop."""
+        component_id, piece = decode_stopped_state(section, what)
+        where = f"{what}: the device state at byte {section.offset}"
+        load_stopped_state(self._components, component_id, piece, where)

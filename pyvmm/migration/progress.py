@@ -25,6 +25,7 @@ class Progress:
     postcopy_ms: float = 0.0  # from the destination's start until it had every page
     downtime_ms: float = 0.0  # paused until the destination ran (when completed)
     device_precopy_bytes: int = 0  # devices' state sent ahead of the stop (VFIO PRE_COPY)
+    device_state_bytes: int = 0  # devices' state read at the stop (VFIO STOP_COPY)
     switchover_acked: bool = False  # the destination loaded that state's start (acknowledged)
     switchover_ack_ms: float = 0.0  # waited for its acknowledgement
     # where the downtime went: pausing, the last pages, saving and sending the state, and the

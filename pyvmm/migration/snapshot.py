@@ -44,7 +44,7 @@ from pyvmm.machine.console import Console
 from pyvmm.machine.dirty import DirtyBitmap
 from pyvmm.machine.memory import RamRegion
 from pyvmm.machine.state import StateError, from_plain, to_plain
-from pyvmm.migration import machine_sections, memory_file
+from pyvmm.migration import device_precopy, machine_sections, memory_file
 from pyvmm.migration.memory_file import RamExtent
 from pyvmm.migration.stream import SectionType, StreamError, StreamReader, StreamWriter
 
@@ -70,6 +70,8 @@ class Snapshot:
     pages: list[PageMap] | None = None  # an incremental snapshot: the pages its memory holds
     parent: Snapshot | None = None  # the snapshot an incremental one builds on
     state_digest: str = ""  # the SHA-256 of the state file as it was read
+    #: (component id, piece) of the devices' state read at the stop (device_precopy.py)
+    device_states: tuple[tuple[str, bytes], ...] = ()
 
     @property
     def config(self) -> MachineConfig:
@@ -169,13 +171,14 @@ def write(
         parent_path = Path(parent).absolute()
         info = {**info, "parent": str(parent_path), "parent_state": _state_digest(parent_path)}
         pages = [PageMap(bitmap.gpa, bitmap.pages, bitmap.bitmap) for bitmap in dirty]
+    device_states = list(device_precopy.stopped_states(machine.components))
     saved = machine.save()
     partial = target.parent / f".{target.name}.partial-{os.getpid()}"
     try:
         partial.mkdir()
         extents = memory_file.layout_regions(machine.memory.regions)
         written = _write_memory(machine, partial / MEMORY_FILE, extents, pages)
-        _write_state(partial / STATE_FILE, saved, info, extents, pages)
+        _write_state(partial / STATE_FILE, saved, info, extents, pages, device_states)
         _fsync_dir(partial)
         partial.rename(target)
         _fsync_dir(target.parent)
@@ -216,11 +219,14 @@ def _write_state(
     info: dict[str, Any],
     extents: list[RamExtent],
     pages: list[PageMap] | None,
+    device_states: list[tuple[str, bytes]],
 ) -> None:
     with open(path, "xb") as file:
         writer = StreamWriter(file)
         writer.section(SectionType.CONFIG, machine_sections.encode_config(saved.config))
         writer.section(SectionType.INFO, machine_sections.encode_info(info))
+        for component_id, piece in device_states:
+            device_precopy.write_stopped_state(writer, component_id, piece)
         for state in saved.components:
             writer.section(SectionType.COMPONENT, machine_sections.encode_component(state))
         ram = msgpack.packb([to_plain(extent) for extent in extents])
@@ -287,11 +293,14 @@ def read(directory: str | os.PathLike[str], _depth: int = 0) -> Snapshot:
             config = machine_sections.decode_config(reader.next(), what)
             info: dict[str, Any] = {}
             components: list[SavedState] = []
+            device_states: list[tuple[str, bytes]] = []
             ram: list[RamExtent] | None = None
             pages: list[PageMap] | None = None
             for section in reader.sections():
                 if section.type == SectionType.INFO and not info:
                     info = machine_sections.decode_info(section, what)
+                elif section.type == SectionType.DEVICE_STATE and not components:
+                    device_states.append(device_precopy.decode_stopped_state(section, what))
                 elif section.type == SectionType.COMPONENT and ram is None:
                     components.append(machine_sections.decode_component(section, what))
                 elif section.type == SectionType.RAM_LAYOUT and ram is None:
@@ -315,7 +324,7 @@ def read(directory: str | os.PathLike[str], _depth: int = 0) -> Snapshot:
     parent = _read_parent(source, info, pages, _depth)
     saved = SavedMachine(config, components)
     digest = hashlib.sha256(state).hexdigest()
-    snapshot = Snapshot(source, saved, info, ram, pages, parent, digest)
+    snapshot = Snapshot(source, saved, info, ram, pages, parent, digest, tuple(device_states))
     _check_ram(snapshot)
     return snapshot
 
@@ -451,6 +460,9 @@ def restore(
         for fd in fds:
             os.close(fd)
     try:
+        where = f"snapshot {snapshot.directory}: its device state"
+        for component_id, piece in snapshot.device_states:
+            device_precopy.load_stopped_state(machine.components, component_id, piece, where)
         machine.restore(SavedMachine(config, snapshot.saved.components))
     except BaseException:
         machine.close()

@@ -10,7 +10,7 @@ the same socket with JSON lines (transport.py):
     each round followed by DEVICE_DATA (devices saving ahead,
     named by SAVING_AHEAD before round 0)
                                          <-     {"switchover_ack": true} (devices saving ahead)
-    (the machine paused) last dirty pages, COMPONENT*, END
+    (the machine paused) last dirty pages, DEVICE_STATE*, COMPONENT*, END
                                          <-     {"resumed": true, "phases_ms": ...} | {"error": ..}
 
 The page sections are pages.py's, the devices' data sent ahead and the switch-over acknowledgement
@@ -43,7 +43,7 @@ from pyvmm.machine.dirty import DirtyBitmap
 from pyvmm.machine.threads import start_thread
 from pyvmm.migration import machine_sections, memory_file, postcopy, postcopy_link, transport
 from pyvmm.migration.convergence import Convergence, Step
-from pyvmm.migration.device_precopy import DevicePrecopy
+from pyvmm.migration.device_precopy import DevicePrecopy, send_stopped_states
 from pyvmm.migration.pages import PageSender, union
 from pyvmm.migration.progress import Phases, Progress
 from pyvmm.migration.stream import SectionType, StreamWriter
@@ -230,6 +230,7 @@ class Migration:
         if step is Step.SWITCH_OVER:
             self._send_round(writer, last, last=True)
             phases.end("last_pages")
+        self.progress.device_state_bytes = send_stopped_states(writer, self.machine.components)
         saved = self.machine.save()
         for state in saved.components:
             writer.section(SectionType.COMPONENT, machine_sections.encode_component(state))

@@ -56,6 +56,7 @@ class SectionType(enum.IntEnum):
     POSTCOPY = 9  # a migration switching to post-copy: the pages the destination lacks
     DEVICE_DATA = 10  # a migration: a part's state read ahead of the stop (VFIO PRE_COPY)
     SAVING_AHEAD = 11  # a migration: the parts that send DEVICE_DATA, before the first of it
+    DEVICE_STATE = 12  # a part's state read at the stop (VFIO STOP_COPY), before the COMPONENTs
 
 
 class SectionFlag(enum.IntFlag):

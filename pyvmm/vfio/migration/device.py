@@ -23,6 +23,7 @@ import errno
 import functools
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from pyvmm.kvm.fd import FdOwner
@@ -78,6 +79,18 @@ class MigrationData(FdOwner):
         while chunk := os.read(self.fd, READ_CHUNK):
             chunks.append(chunk)
         return b"".join(chunks)
+
+    def read_pieces(self, size: int) -> Iterator[bytes]:
+        """Everything the device has to give now, to the end, in pieces of at most `size`
+        bytes (a device's stopped state may be larger than is wise to hold at once)."""
+        piece = bytearray()
+        while chunk := os.read(self.fd, min(READ_CHUNK, size - len(piece))):
+            piece += chunk
+            if len(piece) == size:
+                yield bytes(piece)
+                piece.clear()
+        if piece:
+            yield bytes(piece)
 
     def read_available(self) -> bytes:
         """In a PRE_COPY state: what the device has for now (its read ends with ENOMSG once

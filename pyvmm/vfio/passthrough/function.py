@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -107,6 +107,7 @@ class VfioPciFunction(PciFunction):
             name=name,
         )
         self.model = f"vfio {vendor:04x}:{device_id:04x}"  # (restored onto another, the same)
+        self._streamed: object | None = None  # the data fd whose state went out in pieces
         self.interrupts = VfioInterrupts(machine.vm, device)
         self._passthrough_config = PassthroughConfig(self, device, size)
         try:
@@ -210,16 +211,34 @@ class VfioPciFunction(PciFunction):
 
     def _save_device(self) -> bytes:
         """The device's state, read to its end in STOP_COPY (the rest of it, after a saving
-        ahead: the machine's pause took it on to STOP_COPY, its data fd carrying on); the
-        device is left in STOP (the machine is paused)."""
+        ahead: the machine's pause took it on to STOP_COPY, its data fd carrying on), or none
+        if `stop_copy_pieces` has just read it out; the device is left in STOP (the machine
+        is paused)."""
         assert self.migration is not None
         data = self.migration.move_to(State.STOP_COPY)
         if data is None:
             raise VfioError(f"{self.name}: STOP_COPY gave no data fd")
-        saved = data.read_all()
+        streamed, self._streamed = self._streamed, None
+        saved = b"" if streamed is data else data.read_all()
         self.migration.move_to(State.STOP)
         log.info("%s: saved %d bytes of device state", self.name, len(saved))
         return saved
+
+    def stop_copy_pieces(self, size: int) -> Iterator[bytes]:
+        """At the stop (the machine paused): the device to STOP_COPY and its state read to the
+        end in pieces of at most `size` bytes, for a stream to carry ahead of the function's
+        own state (whose save then holds none of it): a device's state may be larger than a
+        section, or than is wise to hold at once."""
+        assert self.migration is not None
+        data = self.migration.move_to(State.STOP_COPY)
+        if data is None:
+            raise VfioError(f"{self.name}: STOP_COPY gave no data fd")
+        total = 0
+        for piece in data.read_pieces(size):
+            total += len(piece)
+            yield piece
+        self._streamed = data
+        log.info("%s: read %d bytes of device state at the stop", self.name, total)
 
     # saving ahead (a live migration's pre-copy: pyvmm.migration.device_precopy)
 
@@ -257,9 +276,10 @@ class VfioPciFunction(PciFunction):
         if self.migration.current is not State.RUNNING:
             self.migration.recover()
 
-    def precopy_load(self, chunk: bytes) -> None:
-        """On the destination: data the source's device gave ahead, written in RESUMING (the
-        machine is paused, the device stopped: the first chunk takes it there)."""
+    def load_data(self, chunk: bytes) -> None:
+        """On the destination: data the source's device gave (ahead, or at the stop before
+        its function's state), written in RESUMING (the machine is paused, the device
+        stopped: the first chunk takes it there)."""
         assert self.migration is not None
         if self.migration.current is not State.RESUMING:
             self.migration.move_to(State.RESUMING)
