@@ -81,3 +81,32 @@ def test_a_note_running_past_its_segment_is_refused(tmp_path: Path) -> None:
     path = _elf_with_notes(tmp_path / "cut.elf", cut)
     with pytest.raises(BootError, match="corrupt ELF note"):
         pvh_entry(str(path))
+
+
+E_PHOFF, E_PHNUM = 32, 56  # offsets in Elf64_Ehdr
+PHDR_SIZE = 56
+
+
+@pytest.mark.parametrize(
+    ("field", "offset", "fmt", "value", "message"),
+    [
+        ("e_phoff past the file", E_PHOFF, "<Q", 1 << 62, "program headers cut short"),
+        ("65535 program headers", E_PHNUM, "<H", 0xFFFF, "program headers cut short"),
+        ("a note at 2**62", 64 + PHDR_SIZE + 8, "<Q", 1 << 62, "past the end of the file"),
+        ("a note of 2**62 bytes", 64 + PHDR_SIZE + 32, "<Q", 1 << 62, "past the end of the file"),
+        ("a segment of 2**62 bytes", 64 + 32, "<Q", 1 << 62, "truncated|filesz > memsz"),
+    ],
+)
+def test_a_hostile_header_is_refused_in_one_line(
+    tmp_path: Path, field: str, offset: int, fmt: str, value: int, message: str
+) -> None:
+    """(A kernel or guest image is the user's file, any of it may lie: nothing it says is
+    sought or read before it is checked against the file.)"""
+    notes = _note(b"Xen\0", XEN_ELFNOTE_PHYS32_ENTRY, struct.pack("<I", 0x1000000))
+    path = _elf_with_notes(tmp_path / "bad.elf", notes)
+    data = bytearray(path.read_bytes())
+    struct.pack_into(fmt, data, offset, value)
+    path.write_bytes(bytes(data))
+    with pytest.raises(BootError, match=message):
+        pvh_entry(str(path))
+        parse_elf(str(path))

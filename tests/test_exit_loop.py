@@ -3,6 +3,7 @@ reads and writes of every size, string port I/O, and accesses nothing claims."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -70,12 +71,18 @@ def test_a_build_older_than_its_source_is_refused_in_one_line(
     from pyvmm.kvm.errors import KvmError
 
     exitloop._check_build()  # (this checkout's build is current)
-    edited = tmp_path / "exitloop.c"
-    with open(exitloop._SOURCE) as source:
-        edited.write_text(source.read() + "/* edited */\n")
-    monkeypatch.setattr(exitloop, "_SOURCE", str(edited))
-    with pytest.raises(KvmError, match=r"built from an older exitloop.c: build it with scripts"):
-        exitloop._check_build()
+    edited = []
+    for path in exitloop._SOURCES:  # an edit of either the C source or the cdef
+        copy = tmp_path / os.path.basename(path)
+        with open(path) as source:
+            copy.write_text(source.read() + "/* edited */\n")
+        edited.append(str(copy))
+    for index in range(2):
+        sources = list(exitloop._SOURCES)
+        sources[index] = edited[index]
+        monkeypatch.setattr(exitloop, "_SOURCES", sources)
+        with pytest.raises(KvmError, match=r"built from older sources: build it with scripts"):
+            exitloop._check_build()
 
 
 def test_pyvmm_without_its_built_exit_loop_says_so_in_one_line() -> None:

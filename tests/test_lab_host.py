@@ -221,7 +221,7 @@ def test_command_line_has_what_the_lab_needs() -> None:
     # a reset says whether a CPU triple-faulted
     assert option_values(argv, "-d") == ["cpu_reset"]
     assert option_values(argv, "-D") == [str(machine().scratch / "qemu-reset.log")]
-    assert {"console=ttyS0", "panic=-1", "intel_iommu=on"} <= set(
+    assert {"console=ttyS0", "panic=-1", "intel_iommu=on", "no_timer_check"} <= set(
         option_values(argv, "-append")[0].split()
     )
     chardevs = {options(c)["id"]: options(c) for c in option_values(argv, "-chardev")}

@@ -349,3 +349,15 @@ def test_a_devices_state_at_the_stop_is_kept_in_pieces_and_needs_its_device_to_r
     assert b"".join(piece for _, piece in read.device_states) == state
     with pytest.raises(StreamError, match=r"for 'pci/00:07.0', which takes no device state here"):
         snapshot.restore(read)
+
+
+def test_a_device_state_larger_than_a_snapshot_holds_is_refused_leaving_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(snapshot, "MAX_STATE_FILE", 64 << 10)
+    target = tmp_path / "snap"
+    with counting_machine() as machine:
+        machine.components.add("pci/00:07.0", StoppedStatePart(os.urandom(100 << 10)))
+        with pytest.raises(SnapshotError, match=r"more than a snapshot holds \(0 MiB\)"):
+            snapshot.write(machine, target, {"console": "capture"})
+    assert list(tmp_path.iterdir()) == []

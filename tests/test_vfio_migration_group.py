@@ -9,6 +9,7 @@ import io
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from types import MethodType, SimpleNamespace
 from typing import ClassVar
 
 import msgpack
@@ -30,6 +31,7 @@ from pyvmm.vfio.migration.device import Journal, MigrationData
 from pyvmm.vfio.migration.dma_log import LoggedPages
 from pyvmm.vfio.migration.group import MigratingDevices
 from pyvmm.vfio.migration.states import path
+from pyvmm.vfio.passthrough.function import VfioPciFunction
 
 ALL_FLAGS = Flag.STOP_COPY | Flag.P2P | Flag.PRE_COPY
 
@@ -131,13 +133,15 @@ def unlogged_group(
     monkeypatch.setattr(group_module.dma_log, "supported", lambda device: False)
     made: list[FakeIommuLog] = []
 
-    def iommu_dirty(names: list[str]) -> FakeIommuLog:
-        made.append(FakeIommuLog(names, refuse))
-        return made[-1]
+    def iommu_dirty(names: list[str]) -> tuple[FakeIommuLog, list[str]]:
+        covered = [name for name in names if name != "an mdev"]  # (no IOMMU page table)
+        made.append(FakeIommuLog(covered, refuse))
+        return made[-1], covered
 
     group = MigratingDevices(lambda: {0x100000: 2 * 4096}, iommu_dirty)
     group.add(FakeDevice("plain"))
     group.add(FakeDevice("behind"), dma_by_iova=True)
+    group.add(FakeDevice("an mdev"))
     return group, made
 
 
@@ -145,17 +149,17 @@ def test_a_device_without_its_own_log_is_tracked_by_its_iommus_dirty_bits(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     group, made = unlogged_group(monkeypatch)
-    assert group.untracked == ["plain", "behind"]
+    assert group.untracked == ["plain", "behind", "an mdev"]
     group.start()
     (iommu_log,) = made
     assert iommu_log.names == ["plain"] and iommu_log.started  # (not the one behind the vIOMMU)
-    assert group.untracked == ["behind"]
+    assert group.untracked == ["behind", "an mdev"]  # (an mdev spoils nothing for the others)
     assert [p.gpa for p in group.collect()] == [0x200000]  # the IOMMU's pages
     group.pause()
     found = [(p.gpa, p.pages, p.bitmap) for p in group.collect()]
-    assert found == [(0x200000, 1, b"\x01"), (0x100000, 2, b"\x03")]  # and all, for "behind"
+    assert found == [(0x200000, 1, b"\x01"), (0x100000, 2, b"\x03")]  # and all, for the others
     group.stop()
-    assert iommu_log.stopped and group.untracked == ["plain", "behind"]
+    assert iommu_log.stopped and group.untracked == ["plain", "behind", "an mdev"]
 
 
 def test_an_iommu_without_dirty_bits_leaves_the_device_to_be_sent_whole(
@@ -163,7 +167,7 @@ def test_an_iommu_without_dirty_bits_leaves_the_device_to_be_sent_whole(
 ) -> None:
     group, made = unlogged_group(monkeypatch, refuse="plain: its IOMMU cannot track dirty pages")
     group.start()
-    assert group.untracked == ["plain", "behind"] and group.iommu_log is None
+    assert group.untracked == ["plain", "behind", "an mdev"] and group.iommu_log is None
     assert "plain: its IOMMU cannot track dirty pages" in caplog.text
     assert "plain: its driver logs no DMA writes: every page mapped" in caplog.text
     assert group.collect() == []  # (running: nothing can be known yet)
@@ -472,3 +476,51 @@ def test_a_device_that_refuses_its_stopped_state_is_named() -> None:
     section = Section(SectionType.DEVICE_STATE, msgpack.packb(["pci/00:01.0", b"x"]), offset=40)
     with pytest.raises(StateError, match="vfio a: the device refused its state: Invalid argument"):
         loader.load_state(section, "the stream")
+
+
+class PipeMigration:
+    """A device's migration whose every STOP_COPY opens a new data fd (a pipe) holding the
+    device's whole state, `state`; another STOP_COPY on the way keeps the fd it has."""
+
+    def __init__(self, state: bytes) -> None:
+        self.state, self.current, self.transfers = state, State.STOP, 0
+        self.data: MigrationData | None = None
+
+    def move_to(self, target: State) -> MigrationData | None:
+        if target is State.STOP_COPY and self.current is not State.STOP_COPY:
+            read_end, write_end = os.pipe()
+            os.write(write_end, self.state)
+            os.close(write_end)
+            self.data, self.transfers = MigrationData(read_end, target), self.transfers + 1
+        elif target is State.STOP and self.data is not None:
+            self.data.close()
+            self.data = None
+        self.current = target
+        return self.data
+
+
+def stopped_function(state: bytes) -> SimpleNamespace:
+    """The parts of a VfioPciFunction its stop's reads use, over a PipeMigration."""
+    function = SimpleNamespace(
+        name="vfio a", migration=PipeMigration(state), _stop_read=None, _stop_read_whole=False
+    )
+    for method in ("stop_copy_pieces", "_save_device", "_unread_stop_copy"):
+        setattr(function, method, MethodType(getattr(VfioPciFunction, method), function))
+    return function
+
+
+def test_a_save_that_failed_after_the_pieces_were_read_starts_the_device_state_again() -> None:
+    """The machine stays paused, the device in STOP_COPY on a data fd read out (in part or
+    whole): a second try must not take an empty rest for the device's state."""
+    function = stopped_function(b"0123456789")
+    assert b"".join(function.stop_copy_pieces(4)) == b"0123456789"
+    # ... then the save failed before it reached this function; tried again:
+    assert b"".join(function.stop_copy_pieces(4)) == b"0123456789"
+    assert function.migration.transfers == 2
+    assert function._save_device() == b""  # (its state went in the pieces)
+    assert function.migration.current is State.STOP
+
+    half = stopped_function(b"0123456789")
+    pieces = half.stop_copy_pieces(4)
+    assert next(pieces) == b"0123"  # (the stream broke here)
+    assert half._save_device() == b"0123456789"  # a save of its own: all of it, again

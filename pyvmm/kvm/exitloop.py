@@ -11,7 +11,9 @@ import zlib
 
 from pyvmm.kvm.errors import KvmError
 
-_SOURCE = os.path.join(os.path.dirname(__file__), "exitloop.c")  # (pathlib: slower to import)
+_HERE = os.path.dirname(__file__)  # (os.path: pathlib is slower to import)
+#: what the build was made from: the C source and its builder (the cdef)
+_SOURCES = [os.path.join(_HERE, "exitloop.c"), os.path.join(_HERE, "exitloop_build.py")]
 _REBUILD = "build it with scripts/setup (or pip install -e .), which needs gcc"
 
 try:
@@ -20,24 +22,28 @@ except ImportError as err:
     raise KvmError(f"pyvmm's C exit loop is not built ({err}): {_REBUILD}") from None
 
 
-def source_checksum(text: str) -> str:
-    """What the build embeds of its source (exitloop_build.source_checksum, the same): a CRC,
+def source_checksum(*texts: str) -> str:
+    """What the build embeds of its sources (exitloop_build.source_checksum, the same): a CRC,
     which tells edits apart and guards nothing; hashlib's import costs more than the check."""
-    return f"{zlib.crc32(text.encode()):08x}"
+    crc = 0
+    for text in texts:
+        crc = zlib.crc32(text.encode(), crc)
+    return f"{crc:08x}"
 
 
 def _check_build() -> None:
-    """Refuse a build older than the source beside it (an edited checkout not rebuilt). An
-    installed wheel without the source has nothing to compare and is taken as built."""
+    """Refuse a build older than the sources beside it (an edited checkout not rebuilt);
+    where they are not beside it, there is nothing to compare."""
     try:
-        with open(_SOURCE) as source:
-            text = source.read()
+        texts = []
+        for path in _SOURCES:
+            with open(path) as source:
+                texts.append(source.read())
     except OSError:
         return
     built = ffi.string(lib.pyvmm_exitloop_source_checksum()).decode()
-    if built != source_checksum(text):
-        name = os.path.basename(_SOURCE)
-        raise KvmError(f"pyvmm's C exit loop was built from an older {name}: {_REBUILD}")
+    if built != source_checksum(*texts):
+        raise KvmError(f"pyvmm's C exit loop was built from older sources: {_REBUILD}")
 
 
 _check_build()

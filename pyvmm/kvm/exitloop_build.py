@@ -34,10 +34,14 @@ const char *pyvmm_exitloop_source_checksum(void);
 """
 
 
-def source_checksum(text: str) -> str:
-    """The checksum the module embeds: exitloop.source_checksum, which must agree (the build
-    cannot import the package it is building; the exit-loop tests check a fresh build)."""
-    return f"{zlib.crc32(text.encode()):08x}"
+def source_checksum(*texts: str) -> str:
+    """The checksum the module embeds, of exitloop.c and this file (its cdef): the same as
+    exitloop.source_checksum (the build cannot import the package it is building; the
+    exit-loop tests check a fresh build)."""
+    crc = 0
+    for text in texts:
+        crc = zlib.crc32(text.encode(), crc)
+    return f"{crc:08x}"
 
 
 def _builder() -> FFI:
@@ -54,7 +58,7 @@ def _builder() -> FFI:
         "pyvmm.kvm._exitloop",
         text
         + "\nconst char *pyvmm_exitloop_source_checksum(void) "
-        + f'{{ return "{source_checksum(text)}"; }}\n',
+        + f'{{ return "{source_checksum(text, Path(__file__).read_text())}"; }}\n',
         extra_compile_args=["-O2", "-Wall"],
     )
     return ffi

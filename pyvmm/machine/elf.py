@@ -119,9 +119,12 @@ def elf_notes(path: str) -> Iterator[tuple[bytes, int, bytes]]:
         with open(path, "rb") as f:
             header = _header(path, f.read(_EHDR.size))
             notes = [p for p in _program_headers(path, f, header) if p[0] == PT_NOTE]
-            for _type, _flags, offset, _vaddr, _paddr, filesz, _memsz, _align in notes:
+            file_size = os.fstat(f.fileno()).st_size
+            for _type, _flags, offset, _vaddr, _paddr, filesz, _memsz, align in notes:
+                if offset + filesz > file_size:
+                    raise BootError(f"{path}: corrupt ELF note segment (past the end of the file)")
                 f.seek(offset)
-                yield from _parse_notes(path, f.read(filesz))
+                yield from _parse_notes(path, f.read(filesz), 8 if align == 8 else 4)
     except OSError as err:
         raise BootError(f"{path}: cannot read ELF notes ({err})") from None
 
@@ -150,27 +153,34 @@ def _header(path: str, data: bytes) -> _ElfHeader:
 def _program_headers(
     path: str, f: BinaryIO, header: _ElfHeader
 ) -> list[tuple[int, int, int, int, int, int, int, int]]:
+    """The program header table, checked to lie inside the file before it is read (a hostile
+    header may name any offset and size)."""
+    size = header.phentsize * header.phnum
+    if header.phoff + size > os.fstat(f.fileno()).st_size:
+        raise BootError(f"{path}: corrupt or truncated ELF image (program headers cut short)")
     f.seek(header.phoff)
-    table = f.read(header.phentsize * header.phnum)
-    if len(table) != header.phentsize * header.phnum:
+    table = f.read(size)
+    if len(table) != size:
         raise BootError(f"{path}: corrupt or truncated ELF image (program headers cut short)")
     return [_PHDR.unpack_from(table, i * header.phentsize) for i in range(header.phnum)]
 
 
-def _parse_notes(path: str, data: bytes) -> Iterator[tuple[bytes, int, bytes]]:
+def _parse_notes(path: str, data: bytes, align: int) -> Iterator[tuple[bytes, int, bytes]]:
+    """The notes of one segment, each name and descriptor padded to `align` bytes (4, or 8 in a
+    segment aligned so: the gABI's two kinds)."""
     pos = 0
     while pos + _NHDR.size <= len(data):
         namesz, descsz, note_type = _NHDR.unpack_from(data, pos)
         name_at = pos + _NHDR.size
-        desc_at = name_at + _align4(namesz)
-        pos = desc_at + _align4(descsz)
+        desc_at = name_at + _aligned(namesz, align)
+        pos = desc_at + _aligned(descsz, align)
         if pos > len(data):
             raise BootError(f"{path}: corrupt ELF note (runs past its segment)")
         yield data[name_at : name_at + namesz].rstrip(b"\0"), note_type, data[desc_at:][:descsz]
 
 
-def _align4(size: int) -> int:
-    return (size + 3) & ~3
+def _aligned(size: int, align: int) -> int:
+    return (size + align - 1) & ~(align - 1)
 
 
 def load_elf(image: ElfImage, memory: GuestMemory) -> None:

@@ -52,7 +52,9 @@ T = TypeVar("T")
 
 STATE_FILE = "state"
 MEMORY_FILE = "memory"
-MAX_STATE_FILE = 1 << 30  # components' states only: larger is not a state file
+# the components' states and the devices' (DEVICE_STATE): larger is not a state file, and
+# a snapshot whose devices' state would make it larger is refused when it is taken
+MAX_STATE_FILE = 1 << 30
 
 
 class SnapshotError(PyvmmError):
@@ -234,6 +236,12 @@ def _write_state(
         if pages is not None:
             writer.section(SectionType.PAGE_MAP, msgpack.packb([to_plain(p) for p in pages]))
         writer.end()
+        if file.tell() > MAX_STATE_FILE:
+            raise SnapshotError(
+                f"the machine's state is {file.tell() >> 20} MiB with its devices' (a device's "
+                f"own state is most of it), more than a snapshot holds ({MAX_STATE_FILE >> 20} "
+                "MiB): migrate the machine instead, which has no such limit"
+            )
         os.fsync(file.fileno())
 
 

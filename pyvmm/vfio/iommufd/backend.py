@@ -49,7 +49,7 @@ class IommufdContext(VfioContext):
             raise
         self.bindings: dict[str, VfioBinding] = {}  # by BDF
         self.nesting: Nesting | None = None
-        self.migrations.iommu_dirty = self.dirty_log  # (for devices that log no DMA themselves)
+        self.migrations.iommu_dirty = self._iommu_dirty  # (devices that log no DMA themselves)
 
     @property
     def dma(self) -> IoAddressSpace:
@@ -143,6 +143,16 @@ class IommufdContext(VfioContext):
         wanted = list(self.bindings) if names is None else names
         devices = [self._binding(name, "DMA dirty tracking") for name in wanted]
         return DmaDirtyLog(self.ioas, devices, mapped)
+
+    def _iommu_dirty(self, names: list[str]) -> tuple[DmaDirtyLog, list[str]]:
+        """The IOMMU's dirty log of those of `names` on an IOMMU page table (not mdevs)."""
+        covered = [n for n in names if n in self.bindings and not self.bindings[n].emulated]
+        if not covered:
+            raise VfioError(
+                f"{', '.join(names)}: no IOMMU page table to track DMA writes in (an mdev's "
+                "DMA goes through its parent's driver)"
+            )
+        return self.dirty_log(covered), covered
 
     def object(self, object_id: int) -> IommufdObject:
         for item in self.iommufd.objects():

@@ -41,9 +41,10 @@ from pyvmm.vfio.migration.dma_log import PAGE_SIZE, DeviceDmaLog, LoggedPages
 if TYPE_CHECKING:
     from pyvmm.machine.dirty import DirtyPages, DirtySource
 
-#: Makes the IOMMU's dirty log of the named devices (a DirtySource whose start raises a
-#: VfioError where their IOMMU cannot track), for a group whose devices are on iommufd.
-IommuDirty = Callable[[list[str]], "DirtySource"]
+#: Makes the IOMMU's dirty log of those of the named devices it can cover (an mdev has no
+#: IOMMU page table): the log (a DirtySource whose start raises a VfioError where their IOMMU
+#: cannot track) and the names covered; a VfioError if none. For devices on iommufd.
+IommuDirty = Callable[[list[str]], "tuple[DirtySource, list[str]]"]
 
 log = logging.getLogger(__name__)
 
@@ -146,13 +147,13 @@ class MigratingDevices:
         if not wanted or self.iommu_dirty is None:
             return
         try:
-            iommu_log = self.iommu_dirty(wanted)
+            iommu_log, covered = self.iommu_dirty(wanted)
             iommu_log.start()
         except VfioError as err:
             log.warning("%s", err)
             return
-        self.iommu_log, self.iommu_logged = iommu_log, wanted
-        log.info("%s: DMA writes tracked by the IOMMU's dirty bits", ", ".join(wanted))
+        self.iommu_log, self.iommu_logged = iommu_log, covered
+        log.info("%s: DMA writes tracked by the IOMMU's dirty bits", ", ".join(covered))
 
     def _stop_iommu_log(self) -> None:
         iommu_log, self.iommu_log, self.iommu_logged = self.iommu_log, None, []

@@ -43,7 +43,7 @@ from pyvmm.uapi.vfio import VfioDeviceState as State
 from pyvmm.uapi.vfio import VfioMigrationFlag as Flag
 from pyvmm.vfio.device import VfioDevice
 from pyvmm.vfio.errors import VfioError
-from pyvmm.vfio.migration.device import DeviceMigration
+from pyvmm.vfio.migration.device import DeviceMigration, MigrationData
 from pyvmm.vfio.passthrough.bars import PassthroughBars
 from pyvmm.vfio.passthrough.config import PM_CTRL, PM_CTRL_STATE, PassthroughConfig
 from pyvmm.vfio.passthrough.interrupts import VfioInterrupts
@@ -107,7 +107,9 @@ class VfioPciFunction(PciFunction):
             name=name,
         )
         self.model = f"vfio {vendor:04x}:{device_id:04x}"  # (restored onto another, the same)
-        self._streamed: object | None = None  # the data fd whose state went out in pieces
+        # the data fd whose state stop_copy_pieces read at the stop, and whether to its end
+        self._stop_read: MigrationData | None = None
+        self._stop_read_whole = False
         self.interrupts = VfioInterrupts(machine.vm, device)
         self._passthrough_config = PassthroughConfig(self, device, size)
         try:
@@ -212,14 +214,15 @@ class VfioPciFunction(PciFunction):
     def _save_device(self) -> bytes:
         """The device's state, read to its end in STOP_COPY (the rest of it, after a saving
         ahead: the machine's pause took it on to STOP_COPY, its data fd carrying on), or none
-        if `stop_copy_pieces` has just read it out; the device is left in STOP (the machine
-        is paused)."""
+        if `stop_copy_pieces` has just read it all out; the device is left in STOP (the
+        machine is paused)."""
         assert self.migration is not None
         data = self.migration.move_to(State.STOP_COPY)
-        if data is None:
-            raise VfioError(f"{self.name}: STOP_COPY gave no data fd")
-        streamed, self._streamed = self._streamed, None
-        saved = b"" if streamed is data else data.read_all()
+        if data is not None and data is self._stop_read and self._stop_read_whole:
+            saved = b""
+        else:
+            saved = self._unread_stop_copy().read_all()
+        self._stop_read = None
         self.migration.move_to(State.STOP)
         log.info("%s: saved %d bytes of device state", self.name, len(saved))
         return saved
@@ -229,16 +232,28 @@ class VfioPciFunction(PciFunction):
         end in pieces of at most `size` bytes, for a stream to carry ahead of the function's
         own state (whose save then holds none of it): a device's state may be larger than a
         section, or than is wise to hold at once."""
-        assert self.migration is not None
-        data = self.migration.move_to(State.STOP_COPY)
-        if data is None:
-            raise VfioError(f"{self.name}: STOP_COPY gave no data fd")
+        data = self._unread_stop_copy()
+        self._stop_read, self._stop_read_whole = data, False
         total = 0
         for piece in data.read_pieces(size):
             total += len(piece)
             yield piece
-        self._streamed = data
+        self._stop_read_whole = True
         log.info("%s: read %d bytes of device state at the stop", self.name, total)
+
+    def _unread_stop_copy(self) -> MigrationData:
+        """The device in STOP_COPY on a data fd no read at the stop has touched: one that a
+        save which failed afterwards (the machine staying paused) left read, in part or
+        whole, is given up for a new one (STOP, then STOP_COPY: the state from its start)."""
+        assert self.migration is not None
+        data = self.migration.move_to(State.STOP_COPY)
+        if data is not None and data is self._stop_read:
+            self.migration.move_to(State.STOP)
+            data = self.migration.move_to(State.STOP_COPY)
+        self._stop_read = None
+        if data is None:
+            raise VfioError(f"{self.name}: STOP_COPY gave no data fd")
+        return data
 
     # saving ahead (a live migration's pre-copy: pyvmm.migration.device_precopy)
 
