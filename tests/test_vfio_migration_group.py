@@ -43,6 +43,7 @@ class FakeMigration:
     def __init__(self, name: str, journal: Journal, flags: Flag = ALL_FLAGS) -> None:
         self.name, self.journal, self.flags = name, journal, flags
         self.current = State.RUNNING
+        self.data = None  # (no transfer under way)
         self.refuse: State | None = None
         self.recovered = False
 
@@ -524,3 +525,25 @@ def test_a_save_that_failed_after_the_pieces_were_read_starts_the_device_state_a
     pieces = half.stop_copy_pieces(4)
     assert next(pieces) == b"0123"  # (the stream broke here)
     assert half._save_device() == b"0123456789"  # a save of its own: all of it, again
+
+
+def test_a_device_forgotten_while_the_iommu_tracks_it_ends_that_tracking(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """(Its binding is going: the log's HWPT must not outlive it; the devices left are sent
+    whole once stopped, as untracked ones are.)"""
+    group, made = unlogged_group(monkeypatch)
+    group.start()
+    group.forget("plain")
+    assert made[0].stopped and group.iommu_log is None
+    assert group.untracked == ["behind", "an mdev"]
+
+
+def test_a_device_whose_dma_the_iommu_tracks_is_not_moved_off_its_hwpt() -> None:
+    """A move would end the tracking unseen, and the pages its DMA wrote would be lost to the
+    migration: refused before the kernel is asked anything."""
+    from pyvmm.vfio.iommufd.backend import IommufdContext
+
+    context = SimpleNamespace(migrations=SimpleNamespace(iommu_logged=["0000:00:04.0"]))
+    with pytest.raises(VfioError, match=r"0000:00:04.0: its DMA writes are being tracked"):
+        IommufdContext.attach(context, "0000:00:04.0", 7)  # type: ignore[arg-type]

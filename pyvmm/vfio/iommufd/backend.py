@@ -96,6 +96,11 @@ class IommufdContext(VfioContext):
     def attach(self, name: str, object_id: int) -> int:
         """Move device `name` to the IOAS or a HWPT over it, by id, while DMA goes on (a
         replace); returns the HWPT id the kernel attached it to."""
+        if name in self.migrations.iommu_logged:
+            raise VfioError(
+                f"{name}: its DMA writes are being tracked on a dirty-tracking HWPT (a migration "
+                "or snapshot under way): move it once that has ended"
+            )
         target = self.object(object_id)
         if target is not self.ioas and not (isinstance(target, Hwpt) and target.over is self.ioas):
             raise VfioError(

@@ -103,6 +103,11 @@ class MigratingDevices:
                 migration.data.close()
         self.devices = [migration for migration in self.devices if migration.name != name]
         self.by_iova.discard(name)
+        if name in self.iommu_logged:  # (the others are then untracked: sent whole, as is safe)
+            try:
+                self._stop_iommu_log()
+            except VfioError as err:
+                log.warning("%s", err)
         log_of_it = self.dma_logs.pop(name, None)
         if log_of_it is not None:
             try:
