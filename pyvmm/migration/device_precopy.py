@@ -36,7 +36,7 @@ import msgpack
 
 from pyvmm.machine.component import Components
 from pyvmm.machine.state import StateError
-from pyvmm.migration.machine_sections import unpack
+from pyvmm.migration.machine_sections import unpack, unpack_row
 from pyvmm.migration.stream import Section, SectionFlag, SectionType, StreamError, StreamWriter
 from pyvmm.uapi.ioctl import IoctlError
 from pyvmm.vfio.errors import VfioError
@@ -134,15 +134,8 @@ def send_stopped_states(writer: StreamWriter, components: Components) -> int:
 def decode_stopped_state(section: Section, what: str) -> tuple[str, bytes]:
     """A DEVICE_STATE section's (component id, piece), or a StreamError saying where."""
     where = f"{what}: the device state at byte {section.offset}"
-    item = unpack(section.payload, where)
-    if not (
-        isinstance(item, list)
-        and len(item) == 2
-        and isinstance(item[0], str)
-        and isinstance(item[1], bytes)
-    ):
-        raise StreamError(f"{where} is not [id, data]")
-    return item[0], item[1]
+    component_id, piece = unpack_row(section.payload, where, "[id, data]", str, bytes)
+    return component_id, piece
 
 
 def load_stopped_state(components: Components, component_id: str, piece: bytes, where: str) -> None:
@@ -150,11 +143,16 @@ def load_stopped_state(components: Components, component_id: str, piece: bytes, 
     part = components.stopped_state_parts().get(component_id)
     if part is None:
         raise StreamError(f"{where} is for {component_id!r}, which takes no device state here")
+    _load_data(part, component_id, piece, "its state")
+
+
+def _load_data(part: Any, component_id: str, data: bytes, what: str) -> None:
+    """Write `data` into the part's device; a StateError naming it if the device refuses."""
     try:
-        part.load_data(piece)
+        part.load_data(data)
     except (VfioError, OSError) as err:
         name = getattr(part, "name", component_id)
-        raise StateError(f"{name}: the device refused its state: {err}") from None
+        raise StateError(f"{name}: the device refused {what}: {err}") from None
 
 
 class DeviceLoader:
@@ -192,27 +190,15 @@ class DeviceLoader:
 
     def load(self, section: Section, what: str) -> None:
         where = f"{what}: the device data at byte {section.offset}"
-        item = unpack(section.payload, where)
-        if not (
-            isinstance(item, list)
-            and len(item) == 3
-            and isinstance(item[0], str)
-            and isinstance(item[1], bytes)
-            and isinstance(item[2], bool)
-        ):
-            raise StreamError(f"{where} is not [id, data, initial_done]")
-        component_id, chunk, initial_done = item
+        row = unpack_row(section.payload, where, "[id, data, initial_done]", str, bytes, bool)
+        component_id, chunk, initial_done = row
         self._loaded = True
         part = self.parts.get(component_id)
         if part is None:
             raise StreamError(f"{where} is for {component_id!r}, which saves nothing ahead here")
         if component_id not in self.awaited:
             raise StreamError(f"{where} is for {component_id!r}, which the source did not name")
-        try:
-            part.load_data(chunk)
-        except (VfioError, OSError) as err:
-            name = getattr(part, "name", component_id)
-            raise StateError(f"{name}: the device refused the data sent ahead: {err}") from None
+        _load_data(part, component_id, chunk, "the data sent ahead")
         if initial_done:
             self._initial_done.add(component_id)
         if not self.acknowledged and self._initial_done >= self.awaited:

@@ -74,18 +74,21 @@ def unpack(payload: bytes, where: str) -> Any:
         raise StreamError(f"{where} cannot be decoded ({err})") from None
 
 
+def unpack_row(payload: bytes, where: str, shape: str, *types: type) -> list[Any]:
+    """A msgpack payload that must be a list of one item per type in `types`, each of exactly
+    that type (`object`: any; exactly, so that a bool is no int), else a StreamError saying
+    that `where` is not `shape`."""
+    item = unpack(payload, where)
+    fits = isinstance(item, list) and len(item) == len(types)
+    if not fits or not all(t is object or type(v) is t for v, t in zip(item, types, strict=True)):
+        raise StreamError(f"{where} is not {shape}")
+    return item
+
+
 def decode_component(section: Section, what: str) -> SavedState:
     where = f"{what}: the component state at byte {section.offset}"
-    item = unpack(section.payload, where)
-    if not (
-        isinstance(item, list)
-        and len(item) == 4
-        and isinstance(item[0], str)
-        and isinstance(item[1], str)
-        and type(item[2]) is int
-    ):
-        raise StreamError(f"{where} is not [id, kind, version, data]")
-    return SavedState(item[0], item[1], item[2], item[3])
+    row = unpack_row(section.payload, where, "[id, kind, version, data]", str, str, int, object)
+    return SavedState(*row)
 
 
 def _json(section: Section, what: str) -> Any:
