@@ -83,7 +83,7 @@ def parse_elf(path: str, *, entry_must_be_in_image: bool = True) -> ElfImage:
             header = _header(path, data)
             file_size = os.fstat(f.fileno()).st_size
             segments = []
-            for phdr in _program_headers(path, f, header):
+            for phdr in _program_headers(path, f, header, file_size):
                 p_type, p_flags, offset, _vaddr, paddr, filesz, memsz, _align = phdr
                 if p_type != PT_LOAD or memsz == 0:
                     continue
@@ -118,8 +118,9 @@ def elf_notes(path: str) -> Iterator[tuple[bytes, int, bytes]]:
     try:
         with open(path, "rb") as f:
             header = _header(path, f.read(_EHDR.size))
-            notes = [p for p in _program_headers(path, f, header) if p[0] == PT_NOTE]
             file_size = os.fstat(f.fileno()).st_size
+            headers = _program_headers(path, f, header, file_size)
+            notes = [p for p in headers if p[0] == PT_NOTE]
             for _type, _flags, offset, _vaddr, _paddr, filesz, _memsz, align in notes:
                 if offset + filesz > file_size:
                     raise BootError(f"{path}: corrupt ELF note segment (past the end of the file)")
@@ -151,12 +152,12 @@ def _header(path: str, data: bytes) -> _ElfHeader:
 
 
 def _program_headers(
-    path: str, f: BinaryIO, header: _ElfHeader
+    path: str, f: BinaryIO, header: _ElfHeader, file_size: int
 ) -> list[tuple[int, int, int, int, int, int, int, int]]:
     """The program header table, checked to lie inside the file before it is read (a hostile
     header may name any offset and size)."""
     size = header.phentsize * header.phnum
-    if header.phoff + size > os.fstat(f.fileno()).st_size:
+    if header.phoff + size > file_size:
         raise BootError(f"{path}: corrupt or truncated ELF image (program headers cut short)")
     f.seek(header.phoff)
     table = f.read(size)
