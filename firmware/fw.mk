@@ -21,3 +21,8 @@ FW_LDFLAGS := -nostdlib -static -no-pie -Wl,-T,$(FW_DIR)/guest.ld -Wl,--build-id
 FW_BUILD := $(FW_DIR)/build
 FW_LIB   := $(FW_BUILD)/libpyvmmfw.a
 FW_CRT0  := $(FW_BUILD)/start.o
+
+# The two steps of a guest (guests/Makefile, guest.mk): its .o from its .c, and its image from
+# the .o (the first prerequisite) linked after crt0, against the runtime.
+FW_GUEST_COMPILE = $(CC) $(FW_CFLAGS) -c -o $@ $<
+FW_GUEST_LINK = $(CC) $(FW_LDFLAGS) -o $@ $(FW_CRT0) $< $(FW_LIB)

@@ -15,7 +15,7 @@ firmware:
 $(FW_LIB) $(FW_CRT0): firmware
 
 $(OUT): $(OBJ) $(FW_CRT0) $(FW_LIB) $(FW_DIR)/guest.ld
-	$(CC) $(FW_LDFLAGS) -o $@ $(FW_CRT0) $(OBJ) $(FW_LIB)
+	$(FW_GUEST_LINK)
 
 $(OBJ): $(SRC)
-	$(CC) $(FW_CFLAGS) -c -o $@ $<
+	$(FW_GUEST_COMPILE)
