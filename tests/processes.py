@@ -1,7 +1,8 @@
 """pyvmm's command line as scripts use it, run in processes of their own (`python -m pyvmm`):
-one command run to its end (`pyvmm`), one left running (`spawn`) and a wait for what it makes
-(`wait_for_file`), a machine running the counter guest with a control socket to drive it by
-(`start_counter`), and a machine waiting for a migration to come in (`start_destination`)."""
+one command run to its end (`pyvmm`), a Python snippet run to its end (`python_probe`), one
+left running (`spawn`) and a wait for what it makes (`wait_for_file`), a machine running the
+counter guest with a control socket to drive it by (`start_counter`), and a machine waiting
+for a migration to come in (`start_destination`)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,21 @@ import sys
 import time
 from pathlib import Path
 
-from guestbuild import guest
+from guestbuild import ROOT, guest
 
 
 def pyvmm(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "pyvmm", *args], capture_output=True, text=True, timeout=timeout
     )
+
+
+def python_probe(code: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`code` run by this Python in a process of its own (`python -c`), from the checkout."""
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True, text=True, cwd=ROOT, check=False, timeout=timeout,
+    )  # fmt: skip
 
 
 def spawn(*args: str) -> subprocess.Popen[str]:

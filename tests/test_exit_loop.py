@@ -4,11 +4,10 @@ reads and writes of every size, string port I/O, and accesses nothing claims."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
-from guestbuild import ROOT, guest, requires_kvm
+from guestbuild import guest, requires_kvm
+from processes import python_probe
 
 from pyvmm.board.machine import Machine
 from pyvmm.machine import layout
@@ -96,14 +95,7 @@ def test_pyvmm_without_its_built_exit_loop_says_so_in_one_line() -> None:
         "from pyvmm.cli import main\n"
         "sys.exit(main(['run', sys.argv[1]]))\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", probe, str(guest("hello"))],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        check=False,
-        timeout=60,
-    )
+    result = python_probe(probe, str(guest("hello")))
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
         "pyvmm: error: pyvmm's C exit loop is not built (no module pyvmm.kvm._exitloop): "

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from guestbuild import ROOT, requires_kvm
+from processes import pyvmm
 
 pytestmark = [pytest.mark.kvm, requires_kvm]
 
@@ -27,39 +28,36 @@ int main(void)
 
 
 def run(
-    command: list[str], cwd: Path | str = "/", timeout: float = 120
+    command: list[str], timeout: float = 120, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
+    """`command` run from / (nothing of the checkout in reach)."""
     return subprocess.run(
-        command, capture_output=True, text=True, cwd=cwd, check=False, timeout=timeout
+        command, capture_output=True, text=True, cwd="/", env=env, check=False, timeout=timeout
     )
-
-
-def pyvmm(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pyvmm", *args]
 
 
 def test_a_users_c_file_builds_into_a_guest_that_runs(tmp_path: Path) -> None:
     source = tmp_path / "mine.c"
     source.write_text(GUEST)
-    built = run(pyvmm("guest", "build", str(source)), cwd=ROOT)
+    built = pyvmm("guest", "build", str(source))
     assert built.returncode == 0, built.stderr
     image = tmp_path / "mine.elf"
     assert built.stdout.strip() == str(image) and image.read_bytes()[:4] == b"\x7fELF"
-    booted = run(pyvmm("run", str(image), "-c", "2"), cwd=ROOT)
+    booted = pyvmm("run", str(image), "-c", "2")
     assert (booted.returncode, booted.stdout) == (7, "a user's guest: 64 MiB, 2 vCPUs\n")
 
 
 def test_a_compile_error_is_shown_and_the_build_fails(tmp_path: Path) -> None:
     source = tmp_path / "broken.c"
     source.write_text("#include <pyvmmfw.h>\nint main(void) { return no_such_thing; }\n")
-    built = run(pyvmm("guest", "build", str(source), "-o", str(tmp_path / "out.elf")), cwd=ROOT)
+    built = pyvmm("guest", "build", str(source), "-o", str(tmp_path / "out.elf"))
     assert built.returncode == 1
     assert "no_such_thing" in built.stderr and "undeclared" in built.stderr  # (gcc's message)
     assert built.stderr.splitlines()[-1] == (
         "pyvmm: error: broken.c did not build (the compiler's messages are above)"
     )
     assert not (tmp_path / "out.elf").exists()
-    missing = run(pyvmm("guest", "build", str(tmp_path / "nope.c")), cwd=ROOT)
+    missing = pyvmm("guest", "build", str(tmp_path / "nope.c"))
     assert (missing.returncode, missing.stderr) == (
         1,
         f"pyvmm: error: {tmp_path}/nope.c: no such file\n",
@@ -88,10 +86,9 @@ def test_the_wheel_works_in_a_fresh_virtualenv_outside_the_checkout(tmp_path: Pa
     source = tmp_path / "mine.c"
     source.write_text(GUEST)
     env_home = {**os.environ, "PYVMM_CACHE": str(tmp_path / "cache")}  # (a user's own cache)
-    built_guest = subprocess.run(
-        [str(home / "bin" / "pyvmm"), "guest", "build", str(source)],
-        capture_output=True, text=True, cwd="/", env=env_home, check=False, timeout=300,
-    )  # fmt: skip
+    built_guest = run(
+        [str(home / "bin" / "pyvmm"), "guest", "build", str(source)], timeout=300, env=env_home
+    )
     assert built_guest.returncode == 0, built_guest.stderr
     booted = run([str(home / "bin" / "pyvmm"), "run", str(tmp_path / "mine.elf")])
     assert (booted.returncode, booted.stdout) == (7, "a user's guest: 64 MiB, 1 vCPUs\n")

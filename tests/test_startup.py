@@ -4,11 +4,11 @@ imports nothing it does not use (scripts/bench-startup measures the time)."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
-from guestbuild import ROOT, guest, requires_kvm
+from guestbuild import guest, requires_kvm
+from processes import python_probe
 
 # Imported by `run` only when an option asks for them.
 OPTIONAL = ("pyvmm.lab", "pyvmm.migration", "pyvmm.vfio", "pyvmm.control", "pyvmm.devices.virtio")
@@ -25,14 +25,7 @@ print(json.dumps({"code": code, "new": sorted(set(sys.modules) - before)}))
 @requires_kvm
 @pytest.mark.kvm
 def test_run_imports_no_optional_feature_and_no_third_party_module() -> None:
-    result = subprocess.run(
-        [sys.executable, "-c", PROBE, str(guest("hello"))],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        check=False,
-        timeout=60,
-    )
+    result = python_probe(PROBE, str(guest("hello")))
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.splitlines()[-1])
     assert report["code"] == 0
