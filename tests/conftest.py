@@ -1,5 +1,6 @@
-"""Shared pytest set-up: the lab test tier (`pyvmm.lab.pytest_plugin`), `pytester` for the
-tests of that tier, and Ctrl-C as a terminal gives it.
+"""Shared pytest set-up: `pytester` for the tests of pyvmm's pytest plugin, and Ctrl-C as a
+terminal gives it. The plugin itself (the lab tier, the markers, the fixtures) comes with the
+installed package (its pytest11 entry point: pyvmm.testing.plugin).
 
 Tests marked `@pytest.mark.lab` run inside the lab; on the host they are stand-ins for the
 results of one lab boot per session.
@@ -13,7 +14,7 @@ process takes SIGINT back as Python's default before any test starts a process.
 
 import signal
 
-pytest_plugins = ["pyvmm.lab.pytest_plugin", "pytester"]
+pytest_plugins = ["pytester"]
 
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -681,6 +681,14 @@ if mode == "panics":
              b"Kernel panic - not syncing: Fatal exception in interrupt\\n")
     sys.exit(0)
 agent(Kind.HELLO, b'{{"uptime": 2.5}}')
+
+def report(nodeid, *whens, outcome="passed"):  # a test's reports, as the lab's pytest writes them
+    with open(spec["env"]["PYVMM_LAB_RESULTS"], "a") as results:
+        for when in whens:
+            record = {{"nodeid": nodeid, "when": when, "outcome": outcome, "longrepr": "",
+                      "crash": "", "wasxfail": None, "sections": []}}
+            results.write(json.dumps(record) + "\\n")
+
 if mode == "ok":
     agent(Kind.STDOUT, b"out\\n")
     agent(Kind.STDERR, b"err\\n")
@@ -693,18 +701,19 @@ elif mode == "hang":
 elif mode == "silent":  # the command said something, then nothing more
     agent(Kind.STDOUT, b"started\\n")
     hang()
+elif mode == "record-boots":  # a tier's run (under xdist): every test passes, each boot noted
+    nodeids = spec["command"][spec["command"].index("-q") + 1:]
+    boot = {{"nodeids": nodeids, "worker": os.environ.get("PYTEST_XDIST_WORKER", "")}}
+    with open(Path(os.environ["FAKE_QEMU_RECORD"]).with_name("boots.jsonl"), "a") as boots:
+        boots.write(json.dumps(boot) + "\\n")
+    for nodeid in nodeids:
+        report(nodeid, "setup", "call", "teardown")
+    agent(Kind.EXIT, b'{{"code": 0}}')
 elif mode.startswith(("crash", "hang-", "reset-")):  # a tier's run: reports, then it breaks
     nodeids = spec["command"][spec["command"].index("-q") + 1:]
     boots = Path(os.environ["FAKE_QEMU_RECORD"]).with_name("boots")
     boots.write_text(str(boot := int(boots.read_text() if boots.exists() else 0) + 1))
     crashes = mode in ("crash", "hang-always") or boot == 1
-
-    def report(nodeid, *whens, outcome="passed"):
-        with open(spec["env"]["PYVMM_LAB_RESULTS"], "a") as results:
-            for when in whens:
-                record = {{"nodeid": nodeid, "when": when, "outcome": outcome, "longrepr": "",
-                          "crash": "", "wasxfail": None, "sections": []}}
-                results.write(json.dumps(record) + "\\n")
 
     def crash():
         if mode.startswith("reset-"):  # the lab's kernel triple-faults: QEMU just exits

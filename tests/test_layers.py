@@ -27,6 +27,7 @@ LAYERS = [
     {"pyvmm.control"},
     {"pyvmm.lab"},
     {"pyvmm.commands"},
+    {"pyvmm.testing"},  # the pytest plugin, for test writers
     {"pyvmm.cli", "pyvmm.__main__"},
 ]
 

@@ -27,6 +27,24 @@ int main(void)
 """
 
 
+USERS_TEST = """
+from pathlib import Path
+
+from pyvmm.guest_files import demo_guest
+
+def test_the_demo_guest(pyvmm_machine):
+    machine = pyvmm_machine(guest=demo_guest())
+    machine.start()
+    assert machine.wait(30).exit_code == 0
+    assert "Hello from pyvmm guest" in machine.console.text
+
+def test_a_guest_of_mine(pyvmm_machine, pyvmm_guest):
+    machine = pyvmm_machine(vcpus=2, guest=pyvmm_guest(Path(__file__).parents[1] / "mine.c"))
+    machine.start()
+    assert machine.wait(30).exit_code == 7
+"""
+
+
 def run(
     command: list[str], timeout: float = 120, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
@@ -92,3 +110,15 @@ def test_the_wheel_works_in_a_fresh_virtualenv_outside_the_checkout(tmp_path: Pa
     assert built_guest.returncode == 0, built_guest.stderr
     booted = run([str(home / "bin" / "pyvmm"), "run", str(tmp_path / "mine.elf")])
     assert (booted.returncode, booted.stdout) == (7, "a user's guest: 64 MiB, 1 vCPUs\n")
+    # and pytest, installed beside it, finds its plugin with no conftest: a test of their own
+    got_pytest = run([python, "-m", "pip", "install", "-q", "pytest"], timeout=600)
+    assert got_pytest.returncode == 0, got_pytest.stderr
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_mine.py").write_text(USERS_TEST)
+    tested = run(
+        [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path / "tests")],
+        timeout=300,
+        env=env_home,
+    )
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    assert "2 passed" in tested.stdout

@@ -31,7 +31,7 @@ from typing import Any
 import pyvmm
 from pyvmm.lab import chroot_init, qemu, tsc
 from pyvmm.lab.errors import LabCrashed, LabError, LabReset, LabUnavailable
-from pyvmm.lab.kernel import check_kernel, find_kernel
+from pyvmm.lab.kernel import ENV_KERNEL, check_kernel, find_kernel
 from pyvmm.lab.protocol import Kind
 from pyvmm.lab.relay import LabResult, OutputSink, Relay
 
@@ -252,6 +252,9 @@ def _prepare(
         share.mkdir(exist_ok=True)
         lab = _Lab(workdir, share, workdir / "initrd.cpio", share / "spec.json")
         env = guest_env(os.environ, share, options.env)
+        # inside, the kernel for Linux guests (pyvmm.testing.linux) is the lab's own, unless
+        # one is named
+        env.setdefault(ENV_KERNEL, str(prereq.kernel.resolve()))
         write_spec(lab.spec, mode, command, cwd, env, options.devices)
         config = chroot_init.InitConfig(
             python=sys.executable, pythonpath=str(package_root()), share=str(share)

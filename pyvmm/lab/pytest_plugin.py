@@ -54,6 +54,8 @@ _OUTPUT_TAIL = 4000
 #: in a new boot, once.
 _MAX_BOOTS = 2
 #: Markers the inner session evaluates; on the host they would judge the wrong machine.
+#: What a pytest-xdist worker is told: whether the controller schedules by xdist_group.
+_XDIST_GROUPS = "pyvmm_lab_xdist_groups"
 _INNER_ONLY_MARKERS = frozenset({"skip", "skipif", "xfail", "usefixtures", "parametrize"})
 
 
@@ -76,8 +78,33 @@ def pytest_configure(config: pytest.Config) -> None:
     if in_lab():
         if os.environ.get(ENV_RESULTS):
             config.pluginmanager.register(ResultWriter(Path(os.environ[ENV_RESULTS])))
-    else:
-        config.pluginmanager.register(LabTier(config), "pyvmm-lab-tier")
+        return
+    config.pluginmanager.register(LabTier(config), "pyvmm-lab-tier")
+    if getattr(config.option, "dist", "no") == "load":
+        # pytest-xdist's -n N: its own scheduler, told to keep each lab boot's tests on one
+        # worker (each gets an xdist_group of its lab session); a run with no lab tests
+        # schedules as `load` would
+        config.option.dist = "loadgroup"
+    if getattr(config, "workerinput", {}).get(_XDIST_GROUPS):
+        config.option.loadgroup = True  # (a worker takes --dist from its own argv, not -n's)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """(pytest-xdist's controller, for each worker it starts) Whether lab tests go by group."""
+    node.workerinput[_XDIST_GROUPS] = node.config.getoption("dist") == "loadgroup"
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker names the groups in node ids
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist, each lab test in the xdist group of its lab session: xdist sends a
+    group's tests to one worker, which runs them in one boot of its own."""
+    if in_lab() or not config.getoption("loadgroup", False):
+        return
+    for item in items:
+        if item.get_closest_marker("lab"):
+            group = "-".join(map(str, session_key(lab_keywords(item))))
+            item.add_marker(pytest.mark.xdist_group(f"pyvmm-lab-{group}"))
 
 
 # -- inside the lab ------------------------------------------------------------------------------
@@ -260,7 +287,7 @@ class LabTier:
         if session.results is None:
             self._run(session)
         assert session.results is not None
-        found = session.results.get(item.nodeid)
+        found = session.results.get(item.inner_nodeid)
         if found is None:
             return InnerResult("failed", f"no result from the lab: {session.problem or 'unknown'}")
         if not found.finished:
@@ -283,7 +310,7 @@ class LabTier:
         session.results = {}
         stopped: LabCrashed | LabReset | LabTimeout | None = None
         for boot in range(1, _MAX_BOOTS + 1):
-            left = [item.nodeid for item in session.items if _rerun(session.results, item)]
+            left = [item.inner_nodeid for item in session.items if _rerun(session.results, item)]
             if not left:  # (QEMU died after the last test was done)
                 return
             if stopped is not None:
@@ -359,7 +386,7 @@ class LabTier:
 def _rerun(results: dict[str, InnerResult], item: LabItem) -> bool:
     """Whether a new boot should run `item`: it has no result, or one the lab cut short
     before anything failed (a failure stands: running it again could only hide it)."""
-    found = results.get(item.nodeid)
+    found = results.get(item.inner_nodeid)
     return found is None or (not found.finished and found.outcome != "failed")
 
 
@@ -392,6 +419,23 @@ class _Output:
         return self.buffer[-_OUTPUT_TAIL:].decode(errors="replace")
 
 
+def lab_keywords(item: pytest.Item) -> dict[str, Any]:
+    """The keywords of all a test's lab markers: a parameter's first, then its own, its
+    class's, its module's (pytest lists a parameter's marks after the function's)."""
+    callspec = getattr(item, "callspec", None)
+    parameter_marks = [m for m in (callspec.marks if callspec else ()) if m.name == "lab"]
+    lab: dict[str, Any] = {}
+    for marker in (*parameter_marks, *item.iter_markers("lab")):
+        for key, value in marker.kwargs.items():
+            lab.setdefault(key, value)
+    return lab
+
+
+def session_key(lab: dict[str, Any]) -> tuple[str, str, int]:
+    """Which lab boot a test with these lab keywords runs in: (iommu, session, TSC skew)."""
+    return (lab.get("iommu", "intel"), lab.get("session", ""), lab.get("tsc_skew_ppm", 0))
+
+
 class LabItem(pytest.Item):
     """Stands in on the host for a lab test; its outcome is the one the test had in the lab."""
 
@@ -402,19 +446,15 @@ class LabItem(pytest.Item):
         for mark in original.own_markers:
             self.own_markers.append(mark)
             self.keywords[mark.name] = mark
-        # The keywords of all its lab markers: a parameter's first, then its own, its class's,
-        # its module's (pytest lists a parameter's marks after the function's).
-        callspec = getattr(original, "callspec", None)
-        parameter_marks = [m for m in (callspec.marks if callspec else ()) if m.name == "lab"]
-        lab: dict[str, Any] = {}
-        for marker in (*parameter_marks, *original.iter_markers("lab")):
-            for key, value in marker.kwargs.items():
-                lab.setdefault(key, value)
+        lab = lab_keywords(original)
         self.lab_devices: tuple[str, ...] = tuple(lab.get("devices", ()))
         self.iommu: str = lab.get("iommu", "intel")
         self.session_name: str = lab.get("session", "")
         self.tsc_skew_ppm: int = lab.get("tsc_skew_ppm", 0)
-        self.session_key = (self.iommu, self.session_name, self.tsc_skew_ppm)
+        self.session_key = session_key(lab)
+        # the lab's pytest selects it by this; the host's may have added an xdist group to it
+        self.inner_nodeid = self.nodeid
+        self._nodeid = original.nodeid
         self.before: Callable[[], object] | None = lab.get("before")
         self.skip_reason: str | None = None
 
