@@ -223,6 +223,7 @@ class Migration:
         if not self.machine.pause():
             raise MigrationError("the machine stopped during the migration")
         self._paused = True
+        self.convergence.end()  # (a throttle would go on kicking vCPUs that are parked)
         phases.end("pause")
         # What the last look found dirty, and whatever was dirtied since: sent now, or with
         # post-copy, named as what the destination lacks and sent later.
@@ -247,7 +248,6 @@ class Migration:
         self.progress.downtime_ms = phases.total_ms
         self.progress.downtime_phases_ms = phases.ms
         self._stop_logging()  # (the destination runs the machine now: nothing may fail it)
-        self.convergence.end()
         if step is Step.POSTCOPY:
             self._pending = postcopy.Pending(last)
 
