@@ -561,12 +561,48 @@ def test_guest_env_passes_only_what_the_command_needs(tmp_path: Path) -> None:
     assert "API_TOKEN" not in env and "SSH_AUTH_SOCK" not in env
 
 
-def test_paths_the_lab_hides_are_refused() -> None:
-    launcher.check_visible({"pyvmm": Path("/work/main"), "x": Path("/tmpfoo/y")})
-    with pytest.raises(LabError, match="the interpreter /tmp/venv/bin/python is under /tmp"):
-        launcher.check_visible({"the interpreter": Path("/tmp/venv/bin/python")})
-    with pytest.raises(LabError, match="under /run"):
-        launcher.check_visible({"pyvmm": Path("/run")})
+def test_paths_the_lab_hides_are_shared_into_it_again(tmp_path: Path) -> None:
+    """A checkout or virtualenv under /tmp (the lab has its own /tmp) is shared into the lab,
+    read-only at its own path: each directory once, the outermost of nested ones."""
+    checkout = tmp_path / "co"
+    (checkout / "tests").mkdir(parents=True)
+    found = launcher.hidden_dirs(
+        {
+            "pyvmm": checkout,
+            "the working directory": checkout / "tests",
+            "the interpreter": Path("/tmp/venv/bin/python"),  # (a file: its directory)
+            "the kernel": Path("/work/shared/lab/bzImage"),  # (visible: nothing to share)
+            "x": Path("/tmpfoo/y"),
+        }
+    )
+    assert found == tuple(sorted([checkout, Path("/tmp/venv/bin")]))
+    for own in ("/dev/shm/co", "/proc/1", "/tmp", "/run"):  # the lab's own, or all of /tmp
+        with pytest.raises(LabUnavailable, match=f"pyvmm {own} is under /[a-z]+, which the lab"):
+            launcher.hidden_dirs({"pyvmm": Path(own)})
+
+
+def test_the_hidden_directories_are_mounted_inside_at_their_own_paths(tmp_path: Path) -> None:
+    config = qemu.LabMachine(
+        kernel=Path("/k"),
+        initrd=Path("/i"),
+        share=Path("/tmp/s"),
+        console="null",
+        agent="null",
+        scratch=tmp_path,
+        host_dirs=(Path("/tmp/co,1"), Path("/run/venv")),
+    )
+    argv = qemu.command("qemu-system-x86_64", config)
+    shares = option_values(argv, "-virtfs")
+    assert "local,path=/tmp/co,,1,mount_tag=hostdir0,security_model=none,readonly=on," in (
+        "".join(shares)
+    )
+    assert any(s.startswith("local,path=/run/venv,mount_tag=hostdir1,") for s in shares)
+    init = chroot_init.init_script(
+        chroot_init.InitConfig("/py", "/tmp/co,1", "/tmp/s", ("/tmp/co,1", "/run/venv"))
+    )
+    assert "hostdir0 /root/tmp/co,1 ||" in init and "hostdir1 /root/run/venv ||" in init
+    # after the lab's own /tmp and /run, before anything runs from them
+    assert init.index("tmpfs /root/run") < init.index("hostdir0") < init.index("chroot /root")
 
 
 def test_package_root_holds_pyvmm() -> None:

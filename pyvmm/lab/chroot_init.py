@@ -1,8 +1,10 @@
 """The lab's initramfs: a static busybox and an init that chroots into the host's root.
 
 The init mounts the host's root read-only over 9p, gives the chroot fresh /proc, /sys, /dev,
-/dev/pts, /dev/shm, /tmp and /run, mounts the writable results share at the same path it has on
-the host, and starts the guest agent (`pyvmm.lab.agent`) with the host's own interpreter. When
+/dev/pts, /dev/shm, /tmp and /run, mounts over those the host directories under /tmp or /run the
+run needs (a checkout, a virtualenv, the working directory: read-only, each at its own path),
+mounts the writable results share at the same path it has on the host, and starts the guest
+agent (`pyvmm.lab.agent`) with the host's own interpreter. When
 the agent returns, or anything before it fails, the init powers the machine off, so QEMU exits.
 
 The image is pyvmm.initramfs.busybox_initramfs with this init.
@@ -22,6 +24,14 @@ SHARE_TAG = "results"
 
 #: Directories the lab mounts its own filesystems on: what the host has there is hidden.
 LAB_OWN_DIRS = ("/proc", "/sys", "/dev", "/tmp", "/run")
+#: Of those, where a host directory can be mounted again (the lab's are empty tmpfs).
+REMOUNTABLE_DIRS = ("/tmp", "/run")
+
+
+def host_dir_tag(index: int) -> str:
+    """The virtio-9p mount tag of the `index`th host directory mounted inside."""
+    return f"hostdir{index}"
+
 
 #: Printed by the init before every failure line; the host picks it out of the console.
 FAIL_PREFIX = "pyvmm-lab-init: "
@@ -46,7 +56,7 @@ mount -t devpts devpts /root/dev/pts
 mount -t tmpfs tmpfs /root/dev/shm
 mount -t tmpfs tmpfs /root/tmp || fail "no /tmp in the host's root"
 mount -t tmpfs tmpfs /root/run
-mkdir -p /root{share}
+{host_dirs}mkdir -p /root{share}
 mount -t 9p -o {options} {share_tag} /root{share} || fail "cannot mount the results share"
 PYTHONPATH={pythonpath} PYTHONDONTWRITEBYTECODE=1 chroot /root {python} -m pyvmm.lab.agent \\
     {share}/spec.json || echo "{fail_prefix}the guest agent failed (status $?)"
@@ -62,10 +72,19 @@ class InitConfig:
     python: str  # the interpreter that runs the agent
     pythonpath: str  # the directory holding the pyvmm package
     share: str  # the results share; mounted at this same path inside
+    host_dirs: tuple[str, ...] = ()  # under /tmp or /run: mounted read-only at the same path
 
 
 def init_script(config: InitConfig) -> str:
+    host_dirs = "".join(
+        f"mkdir -p /root{shlex.quote(path)}\n"
+        f"mount -t 9p -o ro,cache=loose,{_9P_OPTIONS} {host_dir_tag(index)} "
+        f"/root{shlex.quote(path)}"
+        f' || fail "cannot mount the host\'s {path} (needed inside)"\n'
+        for index, path in enumerate(config.host_dirs)
+    )
     return _INIT.format(
+        host_dirs=host_dirs,
         fail_prefix=FAIL_PREFIX,
         options=_9P_OPTIONS,
         root_tag=ROOT_TAG,

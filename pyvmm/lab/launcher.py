@@ -222,14 +222,37 @@ class _Lab:
     share: Path
     initrd: Path
     spec: Path
+    host_dirs: tuple[Path, ...]  # shared into the lab again (hidden_dirs)
 
 
-def check_visible(paths: Mapping[str, Path]) -> None:
-    """Refuse host paths the lab cannot see: those under the directories it mounts its own."""
+def needed_paths(cwd: str, kernel: Path) -> dict[str, Path]:
+    """The host paths a command in the lab uses: the interpreter and its environment, pyvmm,
+    the working directory, and the lab kernel (Linux guests inside boot it too)."""
+    return {
+        "the interpreter": Path(sys.executable),
+        "its environment": Path(sys.prefix),
+        "pyvmm": package_root(),
+        "the working directory": Path(cwd),
+        "the lab kernel": kernel.resolve(),
+    }
+
+
+def hidden_dirs(paths: Mapping[str, Path]) -> tuple[Path, ...]:
+    """The host directories to share into the lab again, read-only at their own paths, for
+    `paths` (a file's directory) under /tmp or /run, which the lab has its own of: a checkout,
+    a virtualenv or a working directory there works as anywhere else. Nested ones are shared
+    once. A path under /proc, /sys or /dev cannot be: LabUnavailable, saying so."""
+    found: list[Path] = []
     for what, path in paths.items():
         for own in chroot_init.LAB_OWN_DIRS:
-            if path == Path(own) or Path(own) in path.parents:
-                raise LabError(f"{what} {path} is under {own}, which the lab has its own of")
+            if path != Path(own) and Path(own) not in path.parents:
+                continue
+            if own not in chroot_init.REMOUNTABLE_DIRS or path == Path(own):
+                raise LabUnavailable(
+                    f"{what} {path} is under {own}, which the lab has its own of: move it"
+                )
+            found.append(path if path.is_dir() else path.parent)
+    return tuple(sorted({d for d in found if not any(o in d.parents for o in found if o != d)}))
 
 
 @contextlib.contextmanager
@@ -241,7 +264,7 @@ def _prepare(
     cwd: str,
     share: Path | None,
 ) -> Iterator[_Lab]:
-    check_visible({"the interpreter": Path(sys.executable), "pyvmm": package_root()})
+    host_dirs = hidden_dirs(needed_paths(cwd, prereq.kernel))
     # Byte-compile pyvmm here: inside, the checkout is read-only, and every Python process
     # there would compile each module it imports again (over a second per process under TCG).
     # A read-only checkout on the host only means the lab compiles, as before.
@@ -250,14 +273,17 @@ def _prepare(
         workdir = Path(tmp)
         share = share or workdir / "share"
         share.mkdir(exist_ok=True)
-        lab = _Lab(workdir, share, workdir / "initrd.cpio", share / "spec.json")
+        lab = _Lab(workdir, share, workdir / "initrd.cpio", share / "spec.json", host_dirs)
         env = guest_env(os.environ, share, options.env)
         # inside, the kernel for Linux guests (pyvmm.testing.linux) is the lab's own, unless
         # one is named
         env.setdefault(ENV_KERNEL, str(prereq.kernel.resolve()))
         write_spec(lab.spec, mode, command, cwd, env, options.devices)
         config = chroot_init.InitConfig(
-            python=sys.executable, pythonpath=str(package_root()), share=str(share)
+            python=sys.executable,
+            pythonpath=str(package_root()),
+            share=str(share),
+            host_dirs=tuple(map(str, host_dirs)),
         )
         lab.initrd.write_bytes(chroot_init.build(prereq.busybox, config))
         yield lab
@@ -287,6 +313,7 @@ def _machine(
         cpus=options.cpus,
         verbose=options.verbose,
         tsc_khz=_lab_tsc_khz(options.tsc_skew_ppm),
+        host_dirs=lab.host_dirs,
     )
     qemu.create_disk_images(config)
     return config

@@ -264,7 +264,8 @@ class LabTier:
     def _unavailable(self) -> str:
         """Why the lab cannot run on this host (so its tests skip), or "" if it can."""
         try:
-            launcher.prerequisites(launcher.LabOptions())
+            prereq = launcher.prerequisites(launcher.LabOptions())
+            launcher.hidden_dirs(launcher.needed_paths(str(self.config.rootpath), prereq.kernel))
         except LabUnavailable as exc:
             return str(exc)
         except LabError:

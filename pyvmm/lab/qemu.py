@@ -197,6 +197,7 @@ class LabMachine:
     verbose: bool = False
     monitor: str | None = None  # a chardev for QEMU's QMP monitor (pyvmm.lab.monitor)
     tsc_khz: int | None = None  # the lab kernel's TSC rate (pyvmm.lab.tsc); None: it measures
+    host_dirs: tuple[Path, ...] = ()  # host directories the lab hides, shared again (read-only)
 
 
 def reset_log(config: LabMachine) -> Path:
@@ -266,6 +267,13 @@ def command(qemu: str, config: LabMachine) -> list[str]:
         "-virtfs",
         f"local,path={config.share},mount_tag={chroot_init.SHARE_TAG},security_model=none",
     ]
+    for index, path in enumerate(config.host_dirs):
+        where = str(path).replace(",", ",,")  # QEMU's escape for ","
+        tag = chroot_init.host_dir_tag(index)
+        args += [
+            "-virtfs",
+            f"local,path={where},mount_tag={tag},security_model=none,readonly=on,multidevs=remap",
+        ]
     ports = 0
     for device, index, ident in _instances(config.devices):
         if device.disk_mib:
