@@ -20,6 +20,10 @@ called on the host before the boot, for what must be prepared where the files ar
 (the host's root is read-only in the lab), such as building the test guests. A test's lab
 markers (its module's, its own, a parameter's) add up, the nearest one (a parameter's first)
 winning where two give a keyword.
+
+Under pytest-xdist (`-n N`, which this plugin makes `--dist loadgroup`), each lab test is in the
+xdist group of its lab session, so xdist sends a session's tests to one worker, which boots that
+lab itself: workers run labs side by side.
 """
 
 from __future__ import annotations
@@ -53,9 +57,9 @@ _OUTPUT_TAIL = 4000
 #: does under the emulated virtio-iommu, or panics), the tests left without a result run again
 #: in a new boot, once.
 _MAX_BOOTS = 2
-#: Markers the inner session evaluates; on the host they would judge the wrong machine.
 #: What a pytest-xdist worker is told: whether the controller schedules by xdist_group.
 _XDIST_GROUPS = "pyvmm_lab_xdist_groups"
+#: Markers the inner session evaluates; on the host they would judge the wrong machine.
 _INNER_ONLY_MARKERS = frozenset({"skip", "skipif", "xfail", "usefixtures", "parametrize"})
 
 
