@@ -18,6 +18,7 @@ from pyvmm.board.machine import Machine, StopReason
 from pyvmm.errors import ConfigError
 from pyvmm.guest_files import demo_guest
 from pyvmm.machine.console import Console, open_console
+from pyvmm.machine.threads import idle_priority
 
 if TYPE_CHECKING:
     import socket
@@ -269,6 +270,13 @@ def run_until_done(
         if started is not None:
             started()
         result = machine.wait(timeout=args.timeout)
+        if server is not None and server.migrated_away:
+            # The machine runs at the destination: all that is left here is teardown (its RAM
+            # freed, the VM and devices closed), which nobody waits for. On the same host it
+            # takes CPU from the guest now running there: in the lab (bench-migrate-lab
+            # --mtty, one CPU) the guest's gap at the switch-over was 1.96 s median with it,
+            # 0.63 s with it on idle time only.
+            idle_priority()
     finally:
         if server is not None:
             server.close()

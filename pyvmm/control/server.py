@@ -217,6 +217,11 @@ class ControlServer:
         self._migration.start()
         return {}
 
+    @property
+    def migrated_away(self) -> bool:
+        """Whether a migration has handed the machine over: it runs at the destination."""
+        return self._migration is not None and self._migration.progress.status == "completed"
+
     def migrate_status(self) -> dict[str, Any]:
         if self._migration is None:
             return {"status": "none"}

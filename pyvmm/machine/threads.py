@@ -14,6 +14,7 @@ shows when a migrated machine starts its threads during the downtime.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -43,6 +44,7 @@ class _SigSet(ctypes.Structure):
 
 
 _MAIN_THREAD_SET = _SigSet.of(MAIN_THREAD_SIGNALS)
+_PR_SET_NAME = 15
 
 
 def _sigmask(how: int, sigset: _SigSet, previous: _SigSet | None) -> None:
@@ -52,8 +54,14 @@ def _sigmask(how: int, sigset: _SigSet, previous: _SigSet | None) -> None:
 
 
 def start_thread(target: Callable[..., Any], name: str, *args: Any) -> threading.Thread:
-    """Start a daemon thread running `target(*args)` with the main thread's signals blocked."""
-    thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+    """Start a daemon thread running `target(*args)` with the main thread's signals blocked,
+    named `name` for the kernel too (top -H, perf, /proc/PID/task/*/comm: its first 15 bytes)."""
+
+    def named() -> None:
+        libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+        target(*args)
+
+    thread = threading.Thread(target=named, name=name, daemon=True)
     # A thread inherits its creator's mask: block them here, so none arrives before the target
     # could block them itself.
     previous = _SigSet()
@@ -63,3 +71,12 @@ def start_thread(target: Callable[..., Any], name: str, *args: Any) -> threading
     finally:
         _sigmask(signal.SIG_SETMASK, previous, None)
     return thread
+
+
+def idle_priority() -> None:
+    """Every thread of this process to SCHED_IDLE: it runs only on CPU time nothing else wants.
+    For a process whose remaining work is teardown that nobody waits for (a migration's
+    source, once its machine runs at the destination)."""
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):  # (a thread that has just ended)
+            os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0))
