@@ -12,6 +12,7 @@ import logging
 import lzma
 import os
 import re
+import shlex
 import shutil
 import stat
 import struct
@@ -576,7 +577,7 @@ def test_paths_the_lab_hides_are_shared_into_it_again(tmp_path: Path) -> None:
         }
     )
     assert found == tuple(sorted([checkout, Path("/tmp/venv/bin")]))
-    for own in ("/dev/shm/co", "/proc/1", "/tmp", "/run"):  # the lab's own, or all of /tmp
+    for own in ("/dev/shm/co", "/proc/1", "/tmp", "/run", "/tmp/bzImage"):  # (or all of /tmp)
         with pytest.raises(LabUnavailable, match=f"pyvmm {own} is under /[a-z]+, which the lab"):
             launcher.hidden_dirs({"pyvmm": Path(own)})
 
@@ -597,10 +598,19 @@ def test_the_hidden_directories_are_mounted_inside_at_their_own_paths(tmp_path: 
         "".join(shares)
     )
     assert any(s.startswith("local,path=/run/venv,mount_tag=hostdir1,") for s in shares)
+    odd = '/tmp/a "b" $c'
     init = chroot_init.init_script(
-        chroot_init.InitConfig("/py", "/tmp/co,1", "/tmp/s", ("/tmp/co,1", "/run/venv"))
+        chroot_init.InitConfig("/py", "/tmp/co,1", "/tmp/s", ("/tmp/co,1", "/run/venv", odd))
     )
     assert "hostdir0 /root/tmp/co,1 ||" in init and "hostdir1 /root/run/venv ||" in init
+    mount = next(line for line in init.splitlines() if "hostdir2" in line)
+    assert shlex.split(mount)[-5:] == [
+        "hostdir2",
+        f"/root{odd}",
+        "||",
+        "fail",
+        (f"cannot mount the host's {odd} (needed inside)"),
+    ]  # (a shell word each, whatever the path holds)
     # after the lab's own /tmp and /run, before anything runs from them
     assert init.index("tmpfs /root/run") < init.index("hostdir0") < init.index("chroot /root")
 

@@ -76,13 +76,17 @@ class InitConfig:
 
 
 def init_script(config: InitConfig) -> str:
-    host_dirs = "".join(
-        f"mkdir -p /root{shlex.quote(path)}\n"
-        f"mount -t 9p -o ro,cache=loose,{_9P_OPTIONS} {host_dir_tag(index)} "
-        f"/root{shlex.quote(path)}"
-        f' || fail "cannot mount the host\'s {path} (needed inside)"\n'
-        for index, path in enumerate(config.host_dirs)
-    )
+    host_dirs = ""
+    for index, path in enumerate(config.host_dirs):
+        where, why = (
+            shlex.quote(path),
+            shlex.quote(f"cannot mount the host's {path} (needed inside)"),
+        )
+        host_dirs += (
+            f"mkdir -p /root{where}\n"
+            f"mount -t 9p -o ro,cache=loose,{_9P_OPTIONS} {host_dir_tag(index)} /root{where}"
+            f" || fail {why}\n"
+        )
     return _INIT.format(
         host_dirs=host_dirs,
         fail_prefix=FAIL_PREFIX,

@@ -244,14 +244,15 @@ def hidden_dirs(paths: Mapping[str, Path]) -> tuple[Path, ...]:
     once. A path under /proc, /sys or /dev cannot be: LabUnavailable, saying so."""
     found: list[Path] = []
     for what, path in paths.items():
+        shared = path if path.is_dir() else path.parent
         for own in chroot_init.LAB_OWN_DIRS:
-            if path != Path(own) and Path(own) not in path.parents:
+            if shared != Path(own) and Path(own) not in shared.parents:
                 continue
-            if own not in chroot_init.REMOUNTABLE_DIRS or path == Path(own):
+            if own not in chroot_init.REMOUNTABLE_DIRS or shared == Path(own):  # (not all of it)
                 raise LabUnavailable(
                     f"{what} {path} is under {own}, which the lab has its own of: move it"
                 )
-            found.append(path if path.is_dir() else path.parent)
+            found.append(shared)
     return tuple(sorted({d for d in found if not any(o in d.parents for o in found if o != d)}))
 
 
