@@ -14,7 +14,20 @@ process takes SIGINT back as Python's default before any test starts a process.
 
 import signal
 
+import pytest
+
 pytest_plugins = ["pytester"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # (an editable install made before the plugin's entry point existed has none: the lab
+    # tests would then run on the host, and fail one by one)
+    if not config.pluginmanager.hasplugin("pyvmm"):
+        raise pytest.UsageError(
+            "pyvmm's pytest plugin is not installed (its pytest11 entry point): run "
+            "scripts/setup, or pip install -e .[dev]"
+        )
+
 
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -76,14 +76,18 @@ def test_the_installed_plugin_gives_machines_guests_and_failure_reports(
 def test_a_scripts_output_and_status_come_back_from_the_console() -> None:
     console = (
         "[    0.5] Linux booting\n"
-        f"{BEGIN}\nhello\nfrom the guest\n{STATUS} 3\n"
+        f"{BEGIN}\nhello\nfrom the guest\n\n{STATUS} 3\n"
         "[    1.0] reboot: Power down\n"
     )
     assert parse_console(console) == ("hello\nfrom the guest\n", 3)
+    # output with no newline at its end: the status line still stands alone (init_script)
+    assert parse_console(f"{BEGIN}\r\nhi\r\n{STATUS} 0\r\n") == ("hi", 0)
     assert parse_console(f"{BEGIN}\r\nhalf\r\n") == ("half\n", None)  # (it never finished)
     assert parse_console("Kernel panic\n") == ("", None)
     init = init_script("echo hi\nexit 3")
     assert "echo hi\nexit 3\n" in init and init.rstrip().endswith("poweroff -f")
+    assert "sh /script </dev/null 2>&1" in init  # (no wait for input that never comes)
+    assert f'printf "\\n{STATUS} %d\\n" $?' in init
     with pytest.raises(ValueError, match="may not contain"):
         init_script("cat <<PYVMM_SCRIPT_EOF")
 

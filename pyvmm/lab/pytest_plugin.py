@@ -21,9 +21,8 @@ called on the host before the boot, for what must be prepared where the files ar
 markers (its module's, its own, a parameter's) add up, the nearest one (a parameter's first)
 winning where two give a keyword.
 
-Under pytest-xdist (`-n N`, which this plugin makes `--dist loadgroup`), each lab test is in the
-xdist group of its lab session, so xdist sends a session's tests to one worker, which boots that
-lab itself: workers run labs side by side.
+Under pytest-xdist, pyvmm.lab.pytest_xdist puts each lab test in the xdist group of its lab
+session, so that one worker runs a session's tests, in a boot of its own.
 """
 
 from __future__ import annotations
@@ -57,10 +56,10 @@ _OUTPUT_TAIL = 4000
 #: does under the emulated virtio-iommu, or panics), the tests left without a result run again
 #: in a new boot, once.
 _MAX_BOOTS = 2
-#: What a pytest-xdist worker is told: whether the controller schedules by xdist_group.
-_XDIST_GROUPS = "pyvmm_lab_xdist_groups"
 #: Markers the inner session evaluates; on the host they would judge the wrong machine.
-_INNER_ONLY_MARKERS = frozenset({"skip", "skipif", "xfail", "usefixtures", "parametrize"})
+_INNER_ONLY_MARKERS = frozenset(
+    {"skip", "skipif", "xfail", "usefixtures", "parametrize", "kvm"}  # (the lab has its KVM)
+)
 
 
 def in_lab() -> bool:
@@ -84,31 +83,6 @@ def pytest_configure(config: pytest.Config) -> None:
             config.pluginmanager.register(ResultWriter(Path(os.environ[ENV_RESULTS])))
         return
     config.pluginmanager.register(LabTier(config), "pyvmm-lab-tier")
-    if getattr(config.option, "dist", "no") == "load":
-        # pytest-xdist's -n N: its own scheduler, told to keep each lab boot's tests on one
-        # worker (each gets an xdist_group of its lab session); a run with no lab tests
-        # schedules as `load` would
-        config.option.dist = "loadgroup"
-    if getattr(config, "workerinput", {}).get(_XDIST_GROUPS):
-        config.option.loadgroup = True  # (a worker takes --dist from its own argv, not -n's)
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_configure_node(node: Any) -> None:
-    """(pytest-xdist's controller, for each worker it starts) Whether lab tests go by group."""
-    node.workerinput[_XDIST_GROUPS] = node.config.getoption("dist") == "loadgroup"
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's worker names the groups in node ids
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist, each lab test in the xdist group of its lab session: xdist sends a
-    group's tests to one worker, which runs them in one boot of its own."""
-    if in_lab() or not config.getoption("loadgroup", False):
-        return
-    for item in items:
-        if item.get_closest_marker("lab"):
-            group = "-".join(map(str, session_key(lab_keywords(item))))
-            item.add_marker(pytest.mark.xdist_group(f"pyvmm-lab-{group}"))
 
 
 # -- inside the lab ------------------------------------------------------------------------------

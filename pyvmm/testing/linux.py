@@ -55,8 +55,10 @@ def init_script(script: str) -> str:
         f"{BUSYBOX_INIT_PRELUDE}"
         f"cat > /script <<'{_END_OF_SCRIPT}'\n{script}\n{_END_OF_SCRIPT}\n"
         f'echo "{BEGIN}"\n'
-        "sh /script 2>&1\n"
-        f'echo "{STATUS} $?"\n'
+        "sh /script </dev/null 2>&1\n"  # (the console's tty never ends: no input for it)
+        # on a line of its own even after output with no newline at its end (parse_console
+        # takes that one newline off again)
+        f'printf "\\n{STATUS} %d\\n" $?\n'
         "sleep 1\n"  # let the tty drain to the UART: poweroff -f does not wait for it
         "poweroff -f\n"
     )
@@ -72,7 +74,7 @@ def parse_console(console: str) -> tuple[str, int | None]:
     found = re.search(rf"^{re.escape(STATUS)} (\d+)$", body, re.MULTILINE)
     if found is None:
         return body, None
-    return body[: found.start()], int(found.group(1))
+    return body[: found.start()].removesuffix("\n"), int(found.group(1))
 
 
 def run_script(

@@ -22,22 +22,23 @@ Fixtures:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pyvmm.board.machine import Machine, RunState
-from pyvmm.machine.console import CaptureConsole
-from pyvmm.testing.linux import LinuxRun, run_script
+if TYPE_CHECKING:
+    from pyvmm.board.machine import Machine
+    from pyvmm.testing.linux import LinuxRun
 
-pytest_plugins = ("pyvmm.lab.pytest_plugin",)
+pytest_plugins = ("pyvmm.lab.pytest_plugin", "pyvmm.lab.pytest_xdist")
 
 CONSOLE_TAIL_LINES = 30
-_MACHINES = pytest.StashKey[list[Machine]]()
-_LINUX_RUNS = pytest.StashKey[list[LinuxRun]]()
+_MACHINES: pytest.StashKey[list[Machine]] = pytest.StashKey()
+_LINUX_RUNS: pytest.StashKey[list[LinuxRun]] = pytest.StashKey()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -59,7 +60,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     """A failing test's report gets what its guests said: each machine's console tail and
     how it ended, and each Linux guest's run."""
     report: pytest.TestReport = yield
-    if report.failed:
+    if report.failed and report.when == "call":
         for index, machine in enumerate(item.stash.get(_MACHINES, [])):
             report.sections.append((f"pyvmm machine {index}", describe(machine)))
         for index, run in enumerate(item.stash.get(_LINUX_RUNS, [])):
@@ -69,6 +70,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 def describe(machine: Machine) -> str:
     """How a machine stands or ended, and its console's last lines."""
+    from pyvmm.board.machine import RunState
+
     state = machine.state
     lines = [f"state: {state.value}"]
     if state is RunState.STOPPED:
@@ -85,6 +88,9 @@ def pyvmm_machine(request: pytest.FixtureRequest) -> Iterator[Callable[..., Mach
     """Makes Machines: `pyvmm_machine(mem_size=64 << 20, vcpus=1, guest=None, **options)`, a
     console captured (`machine.console.text`, `.wait_for(regex, timeout)`) unless one is given;
     with `guest`, that ELF is loaded. Every one is closed after the test."""
+    from pyvmm.board.machine import Machine
+    from pyvmm.machine.console import CaptureConsole
+
     made: list[Machine] = []
     request.node.stash[_MACHINES] = made
 
@@ -102,11 +108,10 @@ def pyvmm_machine(request: pytest.FixtureRequest) -> Iterator[Callable[..., Mach
             machine.load_elf(os.fspath(guest))
         return machine
 
-    try:
-        yield make
-    finally:
+    yield make
+    with contextlib.ExitStack() as closing:  # (each one closed, whatever another's close raised)
         for machine in made:
-            machine.close()
+            closing.callback(machine.close)
 
 
 @pytest.fixture(scope="session")
@@ -140,6 +145,7 @@ def linux_guest(request: pytest.FixtureRequest) -> Callable[..., LinuxRun]:
     cpus=1, pyvmm_args=(), kernel=None, timeout=150)` returns `.output`, `.status` (None if
     it never finished), `.console`; skipped, saying why, where no lab kernel is found."""
     from pyvmm.lab.errors import LabUnavailable
+    from pyvmm.testing.linux import run_script
 
     runs: list[LinuxRun] = []
     request.node.stash[_LINUX_RUNS] = runs
@@ -169,8 +175,9 @@ def lab_devices() -> dict[str, str]:
 def vfio_device(request: pytest.FixtureRequest, lab_devices: dict[str, str]) -> str:
     """Inside the lab: the BDF of the first device the test's lab marker asks for (edu if it
     asks for none), bound to vfio-pci."""
-    marker = request.node.get_closest_marker("lab")
-    wanted = [*((marker.kwargs.get("devices") or ()) if marker else ()), "edu"]
+    from pyvmm.lab.pytest_plugin import lab_keywords
+
+    wanted = [*lab_keywords(request.node).get("devices", ()), "edu"]
     name = next(device for device in wanted if device != "igb")
     return lab_devices[name]
 
