@@ -10,6 +10,7 @@ take the one the quit cut short). In a lab session of its own ("linux-migrate").
 from __future__ import annotations
 
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -42,14 +43,33 @@ def ticks(console: Path) -> list[int]:
     return [int(n) for n in TICK.findall(console.read_text(errors="replace"))]
 
 
-def wait_for_more_ticks(console: Path, more: int, timeout: float = 120) -> int:
-    """Wait until the console has `more` ticks beyond what it has now; the last tick then."""
+def wait_for_more_ticks(
+    console: Path, more: int, machine: subprocess.Popen[str], timeout: float = 120
+) -> int:
+    """Wait until the console has `more` ticks beyond what it has now; the last tick then.
+    A guest that stops ticking fails the test with the console's tail and what its pyvmm
+    (`machine`) says when stopped by SIGINT: where each vCPU was (the evidence of a hang)."""
     start = len(ticks(console))
     deadline = time.monotonic() + timeout
     while len(ticks(console)) < start + more:
-        assert time.monotonic() < deadline, console.read_text(errors="replace")[-3000:]
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"{console.read_text(errors='replace')[-3000:]}\n{stopped_report(machine)}"
+            )
         time.sleep(0.1)
     return ticks(console)[-1]
+
+
+def stopped_report(machine: subprocess.Popen[str]) -> str:
+    """What the pyvmm running the guest says once stopped by SIGINT (its vCPUs' places)."""
+    if machine.poll() is None:
+        machine.send_signal(signal.SIGINT)
+    try:
+        _, err = machine.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        machine.kill()
+        _, err = machine.communicate()
+    return f"its pyvmm ended with exit {machine.returncode}:\n{err[-4000:]}"
 
 
 def pyvmm(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -121,7 +141,7 @@ def test_a_linux_guest_is_snapshotted_restored_and_migrated_three_times_losing_n
     running: list[subprocess.Popen[str]] = [first]
     try:
         wait_for_file(controls[0], first)
-        wait_for_more_ticks(console, 5)
+        wait_for_more_ticks(console, 5, first)
         snap = tmp_path / "snap"
         taken = pyvmm("snapshot", str(controls[0]), str(snap), "--stop")
         assert taken.returncode == 0, taken.stderr
@@ -131,17 +151,17 @@ def test_a_linux_guest_is_snapshotted_restored_and_migrated_three_times_losing_n
         restored = spawn("restore", str(snap), "--control", str(controls[1]))
         running.append(restored)
         wait_for_file(controls[1], restored)
-        wait_for_more_ticks(console, 5)
+        wait_for_more_ticks(console, 5, restored)
 
         by_unix, _ = migrate(restored, controls[1], f"unix:{tmp_path / 'in.sock'}", controls[2])
         running.append(by_unix)
         finished(restored, "migrated to unix:")
-        wait_for_more_ticks(console, 5)
+        wait_for_more_ticks(console, 5, by_unix)
 
         by_tcp, _ = migrate(by_unix, controls[2], f"tcp:127.0.0.1:{free_port()}", controls[3])
         running.append(by_tcp)
         finished(by_unix, "migrated to tcp:")
-        wait_for_more_ticks(console, 5)
+        wait_for_more_ticks(console, 5, by_tcp)
 
         # Post-copy: a round can find the guest idle between two ticks, its few dirty pages
         # within even a 1 ms limit, and then the migration rightly ends by pre-copy; so it
@@ -152,7 +172,7 @@ def test_a_linux_guest_is_snapshotted_restored_and_migrated_three_times_losing_n
             by_postcopy, said = migrate(source, control, uri, next_control, POST_COPY)
             running.append(by_postcopy)
             finished(source, "migrated to unix:")
-            wait_for_more_ticks(console, 5)
+            wait_for_more_ticks(console, 5, by_postcopy)
             source, control = by_postcopy, next_control
             if "; post-copy: " in said:
                 break
