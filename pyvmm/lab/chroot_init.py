@@ -4,8 +4,8 @@ The init mounts the host's root read-only over 9p, gives the chroot fresh /proc,
 /dev/pts, /dev/shm, /tmp and /run, mounts over those the host directories under /tmp or /run the
 run needs (a checkout, a virtualenv, the working directory: read-only, each at its own path),
 mounts the writable results share at the same path it has on the host, and starts the guest
-agent (`pyvmm.lab.agent`) with the host's own interpreter. When
-the agent returns, or anything before it fails, the init powers the machine off, so QEMU exits.
+agent (`pyvmm.lab.agent`) with the host's own interpreter. When the agent returns, or anything
+before it fails, the init powers the machine off, so QEMU exits.
 
 The image is pyvmm.initramfs.busybox_initramfs with this init.
 """
@@ -78,10 +78,8 @@ class InitConfig:
 def init_script(config: InitConfig) -> str:
     host_dirs = ""
     for index, path in enumerate(config.host_dirs):
-        where, why = (
-            shlex.quote(path),
-            shlex.quote(f"cannot mount the host's {path} (needed inside)"),
-        )
+        where = shlex.quote(path)
+        why = shlex.quote(f"cannot mount the host's {path} (needed inside)")
         host_dirs += (
             f"mkdir -p /root{where}\n"
             f"mount -t 9p -o ro,cache=loose,{_9P_OPTIONS} {host_dir_tag(index)} /root{where}"

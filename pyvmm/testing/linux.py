@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pyvmm.initramfs import BUSYBOX_INIT_PRELUDE, busybox_initramfs
 from pyvmm.lab.kernel import find_kernel
@@ -77,35 +78,42 @@ def parse_console(console: str) -> tuple[str, int | None]:
     return body[: found.start()].removesuffix("\n"), int(found.group(1))
 
 
-def run_script(
-    script: str,
+def boot(
+    init: str,
     *,
     kernel: str | os.PathLike[str] | None = None,
     mem: str = "256M",
     cpus: int = 1,
     pyvmm_args: Sequence[str] = (),
     timeout: float = 150,
-) -> LinuxRun:
-    """Boot Linux under pyvmm with `script` as the whole of userspace; return how it went.
-    `kernel`: a bzImage (default: the lab kernel, $PYVMM_LAB_KERNEL or pyvmm's cache);
-    `pyvmm_args`: more `pyvmm run` options (devices, --vfio-pci, ...)."""
+) -> subprocess.CompletedProcess[str]:
+    """Boot Linux once under `pyvmm run` with `init` as its busybox init; how it ended (the
+    console on stdout; pyvmm's crash report, if any, on stderr). `kernel`: a bzImage (default:
+    the lab kernel, $PYVMM_LAB_KERNEL or pyvmm's cache); `pyvmm_args`: more `pyvmm run`
+    options (devices, --vfio-pci, ...); pyvmm stops the guest after `timeout` s."""
     bzimage = Path(kernel) if kernel is not None else find_kernel()
     with tempfile.TemporaryDirectory(prefix="pyvmm-linux-") as tmp:
         initrd = Path(tmp) / "initrd.cpio"
-        initrd.write_bytes(busybox_initramfs(find_busybox(), init_script(script)))
+        initrd.write_bytes(busybox_initramfs(find_busybox(), init))
         command = [
             sys.executable, "-m", "pyvmm", "run", "--timeout", str(timeout),
             "-k", str(bzimage), "-i", str(initrd), "-m", mem, "-c", str(cpus),
             "-p", CMDLINE, *pyvmm_args,
         ]  # fmt: skip
-        done = subprocess.run(
+        return subprocess.run(
             command,
             capture_output=True,
             text=True,
             errors="replace",
-            timeout=timeout + 60,
+            timeout=timeout + 50,
             check=False,
             stdin=subprocess.DEVNULL,
         )
+
+
+def run_script(script: str, **options: Any) -> LinuxRun:
+    """Boot Linux under pyvmm with `script` as the whole of userspace; return how it went.
+    `options` are `boot()`'s (kernel, mem, cpus, pyvmm_args, timeout)."""
+    done = boot(init_script(script), **options)
     output, status = parse_console(done.stdout)
     return LinuxRun(output, status, done.stdout, done.returncode, done.stderr)

@@ -60,13 +60,13 @@ poweroff -f
     ],
 )
 def test_linux_drives_an_nvme_behind_the_guests_virtio_iommu(
-    lab_iommu: str, lab_devices: dict[str, str], tmp_path: Path
+    lab_iommu: str, lab_devices: dict[str, str]
 ) -> None:
     """Under each of the lab's own IOMMUs (the host IOMMU the guest's domains are made in)."""
     nvme = lab_devices["nvme"]
     args = ("--vfio-pci", nvme, "--vfio-backend", "iommufd", "--viommu", "virtio", "--exit-stats")
     args += ("--rng",)  # an emulated device: outside the IOMMU (pyvmm.devices.virtio.iommu)
-    result = boot_linux(tmp_path, INIT, *args, cpus=1)
+    result = boot_linux(INIT, *args, cpus=1)
     out = result.stdout
     assert result.returncode == 0, f"{out[-3000:]}\n{result.stderr[-3000:]}"
     found = re.search(rf"{MARK} nvme (0000:00:[0-9a-f]{{2}}\.0) group (\d+) type (\S+)", out)

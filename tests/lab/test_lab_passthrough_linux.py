@@ -53,9 +53,9 @@ poweroff -f
 """
 
 
-def e1000e_with_linux(tmp_path: Path, lab_devices: dict[str, str], backend: str) -> None:
+def e1000e_with_linux(lab_devices: dict[str, str], backend: str) -> None:
     nic = lab_devices["e1000e"]
-    result = boot_linux(tmp_path, E1000E_INIT, "--vfio-pci", nic, "--vfio-backend", backend)
+    result = boot_linux(E1000E_INIT, "--vfio-pci", nic, "--vfio-backend", backend)
     out = result.stdout
     assert result.returncode == 0, f"{out[-3000:]}\n{result.stderr}"
     assert re.search(rf"{MARK} e1000e bound 0000:00:[0-9a-f]{{2}}\.0", out), out[-3000:]
@@ -67,10 +67,8 @@ def e1000e_with_linux(tmp_path: Path, lab_devices: dict[str, str], backend: str)
 
 
 @cases("e1000e", ("container", "intel"), ("iommufd", "virtio"))
-def test_linux_drives_a_passed_through_e1000e(
-    backend: str, iommu: str, lab_devices, tmp_path: Path
-) -> None:
-    e1000e_with_linux(tmp_path, lab_devices, backend)
+def test_linux_drives_a_passed_through_e1000e(backend: str, iommu: str, lab_devices) -> None:
+    e1000e_with_linux(lab_devices, backend)
 
 
 PATTERN = "pyvmm nvme pattern"
@@ -100,13 +98,13 @@ echo "{MARK} after reboot $(same)"
 """
 
 
-def nvme_with_linux(tmp_path: Path, lab_devices: dict[str, str], backend: str) -> None:
+def nvme_with_linux(lab_devices: dict[str, str], backend: str) -> None:
     """Linux's nvme driver (MSI-X, DMA into guest RAM) writes a pattern to the namespace and
     reads it back; a second boot finds it there."""
     nvme = lab_devices["nvme"]
     args = ("--vfio-pci", nvme, "--vfio-backend", backend)
     for step, wanted in ((WRITE_STEP, "read back same"), (CHECK_STEP, "after reboot same")):
-        result = boot_linux(tmp_path, NVME_WRITE.replace("{ BOOT_STEP }", step), *args)
+        result = boot_linux(NVME_WRITE.replace("{ BOOT_STEP }", step), *args)
         out = result.stdout
         assert result.returncode == 0, f"{out[-3000:]}\n{result.stderr}"
         assert re.search(rf"{MARK} nvme bound 0000:00:[0-9a-f]{{2}}\.0", out), out[-3000:]
@@ -117,10 +115,8 @@ def nvme_with_linux(tmp_path: Path, lab_devices: dict[str, str], backend: str) -
 
 
 @cases("nvme", ("iommufd", "intel"), ("container", "virtio"))
-def test_linux_drives_a_passed_through_nvme(
-    backend: str, iommu: str, lab_devices, tmp_path: Path
-) -> None:
-    nvme_with_linux(tmp_path, lab_devices, backend)
+def test_linux_drives_a_passed_through_nvme(backend: str, iommu: str, lab_devices) -> None:
+    nvme_with_linux(lab_devices, backend)
 
 
 IGBVF_INIT = rf"""{BUSYBOX_INIT_PRELUDE}echo "{MARK} init started"
@@ -145,14 +141,14 @@ def pf_up(pf: str) -> None:
 
 @cases("igb", ("iommufd", "intel"), ("container", "virtio"))
 def test_linux_drives_a_passed_through_igb_virtual_function(
-    backend: str, iommu: str, lab_devices, tmp_path: Path
+    backend: str, iommu: str, lab_devices
 ) -> None:
     """SR-IOV as users pass NICs through: a VF of the lab's igb (its PF on the lab's igb
     driver), passed through; the guest's igbvf driver probes it, talks to the PF, and takes
     its MSI-X interrupts."""
     pf_up(lab_devices["igb"])
     vf = lab_devices["igbvf"]
-    result = boot_linux(tmp_path, IGBVF_INIT, "--vfio-pci", vf, "--vfio-backend", backend)
+    result = boot_linux(IGBVF_INIT, "--vfio-pci", vf, "--vfio-backend", backend)
     out = result.stdout
     assert result.returncode == 0, f"{out[-3000:]}\n{result.stderr}"
     assert re.search(rf"{MARK} igbvf bound 0000:00:[0-9a-f]{{2}}\.0", out), out[-3000:]
